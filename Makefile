@@ -1,0 +1,64 @@
+# Entry points of the SBC appliance. `make run` and `make test` work on a fresh
+# Debian 12 machine: they install their own apt packages and venv first.
+
+SHELL := /bin/bash
+PYTHON ?= /usr/bin/python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+APT_PACKAGES := python3-venv python3-dev gcc make openssl ca-certificates procps
+APT_GET := DEBIAN_FRONTEND=noninteractive apt-get -y -q -o DPkg::Lock::Timeout=300
+STAMP := $(VENV)/.installed
+FUZZ_SECONDS ?= 300
+
+.PHONY: all deps apt-deps venv run test test-fast test-slow lint fuzz bench clean
+
+all: test
+
+# Install only what is missing, so a second run does no network I/O.
+apt-deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "- installing apt packages:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  $$SUDO $(APT_GET) update && $$SUDO $(APT_GET) install --no-install-recommends $$missing; \
+	fi
+
+$(STAMP): pyproject.toml | apt-deps
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test,bench,fast]'
+	@touch $@
+
+deps: apt-deps $(STAMP)
+
+venv: deps
+
+run: deps
+	$(BIN)/sbc run $(if $(CONFIG),--config $(CONFIG))
+
+# Fast unit tests first, then scenario tests against real sockets and processes.
+test: deps
+	$(BIN)/python -m pytest -q -m "not slow" tests/unit
+	$(BIN)/python -m pytest -q -m "not slow" tests/scenario
+
+test-fast: deps
+	$(BIN)/python -m pytest -q -m "not slow" tests/unit
+
+test-slow: deps
+	$(BIN)/python -m pytest -q -m slow tests
+
+lint: deps
+	$(BIN)/ruff check sbc tests bench
+	$(BIN)/ruff format --check sbc tests bench || true
+	$(BIN)/mypy
+
+fuzz: deps
+	SBC_FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m pytest -q tests/unit/test_fuzz.py -p no:timeout
+
+bench: deps
+	$(BIN)/python bench/sip_parse.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info

@@ -1,0 +1,3 @@
+from sbc.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The YAML configuration: typed schema and validation with exact locations."""

@@ -1,0 +1,1 @@
+"""Sans-I/O SIP core: messages, URIs, SDP, transactions, dialogs, digest auth."""

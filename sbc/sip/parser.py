@@ -1,0 +1,363 @@
+"""Bytes to messages: the datagram parser and the stream framer (RFC 3261 7, 18.3).
+
+``parse_message`` takes one datagram (or one framed stream message) and returns a
+Request or Response whose start line and core header fields (Via, From, To,
+Call-ID, CSeq, Max-Forwards, Content-Length) have been validated, or raises
+ParseError carrying the status to answer. ``StreamFramer`` cuts a TCP/TLS byte
+stream into messages by Content-Length, answering CRLF keepalives on the way.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Final
+
+from sbc.sip.errors import ParseError
+from sbc.sip.headers import Address, CSeq, Via, header_key, parse_uint
+from sbc.sip.limits import (
+    MAX_BODY_SIZE,
+    MAX_BODY_SIZE_STATUS,
+    MAX_HEADER_SECTION,
+    MAX_HEADER_SECTION_STATUS,
+    MAX_HEADERS,
+    MAX_HEADERS_STATUS,
+    MAX_KEEPALIVE_RUN,
+    MAX_LIST_VALUES,
+    MAX_LIST_VALUES_STATUS,
+    MAX_LINE_LENGTH,
+    MAX_LINE_LENGTH_STATUS,
+    MAX_MESSAGE_SIZE,
+    MAX_MESSAGE_SIZE_STATUS,
+    MAX_URI_LENGTH,
+    MAX_URI_LENGTH_STATUS,
+    MAX_VIA,
+    MAX_VIA_STATUS,
+)
+from sbc.sip.message import KNOWN_METHODS, SIP_VERSION, Headers, Message, Request, Response
+from sbc.sip.uri import SipUri
+
+_TOKEN: Final = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
+_VERSION: Final = re.compile(r"SIP/\d+\.\d+", re.IGNORECASE)
+_STATUS: Final = re.compile(r"[1-6]\d\d")
+_FOLD: Final = (" ", "\t")
+
+
+def _find_header_end(data: bytes) -> tuple[int, int]:
+    """(end of header section, start of body), or (-1, -1) if there is no blank line.
+
+    Bare LF line endings are tolerated (RFC 3261 7.5 is CRLF, but RFC 5118's own
+    vectors use LF): whichever blank line comes first ends the header section.
+    """
+    crlf = data.find(b"\r\n\r\n")
+    lf = data.find(b"\n\n")
+    if crlf != -1 and (lf == -1 or crlf < lf):
+        return crlf, crlf + 4
+    if lf != -1:
+        return lf, lf + 2
+    return -1, -1
+
+
+def parse_message(data: bytes, *, stream: bool = False) -> Request | Response:
+    """Parse one SIP message.
+
+    With ``stream=False`` the input is a whole datagram: a missing blank line ends
+    the headers at the end of the data, a missing Content-Length means the body is
+    the rest of the datagram, and octets beyond Content-Length are ignored
+    (RFC 3261 18.3). With ``stream=True`` the input is what StreamFramer cut out.
+    """
+    if len(data) > MAX_MESSAGE_SIZE:
+        raise ParseError(
+            f"message of {len(data)} bytes exceeds {MAX_MESSAGE_SIZE}", MAX_MESSAGE_SIZE_STATUS
+        )
+    head_end, body_start = _find_header_end(data)
+    if head_end == -1:
+        head_end = body_start = len(data)
+    if head_end > MAX_HEADER_SECTION:
+        raise ParseError(
+            f"header section of {head_end} bytes exceeds {MAX_HEADER_SECTION}",
+            MAX_HEADER_SECTION_STATUS,
+        )
+    text = data[:head_end].decode("utf-8", "surrogateescape")
+    lines = text.split("\n")
+    start = lines[0].removesuffix("\r")
+    is_response = start.startswith("SIP/")
+    message: Request | Response | None = None
+    try:
+        message = _parse_start_line(start, is_response)
+        message.headers = Headers._from_parsed(_parse_header_lines(lines))
+        _validate(message, data, body_start, stream)
+    except ParseError as exc:
+        exc.is_response = is_response
+        if message is not None and not is_response:
+            # Enough to build a response from the raw Via/From/To/Call-ID/CSeq.
+            exc.partial = message
+        raise
+    return message
+
+
+def _parse_start_line(line: str, is_response: bool) -> Request | Response:
+    if len(line) > MAX_LINE_LENGTH:
+        raise ParseError("start line too long", MAX_LINE_LENGTH_STATUS)
+    if is_response:
+        version, _, rest = line.partition(" ")
+        code, _, reason = rest.partition(" ")
+        if version != SIP_VERSION:
+            raise ParseError(f"unsupported version {version!r}", 505)
+        if not _STATUS.fullmatch(code):
+            raise ParseError(f"bad status code {code!r}")
+        return Response(int(code), reason)
+    parts = line.split(" ")
+    # RFC 3261 7.1: exactly single SPs; RFC 4475 3.1.2.9/3.1.2.10 allow rejecting
+    # extra or trailing ones, which keeps them from ever being forwarded.
+    if len(parts) != 3 or not all(parts):
+        raise ParseError(f"malformed request line: {line!r}")
+    method, uri, version = parts
+    if not _TOKEN.fullmatch(method):
+        raise ParseError(f"bad method: {method!r}")
+    if version != SIP_VERSION:
+        if _VERSION.fullmatch(version):
+            raise ParseError(f"unsupported version {version!r}", 505)
+        raise ParseError(f"malformed request line: {line!r}")
+    if len(uri) > MAX_URI_LENGTH:
+        raise ParseError("Request-URI too long", MAX_URI_LENGTH_STATUS)
+    request = Request(method, uri)
+    parsed = request.uri  # validates; ParseError(400) for <sip:...>, sip:2001:db8::1 ...
+    if isinstance(parsed, SipUri) and parsed.headers:
+        # RFC 3261 19.1.1 table: headers are not allowed in a Request-URI, and
+        # RFC 4475 3.1.2.11: they must never be turned into header fields.
+        raise ParseError("headers in the Request-URI are not allowed")
+    return request
+
+
+def _parse_header_lines(lines: list[str]) -> list[tuple[str, str, str]]:
+    fields: list[tuple[str, str, str]] = []
+    name = value = ""
+    pending = False
+    for raw in lines[1:]:
+        line = raw[:-1] if raw.endswith("\r") else raw
+        if len(line) > MAX_LINE_LENGTH:
+            raise ParseError("header line too long", MAX_LINE_LENGTH_STATUS)
+        if not line:
+            continue
+        if line[0] in _FOLD:
+            # RFC 3261 7.3.1: a line starting with whitespace continues the field.
+            if not pending:
+                raise ParseError("continuation line before any header")
+            value = f"{value} {line.strip()}" if value else line.strip()
+            if len(value) > MAX_LINE_LENGTH:
+                raise ParseError("header line too long", MAX_LINE_LENGTH_STATUS)
+            continue
+        if pending:
+            fields.append((name, header_key(name), value))
+        name, colon, rest = line.partition(":")
+        name = name.rstrip(" \t")
+        if not colon or not _TOKEN.fullmatch(name):
+            raise ParseError(f"malformed header line: {line[:64]!r}")
+        value = rest.strip(" \t")
+        pending = True
+        if len(fields) >= MAX_HEADERS:
+            raise ParseError(f"more than {MAX_HEADERS} header fields", MAX_HEADERS_STATUS)
+    if pending:
+        fields.append((name, header_key(name), value))
+    return fields
+
+
+def _single(message: Message, name: str, required: bool) -> str | None:
+    fields = message.headers.fields(name)
+    if len(fields) > 1:
+        # RFC 4475 3.3.8: several values in a single-value field -> 400.
+        raise ParseError(f"more than one {name} header")
+    if not fields:
+        if required:
+            raise ParseError(f"missing {name} header")
+        return None
+    return fields[0]
+
+
+def _validate(message: Message, data: bytes, body_start: int, stream: bool) -> None:
+    headers = message.headers
+    cache = message._cache
+    is_request = isinstance(message, Request)
+
+    vias = [Via.parse(v) for v in headers.values("Via")]
+    if not vias:
+        raise ParseError("missing Via header")
+    if len(vias) > MAX_VIA:
+        raise ParseError(f"more than {MAX_VIA} Via values", MAX_VIA_STATUS)
+    cache["vias"] = vias
+
+    for name in ("From", "To"):
+        value = _single(message, name, True)
+        assert value is not None
+        cache[name] = Address.parse(value, name)
+
+    # Headers that carry addresses the core acts on are validated up front, so a
+    # bad Contact (RFC 4475 3.1.2.13) is refused before anything relies on it.
+    contacts = headers.values("Contact")
+    if len(contacts) > MAX_LIST_VALUES:
+        raise ParseError("too many Contact values", MAX_LIST_VALUES_STATUS)
+    cache["Contact"] = [Address.parse(v, "Contact") for v in contacts if v != "*"]
+    for name in ("Route", "Record-Route"):
+        values = headers.values(name)
+        if len(values) > MAX_LIST_VALUES:
+            raise ParseError(f"too many {name} values", MAX_LIST_VALUES_STATUS)
+        for value in values:
+            Address.parse(value, name)
+
+    call_id = _single(message, "Call-ID", True)
+    if not call_id or any(ch in call_id for ch in " \t"):
+        raise ParseError(f"bad Call-ID: {call_id!r}")
+
+    cseq_text = _single(message, "CSeq", True)
+    assert cseq_text is not None
+    cseq = CSeq.parse(cseq_text)
+    cache["CSeq"] = cseq
+    if is_request:
+        method = message.method  # type: ignore[attr-defined]
+        if cseq.method != method:
+            # RFC 4475 3.1.2.18: an unknown method with a mismatched CSeq is best
+            # answered 501; a known one 400 (3.1.2.17).
+            status = 400 if method in KNOWN_METHODS else 501
+            raise ParseError(
+                f"CSeq method {cseq.method!r} does not match request method {method!r}",
+                status,
+            )
+        max_forwards = _single(message, "Max-Forwards", False)
+        if max_forwards is not None:
+            parse_uint(max_forwards, "Max-Forwards", 255)
+
+    length_text = _single(message, "Content-Length", False)
+    available = len(data) - body_start
+    if length_text is None:
+        if stream:
+            raise ParseError("missing Content-Length on a stream transport", close=True)
+        length = available
+    else:
+        length_text = length_text.strip()
+        if not length_text.isdigit() or not length_text.isascii() or len(length_text) > 10:
+            raise ParseError(f"bad Content-Length: {length_text!r}", close=True)
+        length = int(length_text)
+    if length > MAX_BODY_SIZE:
+        raise ParseError(
+            f"body of {length} bytes exceeds {MAX_BODY_SIZE}", MAX_BODY_SIZE_STATUS, close=True
+        )
+    if length > available:
+        raise ParseError(
+            f"Content-Length {length} exceeds the {available} body bytes received", close=True
+        )
+    message.body = data[body_start : body_start + length]
+
+
+@dataclass(frozen=True, slots=True)
+class Keepalive:
+    """RFC 5626 3.5.1: a double-CRLF ping; the transport answers with one CRLF."""
+
+
+@dataclass(frozen=True, slots=True)
+class FramingError:
+    """The stream can no longer be framed; answer if possible, then close."""
+
+    error: ParseError
+
+
+StreamItem = Request | Response | Keepalive | FramingError | ParseError
+
+
+class StreamFramer:
+    """Cuts a TCP/TLS byte stream into SIP messages (RFC 3261 18.3).
+
+    ``feed(data)`` yields, in order: messages; ParseError for a message that was
+    framed correctly but is invalid (answer it, keep the connection); Keepalive for
+    each CRLFCRLF ping; and FramingError when the stream is beyond repair (bad or
+    missing Content-Length, oversized header section or body), after which the
+    framer yields nothing more and the connection should be closed. The buffer
+    never holds more than one message's worth of bytes (MAX_MESSAGE_SIZE).
+    """
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._broken = False
+
+    @property
+    def broken(self) -> bool:
+        return self._broken
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> Iterator[StreamItem]:
+        if self._broken:
+            return
+        self._buffer += data
+        while self._buffer and not self._broken:
+            item = self._next()
+            if item is None:
+                break
+            yield item
+
+    def _fail(self, error: ParseError) -> FramingError:
+        self._broken = True
+        self._buffer.clear()
+        error.close = True
+        return FramingError(error)
+
+    def _next(self) -> StreamItem | None:
+        buf = self._buffer
+        # RFC 5626 3.5.1: CRLFCRLF is a ping, a lone CRLF is a pong; RFC 3261 7.5
+        # also says to ignore empty lines before a start line.
+        if buf[:1] in (b"\r", b"\n"):
+            if buf.startswith(b"\r\n\r\n"):
+                del buf[:4]
+                return Keepalive()
+            run = len(buf) - len(buf.lstrip(b"\r\n"))
+            if run == len(buf) and b"\r\n\r\n".startswith(bytes(buf)):
+                return None  # the rest of a ping may still be on its way
+            if run > MAX_KEEPALIVE_RUN:
+                return self._fail(ParseError("endless run of empty lines"))
+            del buf[:run]
+            return None if not buf else self._next()
+        head_end, body_start = _find_header_end(bytes(buf[: MAX_HEADER_SECTION + 4]))
+        if head_end == -1:
+            if len(buf) > MAX_HEADER_SECTION:
+                return self._fail(
+                    ParseError("header section too large", MAX_HEADER_SECTION_STATUS)
+                )
+            return None
+        head = bytes(buf[:head_end])
+        length = _content_length_of(head)
+        if isinstance(length, ParseError):
+            return self._fail(length)
+        if length > MAX_BODY_SIZE:
+            return self._fail(
+                ParseError(f"body of {length} bytes exceeds {MAX_BODY_SIZE}", MAX_BODY_SIZE_STATUS)
+            )
+        end = body_start + length
+        if len(buf) < end:
+            return None
+        frame = bytes(buf[:end])
+        del buf[:end]
+        try:
+            return parse_message(frame, stream=True)
+        except ParseError as exc:
+            return exc
+
+
+_CONTENT_LENGTH_LINE: Final = re.compile(
+    rb"(?im)^(?:content-length|l)[ \t]*:[ \t]*([^\r\n]*?)[ \t]*\r?$"
+)
+
+
+def _content_length_of(head: bytes) -> int | ParseError:
+    """Content-Length from a raw header section, just enough to frame the stream."""
+    values = _CONTENT_LENGTH_LINE.findall(head)
+    if not values:
+        return ParseError("missing Content-Length on a stream transport")
+    if len(values) > 1:
+        return ParseError("more than one Content-Length header")
+    text = values[0]
+    if not text.isdigit() or len(text) > 10:
+        return ParseError(f"bad Content-Length: {text.decode('ascii', 'replace')!r}")
+    return int(text)

@@ -1,0 +1,1 @@
+"""asyncio adapters between sockets and the sans-I/O SIP core."""

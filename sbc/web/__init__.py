@@ -1,0 +1,1 @@
+"""Management listener: health endpoint now, web UI and REST API later."""
