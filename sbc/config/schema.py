@@ -1,0 +1,291 @@
+"""The configuration schema: one frozen dataclass per YAML section.
+
+The loader (`sbc.config.loader`) is driven entirely by these classes: it reads each
+field's type annotation and its `spec(...)` metadata, so adding a section means adding
+a dataclass here and a field for it on its parent, nothing in the loader.
+
+Types the loader understands in annotations:
+
+- `bool`, `int`, `float`, `str`, `pathlib.Path`, `IPAddress`, `IPNetwork`;
+- an `enum.Enum` whose values are strings (the YAML value is the enum value);
+- `X | None` (null allowed), `tuple[X, ...]` (a YAML list);
+- another `Section` dataclass (a YAML mapping; null or a missing key means all
+  defaults when the field has a default).
+
+A field without a default is a required key. Relative paths (in the YAML or in a
+default) are resolved by the loader against the configuration file's directory.
+
+Cross-field rules live in each section's `check()`; it only runs when every field of
+the section is valid, and yields `(key path, reason)` pairs that the loader turns into
+`file:line: key path: reason` problems.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from pathlib import Path
+from typing import Any, Final
+
+IPAddress = IPv4Address | IPv6Address
+IPNetwork = IPv4Network | IPv6Network
+
+#: Key of a field's `FieldSpec` in `dataclasses.Field.metadata`.
+SPEC_KEY: Final = "sbc.config"
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """Validation and documentation attached to one schema field.
+
+    `expect` overrides the "expected ..." wording of type errors (it replaces the
+    generated "an integer MIN..MAX"); `pattern` is a full-match regular expression
+    for strings; `secret` keeps the value out of error messages.
+    """
+
+    help: str
+    min: int | float | None = None
+    max: int | float | None = None
+    min_items: int = 0
+    pattern: str | None = None
+    expect: str | None = None
+    secret: bool = False
+
+
+def spec(
+    help: str,
+    *,
+    min: int | float | None = None,
+    max: int | float | None = None,
+    min_items: int = 0,
+    pattern: str | None = None,
+    expect: str | None = None,
+    secret: bool = False,
+) -> Mapping[str, Any]:
+    """Field metadata for `dataclasses.field(metadata=...)`."""
+    return {
+        SPEC_KEY: FieldSpec(
+            help=help,
+            min=min,
+            max=max,
+            min_items=min_items,
+            pattern=pattern,
+            expect=expect,
+            secret=secret,
+        )
+    }
+
+
+#: (key path, reason) pairs yielded by `Section.check`.
+Issue = tuple[str, str]
+
+
+def key_path(parent: str, key: str) -> str:
+    """`parent.key`, or `key` at the top level."""
+    return f"{parent}.{key}" if parent else key
+
+
+class Section:
+    """Base of every configuration section."""
+
+    def check(self, path: str) -> Iterator[Issue]:
+        """Cross-field rules; `path` is this section's key path ("" for the root)."""
+        return iter(())
+
+
+class LogLevel(enum.StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class LogFormat(enum.StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
+class Transport(enum.StrEnum):
+    UDP = "udp"
+    TCP = "tcp"
+    TLS = "tls"
+
+    @property
+    def stream(self) -> bool:
+        """True when the listener is a TCP socket (TCP and TLS share the port space)."""
+        return self is not Transport.UDP
+
+
+#: Ports 1..65535; 0 asks the kernel for an ephemeral port (useful in tests only).
+PORT_SPEC_EXPECT: Final = "an integer 1..65535"
+
+#: RFC 3261 20.35/20.41: the value goes verbatim into a header, so it must not be able
+#: to break the header line: printable ASCII, no leading or trailing space.
+USER_AGENT_PATTERN: Final = r"[!-~](?:[ -~]{0,126}[!-~])?"
+
+
+def _endpoint(address: IPAddress, port: int) -> str:
+    host = f"[{address}]" if address.version == 6 else str(address)
+    return f"{host}:{port}"
+
+
+@dataclass(frozen=True)
+class LogConfig(Section):
+    level: LogLevel = field(default=LogLevel.INFO, metadata=spec("Lowest level logged."))
+    format: LogFormat = field(
+        default=LogFormat.TEXT, metadata=spec("text for humans, json for journald/collectors.")
+    )
+
+
+@dataclass(frozen=True)
+class SipListener(Section):
+    transport: Transport = field(metadata=spec("udp, tcp or tls."))
+    address: IPAddress = field(metadata=spec("IPv4 or IPv6 literal to bind to."))
+    port: int = field(
+        metadata=spec(
+            "Port to bind to; 0 binds an ephemeral port (tests).",
+            min=0,
+            max=65535,
+            expect=PORT_SPEC_EXPECT,
+        )
+    )
+
+    def __str__(self) -> str:
+        return f"{self.transport} {_endpoint(self.address, self.port)}"
+
+
+DEFAULT_SIP_LISTENERS: Final = (
+    SipListener(Transport.UDP, IPv4Address("127.0.0.1"), 5060),
+    SipListener(Transport.TCP, IPv4Address("127.0.0.1"), 5060),
+    SipListener(Transport.TLS, IPv4Address("127.0.0.1"), 5061),
+)
+
+
+@dataclass(frozen=True)
+class TlsConfig(Section):
+    certificate: Path | None = field(
+        default=None,
+        metadata=spec("PEM certificate chain; null = self-signed, generated into state_dir."),
+    )
+    private_key: Path | None = field(
+        default=None, metadata=spec("PEM private key of the certificate; null with it.")
+    )
+
+    def check(self, path: str) -> Iterator[Issue]:
+        # Half a key pair cannot work, and silently falling back to a self-signed
+        # certificate would hide the mistake until a peer refuses the handshake.
+        if (self.certificate is None) != (self.private_key is None):
+            present, absent = (
+                ("certificate", "private_key")
+                if self.private_key is None
+                else ("private_key", "certificate")
+            )
+            yield (
+                path,
+                f"{present} is set but {absent} is not: set both, "
+                "or neither for a generated self-signed certificate",
+            )
+
+
+@dataclass(frozen=True)
+class SipConfig(Section):
+    listen: tuple[SipListener, ...] = field(
+        default=DEFAULT_SIP_LISTENERS,
+        metadata=spec("SIP listeners.", min_items=1),
+    )
+    tls: TlsConfig = field(default_factory=TlsConfig, metadata=spec("TLS listeners' identity."))
+    tcp_idle_timeout: int = field(
+        default=600,
+        metadata=spec("Seconds an idle TCP/TLS connection is kept.", min=1, max=86400),
+    )
+    max_connections: int = field(
+        default=1024,
+        metadata=spec("Most TCP/TLS connections open at once.", min=1, max=1_000_000),
+    )
+    user_agent: str = field(
+        default="sbc",
+        metadata=spec(
+            "Server/User-Agent header value.",
+            pattern=USER_AGENT_PATTERN,
+            expect="1..128 printable ASCII characters, not starting or ending with a space",
+        ),
+    )
+
+    def check(self, path: str) -> Iterator[Issue]:
+        # TCP and TLS listeners both bind TCP sockets, so they share one port space.
+        # Port 0 is exempt: every ephemeral bind gets its own port.
+        seen: dict[tuple[bool, IPAddress, int], int] = {}
+        for index, listener in enumerate(self.listen):
+            if listener.port == 0:
+                continue
+            socket = (listener.transport.stream, listener.address, listener.port)
+            first = seen.setdefault(socket, index)
+            if first == index:
+                continue
+            other = self.listen[first]
+            here = key_path(path, f"listen[{index}]")
+            there = key_path(path, f"listen[{first}]")
+            if other.transport is listener.transport:
+                yield here, f"duplicate listener {listener} (same as {there})"
+            else:
+                yield here, f"{listener} uses the same TCP port as {there} ({other})"
+
+
+@dataclass(frozen=True)
+class ManagementListen(Section):
+    address: IPAddress = field(
+        default=IPv4Address("127.0.0.1"), metadata=spec("Address of the admin UI and API.")
+    )
+    port: int = field(
+        default=8080,
+        metadata=spec(
+            "Port of the admin UI and API; 0 = ephemeral (tests).",
+            min=0,
+            max=65535,
+            expect=PORT_SPEC_EXPECT,
+        ),
+    )
+
+    def __str__(self) -> str:
+        return _endpoint(self.address, self.port)
+
+
+@dataclass(frozen=True)
+class ManagementConfig(Section):
+    listen: ManagementListen = field(
+        default_factory=ManagementListen, metadata=spec("Where the admin UI and API listen.")
+    )
+
+
+@dataclass(frozen=True)
+class Config(Section):
+    """The whole configuration: what `sbc run` runs with."""
+
+    state_dir: Path = field(
+        default=Path("state"),
+        metadata=spec("Generated TLS certificate, SQLite databases and other state."),
+    )
+    log: LogConfig = field(default_factory=LogConfig, metadata=spec("Logging."))
+    sip: SipConfig = field(default_factory=SipConfig, metadata=spec("SIP signalling."))
+    management: ManagementConfig = field(
+        default_factory=ManagementConfig, metadata=spec("Admin UI and REST API.")
+    )
+
+    def check(self, path: str) -> Iterator[Issue]:
+        mgmt = self.management.listen
+        if mgmt.port == 0:
+            return
+        for index, listener in enumerate(self.sip.listen):
+            if (
+                listener.transport.stream
+                and listener.address == mgmt.address
+                and listener.port == mgmt.port
+            ):
+                yield (
+                    key_path(path, "management.listen"),
+                    f"{mgmt} is already used by {key_path(path, f'sip.listen[{index}]')} "
+                    f"({listener})",
+                )
+                return
