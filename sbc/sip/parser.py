@@ -24,10 +24,10 @@ from sbc.sip.limits import (
     MAX_HEADERS,
     MAX_HEADERS_STATUS,
     MAX_KEEPALIVE_RUN,
-    MAX_LIST_VALUES,
-    MAX_LIST_VALUES_STATUS,
     MAX_LINE_LENGTH,
     MAX_LINE_LENGTH_STATUS,
+    MAX_LIST_VALUES,
+    MAX_LIST_VALUES_STATUS,
     MAX_MESSAGE_SIZE,
     MAX_MESSAGE_SIZE_STATUS,
     MAX_URI_LENGTH,
@@ -322,9 +322,7 @@ class StreamFramer:
         head_end, body_start = _find_header_end(bytes(buf[: MAX_HEADER_SECTION + 4]))
         if head_end == -1:
             if len(buf) > MAX_HEADER_SECTION:
-                return self._fail(
-                    ParseError("header section too large", MAX_HEADER_SECTION_STATUS)
-                )
+                return self._fail(ParseError("header section too large", MAX_HEADER_SECTION_STATUS))
             return None
         head = bytes(buf[:head_end])
         length = _content_length_of(head)

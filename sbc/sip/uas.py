@@ -31,9 +31,7 @@ class Rejection:
     headers: tuple[tuple[str, str], ...] = field(default=())
 
     def response_to(self, request: Request, to_tag: str | None = None) -> Response:
-        return make_response(
-            request, self.status, self.reason, to_tag=to_tag, headers=self.headers
-        )
+        return make_response(request, self.status, self.reason, to_tag=to_tag, headers=self.headers)
 
 
 @dataclass(frozen=True, slots=True)
