@@ -397,7 +397,8 @@ def make_response(
 
     Via, From, To, Call-ID and CSeq are copied field by field as received, so a
     response can be built even for a request whose other headers failed to parse.
-    A To tag is added to every non-100 response whose To has none (8.2.6.2).
+    ``to_tag`` is added to a non-100 response whose To has none (8.2.6.2); the
+    caller passes it so that every response of one transaction carries the same tag.
     """
     out = Headers()
     for name in _COPIED_TO_RESPONSE:
