@@ -326,12 +326,12 @@ class StreamFramer:
             return None
         head = bytes(buf[:head_end])
         length = _content_length_of(head)
-        if isinstance(length, ParseError):
-            return self._fail(length)
-        if length > MAX_BODY_SIZE:
-            return self._fail(
-                ParseError(f"body of {length} bytes exceeds {MAX_BODY_SIZE}", MAX_BODY_SIZE_STATUS)
+        if isinstance(length, int) and length > MAX_BODY_SIZE:
+            length = ParseError(
+                f"body of {length} bytes exceeds {MAX_BODY_SIZE}", MAX_BODY_SIZE_STATUS
             )
+        if isinstance(length, ParseError):
+            return self._fail(_with_partial(length, head))
         end = body_start + length
         if len(buf) < end:
             return None
@@ -341,6 +341,17 @@ class StreamFramer:
             return parse_message(frame, stream=True)
         except ParseError as exc:
             return exc
+
+
+def _with_partial(error: ParseError, head: bytes) -> ParseError:
+    """Attach what the header section says, so a request can still be answered
+    (RFC 3261 18.3: a bad Content-Length on a stream gets a 400, then close)."""
+    error.is_response = head.startswith(b"SIP/")
+    try:
+        error.partial = parse_message(head)
+    except ParseError as exc:
+        error.partial = exc.partial
+    return error
 
 
 _CONTENT_LENGTH_LINE: Final = re.compile(

@@ -1,0 +1,343 @@
+"""What the transport layer's parts share: flows, destinations, stats, Via rules.
+
+The values here are small and frozen so they can be logged, compared and handed to
+the core. The functions at the bottom are the transport rules of RFC 3261 18.2 and
+RFC 3581 that need no socket: stamping ``received``/``rport`` on an inbound
+request's top Via, choosing where a response goes, refusing destinations no SBC
+should ever send to, and building the stateless answer to an unparsable request.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+from sbc.sip.errors import ParseError
+from sbc.sip.headers import Via, header_key, split_list
+from sbc.sip.message import Headers, Message, Request, Response, make_response, new_tag
+from sbc.transport.resolver import Transport
+
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_IDLE_TIMEOUT",
+    "DEFAULT_MAX_CONNECTIONS",
+    "Destination",
+    "Flow",
+    "ListenAddress",
+    "Listener",
+    "MessageHandler",
+    "Stat",
+    "Transport",
+    "TransportConfig",
+    "TransportError",
+    "TransportStats",
+    "error_response",
+    "format_hostport",
+    "ip_literal",
+    "is_forbidden_destination",
+    "is_reliable",
+    "normalize_host",
+    "response_target",
+    "stamp_via",
+]
+
+#: Seconds a TCP/TLS connection may carry nothing before the sweep closes it.
+DEFAULT_IDLE_TIMEOUT: Final = 600.0
+#: Accepted TCP/TLS connections at once; more are closed as soon as they arrive.
+DEFAULT_MAX_CONNECTIONS: Final = 4096
+#: Seconds an outgoing connection (TCP connect plus TLS handshake) may take.
+DEFAULT_CONNECT_TIMEOUT: Final = 5.0
+#: Seconds ``stop()`` waits for connections to flush and close before aborting them.
+DEFAULT_CLOSE_TIMEOUT: Final = 2.0
+#: Bytes queued for one peer that does not read before its connection is aborted.
+MAX_WRITE_BUFFER: Final = 1 << 20
+
+_RELIABLE: Final = frozenset({Transport.TCP, Transport.TLS})
+
+
+def is_reliable(transport: Transport) -> bool:
+    """RFC 3261 18: TCP and TLS are reliable, UDP is not."""
+    return transport in _RELIABLE
+
+
+class TransportError(Exception):
+    """A message could not be sent (RFC 3261 8.1.3.1: the TU treats it as a 503)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    """One listener to open: transport, local IP address and port (0: ephemeral)."""
+
+    transport: Transport
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.transport.value} {format_hostport(self.host, self.port)}"
+
+
+@dataclass(frozen=True, slots=True)
+class TransportConfig:
+    """The knobs of a TransportLayer."""
+
+    listen: tuple[ListenAddress, ...] = ()
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    close_timeout: float = DEFAULT_CLOSE_TIMEOUT
+    #: Seconds between idle sweeps; None derives it from ``idle_timeout``.
+    sweep_interval: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.idle_timeout <= 0:
+            raise ValueError("idle_timeout must be positive")
+        if self.max_connections < 0:
+            raise ValueError("max_connections must not be negative")
+        if self.connect_timeout <= 0 or self.close_timeout <= 0:
+            raise ValueError("timeouts must be positive")
+        if self.sweep_interval is not None and self.sweep_interval <= 0:
+            raise ValueError("sweep_interval must be positive")
+
+    @property
+    def effective_sweep_interval(self) -> float:
+        """A quarter of the idle timeout, at most 5 s: a connection outlives it by little."""
+        if self.sweep_interval is not None:
+            return self.sweep_interval
+        return min(self.idle_timeout / 4, 5.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Flow:
+    """Where a message came from or went out: the core's handle for "reply here".
+
+    ``local_host``/``local_port`` name the listener (or, for an outgoing
+    connection, its local end); ``connection_id`` is set for TCP/TLS and lets a
+    response go back over the very connection its request arrived on.
+    """
+
+    transport: Transport
+    local_host: str
+    local_port: int
+    remote_host: str
+    remote_port: int
+    connection_id: int | None = None
+
+    def __str__(self) -> str:
+        conn = f"#{self.connection_id} " if self.connection_id is not None else ""
+        return f"{self.transport.value} {conn}{format_hostport(self.remote_host, self.remote_port)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """Where to send a request: what the RFC 3263 resolver hands out (an IP literal)."""
+
+    transport: Transport
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.transport.value} {format_hostport(self.host, self.port)}"
+
+
+class MessageHandler(Protocol):
+    """The one consumer of inbound messages: the core's entry point."""
+
+    def __call__(self, message: Request | Response, flow: Flow) -> None: ...
+
+
+class Listener(Protocol):
+    """A bound socket accepting SIP: what ``TransportLayer.listeners`` lists."""
+
+    @property
+    def transport(self) -> Transport: ...
+
+    @property
+    def host(self) -> str: ...
+
+    @property
+    def port(self) -> int:
+        """The bound port; an ephemeral one once the listener has started."""
+        ...
+
+    @property
+    def is_serving(self) -> bool: ...
+
+
+class Stat(enum.Enum):
+    """What the transport layer counts; the reasons a message is dropped or refused."""
+
+    MESSAGES_IN = "messages_in"
+    MESSAGES_OUT = "messages_out"
+    KEEPALIVES = "keepalives"
+    #: Requests that failed to parse (each is answered or counted UNANSWERABLE).
+    BAD_REQUESTS = "bad_requests"
+    #: Stateless error responses sent to requests that failed to parse.
+    ERROR_RESPONSES = "error_responses"
+    #: Bad requests with too little to answer (no Via, unreadable start line, ACK).
+    UNANSWERABLE = "unanswerable"
+    #: Responses that failed to parse: dropped (RFC 3261 18.1.2).
+    BAD_RESPONSES = "bad_responses"
+    #: Streams closed because they could no longer be framed.
+    FRAMING_ERRORS = "framing_errors"
+    #: Sends refused: broadcast, multicast, unspecified address or port 0.
+    FORBIDDEN_DESTINATIONS = "forbidden_destinations"
+    #: Sends that failed: no listener or connection, socket errors, peer not reading.
+    SEND_FAILURES = "send_failures"
+    HANDLER_ERRORS = "handler_errors"
+    CONNECTIONS_ACCEPTED = "connections_accepted"
+    CONNECTIONS_OPENED = "connections_opened"
+    #: Accepted connections closed at once because max_connections was reached.
+    CONNECTIONS_REFUSED = "connections_refused"
+    CONNECT_FAILURES = "connect_failures"
+    IDLE_CLOSED = "idle_closed"
+
+
+class TransportStats:
+    """Counters by Stat; read by /metrics and the tests."""
+
+    __slots__ = ("_counts",)
+
+    def __init__(self) -> None:
+        self._counts: dict[Stat, int] = dict.fromkeys(Stat, 0)
+
+    def incr(self, stat: Stat, n: int = 1) -> None:
+        self._counts[stat] += n
+
+    def __getitem__(self, stat: Stat) -> int:
+        return self._counts[stat]
+
+    def __iter__(self) -> Iterator[tuple[Stat, int]]:
+        return iter(self._counts.items())
+
+    def snapshot(self) -> dict[str, int]:
+        """The counters by name, a copy."""
+        return {stat.value: count for stat, count in self._counts.items()}
+
+    def __repr__(self) -> str:
+        nonzero = ", ".join(f"{s.value}={c}" for s, c in self._counts.items() if c)
+        return f"<TransportStats {nonzero}>"
+
+
+# -- addresses ------------------------------------------------------------------------
+
+_IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def format_hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def ip_literal(host: str) -> _IP | None:
+    """The IP address ``host`` spells (brackets allowed, v4-mapped v6 unmapped), or None."""
+    text = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def normalize_host(host: str) -> str:
+    """Canonical text of a host: IP literals compressed and unbracketed, names lower case."""
+    address = ip_literal(host)
+    if address is None:
+        return host.lower().rstrip(".")
+    return str(address)
+
+
+_LIMITED_BROADCAST: Final = ipaddress.IPv4Address("255.255.255.255")
+
+
+def is_forbidden_destination(host: str, port: int) -> bool:
+    """True for destinations the SBC never sends to.
+
+    RFC 4475 3.3.10 (bcast): a response must never be sent to 255.255.255.255; the
+    SBC does no multicast (RFC 3261 18.2.2 maddr) and nothing goes to an
+    unspecified address or to port 0.
+    """
+    if not 0 < port < 65536:
+        return True
+    address = ip_literal(host)
+    if address is None:
+        return False
+    return address.is_multicast or address.is_unspecified or address == _LIMITED_BROADCAST
+
+
+# -- Via rules ------------------------------------------------------------------------
+
+
+def _replace_top_via(message: Message, via: Via) -> None:
+    """Rewrite the first Via value in place, keeping every field where it stood."""
+    fields = list(message.headers)
+    for index, (name, value) in enumerate(fields):
+        if header_key(name) == "via":
+            items = split_list(value)
+            items[0] = str(via)
+            fields[index] = (name, ", ".join(items))
+            break
+    message.headers = Headers(fields)
+    message.invalidate()
+
+
+def stamp_via(request: Request, source_host: str, source_port: int) -> bool:
+    """Record where a request really came from in its top Via; True if it changed.
+
+    RFC 3261 18.2.1: add ``received`` when the sent-by host differs from the source
+    address. RFC 3581 4: an ``rport`` without a value gets the source port, and then
+    ``received`` is added even when it equals sent-by. Raises ParseError if the top
+    Via cannot be parsed.
+    """
+    top = request.via
+    source = normalize_host(source_host)
+    stamped = top
+    force_received = False
+    if top.rport == "":
+        stamped = stamped.with_param("rport", str(source_port))
+        force_received = True
+    if force_received or normalize_host(top.host) != source:
+        stamped = stamped.with_param("received", source)
+    if stamped == top:
+        return False
+    _replace_top_via(request, stamped)
+    return True
+
+
+def response_target(response: Response, transport: Transport) -> tuple[str, int]:
+    """Where a response goes when no connection carries it (RFC 3261 18.2.2, RFC 3581 4).
+
+    Reliable transports: ``received`` (else the sent-by host) and the sent-by port
+    (else the transport's default). Unreliable: ``maddr`` if present; else
+    ``received`` (else sent-by) and ``rport`` if it has a value, else the sent-by
+    port, else 5060. Raises ParseError if the top Via is missing or unparsable.
+    """
+    via = response.via
+    default = transport.default_port
+    received = via.received or None
+    if is_reliable(transport):
+        return normalize_host(received or via.host), via.port or default
+    maddr = via.param("maddr")
+    if maddr:
+        return normalize_host(maddr), via.port or default
+    rport = via.rport
+    port = int(rport) if rport and rport.isdigit() else (via.port or default)
+    return normalize_host(received or via.host), port
+
+
+def error_response(error: ParseError) -> Response | None:
+    """The stateless answer to a request that failed to parse, or None to drop it.
+
+    Built from what the parser read (``error.partial``) with the status the error
+    carries. Responses are never answered (RFC 3261 18.1.2), nor is ACK (17.2.1),
+    nor a request without a Via to send the answer along.
+    """
+    partial = error.partial
+    if error.is_response or not isinstance(partial, Request):
+        return None
+    if partial.method == "ACK" or not partial.headers.fields("Via"):
+        return None
+    return make_response(partial, error.status, to_tag=new_tag())

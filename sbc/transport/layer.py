@@ -1,0 +1,511 @@
+"""The TransportLayer: owns the listeners and connections, and speaks RFC 3261 18.
+
+Inbound, it parses every datagram and framed stream message with the core, stamps
+``received``/``rport`` on requests (RFC 3261 18.2.1, RFC 3581 4), answers requests
+that fail to parse with a stateless error response, drops responses that fail to
+parse, and hands everything else to the one MessageHandler with the Flow it came
+on. Outbound, it sends responses the way RFC 3261 18.2.2 says (back over the
+request's connection when there is one) and requests to a Destination, reusing an
+open TCP/TLS connection to it when there is one. It counts every drop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import ssl
+
+from sbc.sip.errors import ParseError
+from sbc.sip.message import Request, Response
+from sbc.sip.parser import Keepalive, parse_message
+from sbc.transport.base import (
+    Destination,
+    Flow,
+    Listener,
+    MessageHandler,
+    Stat,
+    Transport,
+    TransportConfig,
+    TransportError,
+    TransportStats,
+    error_response,
+    ip_literal,
+    is_forbidden_destination,
+    is_reliable,
+    normalize_host,
+    response_target,
+    stamp_via,
+)
+from sbc.transport.stream import StreamConnection, StreamEvent, StreamListener, connect
+from sbc.transport.udp import UdpListener
+
+logger = logging.getLogger(__name__)
+
+_ConnectionKey = tuple[Transport, str, int]
+
+#: Longest Request-URI or reason shown in a log line.
+_LOG_TEXT = 96
+
+
+def _summary(message: Request | Response) -> str:
+    if isinstance(message, Request):
+        return f"{message.method} {message.raw_uri[:_LOG_TEXT]}"
+    return f"{message.status} {message.reason[:_LOG_TEXT]}"
+
+
+class TransportLayer:
+    """UDP, TCP and TLS listeners and connections around one MessageHandler.
+
+    ``server_ssl`` is required when a TLS listener is configured; ``client_ssl`` is
+    used for outgoing TLS connections. The handler is called synchronously from the
+    event loop; it must not block.
+    """
+
+    def __init__(
+        self,
+        config: TransportConfig,
+        handler: MessageHandler,
+        *,
+        server_ssl: ssl.SSLContext | None = None,
+        client_ssl: ssl.SSLContext | None = None,
+    ) -> None:
+        self._config = config
+        self._handler = handler
+        self._server_ssl = server_ssl
+        self._client_ssl = client_ssl
+        self.stats = TransportStats()
+        self._listeners: list[UdpListener | StreamListener] = []
+        self._connections: dict[int, StreamConnection] = {}
+        self._by_remote: dict[_ConnectionKey, StreamConnection] = {}
+        self._connecting: dict[_ConnectionKey, asyncio.Task[StreamConnection]] = {}
+        self._ids = itertools.count(1)
+        self._inbound = 0
+        self._sweeper: asyncio.Task[None] | None = None
+        self._running = False
+        self._stopping = False
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    @property
+    def listeners(self) -> tuple[Listener, ...]:
+        """Every listener, in configuration order, with its real port once started."""
+        return tuple(self._listeners)
+
+    @property
+    def bound(self) -> bool:
+        """True while the layer runs and every listener is up: the health check."""
+        return self._running and all(listener.is_serving for listener in self._listeners)
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    async def start(self) -> None:
+        """Bind every listener and start the idle sweep.
+
+        Raises OSError (nothing left bound) if any address cannot be bound, and
+        ValueError if a TLS listener is configured without ``server_ssl``.
+        """
+        if self._running:
+            raise RuntimeError("transport layer already started")
+        listen = self._config.listen
+        if self._server_ssl is None and any(a.transport is Transport.TLS for a in listen):
+            raise ValueError("a TLS listener needs server_ssl")
+        self._stopping = False
+        try:
+            for address in listen:
+                listener: UdpListener | StreamListener
+                if address.transport is Transport.UDP:
+                    listener = UdpListener(address.host, address.port, self)
+                else:
+                    listener = StreamListener(
+                        address.transport,
+                        address.host,
+                        address.port,
+                        self._new_connection(address.transport),
+                        self._server_ssl if address.transport is Transport.TLS else None,
+                        self._config.connect_timeout,
+                    )
+                self._listeners.append(listener)
+                await listener.start()
+        except OSError as exc:
+            logger.error("x cannot bind %s: %s", address, exc)
+            for opened in self._listeners:
+                opened.close()
+            self._listeners.clear()
+            raise
+        self._running = True
+        self._sweeper = asyncio.create_task(self._sweep(), name="sbc-transport-idle-sweep")
+
+    async def stop(self) -> None:
+        """Close listeners and connections; connections get ``close_timeout`` to flush."""
+        if not self._running:
+            return
+        self._running = False
+        self._stopping = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        for listener in self._listeners:
+            listener.close()
+        for task in list(self._connecting.values()):
+            task.cancel()
+        connections = list(self._connections.values())
+        for connection in connections:
+            connection.close()
+        timeout = self._config.close_timeout
+        if connections:
+            waits = [asyncio.create_task(c.wait_closed()) for c in connections]
+            _, pending = await asyncio.wait(waits, timeout=timeout)
+            for waiter in pending:
+                waiter.cancel()
+            for connection in connections:
+                if connection.is_open or connection.id in self._connections:
+                    connection.abort()
+        for listener in self._listeners:
+            if isinstance(listener, StreamListener):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(listener.wait_closed(), timeout)
+        # Let the datagram transports run connection_lost before we return.
+        await asyncio.sleep(0)
+        logger.info("- transport layer stopped")
+
+    def _new_connection(self, transport: Transport) -> _Factory:
+        return _Factory(self, transport)
+
+    # -- choosing a socket ------------------------------------------------------------
+
+    def listener_for(self, destination: Destination) -> Listener | None:
+        """The listener whose address belongs in the Via of a request to ``destination``.
+
+        The first one of the destination's transport and address family, else a
+        dual-stack one (bound to ``::``) for an IPv4 destination.
+        """
+        address = ip_literal(destination.host)
+        version = 4 if address is None else address.version
+        fallback: Listener | None = None
+        for listener in self._listeners:
+            if listener.transport is not destination.transport:
+                continue
+            local = ip_literal(listener.host)
+            if local is None or local.version == version:
+                return listener
+            if fallback is None and version == 4 and local.is_unspecified:
+                fallback = listener
+        return fallback
+
+    def _udp_listener(self, flow: Flow | None, host: str) -> UdpListener | None:
+        if flow is not None:
+            for listener in self._listeners:
+                if (
+                    isinstance(listener, UdpListener)
+                    and listener.port == flow.local_port
+                    and normalize_host(listener.host) == flow.local_host
+                ):
+                    return listener
+        found = self.listener_for(Destination(Transport.UDP, host, 0))
+        return found if isinstance(found, UdpListener) else None
+
+    # -- sending ----------------------------------------------------------------------
+
+    async def send_response(self, response: Response, flow: Flow) -> bool:
+        """Send a response to a request that arrived on ``flow``; False if it was dropped.
+
+        RFC 3261 18.2.2: over TCP/TLS, back over the request's connection while it
+        is open, else over a connection to ``received`` (or sent-by) and the sent-by
+        port. Over UDP, to ``received`` and ``rport`` (RFC 3581 4), else sent-by.
+        Never to a broadcast, multicast or unspecified address or port 0.
+        """
+        data = bytes(response)
+        transport = flow.transport
+        if is_reliable(transport) and flow.connection_id is not None:
+            connection = self._connections.get(flow.connection_id)
+            if connection is not None and connection.is_open:
+                return self._write(connection, data, response)
+        try:
+            host, port = response_target(response, transport)
+        except ParseError as exc:
+            logger.warning("x no route for %s: %s", _summary(response), exc)
+            self.stats.incr(Stat.SEND_FAILURES)
+            return False
+        if is_forbidden_destination(host, port):
+            logger.warning("x dropped %s to forbidden %s:%s", _summary(response), host, port)
+            self.stats.incr(Stat.FORBIDDEN_DESTINATIONS)
+            return False
+        if ip_literal(host) is None:
+            # Always an IP here after stamp_via; a name would need RFC 3263 5.
+            logger.warning("x dropped %s: %r is not an IP address", _summary(response), host)
+            self.stats.incr(Stat.SEND_FAILURES)
+            return False
+        if is_reliable(transport):
+            try:
+                connection = await self._connection_to(transport, host, port, None)
+            except TransportError:
+                return False
+            return self._write(connection, data, response)
+        return self._send_datagram(self._udp_listener(flow, host), data, host, port, response)
+
+    async def send_request(
+        self,
+        request: Request,
+        destination: Destination | tuple[Transport, str, int],
+        *,
+        server_hostname: str | None = None,
+    ) -> Flow:
+        """Send a request to an IP destination; returns the Flow it went out on.
+
+        Over TCP/TLS an open connection to the same address and port is reused
+        (whichever side opened it), else one is opened within ``connect_timeout``;
+        ``server_hostname`` is what TLS verifies (default: the address). Raises
+        TransportError if it cannot be sent (RFC 3261 8.1.3.1: the TU sees a 503).
+        """
+        if not isinstance(destination, Destination):
+            destination = Destination(*destination)
+        host, port = normalize_host(destination.host), destination.port
+        transport = destination.transport
+        if ip_literal(host) is None:
+            raise TransportError(f"{destination}: not an IP address; resolve it first")
+        if is_forbidden_destination(host, port):
+            self.stats.incr(Stat.FORBIDDEN_DESTINATIONS)
+            raise TransportError(f"{destination}: forbidden destination")
+        data = bytes(request)
+        if is_reliable(transport):
+            connection = await self._connection_to(transport, host, port, server_hostname)
+            if not self._write(connection, data, request):
+                raise TransportError(f"{destination}: write failed")
+            return connection.flow
+        listener = self._udp_listener(None, host)
+        if not self._send_datagram(listener, data, host, port, request):
+            raise TransportError(f"{destination}: no usable UDP listener")
+        assert listener is not None
+        return Flow(Transport.UDP, normalize_host(listener.host), listener.port, host, port)
+
+    def _write(
+        self, connection: StreamConnection, data: bytes, message: Request | Response
+    ) -> bool:
+        try:
+            connection.write(data)
+        except OSError as exc:
+            logger.warning("x %s to %s: %s", _summary(message), connection.flow, exc)
+            self.stats.incr(Stat.SEND_FAILURES)
+            return False
+        self.stats.incr(Stat.MESSAGES_OUT)
+        logger.debug("> %s to %s (%d bytes)", _summary(message), connection.flow, len(data))
+        return True
+
+    def _send_datagram(
+        self,
+        listener: UdpListener | None,
+        data: bytes,
+        host: str,
+        port: int,
+        message: Request | Response,
+    ) -> bool:
+        if listener is None:
+            logger.warning("x %s to udp %s:%s: no UDP listener", _summary(message), host, port)
+            self.stats.incr(Stat.SEND_FAILURES)
+            return False
+        try:
+            listener.send(data, host, port)
+        except OSError as exc:
+            logger.warning("x %s to udp %s:%s: %s", _summary(message), host, port, exc)
+            self.stats.incr(Stat.SEND_FAILURES)
+            return False
+        self.stats.incr(Stat.MESSAGES_OUT)
+        logger.debug("> %s to udp %s:%s (%d bytes)", _summary(message), host, port, len(data))
+        return True
+
+    async def _connection_to(
+        self, transport: Transport, host: str, port: int, server_hostname: str | None
+    ) -> StreamConnection:
+        """An open connection to host:port, reused if there is one, else a new one."""
+        key = (transport, host, port)
+        existing = self._by_remote.get(key)
+        if existing is not None and existing.is_open:
+            return existing
+        if not self._running:
+            raise TransportError("transport layer is not running")
+        task = self._connecting.get(key)
+        if task is None:
+            # One connect per destination at a time: concurrent sends share it.
+            task = asyncio.create_task(self._connect(transport, host, port, server_hostname))
+            self._connecting[key] = task
+            task.add_done_callback(lambda done: self._connect_done(key, done))
+        return await asyncio.shield(task)
+
+    def _connect_done(self, key: _ConnectionKey, task: asyncio.Task[StreamConnection]) -> None:
+        if self._connecting.get(key) is task:
+            del self._connecting[key]
+        if not task.cancelled():
+            task.exception()  # retrieved here, so no "never retrieved" warning
+
+    async def _connect(
+        self, transport: Transport, host: str, port: int, server_hostname: str | None
+    ) -> StreamConnection:
+        try:
+            connection = await connect(
+                self._new_connection(transport),
+                transport,
+                host,
+                port,
+                ssl_context=self._client_ssl,
+                server_hostname=server_hostname,
+                timeout=self._config.connect_timeout,
+            )
+        except OSError as exc:
+            self.stats.incr(Stat.CONNECT_FAILURES)
+            logger.warning("x connect %s %s:%s: %s", transport.value, host, port, exc or "timeout")
+            raise TransportError(f"cannot connect to {transport.value} {host}:{port}") from exc
+        if not connection.is_open:
+            raise TransportError(f"connection to {transport.value} {host}:{port} closed")
+        return connection
+
+    # -- idle sweep -------------------------------------------------------------------
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self._config.effective_sweep_interval
+        while self._running:
+            await asyncio.sleep(interval)
+            self.close_idle(loop.time())
+
+    def close_idle(self, now: float) -> int:
+        """Close connections idle for longer than ``idle_timeout`` at loop time ``now``."""
+        limit = self._config.idle_timeout
+        idle = [c for c in self._connections.values() if now - c.last_activity > limit]
+        for connection in idle:
+            logger.debug("- closing idle %s", connection.flow)
+            connection.close()
+            self.stats.incr(Stat.IDLE_CLOSED)
+        return len(idle)
+
+    # -- inbound ----------------------------------------------------------------------
+
+    def _deliver(self, message: Request | Response, flow: Flow) -> None:
+        if isinstance(message, Request):
+            stamp_via(message, flow.remote_host, flow.remote_port)
+        self.stats.incr(Stat.MESSAGES_IN)
+        logger.debug("< %s from %s", _summary(message), flow)
+        try:
+            self._handler(message, flow)
+        except Exception:
+            self.stats.incr(Stat.HANDLER_ERRORS)
+            logger.exception("x handler failed on %s from %s", _summary(message), flow)
+
+    def _reject(self, error: ParseError, flow: Flow, connection: StreamConnection | None) -> None:
+        """Answer a request that failed to parse, statelessly; drop a response."""
+        if error.is_response:
+            self.stats.incr(Stat.BAD_RESPONSES)
+            logger.debug("x dropped unparsable response from %s: %s", flow, error)
+            return
+        self.stats.incr(Stat.BAD_REQUESTS)
+        partial = error.partial
+        if isinstance(partial, Request):
+            # The answer carries received/rport like any other (RFC 3581 4).
+            with contextlib.suppress(ParseError):
+                stamp_via(partial, flow.remote_host, flow.remote_port)
+        response = error_response(error)
+        if response is None:
+            self.stats.incr(Stat.UNANSWERABLE)
+            logger.debug("x dropped unanswerable request from %s: %s", flow, error)
+            return
+        logger.debug("x bad request from %s: %s; answering %d", flow, error, response.status)
+        if connection is not None:
+            sent = self._write(connection, bytes(response), response)
+        else:
+            try:
+                host, port = response_target(response, flow.transport)
+            except ParseError:
+                host, port = flow.remote_host, flow.remote_port
+            if is_forbidden_destination(host, port) or ip_literal(host) is None:
+                host, port = flow.remote_host, flow.remote_port
+            listener = self._udp_listener(flow, host)
+            sent = self._send_datagram(listener, bytes(response), host, port, response)
+        if sent:
+            self.stats.incr(Stat.ERROR_RESPONSES)
+
+    # -- DatagramSink -----------------------------------------------------------------
+
+    def datagram_received(self, listener: UdpListener, data: bytes, host: str, port: int) -> None:
+        flow = Flow(
+            Transport.UDP, normalize_host(listener.host), listener.port, normalize_host(host), port
+        )
+        if not data.strip(b"\r\n"):
+            # RFC 5626 4.4.1 is STUN over UDP; a bare CRLF datagram is a NAT keepalive.
+            self.stats.incr(Stat.KEEPALIVES)
+            return
+        try:
+            message = parse_message(data)
+        except ParseError as exc:
+            self._reject(exc, flow, None)
+            return
+        self._deliver(message, flow)
+
+    def listener_lost(self, listener: UdpListener, exc: Exception | None) -> None:
+        if self._running:
+            logger.error("x %r lost: %s", listener, exc)
+
+    # -- StreamOwner ------------------------------------------------------------------
+
+    def connection_made(self, connection: StreamConnection) -> bool:
+        if self._stopping:
+            return False
+        if connection.outbound:
+            self.stats.incr(Stat.CONNECTIONS_OPENED)
+        else:
+            if self._inbound >= self._config.max_connections:
+                self.stats.incr(Stat.CONNECTIONS_REFUSED)
+                logger.info("x refusing %s: %d connections", connection.flow, self._inbound)
+                return False
+            self._inbound += 1
+            self.stats.incr(Stat.CONNECTIONS_ACCEPTED)
+        flow = connection.flow
+        self._connections[connection.id] = connection
+        self._by_remote[(flow.transport, flow.remote_host, flow.remote_port)] = connection
+        logger.debug("- connection %s", flow)
+        return True
+
+    def stream_event(self, connection: StreamConnection, event: StreamEvent) -> None:
+        flow = connection.flow
+        if isinstance(event, Keepalive):
+            # RFC 5626 3.5.1: answer a CRLFCRLF ping with a CRLF pong.
+            self.stats.incr(Stat.KEEPALIVES)
+            with contextlib.suppress(OSError):
+                connection.write(b"\r\n")
+        elif isinstance(event, ParseError):
+            self._reject(event, flow, connection)
+            if event.close:
+                # RFC 3261 18.3: the stream can no longer be framed.
+                self.stats.incr(Stat.FRAMING_ERRORS)
+                logger.debug("x closing %s: %s", flow, event)
+                connection.close()
+        else:
+            self._deliver(event, flow)
+
+    def connection_lost(self, connection: StreamConnection, exc: Exception | None) -> None:
+        if self._connections.pop(connection.id, None) is None:
+            return  # refused: never counted
+        flow = connection.flow
+        key = (flow.transport, flow.remote_host, flow.remote_port)
+        if self._by_remote.get(key) is connection:
+            del self._by_remote[key]
+        if not connection.outbound:
+            self._inbound -= 1
+        logger.debug("- closed %s%s", flow, f": {exc}" if exc else "")
+
+
+class _Factory:
+    """Makes StreamConnections for one transport, numbered by the layer."""
+
+    __slots__ = ("_layer", "_transport")
+
+    def __init__(self, layer: TransportLayer, transport: Transport) -> None:
+        self._layer = layer
+        self._transport = transport
+
+    def __call__(self, listener: StreamListener | None) -> StreamConnection:
+        return StreamConnection(self._layer, self._transport, next(self._layer._ids), listener)
