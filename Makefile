@@ -50,15 +50,15 @@ test-slow: deps
 	$(BIN)/python -m pytest -q -m slow tests
 
 lint: deps
-	$(BIN)/ruff check sbc tests bench
-	$(BIN)/ruff format --check sbc tests bench || true
+	$(BIN)/ruff check sbc tests
+	$(BIN)/ruff format --check sbc
 	$(BIN)/mypy
 
 fuzz: deps
 	SBC_FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m pytest -q tests/unit/test_fuzz.py -p no:timeout
 
 bench: deps
-	$(BIN)/python bench/sip_parse.py
+	$(BIN)/python tests/bench/sip_parse.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info

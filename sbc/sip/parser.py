@@ -9,6 +9,7 @@ stream into messages by Content-Length, answering CRLF keepalives on the way.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -90,9 +91,14 @@ def parse_message(data: bytes, *, stream: bool = False) -> Request | Response:
         _validate(message, data, body_start, stream)
     except ParseError as exc:
         exc.is_response = is_response
-        if message is not None and not is_response:
-            # Enough to build a response from the raw Via/From/To/Call-ID/CSeq.
-            exc.partial = message
+        if not is_response:
+            # Enough to build a response from the raw Via/From/To/Call-ID/CSeq, even
+            # when the start line itself was the problem (505, a bad Request-URI).
+            partial = exc.partial if isinstance(exc.partial, Request) else message
+            if isinstance(partial, Request) and not len(partial.headers):
+                with contextlib.suppress(ParseError):
+                    partial.headers = Headers._from_parsed(_parse_header_lines(lines))
+            exc.partial = partial
         raise
     return message
 
@@ -112,22 +118,30 @@ def _parse_start_line(line: str, is_response: bool) -> Request | Response:
     # RFC 3261 7.1: exactly single SPs; RFC 4475 3.1.2.9/3.1.2.10 allow rejecting
     # extra or trailing ones, which keeps them from ever being forwarded.
     if len(parts) != 3 or not all(parts):
-        raise ParseError(f"malformed request line: {line!r}")
+        error = ParseError(f"malformed request line: {line!r}")
+        if _TOKEN.fullmatch(parts[0]):
+            # Still a request: answerable from its header fields.
+            error.partial = Request(parts[0], "")
+        raise error
     method, uri, version = parts
     if not _TOKEN.fullmatch(method):
         raise ParseError(f"bad method: {method!r}")
-    if version != SIP_VERSION:
-        if _VERSION.fullmatch(version):
-            raise ParseError(f"unsupported version {version!r}", 505)
-        raise ParseError(f"malformed request line: {line!r}")
-    if len(uri) > MAX_URI_LENGTH:
-        raise ParseError("Request-URI too long", MAX_URI_LENGTH_STATUS)
     request = Request(method, uri)
-    parsed = request.uri  # validates; ParseError(400) for <sip:...>, sip:2001:db8::1 ...
-    if isinstance(parsed, SipUri) and parsed.headers:
-        # RFC 3261 19.1.1 table: headers are not allowed in a Request-URI, and
-        # RFC 4475 3.1.2.11: they must never be turned into header fields.
-        raise ParseError("headers in the Request-URI are not allowed")
+    try:
+        if version != SIP_VERSION:
+            if _VERSION.fullmatch(version):
+                raise ParseError(f"unsupported version {version!r}", 505)
+            raise ParseError(f"malformed request line: {line!r}")
+        if len(uri) > MAX_URI_LENGTH:
+            raise ParseError("Request-URI too long", MAX_URI_LENGTH_STATUS)
+        parsed = request.uri  # validates; ParseError(400) for <sip:...>, sip:2001:db8::1 ...
+        if isinstance(parsed, SipUri) and parsed.headers:
+            # RFC 3261 19.1.1 table: headers are not allowed in a Request-URI, and
+            # RFC 4475 3.1.2.11: they must never be turned into header fields.
+            raise ParseError("headers in the Request-URI are not allowed")
+    except ParseError as exc:
+        exc.partial = request
+        raise
     return request
 
 
@@ -351,6 +365,8 @@ def _with_partial(error: ParseError, head: bytes) -> ParseError:
         error.partial = parse_message(head)
     except ParseError as exc:
         error.partial = exc.partial
+    if error.is_response:
+        error.partial = None
     return error
 
 

@@ -83,6 +83,7 @@ class TransportLayer:
         self._ids = itertools.count(1)
         self._inbound = 0
         self._sweeper: asyncio.Task[None] | None = None
+        self._pending: set[asyncio.Task[bool]] = set()
         self._running = False
         self._stopping = False
 
@@ -220,12 +221,36 @@ class TransportLayer:
         port. Over UDP, to ``received`` and ``rport`` (RFC 3581 4), else sent-by.
         Never to a broadcast, multicast or unspecified address or port 0.
         """
-        data = bytes(response)
+        sent = self._send_response_now(response, flow)
+        if sent is not None:
+            return sent
+        host, port = response_target(response, flow.transport)
+        try:
+            connection = await self._connection_to(flow.transport, host, port, None)
+        except TransportError:
+            return False
+        return self._write(connection, bytes(response), response)
+
+    def send_response_nowait(self, response: Response, flow: Flow) -> None:
+        """Send at once when the route is open (UDP, or the request's connection);
+        only a response that needs a new connection waits for it, in a task.
+
+        Sending at once keeps order with whatever the caller does next, such as a
+        framing error closing the connection the response must go out on.
+        """
+        if self._send_response_now(response, flow) is None:
+            task = asyncio.get_running_loop().create_task(self.send_response(response, flow))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    def _send_response_now(self, response: Response, flow: Flow) -> bool | None:
+        """Send without waiting: True/False once sent/dropped, None if a new
+        connection is needed first."""
         transport = flow.transport
         if is_reliable(transport) and flow.connection_id is not None:
             connection = self._connections.get(flow.connection_id)
             if connection is not None and connection.is_open:
-                return self._write(connection, data, response)
+                return self._write(connection, bytes(response), response)
         try:
             host, port = response_target(response, transport)
         except ParseError as exc:
@@ -242,11 +267,8 @@ class TransportLayer:
             self.stats.incr(Stat.SEND_FAILURES)
             return False
         if is_reliable(transport):
-            try:
-                connection = await self._connection_to(transport, host, port, None)
-            except TransportError:
-                return False
-            return self._write(connection, data, response)
+            return None
+        data = bytes(response)
         return self._send_datagram(self._udp_listener(flow, host), data, host, port, response)
 
     async def send_request(

@@ -1,0 +1,1 @@
+"""The transaction user: calls as two dialogs, routing, registrations, admission."""

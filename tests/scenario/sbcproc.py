@@ -1,0 +1,247 @@
+"""A real `sbc run` process for scenario tests, and small SIP clients to talk to it.
+
+Everything here binds and sends on loopback only, with bounded timeouts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from sbc.sip.errors import ParseError
+from sbc.sip.message import Headers, Response
+from sbc.sip.parser import parse_message
+
+
+def free_port(kind: int = socket.SOCK_STREAM, also_udp: bool = False) -> int:
+    """A port free for TCP (and UDP when asked) on 127.0.0.1 right now."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if not also_udp:
+            return port
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            try:
+                u.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port")
+
+
+@dataclass
+class Ports:
+    sip: int
+    tls: int
+    mgmt: int
+
+    @classmethod
+    def pick(cls) -> Ports:
+        return cls(free_port(also_udp=True), free_port(), free_port())
+
+
+def config_text(ports: Ports, state_dir: Path, user_agent: str = "sbc-test") -> str:
+    return f"""\
+state_dir: {state_dir}
+log:
+  level: info
+sip:
+  listen:
+    - {{transport: udp, address: 127.0.0.1, port: {ports.sip}}}
+    - {{transport: tcp, address: 127.0.0.1, port: {ports.sip}}}
+    - {{transport: tls, address: 127.0.0.1, port: {ports.tls}}}
+  user_agent: {user_agent}
+management:
+  listen: {{address: 127.0.0.1, port: {ports.mgmt}}}
+"""
+
+
+class SbcProcess:
+    """`python -m sbc run` in a subprocess; stopped (and reaped) by ``stop``."""
+
+    def __init__(
+        self, workdir: Path, config: Path | None, ports: Ports, log_name: str = "sbc.log"
+    ) -> None:
+        self.workdir = workdir
+        self.config = config
+        self.ports = ports
+        self.log_path = workdir / log_name
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20.0) -> SbcProcess:
+        args = [sys.executable, "-m", "sbc", "run"]
+        if self.config is not None:
+            args += ["--config", str(self.config)]
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            args, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sbc exited with {self.proc.returncode}:\n{self.log()}")
+            if self.health()[0] == 200:
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"sbc did not become healthy in {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def signal(self, sig: signal.Signals) -> None:
+        os.kill(self.pid, sig)
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise
+
+    def health(self) -> tuple[int, dict[str, object]]:
+        url = f"http://127.0.0.1:{self.ports.mgmt}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=1) as reply:
+                return reply.status, json.loads(reply.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"{}")
+        except (OSError, ValueError):
+            return 0, {}
+
+
+def lenient_response(data: bytes) -> Response:
+    """A response as received; one that echoes a malformed request's headers (as a
+    400 must) is kept with its header fields unparsed."""
+    try:
+        message = parse_message(data)
+    except ParseError:
+        head = data.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace").split("\r\n")
+        _, code, reason = head[0].split(" ", 2)
+        fields = [tuple(line.split(":", 1)) for line in head[1:] if ":" in line]
+        return Response(int(code), reason, Headers((n, v.strip()) for n, v in fields))
+    assert isinstance(message, Response)
+    return message
+
+
+_counter = iter(range(1, 10**9))
+_CALL_ID = re.compile(rb"(?im)^(?:call-id|i)[ \t]*:[ \t]*(\S+)")
+
+
+def options(method: str = "OPTIONS", transport: str = "UDP", port: int = 9) -> bytes:
+    n = next(_counter)
+    return (
+        f"{method} sip:sbc@127.0.0.1 SIP/2.0\r\n"
+        f"Via: SIP/2.0/{transport} 127.0.0.1:{port};branch=z9hG4bKscn{n};rport\r\n"
+        f"Max-Forwards: 70\r\n"
+        f"From: <sip:probe@127.0.0.1>;tag=p{n}\r\n"
+        f"To: <sip:sbc@127.0.0.1>\r\n"
+        f"Call-ID: scenario-{n}@127.0.0.1\r\n"
+        f"CSeq: 1 {method}\r\n"
+        f"Content-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def udp_exchange(
+    port: int, data: bytes, timeout: float = 2.0, bind_port: int = 0
+) -> Response | None:
+    """Send one datagram, return the first final response (None on timeout).
+
+    ``bind_port`` sends from that port: a request without ``rport`` is answered
+    at the port its Via names (RFC 3261 18.2.2), so a client must listen there.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", bind_port))
+        s.settimeout(timeout)
+        s.sendto(data, ("127.0.0.1", port))
+        call_id = _CALL_ID.search(data)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                reply = s.recv(65535)
+            except TimeoutError:
+                return None
+            if call_id is not None and call_id.group(1) not in reply:
+                continue  # a late answer to someone else's request
+            message = lenient_response(reply)
+            if message.status >= 200:
+                return message
+    return None
+
+
+@contextlib.contextmanager
+def stream_socket(port: int, tls: bool = False, timeout: float = 2.0) -> Iterator[socket.socket]:
+    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    if not tls:
+        with raw:
+            yield raw
+        return
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with context.wrap_socket(raw) as wrapped:
+        yield wrapped
+
+
+def stream_exchange(
+    sock: socket.socket, data: bytes, timeout: float = 2.0, half_close: bool = False
+) -> tuple[Response | None, bool]:
+    """Send on a stream; return (first final response or None, whether the peer closed)."""
+    sock.sendall(data)
+    if half_close:
+        sock.shutdown(socket.SHUT_WR)
+    buffer = b""
+    deadline = time.monotonic() + timeout
+    sock.settimeout(0.2)
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65535)
+        except TimeoutError:
+            continue
+        except (ConnectionResetError, ssl.SSLError):
+            return None, True
+        if not chunk:
+            return None, True
+        buffer += chunk
+        while b"\r\n\r\n" in buffer:
+            head, _, rest = buffer.partition(b"\r\n\r\n")
+            length = re.search(rb"(?im)^(?:content-length|l)\s*:\s*(\d+)", head)
+            size = int(length.group(1)) if length else 0
+            if len(rest) < size:
+                break
+            buffer = rest[size:]
+            response = lenient_response(head + b"\r\n\r\n" + rest[:size])
+            if response.status >= 200:
+                return response, False
+    return None, False
