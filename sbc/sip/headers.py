@@ -396,7 +396,7 @@ def _needs_angle(uri: str) -> bool:
 
 
 _COLON_LWS = re.compile(r"[ \t]*:[ \t]*")
-_VIA_PROTOCOL = re.compile(r"\s*([^\s/]+)\s*/\s*([^\s/]+)\s*/\s*([^\s/;]+)\s+([^;]+?)\s*(?:;|$)")
+_VIA_PROTOCOL = re.compile(r"\s*([^\s/]+)\s*/\s*([^\s/]+)\s*/\s*([^\s/;]+)\s+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -415,7 +415,11 @@ class Via:
         m = _VIA_PROTOCOL.match(text)
         if m is None:
             raise _bad(f"bad Via: {text.strip()!r}")
-        protocol, version, transport, sent_by = m.groups()
+        protocol, version, transport = m.groups()
+        sent_by, semi, params_text = text[m.end() :].partition(";")
+        sent_by = sent_by.strip()
+        if not sent_by:
+            raise _bad(f"bad Via: {text.strip()!r}")
         if not (_TOKEN.fullmatch(protocol) and _TOKEN.fullmatch(version)):
             raise _bad(f"bad Via protocol: {text.strip()!r}")
         if not _TOKEN.fullmatch(transport):
@@ -424,10 +428,7 @@ class Via:
         if ":" in sent_by and (" " in sent_by or "\t" in sent_by):
             sent_by = _COLON_LWS.sub(":", sent_by)
         host, port = split_hostport(sent_by, "Via sent-by")
-        end = m.end()
-        params: Params = ()
-        if m.group(0).endswith(";"):
-            params = parse_params(text[end:], "Via")
+        params = parse_params(params_text, "Via") if semi else ()
         return cls(transport.upper(), host, port, params, protocol, version)
 
     def param(self, name: str) -> str | None:
@@ -466,7 +467,7 @@ class Via:
         )
 
 
-_CSEQ = re.compile(r"\s*(\d{1,20})\s+(\S+)\s*")
+_CSEQ = re.compile(r"\s*([0-9]{1,20})\s+(\S+)\s*")
 
 #: RFC 3261 8.1.1.5: the sequence number must fit in 32 bits.
 MAX_CSEQ: Final = 2**32 - 1

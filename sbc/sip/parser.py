@@ -40,8 +40,8 @@ from sbc.sip.message import KNOWN_METHODS, SIP_VERSION, Headers, Message, Reques
 from sbc.sip.uri import SipUri
 
 _TOKEN: Final = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
-_VERSION: Final = re.compile(r"SIP/\d+\.\d+", re.IGNORECASE)
-_STATUS: Final = re.compile(r"[1-6]\d\d")
+_VERSION: Final = re.compile(r"SIP/[0-9]+\.[0-9]+", re.IGNORECASE)
+_STATUS: Final = re.compile(r"[1-6][0-9][0-9]")
 _FOLD: Final = (" ", "\t")
 
 
@@ -159,8 +159,11 @@ def _parse_header_lines(lines: list[str]) -> list[tuple[str, str, str]]:
             # RFC 3261 7.3.1: a line starting with whitespace continues the field.
             if not pending:
                 raise ParseError("continuation line before any header")
-            value = f"{value} {line.strip()}" if value else line.strip()
-            if len(value) > MAX_LINE_LENGTH:
+            more = line.strip(" \t")
+            if more:
+                value = f"{value} {more}" if value else more
+            # The unfolded field goes out as one line: it must fit in one.
+            if len(name) + 2 + len(value) > MAX_LINE_LENGTH:
                 raise ParseError("header line too long", MAX_LINE_LENGTH_STATUS)
             continue
         if pending:
@@ -293,6 +296,7 @@ class StreamFramer:
     def __init__(self) -> None:
         self._buffer = bytearray()
         self._broken = False
+        self._empty_run = 0
 
     @property
     def broken(self) -> bool:
@@ -312,6 +316,31 @@ class StreamFramer:
                 break
             yield item
 
+    def _skip_empty_lines(self) -> StreamItem | None:
+        """Consume CR/LF before a start line; a CRLFCRLF among them is a ping.
+
+        The outcome does not depend on how the bytes were split into reads: only
+        the tail that may still become a ping is kept, and the run's length is
+        counted across reads.
+        """
+        buf = self._buffer
+        run = len(buf) - len(buf.lstrip(b"\r\n"))
+        ping = buf.find(b"\r\n\r\n", 0, run)
+        if ping != -1:
+            del buf[: ping + 4]
+            self._empty_run = 0
+            return Keepalive()
+        keep = 0
+        if run == len(buf):
+            keep = next(
+                k for k in (3, 2, 1, 0) if b"\r\n\r\n".startswith(bytes(buf[run - k : run]))
+            )
+        self._empty_run += run - keep
+        if self._empty_run > MAX_KEEPALIVE_RUN:
+            return self._fail(ParseError("endless run of empty lines"))
+        del buf[: run - keep]
+        return None
+
     def _fail(self, error: ParseError) -> FramingError:
         self._broken = True
         self._buffer.clear()
@@ -323,16 +352,10 @@ class StreamFramer:
         # RFC 5626 3.5.1: CRLFCRLF is a ping, a lone CRLF is a pong; RFC 3261 7.5
         # also says to ignore empty lines before a start line.
         if buf[:1] in (b"\r", b"\n"):
-            if buf.startswith(b"\r\n\r\n"):
-                del buf[:4]
-                return Keepalive()
-            run = len(buf) - len(buf.lstrip(b"\r\n"))
-            if run == len(buf) and b"\r\n\r\n".startswith(bytes(buf)):
-                return None  # the rest of a ping may still be on its way
-            if run > MAX_KEEPALIVE_RUN:
-                return self._fail(ParseError("endless run of empty lines"))
-            del buf[:run]
-            return None if not buf else self._next()
+            item = self._skip_empty_lines()
+            if item is not None or buf[:1] in (b"", b"\r", b"\n"):
+                return item
+        self._empty_run = 0
         head_end, body_start = _find_header_end(bytes(buf[: MAX_HEADER_SECTION + 4]))
         if head_end == -1:
             if len(buf) > MAX_HEADER_SECTION:
@@ -347,6 +370,11 @@ class StreamFramer:
         if isinstance(length, ParseError):
             return self._fail(_with_partial(length, head))
         end = body_start + length
+        if end > MAX_MESSAGE_SIZE:
+            error = ParseError(
+                f"message of {end} bytes exceeds {MAX_MESSAGE_SIZE}", MAX_MESSAGE_SIZE_STATUS
+            )
+            return self._fail(_with_partial(error, head))
         if len(buf) < end:
             return None
         frame = bytes(buf[:end])
@@ -370,9 +398,9 @@ def _with_partial(error: ParseError, head: bytes) -> ParseError:
     return error
 
 
-_CONTENT_LENGTH_LINE: Final = re.compile(
-    rb"(?im)^(?:content-length|l)[ \t]*:[ \t]*([^\r\n]*?)[ \t]*\r?$"
-)
+# The value is captured whole and stripped in Python: a lazy match followed by
+# optional whitespace backtracks quadratically on a value full of spaces.
+_CONTENT_LENGTH_LINE: Final = re.compile(rb"(?im)^(?:content-length|l)[ \t]*:([^\r\n]*)")
 
 
 def _content_length_of(head: bytes) -> int | ParseError:
@@ -382,7 +410,7 @@ def _content_length_of(head: bytes) -> int | ParseError:
         return ParseError("missing Content-Length on a stream transport")
     if len(values) > 1:
         return ParseError("more than one Content-Length header")
-    text = values[0]
+    text = values[0].strip(b" \t")
     if not text.isdigit() or len(text) > 10:
         return ParseError(f"bad Content-Length: {text.decode('ascii', 'replace')!r}")
     return int(text)

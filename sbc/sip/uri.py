@@ -21,7 +21,7 @@ _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*")
 # RFC 3261 25.1: hostname labels; '_' is tolerated because real networks use it.
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_\-]*[A-Za-z0-9_])?"
 _HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
-_IPV4 = re.compile(r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}")
+_IPV4 = re.compile(r"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}")
 _IPV6_CHARS = re.compile(r"[0-9A-Fa-f:.]+")
 # Characters allowed in user, password, params and headers: RFC 3261 unreserved,
 # escaped, and the per-part reserved sets (user-unreserved, param-unreserved,
