@@ -13,7 +13,7 @@ from typing import Final
 
 from sbc.sip.errors import ParseError
 from sbc.sip.limits import MAX_PARAMS, MAX_PARAMS_STATUS
-from sbc.sip.uri import Params, SipUri, Uri, parse_uri, split_hostport
+from sbc.sip.uri import Params, SipUri, Uri, parse_uri, plain_host_ok, split_hostport
 
 #: RFC 3261 7.3.3 compact forms, plus RFC 3265/3515/3841/4028 ones.
 COMPACT_FORMS: Final = {
@@ -222,8 +222,25 @@ def _split_semicolons(text: str) -> list[str]:
     return parts
 
 
+_TOKEN_CHARS = r"[A-Za-z0-9\-.!%*_+`'~]+"
+_VALUE_CHARS = r"[A-Za-z0-9\-.!%*_+`'~:\[\]]+"
+# The usual case in one regex: no whitespace, no quoted strings.
+_SIMPLE_PARAMS = re.compile(
+    rf"{_TOKEN_CHARS}(?:={_VALUE_CHARS})?(?:;{_TOKEN_CHARS}(?:={_VALUE_CHARS})?)*"
+)
+
+
 def parse_params(text: str, what: str) -> Params:
     """Parse ``;name[=value]`` pairs (the text after the first ';'), LWS tolerant."""
+    if _SIMPLE_PARAMS.fullmatch(text):
+        parts = text.split(";")
+        if len(parts) > MAX_PARAMS:
+            raise ParseError(f"too many parameters in {what}", MAX_PARAMS_STATUS)
+        out: list[tuple[str, str | None]] = []
+        for part in parts:
+            name, sep, value = part.partition("=")
+            out.append((name, value if sep else None))
+        return tuple(out)
     parts = _split_semicolons(text)
     if len(parts) > MAX_PARAMS:
         raise ParseError(f"too many parameters in {what}", MAX_PARAMS_STATUS)
@@ -306,6 +323,14 @@ def _end_of_quoted(text: str, start: int) -> int:
     raise _bad(f"unterminated quoted string: {text!r}")
 
 
+# The usual name-addr in one regex: an optional quoted display name, <URI> with no
+# spaces inside, simple parameters. Everything else takes the general parser.
+_FAST_ADDRESS = re.compile(
+    r'(?:("(?:[^"\\\r\n]|\\[^\r\n])*")[ \t]*)?<([^<>\s"]+)>'
+    rf"((?:;{_TOKEN_CHARS}(?:={_VALUE_CHARS})?)*)"
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Address:
     """A name-addr or addr-spec with header parameters (From, To, Contact, Route ...).
@@ -321,6 +346,10 @@ class Address:
 
     @classmethod
     def parse(cls, text: str, what: str = "address") -> Address:
+        fast = _FAST_ADDRESS.fullmatch(text)
+        if fast is not None:
+            quoted, uri, params = fast.groups()
+            return cls(parse_uri(uri), quoted, parse_params(params[1:], what) if params else ())
         text = text.strip()
         if not text:
             raise _bad(f"empty {what}")
@@ -395,6 +424,13 @@ def _needs_angle(uri: str) -> bool:
     return any(ch in uri for ch in ";,?")
 
 
+# The common Via in one regex: SIP/2.0, a host name or IPv4 address, simple
+# parameters. Everything else takes the general path below.
+_FAST_VIA = re.compile(
+    r"SIP/2\.0/([A-Za-z]+) "
+    r"([A-Za-z0-9_.\-]+)"
+    rf"(?::([0-9]{{1,5}}))?((?:;{_TOKEN_CHARS}(?:={_VALUE_CHARS})?)*)"
+)
 _COLON_LWS = re.compile(r"[ \t]*:[ \t]*")
 _VIA_PROTOCOL = re.compile(r"\s*([^\s/]+)\s*/\s*([^\s/]+)\s*/\s*([^\s/;]+)\s+")
 
@@ -412,6 +448,16 @@ class Via:
 
     @classmethod
     def parse(cls, text: str) -> Via:
+        fast = _FAST_VIA.fullmatch(text)
+        if fast is not None:
+            transport, host, port, params_text = fast.groups()
+            if (port is None or int(port) <= 65535) and plain_host_ok(host):
+                return cls(
+                    transport.upper(),
+                    host,
+                    None if port is None else int(port),
+                    parse_params(params_text[1:], "Via") if params_text else (),
+                )
         m = _VIA_PROTOCOL.match(text)
         if m is None:
             raise _bad(f"bad Via: {text.strip()!r}")

@@ -287,7 +287,7 @@ class Message:
         out = [self.start_line(), "\r\n"]
         body = self.body
         headers = self.headers
-        length = headers.get("Content-Length")
+        length = next((v for _, k, v in headers._fields if k == "content-length"), None)
         # RFC 3261 18.3 / 20.14: Content-Length always tells the truth on the way out.
         if length is None:
             headers.encode_into(out)

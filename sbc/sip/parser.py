@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from sbc.sip.errors import ParseError
-from sbc.sip.headers import Address, CSeq, Via, header_key, parse_uint
+from sbc.sip.headers import Address, CSeq, Via, header_key, parse_uint, split_list
 from sbc.sip.limits import (
     MAX_BODY_SIZE,
     MAX_BODY_SIZE_STATUS,
@@ -42,7 +42,7 @@ from sbc.sip.uri import SipUri
 _TOKEN: Final = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
 _VERSION: Final = re.compile(r"SIP/[0-9]+\.[0-9]+", re.IGNORECASE)
 _STATUS: Final = re.compile(r"[1-6][0-9][0-9]")
-_FOLD: Final = (" ", "\t")
+_FOLD: Final = ("", " ", "\t")
 
 
 def _find_header_end(data: bytes) -> tuple[int, int]:
@@ -81,13 +81,13 @@ def parse_message(data: bytes, *, stream: bool = False) -> Request | Response:
             MAX_HEADER_SECTION_STATUS,
         )
     text = data[:head_end].decode("utf-8", "surrogateescape")
-    lines = text.split("\n")
-    start = lines[0].removesuffix("\r")
+    start, _, header_text = text.partition("\n")
+    start = start.removesuffix("\r")
     is_response = start.startswith("SIP/")
     message: Request | Response | None = None
     try:
         message = _parse_start_line(start, is_response)
-        message.headers = Headers._from_parsed(_parse_header_lines(lines))
+        message.headers = Headers._from_parsed(_parse_header_lines(header_text))
         _validate(message, data, body_start, stream)
     except ParseError as exc:
         exc.is_response = is_response
@@ -97,7 +97,7 @@ def parse_message(data: bytes, *, stream: bool = False) -> Request | Response:
             partial = exc.partial if isinstance(exc.partial, Request) else message
             if isinstance(partial, Request) and not len(partial.headers):
                 with contextlib.suppress(ParseError):
-                    partial.headers = Headers._from_parsed(_parse_header_lines(lines))
+                    partial.headers = Headers._from_parsed(_parse_header_lines(header_text))
             exc.partial = partial
         raise
     return message
@@ -145,21 +145,61 @@ def _parse_start_line(line: str, is_response: bool) -> Request | Response:
     return request
 
 
-def _parse_header_lines(lines: list[str]) -> list[tuple[str, str, str]]:
+#: A header field line: name, optional whitespace, colon, the rest.
+_FIELD: Final = re.compile(r"([A-Za-z0-9\-.!%*_+`'~]+)[ \t]*:(.*)", re.DOTALL)
+#: Lookup keys of header names as written; bounded, since names come from peers.
+_KEYS: dict[str, str] = {}
+_MAX_KEYS: Final = 2048
+
+
+def _key(name: str) -> str:
+    key = _KEYS.get(name)
+    if key is None:
+        key = header_key(name)
+        if len(_KEYS) < _MAX_KEYS:
+            _KEYS[name] = key
+    return key
+
+
+_FIELD_LINES: Final = re.compile(r"(?m)^([A-Za-z0-9\-.!%*_+`'~]+)[ \t]*:(.*)$")
+
+
+def _parse_header_lines(text: str) -> list[tuple[str, str, str]]:
+    """The header fields, unfolded, as (name as written, lookup key, value)."""
+    # The usual message in two regex passes: no folded lines, no line too long,
+    # not too many fields, every line a field. Anything else (and every error
+    # message) comes from the line-by-line parser.
+    if "\n " not in text and "\n\t" not in text and text[:1] not in (" ", "\t", ""):
+        found = _FIELD_LINES.findall(text)
+        if (
+            len(found) <= MAX_HEADERS
+            and len(found) == text.count("\n") + 1
+            and (len(text) <= MAX_LINE_LENGTH or max(map(len, text.split("\n"))) <= MAX_LINE_LENGTH)
+        ):
+            keys = _KEYS
+            return [
+                (name, keys.get(name) or _key(name), value.strip(" \t\r")) for name, value in found
+            ]
+    return _parse_header_lines_slowly(text.split("\n"))
+
+
+def _parse_header_lines_slowly(lines: list[str]) -> list[tuple[str, str, str]]:
     fields: list[tuple[str, str, str]] = []
+    append = fields.append
+    match = _FIELD.fullmatch
     name = value = ""
     pending = False
-    for raw in lines[1:]:
-        line = raw[:-1] if raw.endswith("\r") else raw
-        if len(line) > MAX_LINE_LENGTH:
+    for line in lines:
+        if len(line) > MAX_LINE_LENGTH and len(line.rstrip("\r")) > MAX_LINE_LENGTH:
             raise ParseError("header line too long", MAX_LINE_LENGTH_STATUS)
-        if not line:
-            continue
-        if line[0] in _FOLD:
+        first = line[:1]
+        if first in _FOLD:
+            if not first:
+                continue
             # RFC 3261 7.3.1: a line starting with whitespace continues the field.
             if not pending:
                 raise ParseError("continuation line before any header")
-            more = line.strip(" \t")
+            more = line.strip(" \t\r")
             if more:
                 value = f"{value} {more}" if value else more
             # The unfolded field goes out as one line: it must fit in one.
@@ -167,67 +207,88 @@ def _parse_header_lines(lines: list[str]) -> list[tuple[str, str, str]]:
                 raise ParseError("header line too long", MAX_LINE_LENGTH_STATUS)
             continue
         if pending:
-            fields.append((name, header_key(name), value))
-        name, colon, rest = line.partition(":")
-        name = name.rstrip(" \t")
-        if not colon or not _TOKEN.fullmatch(name):
+            append((name, _key(name), value))
+        m = match(line)
+        if m is None:
+            if line == "\r":
+                pending = False
+                continue
             raise ParseError(f"malformed header line: {line[:64]!r}")
-        value = rest.strip(" \t")
+        name = m.group(1)
+        value = m.group(2).strip(" \t\r")
         pending = True
         if len(fields) >= MAX_HEADERS:
             raise ParseError(f"more than {MAX_HEADERS} header fields", MAX_HEADERS_STATUS)
     if pending:
-        fields.append((name, header_key(name), value))
+        append((name, _key(name), value))
     return fields
 
 
-def _single(message: Message, name: str, required: bool) -> str | None:
-    fields = message.headers.fields(name)
-    if len(fields) > 1:
-        # RFC 4475 3.3.8: several values in a single-value field -> 400.
-        raise ParseError(f"more than one {name} header")
-    if not fields:
-        if required:
-            raise ParseError(f"missing {name} header")
-        return None
-    return fields[0]
+def _values(fields: list[str], key: str) -> list[str]:
+    """The values of a list header's fields, split at commas (RFC 3261 7.3.1)."""
+    if len(fields) == 1 and "," not in fields[0]:
+        return fields
+    out: list[str] = []
+    for field in fields:
+        out.extend(split_list(field))
+    return out
 
 
 def _validate(message: Message, data: bytes, body_start: int, stream: bool) -> None:
     headers = message.headers
     cache = message._cache
     is_request = isinstance(message, Request)
+    # One pass over the fields by lookup key; the checks below read only this.
+    by_key: dict[str, list[str]] = {}
+    for _, key, value in headers._fields:
+        got = by_key.get(key)
+        if got is None:
+            by_key[key] = [value]
+        else:
+            got.append(value)
+    empty: list[str] = []
 
-    vias = [Via.parse(v) for v in headers.values("Via")]
+    def single(key: str, name: str, required: bool) -> str | None:
+        found = by_key.get(key)
+        if found is None:
+            if required:
+                raise ParseError(f"missing {name} header")
+            return None
+        if len(found) > 1:
+            # RFC 4475 3.3.8: several values in a single-value field -> 400.
+            raise ParseError(f"more than one {name} header")
+        return found[0]
+
+    vias = [Via.parse(v) for v in _values(by_key.get("via", empty), "via")]
     if not vias:
         raise ParseError("missing Via header")
     if len(vias) > MAX_VIA:
         raise ParseError(f"more than {MAX_VIA} Via values", MAX_VIA_STATUS)
     cache["vias"] = vias
 
-    for name in ("From", "To"):
-        value = _single(message, name, True)
-        assert value is not None
-        cache[name] = Address.parse(value, name)
+    for key, name in (("from", "From"), ("to", "To")):
+        address = single(key, name, True)
+        assert address is not None
+        cache[name] = Address.parse(address, name)
 
     # Headers that carry addresses the core acts on are validated up front, so a
     # bad Contact (RFC 4475 3.1.2.13) is refused before anything relies on it.
-    contacts = headers.values("Contact")
-    if len(contacts) > MAX_LIST_VALUES:
-        raise ParseError("too many Contact values", MAX_LIST_VALUES_STATUS)
-    cache["Contact"] = [Address.parse(v, "Contact") for v in contacts if v != "*"]
-    for name in ("Route", "Record-Route"):
-        values = headers.values(name)
+    for key, name in (("contact", "Contact"), ("route", "Route"), ("record-route", "Record-Route")):
+        found = by_key.get(key)
+        if found is None:
+            continue
+        values = _values(found, key)
         if len(values) > MAX_LIST_VALUES:
             raise ParseError(f"too many {name} values", MAX_LIST_VALUES_STATUS)
-        for value in values:
-            Address.parse(value, name)
+        parsed = [Address.parse(v, name) for v in values if v != "*" or key != "contact"]
+        if key == "contact":
+            cache["Contact"] = parsed
 
-    call_id = _single(message, "Call-ID", True)
+    call_id = single("call-id", "Call-ID", True)
     if not call_id or any(ch in call_id for ch in " \t"):
         raise ParseError(f"bad Call-ID: {call_id!r}")
 
-    cseq_text = _single(message, "CSeq", True)
+    cseq_text = single("cseq", "CSeq", True)
     assert cseq_text is not None
     cseq = CSeq.parse(cseq_text)
     cache["CSeq"] = cseq
@@ -241,11 +302,11 @@ def _validate(message: Message, data: bytes, body_start: int, stream: bool) -> N
                 f"CSeq method {cseq.method!r} does not match request method {method!r}",
                 status,
             )
-        max_forwards = _single(message, "Max-Forwards", False)
+        max_forwards = single("max-forwards", "Max-Forwards", False)
         if max_forwards is not None:
             parse_uint(max_forwards, "Max-Forwards", 255)
 
-    length_text = _single(message, "Content-Length", False)
+    length_text = single("content-length", "Content-Length", False)
     available = len(data) - body_start
     if length_text is None:
         if stream:
