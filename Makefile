@@ -5,7 +5,10 @@ SHELL := /bin/bash
 PYTHON ?= /usr/bin/python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := python3-venv python3-dev gcc make openssl ca-certificates procps
+# Scenario tests use real peers and kernel features: nftables (media fast path,
+# firewall), SIPp and sipvicious as SIP peers, iproute2 for network namespaces.
+APT_PACKAGES := python3-venv python3-dev gcc make openssl ca-certificates procps \
+	iproute2 nftables libnftables1 sip-tester sipvicious
 APT_GET := DEBIAN_FRONTEND=noninteractive apt-get -y -q -o DPkg::Lock::Timeout=300
 STAMP := $(VENV)/.installed
 FUZZ_SECONDS ?= 300
@@ -40,11 +43,11 @@ run: deps
 
 # Fast unit tests first, then scenario tests against real sockets and processes.
 test: deps
-	$(BIN)/python -m pytest -q -m "not slow" tests/unit
+	$(BIN)/python -m pytest -q -m "not slow and not image" tests/unit tests/image
 	$(BIN)/python -m pytest -q -m "not slow" tests/scenario
 
 test-fast: deps
-	$(BIN)/python -m pytest -q -m "not slow" tests/unit
+	$(BIN)/python -m pytest -q -m "not slow and not image" tests/unit tests/image
 
 test-slow: deps
 	$(BIN)/python -m pytest -q -m slow tests
@@ -59,6 +62,8 @@ fuzz: deps
 
 bench: deps
 	$(BIN)/python tests/bench/sip_parse.py
+
+include mk/image.mk
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info

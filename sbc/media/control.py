@@ -1,0 +1,92 @@
+"""The interface the B2BUA drives the media relay through.
+
+A `typing.Protocol`, so the relay can move to its own process later behind the same
+calls; `sbc.media.relay.MediaRelay` is the in-process implementation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from sbc.media.session import MediaSession, Side, StreamOffer
+from sbc.media.values import Endpoint
+
+
+class MediaError(RuntimeError):
+    """A request the relay cannot satisfy; the message says why."""
+
+
+class UnknownSession(MediaError, KeyError):
+    """No relay session with that id (deleted, or never allocated)."""
+
+    def __str__(self) -> str:
+        return f"no media session {self.args[0]!r}"
+
+
+@dataclass(frozen=True)
+class MediaTimeout:
+    """No accepted packet on any stream of the session for ``idle`` seconds."""
+
+    session_id: str
+    call_id: str
+    idle: float
+    on_hold: bool
+
+
+@dataclass(frozen=True)
+class SourceLatched:
+    """A side's real media source was learnt (or re-learnt, ``relatched``)."""
+
+    session_id: str
+    stream: int
+    side: Side
+    rtcp: bool
+    source: Endpoint
+    relatched: bool = False
+
+
+@dataclass(frozen=True)
+class KernelPathEngaged:
+    """RTP of a stream now goes through kernel rules."""
+
+    session_id: str
+    stream: int
+
+
+MediaEvent = MediaTimeout | SourceLatched | KernelPathEngaged
+
+
+class MediaControl(Protocol):
+    """Allocate, update, delete relay sessions; read their stats and events."""
+
+    async def allocate(self, call_id: str, streams: Sequence[StreamOffer]) -> MediaSession:
+        """A new session with ports on each side's realm address for each stream.
+
+        The session's ``streams[i].a.local`` / ``.b.local`` are what the SDP sent to
+        each side must carry. Raises MediaError (unknown realm, no address of that
+        family, ports exhausted).
+        """
+        ...
+
+    async def update(self, session_id: str, streams: Sequence[StreamOffer]) -> MediaSession:
+        """Apply a new offer/answer (re-INVITE, the answer to the first INVITE).
+
+        A changed remote hint on a side forgets what was latched there; a direction
+        other than sendrecv switches the session to the hold timeout; extra streams
+        get ports.
+        """
+        ...
+
+    async def delete(self, session_id: str) -> MediaSession:
+        """End the session: kernel rules out, ports to quarantine; its final state."""
+        ...
+
+    async def stats(self, session_id: str) -> MediaSession:
+        """The session with up-to-date counters and RTCP quality."""
+        ...
+
+    def events(self) -> AsyncIterator[MediaEvent]:
+        """Events of all sessions, in order (one consumer)."""
+        ...

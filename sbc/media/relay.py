@@ -1,0 +1,712 @@
+"""The in-process media relay: userspace path (asyncio) plus the kernel fast path.
+
+Every port pair is bound in user space. The first packets of each side are relayed
+here, which is how sources are latched; once both sides of a stream are latched, and
+both are of the same address family, the stream's RTP is handed to stateless
+nftables rules (`sbc.media.kernel`) and user space only sees RTCP and strays (packets
+from other sources, dropped and counted). Without nftables or CAP_NET_ADMIN the relay
+says so once and keeps everything in user space.
+
+Run it on uvloop when installed (`new_event_loop()` picks it); it works on plain
+asyncio too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+from sbc.media.config import MediaConfig
+from sbc.media.control import (
+    KernelPathEngaged,
+    MediaError,
+    MediaEvent,
+    MediaTimeout,
+    SourceLatched,
+    UnknownSession,
+)
+from sbc.media.kernel import KernelForward, KernelMediaTable, KernelPathUnavailable
+from sbc.media.latching import Latch, LatchPolicy, LatchVerdict
+from sbc.media.ports import PortAllocator, PortPair, PortsExhausted
+from sbc.media.rtcp import RtcpError, RtcpMonitor, parse_compound
+from sbc.media.rtp import is_rtcp, packet_ssrc
+from sbc.media.session import (
+    LegCounters,
+    LegOffer,
+    LegState,
+    MediaSession,
+    MediaStream,
+    Side,
+    StreamOffer,
+)
+from sbc.media.srtp import SdesCrypto, SrtpAuthError, SrtpTransform
+from sbc.media.timeout import InactivityTimer
+from sbc.media.values import Endpoint
+
+logger = logging.getLogger(__name__)
+
+#: Attempts at binding a pair before giving up (ports busy on the host).
+BIND_ATTEMPTS = 16
+#: Events kept for a slow consumer before the oldest are dropped.
+MAX_PENDING_EVENTS = 10_000
+
+T = TypeVar("T")
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A uvloop loop when uvloop is installed, else the default asyncio loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+class _Port(asyncio.DatagramProtocol):
+    def __init__(self, relay: MediaRelay, leg: _Leg, rtcp_port: bool) -> None:
+        self.relay, self.leg, self.rtcp_port = relay, leg, rtcp_port
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self.relay._packet(self.leg, self.rtcp_port, data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable from a peer that is gone: the timeout will tell.
+        logger.debug("x %s: %s", self.leg.state.local, exc)
+
+
+@dataclass(eq=False)
+class _Leg:
+    """Runtime of one side: frozen state plus hot, mutable counters and sockets."""
+
+    stream: _Stream
+    side: Side
+    state: LegState
+    pair: PortPair
+    rtp: asyncio.DatagramTransport | None = None
+    rtcp: asyncio.DatagramTransport | None = None
+    monitor: RtcpMonitor = field(default_factory=RtcpMonitor)
+    packets: int = 0
+    bytes: int = 0
+    rtcp_packets: int = 0
+    rtcp_bytes: int = 0
+    kernel_packets: int = 0
+    kernel_bytes: int = 0
+    dropped_source: int = 0
+    dropped_other: int = 0
+    dropped_auth: int = 0
+    #: SRTP: unprotects what the peer sends / protects what the relay sends it.
+    inbound: SrtpTransform | None = None
+    outbound: SrtpTransform | None = None
+
+    def set_keys(self) -> None:
+        """(Re)build the SRTP transforms from the state's keys."""
+        remote, local = self.state.remote_crypto, self.state.local_crypto
+        self.inbound = None if remote is None else SrtpTransform(remote, outbound=False)
+        self.outbound = None if local is None else SrtpTransform(local, outbound=True)
+
+    def load_counters(self, counters: LegCounters) -> None:
+        for name in LegCounters.__dataclass_fields__:
+            setattr(self, name, getattr(counters, name))
+
+    def snapshot(self) -> LegState:
+        counters = LegCounters(
+            **{name: getattr(self, name) for name in LegCounters.__dataclass_fields__}
+        )
+        return replace(self.state, counters=counters, quality=self.monitor.quality)
+
+    def close(self) -> None:
+        for transport in (self.rtp, self.rtcp):
+            if transport is not None:
+                transport.close()
+        self.rtp = self.rtcp = None
+
+
+@dataclass(eq=False)
+class _Stream:
+    session: _Session
+    index: int
+    legs: dict[Side, _Leg] = field(default_factory=dict)
+    kernel: bool = False
+    #: A kernel install is in flight.
+    engaging: bool = False
+
+    def forward_name(self, source: Side) -> str:
+        return f"media_{self.session.session_id}_{self.index}_{source.value}"
+
+    def forwards(self) -> list[KernelForward]:
+        result = []
+        for side in Side:
+            leg, other = self.legs[side].state, self.legs[side.other].state
+            assert leg.rtp_latch.source is not None and other.rtp_latch.source is not None
+            result.append(
+                KernelForward(
+                    name=self.forward_name(side),
+                    source=leg.rtp_latch.source,
+                    local_in=leg.local,
+                    local_out=other.local,
+                    destination=other.rtp_latch.source,
+                    spare_rtcp=leg.rtcp_mux,
+                )
+            )
+        return result
+
+    def kernel_eligible(self) -> bool:
+        a, b = self.legs[Side.A].state, self.legs[Side.B].state
+        return (
+            not a.srtp
+            and not b.srtp
+            and a.rtp_latch.latched
+            and b.rtp_latch.latched
+            and a.local.family == b.local.family
+            and a.rtp_latch.source is not None
+            and b.rtp_latch.source is not None
+            and a.rtp_latch.source.family == b.rtp_latch.source.family == a.local.family
+        )
+
+    def snapshot(self) -> MediaStream:
+        return MediaStream(
+            self.index,
+            self.legs[Side.A].snapshot(),
+            self.legs[Side.B].snapshot(),
+            kernel=self.kernel,
+        )
+
+
+@dataclass(eq=False)
+class _Session:
+    session_id: str
+    call_id: str
+    created: float
+    timer: InactivityTimer
+    streams: list[_Stream] = field(default_factory=list)
+    deleted: bool = False
+
+    @property
+    def on_hold(self) -> bool:
+        return any(leg.state.direction.on_hold for s in self.streams for leg in s.legs.values())
+
+    def snapshot(self) -> MediaSession:
+        return MediaSession(
+            self.session_id,
+            self.call_id,
+            tuple(s.snapshot() for s in self.streams),
+            self.created,
+        )
+
+
+class MediaRelay:
+    """`MediaControl` in this process. ``await start()`` before use, ``close()`` after."""
+
+    def __init__(
+        self,
+        config: MediaConfig,
+        *,
+        kernel_factory: Callable[[], KernelMediaTable] = KernelMediaTable,
+    ) -> None:
+        self.config = config
+        self._policy = LatchPolicy(config.strict_source, config.relatch_on_new_ssrc)
+        self._ports = PortAllocator(
+            config.port_min,
+            config.port_max,
+            config.port_quarantine,
+            rng=None if config.port_seed is None else random.Random(config.port_seed),
+        )
+        self._kernel_factory = kernel_factory
+        self._kernel: KernelMediaTable | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._sessions: dict[str, _Session] = {}
+        self._events: asyncio.Queue[MediaEvent] = asyncio.Queue()
+        self._poller: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: Why the kernel path is off (None while it is on).
+        self.kernel_unavailable: str | None = "not started"
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the kernel path (clearing stale media rules of a previous run)."""
+        self._loop = asyncio.get_running_loop()
+        if self.config.kernel_path:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="sbc-media-nft")
+            try:
+                kernel = await self._nft(self._kernel_factory)
+                removed = await self._nft(kernel.remove_all_media_objects)
+                await self._nft(kernel.open)
+            except KernelPathUnavailable as exc:
+                self._disable_kernel(str(exc))
+            else:
+                self._kernel = kernel
+                self.kernel_unavailable = None
+                logger.info("- kernel fast path on (%d stale media objects removed)", removed)
+        else:
+            self._disable_kernel("disabled by configuration")
+        self._poller = asyncio.create_task(self._poll(), name="sbc-media-poll")
+
+    def _disable_kernel(self, reason: str) -> None:
+        if self._kernel is None and self.kernel_unavailable not in (None, "not started"):
+            return
+        self._kernel = None
+        self.kernel_unavailable = reason
+        # Once, at start or on the first failure: the relay goes on in user space.
+        logger.warning("x kernel fast path unavailable (%s): relaying media in user space", reason)
+
+    async def close(self) -> None:
+        """Delete every session (rules out, sockets closed) and stop."""
+        for session_id in list(self._sessions):
+            await self.delete(session_id)
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+            self._poller = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    async def __aenter__(self) -> MediaRelay:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def kernel_enabled(self) -> bool:
+        return self._kernel is not None
+
+    async def _nft(self, call: Callable[..., T], *args: Any) -> T:
+        assert self._executor is not None
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call, *args)
+
+    # -- MediaControl ----------------------------------------------------------------
+
+    async def allocate(self, call_id: str, streams: Sequence[StreamOffer]) -> MediaSession:
+        now = self._now()
+        session = _Session(
+            session_id=secrets.token_hex(6),
+            call_id=call_id,
+            created=time.time(),
+            timer=InactivityTimer(self.config.media_timeout, self.config.hold_timeout, now),
+        )
+        try:
+            for offer in streams:
+                await self._add_stream(session, offer)
+        except BaseException:
+            self._teardown_sockets(session)
+            raise
+        self._sessions[session.session_id] = session
+        logger.info(
+            "- session %s call %s: %s",
+            session.session_id,
+            call_id,
+            ", ".join(
+                f"{s.legs[Side.A].state.local}<->{s.legs[Side.B].state.local}"
+                for s in session.streams
+            ),
+        )
+        return session.snapshot()
+
+    async def update(self, session_id: str, streams: Sequence[StreamOffer]) -> MediaSession:
+        session = self._session(session_id)
+        unlatch: list[_Stream] = []
+        for index, offer in enumerate(streams):
+            if index >= len(session.streams):
+                await self._add_stream(session, offer)
+                continue
+            stream = session.streams[index]
+            was_mux = {side: stream.legs[side].state.rtcp_mux for side in Side}
+            for side, leg_offer in ((Side.A, offer.a), (Side.B, offer.b)):
+                leg = stream.legs[side]
+                if leg_offer.realm != leg.state.realm or leg_offer.family != leg.state.local.family:
+                    raise MediaError(
+                        f"stream {index} side {side.value}: realm/family cannot change "
+                        f"({leg.state.realm}/IPv{leg.state.local.family} -> "
+                        f"{leg_offer.realm}/IPv{leg_offer.family})"
+                    )
+                if (leg_offer.srtp is None) != (leg.state.local_crypto is None):
+                    raise MediaError(
+                        f"stream {index} side {side.value}: RTP/SRTP cannot change in a re-offer"
+                    )
+                state = replace(
+                    leg.state,
+                    rtcp_mux=leg_offer.rtcp_mux,
+                    direction=leg_offer.direction,
+                    remote_crypto=leg_offer.crypto or leg.state.remote_crypto,
+                )
+                rekey = state.remote_crypto != leg.state.remote_crypto
+                if (
+                    leg_offer.remote is not None
+                    and leg.state.remote_hint is not None
+                    and leg_offer.remote != leg.state.remote_hint
+                ):
+                    # The peer moved (new c=/m= in a re-INVITE): learn its source again.
+                    state = replace(state, rtp_latch=Latch(), rtcp_latch=Latch())
+                    if stream not in unlatch:
+                        unlatch.append(stream)
+                leg.state = replace(state, remote_hint=leg_offer.remote or state.remote_hint)
+                if rekey:
+                    leg.set_keys()
+            if stream not in unlatch and any(
+                stream.legs[side].state.rtcp_mux != was_mux[side] for side in Side
+            ):
+                # The kernel rules spare RTCP only where rtcp-mux is on: render again.
+                unlatch.append(stream)
+        for stream in unlatch:
+            await self._rehome(stream)
+        # Any change of direction may shorten or lengthen the deadline; count it as
+        # activity so a re-INVITE itself does not trip a timeout.
+        session.timer.activity(self._now())
+        return session.snapshot()
+
+    async def delete(self, session_id: str) -> MediaSession:
+        session = self._sessions.pop(session_id, None)
+        if session is None:
+            raise UnknownSession(session_id)
+        session.deleted = True
+        await self._refresh_kernel_counters()
+        final = session.snapshot()
+        names = [s.forward_name(side) for s in session.streams if s.kernel for side in Side]
+        if names and self._kernel is not None:
+            try:
+                await self._nft(self._kernel.remove, names)
+            except KernelPathUnavailable as exc:
+                logger.error("x session %s: kernel rules not removed: %s", session_id, exc)
+        self._teardown_sockets(session)
+        logger.info("- session %s deleted", session_id)
+        return final
+
+    async def stats(self, session_id: str) -> MediaSession:
+        session = self._session(session_id)
+        if any(s.kernel for s in session.streams):
+            await self._refresh_kernel_counters()
+        return session.snapshot()
+
+    async def events(self) -> AsyncIterator[MediaEvent]:
+        while True:
+            yield await self._events.get()
+
+    async def next_event(self, timeout: float | None = None) -> MediaEvent:
+        """The next event (convenience for tests and simple consumers)."""
+        return await asyncio.wait_for(self._events.get(), timeout)
+
+    def sessions(self) -> tuple[str, ...]:
+        return tuple(self._sessions)
+
+    async def restore(self, state: MediaSession) -> MediaSession:
+        """Rebuild a session replicated from the peer node (HA takeover).
+
+        The same ports are bound again and, for streams that were in the kernel path,
+        the same rules are installed at once: media flows without re-latching.
+        """
+        if state.session_id in self._sessions:
+            raise MediaError(f"media session {state.session_id} exists already")
+        session = _Session(
+            session_id=state.session_id,
+            call_id=state.call_id,
+            created=state.created,
+            timer=InactivityTimer(self.config.media_timeout, self.config.hold_timeout, self._now()),
+        )
+        try:
+            for stream_state in state.streams:
+                stream = _Stream(session, stream_state.index)
+                for side in Side:
+                    leg_state = stream_state.leg(side)
+                    pair = PortPair(leg_state.local.address, leg_state.local.port)
+                    self._ports.reserve(pair)
+                    leg = _Leg(stream, side, leg_state, pair)
+                    leg.load_counters(leg_state.counters)
+                    leg.monitor.quality = leg_state.quality
+                    leg.set_keys()
+                    # The kernel counters restart at zero on this node.
+                    leg.kernel_packets = leg.kernel_bytes = 0
+                    stream.legs[side] = leg
+                    await self._bind(leg)
+                session.streams.append(stream)
+        except BaseException:
+            self._teardown_sockets(session)
+            raise
+        self._sessions[session.session_id] = session
+        for stream, stream_state in zip(session.streams, state.streams, strict=True):
+            stream_state_counters = {s: stream_state.leg(s).counters for s in Side}
+            for side in Side:
+                # Kernel figures of the old node become userspace-invisible history:
+                # keep them in the totals by folding them into the user counters.
+                leg = stream.legs[side]
+                leg.packets += stream_state_counters[side].kernel_packets
+                leg.bytes += stream_state_counters[side].kernel_bytes
+            if stream_state.kernel and stream.kernel_eligible():
+                await self._engage(stream)
+        logger.info("- session %s restored", session.session_id)
+        return session.snapshot()
+
+    # -- internals -------------------------------------------------------------------
+
+    def _now(self) -> float:
+        loop = self._loop or asyncio.get_running_loop()
+        return loop.time()
+
+    def _session(self, session_id: str) -> _Session:
+        try:
+            return self._sessions[session_id]
+        except KeyError:
+            raise UnknownSession(session_id) from None
+
+    def _emit(self, event: MediaEvent) -> None:
+        if self._events.qsize() >= MAX_PENDING_EVENTS:
+            self._events.get_nowait()
+            logger.warning("x media event queue full: oldest event dropped")
+        self._events.put_nowait(event)
+
+    async def _add_stream(self, session: _Session, offer: StreamOffer) -> None:
+        stream = _Stream(session, len(session.streams))
+        session.streams.append(stream)
+        for side, leg_offer in ((Side.A, offer.a), (Side.B, offer.b)):
+            stream.legs[side] = await self._new_leg(stream, side, leg_offer)
+
+    async def _new_leg(self, stream: _Stream, side: Side, offer: LegOffer) -> _Leg:
+        try:
+            realm = self.config.realm(offer.realm)
+        except KeyError:
+            raise MediaError(f"unknown media realm {offer.realm!r}") from None
+        address = realm.address(offer.family)
+        if address is None:
+            raise MediaError(f"realm {offer.realm!r} has no IPv{offer.family} media address")
+        for _ in range(BIND_ATTEMPTS):
+            try:
+                pair = self._ports.allocate(address, self._now())
+            except PortsExhausted as exc:
+                raise MediaError(str(exc)) from exc
+            state = LegState(
+                realm=offer.realm,
+                local=Endpoint(address, pair.rtp),
+                remote_hint=offer.remote,
+                rtcp_mux=offer.rtcp_mux,
+                direction=offer.direction,
+                local_crypto=None if offer.srtp is None else SdesCrypto.generate(offer.srtp),
+                remote_crypto=offer.crypto,
+            )
+            leg = _Leg(stream, side, state, pair)
+            leg.set_keys()
+            try:
+                await self._bind(leg)
+            except OSError as exc:
+                logger.warning("x port pair %s:%d busy (%s)", address, pair.rtp, exc)
+                self._ports.skip(pair)
+                continue
+            return leg
+        raise MediaError(f"no bindable port pair on {address} after {BIND_ATTEMPTS} attempts")
+
+    async def _bind(self, leg: _Leg) -> None:
+        loop = asyncio.get_running_loop()
+        host = str(leg.state.local.address)
+        try:
+            leg.rtp, _ = await loop.create_datagram_endpoint(
+                lambda: _Port(self, leg, False), local_addr=(host, leg.state.local.port)
+            )
+            leg.rtcp, _ = await loop.create_datagram_endpoint(
+                lambda: _Port(self, leg, True), local_addr=(host, leg.state.local.port + 1)
+            )
+        except OSError:
+            leg.close()
+            raise
+
+    def _teardown_sockets(self, session: _Session) -> None:
+        now = self._now() if self._loop is not None else 0.0
+        for stream in session.streams:
+            for leg in stream.legs.values():
+                leg.close()
+                with contextlib.suppress(ValueError):
+                    self._ports.release(leg.pair, now)
+
+    def _packet(self, leg: _Leg, rtcp_port: bool, data: bytes, addr: tuple[Any, ...]) -> None:
+        """One datagram on a leg's port: latch, count, relay to the other side."""
+        stream = leg.stream
+        session = stream.session
+        if session.deleted:
+            return
+        state = leg.state
+        control = rtcp_port or (state.rtcp_mux and is_rtcp(data))
+        if rtcp_port and state.rtcp_mux:
+            leg.dropped_other += 1  # nothing is expected on the RTCP port with rtcp-mux
+            return
+        source = Endpoint.from_sockaddr(addr)
+        if state.srtp:
+            # Authenticate before latching: a forged packet must not win the latch.
+            if leg.inbound is None:
+                leg.dropped_other += 1  # the peer's key is not known yet
+                return
+            try:
+                data = leg.inbound.unprotect(data, control)
+            except SrtpAuthError:
+                leg.dropped_auth += 1
+                return
+        ssrc = packet_ssrc(data)
+        if ssrc is None:
+            leg.dropped_other += 1
+            return
+        on_rtcp_latch = rtcp_port
+        latch = state.rtcp_latch if on_rtcp_latch else state.rtp_latch
+        new_latch, verdict = latch.on_packet(source, ssrc, self._policy)
+        if verdict is LatchVerdict.DROP:
+            leg.dropped_source += 1
+            return
+        if new_latch is not latch:
+            leg.state = (
+                replace(state, rtcp_latch=new_latch)
+                if on_rtcp_latch
+                else replace(state, rtp_latch=new_latch)
+            )
+        if verdict in (LatchVerdict.LATCHED, LatchVerdict.RELATCHED):
+            relatched = verdict is LatchVerdict.RELATCHED
+            logger.info(
+                "- session %s stream %d side %s %s %s %s",
+                session.session_id,
+                stream.index,
+                leg.side.value,
+                "RTCP" if on_rtcp_latch else "RTP",
+                "re-latched to" if relatched else "latched to",
+                source,
+            )
+            self._emit(
+                SourceLatched(
+                    session.session_id, stream.index, leg.side, on_rtcp_latch, source, relatched
+                )
+            )
+        now = self._now()
+        session.timer.activity(now)
+        other = stream.legs[leg.side.other]
+        if control:
+            destination = other.state.rtcp_destination
+            transport = other.rtp if other.state.rtcp_mux else other.rtcp
+        else:
+            destination = other.state.rtp_destination
+            transport = other.rtp
+        if destination is None or transport is None:
+            leg.dropped_other += 1
+            return
+        if control:
+            leg.rtcp_packets += 1
+            leg.rtcp_bytes += len(data)
+            try:
+                packets = parse_compound(data)
+            except RtcpError as exc:
+                logger.debug("x session %s: RTCP not parsed: %s", session.session_id, exc)
+            else:
+                leg.monitor.received(packets, now)
+                other.monitor.sender_report_forwarded(packets, now)
+        else:
+            leg.packets += 1
+            leg.bytes += len(data)
+        if other.outbound is not None:
+            data = other.outbound.protect(data, control)
+        transport.sendto(data, destination.sockaddr())
+        if (
+            verdict in (LatchVerdict.LATCHED, LatchVerdict.RELATCHED)
+            and not on_rtcp_latch
+            and self._kernel is not None
+        ):
+            if stream.kernel:
+                asyncio.get_running_loop().create_task(self._rehome(stream))
+            elif stream.kernel_eligible() and not stream.engaging:
+                asyncio.get_running_loop().create_task(self._engage(stream))
+
+    async def _engage(self, stream: _Stream) -> None:
+        """Put a stream's RTP in the kernel path."""
+        if self._kernel is None or stream.kernel or stream.engaging:
+            return
+        stream.engaging = True
+        forwards = stream.forwards()
+        try:
+            await self._nft(self._kernel.install, forwards)
+        except KernelPathUnavailable as exc:
+            logger.warning(
+                "x session %s stream %d stays in user space: %s",
+                stream.session.session_id,
+                stream.index,
+                exc,
+            )
+            return
+        finally:
+            stream.engaging = False
+        if stream.session.deleted and self._kernel is not None:
+            await self._nft(self._kernel.remove, [f.name for f in forwards])
+            return
+        stream.kernel = True
+        logger.info(
+            "- session %s stream %d: RTP in the kernel path (%s)",
+            stream.session.session_id,
+            stream.index,
+            "; ".join(
+                f"{f.source}->{f.local_in}=>{f.local_out}->{f.destination}" for f in forwards
+            ),
+        )
+        self._emit(KernelPathEngaged(stream.session.session_id, stream.index))
+
+    async def _disengage(self, stream: _Stream) -> None:
+        """Back to user space (a side must be latched again)."""
+        if self._kernel is None or not stream.kernel:
+            return
+        await self._refresh_kernel_counters()
+        await self._nft(self._kernel.remove, [stream.forward_name(s) for s in Side])
+        stream.kernel = False
+
+    async def _rehome(self, stream: _Stream) -> None:
+        """A side re-latched while in the kernel path: rules for the new source."""
+        await self._disengage(stream)
+        if stream.kernel_eligible() and not stream.session.deleted:
+            await self._engage(stream)
+
+    async def _refresh_kernel_counters(self) -> None:
+        if self._kernel is None or not any(
+            s.kernel for session in self._sessions.values() for s in session.streams
+        ):
+            return
+        try:
+            counters = await self._nft(self._kernel.counters)
+        except KernelPathUnavailable as exc:
+            logger.error("x kernel counters not read: %s", exc)
+            return
+        now = self._now()
+        for session in self._sessions.values():
+            for stream in session.streams:
+                if not stream.kernel:
+                    continue
+                for side in Side:
+                    counter = counters.get(stream.forward_name(side))
+                    if counter is None:
+                        continue
+                    leg = stream.legs[side]
+                    if counter.packets > leg.kernel_packets:
+                        session.timer.activity(now)
+                    leg.kernel_packets, leg.kernel_bytes = counter.packets, counter.bytes
+
+    async def _poll(self) -> None:
+        """Read kernel counters and check media timeouts every poll interval."""
+        while True:
+            await asyncio.sleep(self.config.poll_interval)
+            try:
+                await self._refresh_kernel_counters()
+                now = self._now()
+                for session in list(self._sessions.values()):
+                    on_hold = session.on_hold
+                    idle = session.timer.check(now, on_hold)
+                    if idle is not None:
+                        logger.info(
+                            "- session %s: media timeout after %.1f s%s",
+                            session.session_id,
+                            idle,
+                            " (on hold)" if on_hold else "",
+                        )
+                        self._emit(MediaTimeout(session.session_id, session.call_id, idle, on_hold))
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the poller must survive one bad round
+                logger.exception("x media poll failed")

@@ -1,0 +1,59 @@
+"""Small shared value types of the media relay."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from ipaddress import ip_address
+from typing import Any
+
+from sbc.media.config import IPAddress
+
+
+@dataclass(frozen=True, order=True)
+class Endpoint:
+    """A UDP transport address."""
+
+    address: IPAddress
+    port: int
+
+    @property
+    def family(self) -> int:
+        return self.address.version
+
+    def __str__(self) -> str:
+        if self.address.version == 6:
+            return f"[{self.address}]:{self.port}"
+        return f"{self.address}:{self.port}"
+
+    @classmethod
+    def of(cls, address: str | IPAddress, port: int) -> Endpoint:
+        return cls(ip_address(address) if isinstance(address, str) else address, port)
+
+    @classmethod
+    def from_sockaddr(cls, sockaddr: tuple[Any, ...]) -> Endpoint:
+        """From an asyncio/socket address tuple (IPv6 scope and flow info ignored)."""
+        return cls(ip_address(sockaddr[0]), int(sockaddr[1]))
+
+    def sockaddr(self) -> tuple[str, int]:
+        return (str(self.address), self.port)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"address": str(self.address), "port": self.port}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Endpoint:
+        return cls(ip_address(data["address"]), int(data["port"]))
+
+
+class Direction(enum.Enum):
+    """SDP direction attribute of a leg's media (RFC 3264 5.1)."""
+
+    SENDRECV = "sendrecv"
+    SENDONLY = "sendonly"
+    RECVONLY = "recvonly"
+    INACTIVE = "inactive"
+
+    @property
+    def on_hold(self) -> bool:
+        return self is not Direction.SENDRECV
