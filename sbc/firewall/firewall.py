@@ -1,0 +1,153 @@
+"""The firewall at run time: installs the ruleset, feeds bans, opens pinholes.
+
+This is the I/O shell around the pure parts (`ruleset`, `detectors`): it reads the
+table, renders, checks (`nft -c` through libnftables' dry run), applies in one
+transaction, and on stop persists the blacklist and removes its own objects.
+Calls block on netlink (~1 ms for a ban, ~150 ms for a full apply); an asyncio
+caller runs `start`/`reload`/`stop` in an executor.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from sbc.firewall.bans import Ban, BlacklistStore
+from sbc.firewall.blacklist import Blacklist
+from sbc.firewall.config import FirewallConfig
+from sbc.firewall.detectors import BanReason, Event, Guard
+from sbc.firewall.nft import CounterValue, Kernel, NftBackend
+from sbc.firewall.ruleset import (
+    SET_PINHOLES,
+    TABLE,
+    TableInventory,
+    is_owned,
+    render_apply,
+    render_teardown,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FirewallStats:
+    """Kernel counters (packets/bytes per named counter) and userspace decisions."""
+
+    counters: dict[str, CounterValue]
+    decisions: dict[BanReason, int]
+    trusted_events: int
+
+
+class Firewall:
+    """Table `inet sbc`'s firewall objects, the blacklist and the detectors."""
+
+    def __init__(
+        self,
+        config: FirewallConfig,
+        kernel: Kernel | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.kernel: Kernel = kernel if kernel is not None else NftBackend()
+        self.clock = clock
+        self.monotonic = monotonic
+        self.blacklist = self._blacklist(config)
+        self.guard = Guard(config.detectors, config.trusted, config.ipv6_prefix_length)
+
+    def _blacklist(self, config: FirewallConfig) -> Blacklist:
+        blacklist = Blacklist(
+            self.kernel,
+            BlacklistStore(config.state_file),
+            config.bans,
+            trusted=config.trusted,
+            ipv6_prefix_length=config.ipv6_prefix_length,
+            clock=self.clock,
+        )
+        blacklist.deferred = True
+        return blacklist
+
+    def flush(self) -> None:
+        """Persist bans made since the last call; the owner calls this every second or so."""
+        self.blacklist.flush()
+
+    # --- lifecycle -----------------------------------------------------------
+
+    def _apply(self, restore: Iterable[Ban]) -> None:
+        inventory = TableInventory.from_json(self.kernel.list_table())
+        text = render_apply(self.config, inventory, restore, self.clock())
+        self.kernel.run(text, check=True)
+        self.kernel.run(text)
+
+    def start(self) -> None:
+        """Install the ruleset and restore the persisted bans, in one transaction."""
+        restore = self.blacklist.restorable()
+        started = time.monotonic()
+        self._apply(restore)
+        log.info(
+            "- firewall installed in table %s (%d bans restored, %.0f ms)",
+            TABLE,
+            len(restore),
+            (time.monotonic() - started) * 1000,
+        )
+
+    def reload(self, config: FirewallConfig) -> None:
+        """Replace rules, meters and trusted sets; bans and pinholes stay."""
+        self.config = config
+        self.blacklist.flush()
+        self.blacklist = self._blacklist(config)
+        previous = self.guard
+        self.guard = Guard(config.detectors, config.trusted, config.ipv6_prefix_length)
+        self.guard.decisions = previous.decisions
+        self.guard.trusted_events = previous.trusted_events
+        self._apply(self.blacklist.restorable())
+        log.info("- firewall reloaded")
+
+    def stop(self) -> None:
+        """Persist the blacklist, then remove the firewall's objects (not the relay's)."""
+        self.blacklist.persist_from_kernel()
+        inventory = TableInventory.from_json(self.kernel.list_table())
+        text = render_teardown(inventory)
+        if text:
+            self.kernel.run(text, check=True)
+            self.kernel.run(text)
+        log.info("- firewall removed (%d objects of others kept)", len(inventory.foreign))
+
+    # --- detectors -> blacklist ----------------------------------------------
+
+    def observe(self, event: Event, now: float | None = None) -> list[Ban]:
+        """Feed one event to the detectors; ban what they decide. Returns new bans."""
+        decisions = self.guard.observe(event, self.monotonic() if now is None else now)
+        bans: list[Ban] = []
+        for decision in decisions:
+            ban = self.blacklist.add(decision.target, decision.describe())
+            if ban is not None:
+                bans.append(ban)
+        return bans
+
+    # --- media pinholes --------------------------------------------------------
+
+    def open_pinholes(self, ports: Iterable[int]) -> None:
+        """Let RTP/RTCP in on `ports` (the relay calls this when it allocates them)."""
+        items = ", ".join(str(p) for p in sorted(set(ports)))
+        if items:
+            self.kernel.run(f"add element {TABLE} {SET_PINHOLES} {{ {items} }}")
+
+    def close_pinholes(self, ports: Iterable[int]) -> None:
+        """Close `ports` again; closing a port that is not open is not an error."""
+        items = ", ".join(str(p) for p in sorted(set(ports)))
+        if items:
+            # add-then-delete: `delete` of a missing element would fail the batch.
+            self.kernel.run(
+                f"add element {TABLE} {SET_PINHOLES} {{ {items} }}\n"
+                f"delete element {TABLE} {SET_PINHOLES} {{ {items} }}"
+            )
+
+    # --- operations ------------------------------------------------------------
+
+    def stats(self) -> FirewallStats:
+        counters = {n: v for n, v in self.kernel.counters().items() if is_owned(n)}
+        return FirewallStats(counters, dict(self.guard.decisions), self.guard.trusted_events)
