@@ -1,0 +1,75 @@
+"""Appliance image tests.
+
+Fast tests (the flash helper's refusals, the unit file's sandbox) run without an image.
+Tests marked `image` build the lab-VM image once per session (through `make image`, a
+no-op when it is newer than its inputs), boot it under QEMU (TCG, user-mode network
+forwarded to 127.0.0.1), and check it from the outside: `make test-image`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TARGET = os.environ.get("SBC_IMAGE_TARGET", "lab-vm")
+IMAGE_DIR = Path(os.environ.get("SBC_IMAGE_DIR", ROOT / "build" / "image" / TARGET))
+BUILD_TIMEOUT = 45 * 60
+FIGURES = IMAGE_DIR / "figures.txt"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "image: builds and boots the appliance image (minutes, root, QEMU); `make test-image`",
+    )
+
+
+def record(name: str, value: object) -> None:
+    """Append a measured figure to build/image/TARGET/figures.txt (for the release note)."""
+    IMAGE_DIR.mkdir(parents=True, exist_ok=True)
+    with open(FIGURES, "a") as f:
+        f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {name} {value}\n")
+
+
+def _make_image() -> None:
+    makefile = ROOT / "Makefile"
+    files = ["-f", "Makefile"]
+    if "mk/image.mk" not in makefile.read_text():
+        files += ["-f", "mk/image.mk"]
+    subprocess.run(
+        [
+            "make",
+            "--no-print-directory",
+            *files,
+            "image",
+            f"IMAGE_TARGET={TARGET}",
+            f"IMAGE_DIR={IMAGE_DIR}",
+        ],
+        cwd=ROOT,
+        check=True,
+        timeout=BUILD_TIMEOUT,
+    )
+
+
+@pytest.fixture(scope="session")
+def image_dir() -> Path:
+    """The built image directory (raw, raw.zst, qcow2, SHA256SUMS, rootfs/)."""
+    if os.geteuid() != 0:
+        pytest.skip("building the image needs root (mmdebstrap --mode=root)")
+    _make_image()
+    return IMAGE_DIR
+
+
+@pytest.fixture(scope="session")
+def raw_image(image_dir: Path) -> Path:
+    return image_dir / f"sbc-{TARGET}.raw"
+
+
+@pytest.fixture(scope="session")
+def rootfs(image_dir: Path) -> Path:
+    return image_dir / "rootfs"
