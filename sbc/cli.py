@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_cmd_check_config)
     default = sub.add_parser("default-config", help="print the embedded default configuration")
     default.set_defaults(func=_cmd_default_config)
+    from sbc.firewall.cli import add_ban_subcommands
+
+    add_ban_subcommands(sub)
     return parser
 
 
