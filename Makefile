@@ -64,6 +64,7 @@ bench: deps
 	$(BIN)/python tests/bench/sip_parse.py
 
 include mk/image.mk
+include mk/bench-media.mk
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info

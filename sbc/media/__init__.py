@@ -7,6 +7,7 @@ from sbc.media.control import (
     MediaError,
     MediaEvent,
     MediaTimeout,
+    RecordingFinished,
     SourceLatched,
     UnknownSession,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "MediaStream",
     "MediaTimeout",
     "RealmMediaAddress",
+    "RecordingFinished",
     "Side",
     "SourceLatched",
     "StreamOffer",

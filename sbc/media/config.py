@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
+from pathlib import Path
 
 IPAddress = IPv4Address | IPv6Address
 
@@ -54,6 +55,9 @@ class MediaConfig:
     strict_source: bool = True
     #: Re-latch when a new SSRC arrives from a new source (bleed-prone; off).
     relatch_on_new_ssrc: bool = False
+    #: The SBC's state directory: recordings go to its ``recordings/`` folder. None:
+    #: sessions cannot be recorded.
+    state_dir: Path | None = None
     #: Seed of the port shuffle; None draws one from the OS.
     port_seed: int | None = field(default=None, compare=False)
 
@@ -76,6 +80,10 @@ class MediaConfig:
         ):
             if value < 0 or (name != "port_quarantine" and value == 0):
                 raise MediaConfigError(f"{name}: expected a positive number, got {value}")
+
+    @property
+    def recording_dir(self) -> Path | None:
+        return None if self.state_dir is None else self.state_dir / "recordings"
 
     def realm(self, name: str) -> RealmMediaAddress:
         """The realm named ``name``; KeyError if unknown."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from sbc.media.session import MediaSession, Side, StreamOffer
@@ -55,18 +56,36 @@ class KernelPathEngaged:
     stream: int
 
 
-MediaEvent = MediaTimeout | SourceLatched | KernelPathEngaged
+@dataclass(frozen=True)
+class RecordingFinished:
+    """A recorded session ended: its files in the state directory."""
+
+    session_id: str
+    call_id: str
+    pcap: Path
+    #: None when no PCMU/PCMA was seen.
+    wav: Path | None
+    packets: int
+    #: The size cap was reached; the files end early.
+    truncated: bool
+
+
+MediaEvent = MediaTimeout | SourceLatched | KernelPathEngaged | RecordingFinished
 
 
 class MediaControl(Protocol):
     """Allocate, update, delete relay sessions; read their stats and events."""
 
-    async def allocate(self, call_id: str, streams: Sequence[StreamOffer]) -> MediaSession:
+    async def allocate(
+        self, call_id: str, streams: Sequence[StreamOffer], *, record: bool = False
+    ) -> MediaSession:
         """A new session with ports on each side's realm address for each stream.
 
         The session's ``streams[i].a.local`` / ``.b.local`` are what the SDP sent to
-        each side must carry. Raises MediaError (unknown realm, no address of that
-        family, ports exhausted).
+        each side must carry. ``record`` (policy) writes both directions to a pcap, and
+        G.711 to a WAV, in the state directory; such a session stays in user space.
+        Raises MediaError (unknown realm, no address of that family, ports exhausted,
+        recording without a state directory).
         """
         ...
 

@@ -30,12 +30,14 @@ from sbc.media.control import (
     MediaError,
     MediaEvent,
     MediaTimeout,
+    RecordingFinished,
     SourceLatched,
     UnknownSession,
 )
 from sbc.media.kernel import KernelForward, KernelMediaTable, KernelPathUnavailable
 from sbc.media.latching import Latch, LatchPolicy, LatchVerdict
 from sbc.media.ports import PortAllocator, PortPair, PortsExhausted
+from sbc.media.recording import CallRecorder
 from sbc.media.rtcp import RtcpError, RtcpMonitor, parse_compound
 from sbc.media.rtp import is_rtcp, packet_ssrc
 from sbc.media.session import (
@@ -161,7 +163,9 @@ class _Stream:
     def kernel_eligible(self) -> bool:
         a, b = self.legs[Side.A].state, self.legs[Side.B].state
         return (
-            not a.srtp
+            # A recorded session must see its packets: it stays in user space.
+            not self.session.recording
+            and not a.srtp
             and not b.srtp
             and a.rtp_latch.latched
             and b.rtp_latch.latched
@@ -188,6 +192,8 @@ class _Session:
     timer: InactivityTimer
     streams: list[_Stream] = field(default_factory=list)
     deleted: bool = False
+    recording: bool = False
+    recorder: CallRecorder | None = None
 
     @property
     def on_hold(self) -> bool:
@@ -199,6 +205,7 @@ class _Session:
             self.call_id,
             tuple(s.snapshot() for s in self.streams),
             self.created,
+            recording=self.recording,
         )
 
 
@@ -288,19 +295,27 @@ class MediaRelay:
 
     # -- MediaControl ----------------------------------------------------------------
 
-    async def allocate(self, call_id: str, streams: Sequence[StreamOffer]) -> MediaSession:
+    async def allocate(
+        self, call_id: str, streams: Sequence[StreamOffer], *, record: bool = False
+    ) -> MediaSession:
+        if record and self.config.recording_dir is None:
+            raise MediaError("recording needs a state directory (MediaConfig.state_dir)")
         now = self._now()
         session = _Session(
             session_id=secrets.token_hex(6),
             call_id=call_id,
             created=time.time(),
             timer=InactivityTimer(self.config.media_timeout, self.config.hold_timeout, now),
+            recording=record,
         )
         try:
             for offer in streams:
                 await self._add_stream(session, offer)
+            if record:
+                self._start_recording(session)
         except BaseException:
             self._teardown_sockets(session)
+            self._stop_recording(session)
             raise
         self._sessions[session.session_id] = session
         logger.info(
@@ -371,7 +386,10 @@ class MediaRelay:
         if session is None:
             raise UnknownSession(session_id)
         session.deleted = True
-        await self._refresh_kernel_counters()
+        if any(s.kernel for s in session.streams):
+            # Only then is there a kernel figure to read; reading every counter of the
+            # table for a session that never left user space capped set-ups at ~25/s.
+            await self._refresh_kernel_counters(session)
         final = session.snapshot()
         names = [s.forward_name(side) for s in session.streams if s.kernel for side in Side]
         if names and self._kernel is not None:
@@ -380,6 +398,7 @@ class MediaRelay:
             except KernelPathUnavailable as exc:
                 logger.error("x session %s: kernel rules not removed: %s", session_id, exc)
         self._teardown_sockets(session)
+        self._stop_recording(session)
         logger.info("- session %s deleted", session_id)
         return final
 
@@ -413,8 +432,12 @@ class MediaRelay:
             call_id=state.call_id,
             created=state.created,
             timer=InactivityTimer(self.config.media_timeout, self.config.hold_timeout, self._now()),
+            recording=state.recording,
         )
         try:
+            if state.recording:
+                # The old node's files stay there; this node starts a new part.
+                self._start_recording(session)
             for stream_state in state.streams:
                 stream = _Stream(session, stream_state.index)
                 for side in Side:
@@ -432,6 +455,7 @@ class MediaRelay:
                 session.streams.append(stream)
         except BaseException:
             self._teardown_sockets(session)
+            self._stop_recording(session)
             raise
         self._sessions[session.session_id] = session
         for stream, stream_state in zip(session.streams, state.streams, strict=True):
@@ -518,6 +542,37 @@ class MediaRelay:
             leg.close()
             raise
 
+    def _start_recording(self, session: _Session) -> None:
+        directory = self.config.recording_dir
+        if directory is None:
+            raise MediaError("recording needs a state directory (MediaConfig.state_dir)")
+        try:
+            # The session id, never the Call-ID (peer-chosen text), names the files.
+            session.recorder = CallRecorder(directory, session.session_id)
+        except OSError as exc:
+            raise MediaError(f"recording not started: {exc}") from exc
+        logger.info("- session %s recording to %s", session.session_id, directory)
+
+    def _stop_recording(self, session: _Session) -> None:
+        recorder, session.recorder = session.recorder, None
+        if recorder is None:
+            return
+        try:
+            files = recorder.close()
+        except OSError as exc:
+            logger.error("x session %s: recording not finished: %s", session.session_id, exc)
+            return
+        self._emit(
+            RecordingFinished(
+                session.session_id,
+                session.call_id,
+                files.pcap,
+                files.wav,
+                files.packets,
+                files.truncated,
+            )
+        )
+
     def _teardown_sockets(self, session: _Session) -> None:
         now = self._now() if self._loop is not None else 0.0
         for stream in session.streams:
@@ -582,6 +637,8 @@ class MediaRelay:
             )
         now = self._now()
         session.timer.activity(now)
+        if session.recorder is not None:
+            self._record(session, leg, rtcp_port, source, data, control)
         other = stream.legs[leg.side.other]
         if control:
             destination = other.state.rtcp_destination
@@ -617,6 +674,24 @@ class MediaRelay:
                 asyncio.get_running_loop().create_task(self._rehome(stream))
             elif stream.kernel_eligible() and not stream.engaging:
                 asyncio.get_running_loop().create_task(self._engage(stream))
+
+    def _record(
+        self,
+        session: _Session,
+        leg: _Leg,
+        rtcp_port: bool,
+        source: Endpoint,
+        data: bytes,
+        control: bool,
+    ) -> None:
+        assert session.recorder is not None
+        local = leg.state.local_rtcp if rtcp_port else leg.state.local
+        try:
+            session.recorder.packet(leg.stream.index, leg.side, source, local, data, control)
+        except OSError as exc:
+            # A full disk ends the recording, never the call.
+            logger.error("x session %s: recording stopped: %s", session.session_id, exc)
+            self._stop_recording(session)
 
     async def _engage(self, stream: _Stream) -> None:
         """Put a stream's RTP in the kernel path."""
@@ -664,9 +739,13 @@ class MediaRelay:
         if stream.kernel_eligible() and not stream.session.deleted:
             await self._engage(stream)
 
-    async def _refresh_kernel_counters(self) -> None:
+    async def _refresh_kernel_counters(self, deleted: _Session | None = None) -> None:
+        """Read kernel counters into the legs (of ``deleted`` too, no longer listed)."""
+        sessions = list(self._sessions.values())
+        if deleted is not None:
+            sessions.append(deleted)
         if self._kernel is None or not any(
-            s.kernel for session in self._sessions.values() for s in session.streams
+            s.kernel for session in sessions for s in session.streams
         ):
             return
         try:
@@ -675,7 +754,7 @@ class MediaRelay:
             logger.error("x kernel counters not read: %s", exc)
             return
         now = self._now()
-        for session in self._sessions.values():
+        for session in sessions:
             for stream in session.streams:
                 if not stream.kernel:
                     continue

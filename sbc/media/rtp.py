@@ -55,6 +55,23 @@ class RtpHeader:
         return _HEADER.pack(b0, b1, self.sequence, self.timestamp, self.ssrc)
 
 
+def rtp_payload(data: bytes) -> bytes:
+    """The payload of an RTP packet: after CSRCs and any header extension, before
+    padding (RFC 3550 5.1, 5.3.1)."""
+    header = RtpHeader.parse(data)
+    offset = RTP_HEADER_SIZE + 4 * header.csrc_count
+    if header.extension:
+        if len(data) < offset + 4:
+            raise RtpError("RTP header extension truncated")
+        offset += 4 + 4 * int.from_bytes(data[offset + 2 : offset + 4], "big")
+    end = len(data)
+    if header.padding:
+        end -= data[-1] if data else 0
+    if offset > end:
+        raise RtpError(f"RTP header ({offset} bytes) longer than the packet ({end})")
+    return data[offset:end]
+
+
 def is_rtcp(data: bytes) -> bool:
     """True for RTCP on a multiplexed port (RFC 5761 4: second octet 192..223)."""
     return len(data) >= 2 and data[0] >> 6 == RTP_VERSION and 192 <= data[1] <= 223

@@ -206,6 +206,8 @@ class MediaSession:
     streams: tuple[MediaStream, ...]
     #: Wall-clock creation time (seconds since the epoch).
     created: float
+    #: Both directions are written to the state directory (userspace path only).
+    recording: bool = False
 
     @property
     def on_hold(self) -> bool:
@@ -217,6 +219,7 @@ class MediaSession:
             "call_id": self.call_id,
             "streams": [s.to_dict() for s in self.streams],
             "created": self.created,
+            "recording": self.recording,
         }
 
     @classmethod
@@ -226,4 +229,5 @@ class MediaSession:
             call_id=data["call_id"],
             streams=tuple(MediaStream.from_dict(s) for s in data["streams"]),
             created=float(data["created"]),
+            recording=bool(data.get("recording", False)),
         )
