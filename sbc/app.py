@@ -19,43 +19,122 @@ import signal
 import ssl
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from aiohttp import web
 
+from sbc.b2bua.controller import (
+    AllocateMedia,
+    CallController,
+    DeleteMedia,
+    MediaCommand,
+    Step,
+)
 from sbc.b2bua.local import LocalResponder
+from sbc.b2bua.realm import Hop, Realm, RealmTable
+from sbc.b2bua.routing import RouteAction, Router, RouteRule
 from sbc.cli import setup_logging
 from sbc.config.loader import ConfigError, default_config, load_config
-from sbc.config.schema import Config
-from sbc.sip.message import Request, Response, make_response
-from sbc.sip.transaction import (
-    CancelReceived,
-    Output,
-    RequestReceived,
-    TransactionLayer,
+from sbc.config.schema import Config, MutualTls
+from sbc.media.config import MediaConfig, RealmMediaAddress
+from sbc.media.control import MediaError
+from sbc.media.relay import MediaRelay
+from sbc.sip.message import Request, Response
+from sbc.sip.transaction import Outgoing, Output, TransactionLayer
+from sbc.transport.base import (
+    Destination,
+    Flow,
+    HandshakeLimit,
+    ListenAddress,
+    Transport,
+    TransportConfig,
+    TransportError,
+    is_reliable,
+    normalize_host,
 )
-from sbc.transport.base import Flow, ListenAddress, Transport, TransportConfig, is_reliable
 from sbc.transport.certificates import (
     CertificatePaths,
+    ClientAuth,
+    ServerTls,
+    ServerTlsSettings,
+    SniCertificate,
     client_context,
     ensure_self_signed,
-    server_context,
 )
 from sbc.transport.layer import TransportLayer
+from sbc.transport.udp import UdpListener
 from sbc.web.app import LoopMonitor, create_app
 
 logger = logging.getLogger(__name__)
 
 
+def _listen_addresses(config: Config) -> tuple[ListenAddress, ...]:
+    """``sip.listen`` then every realm's listeners, in configuration order."""
+    listeners = [*config.sip.listen]
+    for realm in config.realms:
+        listeners.extend(realm.listen)
+    return tuple(
+        ListenAddress(Transport(listener.transport.value), str(listener.address), listener.port)
+        for listener in listeners
+    )
+
+
 def transport_config(config: Config) -> TransportConfig:
     return TransportConfig(
-        listen=tuple(
-            ListenAddress(Transport(listener.transport.value), str(listener.address), listener.port)
-            for listener in config.sip.listen
-        ),
+        listen=_listen_addresses(config),
         idle_timeout=float(config.sip.tcp_idle_timeout),
         max_connections=config.sip.max_connections,
     )
+
+
+def realm_table(config: Config, bound: tuple[ListenAddress, ...] | None = None) -> RealmTable:
+    """The configured realms; ``bound`` (the started listeners, in ``transport_config``
+    order) replaces ephemeral port 0 with the port really bound."""
+    addresses = list(bound if bound is not None else _listen_addresses(config))
+    index = len(config.sip.listen)
+    realms = []
+    for realm in config.realms:
+        listen = addresses[index : index + len(realm.listen)]
+        index += len(realm.listen)
+        realms.append(Realm.build(realm.name, listen, realm.media_address, realm.keep_headers))
+    return RealmTable(realms)
+
+
+def router(config: Config) -> Router:
+    rules = []
+    for route in config.routes:
+        destination = None
+        if route.host is not None:
+            destination = Destination(
+                Transport(route.transport.value), normalize_host(str(route.host)), route.port
+            )
+        rules.append(
+            RouteRule(
+                name=route.name,
+                action=RouteAction(route.action.value),
+                from_realm=route.from_realm,
+                user_prefix=route.user_prefix,
+                domain=route.domain,
+                realm=route.realm,
+                destination=destination,
+                status=route.status,
+            )
+        )
+    return Router(rules)
+
+
+def media_config(config: Config) -> MediaConfig:
+    """The relay's realms: one media address per SBC realm (userspace path for now)."""
+    realms = tuple(
+        RealmMediaAddress(
+            realm.name,
+            ipv4=realm.media_address if realm.media_address.version == 4 else None,
+            ipv6=realm.media_address if realm.media_address.version == 6 else None,
+        )
+        for realm in config.realms
+    )
+    return MediaConfig(realms=realms, kernel_path=False)
 
 
 def certificate_paths(config: Config) -> CertificatePaths:
@@ -63,6 +142,28 @@ def certificate_paths(config: Config) -> CertificatePaths:
     if tls.certificate is not None and tls.private_key is not None:
         return CertificatePaths(tls.certificate, tls.private_key)
     return ensure_self_signed(config.state_dir, ("localhost", "127.0.0.1", "::1"))
+
+
+_CLIENT_AUTH = {
+    MutualTls.NONE: ClientAuth.OFF,
+    MutualTls.OPTIONAL: ClientAuth.OPTIONAL,
+    MutualTls.REQUIRE: ClientAuth.REQUIRE,
+}
+
+
+def server_tls_settings(config: Config, identity: CertificatePaths) -> ServerTlsSettings:
+    """``sip.tls`` as the TLS listeners' settings."""
+    tls = config.sip.tls
+    return ServerTlsSettings(
+        identity=identity,
+        client_auth=_CLIENT_AUTH[tls.mtls],
+        client_ca=tls.client_ca,
+        trusted_clients={client.fingerprint: client.name for client in tls.trusted_clients},
+        sni=tuple(
+            SniCertificate(sni.server_name, CertificatePaths(sni.certificate, sni.private_key))
+            for sni in tls.sni
+        ),
+    )
 
 
 class SbcNode:
@@ -73,9 +174,20 @@ class SbcNode:
         self.config_path = config_path
         self.transactions = TransactionLayer()
         self.responder = LocalResponder(server=config.sip.user_agent)
+        self.calls = CallController(
+            self.transactions,
+            realm_table(config),
+            router(config),
+            self.responder,
+            user_agent=config.sip.user_agent,
+        )
+        self.media: MediaRelay | None = None
+        self._media_queue: asyncio.Queue[MediaCommand] = asyncio.Queue()
+        self._media_worker: asyncio.Task[None] | None = None
+        self._sends: set[asyncio.Task[None]] = set()
         self.monitor = LoopMonitor()
         self.transport: TransportLayer | None = None
-        self._server_ssl: ssl.SSLContext | None = None
+        self._server_ssl: ServerTls | None = None
         self._tls_paths: CertificatePaths | None = None
         self._runner: web.AppRunner | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -89,6 +201,7 @@ class SbcNode:
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         self.monitor.start()
         await self._start_transport(self.config)
+        await self._start_media(self.config)
         await self._start_management(self.config)
         logger.info("- sbc started: %s", ", ".join(self._describe_listeners()))
 
@@ -103,6 +216,10 @@ class SbcNode:
             await self._runner.cleanup()
         if self.transport is not None:
             await self.transport.stop()
+        if self._media_worker is not None:
+            self._media_worker.cancel()
+        if self.media is not None:
+            await self.media.close()
         await self.monitor.stop()
         self.stopped.set()
         logger.info("- stopped")
@@ -117,17 +234,40 @@ class SbcNode:
         return out
 
     async def _start_transport(self, config: Config) -> None:
-        tcfg = transport_config(config)
+        tls = config.sip.tls
+        limit = HandshakeLimit(tls.handshakes_per_source, tls.handshake_rate, tls.handshake_burst)
+        tcfg = replace(transport_config(config), handshake_limit=limit)
         server_ssl = None
         if any(listen.transport is Transport.TLS for listen in tcfg.listen):
             self._tls_paths = certificate_paths(config)
-            server_ssl = server_context(self._tls_paths)
+            server_ssl = ServerTls(server_tls_settings(config, self._tls_paths))
         layer = TransportLayer(
             tcfg, self._on_message, server_ssl=server_ssl, client_ssl=client_context()
         )
         await layer.start()
         self.transport = layer
         self._server_ssl = server_ssl
+        self.calls.reconfigure(realm_table(config, self._bound()), router(config), self.responder)
+
+    def _bound(self) -> tuple[ListenAddress, ...] | None:
+        """The listeners as bound (ephemeral ports resolved), in configuration order."""
+        if self.transport is None:
+            return None
+        return tuple(
+            ListenAddress(listener.transport, listener.host, listener.port)
+            for listener in self.transport.listeners
+        )
+
+    async def _start_media(self, config: Config) -> None:
+        """The in-process media relay, when realms exist (calls need it)."""
+        if self.media is not None or not config.realms:
+            return
+        relay = MediaRelay(media_config(config))
+        await relay.start()
+        self.media = relay
+        self._media_worker = asyncio.get_running_loop().create_task(
+            self._run_media(), name="sbc-b2bua-media"
+        )
 
     async def _start_management(self, config: Config) -> None:
         app = create_app(self.health)
@@ -154,6 +294,7 @@ class SbcNode:
             "loop_responsive": responsive,
             "loop_lag_ms": round(self.monitor.lag * 1000, 1),
             "transactions": len(self.transactions),
+            "calls": len(self.calls),
         }
 
     # -- signalling ---------------------------------------------------------------------
@@ -164,25 +305,88 @@ class SbcNode:
         self._dispatch(out, now)
 
     def _dispatch(self, out: Output, now: float) -> None:
-        for event in out.events:
-            if isinstance(event, RequestReceived):
-                response = self.responder.respond(event.request)
-                if response is not None:
-                    out = out + self.transactions.send_response(event.transaction, response, now)
-            elif isinstance(event, CancelReceived):
-                # RFC 3261 9.2: 200 to a CANCEL that matches, 481 to one that does not;
-                # every INVITE is answered at once today, so nothing is left to end.
-                status = 481 if event.invite is None else 200
-                response = make_response(event.request, status, to_tag=None)
-                out = out + self.transactions.send_response(event.transaction, response, now)
-        for outgoing in out.messages:
-            message, flow = outgoing.message, outgoing.destination
-            if isinstance(message, Response) and isinstance(flow, Flow) and self.transport:
-                self.transport.send_response_nowait(message, flow)
+        self._execute(self.calls.handle(out, now), now)
+
+    def _execute(self, step: Step, now: float) -> None:
+        for outgoing in step.output.messages:
+            message, destination = outgoing.message, outgoing.destination
+            if isinstance(message, Response) and isinstance(destination, Flow):
+                if self.transport:
+                    self.transport.send_response_nowait(message, destination)
+            elif isinstance(message, Request) and isinstance(destination, Hop):
+                self._send_request(outgoing, destination, now)
+        for command in step.media:
+            self._media_queue.put_nowait(command)
         self._arm_timer()
 
+    def _send_request(self, outgoing: Outgoing, hop: Hop, now: float) -> None:
+        """Send a B2BUA request from its realm's listener (UDP) or over a connection."""
+        if self.transport is None:
+            return
+        if hop.destination.transport is Transport.UDP:
+            for listener in self.transport.listeners:
+                if (
+                    isinstance(listener, UdpListener)
+                    and listener.port == hop.local.port
+                    and normalize_host(listener.host) == normalize_host(hop.local.host)
+                ):
+                    try:
+                        destination = hop.destination
+                        listener.send(outgoing.data, destination.host, destination.port)
+                    except OSError as exc:
+                        logger.warning("x %r to %s: %s", outgoing.message, hop, exc)
+                        self._transport_failed(outgoing)
+                    return
+            logger.warning("x %r: no listener %s", outgoing.message, hop.local)
+            self._transport_failed(outgoing)
+            return
+        task = asyncio.get_running_loop().create_task(self._send_stream(outgoing, hop))
+        self._sends.add(task)
+        task.add_done_callback(self._sends.discard)
+
+    async def _send_stream(self, outgoing: Outgoing, hop: Hop) -> None:
+        assert self.transport is not None and isinstance(outgoing.message, Request)
+        try:
+            await self.transport.send_request(outgoing.message, hop.destination)
+        except TransportError as exc:
+            logger.warning("x %r to %s: %s", outgoing.message, hop, exc)
+            self._transport_failed(outgoing)
+
+    def _transport_failed(self, outgoing: Outgoing) -> None:
+        if outgoing.transaction is not None:
+            now = time.monotonic()
+            self._dispatch(self.transactions.transport_error(outgoing.transaction, now), now)
+
+    async def _run_media(self) -> None:
+        """Run the B2BUA's media commands one at a time, in the order they were made."""
+        while True:
+            command = await self._media_queue.get()
+            relay = self.media
+            if relay is None:
+                continue
+            try:
+                if isinstance(command, AllocateMedia):
+                    try:
+                        session = await relay.allocate(command.call_id, command.streams)
+                    except MediaError as exc:
+                        logger.error("x call %s: no media: %s", command.call_ref, exc)
+                        session = None
+                    now = time.monotonic()
+                    self._execute(self.calls.media_allocated(command.call_ref, session, now), now)
+                elif isinstance(command, DeleteMedia):
+                    await relay.delete(command.session_id)
+                else:
+                    await relay.update(command.session_id, command.streams)
+            except (MediaError, OSError) as exc:
+                logger.warning(
+                    "x call %s: media %s: %s", command.call_ref, type(command).__name__, exc
+                )
+
     def _arm_timer(self) -> None:
-        deadline = self.transactions.next_deadline()
+        deadlines = [
+            d for d in (self.transactions.next_deadline(), self.calls.next_deadline()) if d
+        ]
+        deadline = min(deadlines) if deadlines else None
         if deadline == self._timer_at:
             return
         if self._timer is not None:
@@ -199,7 +403,8 @@ class SbcNode:
         self._timer = None
         self._timer_at = None
         now = time.monotonic()
-        self._dispatch(self.transactions.handle_timers(now), now)
+        step = self.calls.handle_timers(now)
+        self._execute(step + self.calls.handle(self.transactions.handle_timers(now), now), now)
 
     # -- reload -------------------------------------------------------------------------
 
@@ -223,11 +428,17 @@ class SbcNode:
             return True
         setup_logging(new.log.level.value, new.log.format.value)
         self.responder = LocalResponder(server=new.sip.user_agent)
-        if new.sip != old.sip or new.state_dir != old.state_dir:
+        listeners_changed = _listen_addresses(new) != _listen_addresses(old)
+        if new.sip != old.sip or new.state_dir != old.state_dir or listeners_changed:
             if not await self._replace_transport(new, old):
                 return False
         else:
             self._reload_certificates()
+            self.calls.reconfigure(realm_table(new, self._bound()), router(new), self.responder)
+        if media_config(new) != media_config(old) and self.media is not None:
+            logger.warning("x media addresses changed: they apply after a restart")
+        self.calls.user_agent = new.sip.user_agent
+        await self._start_media(new)
         if new.management != old.management and not await self._replace_management(new, old):
             return False
         self.config = new
@@ -235,15 +446,15 @@ class SbcNode:
         return True
 
     def _reload_certificates(self) -> None:
-        """Load renewed certificate files into the live context: new handshakes use
-        them, established TLS connections are not touched."""
-        if self._server_ssl is not None and self._tls_paths is not None:
+        """Load renewed certificate, key, SNI and client CA files into new contexts:
+        new handshakes use them, established TLS connections keep theirs."""
+        if self._server_ssl is not None:
             try:
-                self._server_ssl.load_cert_chain(
-                    self._tls_paths.certificate, self._tls_paths.private_key
-                )
-            except (OSError, ssl.SSLError) as exc:
+                self._server_ssl.reload()
+            except (OSError, ValueError, ssl.SSLError) as exc:
                 logger.error("x TLS certificate reload failed, keeping the old one: %s", exc)
+            else:
+                logger.info("- TLS certificates reloaded")
 
     async def _replace_transport(self, new: Config, old: Config) -> bool:
         if self.transport is not None:

@@ -163,6 +163,50 @@ DEFAULT_SIP_LISTENERS: Final = (
 )
 
 
+class MutualTls(enum.StrEnum):
+    # Not "off": YAML 1.1 reads a bare off as false.
+    NONE = "none"
+    OPTIONAL = "optional"
+    REQUIRE = "require"
+
+
+#: A SHA-256 certificate fingerprint, hex pairs with or without colons.
+FINGERPRINT_PATTERN: Final = r"(?:[0-9A-Fa-f]{2}:?){31}[0-9A-Fa-f]{2}"
+
+#: A TLS server name (RFC 6066 3), optionally with a left-most "*." wildcard.
+SERVER_NAME_PATTERN: Final = r"(?:\*\.)?[A-Za-z0-9](?:[A-Za-z0-9\-.]{0,251}[A-Za-z0-9])?"
+
+
+@dataclass(frozen=True)
+class TrustedClient(Section):
+    """A client certificate admitted by mutual TLS; its name identifies the trunk."""
+
+    name: str = field(
+        metadata=spec(
+            "Name of the peer (trunk) on its connections.",
+            pattern=r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,31}",
+        )
+    )
+    fingerprint: str = field(
+        metadata=spec(
+            "SHA-256 fingerprint (openssl x509 -noout -fingerprint -sha256).",
+            pattern=FINGERPRINT_PATTERN,
+            expect="64 hex digits, colons allowed",
+        )
+    )
+
+
+@dataclass(frozen=True)
+class SniCertificate(Section):
+    """A certificate served to clients that ask for ``server_name`` (SNI)."""
+
+    server_name: str = field(
+        metadata=spec("Server name, or *.domain for one label.", pattern=SERVER_NAME_PATTERN)
+    )
+    certificate: Path = field(metadata=spec("PEM certificate chain."))
+    private_key: Path = field(metadata=spec("PEM private key of the certificate."))
+
+
 @dataclass(frozen=True)
 class TlsConfig(Section):
     certificate: Path | None = field(
@@ -172,8 +216,54 @@ class TlsConfig(Section):
     private_key: Path | None = field(
         default=None, metadata=spec("PEM private key of the certificate; null with it.")
     )
+    mtls: MutualTls = field(
+        default=MutualTls.NONE,
+        metadata=spec("Client certificates: none, optional (asked for) or require."),
+    )
+    client_ca: Path | None = field(
+        default=None,
+        metadata=spec("PEM bundle client certificates must chain to (CAs or the peers' own)."),
+    )
+    trusted_clients: tuple[TrustedClient, ...] = field(
+        default=(),
+        metadata=spec("Client certificates admitted by fingerprint; empty = any from client_ca."),
+    )
+    sni: tuple[SniCertificate, ...] = field(
+        default=(), metadata=spec("Certificates chosen by the server name a client asks for.")
+    )
+    handshakes_per_source: int = field(
+        default=16,
+        metadata=spec(
+            "TLS handshakes in progress at once per source address; 0 = no limit.",
+            min=0,
+            max=100_000,
+        ),
+    )
+    handshake_rate: float = field(
+        default=10.0,
+        metadata=spec(
+            "New TLS handshakes per second per source address; 0 = no limit.", min=0, max=100_000
+        ),
+    )
+    handshake_burst: int = field(
+        default=20,
+        metadata=spec(
+            "TLS handshakes a source may start at once above the rate.", min=1, max=100_000
+        ),
+    )
 
     def check(self, path: str) -> Iterator[Issue]:
+        if self.mtls is not MutualTls.NONE and self.client_ca is None:
+            yield key_path(path, "client_ca"), f"mtls {self.mtls} needs client_ca"
+        if self.trusted_clients and self.mtls is MutualTls.NONE:
+            yield key_path(path, "trusted_clients"), "trusted_clients need mtls optional or require"
+        prints = [c.fingerprint.replace(":", "").upper() for c in self.trusted_clients]
+        for index, value in enumerate(prints):
+            if value in prints[:index]:
+                yield (
+                    key_path(path, f"trusted_clients[{index}].fingerprint"),
+                    "duplicate fingerprint",
+                )
         # Half a key pair cannot work, and silently falling back to a self-signed
         # certificate would hide the mistake until a peer refuses the handshake.
         if (self.certificate is None) != (self.private_key is None):
@@ -259,6 +349,82 @@ class ManagementConfig(Section):
     )
 
 
+class RouteAction(enum.StrEnum):
+    TRUNK = "trunk"
+    REJECT = "reject"
+
+
+#: A header name as written in a keep-list (RFC 3261 25.1 token).
+HEADER_NAME_PATTERN: Final = r"[A-Za-z0-9\-.!%*_+`'~]{1,64}"
+
+#: A realm or route name: what logs, metrics and the UI show.
+NAME_PATTERN: Final = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,31}"
+
+#: Headers a realm lets through by default: end-to-end information that names no host.
+DEFAULT_KEEP_HEADERS: Final = ("Subject", "Priority", "Accept-Language", "Alert-Info")
+
+
+@dataclass(frozen=True)
+class RealmConfig(Section):
+    """A named group of SIP listeners with its media address and header policy."""
+
+    name: str = field(metadata=spec("Realm name, used by routes.", pattern=NAME_PATTERN))
+    listen: tuple[SipListener, ...] = field(
+        metadata=spec("SIP listeners of this realm.", min_items=1)
+    )
+    media_address: IPAddress = field(
+        metadata=spec("Address the media relay uses in this realm (SDP c=).")
+    )
+    keep_headers: tuple[str, ...] = field(
+        default=DEFAULT_KEEP_HEADERS,
+        metadata=spec(
+            "Headers copied into this realm from the other leg; all others are dropped.",
+            pattern=HEADER_NAME_PATTERN,
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class RouteConfig(Section):
+    """One routing rule; the first whose match fields all match a new INVITE wins."""
+
+    name: str = field(metadata=spec("Rule name, for logs.", pattern=NAME_PATTERN))
+    action: RouteAction = field(metadata=spec("trunk (send to a static peer) or reject."))
+    from_realm: str | None = field(
+        default=None, metadata=spec("Match calls entering this realm; null = any.")
+    )
+    user_prefix: str = field(
+        default="",
+        metadata=spec(
+            "Match Request-URI users starting with this (quote digits); empty = any.",
+            pattern=r"[A-Za-z0-9+*#._\-]{0,64}",
+        ),
+    )
+    domain: str | None = field(
+        default=None,
+        metadata=spec(
+            "Match this Request-URI host exactly; null = any.",
+            pattern=r"[A-Za-z0-9.:\-\[\]]{1,253}",
+        ),
+    )
+    realm: str | None = field(
+        default=None, metadata=spec("trunk: the realm the call leaves through.")
+    )
+    host: IPAddress | None = field(default=None, metadata=spec("trunk: the peer's address."))
+    port: int = field(
+        default=5060,
+        metadata=spec("trunk: the peer's port.", min=1, max=65535, expect=PORT_SPEC_EXPECT),
+    )
+    transport: Transport = field(default=Transport.UDP, metadata=spec("trunk: udp, tcp or tls."))
+    status: int = field(
+        default=403, metadata=spec("reject: the status answered.", min=400, max=699)
+    )
+
+    def check(self, path: str) -> Iterator[Issue]:
+        if self.action is RouteAction.TRUNK and (self.realm is None or self.host is None):
+            yield path, "a trunk route needs realm and host"
+
+
 @dataclass(frozen=True)
 class Config(Section):
     """The whole configuration: what `sbc run` runs with."""
@@ -272,8 +438,15 @@ class Config(Section):
     management: ManagementConfig = field(
         default_factory=ManagementConfig, metadata=spec("Admin UI and REST API.")
     )
+    realms: tuple[RealmConfig, ...] = field(
+        default=(), metadata=spec("Realms: listeners with their own policy (B2BUA).")
+    )
+    routes: tuple[RouteConfig, ...] = field(
+        default=(), metadata=spec("Routing rules for new calls, in order.")
+    )
 
     def check(self, path: str) -> Iterator[Issue]:
+        yield from self._check_realms(path)
         mgmt = self.management.listen
         if mgmt.port == 0:
             return
@@ -289,3 +462,24 @@ class Config(Section):
                     f"({listener})",
                 )
                 return
+
+    def _check_realms(self, path: str) -> Iterator[Issue]:
+        names = [realm.name for realm in self.realms]
+        for index, name in enumerate(names):
+            if name in names[:index]:
+                yield key_path(path, f"realms[{index}].name"), f"duplicate realm {name!r}"
+        sockets = {(s.transport.stream, s.address, s.port) for s in self.sip.listen if s.port}
+        for index, realm in enumerate(self.realms):
+            for j, listener in enumerate(realm.listen):
+                socket = (listener.transport.stream, listener.address, listener.port)
+                if listener.port and socket in sockets:
+                    yield (
+                        key_path(path, f"realms[{index}].listen[{j}]"),
+                        f"{listener} is already used by another listener",
+                    )
+                sockets.add(socket)
+        for index, route in enumerate(self.routes):
+            for key in ("from_realm", "realm"):
+                value = getattr(route, key)
+                if value is not None and value not in names:
+                    yield key_path(path, f"routes[{index}].{key}"), f"unknown realm {value!r}"

@@ -26,9 +26,11 @@ __all__ = [
     "DEFAULT_MAX_CONNECTIONS",
     "Destination",
     "Flow",
+    "HandshakeLimit",
     "ListenAddress",
     "Listener",
     "MessageHandler",
+    "PeerCertificate",
     "Stat",
     "Transport",
     "TransportConfig",
@@ -80,6 +82,26 @@ class ListenAddress:
 
 
 @dataclass(frozen=True, slots=True)
+class HandshakeLimit:
+    """How many TLS handshakes one source address may start, counted in userspace.
+
+    The kernel meters (sbc.firewall) cap new connections per source; this caps the
+    expensive part behind them, the handshake: ``concurrent`` in flight at once and a
+    token bucket of ``burst`` refilled at ``rate`` per second. 0 switches a limit off.
+    """
+
+    concurrent: int = 16
+    rate: float = 10.0
+    burst: int = 20
+
+    def __post_init__(self) -> None:
+        if self.concurrent < 0 or self.rate < 0 or self.burst < 0:
+            raise ValueError("handshake limits must not be negative")
+        if self.rate > 0 and self.burst < 1:
+            raise ValueError("a handshake rate needs a burst of at least 1")
+
+
+@dataclass(frozen=True, slots=True)
 class TransportConfig:
     """The knobs of a TransportLayer."""
 
@@ -90,6 +112,8 @@ class TransportConfig:
     close_timeout: float = DEFAULT_CLOSE_TIMEOUT
     #: Seconds between idle sweeps; None derives it from ``idle_timeout``.
     sweep_interval: float | None = None
+    #: Per-source TLS handshake limits of the TLS listeners; None: unlimited.
+    handshake_limit: HandshakeLimit | None = HandshakeLimit()
 
     def __post_init__(self) -> None:
         if self.idle_timeout <= 0:
@@ -110,12 +134,30 @@ class TransportConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PeerCertificate:
+    """The certificate a TLS peer presented: how routing recognises a trunk.
+
+    ``fingerprint`` is the SHA-256 of the DER certificate as ``openssl x509
+    -fingerprint -sha256`` prints it (upper-case hex pairs joined by colons);
+    ``name`` is the configured trusted client it matched, if any.
+    """
+
+    fingerprint: str
+    subject: str
+    name: str | None = None
+
+    def __str__(self) -> str:
+        return self.name or self.subject or self.fingerprint
+
+
+@dataclass(frozen=True, slots=True)
 class Flow:
     """Where a message came from or went out: the core's handle for "reply here".
 
     ``local_host``/``local_port`` name the listener (or, for an outgoing
     connection, its local end); ``connection_id`` is set for TCP/TLS and lets a
-    response go back over the very connection its request arrived on.
+    response go back over the very connection its request arrived on. ``peer`` is
+    the certificate a TLS peer presented (inbound: only with mutual TLS).
     """
 
     transport: Transport
@@ -124,6 +166,7 @@ class Flow:
     remote_host: str
     remote_port: int
     connection_id: int | None = None
+    peer: PeerCertificate | None = None
 
     def __str__(self) -> str:
         conn = f"#{self.connection_id} " if self.connection_id is not None else ""
@@ -193,6 +236,14 @@ class Stat(enum.Enum):
     CONNECTIONS_REFUSED = "connections_refused"
     CONNECT_FAILURES = "connect_failures"
     IDLE_CLOSED = "idle_closed"
+    #: Inbound TLS handshakes refused before they began: per-source limits reached.
+    TLS_HANDSHAKES_REFUSED = "tls_handshakes_refused"
+    #: Inbound TLS handshakes that failed or timed out (old protocol versions, no
+    #: shared cipher, a client certificate that does not verify).
+    TLS_HANDSHAKE_FAILURES = "tls_handshake_failures"
+    #: Inbound TLS connections closed after the handshake: the client certificate is
+    #: not among the trusted ones, or mutual TLS is required and none was sent.
+    TLS_PEERS_REJECTED = "tls_peers_rejected"
 
 
 class TransportStats:

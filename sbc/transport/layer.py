@@ -7,6 +7,10 @@ parse, and hands everything else to the one MessageHandler with the Flow it came
 on. Outbound, it sends responses the way RFC 3261 18.2.2 says (back over the
 request's connection when there is one) and requests to a Destination, reusing an
 open TCP/TLS connection to it when there is one. It counts every drop.
+
+TLS listeners admit each handshake by source address (HandshakeLimiter), and with
+mutual TLS close a connection whose client certificate is not a trusted one; the
+certificate a peer presented rides on its Flow.
 """
 
 from __future__ import annotations
@@ -16,13 +20,16 @@ import contextlib
 import itertools
 import logging
 import ssl
+from collections.abc import Mapping
 
 from sbc.sip.errors import ParseError
 from sbc.sip.message import Request, Response
 from sbc.sip.parser import Keepalive, parse_message
+from sbc.transport.admission import Admission, HandshakeLimiter
 from sbc.transport.base import (
     Destination,
     Flow,
+    ListenAddress,
     Listener,
     MessageHandler,
     Stat,
@@ -38,6 +45,7 @@ from sbc.transport.base import (
     response_target,
     stamp_via,
 )
+from sbc.transport.certificates import ServerTls
 from sbc.transport.stream import StreamConnection, StreamEvent, StreamListener, connect
 from sbc.transport.udp import UdpListener
 
@@ -58,9 +66,11 @@ def _summary(message: Request | Response) -> str:
 class TransportLayer:
     """UDP, TCP and TLS listeners and connections around one MessageHandler.
 
-    ``server_ssl`` is required when a TLS listener is configured; ``client_ssl`` is
-    used for outgoing TLS connections. The handler is called synchronously from the
-    event loop; it must not block.
+    ``server_ssl`` is required when a TLS listener is configured (a ServerTls
+    follows its reloads); ``listener_tls`` gives single TLS listeners their own (a
+    realm's certificate and mutual TLS policy). ``client_ssl`` is used for outgoing
+    TLS connections. The handler is called synchronously from the event loop; it
+    must not block.
     """
 
     def __init__(
@@ -68,13 +78,19 @@ class TransportLayer:
         config: TransportConfig,
         handler: MessageHandler,
         *,
-        server_ssl: ssl.SSLContext | None = None,
+        server_ssl: ssl.SSLContext | ServerTls | None = None,
         client_ssl: ssl.SSLContext | None = None,
+        listener_tls: Mapping[ListenAddress, ServerTls] | None = None,
     ) -> None:
         self._config = config
         self._handler = handler
+        if isinstance(server_ssl, ssl.SSLContext):
+            server_ssl = ServerTls.fixed(server_ssl)
         self._server_ssl = server_ssl
+        self._listener_tls = dict(listener_tls or {})
         self._client_ssl = client_ssl
+        limit = config.handshake_limit
+        self.handshakes = HandshakeLimiter(limit) if limit is not None else None
         self.stats = TransportStats()
         self._listeners: list[UdpListener | StreamListener] = []
         self._connections: dict[int, StreamConnection] = {}
@@ -112,7 +128,7 @@ class TransportLayer:
         if self._running:
             raise RuntimeError("transport layer already started")
         listen = self._config.listen
-        if self._server_ssl is None and any(a.transport is Transport.TLS for a in listen):
+        if any(self._tls_for(a) is None for a in listen if a.transport is Transport.TLS):
             raise ValueError("a TLS listener needs server_ssl")
         self._stopping = False
         try:
@@ -126,8 +142,9 @@ class TransportLayer:
                         address.host,
                         address.port,
                         self._new_connection(address.transport),
-                        self._server_ssl if address.transport is Transport.TLS else None,
+                        self._tls_for(address),
                         self._config.connect_timeout,
+                        gate=self,
                     )
                 self._listeners.append(listener)
                 await listener.start()
@@ -177,6 +194,11 @@ class TransportLayer:
 
     def _new_connection(self, transport: Transport) -> _Factory:
         return _Factory(self, transport)
+
+    def _tls_for(self, address: ListenAddress) -> ServerTls | None:
+        if address.transport is not Transport.TLS:
+            return None
+        return self._listener_tls.get(address, self._server_ssl)
 
     # -- choosing a socket ------------------------------------------------------------
 
@@ -471,6 +493,26 @@ class TransportLayer:
         if self._running:
             logger.error("x %r lost: %s", listener, exc)
 
+    # -- HandshakeGate ----------------------------------------------------------------
+
+    def admit_handshake(self, host: str) -> bool:
+        if self._stopping:
+            return False
+        if self.handshakes is None:
+            return True
+        verdict = self.handshakes.admit(host, asyncio.get_running_loop().time())
+        if verdict is Admission.ADMITTED:
+            return True
+        self.stats.incr(Stat.TLS_HANDSHAKES_REFUSED)
+        logger.debug("x refusing a TLS handshake from %s: %s", host, verdict.value)
+        return False
+
+    def handshake_done(self, host: str, ok: bool) -> None:
+        if self.handshakes is not None:
+            self.handshakes.finish(host, asyncio.get_running_loop().time())
+        if not ok:
+            self.stats.incr(Stat.TLS_HANDSHAKE_FAILURES)
+
     # -- StreamOwner ------------------------------------------------------------------
 
     def connection_made(self, connection: StreamConnection) -> bool:
@@ -479,6 +521,15 @@ class TransportLayer:
         if connection.outbound:
             self.stats.incr(Stat.CONNECTIONS_OPENED)
         else:
+            tls = connection.listener.tls if connection.listener is not None else None
+            if tls is not None and not tls.admits(connection.peer):
+                self.stats.incr(Stat.TLS_PEERS_REJECTED)
+                logger.info(
+                    "x refusing %s: client certificate %s is not trusted",
+                    connection.flow,
+                    connection.peer.fingerprint if connection.peer else "missing",
+                )
+                return False
             if self._inbound >= self._config.max_connections:
                 self.stats.incr(Stat.CONNECTIONS_REFUSED)
                 logger.info("x refusing %s: %d connections", connection.flow, self._inbound)

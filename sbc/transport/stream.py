@@ -5,15 +5,22 @@ StreamFramer and every item it yields (message, parse error, keepalive) is hande
 to the ``StreamOwner`` (the TransportLayer), which decides what to answer and when
 to close. TLS is the standard library's, through asyncio, with SSL contexts the
 caller supplies.
+
+A TLS listener accepts TCP connections itself and starts each handshake only once
+its ``HandshakeGate`` admits the source address: asyncio's own TLS server starts
+the handshake before the application learns who is calling.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
+import socket
 import ssl
 from collections.abc import Callable
-from typing import Protocol, cast
+from typing import Final, Protocol, cast
 
 from sbc.sip.errors import ParseError
 from sbc.sip.message import Request, Response
@@ -21,12 +28,19 @@ from sbc.sip.parser import FramingError, Keepalive, StreamFramer
 from sbc.transport.base import (
     MAX_WRITE_BUFFER,
     Flow,
+    PeerCertificate,
     Transport,
     format_hostport,
     normalize_host,
 )
+from sbc.transport.certificates import ServerTls, peer_certificate
 
 logger = logging.getLogger(__name__)
+
+#: Pending TCP connections a TLS listener's kernel queue holds (as asyncio's default).
+LISTEN_BACKLOG: Final = 100
+#: Seconds a TLS listener pauses after accept() fails (out of file descriptors).
+ACCEPT_RETRY_DELAY: Final = 0.1
 
 #: What a connection hands its owner: a framing failure arrives as the ParseError
 #: it carries, with ``close`` set.
@@ -43,6 +57,16 @@ class StreamOwner(Protocol):
     def stream_event(self, connection: StreamConnection, event: StreamEvent) -> None: ...
 
     def connection_lost(self, connection: StreamConnection, exc: Exception | None) -> None: ...
+
+
+class HandshakeGate(Protocol):
+    """What a TLS listener asks before it spends a handshake on a source address."""
+
+    def admit_handshake(self, host: str) -> bool:
+        """Whether a handshake from ``host`` may start; True obliges ``handshake_done``."""
+        ...
+
+    def handshake_done(self, host: str, ok: bool) -> None: ...
 
 
 class StreamConnection(asyncio.Protocol):
@@ -62,6 +86,7 @@ class StreamConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._framer = StreamFramer()
         self._flow: Flow | None = None
+        self.peer: PeerCertificate | None = None
         self._closing = False
         self._closed = asyncio.get_running_loop().create_future()
         self.last_activity = asyncio.get_running_loop().time()
@@ -128,6 +153,14 @@ class StreamConnection(asyncio.Protocol):
             local = (self.listener.host, self.listener.port)
         else:
             local = transport.get_extra_info("sockname")
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            der = ssl_object.getpeercert(binary_form=True)
+            tls = self.listener.tls if self.listener is not None else None
+            if tls is not None:
+                self.peer = tls.identify(der)
+            elif der:
+                self.peer = peer_certificate(der)
         self._flow = Flow(
             self._kind,
             normalize_host(local[0]),
@@ -135,6 +168,7 @@ class StreamConnection(asyncio.Protocol):
             normalize_host(peer[0]),
             peer[1],
             self.id,
+            self.peer,
         )
         self._touch()
         if not self._owner.connection_made(self):
@@ -165,7 +199,11 @@ ConnectionFactory = Callable[["StreamListener | None"], StreamConnection]
 
 
 class StreamListener:
-    """A TCP or TLS server socket bound to one address."""
+    """A TCP or TLS server socket bound to one address.
+
+    A TLS listener serves ``ssl_context`` (a ServerTls follows its reloads) and
+    asks ``gate`` before each handshake.
+    """
 
     def __init__(
         self,
@@ -173,8 +211,9 @@ class StreamListener:
         host: str,
         port: int,
         factory: ConnectionFactory,
-        ssl_context: ssl.SSLContext | None = None,
+        ssl_context: ssl.SSLContext | ServerTls | None = None,
         handshake_timeout: float = 5.0,
+        gate: HandshakeGate | None = None,
     ) -> None:
         if (transport is Transport.TLS) != (ssl_context is not None):
             raise ValueError("a TLS listener needs an SSL context, a TCP listener none")
@@ -182,9 +221,18 @@ class StreamListener:
         self._host = host
         self._port = port
         self._factory = factory
-        self._ssl = ssl_context
+        if isinstance(ssl_context, ssl.SSLContext):
+            ssl_context = ServerTls.fixed(ssl_context)
+        self.tls: ServerTls | None = ssl_context
         self._handshake_timeout = handshake_timeout
+        self._gate = gate
         self._server: asyncio.Server | None = None
+        self._socket: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._handshakes: set[asyncio.Task[bool]] = set()
+        #: Accepted sockets whose handshake task has not run yet: closed here if the
+        #: task is cancelled before it takes them.
+        self._unstarted: set[socket.socket] = set()
 
     @property
     def transport(self) -> Transport:
@@ -200,6 +248,8 @@ class StreamListener:
 
     @property
     def is_serving(self) -> bool:
+        if self._accepting is not None:
+            return not self._accepting.done()
         return self._server is not None and self._server.is_serving()
 
     def __repr__(self) -> str:
@@ -208,25 +258,101 @@ class StreamListener:
     async def start(self) -> None:
         """Bind and listen; raises OSError if the address cannot be bound."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: self._factory(self),
-            self._host,
-            self._port,
-            ssl=self._ssl,
-            ssl_handshake_timeout=self._handshake_timeout if self._ssl else None,
-        )
-        self._port = self._server.sockets[0].getsockname()[1]
+        if self.tls is not None:
+            self._socket = await self._bind(loop)
+            self._port = self._socket.getsockname()[1]
+            self._accepting = loop.create_task(
+                self._accept(self._socket), name=f"sbc-tls-accept-{self._port}"
+            )
+        else:
+            self._server = await loop.create_server(
+                lambda: self._factory(self), self._host, self._port
+            )
+            self._port = self._server.sockets[0].getsockname()[1]
         logger.info(
             "- listening on %s %s", self._kind.value, format_hostport(self._host, self._port)
         )
 
+    async def _bind(self, loop: asyncio.AbstractEventLoop) -> socket.socket:
+        # As asyncio's create_server: SO_REUSEADDR, and an IPv6 socket is IPv6 only.
+        infos = await loop.getaddrinfo(
+            self._host, self._port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    async def _accept(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, address = await loop.sock_accept(sock)
+            except OSError as exc:
+                logger.warning("x accept on %r: %s", self, exc)
+                await asyncio.sleep(ACCEPT_RETRY_DELAY)
+                continue
+            host = normalize_host(address[0])
+            if self._gate is not None and not self._gate.admit_handshake(host):
+                conn.close()
+                continue
+            self._unstarted.add(conn)
+            task = loop.create_task(self._handshake(conn, host))
+            self._handshakes.add(task)
+            task.add_done_callback(functools.partial(self._handshake_ended, conn=conn, host=host))
+
+    async def _handshake(self, conn: socket.socket, host: str) -> bool:
+        """Run the handshake; on success the connection's protocol takes over."""
+        assert self.tls is not None
+        # From here on the transport owns the socket, and closes it on failure.
+        self._unstarted.discard(conn)
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: self._factory(self),
+                conn,
+                ssl=self.tls.context,
+                ssl_handshake_timeout=self._handshake_timeout,
+            )
+        except (OSError, ssl.SSLError, EOFError, ValueError) as exc:
+            logger.debug("x TLS handshake from %s on %r: %r", host, self, exc)
+            return False
+        return True
+
+    def _handshake_ended(self, task: asyncio.Task[bool], *, conn: socket.socket, host: str) -> None:
+        self._handshakes.discard(task)
+        if conn in self._unstarted:
+            self._unstarted.discard(conn)
+            conn.close()
+        ok = not task.cancelled() and task.exception() is None and task.result()
+        if self._gate is not None:
+            self._gate.handshake_done(host, ok)
+
     def close(self) -> None:
         if self._server is not None:
             self._server.close()
+        if self._accepting is not None:
+            self._accepting.cancel()
+        for task in self._handshakes:
+            task.cancel()
+        if self._socket is not None:
+            self._socket.close()
 
     async def wait_closed(self) -> None:
         if self._server is not None:
             await self._server.wait_closed()
+        tasks = [t for t in (self._accepting, *self._handshakes) if t is not None]
+        if tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def connect(

@@ -1,0 +1,92 @@
+"""The realms: and routes: configuration sections, and what sbc.app builds from them."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from sbc.app import realm_table, router
+from sbc.b2bua.routing import RejectRoute, TrunkRoute
+from sbc.config.loader import ConfigError, load_config_text
+from sbc.config.schema import Config
+from sbc.sip.uri import parse_uri
+from sbc.transport.base import Destination, Flow, ListenAddress, Transport
+
+GOOD = """\
+sip:
+  listen: [{transport: udp, address: 127.0.0.1, port: 0}]
+realms:
+  - name: outside
+    listen: [{transport: udp, address: 198.51.100.1, port: 5060}]
+    media_address: 198.51.100.1
+  - name: inside
+    listen:
+      - {transport: udp, address: 203.0.113.1, port: 5060}
+      - {transport: tcp, address: "2001:db8::1", port: 5060}
+    media_address: 203.0.113.1
+    keep_headers: [Subject, X-Account]
+routes:
+  - {name: busy, action: reject, user_prefix: "900", status: 486}
+  - {name: core, action: trunk, from_realm: outside, realm: inside,
+     host: 203.0.113.5, port: 5070, transport: tcp}
+"""
+
+
+def load(text: str) -> Config:
+    return load_config_text(textwrap.dedent(text), "sbc.yaml", Path("/etc/sbc"))
+
+
+def problems(text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        load(text)
+    return str(info.value)
+
+
+def test_realms_and_routes_build_the_b2bua_tables() -> None:
+    config = load(GOOD)
+    realms = realm_table(config)
+    inside = realms.get("inside")
+    assert inside is not None and inside.keeps("x-account") and not inside.keeps("X-Other")
+    flow = Flow(Transport.UDP, "198.51.100.1", 5060, "198.51.100.9", 4000)
+    outside = realms.of_flow(flow)
+    assert outside is not None and outside.name == "outside"
+    assert realms.of_flow(Flow(Transport.UDP, "127.0.0.1", 5060, "127.0.0.1", 1)) is None
+    rules = router(config)
+    assert rules.route("outside", parse_uri("sip:9001@x")) == RejectRoute("busy", 486)
+    assert rules.route("outside", parse_uri("sip:1000@x")) == TrunkRoute(
+        "core", "inside", Destination(Transport.TCP, "203.0.113.5", 5070)
+    )
+    hop = realms.hop(inside, Destination(Transport.TCP, "2001:db8::5", 5060))
+    assert hop is not None and hop.local == ListenAddress(Transport.TCP, "2001:db8::1", 5060)
+
+
+def test_embedded_default_has_no_realms_or_routes(tmp_path: Path) -> None:
+    config = load_config_text("{}", "empty.yaml", tmp_path)
+    assert config.realms == () and config.routes == ()
+
+
+def test_unknown_realm_in_a_route_is_located() -> None:
+    text = GOOD.replace("from_realm: outside", "from_realm: dmz")
+    assert "sbc.yaml:15: routes[1].from_realm: unknown realm 'dmz'" in problems(text)
+
+
+def test_a_trunk_without_host_is_refused() -> None:
+    text = GOOD.replace("host: 203.0.113.5, ", "")
+    assert "routes[1]: a trunk route needs realm and host" in problems(text)
+
+
+def test_duplicate_realm_names_and_sockets_are_refused() -> None:
+    text = GOOD.replace("name: inside", "name: outside").replace(
+        "203.0.113.1, port: 5060", "198.51.100.1, port: 5060"
+    )
+    found = problems(text)
+    assert "realms[1].name: duplicate realm 'outside'" in found
+    assert "realms[1].listen[0]: udp 198.51.100.1:5060 is already used by another listener" in found
+
+
+def test_unquoted_digit_prefix_and_bad_status_are_type_errors() -> None:
+    found = problems(GOOD.replace('user_prefix: "900"', "user_prefix: 900").replace("486", "200"))
+    assert "routes[0].user_prefix: expected" in found
+    assert "routes[0].status: expected an integer 400..699, got 200" in found
