@@ -1,21 +1,33 @@
-"""The kernel fast path: stateless nftables rewrite rules in the SBC's table.
+"""The kernel fast path: stateless nftables rewrites in the SBC's table.
 
 Every media object lives in table ``inet sbc`` under a ``media_`` name:
 
-- chain ``media_prerouting`` (filter, hook prerouting, priority raw): one rule per
-  relayed direction matches the latched peer's packets to the SBC port
-  (saddr, sport, daddr, dport), marks them ``notrack`` (no conntrack entry), counts
-  them in a named counter and rewrites the destination to the other side's latched
-  address. The kernel routes the packet on (``ip_forward=1``), user space never sees it.
-- chain ``media_postrouting`` (filter, hook postrouting, priority srcnat): the
-  matching rule rewrites the source to the SBC's port on the other side. The source
-  is rewritten after routing so the reverse-path and martian-source checks see the
-  peer's real address.
+- chain ``media_prerouting`` (filter, hook prerouting, priority raw): one dispatch rule
+  per address family looks the packet's (saddr . sport . daddr . dport) up in the
+  verdict map ``media_pre_v4`` / ``media_pre_v6`` and jumps (``goto``) to the
+  forward's own chain. A hash lookup, so the cost per packet does not grow with the
+  number of streams (one rule per stream made every packet walk them all: 400 streams
+  cost 4x rtpengine's CPU per packet). The key is the latched peer's exact source, so
+  strict source stays enforced in the kernel: a packet from anywhere else misses the
+  map and goes on to user space, which drops or re-latches it.
+- chain ``media_<forward>_pre``: marks the packet ``notrack`` (no conntrack entry),
+  counts it in the forward's named counter and rewrites the destination to the other
+  side's latched address. The kernel routes it on (``ip_forward=1``); user space never
+  sees it.
+- chain ``media_postrouting`` (filter, hook postrouting, priority srcnat): the same
+  dispatch on the rewritten tuple through ``media_post_v4`` / ``media_post_v6`` into
+  ``media_<forward>_post``, which rewrites the source to the SBC's port on the other
+  side. The source is rewritten after routing so the reverse-path and martian-source
+  checks see the peer's real address.
 - counters ``media_<session>_<stream>_<direction>``: packets and bytes per direction.
 
-With rtcp-mux the prerouting rule leaves RTCP (RFC 5761: second octet 192..223) to
-user space, which parses it for quality figures; RTCP on its own port is always
-relayed in user space (a few packets per five seconds).
+Values are plain addresses and ports set by payload statements; no map with
+concatenated values is needed (libnftables 1.0.6 cannot declare those in JSON, and a
+concatenation cannot be written to two header fields in one statement anyway).
+
+With rtcp-mux the forward's prerouting chain leaves RTCP (RFC 5761: second octet
+192..223) to user space, which parses it for quality figures; RTCP on its own port is
+always relayed in user space (a few packets per five seconds).
 
 Rendering is pure (`render_*` return nftables JSON commands); `KernelMediaTable`
 applies them in batches through the nftables Python binding (libnftables).
@@ -25,7 +37,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -38,12 +50,21 @@ TABLE = "sbc"
 PREFIX = "media_"
 PREROUTING = "media_prerouting"
 POSTROUTING = "media_postrouting"
+#: Verdict maps of the dispatch rules: (hook chain, family) -> map name.
+DISPATCH_MAPS = {
+    (PREROUTING, 4): "media_pre_v4",
+    (PREROUTING, 6): "media_pre_v6",
+    (POSTROUTING, 4): "media_post_v4",
+    (POSTROUTING, 6): "media_post_v6",
+}
 #: NF_IP_PRI_RAW: before conntrack, so `notrack` takes effect.
 PRIO_RAW = -300
 #: NF_IP_PRI_NAT_SRC.
 PRIO_SRCNAT = 100
 #: Second octet of RTCP on a multiplexed port (RFC 5761 4).
 RTCP_MUX_RANGE = (192, 223)
+_ADDRESS_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
+_NFPROTO = {4: "ipv4", 6: "ipv6"}
 
 
 class KernelPathUnavailable(RuntimeError):
@@ -72,8 +93,28 @@ class KernelForward:
             raise ValueError(f"{self.name}: mixed address families on one side")
 
     @property
-    def comment(self) -> str:
-        return self.name
+    def pre_chain(self) -> str:
+        """The forward's chain behind the prerouting dispatch (destination rewrite)."""
+        return f"{self.name}_pre"
+
+    @property
+    def post_chain(self) -> str:
+        """The forward's chain behind the postrouting dispatch (source rewrite)."""
+        return f"{self.name}_post"
+
+    def pre_key(self) -> dict[str, Any]:
+        """The latched tuple as it arrives: peer -> SBC port on the receiving side."""
+        return _tuple(self.source, self.local_in)
+
+    def post_key(self) -> dict[str, Any]:
+        """The tuple after the prerouting rewrite: peer -> other side's peer."""
+        return _tuple(self.source, self.destination)
+
+
+def _tuple(source: Endpoint, destination: Endpoint) -> dict[str, Any]:
+    return {
+        "concat": [str(source.address), source.port, str(destination.address), destination.port]
+    }
 
 
 def _payload(protocol: str, field: str) -> dict[str, Any]:
@@ -96,13 +137,33 @@ def _obj(kind: str, **fields: Any) -> dict[str, Any]:
     return {kind: {"family": TABLE_FAMILY, "table": TABLE, **fields}}
 
 
-def render_base() -> list[dict[str, Any]]:
-    """Commands that create the table (if missing) and the media base chains.
+def _dispatch_rule(chain: str, family: int) -> dict[str, Any]:
+    """``ip saddr . udp sport . ip daddr . udp dport vmap @media_pre_v4`` and kin."""
+    ip = "ip" if family == 4 else "ip6"
+    key = [
+        _payload(ip, "saddr"),
+        _payload("udp", "sport"),
+        _payload(ip, "daddr"),
+        _payload("udp", "dport"),
+    ]
+    expr = [
+        _match({"meta": {"key": "nfproto"}}, _NFPROTO[family]),
+        _match({"meta": {"key": "l4proto"}}, "udp"),
+        {"vmap": {"key": {"concat": key}, "data": f"@{DISPATCH_MAPS[chain, family]}"}},
+    ]
+    return _obj("rule", chain=chain, expr=expr)
 
-    ``add`` leaves existing objects alone, so this never disturbs the firewall's part
-    of the table nor rules already installed.
+
+def render_base() -> list[dict[str, Any]]:
+    """Commands that create the table (if missing), the media base chains, the dispatch
+    maps and the dispatch rules.
+
+    ``add`` leaves existing objects alone and the base chains hold nothing but the
+    dispatch rules (flushed and added again in the same transaction), so this is
+    idempotent and never disturbs the firewall's part of the table nor the forwards
+    already installed (they live in the maps and their own chains).
     """
-    return [
+    commands: list[dict[str, Any]] = [
         {"add": {"table": {"family": TABLE_FAMILY, "name": TABLE}}},
         {
             "add": _obj(
@@ -125,17 +186,20 @@ def render_base() -> list[dict[str, Any]]:
             )
         },
     ]
+    for (_, family), name in DISPATCH_MAPS.items():
+        address = _ADDRESS_TYPE[family]
+        key_type = [address, "inet_service", address, "inet_service"]
+        commands.append({"add": _obj("map", name=name, type=key_type, map="verdict")})
+    for chain in (PREROUTING, POSTROUTING):
+        commands.append({"flush": _obj("chain", name=chain)})
+        commands += [{"add": _dispatch_rule(chain, family)} for family in (4, 6)]
+    return commands
 
 
 def render_prerouting_rule(forward: KernelForward) -> dict[str, Any]:
-    src, dst = _ip(forward.source), _ip(forward.destination)
-    expr: list[dict[str, Any]] = [
-        _match(_payload(src, "saddr"), str(forward.source.address)),
-        _match(_payload(src, "daddr"), str(forward.local_in.address)),
-        _match({"meta": {"key": "l4proto"}}, "udp"),
-        _match(_payload("udp", "sport"), forward.source.port),
-        _match(_payload("udp", "dport"), forward.local_in.port),
-    ]
+    """The rule of the forward's prerouting chain: the dispatch map matched the tuple."""
+    dst = _ip(forward.destination)
+    expr: list[dict[str, Any]] = []
     if forward.spare_rtcp:
         # Second octet of the UDP payload: bit offset 8*8 + 8 from the transport header.
         octet = {"payload": {"base": "th", "offset": 72, "len": 8}}
@@ -146,42 +210,65 @@ def render_prerouting_rule(forward: KernelForward) -> dict[str, Any]:
         _mangle(_payload(dst, "daddr"), str(forward.destination.address)),
         _mangle(_payload("udp", "dport"), forward.destination.port),
     ]
-    return _obj("rule", chain=PREROUTING, comment=forward.comment, expr=expr)
+    return _obj("rule", chain=forward.pre_chain, expr=expr)
 
 
 def render_postrouting_rule(forward: KernelForward) -> dict[str, Any]:
+    """The rule of the forward's postrouting chain: the source rewrite."""
     src, dst = _ip(forward.source), _ip(forward.destination)
     if src != dst:
         raise ValueError(f"{forward.name}: the kernel path cannot change address family")
     expr = [
-        _match(_payload(dst, "saddr"), str(forward.source.address)),
-        _match(_payload(dst, "daddr"), str(forward.destination.address)),
-        _match({"meta": {"key": "l4proto"}}, "udp"),
-        _match(_payload("udp", "sport"), forward.source.port),
-        _match(_payload("udp", "dport"), forward.destination.port),
         _mangle(_payload(dst, "saddr"), str(forward.local_out.address)),
         _mangle(_payload("udp", "sport"), forward.local_out.port),
     ]
-    return _obj("rule", chain=POSTROUTING, comment=forward.comment, expr=expr)
+    return _obj("rule", chain=forward.post_chain, expr=expr)
+
+
+def _element(chain: str, forward: KernelForward, with_verdict: bool) -> dict[str, Any]:
+    family = forward.source.family
+    if chain == PREROUTING:
+        key, target = forward.pre_key(), forward.pre_chain
+    else:
+        key, target = forward.post_key(), forward.post_chain
+    elem: Any = [key, {"goto": {"target": target}}] if with_verdict else key
+    return _obj("element", name=DISPATCH_MAPS[chain, family], elem=[elem])
 
 
 def render_install(forwards: Iterable[KernelForward]) -> list[dict[str, Any]]:
-    """Counter and both rules of every forward: one transaction."""
+    """Counter, both chains with their rule and both dispatch elements of every forward:
+    one transaction. The elements come last, so no packet reaches a half-built chain."""
     commands: list[dict[str, Any]] = []
     for forward in forwards:
-        commands.append({"add": _obj("counter", name=forward.name)})
-        commands.append({"add": render_prerouting_rule(forward)})
-        commands.append({"add": render_postrouting_rule(forward)})
+        commands += [
+            {"add": _obj("counter", name=forward.name)},
+            # Flushed before the rule goes in: installing a forward again replaces it.
+            {"add": _obj("chain", name=forward.pre_chain)},
+            {"flush": _obj("chain", name=forward.pre_chain)},
+            {"add": render_prerouting_rule(forward)},
+            {"add": _obj("chain", name=forward.post_chain)},
+            {"flush": _obj("chain", name=forward.post_chain)},
+            {"add": render_postrouting_rule(forward)},
+            {"add": _element(PREROUTING, forward, with_verdict=True)},
+            {"add": _element(POSTROUTING, forward, with_verdict=True)},
+        ]
     return commands
 
 
-def render_remove(handles: Mapping[str, tuple[int, int]]) -> list[dict[str, Any]]:
-    """Delete the rules (by handle) then the counters of the named forwards."""
+def render_remove(forwards: Iterable[KernelForward]) -> list[dict[str, Any]]:
+    """Delete the dispatch elements, then the chains, then the counters of the forwards
+    (in that order: an element holds its chain, a rule its counter)."""
     commands: list[dict[str, Any]] = []
-    for name, (pre, post) in handles.items():
-        commands.append({"delete": _obj("rule", chain=PREROUTING, handle=pre)})
-        commands.append({"delete": _obj("rule", chain=POSTROUTING, handle=post)})
-        commands.append({"delete": _obj("counter", name=name)})
+    for forward in forwards:
+        commands += [
+            {"delete": _element(PREROUTING, forward, with_verdict=False)},
+            {"delete": _element(POSTROUTING, forward, with_verdict=False)},
+            {"flush": _obj("chain", name=forward.pre_chain)},
+            {"delete": _obj("chain", name=forward.pre_chain)},
+            {"flush": _obj("chain", name=forward.post_chain)},
+            {"delete": _obj("chain", name=forward.post_chain)},
+            {"delete": _obj("counter", name=forward.name)},
+        ]
     return commands
 
 
@@ -224,8 +311,8 @@ class KernelMediaTable:
         self._nft = binding if binding is not None else _new_binding()
         self._nft.set_json_output(True)
         self._nft.set_handle_output(True)
-        # forward name -> (prerouting rule handle, postrouting rule handle)
-        self._handles: dict[str, tuple[int, int]] = {}
+        # forward name -> the forward as installed (its keys name the map elements)
+        self._forwards: dict[str, KernelForward] = {}
 
     def _run(self, commands: list[dict[str, Any]], echo: bool = False) -> Any:
         if not commands:
@@ -268,36 +355,28 @@ class KernelMediaTable:
                 chains.append(name)
             elif kind in ("counter", "set", "map", "quota", "limit"):
                 others.append((kind, name))
-        commands: list[dict[str, Any]] = []
-        for name in chains:
-            commands.append({"flush": _obj("chain", name=name)})
-            commands.append({"delete": _obj("chain", name=name)})
-        commands += [{"delete": _obj(kind, name=name)} for kind, name in others]
+        # Rules hold counters and maps, map elements hold chains: empty every chain,
+        # then drop maps and sets, then the chains, then what is left.
+        commands: list[dict[str, Any]] = [{"flush": _obj("chain", name=n)} for n in chains]
+        commands += [{"delete": _obj(k, name=n)} for k, n in others if k in ("map", "set")]
+        commands += [{"delete": _obj("chain", name=n)} for n in chains]
+        commands += [{"delete": _obj(k, name=n)} for k, n in others if k not in ("map", "set")]
         self._run(commands)
-        self._handles.clear()
+        self._forwards.clear()
         return len(chains) + len(others)
 
     def install(self, forwards: Sequence[KernelForward]) -> None:
         """Add the forwards in one transaction (all or nothing)."""
-        output = self._run(render_install(forwards), echo=True)
-        handles: dict[str, list[int]] = {}
-        for item in output["nftables"] if output else ():
-            rule = item.get("add", {}).get("rule")
-            if rule is not None:
-                slot = 0 if rule["chain"] == PREROUTING else 1
-                handles.setdefault(rule["comment"], [0, 0])[slot] = int(rule["handle"])
+        self._run(render_install(forwards))
         for forward in forwards:
-            pre, post = handles.get(forward.name, [0, 0])
-            if not pre or not post:
-                raise KernelPathUnavailable(f"{forward.name}: no rule handle echoed back")
-            self._handles[forward.name] = (pre, post)
+            self._forwards[forward.name] = forward
 
     def remove(self, names: Iterable[str]) -> None:
-        """Delete the named forwards (rules and counters) in one transaction."""
-        handles = {n: self._handles[n] for n in names if n in self._handles}
-        self._run(render_remove(handles))
-        for name in handles:
-            del self._handles[name]
+        """Delete the named forwards (elements, chains, counters) in one transaction."""
+        forwards = [self._forwards[n] for n in dict.fromkeys(names) if n in self._forwards]
+        self._run(render_remove(forwards))
+        for forward in forwards:
+            del self._forwards[forward.name]
 
     def counters(self) -> dict[str, KernelCounter]:
         """Packets and bytes of every media counter, read in one call."""
@@ -310,4 +389,4 @@ class KernelMediaTable:
 
     @property
     def installed(self) -> frozenset[str]:
-        return frozenset(self._handles)
+        return frozenset(self._forwards)

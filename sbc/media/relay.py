@@ -267,6 +267,20 @@ class MediaRelay:
 
     async def close(self) -> None:
         """Delete every session (rules out, sockets closed) and stop."""
+        # One counter read and one transaction for every kernel stream: deleting the
+        # sessions one by one reads all counters of the table each time, which took
+        # minutes with a few thousand streams.
+        streams = [s for session in self._sessions.values() for s in session.streams if s.kernel]
+        if streams and self._kernel is not None:
+            await self._refresh_kernel_counters()
+            try:
+                await self._nft(
+                    self._kernel.remove, [s.forward_name(side) for s in streams for side in Side]
+                )
+            except KernelPathUnavailable as exc:
+                logger.error("x kernel rules not removed on close: %s", exc)
+            for stream in streams:
+                stream.kernel = False
         for session_id in list(self._sessions):
             await self.delete(session_id)
         if self._poller is not None:

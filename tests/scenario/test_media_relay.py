@@ -33,6 +33,7 @@ from sbc.media import (
     SourceLatched,
     StreamOffer,
 )
+from sbc.media.kernel import POSTROUTING, PREROUTING
 from sbc.media.relay import MediaRelay, new_event_loop
 from sbc.media.rtp import RtpHeader
 from sbc.media.srtp import SrtpSuite
@@ -171,18 +172,24 @@ def run(lab: Lab, coro_fn: Any) -> Any:
 
 
 def nft_media_objects(lab: Lab) -> dict[str, list[Any]]:
-    """The media rules and counters now in table inet sbc of the sbc namespace."""
+    """The per-forward media objects now in table inet sbc of the sbc namespace: rules
+    (the dispatch rules of the base chains left out), counters, chains and the
+    elements of the dispatch maps."""
     result = lab.run("sbc", "nft", "-j", "list", "table", "inet", "sbc", check=False)
-    found: dict[str, list[Any]] = {"rules": [], "counters": [], "chains": []}
+    found: dict[str, list[Any]] = {"rules": [], "counters": [], "chains": [], "elements": []}
     if result.returncode != 0:
         return found
+    base_chains = (PREROUTING, POSTROUTING)
     for item in json.loads(result.stdout)["nftables"]:
         if "rule" in item and item["rule"]["chain"].startswith("media_"):
-            found["rules"].append(item["rule"])
+            if item["rule"]["chain"] not in base_chains:
+                found["rules"].append(item["rule"])
         elif "counter" in item and item["counter"]["name"].startswith("media_"):
             found["counters"].append(item["counter"])
         elif "chain" in item and item["chain"]["name"].startswith("media_"):
             found["chains"].append(item["chain"]["name"])
+        elif "map" in item and item["map"]["name"].startswith("media_"):
+            found["elements"] += item["map"].get("elem", [])
     return found
 
 
@@ -292,7 +299,10 @@ def test_kernel_path_carries_the_stream_after_latching(lab: Lab, family: int) ->
     assert {src for _, src in r["call"].callee.received} == {r["call"].b_local}
     assert {src for _, src in r["call"].caller.received} == {r["call"].a_local}
     assert len(r["during"]["rules"]) == 4 and len(r["during"]["counters"]) == 2
+    # One element per direction in each of the prerouting and postrouting maps.
+    assert len(r["during"]["elements"]) == 4
     assert r["after"]["rules"] == [] and r["after"]["counters"] == []
+    assert r["after"]["elements"] == [] and r["after"]["chains"] == [PREROUTING, POSTROUTING]
     assert r["final"].streams[0].a.counters.kernel_packets == BULK
     assert r["late"] == 0
     assert r["nxt"].streams[0].a.local.port != r["call"].a_local.port
@@ -521,7 +531,7 @@ def test_unprivileged_relay_falls_back_to_userspace(lab: Lab) -> None:
     assert "Operation not permitted" in status["reason"]
     assert got == (20, 20)  # both ways, all in user space
     assert log.count("kernel fast path unavailable") == 1
-    assert nft_media_objects(lab) == {"rules": [], "counters": [], "chains": []}
+    assert nft_media_objects(lab) == {"rules": [], "counters": [], "chains": [], "elements": []}
 
 
 def test_crash_restart_leaves_no_stale_rules_and_takeover_reinstalls(lab: Lab) -> None:
@@ -569,7 +579,8 @@ def test_crash_restart_leaves_no_stale_rules_and_takeover_reinstalls(lab: Lab) -
     r = run(lab, restart)
     assert len(stale["rules"]) == 4 and len(stale["counters"]) == 2  # the crash left them
     assert r["after_start"]["rules"] == [] and r["after_start"]["counters"] == []
-    assert len(r["reinstalled"]["rules"]) == 4
+    assert r["after_start"]["elements"] == []
+    assert len(r["reinstalled"]["rules"]) == 4 and len(r["reinstalled"]["elements"]) == 4
     assert r["got"] == (50, 50)
     a = r["stats"].streams[0].a.counters
     assert a.kernel_packets == 50  # straight through the kernel, no re-latching
