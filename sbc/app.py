@@ -5,6 +5,10 @@ hands parsed messages to the transaction layer, whose events go to the
 transaction user (today the LocalResponder); the transaction layer's outputs go
 back to the transport layer and its next deadline becomes one loop timer.
 
+With ``firewall.enabled``, the edge firewall (nftables table ``inet sbc``) is
+installed before SIP binds and removed after it stops; every request received and
+every message that fails to parse is fed to its detectors.
+
 Signals: SIGTERM and SIGINT stop gracefully; SIGHUP reloads the configuration
 file. A file that does not load is refused with its problems logged, and the
 running configuration stays in force; so does the old one when the new
@@ -14,12 +18,14 @@ listeners cannot be bound.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import ssl
 import sys
 import time
 from dataclasses import replace
+from ipaddress import ip_address
 from pathlib import Path
 
 from aiohttp import web
@@ -37,9 +43,17 @@ from sbc.b2bua.routing import RouteAction, Router, RouteRule
 from sbc.cli import setup_logging
 from sbc.config.loader import ConfigError, default_config, load_config
 from sbc.config.schema import Config, MutualTls
+from sbc.firewall.bans import IPAddress
+from sbc.firewall.blacklist import TrustedTargetError
+from sbc.firewall.config import FirewallConfig, SipPorts
+from sbc.firewall.firewall import Firewall
+from sbc.firewall.nft import NftError
+from sbc.firewall.sip_events import malformed_event, request_event
 from sbc.media.config import MediaConfig, RealmMediaAddress
 from sbc.media.control import MediaError
 from sbc.media.relay import MediaRelay
+from sbc.media.session import MediaSession
+from sbc.sip.errors import ParseError
 from sbc.sip.message import Request, Response
 from sbc.sip.transaction import Outgoing, Output, TransactionLayer
 from sbc.transport.base import (
@@ -137,6 +151,59 @@ def media_config(config: Config) -> MediaConfig:
     return MediaConfig(realms=realms, kernel_path=False)
 
 
+def firewall_config(config: Config) -> FirewallConfig:
+    """``firewall:``, its SIP ports taken from the listeners when left at the defaults.
+
+    Ephemeral listeners (port 0) are not metered: their port is unknown until bound,
+    and the ruleset goes in before SIP binds.
+    """
+    section = config.firewall
+    if section.sip_ports != SipPorts():
+        return section
+    listeners = _listen_addresses(config)
+
+    def ports(transport: Transport) -> tuple[int, ...]:
+        return tuple(sorted({a.port for a in listeners if a.transport is transport and a.port}))
+
+    derived = SipPorts(udp=ports(Transport.UDP), tcp=ports(Transport.TCP), tls=ports(Transport.TLS))
+    return replace(section, sip_ports=derived)
+
+
+class FirewallUnavailableError(RuntimeError):
+    """``firewall.required`` is set and the ruleset could not be installed."""
+
+
+#: Seconds between blacklist flushes to the state file (bans are in the kernel at once).
+FIREWALL_FLUSH_INTERVAL = 1.0
+
+
+def _started_firewall(section: FirewallConfig) -> Firewall:
+    """A Firewall with its ruleset installed (blocks on netlink: run in an executor)."""
+    firewall = Firewall(section)
+    firewall.start()
+    return firewall
+
+
+def _source_address(flow: Flow) -> IPAddress | None:
+    try:
+        address = ip_address(flow.remote_host)
+    except ValueError:
+        return None
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _session_ports(session: MediaSession) -> set[int]:
+    """The relay's RTP and RTCP ports of a session, both legs."""
+    return {
+        port
+        for stream in session.streams
+        for leg in (stream.a, stream.b)
+        for port in (leg.local.port, leg.local_rtcp.port)
+    }
+
+
 def certificate_paths(config: Config) -> CertificatePaths:
     tls = config.sip.tls
     if tls.certificate is not None and tls.private_key is not None:
@@ -194,12 +261,17 @@ class SbcNode:
         self._timer_at: float | None = None
         self._stopping = False
         self.stopped = asyncio.Event()
+        self.firewall: Firewall | None = None
+        self._firewall_busy = False
+        self._firewall_bans = 0
+        self._firewall_task: asyncio.Task[None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         self.monitor.start()
+        await self._start_firewall(self.config)
         await self._start_transport(self.config)
         await self._start_media(self.config)
         await self._start_management(self.config)
@@ -220,6 +292,7 @@ class SbcNode:
             self._media_worker.cancel()
         if self.media is not None:
             await self.media.close()
+        await self._stop_firewall()
         await self.monitor.stop()
         self.stopped.set()
         logger.info("- stopped")
@@ -242,7 +315,11 @@ class SbcNode:
             self._tls_paths = certificate_paths(config)
             server_ssl = ServerTls(server_tls_settings(config, self._tls_paths))
         layer = TransportLayer(
-            tcfg, self._on_message, server_ssl=server_ssl, client_ssl=client_context()
+            tcfg,
+            self._on_message,
+            server_ssl=server_ssl,
+            client_ssl=client_context(),
+            on_error=self._on_parse_error,
         )
         await layer.start()
         self.transport = layer
@@ -295,11 +372,140 @@ class SbcNode:
             "loop_lag_ms": round(self.monitor.lag * 1000, 1),
             "transactions": len(self.transactions),
             "calls": len(self.calls),
+            "firewall": {"enabled": self.firewall is not None, "bans": self._firewall_bans},
         }
+
+    # -- firewall -----------------------------------------------------------------------
+
+    async def _start_firewall(self, config: Config) -> None:
+        """Install the firewall when enabled; without it, go on unless it is required."""
+        section = firewall_config(config)
+        if not section.enabled or self.firewall is not None:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            firewall = await loop.run_in_executor(None, _started_firewall, section)
+        except (NftError, OSError, ValueError) as exc:
+            if section.required:
+                logger.error("x firewall required but not installed: %s", exc)
+                raise FirewallUnavailableError(str(exc)) from exc
+            logger.error(
+                "x firewall not installed (needs CAP_NET_ADMIN and libnftables), "
+                "running without it: %s",
+                exc,
+            )
+            return
+        self.firewall = firewall
+        self._count_bans()
+        self._firewall_task = loop.create_task(self._run_firewall(), name="sbc-firewall-flush")
+
+    async def _stop_firewall(self) -> None:
+        """Persist the blacklist and remove the firewall's objects from the kernel."""
+        firewall, self.firewall = self.firewall, None
+        if self._firewall_task is not None:
+            self._firewall_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._firewall_task
+            self._firewall_task = None
+        if firewall is None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, firewall.stop)
+        except (NftError, OSError, ValueError) as exc:
+            logger.error("x firewall not removed cleanly: %s", exc)
+
+    async def _reload_firewall(self, config: Config) -> None:
+        section = firewall_config(config)
+        if self.firewall is None:
+            with contextlib.suppress(FirewallUnavailableError):
+                await self._start_firewall(config)
+            return
+        if not section.enabled:
+            await self._stop_firewall()
+            return
+        # libnftables contexts are not thread-safe: while the executor reloads, the
+        # loop feeds no events and touches no pinholes.
+        self._firewall_busy = True
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.firewall.reload, section)
+        except (NftError, OSError, ValueError) as exc:
+            logger.error("x firewall reload failed, the kernel keeps the previous rules: %s", exc)
+        finally:
+            self._firewall_busy = False
+
+    async def _run_firewall(self) -> None:
+        """Persist new bans about once a second (the kernel has them at once)."""
+        while True:
+            await asyncio.sleep(FIREWALL_FLUSH_INTERVAL)
+            firewall = self.firewall
+            if firewall is None or self._firewall_busy:
+                continue
+            try:
+                firewall.flush()
+            except (OSError, ValueError) as exc:
+                logger.warning("x firewall blacklist not saved: %s", exc)
+            self._count_bans()
+
+    def _count_bans(self) -> None:
+        firewall = self.firewall
+        if firewall is None:
+            return
+        try:
+            active = firewall.blacklist.store.read().active(firewall.clock())
+        except (OSError, ValueError):
+            return
+        self._firewall_bans = len(active)
+
+    def _firewall_observe_request(self, request: Request, flow: Flow) -> bool:
+        """Feed a request to the detectors; True when it earned its source a ban
+        (it gets no answer; the kernel drops what follows)."""
+        firewall = self.firewall
+        if firewall is None or self._firewall_busy:
+            return False
+        source = _source_address(flow)
+        if source is None:
+            return False
+        try:
+            bans = firewall.observe(request_event(request, source))
+        except (NftError, TrustedTargetError) as exc:
+            logger.error("x firewall: ban failed: %s", exc)
+            return False
+        self._firewall_bans += len(bans)
+        return bool(bans)
+
+    def _on_parse_error(self, error: ParseError, flow: Flow) -> None:
+        firewall = self.firewall
+        if firewall is None or self._firewall_busy:
+            return
+        source = _source_address(flow)
+        if source is None:
+            return
+        try:
+            self._firewall_bans += len(firewall.observe(malformed_event(error, source)))
+        except (NftError, TrustedTargetError) as exc:
+            logger.error("x firewall: ban failed: %s", exc)
+
+    async def _pinholes(self, session: MediaSession, *, open_: bool) -> None:
+        """Open (or close) a media session's ports in the firewall's closed RTP range."""
+        while self._firewall_busy:
+            await asyncio.sleep(0.05)
+        firewall = self.firewall
+        if firewall is None:
+            return
+        ports = _session_ports(session)
+        try:
+            if open_:
+                firewall.open_pinholes(ports)
+            else:
+                firewall.close_pinholes(ports)
+        except NftError as exc:
+            logger.warning("x firewall pinholes %s: %s", sorted(ports), exc)
 
     # -- signalling ---------------------------------------------------------------------
 
     def _on_message(self, message: Request | Response, flow: Flow) -> None:
+        if isinstance(message, Request) and self._firewall_observe_request(message, flow):
+            return
         now = time.monotonic()
         out = self.transactions.receive(message, flow, now, reliable=is_reliable(flow.transport))
         self._dispatch(out, now)
@@ -371,12 +577,15 @@ class SbcNode:
                     except MediaError as exc:
                         logger.error("x call %s: no media: %s", command.call_ref, exc)
                         session = None
+                    if session is not None:
+                        await self._pinholes(session, open_=True)
                     now = time.monotonic()
                     self._execute(self.calls.media_allocated(command.call_ref, session, now), now)
                 elif isinstance(command, DeleteMedia):
-                    await relay.delete(command.session_id)
+                    await self._pinholes(await relay.delete(command.session_id), open_=False)
                 else:
-                    await relay.update(command.session_id, command.streams)
+                    updated = await relay.update(command.session_id, command.streams)
+                    await self._pinholes(updated, open_=True)
             except (MediaError, OSError) as exc:
                 logger.warning(
                     "x call %s: media %s: %s", command.call_ref, type(command).__name__, exc
@@ -438,6 +647,8 @@ class SbcNode:
         if media_config(new) != media_config(old) and self.media is not None:
             logger.warning("x media addresses changed: they apply after a restart")
         self.calls.user_agent = new.sip.user_agent
+        if firewall_config(new) != firewall_config(old):
+            await self._reload_firewall(new)
         await self._start_media(new)
         if new.management != old.management and not await self._replace_management(new, old):
             return False
@@ -484,7 +695,7 @@ async def serve(config: Config, config_path: Path | None) -> int:
     node = SbcNode(config, config_path)
     try:
         await node.start()
-    except OSError as exc:
+    except (OSError, FirewallUnavailableError) as exc:
         logger.error("x cannot start: %s", exc)
         await node.stop()
         return 1

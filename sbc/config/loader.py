@@ -35,7 +35,7 @@ import re
 import types
 import typing
 from collections.abc import Sequence
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, fields, replace
 from importlib import resources
 from ipaddress import ip_address, ip_network
 from pathlib import Path
@@ -411,6 +411,8 @@ class _SchemaReader:
                 value = self.value(info.type, info.spec, given[info.name], field_path)
             elif isinstance(info.default, Path):
                 value = self.resolve(info.default)
+            elif isinstance(info.default, Section):
+                value = self.resolve_defaults(info.default)
             elif info.default is not MISSING:
                 value = info.default
             else:
@@ -543,6 +545,17 @@ class _SchemaReader:
 
     def resolve(self, path: Path) -> Path:
         return path if path.is_absolute() else self.base_dir / path
+
+    def resolve_defaults(self, section: Section) -> Section:
+        """A missing section's default, its relative paths resolved as in a present one."""
+        changes: dict[str, Any] = {}
+        for f in fields(section):  # type: ignore[arg-type]
+            value = getattr(section, f.name)
+            if isinstance(value, Path):
+                changes[f.name] = self.resolve(value)
+            elif isinstance(value, Section):
+                changes[f.name] = self.resolve_defaults(value)
+        return replace(section, **changes) if changes else section  # type: ignore[type-var]
 
 
 def _suggest(key: str, schema: dict[str, _FieldInfo]) -> str:

@@ -425,6 +425,11 @@ class RouteConfig(Section):
             yield path, "a trunk route needs realm and host"
 
 
+# A module import, not `from ... import`: sbc.firewall.config builds on the Section and
+# spec above, and this line runs while it is half-imported when it is imported first.
+import sbc.firewall.config as _firewall  # noqa: E402
+
+
 @dataclass(frozen=True)
 class Config(Section):
     """The whole configuration: what `sbc run` runs with."""
@@ -443,6 +448,10 @@ class Config(Section):
     )
     routes: tuple[RouteConfig, ...] = field(
         default=(), metadata=spec("Routing rules for new calls, in order.")
+    )
+    firewall: _firewall.FirewallConfig = field(
+        default_factory=lambda: _firewall.FirewallConfig(),
+        metadata=spec("Edge defence: nftables table inet sbc and its detectors."),
     )
 
     def check(self, path: str) -> Iterator[Issue]:

@@ -188,8 +188,18 @@ class Detectors(Section):
 class FirewallConfig(Section):
     """The SBC's own nftables table (`inet sbc`) and the detectors feeding it."""
 
-    enabled: bool = field(default=True, metadata=spec("Install the kernel ruleset."))
-    sip_ports: SipPorts = field(default_factory=SipPorts, metadata=spec("Metered SIP ports."))
+    enabled: bool = field(
+        default=False,
+        metadata=spec("Run the firewall in `sbc run` (needs CAP_NET_ADMIN and libnftables)."),
+    )
+    required: bool = field(
+        default=False,
+        metadata=spec("Refuse to start when the firewall cannot be installed."),
+    )
+    sip_ports: SipPorts = field(
+        default_factory=SipPorts,
+        metadata=spec("Metered SIP ports; left at the defaults, `sbc run` takes the listeners'."),
+    )
     udp: PacketMeter = field(
         default_factory=PacketMeter, metadata=spec("UDP SIP packets per source.")
     )

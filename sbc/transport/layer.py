@@ -20,7 +20,7 @@ import contextlib
 import itertools
 import logging
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from sbc.sip.errors import ParseError
 from sbc.sip.message import Request, Response
@@ -70,7 +70,8 @@ class TransportLayer:
     follows its reloads); ``listener_tls`` gives single TLS listeners their own (a
     realm's certificate and mutual TLS policy). ``client_ssl`` is used for outgoing
     TLS connections. The handler is called synchronously from the event loop; it
-    must not block.
+    must not block. ``on_error``, when given, is told of every message that failed
+    to parse (the edge firewall counts them per source); it must not block either.
     """
 
     def __init__(
@@ -81,9 +82,11 @@ class TransportLayer:
         server_ssl: ssl.SSLContext | ServerTls | None = None,
         client_ssl: ssl.SSLContext | None = None,
         listener_tls: Mapping[ListenAddress, ServerTls] | None = None,
+        on_error: Callable[[ParseError, Flow], None] | None = None,
     ) -> None:
         self._config = config
         self._handler = handler
+        self._on_error = on_error
         if isinstance(server_ssl, ssl.SSLContext):
             server_ssl = ServerTls.fixed(server_ssl)
         self._server_ssl = server_ssl
@@ -442,6 +445,11 @@ class TransportLayer:
 
     def _reject(self, error: ParseError, flow: Flow, connection: StreamConnection | None) -> None:
         """Answer a request that failed to parse, statelessly; drop a response."""
+        if self._on_error is not None:
+            try:
+                self._on_error(error, flow)
+            except Exception:
+                logger.exception("x parse error observer failed on %s", flow)
         if error.is_response:
             self.stats.incr(Stat.BAD_RESPONSES)
             logger.debug("x dropped unparsable response from %s: %s", flow, error)

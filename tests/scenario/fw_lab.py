@@ -10,8 +10,8 @@
 `python -m tests.scenario.fw_lab node CONFIG_JSON STATUS_FILE` runs, inside the sbc
 namespace, a `Firewall` plus a tiny UDP SIP responder (INVITE/BYE/OPTIONS -> 200,
 REGISTER -> digest 401/200) that feeds every request, parse error and digest failure
-to the detectors: the SBC process is not wired to the firewall yet, so this stands
-in for it. The flood sender is a small C program (`FLOOD_C`), bounded in packets and
+to the detectors. `sbc run` itself feeds its firewall now (test_firewall_sbc.py) but
+does no digest authentication yet, so the auth and flood scenarios keep this stand-in. The flood sender is a small C program (`FLOOD_C`), bounded in packets and
 seconds.
 """
 

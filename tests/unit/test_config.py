@@ -37,6 +37,7 @@ from sbc.config.schema import (
     TlsConfig,
     Transport,
 )
+from sbc.firewall.config import FirewallConfig
 
 BASE = Path("/etc/sbc")
 LOOPBACK = IPv4Address("127.0.0.1")
@@ -76,6 +77,8 @@ EXPECTED_EXAMPLE = Config(
         user_agent="sbc",
     ),
     management=ManagementConfig(listen=ManagementListen(LOOPBACK, 8080)),
+    # Relative path defaults resolve against the file's directory, in missing sections too.
+    firewall=FirewallConfig(state_file=BASE / "state" / "firewall-blacklist.json"),
 )
 
 

@@ -408,6 +408,37 @@ async def test_udp_malformed_request_gets_a_stateless_400() -> None:
 
 
 @async_test
+async def test_parse_errors_are_told_to_the_observer_with_their_flow() -> None:
+    seen: list[tuple[str, Flow]] = []
+    layer = TransportLayer(
+        TransportConfig(listen=(ListenAddress(Transport.UDP, V4, 0),)),
+        Recorder(),
+        on_error=lambda error, flow: seen.append((str(error), flow)),
+    )
+    await layer.start()
+    try:
+        port = port_of(layer, Transport.UDP)
+        phone = await UdpPeer.open(V4)
+        via = "SIP/2.0/UDP 198.51.100.7:5060;branch=z9hG4bKbad2;rport"
+        phone.send(
+            sip_request(via, call_id="bad-mf2@test", extra="Max-Forwards: many\r\n"), V4, port
+        )
+        data, _ = await phone.recv()
+        assert parse_message(data).status == 400  # type: ignore[union-attr]
+        assert len(seen) == 1
+        reason, flow = seen[0]
+        assert "Max-Forwards" in reason
+        assert (flow.transport, flow.remote_host, flow.remote_port) == (
+            Transport.UDP,
+            V4,
+            phone.port,
+        )
+        phone.close()
+    finally:
+        await layer.stop()
+
+
+@async_test
 async def test_udp_unanswerable_messages_are_dropped_and_counted() -> None:
     async with running(ListenAddress(Transport.UDP, V4, 0)) as (layer, recorder):
         port = port_of(layer, Transport.UDP)

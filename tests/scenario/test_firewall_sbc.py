@@ -1,0 +1,246 @@
+"""The real `sbc run` with `firewall.enabled`, in the two-namespace lab of `fw_lab`.
+
+A scanner (sipvicious svmap, User-Agent friendly-scanner) from an untrusted source is
+banned and dropped in the kernel; the trusted trunk sending the same is answered;
+malformed messages ban an IPv6 /64; SIGHUP reloads the rules and keeps the bans;
+`sbc ban list` shows them; on stop the host's tables are as they were and table inet
+sbc is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.scenario import fw_lab
+
+pytestmark = [pytest.mark.root]
+
+#: Tables of others in the SBC's namespace (a host firewall, NAT): never touched.
+HOST_RULESET = """\
+table inet filter {
+ chain input {
+  type filter hook input priority 0; policy accept;
+  tcp dport 22 counter accept
+ }
+}
+table ip nat {
+ chain postrouting {
+  type nat hook postrouting priority 100; policy accept;
+ }
+}
+"""
+
+MGMT_PORT = 18080
+
+
+def config_text(state_dir: Path, state_file: Path) -> str:
+    # No sip_ports: the firewall meters the listeners' ports (udp and tcp 5060, no tls).
+    return f"""\
+state_dir: {state_dir}
+sip:
+  listen:
+    - {{transport: udp, address: {fw_lab.SBC_V4}, port: 5060}}
+    - {{transport: tcp, address: {fw_lab.SBC_V4}, port: 5060}}
+    - {{transport: udp, address: "{fw_lab.SBC_V6}", port: 5060}}
+management:
+  listen: {{address: 127.0.0.1, port: {MGMT_PORT}}}
+firewall:
+  enabled: true
+  required: true
+  trusted: [{fw_lab.TRUNK_V4}/32]
+  state_file: {state_file}
+"""
+
+
+@pytest.fixture
+def lab():  # type: ignore[no-untyped-def]
+    why = fw_lab.available()
+    if why:
+        pytest.skip(why)
+    with fw_lab.lab() as the_lab:
+        yield the_lab
+
+
+def _health(lab: fw_lab.Lab) -> dict[str, Any] | None:
+    code = (
+        "import json, urllib.request\n"
+        "try:\n"
+        f"    r = urllib.request.urlopen('http://127.0.0.1:{MGMT_PORT}/healthz', timeout=1)\n"
+        "    print(r.read().decode())\n"
+        "except OSError:\n"
+        "    print('null')\n"
+    )
+    out = lab.run(lab.sbc, sys.executable, "-c", code, check=False)
+    health: dict[str, Any] | None = json.loads(out or "null")
+    return health
+
+
+def _send(lab: fw_lab.Lab, **kwargs: object) -> int:
+    return int(fw_lab.lab_python(lab, lab.ext, "send", json.dumps(kwargs)))
+
+
+def _svmap(lab: fw_lab.Lab, source: str) -> str:
+    """sipvicious' svmap from `source` against the SBC: its report."""
+    return lab.run(
+        lab.ext,
+        "timeout",
+        "15",
+        "svmap",
+        "-b",
+        source,
+        "-p",
+        "5060",
+        fw_lab.SBC_V4,
+        check=False,
+        timeout=20,
+    )
+
+
+def _start_sbc(lab: fw_lab.Lab, config: Path, log: Path) -> subprocess.Popen[Any]:
+    with log.open("w") as out:
+        proc = lab.spawn(
+            lab.sbc,
+            sys.executable,
+            "-m",
+            "sbc",
+            "run",
+            "--config",
+            str(config),
+            cwd=config.parent,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"sbc exited with {proc.returncode}:\n{log.read_text()}")
+        health = _health(lab)
+        if health and health["ok"]:
+            return proc
+        time.sleep(0.1)
+    raise AssertionError(f"sbc not healthy in 15 s:\n{log.read_text()}")
+
+
+def test_sbc_bans_a_scanner_not_the_trunk_and_leaves_the_host_ruleset(
+    lab: fw_lab.Lab, tmp_path: Path
+) -> None:
+    subprocess.run(lab.ns(lab.sbc, "nft", "-f", "-"), input=HOST_RULESET, text=True, check=True)
+    host_before = lab.ruleset_outside_sbc()
+    state_file = tmp_path / "blacklist.json"
+    config = tmp_path / "sbc.yaml"
+    config.write_text(config_text(tmp_path / "state", state_file))
+    log = tmp_path / "sbc.log"
+    proc = _start_sbc(lab, config, log)
+    try:
+        health = _health(lab)
+        assert health is not None and health["firewall"] == {"enabled": True, "bans": 0}
+        table = lab.run(lab.sbc, "nft", "list", "table", "inet", "sbc")
+        # The SIP ports came from the listeners: udp and tcp meters, none for tls.
+        assert "fw_meter_udp_v4" in table and "fw_meter_tcp_v4" in table
+        assert "fw_meter_tls_v4" not in table
+        assert lab.ruleset_outside_sbc() == host_before
+
+        # An ordinary phone at the untrusted address is answered.
+        assert _send(lab, source=fw_lab.PEER_V4, target=fw_lab.SBC_V4, count=2) == 2
+
+        scanner = "friendly-scanner"
+        sipvicious = shutil.which("svmap") is not None
+        # The trusted trunk scanning (or probing with the scanner's User-Agent) is
+        # answered and not banned.
+        if sipvicious:
+            assert f"{fw_lab.SBC_V4}:5060" in _svmap(lab, fw_lab.TRUNK_V4)
+        answered = _send(
+            lab, source=fw_lab.TRUNK_V4, target=fw_lab.SBC_V4, count=5, user_agent=scanner
+        )
+        assert answered == 5
+        assert lab.set_elements("blacklist_v4") == []
+
+        # The same from the untrusted address: banned at the first request, which
+        # gets no answer either, so the scanner learns nothing.
+        if sipvicious:
+            assert f"{fw_lab.SBC_V4}:5060" not in _svmap(lab, fw_lab.PEER_V4)
+        else:
+            _send(lab, source=fw_lab.PEER_V4, target=fw_lab.SBC_V4, count=5, user_agent=scanner)
+        assert lab.set_elements("blacklist_v4") == [fw_lab.PEER_V4]
+        before = lab.counters()["fw_drop_blacklist_v4"]
+        # Banned: not even a friendly User-Agent gets an answer, the kernel drops it.
+        assert _send(lab, source=fw_lab.PEER_V4, target=fw_lab.SBC_V4, count=4, wait=0.2) == 0
+        assert lab.counters()["fw_drop_blacklist_v4"] >= before + 4
+        assert _send(lab, source=fw_lab.TRUNK_V4, target=fw_lab.SBC_V4, count=1) == 1
+
+        # Malformed messages (default: over 10 a minute) ban the sender's /64: the
+        # transport layer's parse errors reach the detectors too.
+        garbage = (
+            "import socket\n"
+            "s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n"
+            f"s.bind(('{fw_lab.EXT_V6[1]}', 0))\n"
+            "for i in range(12):\n"
+            f"    s.sendto(b'NOT SIP AT ALL %d\\r\\n\\r\\n' % i, ('{fw_lab.SBC_V6}', 5060))\n"
+        )
+        lab.run(lab.ext, sys.executable, "-c", garbage)
+        deadline = time.monotonic() + 3
+        while not lab.set_elements("blacklist_v6") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert lab.set_elements("blacklist_v6") != []
+
+        # SIGHUP with a changed firewall section: new meters, the ban stays.
+        config.write_text(config.read_text() + "  udp: {rate: 50, burst: 150}\n")
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while "- firewall reloaded" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        table = lab.run(lab.sbc, "nft", "list", "table", "inet", "sbc")
+        assert "limit rate over 50/second burst 150 packets" in table
+        assert lab.set_elements("blacklist_v4") == [fw_lab.PEER_V4]
+
+        listed = subprocess.run(
+            lab.ns(
+                lab.sbc,
+                sys.executable,
+                "-m",
+                "sbc",
+                "ban",
+                "--state-file",
+                str(state_file),
+                "list",
+                "--json",
+            ),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        bans = json.loads(listed.stdout)
+        by_target = {b["target"]: b for b in bans}
+        assert sorted(by_target) == ["198.51.100.3/32", "2001:db8:1:2::/64"]
+        assert scanner in by_target["198.51.100.3/32"]["reason"]
+        assert "malformed" in by_target["2001:db8:1:2::/64"]["reason"]
+        assert all(b["in_kernel"] for b in bans)
+        time.sleep(1.2)  # the SBC's once-a-second flush
+        health = _health(lab)
+        assert health is not None and health["firewall"] == {"enabled": True, "bans": 2}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+            raise
+    assert code == 0, log.read_text()
+    gone = lab.run(lab.sbc, "nft", "list", "table", "inet", "sbc", check=False)
+    assert gone == ""
+    assert lab.ruleset_outside_sbc() == host_before
+    saved = json.loads(state_file.read_text())
+    assert sorted(b["target"] for b in saved["bans"]) == sorted(by_target)
+    assert "x ban 198.51.100.3/32" in log.read_text()

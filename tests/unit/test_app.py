@@ -1,0 +1,97 @@
+"""`sbc.app` helpers that need no sockets: the firewall section as `sbc run` uses it."""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+from ipaddress import ip_network
+from pathlib import Path
+
+import pytest
+
+from sbc import app
+from sbc.app import FirewallUnavailableError, SbcNode, firewall_config
+from sbc.config.loader import load_config_text
+from sbc.firewall.config import SipPorts
+from sbc.firewall.nft import NftError
+
+BASE = Path("/etc/sbc")
+
+
+def load(text: str):  # type: ignore[no-untyped-def]
+    return load_config_text(textwrap.dedent(text), "sbc.yaml", BASE)
+
+
+def test_firewall_is_off_by_default_and_its_state_file_resolves() -> None:
+    config = load("{}")
+    assert config.firewall.enabled is False and config.firewall.required is False
+    assert config.firewall.state_file == BASE / "state" / "firewall-blacklist.json"
+
+
+def test_firewall_section_loads() -> None:
+    config = load(
+        """\
+        firewall:
+          enabled: true
+          required: true
+          trusted: [203.0.113.0/24, "2001:db8:1::/48"]
+          udp: {rate: 50, burst: 100}
+          state_file: bl.json
+        """
+    )
+    section = config.firewall
+    assert section.enabled and section.required
+    assert section.trusted == (ip_network("203.0.113.0/24"), ip_network("2001:db8:1::/48"))
+    assert (section.udp.rate, section.udp.burst) == (50, 100)
+    assert section.state_file == BASE / "bl.json"
+
+
+def test_firewall_sip_ports_default_to_the_listeners() -> None:
+    config = load(
+        """\
+        sip:
+          listen:
+            - {transport: udp, address: 198.51.100.1, port: 5070}
+            - {transport: tcp, address: 198.51.100.1, port: 5070}
+            - {transport: tls, address: 198.51.100.1, port: 0}
+        realms:
+          - name: inside
+            listen: [{transport: udp, address: 203.0.113.1, port: 5080}]
+            media_address: 203.0.113.1
+        firewall: {enabled: true}
+        """
+    )
+    # Ephemeral port 0 is unknown before binding: not metered.
+    assert firewall_config(config).sip_ports == SipPorts(udp=(5070, 5080), tcp=(5070,), tls=())
+
+
+def test_firewall_sip_ports_given_are_kept() -> None:
+    config = load(
+        """\
+        firewall:
+          sip_ports: {udp: [5090], tcp: [], tls: [5091]}
+        """
+    )
+    assert firewall_config(config).sip_ports == SipPorts(udp=(5090,), tcp=(), tls=(5091,))
+
+
+def _refuse(section: object) -> object:
+    raise NftError("apply", "Operation not permitted")
+
+
+def test_firewall_that_cannot_be_installed_is_skipped_unless_required(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(app, "_started_firewall", _refuse)
+
+    async def start(required: bool) -> SbcNode:
+        node = SbcNode(load(f"firewall: {{enabled: true, required: {str(required).lower()}}}"))
+        await node._start_firewall(node.config)
+        return node
+
+    node = asyncio.run(start(required=False))
+    assert node.firewall is None
+    assert node.health()["firewall"] == {"enabled": False, "bans": 0}
+    assert "x firewall not installed (needs CAP_NET_ADMIN and libnftables)" in caplog.text
+    with pytest.raises(FirewallUnavailableError, match="Operation not permitted"):
+        asyncio.run(start(required=True))
