@@ -63,6 +63,11 @@ printf 'SBC appliance \\n (\\l).\n%s\n\n' "$banner" > "$root/etc/issue"
 cp "$root/etc/issue.net" "$root/etc/motd"
 # sysstat collects (lynis ACCT-9626).
 sed -i "s/^ENABLED=.*/ENABLED=\"true\"/" "$root/etc/default/sysstat" 2>/dev/null || true
+# needrestart needs binutils, which brings an assembler: root only (lynis HRDN-7222),
+# kept across upgrades by a dpkg statoverride.
+for compiler in /usr/bin/x86_64-linux-gnu-as; do
+    [ -e "$root$compiler" ] && inroot dpkg-statoverride --update --add root root 0750 "$compiler"
+done
 # Journald's persistent directory.
 install -d -m 2755 -g systemd-journal "$root/var/log/journal" 2>/dev/null || \
     install -d -m 2755 "$root/var/log/journal"

@@ -6,11 +6,9 @@ import json
 import subprocess
 from pathlib import Path
 
-import pytest
+from tests.image.conftest import TARGET, image_tests, record
 
-from tests.image.conftest import TARGET, record
-
-pytestmark = pytest.mark.image
+pytestmark = image_tests
 
 
 def test_raw_zst_qcow2_and_checksums(image_dir: Path) -> None:

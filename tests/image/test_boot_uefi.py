@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.image.conftest import record
+from tests.image.conftest import image_tests, record
 from tests.image.vm import OVMF_CODE, boot_vm, http_status
 
-pytestmark = pytest.mark.image
+pytestmark = image_tests
 
 
 def test_uefi_boot_answers_sip_and_health(raw_image: Path, tmp_path: Path) -> None:

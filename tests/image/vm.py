@@ -1,30 +1,40 @@
 """Boot the appliance image under QEMU (TCG) and talk to it from the outside.
 
 The guest gets user-mode networking with `restrict=on` (no way out) and host
-forwards on 127.0.0.1 only: SIP UDP/TCP 5060, TLS 5061, admin 8080, SSH 22. Its serial
-console is a Unix socket (to type at the login prompt) with a log file (to read).
-Every QEMU started here runs in its own session and is powered off, or killed, on exit.
+forwards on 127.0.0.1 only, to ephemeral host ports: SIP UDP/TCP 5060, TLS 5061,
+admin 8080, SSH 22. Its serial console goes to a log file (the first-boot password is
+read from there, as an operator would).
+
+Commands run in the guest over SSH, as `admin` with a key made for this boot only: the
+key is written into a throwaway copy of the disk (debugfs, no mounts), never into the
+built image, the way a provisioning tool would add an operator's key. Root commands go
+through `sudo` with the first-boot password. (Typing at a TCG guest's serial console
+loses characters and races the login prompt; SSH does neither.)
+
+Every QEMU started here runs in its own session; it is powered off from the guest's shell
+(`systemctl poweroff`) with a bounded wait, then killed by its PID.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import secrets
+import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 BOOT_TIMEOUT = 420.0  # seconds to a SIP answer under TCG on a busy 2-core CI machine
-POWEROFF_TIMEOUT = 90.0
+SSH_TIMEOUT = 180.0  # seconds from the SIP answer until sshd lets the test key in
+POWEROFF_TIMEOUT = 60.0  # seconds from `systemctl poweroff` until QEMU exits
+ROOT_PARTITION_OFFSET = 135168 * 512  # packer/scripts/make-disk.sh: ROOT_START
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 PASSWORD_RE = re.compile(rb"admin password \(console login and admin UI\): (\S+)")
@@ -112,20 +122,71 @@ def http_status(port: int, path: str, timeout: float = 3.0) -> int | None:
         return None
 
 
+def make_test_key(work: Path) -> tuple[Path, str]:
+    """An ed25519 key pair for one boot: (private key path, public key line)."""
+    key = work / "id_ed25519"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "sbc-image-test", "-f", str(key)],
+        check=True,
+        timeout=30,
+    )
+    return key, key.with_suffix(".pub").read_text().strip()
+
+
+def _debugfs(disk: Path, commands: list[str]) -> str:
+    script = "\n".join(commands) + "\n"
+    result = subprocess.run(
+        ["debugfs", "-w", "-f", "-", f"{disk}?offset={ROOT_PARTITION_OFFSET}"],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return result.stdout + result.stderr
+
+
+def authorize_key(disk: Path, rootfs_passwd: str, user: str, public_key: str, work: Path) -> None:
+    """Write PUBLIC_KEY as USER's ~/.ssh/authorized_keys (0600, owned by USER) into the
+    ext4 root partition of the raw DISK, without mounting it."""
+    entry = next(
+        line.split(":") for line in rootfs_passwd.splitlines() if line.startswith(user + ":")
+    )
+    uid, gid, home = int(entry[2]), int(entry[3]), entry[5]
+    keys = work / "authorized_keys"
+    keys.write_text(public_key + "\n")
+    ssh_dir = f"{home}/.ssh"
+    out = _debugfs(
+        disk,
+        [
+            f"mkdir {ssh_dir}",
+            f"sif {ssh_dir} mode 040700",
+            f"sif {ssh_dir} uid {uid}",
+            f"sif {ssh_dir} gid {gid}",
+            f"rm {ssh_dir}/authorized_keys",
+            f"write {keys} {ssh_dir}/authorized_keys",
+            f"sif {ssh_dir}/authorized_keys mode 0100600",
+            f"sif {ssh_dir}/authorized_keys uid {uid}",
+            f"sif {ssh_dir}/authorized_keys gid {gid}",
+        ],
+    )
+    listing = _debugfs(disk, [f"stat {ssh_dir}/authorized_keys"])
+    assert f"User:  {uid}" in listing and "Mode:  0600" in listing, out + listing
+
+
 @dataclass
 class BootedVm:
     proc: subprocess.Popen[bytes]
     work: Path
     ports: Ports
-    console_socket: Path
     serial_log: Path
+    ssh_key: Path
     started: float
     sip_answer_seconds: float = 0.0
     first_sip_answer: bytes = b""
-    _console: socket.socket | None = field(default=None, repr=False)
-    _read_from: int = 0
+    poweroff_seconds: float | None = None
 
-    # -- serial console ------------------------------------------------------------
+    # -- serial console (read only) ------------------------------------------------
 
     def console_text(self) -> bytes:
         try:
@@ -133,80 +194,88 @@ class BootedVm:
         except OSError:
             return b""
 
-    def wait_console(self, pattern: bytes | re.Pattern[bytes], timeout: float) -> re.Match[bytes]:
-        """Wait for PATTERN in the console output after what was consumed so far."""
-        regex = pattern if isinstance(pattern, re.Pattern) else re.compile(re.escape(pattern))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            m = regex.search(self.console_text(), self._read_from)
-            if m:
-                self._read_from = m.end()
-                return m
-            if self.proc.poll() is not None:
-                raise AssertionError(f"QEMU exited ({self.proc.returncode})")
-            time.sleep(0.2)
-        tail = self.console_text()[-2000:].decode(errors="replace")
-        raise AssertionError(f"no {regex.pattern!r} on the console in {timeout} s; tail:\n{tail}")
-
-    def type(self, text: str) -> None:
-        if self._console is None:
-            self._console = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self._console.connect(str(self.console_socket))
-        # A few bytes at a time: the emulated UART's FIFO is 16 bytes and a TCG guest
-        # drains it slowly; a long line sent at once loses characters.
-        data = text.encode()
-        for i in range(0, len(data), 8):
-            self._console.sendall(data[i : i + 8])
-            time.sleep(0.02)
-
     def admin_password(self) -> str:
         m = PASSWORD_RE.search(self.console_text())
         assert m, "the first boot did not show the admin password on the console"
         return m.group(1).decode()
 
-    def login(self, timeout: float = 120.0) -> None:
-        """Log in as admin on the serial console with the first-boot password."""
-        password = self.admin_password()
-        self.type("\n")
-        self.wait_console(b"login: ", timeout)
-        self.type("admin\n")
-        self.wait_console(b"Password: ", 30)
-        self.type(password + "\n")
-        self.wait_console(re.compile(rb"admin@[\w-]+:~\$ "), 60)
+    # -- SSH -----------------------------------------------------------------------
 
-    def run(self, command: str, timeout: float = 60.0) -> str:
-        """Run COMMAND in the logged-in console shell; its output (between markers)."""
-        n = secrets.randbelow(10**6)
-        # The marker is computed by the shell, so the echoed command line never matches.
-        self.type(f"echo =BEGIN=$(({n}+1))=; {command}; echo =END=$(({n}+1))=\n")
-        begin = self.wait_console(f"=BEGIN={n + 1}=".encode(), timeout)
-        end = self.wait_console(f"=END={n + 1}=".encode(), timeout)
-        text = self.console_text()[begin.end() : end.start()]
-        return text.decode(errors="replace").replace("\r", "")
+    def ssh_command(self, *, connect_timeout: int = 30) -> list[str]:
+        return [
+            "ssh", "-p", str(self.ports.ssh), "-i", str(self.ssh_key),
+            "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "LogLevel=ERROR", "-o", f"ConnectTimeout={connect_timeout}",
+            "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=8",
+            "admin@127.0.0.1",
+        ]  # fmt: skip
+
+    def ssh(
+        self, command: str, timeout: float = 120.0, stdin: bytes = b"", check: bool = True
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run COMMAND (a shell command line) as admin in the guest."""
+        result = subprocess.run(
+            [*self.ssh_command(), command],
+            input=stdin,
+            capture_output=True,
+            timeout=timeout,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"ssh {command!r} exited {result.returncode}:\n"
+                + result.stderr.decode(errors="replace")[-2000:]
+            )
+        return result
+
+    def run(self, command: str, timeout: float = 120.0) -> str:
+        """COMMAND's standard output, run as admin."""
+        return self.ssh(command, timeout=timeout).stdout.decode(errors="replace")
+
+    def run_root(self, command: str, timeout: float = 120.0, stdin: bytes = b"") -> str:
+        """COMMAND's standard output, run as root through sudo with the admin password
+        (sudo -S reads the password line from stdin; the rest of stdin is COMMAND's)."""
+        password = self.admin_password().encode() + b"\n"
+        wrapped = f"sudo -S -p '' -- sh -c {shlex.quote(command)}"
+        return self.ssh(wrapped, timeout=timeout, stdin=password + stdin).stdout.decode(
+            errors="replace"
+        )
+
+    def wait_ssh(self, timeout: float = SSH_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"QEMU exited ({self.proc.returncode})")
+            try:
+                result = self.ssh("true", timeout=60, check=False)
+            except subprocess.TimeoutExpired:
+                continue
+            if result.returncode == 0:
+                return
+            last = result.stderr.decode(errors="replace")
+            time.sleep(2.0)
+        raise AssertionError(f"no SSH login in {timeout} s: {last}")
 
     # -- lifecycle -----------------------------------------------------------------
 
-    def monitor(self, command: str) -> None:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(5)
-            s.connect(str(self.work / "monitor.sock"))
-            s.sendall(command.encode() + b"\n")
-            time.sleep(0.5)
-
     def power_off(self) -> float:
-        """ACPI power button, then wait; kill QEMU if the guest does not stop in time."""
+        """`systemctl poweroff` in the guest, a bounded wait for QEMU to exit, then kill
+        QEMU by its PID. Returns the seconds it took (once; later calls are no-ops)."""
+        if self.poweroff_seconds is not None:
+            return self.poweroff_seconds
         start = time.monotonic()
         if self.proc.poll() is None:
-            with contextlib.suppress(OSError):
-                self.monitor("system_powerdown")
+            # The SSH session dies with the guest: its exit status says nothing.
+            with contextlib.suppress(subprocess.TimeoutExpired, AssertionError):
+                self.run_root("systemctl poweroff", timeout=30)
             try:
                 self.proc.wait(POWEROFF_TIMEOUT)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.kill()
                 self.proc.wait(10)
-        if self._console is not None:
-            self._console.close()
-        return time.monotonic() - start
+        self.poweroff_seconds = time.monotonic() - start
+        return self.poweroff_seconds
 
 
 def qemu_command(disk: Path, work: Path, ports: Ports, firmware: str) -> list[str]:
@@ -228,12 +297,9 @@ def qemu_command(disk: Path, work: Path, ports: Ports, firmware: str) -> list[st
         "-display", "none",
         "-no-user-config",
         "-nodefaults",
-        "-chardev",
-        f"socket,id=ser0,path={work / 'console.sock'},server=on,wait=off,"
-        f"logfile={work / 'serial.log'}",
+        "-chardev", f"file,id=ser0,path={work / 'serial.log'}",
         "-serial", "chardev:ser0",
-        "-monitor", f"unix:{work / 'monitor.sock'},server=on,wait=off",
-        "-drive", f"file={disk},format=qcow2,if=virtio",
+        "-drive", f"file={disk},format=raw,if=virtio",
         "-netdev", f"user,id=n0,restrict=on,{fwd}",
         "-device", "virtio-net-pci,netdev=n0",
     ]  # fmt: skip
@@ -249,29 +315,19 @@ def qemu_command(disk: Path, work: Path, ports: Ports, firmware: str) -> list[st
 
 @contextlib.contextmanager
 def boot_vm(raw_image: Path, work: Path, firmware: str = "bios") -> Iterator[BootedVm]:
-    """Boot RAW_IMAGE (through a qcow2 overlay: the image stays pristine) until the SBC
-    answers SIP OPTIONS over TCP on the forwarded port; power it off on exit."""
-    overlay = work / "disk.qcow2"
-    subprocess.run(
-        [
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            "-b",
-            str(raw_image),
-            str(overlay),
-        ],
-        check=True,
-    )
+    """Boot a throwaway copy of RAW_IMAGE (the image stays pristine) with a test SSH key
+    for admin, until the SBC answers SIP OPTIONS over TCP on the forwarded port and SSH
+    lets the key in; power it off on exit and delete the copy."""
+    disk = work / "disk.raw"
+    subprocess.run(["cp", "--sparse=always", str(raw_image), str(disk)], check=True, timeout=300)
+    key, public_key = make_test_key(work)
+    passwd = (raw_image.parent / "rootfs" / "etc" / "passwd").read_text()
+    authorize_key(disk, passwd, "admin", public_key, work)
     ports = Ports(sip=_free_port(), tls=_free_port(), admin=_free_port(), ssh=_free_port())
     log = open(work / "qemu.log", "wb")  # noqa: SIM115 - closed in finally
     started = time.monotonic()
     proc = subprocess.Popen(
-        qemu_command(overlay, work, ports, firmware),
+        qemu_command(disk, work, ports, firmware),
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -281,8 +337,8 @@ def boot_vm(raw_image: Path, work: Path, firmware: str = "bios") -> Iterator[Boo
         proc=proc,
         work=work,
         ports=ports,
-        console_socket=work / "console.sock",
         serial_log=work / "serial.log",
+        ssh_key=key,
         started=started,
     )
     try:
@@ -301,7 +357,9 @@ def boot_vm(raw_image: Path, work: Path, firmware: str = "bios") -> Iterator[Boo
         else:
             tail = vm.console_text()[-3000:].decode(errors="replace")
             raise AssertionError(f"no SIP answer in {BOOT_TIMEOUT} s; console tail:\n{tail}")
+        vm.wait_ssh()
         yield vm
     finally:
         vm.power_off()
         log.close()
+        disk.unlink(missing_ok=True)
