@@ -596,3 +596,48 @@ if __name__ == "__main__":
         _Node(json.loads(sys.argv[2]), Path(sys.argv[3])).main()
     else:
         sys.exit("usage: python -m tests.scenario.fw_lab node|send|register|ban ...")
+
+
+def sbc_health(lab: Lab, mgmt_port: int) -> dict[str, Any] | None:
+    """The real SBC's /healthz, fetched from inside its namespace (None if down)."""
+    code = (
+        "import urllib.request\n"
+        "try:\n"
+        f"    r = urllib.request.urlopen('http://127.0.0.1:{mgmt_port}/healthz', timeout=1)\n"
+        "    print(r.read().decode())\n"
+        "except OSError:\n"
+        "    print('null')\n"
+    )
+    out = lab.run(lab.sbc, sys.executable, "-c", code, check=False)
+    health: dict[str, Any] | None = json.loads(out or "null")
+    return health
+
+
+def spawn_sbc(
+    lab: Lab, config: Path, log: Path, cwd: Path, mgmt_port: int, timeout: float = 15
+) -> subprocess.Popen[Any]:
+    """`python -m sbc run` in the SBC namespace, returned once /healthz says ok."""
+    with log.open("w") as out:
+        # `ip netns exec` execs the command: the Popen's pid is the SBC's.
+        proc = lab.spawn(
+            lab.sbc,
+            sys.executable,
+            "-m",
+            "sbc",
+            "run",
+            "--config",
+            str(config),
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"sbc exited with {proc.returncode}:\n{log.read_text()}")
+        health = sbc_health(lab, mgmt_port)
+        if health and health["ok"]:
+            return proc
+        time.sleep(0.1)
+    raise AssertionError(f"sbc not healthy in {timeout} s:\n{log.read_text()}")

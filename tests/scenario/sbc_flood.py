@@ -23,11 +23,9 @@ per namespace), SIPp's successful/failed calls, CPU of the `sbc run` process
 from __future__ import annotations
 
 import csv
-import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -96,48 +94,10 @@ firewall:
 {firewall_extra}"""
 
 
-def _health(lab: fw_lab.Lab) -> dict[str, Any] | None:
-    code = (
-        "import json, urllib.request\n"
-        "try:\n"
-        f"    r = urllib.request.urlopen('http://127.0.0.1:{MGMT_PORT}/healthz', timeout=1)\n"
-        "    print(r.read().decode())\n"
-        "except OSError:\n"
-        "    print('null')\n"
-    )
-    out = lab.run(lab.sbc, sys.executable, "-c", code, check=False)
-    health: dict[str, Any] | None = json.loads(out or "null")
-    return health
-
-
 def start_sbc(lab: fw_lab.Lab, workdir: Path, firewall_extra: str) -> subprocess.Popen[Any]:
     config = workdir / "sbc.yaml"
     config.write_text(config_text(workdir, firewall_extra))
-    log = workdir / "sbc.log"
-    with log.open("w") as out:
-        # `ip netns exec` execs the command: the Popen's pid is the SBC's.
-        proc = lab.spawn(
-            lab.sbc,
-            sys.executable,
-            "-m",
-            "sbc",
-            "run",
-            "--config",
-            str(config),
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"sbc exited with {proc.returncode}:\n{log.read_text()}")
-        health = _health(lab)
-        if health and health["ok"]:
-            return proc
-        time.sleep(0.1)
-    raise AssertionError(f"sbc not healthy in 15 s:\n{log.read_text()}")
+    return fw_lab.spawn_sbc(lab, config, workdir / "sbc.log", ROOT, MGMT_PORT)
 
 
 def stop_sbc(proc: subprocess.Popen[Any], timeout: float = 15) -> int:
@@ -264,7 +224,7 @@ def run_step(
                 uas.wait(timeout=5)
             counters = lab.counters()
             banned = lab.set_elements("blacklist_v4")
-            health = _health(lab)
+            health = fw_lab.sbc_health(lab, MGMT_PORT)
         finally:
             code = stop_sbc(sbc)
     log = (workdir / "sbc.log").read_text(errors="replace")

@@ -70,20 +70,6 @@ def lab():  # type: ignore[no-untyped-def]
         yield the_lab
 
 
-def _health(lab: fw_lab.Lab) -> dict[str, Any] | None:
-    code = (
-        "import json, urllib.request\n"
-        "try:\n"
-        f"    r = urllib.request.urlopen('http://127.0.0.1:{MGMT_PORT}/healthz', timeout=1)\n"
-        "    print(r.read().decode())\n"
-        "except OSError:\n"
-        "    print('null')\n"
-    )
-    out = lab.run(lab.sbc, sys.executable, "-c", code, check=False)
-    health: dict[str, Any] | None = json.loads(out or "null")
-    return health
-
-
 def _send(lab: fw_lab.Lab, **kwargs: object) -> int:
     return int(fw_lab.lab_python(lab, lab.ext, "send", json.dumps(kwargs)))
 
@@ -106,29 +92,7 @@ def _svmap(lab: fw_lab.Lab, source: str) -> str:
 
 
 def _start_sbc(lab: fw_lab.Lab, config: Path, log: Path) -> subprocess.Popen[Any]:
-    with log.open("w") as out:
-        proc = lab.spawn(
-            lab.sbc,
-            sys.executable,
-            "-m",
-            "sbc",
-            "run",
-            "--config",
-            str(config),
-            cwd=config.parent,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"sbc exited with {proc.returncode}:\n{log.read_text()}")
-        health = _health(lab)
-        if health and health["ok"]:
-            return proc
-        time.sleep(0.1)
-    raise AssertionError(f"sbc not healthy in 15 s:\n{log.read_text()}")
+    return fw_lab.spawn_sbc(lab, config, log, config.parent, MGMT_PORT)
 
 
 def test_sbc_bans_a_scanner_not_the_trunk_and_leaves_the_host_ruleset(
@@ -142,7 +106,7 @@ def test_sbc_bans_a_scanner_not_the_trunk_and_leaves_the_host_ruleset(
     log = tmp_path / "sbc.log"
     proc = _start_sbc(lab, config, log)
     try:
-        health = _health(lab)
+        health = fw_lab.sbc_health(lab, MGMT_PORT)
         assert health is not None and health["firewall"] == {"enabled": True, "bans": 0}
         table = lab.run(lab.sbc, "nft", "list", "table", "inet", "sbc")
         # The SIP ports came from the listeners: udp and tcp meters, none for tls.
@@ -227,7 +191,7 @@ def test_sbc_bans_a_scanner_not_the_trunk_and_leaves_the_host_ruleset(
         assert "malformed" in by_target["2001:db8:1:2::/64"]["reason"]
         assert all(b["in_kernel"] for b in bans)
         time.sleep(1.2)  # the SBC's once-a-second flush
-        health = _health(lab)
+        health = fw_lab.sbc_health(lab, MGMT_PORT)
         assert health is not None and health["firewall"] == {"enabled": True, "bans": 2}
     finally:
         proc.send_signal(signal.SIGTERM)
