@@ -13,7 +13,7 @@ from typing import Final
 
 from sbc.sip.errors import ParseError
 from sbc.sip.limits import MAX_PARAMS, MAX_PARAMS_STATUS
-from sbc.sip.uri import Params, SipUri, Uri, parse_uri, plain_host_ok, split_hostport
+from sbc.sip.uri import Params, Uri, parse_uri, plain_host_ok, split_hostport
 
 #: RFC 3261 7.3.3 compact forms, plus RFC 3265/3515/3841/4028 ones.
 COMPACT_FORMS: Final = {
@@ -599,7 +599,3 @@ class MediaType:
 
     def __str__(self) -> str:
         return f"{self.type}/{self.subtype}{format_params(self.params)}"
-
-
-def sip_uri_of(address: Address) -> SipUri | None:
-    return address.uri if isinstance(address.uri, SipUri) else None

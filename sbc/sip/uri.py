@@ -101,11 +101,6 @@ def split_hostport(text: str, what: str = "host") -> tuple[str, int | None]:
     return parse_host(host, what), None
 
 
-def host_address(host: str) -> str:
-    """A host as a bare address or name: IPv6 brackets removed."""
-    return host[1:-1] if host.startswith("[") else host
-
-
 def format_host(address: str) -> str:
     """An address ready to put in a URI or Via: IPv6 gets brackets."""
     return f"[{address}]" if ":" in address and not address.startswith("[") else address
