@@ -17,7 +17,7 @@ from sbc.sip.dialog import Dialog
 from sbc.transport.base import Destination, ListenAddress, Transport
 
 #: Version of the ``to_dict`` layout, checked by ``from_dict``.
-CALL_DICT_VERSION: Final = 1
+CALL_DICT_VERSION: Final = 2
 
 
 class CallError(ValueError):
@@ -39,6 +39,23 @@ class CallState(enum.Enum):
     CANCELLING = "cancelling"
     #: Over: BYE, rejection, cancellation or timeout.
     TERMINATED = "terminated"
+
+
+class EndReason(enum.Enum):
+    """Why a call (attempt) ended; CDRs record it."""
+
+    BYE = "bye"
+    CANCEL = "cancel"
+    REJECTED = "rejected"
+    NO_ANSWER_TIMEOUT = "no-answer-timeout"
+    MEDIA_TIMEOUT = "media-timeout"
+    MAX_DURATION = "max-duration"
+    SESSION_TIMER = "session-timer"
+    SHUTDOWN = "shutdown"
+    TRANSPORT_ERROR = "transport-error"
+    ADMISSION = "admission"
+    NO_ROUTE = "no-route"
+    ACK_TIMEOUT = "ack-timeout"
 
 
 class LegSide(enum.Enum):
@@ -144,6 +161,21 @@ class Call:
     media_session: str | None = None
     #: The status the call ended with, for CDRs (0 while it lasts).
     end_status: int = 0
+    #: The caller's From URI and the Request-URI it asked for (CDRs).
+    caller: str = ""
+    callee: str = ""
+    #: Monotonic time of the answer (None: not answered) and of the end (0: going on).
+    answered_at: float | None = None
+    ended_at: float = 0.0
+    end_reason: EndReason | None = None
+    #: Who hung up: a side, or None for the SBC (timers, shutdown) or no answer.
+    hangup: LegSide | None = None
+    #: Codecs offered by A and answered by B ("PCMU/8000,telephone-event/8000").
+    a_codecs: str = ""
+    b_codecs: str = ""
+    #: The trunk and gateway of the B leg, when it went to a trunk.
+    trunk: str | None = None
+    gateway: str | None = None
 
     def leg(self, side: LegSide) -> CallLeg:
         return self.a if side is LegSide.A else self.b
@@ -165,6 +197,16 @@ class Call:
             "created": self.created,
             "media_session": self.media_session,
             "end_status": self.end_status,
+            "caller": self.caller,
+            "callee": self.callee,
+            "answered_at": self.answered_at,
+            "ended_at": self.ended_at,
+            "end_reason": None if self.end_reason is None else self.end_reason.value,
+            "hangup": None if self.hangup is None else self.hangup.value,
+            "a_codecs": self.a_codecs,
+            "b_codecs": self.b_codecs,
+            "trunk": self.trunk,
+            "gateway": self.gateway,
         }
 
     @classmethod
@@ -181,6 +223,18 @@ class Call:
                 created=float(data["created"]),
                 media_session=data.get("media_session"),
                 end_status=int(data.get("end_status", 0)),
+                caller=str(data.get("caller", "")),
+                callee=str(data.get("callee", "")),
+                answered_at=None if data.get("answered_at") is None else float(data["answered_at"]),
+                ended_at=float(data.get("ended_at", 0.0)),
+                end_reason=None
+                if data.get("end_reason") is None
+                else EndReason(data["end_reason"]),
+                hangup=None if data.get("hangup") is None else LegSide(data["hangup"]),
+                a_codecs=str(data.get("a_codecs", "")),
+                b_codecs=str(data.get("b_codecs", "")),
+                trunk=data.get("trunk"),
+                gateway=data.get("gateway"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CallError(f"bad call: {exc!r}") from exc

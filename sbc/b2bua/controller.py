@@ -2,30 +2,49 @@
 
 ``CallController`` is the transaction user. It takes the transaction layer's
 ``Output`` (and ``now``) and hands back a ``Step``: the transaction layer's output
-plus what the B2BUA made it send, and media commands for the relay. It never
-awaits: the asyncio side runs each media command and reports an allocation back
-with ``media_allocated``, which continues the call.
+plus what the B2BUA made it send, media commands for the relay, ended calls (for
+CDRs) and digest failures (for the firewall). It never awaits: the asyncio side runs
+each media command and reports an allocation back with ``media_allocated``, which
+continues the call.
 
-A call: an INVITE entering realm A is routed (``Router``); the relay allocates a
-session; a new INVITE, with the B2BUA's own Call-ID, tags, branch, Via, Contact,
-CSeq and SDP, leaves through the route's realm. Provisional and final responses
-come back re-originated; the 2xx of each leg is ACKed per leg (RFC 3261 13.2.2.4),
-non-2xx ACKs stay hop-by-hop in the transaction layer (17.1.1.3). BYE, CANCEL,
-re-INVITE and other in-dialog requests are re-originated on the other leg.
-Anything not part of a call goes to the ``LocalResponder``.
+A call: an INVITE entering realm A is authenticated when its realm asks for it,
+routed (``Router``) to targets (a static peer, a trunk's gateways in failover
+order, or every contact registered for the user, forked in parallel), admitted
+(``AdmissionPort``); the relay allocates a session; new INVITEs, with the B2BUA's
+own Call-ID, tags, branch, Via, Contact, CSeq and SDP, leave through the target's
+realm. Provisional and final responses come back re-originated; the 2xx of each
+leg is ACKed per leg (RFC 3261 13.2.2.4), non-2xx ACKs stay hop-by-hop in the
+transaction layer (17.1.1.3), reliable provisionals of the B leg are PRACKed by the
+B2BUA (RFC 3262). BYE, CANCEL, re-INVITE, UPDATE, INFO, REFER (per realm policy)
+and NOTIFY are re-originated on the other leg. The B2BUA refreshes each leg's
+session (RFC 4028) and ends a call whose refresh fails, on media timeout, on the
+maximum duration and when the SBC shuts down. REGISTER goes to the registrar of a
+realm that has one; MESSAGE and PUBLISH are routed like calls, without media.
+Anything else goes to the ``LocalResponder``.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Final
+from typing import Final, Protocol
 
-from sbc.b2bua.call import Call, CallLeg, CallState, LegSide
+from sbc.b2bua.admission import AdmissionControl, AdmissionTicket, Refused
+from sbc.b2bua.call import Call, CallLeg, CallState, EndReason, LegSide
 from sbc.b2bua.local import LocalResponder
-from sbc.b2bua.realm import Hop, RealmTable
-from sbc.b2bua.routing import RejectRoute, Router, TrunkRoute, uri_user_host
+from sbc.b2bua.realm import Hop, Realm, RealmTable
+from sbc.b2bua.routing import (
+    RegisteredRoute,
+    RejectRoute,
+    RouteDecision,
+    Router,
+    TrunkRoute,
+    uri_user_host,
+)
 from sbc.b2bua.topology import (
     SDP_CONTENT_TYPE,
     blank_offers,
@@ -50,8 +69,16 @@ from sbc.sip.dialog import (
 )
 from sbc.sip.errors import ParseError
 from sbc.sip.headers import quote_string
-from sbc.sip.message import Headers, Request, Response, make_response, new_branch, new_tag
-from sbc.sip.sdp import SdpError
+from sbc.sip.message import (
+    Headers,
+    Message,
+    Request,
+    Response,
+    make_response,
+    new_branch,
+    new_tag,
+)
+from sbc.sip.sdp import SdpError, SessionDescription
 from sbc.sip.transaction import (
     NOTHING,
     AckReceived,
@@ -72,8 +99,8 @@ from sbc.sip.transaction import (
     TransportError,
 )
 from sbc.sip.uas import UasPolicy, check_request
-from sbc.sip.uri import format_host
-from sbc.transport.base import Destination, Flow, Transport, is_reliable
+from sbc.sip.uri import SipUri, Uri, format_host, parse_uri
+from sbc.transport.base import Destination, Flow, ListenAddress, Transport, is_reliable
 
 logger = logging.getLogger(__name__)
 
@@ -81,13 +108,135 @@ logger = logging.getLogger(__name__)
 MAX_FORWARDS: Final = 70
 
 #: What the B2BUA itself handles on a leg (RFC 3261 20.5 Allow).
-ALLOW: Final = "INVITE, ACK, BYE, CANCEL, OPTIONS, INFO"
+ALLOW: Final = "INVITE, ACK, BYE, CANCEL, OPTIONS, INFO, UPDATE, PRACK, REFER, NOTIFY, MESSAGE"
+
+#: Option tags of the B2BUA's own INVITEs: reliable provisionals are PRACKed by the
+#: B2BUA (RFC 3262), session timers are run by it (RFC 4028).
+SUPPORTED: Final = "100rel, timer"
 
 _MEDIA_SIDE: Final = {LegSide.A: Side.A, LegSide.B: Side.B}
 
-#: What a new call may require: nothing yet (no 100rel/PRACK, no session timers
-#: across the legs), so a Require of anything gets 420 (RFC 3261 8.2.2.3).
-INVITE_POLICY: Final = UasPolicy(supported=())
+#: What a new call may require: session timers (the B2BUA refreshes both legs
+#: itself); 100rel towards the caller is not offered, so Require: 100rel gets 420.
+INVITE_POLICY: Final = UasPolicy(supported=("timer",))
+
+#: Requests routed like calls, without media or dialog (RFC 3428, RFC 3903).
+ROUTED_REQUESTS: Final = frozenset({"MESSAGE", "PUBLISH"})
+
+#: Statuses of a non-2xx final answer after which the next gateway is tried.
+FAILOVER_STATUSES: Final = frozenset({408, 500, 502, 503, 504})
+
+#: Most parallel forks of one call (contacts of one user) and serial attempts.
+MAX_FORKS: Final = 10
+MAX_ATTEMPTS: Final = 16
+
+#: Most 3xx Contacts followed, and how often a call may be redirected.
+MAX_REDIRECTS: Final = 3
+
+#: Statuses after which a session refresh shows the dialog is gone (RFC 4028 10).
+DEAD_DIALOG_STATUSES: Final = frozenset({408, 481})
+
+
+# -- collaborators ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One place a call may go: the realm, the next hop and the Request-URI to ask for."""
+
+    realm: str
+    destination: Destination
+    uri: str
+    gateway: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TrunkPlan:
+    """A trunk's usable gateways for one call, in the order they are to be tried."""
+
+    realm: str
+    targets: tuple[Target, ...]
+    max_attempts: int = 3
+
+
+class TargetSource(Protocol):
+    """Where routes point: registered contacts, trunks' gateways (the app's view)."""
+
+    def registered(self, uri: Uri, realm: str | None, now: float) -> list[Target]: ...
+
+    def user_known(self, uri: Uri) -> bool: ...
+
+    def trunk(self, name: str, now: float) -> TrunkPlan | None: ...
+
+
+class NoTargets:
+    """No registrar and no trunks."""
+
+    def registered(self, uri: Uri, realm: str | None, now: float) -> list[Target]:
+        return []
+
+    def user_known(self, uri: Uri) -> bool:
+        return False
+
+    def trunk(self, name: str, now: float) -> TrunkPlan | None:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterOutcome:
+    """The registrar's answer to a REGISTER; ``failed_user`` set on wrong credentials."""
+
+    response: Response
+    auth_failed: bool = False
+    failed_user: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthVerdict:
+    """A request's digest check: ``response`` (401/407/403/400) to send instead, or None."""
+
+    response: Response | None
+    user: str | None = None
+    auth_failed: bool = False
+
+
+class RegistrarPort(Protocol):
+    """The embedded registrar as the controller uses it."""
+
+    def register(
+        self, request: Request, flow: Flow, realm: str, listen: ListenAddress, now: float
+    ) -> RegisterOutcome: ...
+
+    def authenticate(self, request: Request, now: float) -> AuthVerdict: ...
+
+
+class ManipulationPort(Protocol):
+    """Header manipulation of one realm (``sbc.b2bua.manipulation``)."""
+
+    def inbound(self, message: Message, realm: str) -> None: ...
+
+    def outbound(self, message: Message, realm: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CallTimers:
+    """Call timers, seconds; 0 turns one off."""
+
+    max_duration: float = 14400.0
+    no_answer_timeout: float = 180.0
+    #: RFC 4028 session interval the B2BUA refreshes each leg within.
+    session_expires: float = 1800.0
+    min_se: float = 90.0
+
+
+@dataclass(frozen=True, slots=True)
+class RealmPolicy:
+    """Per-realm behaviour of the controller beyond listeners and keep-lists."""
+
+    registrar: bool = False
+    authenticate: frozenset[str] = frozenset()
+    refer_relay: bool = False
+    options_relay: bool = False
 
 
 # -- what the controller asks of the world ----------------------------------------------
@@ -113,22 +262,42 @@ class UpdateMedia:
 
 @dataclass(frozen=True, slots=True)
 class DeleteMedia:
+    """Free a session; ``call`` is the ended call, whose CDR wants the final counters."""
+
     call_ref: str
     session_id: str
+    call: Call | None = field(default=None, compare=False)
 
 
 MediaCommand = AllocateMedia | UpdateMedia | DeleteMedia
 
 
 @dataclass(frozen=True, slots=True)
+class AuthFailure:
+    """Wrong digest credentials from ``source`` for ``user`` (the firewall's detector)."""
+
+    source: str
+    user: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class Step:
-    """Messages to send (the transaction layer's output) and media commands, in order."""
+    """Messages to send (the transaction layer's output), media commands, ended calls
+    without a media session (with one, their ``DeleteMedia`` carries them) and digest
+    failures, in order."""
 
     output: Output = NOTHING
     media: tuple[MediaCommand, ...] = ()
+    ended: tuple[Call, ...] = ()
+    auth_failures: tuple[AuthFailure, ...] = ()
 
     def __add__(self, other: Step) -> Step:
-        return Step(self.output + other.output, self.media + other.media)
+        return Step(
+            self.output + other.output,
+            self.media + other.media,
+            self.ended + other.ended,
+            self.auth_failures + other.auth_failures,
+        )
 
 
 # -- runtime state beside the Call value -------------------------------------------------
@@ -144,24 +313,48 @@ class _Relayed:
 
 
 @dataclass(eq=False)
+class _Fork:
+    """One B-leg INVITE of a call: a contact of a forked call, or one gateway attempt."""
+
+    leg: CallLeg
+    target: Target
+    request: Request
+    tx: ClientInviteTransaction
+    dialogs: DialogSet
+    final: int = 0
+    cancel_pending: bool = False
+    #: RSeq of the last reliable provisional PRACKed (RFC 3262 4).
+    rseq: int = 0
+
+
+@dataclass(eq=False)
 class _Live:
     """A call and what is not replicated with it: transactions and SDP in flight."""
 
     call: Call
     a_invite: ServerInviteTransaction
     a_request: Request
-    route: TrunkRoute
-    b_invite: ClientInviteTransaction | None = None
-    b_request: Request | None = None
-    b_dialogs: DialogSet | None = None
-    a_offer: bytes = b""
+    route: TrunkRoute | RegisteredRoute
+    #: Target groups still to try: each group is forked in parallel, groups in series.
+    pending: list[tuple[Target, ...]] = field(default_factory=list)
+    forks: dict[ClientInviteTransaction, _Fork] = field(default_factory=dict)
+    winner: _Fork | None = None
+    best: Response | None = None
+    attempts: int = 0
+    redirects: int = 0
     session: MediaSession | None = None
     offers: dict[LegSide, tuple[LegOffer, ...]] = field(default_factory=dict)
     #: The A leg has its final response (answered, rejected or 487).
     a_final: bool = False
-    #: CANCEL waits for a provisional response of the B leg (RFC 3261 9.1).
-    cancel_pending: bool = False
-    b_ack: Request | None = None
+    ticket: AdmissionTicket | None = None
+    #: The last SDP body sent on each leg (session refreshes re-send it).
+    sdp_sent: dict[LegSide, bytes] = field(default_factory=dict)
+    #: Methods each side allows (Allow of its INVITE / 2xx): UPDATE refreshes if there.
+    allows: dict[LegSide, frozenset[str]] = field(default_factory=dict)
+    #: When each leg's next session refresh is due (monotonic).
+    refresh_at: dict[LegSide, float] = field(default_factory=dict)
+    #: An in-dialog INVITE of the B2BUA's is pending on that leg (RFC 3261 14.1 glare).
+    reinvite_pending: set[LegSide] = field(default_factory=set)
 
 
 @dataclass(eq=False)
@@ -176,11 +369,47 @@ class _Unacked:
     give_up_at: float
 
 
+@dataclass(eq=False)
+class _Routed:
+    """An out-of-dialog MESSAGE/PUBLISH/OPTIONS relayed to a target, awaiting its answer."""
+
+    server: ServerTransaction
+    request: Request
+    a_realm: str
+
+
 @dataclass(frozen=True, slots=True)
 class _ByRole:
     call_ref: str
     role: str
     relayed: _Relayed | None = None
+    side: LegSide | None = None
+
+
+class _Timer:
+    RING = "ring"
+    MAX_DURATION = "max-duration"
+    REFRESH_A = "refresh-a"
+    REFRESH_B = "refresh-b"
+
+
+def codecs_of(sdp: SessionDescription | None) -> str:
+    """``PCMU/8000,telephone-event/8000`` of the first audio (or any) m= section."""
+    if sdp is None:
+        return ""
+    for media in sdp.media:
+        if media.is_rejected:
+            continue
+        try:
+            codecs = media.codecs()
+        except SdpError:
+            return ""
+        return ",".join(f"{c.encoding_name}/{c.clock_rate}" for c in codecs)
+    return ""
+
+
+def _uri_text(uri: Uri) -> str:
+    return str(uri)
 
 
 class CallController:
@@ -194,19 +423,38 @@ class CallController:
         responder: LocalResponder,
         *,
         user_agent: str = "sbc",
+        targets: TargetSource | None = None,
+        registrar: RegistrarPort | None = None,
+        admission: AdmissionControl | None = None,
+        manipulation: ManipulationPort | None = None,
+        policies: dict[str, RealmPolicy] | None = None,
+        timers: CallTimers | None = None,
     ) -> None:
         self.transactions = transactions
         self.realms = realms
         self.router = router
         self.responder = responder
         self.user_agent = user_agent
+        self.targets: TargetSource = targets or NoTargets()
+        self.registrar = registrar
+        self.admission = admission
+        self.manipulation = manipulation
+        self.policies: dict[str, RealmPolicy] = dict(policies or {})
+        self.timers = timers or CallTimers()
         self._calls: dict[str, _Live] = {}
         #: (Call-ID, the SBC's tag on that leg) -> call and side.
         self._by_dialog: dict[tuple[str, str], tuple[str, LegSide]] = {}
         self._by_client: dict[ClientTransaction, _ByRole] = {}
         self._by_server: dict[ServerTransaction, str] = {}
+        self._by_session: dict[str, str] = {}
+        self._routed: dict[ClientTransaction, _Routed] = {}
         #: (Call-ID, the SBC's To tag, CSeq number) of a 2xx not yet ACKed.
         self._unacked: dict[tuple[str, str, int], _Unacked] = {}
+        #: Call timers: (when, sequence, call ref, kind), stale entries skipped.
+        self._deadlines: list[tuple[float, int, str, str]] = []
+        self._sequence = itertools.count()
+        #: Counters for metrics: started, answered, failed ... by name.
+        self.counters: dict[str, int] = {}
 
     # -- views ---------------------------------------------------------------------------
 
@@ -217,17 +465,73 @@ class CallController:
         """Every live call, as plain values."""
         return tuple(live.call for live in self._calls.values())
 
-    def reconfigure(self, realms: RealmTable, router: Router, responder: LocalResponder) -> None:
+    def reconfigure(
+        self,
+        realms: RealmTable,
+        router: Router,
+        responder: LocalResponder,
+        *,
+        policies: dict[str, RealmPolicy] | None = None,
+        timers: CallTimers | None = None,
+    ) -> None:
         """New realms and routes for new calls; calls in progress keep their legs."""
         self.realms, self.router, self.responder = realms, router, responder
+        if policies is not None:
+            self.policies = dict(policies)
+        if timers is not None:
+            self.timers = timers
+
+    def _count(self, name: str) -> None:
+        self.counters[name] = self.counters.get(name, 0) + 1
+
+    def _policy(self, realm: str) -> RealmPolicy:
+        return self.policies.get(realm, RealmPolicy())
 
     # -- timers --------------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
-        """When ``handle_timers`` should next run (2xx retransmissions), or None."""
-        return min((u.next_at for u in self._unacked.values()), default=None)
+        """When ``handle_timers`` should next run (2xx retransmissions, call timers)."""
+        while self._deadlines and self._deadlines[0][2] not in self._calls:
+            heapq.heappop(self._deadlines)
+        unacked = min((u.next_at for u in self._unacked.values()), default=None)
+        call = self._deadlines[0][0] if self._deadlines else None
+        candidates = [d for d in (unacked, call) if d is not None]
+        return min(candidates) if candidates else None
+
+    def _schedule(self, when: float, call_ref: str, kind: str) -> None:
+        heapq.heappush(self._deadlines, (when, next(self._sequence), call_ref, kind))
 
     def handle_timers(self, now: float) -> Step:
+        """2xx retransmissions (13.3.1.4), ringing and duration limits, session refreshes."""
+        step = self._retransmit_2xx(now)
+        while self._deadlines and self._deadlines[0][0] <= now:
+            when, _, call_ref, kind = heapq.heappop(self._deadlines)
+            live = self._calls.get(call_ref)
+            if live is None:
+                continue
+            step = step + self._call_timer(live, kind, when, now)
+        return step
+
+    def _call_timer(self, live: _Live, kind: str, when: float, now: float) -> Step:
+        call = live.call
+        if kind == _Timer.RING:
+            if call.state in (CallState.CALLING, CallState.EARLY) and not live.a_final:
+                logger.info("x call %s: no answer in time", call.call_ref)
+                step = self._answer_a(live, make_response(live.a_request, 408), now)
+                step = step + self._cancel_forks(live, now)
+                return step + self._end(live, 408, EndReason.NO_ANSWER_TIMEOUT, None, now)
+            return Step()
+        if call.state is not CallState.CONFIRMED:
+            return Step()
+        if kind == _Timer.MAX_DURATION:
+            logger.info("- call %s: maximum duration reached", call.call_ref)
+            return self._hang_up_both(live, EndReason.MAX_DURATION, now)
+        side = LegSide.A if kind == _Timer.REFRESH_A else LegSide.B
+        if live.refresh_at.get(side) != when:
+            return Step()
+        return self._refresh(live, side, now)
+
+    def _retransmit_2xx(self, now: float) -> Step:
         """RFC 3261 13.3.1.4: retransmit each unACKed 2xx, T1 doubling up to T2; after
         64*T1 without ACK the dialog is confirmed and at once ended with a BYE."""
         step = Step()
@@ -246,9 +550,7 @@ class CallController:
             if now >= unacked.give_up_at:
                 del self._unacked[key]
                 logger.info("x call %s: no ACK for the 2xx, hanging up", unacked.call_ref)
-                side = self._by_dialog.get((key[0], key[1]), (unacked.call_ref, LegSide.A))[1]
-                step = step + self._hang_up(live, side, 408, now)
-                step = step + self._hang_up(live, side.other, 408, now)
+                step = step + self._hang_up_both(live, EndReason.ACK_TIMEOUT, now, status=408)
                 continue
             unacked.interval = min(2 * unacked.interval, config.t2)
             unacked.next_at = now + unacked.interval
@@ -264,6 +566,32 @@ class CallController:
         key = (response.call_id, response.to.tag or "", response.cseq.seq)
         self._unacked[key] = _Unacked(call_ref, server, response, t1, now + t1, now + 64 * t1)
 
+    # -- events from the world ----------------------------------------------------------
+
+    def media_timeout(self, session_id: str, now: float) -> Step:
+        """The relay saw no media for too long: the call ends on both legs."""
+        call_ref = self._by_session.get(session_id)
+        live = None if call_ref is None else self._calls.get(call_ref)
+        if live is None:
+            return Step()
+        logger.info("x call %s: media timeout", live.call.call_ref)
+        if live.call.state is CallState.CONFIRMED:
+            return self._hang_up_both(live, EndReason.MEDIA_TIMEOUT, now)
+        return Step()
+
+    def shutdown(self, now: float) -> Step:
+        """The SBC stops: every call ends (BYE both legs, or 503 and CANCEL while it rings)."""
+        step = Step()
+        for live in list(self._calls.values()):
+            if live.call.state is CallState.CONFIRMED:
+                step = step + self._hang_up_both(live, EndReason.SHUTDOWN, now, status=503)
+                continue
+            if not live.a_final:
+                step = step + self._answer_a(live, make_response(live.a_request, 503), now)
+            step = step + self._cancel_forks(live, now)
+            step = step + self._end(live, 503, EndReason.SHUTDOWN, None, now)
+        return step
+
     # -- input ---------------------------------------------------------------------------
 
     def handle(self, out: Output, now: float) -> Step:
@@ -278,17 +606,21 @@ class CallController:
 
     def _event(self, event: object, now: float) -> Step:
         if isinstance(event, RequestReceived):
+            self._inbound(event.request, event.transaction.destination)
             return self._request(event.transaction, event.request, now)
         if isinstance(event, CancelReceived):
             return self._cancel(event, now)
         if isinstance(event, InviteAccepted | ResponseReceived):
+            destination = event.transaction.destination
+            if isinstance(destination, Hop) and self.manipulation is not None:
+                self.manipulation.inbound(event.response, destination.realm)
             return self._response(event.transaction, event.response, now)
         if isinstance(event, AckReceived):
             self._ack(event.request)
             return Step()
         if isinstance(event, TransactionTimeout | TransportError):
             tx = event.transaction
-            if isinstance(tx, ClientTransaction) and tx in self._by_client:
+            if isinstance(tx, ClientTransaction) and (tx in self._by_client or tx in self._routed):
                 status = 408 if isinstance(event, TransactionTimeout) else 503
                 return self._response(tx, make_response(tx.request, status), now)
             return Step()
@@ -296,9 +628,17 @@ class CallController:
             tx = event.transaction
             if isinstance(tx, ClientTransaction):
                 self._by_client.pop(tx, None)
+                self._routed.pop(tx, None)
             elif isinstance(tx, ServerTransaction):
                 self._by_server.pop(tx, None)
         return Step()
+
+    def _inbound(self, message: Message, flow: object) -> None:
+        if self.manipulation is None or not isinstance(flow, Flow):
+            return
+        realm = self.realms.of_flow(flow)
+        if realm is not None:
+            self.manipulation.inbound(message, realm.name)
 
     # -- requests ------------------------------------------------------------------------
 
@@ -308,8 +648,21 @@ class CallController:
             return Step()
         return self._send_response(tx, response, now)
 
-    def _send_response(self, tx: ServerTransaction, response: Response, now: float) -> Step:
+    def _realm_of_tx(self, tx: ServerTransaction) -> str | None:
+        flow = tx.destination
+        if isinstance(flow, Flow):
+            realm = self.realms.of_flow(flow)
+            if realm is not None:
+                return realm.name
+        return None
+
+    def _send_response(
+        self, tx: ServerTransaction, response: Response, now: float, realm: str | None = None
+    ) -> Step:
         response.headers.add("Server", self.user_agent)
+        realm = realm or self._realm_of_tx(tx)
+        if realm is not None and self.manipulation is not None:
+            self.manipulation.outbound(response, realm)
         return Step(self.transactions.send_response(tx, response, now))
 
     def _request(self, tx: ServerTransaction, request: Request, now: float) -> Step:
@@ -319,9 +672,144 @@ class CallController:
                 return self._local(tx, request, now)
             call_ref, side = found
             return self._in_dialog(self._calls[call_ref], side, tx, request, now)
-        if request.method != "INVITE" or not isinstance(tx, ServerInviteTransaction):
+        if request.method == "INVITE" and isinstance(tx, ServerInviteTransaction):
+            return self._new_call(tx, request, now)
+        flow = tx.destination
+        realm = self.realms.of_flow(flow) if isinstance(flow, Flow) else None
+        if realm is None or not isinstance(flow, Flow):
             return self._local(tx, request, now)
-        return self._new_call(tx, request, now)
+        policy = self._policy(realm.name)
+        if request.method == "REGISTER" and policy.registrar and self.registrar is not None:
+            return self._register(tx, request, flow, realm, now)
+        if request.method in ROUTED_REQUESTS or (
+            request.method == "OPTIONS" and policy.options_relay
+        ):
+            return self._route_request(tx, request, flow, realm, now)
+        return self._local(tx, request, now)
+
+    def _register(
+        self, tx: ServerTransaction, request: Request, flow: Flow, realm: Realm, now: float
+    ) -> Step:
+        assert self.registrar is not None
+        rejection = check_request(request, self.responder.policy)
+        if rejection is not None:
+            return self._send_response(tx, rejection.response_to(request, new_tag()), now)
+        listen = realm.listener(flow.transport, flow.remote_host)
+        assert listen is not None
+        outcome = self.registrar.register(request, flow, realm.name, listen, now)
+        step = self._send_response(tx, outcome.response, now, realm.name)
+        if outcome.auth_failed:
+            failure = AuthFailure(flow.remote_host, outcome.failed_user)
+            step = step + Step(auth_failures=(failure,))
+        return step
+
+    def _authenticate(
+        self, tx: ServerTransaction, request: Request, flow: Flow, realm: Realm, now: float
+    ) -> Step | None:
+        """None when the request may go on; otherwise the step that answers it."""
+        if request.method not in self._policy(realm.name).authenticate:
+            return None
+        if self.registrar is None:
+            response = make_response(request, 503, to_tag=new_tag())
+            return self._send_response(tx, response, now, realm.name)
+        verdict = self.registrar.authenticate(request, now)
+        if verdict.response is None:
+            return None
+        step = self._send_response(tx, verdict.response, now, realm.name)
+        if verdict.auth_failed:
+            step = step + Step(auth_failures=(AuthFailure(flow.remote_host, verdict.user),))
+        return step
+
+    def _reject_attempt(
+        self,
+        tx: ServerTransaction,
+        request: Request,
+        realm: str,
+        status: int,
+        reason: EndReason,
+        now: float,
+        *,
+        route: str = "",
+        headers: Sequence[tuple[str, str]] = (),
+        phrase: str | None = None,
+    ) -> Step:
+        """Refuse a new call (no route, rejected, admission ...), with a CDR for it."""
+        response = make_response(request, status, phrase, to_tag=new_tag(), headers=headers)
+        step = self._send_response(tx, response, now, realm)
+        if request.method != "INVITE":
+            return step
+        self._count(f"rejected_{reason.value}")
+        flow = tx.destination
+        peer = (
+            Destination(flow.transport, flow.remote_host, flow.remote_port)
+            if isinstance(flow, Flow)
+            else Destination(Transport.UDP, "0.0.0.0", 0)
+        )
+        local = (
+            ListenAddress(flow.transport, flow.local_host, flow.local_port)
+            if isinstance(flow, Flow)
+            else ListenAddress(Transport.UDP, "0.0.0.0", 0)
+        )
+        leg = CallLeg(realm, request.call_id, "", local, peer)
+        call = Call(
+            call_ref=secrets.token_hex(8),
+            state=CallState.TERMINATED,
+            a=leg,
+            b=replace(leg, realm="", call_id=""),
+            route=route,
+            created=now,
+            end_status=status,
+            caller=self._caller(request),
+            callee=request.raw_uri,
+            ended_at=now,
+            end_reason=reason,
+        )
+        return step + Step(ended=(call,))
+
+    @staticmethod
+    def _caller(request: Request) -> str:
+        try:
+            return _uri_text(request.from_.uri)
+        except ParseError:
+            return ""
+
+    # -- new calls -----------------------------------------------------------------------
+
+    def _targets(
+        self, decision: TrunkRoute | RegisteredRoute, request: Request, now: float
+    ) -> tuple[list[tuple[Target, ...]], str | None, int]:
+        """Target groups of a decision (forked within, tried in series), the trunk name
+        and the status when there are none."""
+        if isinstance(decision, RegisteredRoute):
+            contacts = self.targets.registered(request.uri, decision.realm, now)[:MAX_FORKS]
+            if not contacts:
+                known = self.targets.user_known(request.uri)
+                return [], None, 480 if known else 404
+            return [tuple(contacts)], None, 0
+        if decision.trunk is not None:
+            plan = self.targets.trunk(decision.trunk, now)
+            if plan is None or not plan.targets:
+                return [], decision.trunk, 503
+            attempts = min(plan.max_attempts, MAX_ATTEMPTS)
+            return [(t,) for t in plan.targets[:attempts]], decision.trunk, 0
+        assert decision.realm is not None and decision.destination is not None
+        destination = decision.destination
+        return (
+            [(Target(decision.realm, destination, self._static_uri(request, destination)),)],
+            (None),
+            0,
+        )
+
+    @staticmethod
+    def _static_uri(request: Request, destination: Destination) -> str:
+        user, _ = uri_user_host(request.uri)
+        userinfo = f"{user}@" if user else ""
+        params = (
+            ""
+            if destination.transport is Transport.UDP
+            else f";transport={destination.transport.value}"
+        )
+        return f"sip:{userinfo}{format_host(destination.host)}:{destination.port}{params}"
 
     def _new_call(self, tx: ServerInviteTransaction, request: Request, now: float) -> Step:
         flow = tx.destination
@@ -331,30 +819,39 @@ class CallController:
         rejection = check_request(request, INVITE_POLICY)
         if rejection is not None:
             return self._send_response(tx, rejection.response_to(request, new_tag()), now)
-        decision = self.router.route(realm.name, request.uri)
-        if decision is None:
-            logger.info("x %s from %s: no route", request.raw_uri, realm.name)
-            return self._send_response(tx, make_response(request, 404, to_tag=new_tag()), now)
-        if isinstance(decision, RejectRoute):
-            logger.info(
-                "x %s from %s: rejected %d by route %s",
-                request.raw_uri,
-                realm.name,
-                decision.status,
-                decision.rule,
+        refused = self._authenticate(tx, request, flow, realm, now)
+        if refused is not None:
+            return refused
+        decision = self.router.route(realm.name, request.uri, request, flow.remote_host)
+        if decision is None or isinstance(decision, RejectRoute):
+            return self._refuse_route(tx, request, realm, decision, now)
+        groups, trunk, status = self._targets(decision, request, now)
+        if not groups:
+            logger.info("x %s from %s: no target (%d)", request.raw_uri, realm.name, status)
+            return self._reject_attempt(
+                tx, request, realm.name, status, EndReason.NO_ROUTE, now, route=decision.rule
             )
-            response = make_response(request, decision.status, to_tag=new_tag())
-            return self._send_response(tx, response, now)
-        target = self.realms.get(decision.realm)
-        hop = None if target is None else self.realms.hop(target, decision.destination)
-        if target is None or hop is None:
+        target_realm = self.realms.get(groups[0][0].realm)
+        if target_realm is None:
+            return self._reject_attempt(
+                tx, request, realm.name, 503, EndReason.NO_ROUTE, now, route=decision.rule
+            )
+        # One relay session per call: every target must be in the first one's realm.
+        groups = [
+            g for g in (tuple(t for t in g if t.realm == target_realm.name) for g in groups) if g
+        ]
+        first = groups[0][0]
+        hop = self.realms.hop(target_realm, first.destination)
+        if hop is None:
             logger.error(
                 "x route %s: realm %s has no %s listener",
                 decision.rule,
-                decision.realm,
-                decision.destination.transport.value,
+                target_realm.name,
+                first.destination.transport.value,
             )
-            return self._send_response(tx, make_response(request, 503, to_tag=new_tag()), now)
+            return self._reject_attempt(
+                tx, request, realm.name, 503, EndReason.NO_ROUTE, now, route=decision.rule
+            )
         max_forwards = request.max_forwards
         if max_forwards is not None and max_forwards <= 1:
             return self._send_response(tx, make_response(request, 483, to_tag=new_tag()), now)
@@ -366,9 +863,32 @@ class CallController:
                 tx, make_response(request, exc.status, to_tag=new_tag()), now
             )
         if sdp is None or not sdp.media:
-            # Late offer (SDP in the 2xx and ACK) is not relayed yet.
+            # Late offer (SDP in the 2xx and ACK) is not relayed.
             response = make_response(request, 488, "Offer Required", to_tag=new_tag())
             return self._send_response(tx, response, now)
+        ticket = None
+        if self.admission is not None:
+            verdict = self.admission.admit((realm.name, target_realm.name), trunk, now)
+            if isinstance(verdict, Refused):
+                logger.info(
+                    "x %s from %s: not admitted (%s %s: %s)",
+                    request.raw_uri,
+                    realm.name,
+                    verdict.scope,
+                    verdict.name,
+                    verdict.reason.name.lower(),
+                )
+                return self._reject_attempt(
+                    tx,
+                    request,
+                    realm.name,
+                    verdict.status,
+                    EndReason.ADMISSION,
+                    now,
+                    route=decision.rule,
+                    headers=verdict.headers,
+                )
+            ticket = verdict.ticket
         a_local = realm.listener(flow.transport, flow.remote_host)
         assert a_local is not None  # the request arrived on one
         call = Call(
@@ -383,33 +903,63 @@ class CallController:
                 sdp_session=str(secrets.randbelow(10**12)),
             ),
             b=CallLeg(
-                realm=target.name,
+                realm=target_realm.name,
                 call_id=secrets.token_hex(16),
                 local_tag=new_tag(),
                 local=hop.local,
-                peer=decision.destination,
+                peer=first.destination,
                 sdp_session=str(secrets.randbelow(10**12)),
             ),
             route=decision.rule,
             created=now,
+            caller=self._caller(request),
+            callee=request.raw_uri,
+            a_codecs=codecs_of(sdp),
+            trunk=trunk,
         )
-        live = _Live(call, tx, request, decision, a_offer=request.body)
+        live = _Live(call, tx, request, decision, pending=groups, ticket=ticket)
+        live.allows[LegSide.A] = frozenset(t.upper() for t in request.tokens("Allow"))
         live.offers[LegSide.A] = leg_offers(sdp, realm)
-        live.offers[LegSide.B] = blank_offers(len(sdp.media), target)
+        live.offers[LegSide.B] = blank_offers(len(sdp.media), target_realm)
         self._calls[call.call_ref] = live
         self._by_server[tx] = call.call_ref
         self._by_dialog[(call.a.call_id, call.a.local_tag)] = (call.call_ref, LegSide.A)
-        self._by_dialog[(call.b.call_id, call.b.local_tag)] = (call.call_ref, LegSide.B)
+        self._count("calls_started")
+        if self.timers.no_answer_timeout:
+            self._schedule(now + self.timers.no_answer_timeout, call.call_ref, _Timer.RING)
         logger.info(
             "- call %s: %s %s -> route %s -> %s",
             call.call_ref,
             realm.name,
             request.raw_uri,
             decision.rule,
-            hop,
+            ", ".join(str(t.destination) for g in groups for t in g),
         )
         streams = stream_offers(live.offers[LegSide.A], live.offers[LegSide.B])
         return Step(media=(AllocateMedia(call.call_ref, call.a.call_id, streams),))
+
+    def _refuse_route(
+        self,
+        tx: ServerInviteTransaction,
+        request: Request,
+        realm: Realm,
+        decision: RouteDecision | None,
+        now: float,
+    ) -> Step:
+        if decision is None:
+            logger.info("x %s from %s: no route", request.raw_uri, realm.name)
+            return self._reject_attempt(tx, request, realm.name, 404, EndReason.NO_ROUTE, now)
+        assert isinstance(decision, RejectRoute)
+        logger.info(
+            "x %s from %s: rejected %d by route %s",
+            request.raw_uri,
+            realm.name,
+            decision.status,
+            decision.rule,
+        )
+        return self._reject_attempt(
+            tx, request, realm.name, decision.status, EndReason.REJECTED, now, route=decision.rule
+        )
 
     def media_allocated(self, call_ref: str, session: MediaSession | None, now: float) -> Step:
         """The relay answered an ``AllocateMedia`` (None: it failed); the call goes on."""
@@ -419,39 +969,70 @@ class CallController:
                 return Step(media=(DeleteMedia(call_ref, session.session_id),))
             return Step()
         if session is None:
-            return self._fail_a(live, 503, now)
+            return self._fail_a(live, 503, EndReason.TRANSPORT_ERROR, now)
         live.session = session
+        self._by_session[session.session_id] = call_ref
         live.call = replace(live.call, media_session=session.session_id)
+        live.call = live.call.with_state(CallState.CALLING)
+        return self._next_group(live, now)
+
+    def _next_group(self, live: _Live, now: float) -> Step:
+        """Fork the next target group (one gateway of a trunk, or every contact)."""
+        if not live.pending or live.attempts >= MAX_ATTEMPTS:
+            return Step()
+        group = live.pending.pop(0)
+        step = Step()
+        for index, target in enumerate(group):
+            step = step + self._fork(
+                live, target, first=(index == 0 and live.attempts == 0), now=now
+            )
+        live.attempts += 1
+        return step
+
+    def _fork(self, live: _Live, target: Target, *, first: bool, now: float) -> Step:
+        assert live.session is not None
+        call = live.call
+        realm = self.realms.get(target.realm)
+        hop = None if realm is None else self.realms.hop(realm, target.destination)
+        if hop is None:
+            logger.warning("x call %s: no listener towards %s", call.call_ref, target.destination)
+            return Step()
+        template = call.b
+        leg = (
+            replace(template, local=hop.local, peer=target.destination)
+            if first
+            else replace(
+                template,
+                call_id=secrets.token_hex(16),
+                local_tag=new_tag(),
+                local=hop.local,
+                peer=target.destination,
+                dialog=None,
+            )
+        )
         sdp = parse_sdp(live.a_request)
         assert sdp is not None
-        body, b_leg = rewrite_sdp(sdp, session, Side.B, live.call.b)
-        live.call = live.call.with_leg(LegSide.B, b_leg)
-        invite = self._b_invite(live, body)
-        hop = self._hop(live.call.b)
-        live.b_request = invite
-        live.b_dialogs = DialogSet.for_request(invite)
+        body, leg = rewrite_sdp(sdp, live.session, Side.B, leg)
+        invite = self._b_invite(live, leg, target, body)
         tx, out = self.transactions.send_request(
             invite, hop, now, reliable=is_reliable(hop.destination.transport)
         )
         assert isinstance(tx, ClientInviteTransaction)
-        live.b_invite = tx
-        self._by_client[tx] = _ByRole(call_ref, "invite")
-        live.call = live.call.with_state(CallState.CALLING)
+        fork = _Fork(leg, target, invite, tx, DialogSet.for_request(invite))
+        live.forks[tx] = fork
+        live.sdp_sent[LegSide.B] = body
+        if first or live.winner is None:
+            live.call = live.call.with_leg(LegSide.B, leg)
+            live.call = replace(live.call, gateway=target.gateway)
+        self._by_client[tx] = _ByRole(call.call_ref, "invite")
+        self._by_dialog[(leg.call_id, leg.local_tag)] = (call.call_ref, LegSide.B)
+        logger.info("> call %s: INVITE %s via %s", call.call_ref, target.uri, hop)
         return Step(out)
 
-    def _b_invite(self, live: _Live, body: bytes) -> Request:
-        """The B leg's INVITE: everything the B2BUA's own, kept headers copied."""
-        a_request, leg = live.a_request, live.call.b
-        destination = leg.peer
-        user, _ = uri_user_host(a_request.uri)
+    def _b_invite(self, live: _Live, leg: CallLeg, target: Target, body: bytes) -> Request:
+        """A B-leg INVITE: everything the B2BUA's own, kept headers copied."""
+        a_request = live.a_request
         caller, _ = uri_user_host(a_request.from_.uri)
-        userinfo = f"{user}@" if user else ""
-        host = format_host(destination.host)
-        params = (
-            ""
-            if destination.transport is Transport.UDP
-            else (f";transport={destination.transport.value}")
-        )
         headers = Headers()
         headers.add("Via", via_for(leg.local, new_branch()))
         max_forwards = a_request.max_forwards
@@ -462,21 +1043,112 @@ class CallController:
         if display:
             from_ = f"{quote_string(display)} {from_}"
         headers.add("From", from_)
-        headers.add("To", f"<sip:{userinfo}{host}>")
+        headers.add("To", f"<{self._to_uri(target)}>")
         headers.add("Call-ID", leg.call_id)
         headers.add("CSeq", "1 INVITE")
         headers.add("Contact", contact_for(leg.local))
         headers.add("Allow", ALLOW)
+        headers.add("Supported", SUPPORTED)
+        if self.timers.session_expires:
+            headers.add("Session-Expires", f"{int(self.timers.session_expires)};refresher=uac")
+            headers.add("Min-SE", str(int(self.timers.min_se)))
         headers.add("User-Agent", self.user_agent)
-        invite = Request("INVITE", f"sip:{userinfo}{host}:{destination.port}{params}", headers)
+        invite = Request("INVITE", target.uri, headers)
         realm = self.realms.get(leg.realm)
         if realm is not None:
             copy_kept_headers(a_request, invite, realm)
         invite.set_body(body, SDP_CONTENT_TYPE)
+        self._outbound(invite, leg.realm)
         return invite
+
+    @staticmethod
+    def _to_uri(target: Target) -> str:
+        """The To of a B-leg INVITE: the target's URI without parameters."""
+        try:
+            uri = parse_uri(target.uri)
+        except ParseError:
+            return target.uri
+        if isinstance(uri, SipUri):
+            userinfo = f"{uri.user}@" if uri.user else ""
+            port = f":{uri.port}" if uri.port else ""
+            return f"{uri.scheme}:{userinfo}{format_host(uri.host)}{port}"
+        return target.uri
+
+    def _outbound(self, message: Message, realm: str) -> None:
+        if self.manipulation is not None:
+            self.manipulation.outbound(message, realm)
 
     def _hop(self, leg: CallLeg) -> Hop:
         return Hop(leg.realm, leg.local, leg.peer)
+
+    # -- out-of-dialog requests routed like calls -----------------------------------------
+
+    def _route_request(
+        self, tx: ServerTransaction, request: Request, flow: Flow, realm: Realm, now: float
+    ) -> Step:
+        """MESSAGE, PUBLISH (and OPTIONS when relayed): a new transaction to the first
+        target, its final answer relayed back; nothing of either side crosses."""
+        rejection = check_request(request, self.responder.policy)
+        if rejection is not None:
+            return self._send_response(tx, rejection.response_to(request, new_tag()), now)
+        refused = self._authenticate(tx, request, flow, realm, now)
+        if refused is not None:
+            return refused
+        decision = self.router.route(realm.name, request.uri, request, flow.remote_host)
+        if decision is None or isinstance(decision, RejectRoute):
+            status = 404 if decision is None else decision.status
+            return self._send_response(tx, make_response(request, status, to_tag=new_tag()), now)
+        groups, _, status = self._targets(decision, request, now)
+        if not groups:
+            return self._send_response(tx, make_response(request, status, to_tag=new_tag()), now)
+        target = groups[0][0]
+        target_realm = self.realms.get(target.realm)
+        hop = None if target_realm is None else self.realms.hop(target_realm, target.destination)
+        if hop is None or target_realm is None:
+            return self._send_response(tx, make_response(request, 503, to_tag=new_tag()), now)
+        caller, _ = uri_user_host(request.from_.uri)
+        headers = Headers()
+        headers.add("Via", via_for(hop.local, new_branch()))
+        max_forwards = request.max_forwards
+        headers.add("Max-Forwards", str(min(MAX_FORWARDS, (max_forwards or MAX_FORWARDS + 1) - 1)))
+        own = sip_uri_for(hop.local, caller).split(";", 1)[0]
+        headers.add("From", f"<{own}>;tag={new_tag()}")
+        headers.add("To", f"<{self._to_uri(target)}>")
+        headers.add("Call-ID", secrets.token_hex(16))
+        headers.add("CSeq", f"1 {request.method}")
+        headers.add("User-Agent", self.user_agent)
+        for name in ("Event", "Expires", "SIP-If-Match"):
+            for value in request.headers.fields(name):
+                headers.add(name, value)
+        out = Request(request.method, target.uri, headers)
+        copy_kept_headers(request, out, target_realm)
+        if request.body:
+            out.set_body(request.body, request.headers.get("Content-Type"))
+        self._outbound(out, target_realm.name)
+        client, output = self.transactions.send_request(
+            out, hop, now, reliable=is_reliable(hop.destination.transport)
+        )
+        self._routed[client] = _Routed(tx, request, realm.name)
+        logger.info("> %s %s -> %s", request.method, request.raw_uri, hop)
+        return Step(output)
+
+    def _routed_response(self, tx: ClientTransaction, response: Response, now: float) -> Step:
+        routed = self._routed.get(tx)
+        if routed is None or response.status < 200:
+            return Step()
+        del self._routed[tx]
+        headers: list[tuple[str, str]] = []
+        for name in ("SIP-ETag", "Expires", "Min-Expires"):
+            headers.extend((name, value) for value in response.headers.fields(name))
+        out = make_response(
+            routed.request, response.status, response.reason, to_tag=new_tag(), headers=headers
+        )
+        realm = self.realms.get(routed.a_realm)
+        if realm is not None:
+            copy_kept_headers(response, out, realm)
+        return self._send_response(routed.server, out, now, routed.a_realm)
+
+    # -- in-dialog requests ---------------------------------------------------------------
 
     def _in_dialog(
         self, live: _Live, side: LegSide, tx: ServerTransaction, request: Request, now: float
@@ -487,21 +1159,31 @@ class CallController:
             return self._local(tx, request, now)
         checked = dialog.receive_request(request)
         if not isinstance(checked, Dialog):
-            return self._send_response(tx, checked.response_to(request), now)
+            return self._send_response(tx, checked.response_to(request), now, leg.realm)
         live.call = live.call.with_leg(side, leg.with_dialog(checked))
         if request.method == "BYE":
             logger.info("- call %s: BYE from %s", live.call.call_ref, side.value)
-            step = self._send_response(tx, make_response(request, 200), now)
-            return step + self._hang_up(live, side.other, 200, now)
+            step = self._send_response(tx, make_response(request, 200), now, leg.realm)
+            return step + self._hang_up(live, side.other, 200, EndReason.BYE, side, now)
+        if request.method == "REFER" and not self._policy(leg.realm).refer_relay:
+            response = make_response(request, 403, "Transfer Not Allowed")
+            return self._send_response(tx, response, now, leg.realm)
+        if request.method == "INVITE" and side.other in live.reinvite_pending:
+            # RFC 3261 14.2: our own re-INVITE on the other leg is pending.
+            return self._send_response(tx, make_response(request, 491), now, leg.realm)
+        if request.method in ("INVITE", "UPDATE") and live.call.state is CallState.CONFIRMED:
+            # A peer's own refresh restarts that leg's session interval (RFC 4028 10).
+            self._arm_refresh(live, side, now)
         return self._relay(live, side, tx, request, now)
 
     def _relay(
         self, live: _Live, side: LegSide, tx: ServerTransaction, request: Request, now: float
     ) -> Step:
-        """Re-originate an in-dialog request (re-INVITE, INFO ...) on the other leg."""
+        """Re-originate an in-dialog request (re-INVITE, UPDATE, INFO ...) on the other leg."""
         other = side.other
         leg = live.call.leg(other)
-        if leg.dialog is None or live.call.state is not CallState.CONFIRMED:
+        early_ok = request.method in ("UPDATE", "INFO") and live.call.state is CallState.EARLY
+        if leg.dialog is None or (live.call.state is not CallState.CONFIRMED and not early_ok):
             response = make_response(request, 491 if request.method == "INVITE" else 481)
             return self._send_response(tx, response, now)
         step = Step()
@@ -514,13 +1196,22 @@ class CallController:
                 step = step + self._update_media(live)
             body, new_leg = rewrite_sdp(sdp, live.session, _MEDIA_SIDE[other], leg)
             leg = new_leg
+            live.sdp_sent[other] = body
         extra: list[tuple[str, str]] = []
         realm_to = self.realms.get(leg.realm)
         probe = Request(request.method, "sip:probe", Headers())
         if realm_to is not None:
             copy_kept_headers(request, probe, realm_to)
         extra.extend(probe.headers)
-        dialog, out_request = leg.dialog.create_request(  # type: ignore[union-attr]
+        for name in ("Event", "Subscription-State", "Info-Package", "RAck", "RSeq"):
+            extra.extend((name, value) for value in request.headers.fields(name))
+        if request.method == "REFER":
+            extra.extend(self._refer_headers(request, leg))
+        if request.method == "INVITE":
+            extra.append(("Allow", ALLOW))
+            extra.append(("Supported", SUPPORTED))
+        assert leg.dialog is not None
+        dialog, out_request = leg.dialog.create_request(
             request.method,
             transport=leg.local.transport.value,
             host=format_host(leg.local.host),
@@ -532,6 +1223,7 @@ class CallController:
         )
         live.call = live.call.with_leg(other, replace(leg, dialog=dialog))
         self._fix_via(out_request)
+        self._outbound(out_request, leg.realm)
         hop = self._hop(leg)
         client, out = self.transactions.send_request(
             out_request, hop, now, reliable=is_reliable(hop.destination.transport)
@@ -545,6 +1237,15 @@ class CallController:
             other.value,
         )
         return step + Step(out)
+
+    def _refer_headers(self, request: Request, leg: CallLeg) -> list[tuple[str, str]]:
+        """Refer-To pointing at the SBC in the other realm: the transferee's INVITE comes
+        back through the SBC and is routed like any call (the user part is kept)."""
+        out: list[tuple[str, str]] = []
+        for address in request.addresses("Refer-To"):
+            user, _ = uri_user_host(address.uri)
+            out.append(("Refer-To", contact_for(leg.local, user)))
+        return out
 
     @staticmethod
     def _fix_via(request: Request) -> None:
@@ -566,21 +1267,30 @@ class CallController:
         logger.info("- call %s: CANCEL from a", live.call.call_ref)
         # RFC 3261 9.2: the INVITE gets 487 at once; the B leg is cancelled after it.
         step = step + self._answer_a(live, make_response(live.a_request, 487), now)
+        live.pending.clear()
         if live.call.state is CallState.ALLOCATING:
-            return step + self._end(live, 487)
+            return step + self._end(live, 487, EndReason.CANCEL, LegSide.A, now)
         live.call = live.call.with_state(CallState.CANCELLING)
-        return step + self._cancel_b(live, now)
+        step = step + self._cancel_forks(live, now)
+        if all(f.final for f in live.forks.values()):
+            step = step + self._end(live, 487, EndReason.CANCEL, LegSide.A, now)
+        return step
 
-    def _cancel_b(self, live: _Live, now: float) -> Step:
-        tx = live.b_invite
-        if tx is None:
-            return Step()
-        if not tx.can_cancel:
+    def _cancel_forks(self, live: _Live, now: float, *, keep: _Fork | None = None) -> Step:
+        step = Step()
+        for fork in live.forks.values():
+            if fork is keep or fork.final:
+                continue
+            step = step + self._cancel_fork(live, fork, now)
+        return step
+
+    def _cancel_fork(self, live: _Live, fork: _Fork, now: float) -> Step:
+        if not fork.tx.can_cancel:
             # RFC 3261 9.1: no CANCEL before a provisional response; sent on the first.
-            live.cancel_pending = True
+            fork.cancel_pending = True
             return Step()
-        live.cancel_pending = False
-        client, out = self.transactions.send_cancel(tx, now)
+        fork.cancel_pending = False
+        client, out = self.transactions.send_cancel(fork.tx, now)
         self._by_client[client] = _ByRole(live.call.call_ref, "cancel")
         return Step(out)
 
@@ -598,72 +1308,204 @@ class CallController:
     # -- responses -----------------------------------------------------------------------
 
     def _response(self, tx: ClientTransaction, response: Response, now: float) -> Step:
+        if tx in self._routed:
+            return self._routed_response(tx, response, now)
         role = self._by_client.get(tx)
         if role is None:
             return Step()
         live = self._calls.get(role.call_ref)
         if live is None:
             return Step()
-        if role.role == "invite":
-            return self._invite_response(live, response, now)
+        if role.role == "invite" and isinstance(tx, ClientInviteTransaction):
+            fork = live.forks.get(tx)
+            if fork is None:
+                return Step()
+            return self._invite_response(live, fork, response, now)
         if role.role == "relay" and role.relayed is not None:
             return self._relayed_response(live, tx, role.relayed, response, now)
-        if role.role == "bye" and response.status >= 200:
+        if role.role == "refresh" and role.side is not None:
+            return self._refresh_response(live, tx, role.side, response, now)
+        if response.status >= 200:
             self._by_client.pop(tx, None)
         return Step()
 
-    def _invite_response(self, live: _Live, response: Response, now: float) -> Step:
+    def _invite_response(self, live: _Live, fork: _Fork, response: Response, now: float) -> Step:
         status = response.status
         call = live.call
         if status == 100:
             return Step()
-        assert live.b_dialogs is not None
-        dialog_set, event = live.b_dialogs.receive_response(response)
-        live.b_dialogs = dialog_set
+        dialog_set, event = fork.dialogs.receive_response(response)
+        fork.dialogs = dialog_set
         if isinstance(event, AnswerRetransmitted | ExtraForkAnswered):
-            return self._ack_b(live, event.dialog, now, bye=isinstance(event, ExtraForkAnswered))
-        if status < 200:
-            step = Step()
-            if live.cancel_pending:
-                step = step + self._cancel_b(live, now)
-            if call.state is CallState.CANCELLING or live.a_final:
-                return step
-            if isinstance(event, EarlyDialog):
-                live.call = call.with_leg(LegSide.B, call.b.with_dialog(event.dialog)).with_state(
-                    CallState.EARLY
-                )
-            return step + self._answer_a(live, self._to_a(live, response), now)
-        if status < 300:
-            if not isinstance(event, DialogAnswered):
-                logger.warning("x call %s: 2xx that answers no dialog", call.call_ref)
-                return Step()
-            live.call = call.with_leg(LegSide.B, call.b.with_dialog(event.dialog))
-            step = self._ack_b(live, event.dialog, now, bye=False)
-            if call.state is CallState.CANCELLING or live.a_final:
-                # RFC 3261 9.1: the 2xx crossed our CANCEL; the call is over.
-                logger.info("- call %s: answered after CANCEL, hanging up b", call.call_ref)
-                return step + self._hang_up(live, LegSide.B, 487, now)
-            step = step + self._media_answer(live, response)
-            a_response = self._to_a(live, response)
-            step = step + self._answer_a(live, a_response, now)
-            self._expect_ack(call.call_ref, live.a_invite, a_response, now)
-            try:
-                a_dialog: Dialog | None = Dialog.from_uas_response(live.a_request, a_response)
-            except (DialogError, ParseError) as exc:
-                # No Contact from the caller: the call goes on, but only A can end it.
-                logger.warning("x call %s: no dialog on a: %s", call.call_ref, exc)
-                a_dialog = None
-            live.call = live.call.with_leg(LegSide.A, live.call.a.with_dialog(a_dialog)).with_state(
-                CallState.CONFIRMED
+            bye = isinstance(event, ExtraForkAnswered) or (
+                live.winner is not None and live.winner is not fork
             )
-            logger.info("- call %s: answered", call.call_ref)
-            return step
-        # Non-2xx final: the transaction layer ACKs it hop by hop (17.1.1.3).
-        logger.info("- call %s: b answered %d", call.call_ref, status)
+            return self._ack_b(fork.leg, event.dialog, now, bye=bye, call_ref=call.call_ref)
+        if status < 200:
+            return self._provisional(live, fork, response, event, now)
+        if status < 300:
+            return self._answered(live, fork, response, event, now)
+        return self._fork_failed(live, fork, response, now)
+
+    def _provisional(
+        self, live: _Live, fork: _Fork, response: Response, event: object, now: float
+    ) -> Step:
+        call = live.call
         step = Step()
-        if not live.a_final:
-            step = self._answer_a(live, self._to_a(live, response), now)
-        return step + self._end(live, status)
+        if fork.cancel_pending:
+            step = step + self._cancel_fork(live, fork, now)
+        if isinstance(event, EarlyDialog):
+            fork.leg = fork.leg.with_dialog(event.dialog)
+            step = step + self._prack(live, fork, response, now)
+        if call.state is CallState.CANCELLING or live.a_final or fork.cancel_pending:
+            return step
+        if isinstance(event, EarlyDialog):
+            live.call = call.with_leg(LegSide.B, fork.leg).with_state(CallState.EARLY)
+            live.call = replace(live.call, gateway=fork.target.gateway)
+        step = step + self._media_answer(live, response)
+        return step + self._answer_a(live, self._to_a(live, response), now)
+
+    def _prack(self, live: _Live, fork: _Fork, response: Response, now: float) -> Step:
+        """RFC 3262 4: a reliable provisional is PRACKed on its early dialog."""
+        if "100rel" not in {t.lower() for t in response.tokens("Require")}:
+            return Step()
+        rseq_text = response.headers.get("RSeq")
+        if rseq_text is None or not rseq_text.strip().isdigit():
+            return Step()
+        rseq = int(rseq_text.strip())
+        if rseq <= fork.rseq or fork.leg.dialog is None:
+            return Step()  # a retransmission, already PRACKed
+        fork.rseq = rseq
+        leg = fork.leg
+        assert leg.dialog is not None
+        dialog, prack = leg.dialog.create_request(
+            "PRACK",
+            transport=leg.local.transport.value,
+            host=format_host(leg.local.host),
+            port=leg.local.port,
+            headers=[("RAck", f"{rseq} {response.cseq.seq} {response.cseq.method}")],
+        )
+        fork.leg = leg.with_dialog(dialog)
+        return self._send_on(live, prack, self._hop(leg), "prack", now, realm=leg.realm)
+
+    def _answered(
+        self, live: _Live, fork: _Fork, response: Response, event: object, now: float
+    ) -> Step:
+        call = live.call
+        if not isinstance(event, DialogAnswered):
+            logger.warning("x call %s: 2xx that answers no dialog", call.call_ref)
+            return Step()
+        fork.final = response.status
+        fork.leg = fork.leg.with_dialog(event.dialog)
+        if live.winner is not None:
+            # Another fork answered first: this one is ACKed and hung up (13.2.2.4).
+            return self._ack_b(fork.leg, event.dialog, now, bye=True, call_ref=call.call_ref)
+        live.winner = fork
+        live.call = call.with_leg(LegSide.B, fork.leg)
+        live.call = replace(live.call, gateway=fork.target.gateway)
+        step = self._ack_b(fork.leg, event.dialog, now, bye=False, call_ref=call.call_ref)
+        step = step + self._cancel_forks(live, now, keep=fork)
+        for other in live.forks.values():
+            if other is not fork:
+                self._by_dialog.pop((other.leg.call_id, other.leg.local_tag), None)
+        if call.state is CallState.CANCELLING or live.a_final:
+            # RFC 3261 9.1: the 2xx crossed our CANCEL; the call is over.
+            logger.info("- call %s: answered after CANCEL, hanging up b", call.call_ref)
+            return step + self._hang_up(live, LegSide.B, 487, EndReason.CANCEL, LegSide.A, now)
+        live.allows[LegSide.B] = frozenset(t.upper() for t in response.tokens("Allow"))
+        try:
+            b_sdp = parse_sdp(response)
+        except SdpError:
+            b_sdp = None
+        live.call = replace(live.call, b_codecs=codecs_of(b_sdp) or live.call.b_codecs)
+        step = step + self._media_answer(live, response)
+        a_response = self._to_a(live, response)
+        step = step + self._answer_a(live, a_response, now)
+        self._expect_ack(call.call_ref, live.a_invite, a_response, now)
+        try:
+            a_dialog: Dialog | None = Dialog.from_uas_response(live.a_request, a_response)
+        except (DialogError, ParseError) as exc:
+            # No Contact from the caller: the call goes on, but only A can end it.
+            logger.warning("x call %s: no dialog on a: %s", call.call_ref, exc)
+            a_dialog = None
+        live.call = replace(
+            live.call.with_leg(LegSide.A, live.call.a.with_dialog(a_dialog)),
+            state=CallState.CONFIRMED,
+            answered_at=now,
+        )
+        self._count("calls_answered")
+        if self.timers.max_duration:
+            self._schedule(now + self.timers.max_duration, call.call_ref, _Timer.MAX_DURATION)
+        self._arm_refresh(live, LegSide.A, now)
+        self._arm_refresh(live, LegSide.B, now)
+        logger.info("- call %s: answered", call.call_ref)
+        return step
+
+    def _fork_failed(self, live: _Live, fork: _Fork, response: Response, now: float) -> Step:
+        """A non-2xx final of one fork (ACKed hop by hop by the transaction layer)."""
+        status = response.status
+        fork.final = status
+        self._by_dialog.pop((fork.leg.call_id, fork.leg.local_tag), None)
+        if live.winner is not None:
+            return Step()
+        if live.best is None or _better(response, live.best):
+            live.best = response
+        if any(not f.final for f in live.forks.values()):
+            return Step()
+        call = live.call
+        logger.info("- call %s: b answered %d", call.call_ref, status)
+        if call.state is CallState.CANCELLING or live.a_final:
+            return self._end(live, 487, EndReason.CANCEL, LegSide.A, now)
+        best = live.best
+        assert best is not None
+        if 300 <= best.status < 400 and live.route.follow_redirects:
+            redirected = self._redirect_targets(live, best)
+            if redirected:
+                live.pending.insert(0, redirected)
+                live.redirects += 1
+                return self._retry(live, now)
+        if live.pending and (best.status in FAILOVER_STATUSES or best.status == 0):
+            logger.info("- call %s: %d, trying the next gateway", call.call_ref, best.status)
+            return self._retry(live, now)
+        step = self._answer_a(live, self._to_a(live, best), now)
+        reason = EndReason.REJECTED
+        if best.status in (408, 503) and best.to.tag is None:
+            # Synthesized for a timeout or a transport failure: nobody answered.
+            reason = EndReason.TRANSPORT_ERROR
+        return step + self._end(live, best.status, reason, LegSide.B, now)
+
+    def _retry(self, live: _Live, now: float) -> Step:
+        live.forks.clear()
+        live.best = None
+        live.call = live.call.with_state(CallState.CALLING)
+        step = self._next_group(live, now)
+        if not live.forks:
+            return self._fail_a(live, 503, EndReason.REJECTED, now)
+        return step
+
+    def _redirect_targets(self, live: _Live, response: Response) -> tuple[Target, ...]:
+        """RFC 3261 8.1.3.4: a 3xx's Contacts, each reachable by IP from the B realm."""
+        if live.redirects >= MAX_REDIRECTS:
+            return ()
+        realm = live.call.b.realm
+        out: list[Target] = []
+        try:
+            contacts = response.contacts
+        except ParseError:
+            return ()
+        for address in contacts[:MAX_FORKS]:
+            uri = address.uri
+            if not isinstance(uri, SipUri):
+                continue
+            name = (uri.transport or "udp").lower()
+            transport = Transport(name) if name in ("udp", "tcp", "tls") else Transport.UDP
+            port = uri.port or (5061 if transport is Transport.TLS else 5060)
+            try:
+                destination = Destination(transport, format_host(uri.host).strip("[]"), port)
+            except ValueError:
+                continue
+            out.append(Target(realm, destination, str(uri)))
+        return tuple(out)
 
     def _media_answer(self, live: _Live, response: Response) -> Step:
         try:
@@ -674,6 +1516,8 @@ class CallController:
         if sdp is None or realm is None:
             return Step()
         live.offers[LegSide.B] = leg_offers(sdp, realm)
+        if not live.call.b_codecs:
+            live.call = replace(live.call, b_codecs=codecs_of(sdp))
         return self._update_media(live)
 
     def _update_media(self, live: _Live) -> Step:
@@ -692,6 +1536,13 @@ class CallController:
             headers.extend(("Record-Route", value) for value in record_route)
             headers.append(("Contact", contact_for(live.call.a.local)))
             headers.append(("Allow", ALLOW))
+        if 200 <= status < 300 and self.timers.session_expires:
+            # RFC 4028 9: the B2BUA refreshes; it asks nothing of the caller.
+            headers.append(("Session-Expires", f"{int(self.timers.session_expires)};refresher=uas"))
+        if status in (423, 422):
+            headers.extend(("Min-SE", v) for v in response.headers.fields("Min-SE"))
+        if status == 503 or status == 486 or status == 480:
+            headers.extend(("Retry-After", v) for v in response.headers.fields("Retry-After"))
         out = make_response(
             live.a_request,
             status,
@@ -710,22 +1561,30 @@ class CallController:
             if sdp is not None:
                 body, a_leg = rewrite_sdp(sdp, live.session, Side.A, live.call.a)
                 live.call = live.call.with_leg(LegSide.A, a_leg)
+                live.sdp_sent[LegSide.A] = body
                 out.set_body(body, SDP_CONTENT_TYPE)
         return out
 
     def _answer_a(self, live: _Live, response: Response, now: float) -> Step:
         if response.status >= 200:
             live.a_final = True
-        return self._send_response(live.a_invite, response, now)
+        elif live.call.a.dialog is None and response.to.tag:
+            # An early dialog on A, so that UPDATE/INFO from the caller find the call.
+            try:
+                early = Dialog.from_uas_response(live.a_request, response)
+            except (DialogError, ParseError):
+                early = None
+            live.call = live.call.with_leg(LegSide.A, live.call.a.with_dialog(early))
+        return self._send_response(live.a_invite, response, now, live.call.a.realm)
 
-    def _ack_b(self, live: _Live, dialog: Dialog, now: float, *, bye: bool) -> Step:
-        leg = live.call.b
+    def _ack_b(self, leg: CallLeg, dialog: Dialog, now: float, *, bye: bool, call_ref: str) -> Step:
         ack = dialog.create_ack(
             transport=leg.local.transport.value,
             host=format_host(leg.local.host),
             port=leg.local.port,
         )
         self._fix_via(ack)
+        self._outbound(ack, leg.realm)
         hop = self._hop(leg)
         step = Step(Output((Outgoing(ack, bytes(ack), hop),)))
         if bye:
@@ -735,16 +1594,29 @@ class CallController:
                 host=format_host(leg.local.host),
                 port=leg.local.port,
             )
-            step = step + self._send_on(live, bye_request, hop, "bye", now)
+            live = self._calls.get(call_ref)
+            if live is not None:
+                step = step + self._send_on(live, bye_request, hop, "bye", now, realm=leg.realm)
         return step
 
-    def _send_on(self, live: _Live, request: Request, hop: Hop, role: str, now: float) -> Step:
+    def _send_on(
+        self,
+        live: _Live,
+        request: Request,
+        hop: Hop,
+        role: str,
+        now: float,
+        *,
+        realm: str,
+        side: LegSide | None = None,
+    ) -> Step:
         self._fix_via(request)
         request.headers.add("User-Agent", self.user_agent)
+        self._outbound(request, realm)
         client, out = self.transactions.send_request(
             request, hop, now, reliable=is_reliable(hop.destination.transport)
         )
-        self._by_client[client] = _ByRole(live.call.call_ref, role)
+        self._by_client[client] = _ByRole(live.call.call_ref, role, side=side)
         return Step(out)
 
     def _relayed_response(
@@ -770,6 +1642,8 @@ class CallController:
         headers: list[tuple[str, str]] = []
         if relayed.request.method == "INVITE" and status < 300:
             headers.append(("Contact", contact_for(live.call.leg(side).local)))
+        if status == 491 or status == 503:
+            headers.extend(("Retry-After", v) for v in response.headers.fields("Retry-After"))
         out = make_response(relayed.request, status, response.reason, headers=headers)
         realm = self.realms.get(live.call.leg(side).realm)
         if realm is not None:
@@ -785,6 +1659,7 @@ class CallController:
                 step = step + self._update_media(live)
             body, new_leg = rewrite_sdp(sdp, live.session, _MEDIA_SIDE[side], live.call.leg(side))
             live.call = live.call.with_leg(side, new_leg)
+            live.sdp_sent[side] = body
             out.set_body(body, SDP_CONTENT_TYPE)
         elif response.body and sdp is None and status < 300:
             out.set_body(response.body, response.headers.get("Content-Type"))
@@ -792,7 +1667,7 @@ class CallController:
         if dialog_side is not None and status < 300:
             updated = dialog_side.response_sent(relayed.request, out)
             live.call = live.call.with_leg(side, live.call.leg(side).with_dialog(updated))
-        step = step + self._send_response(relayed.server, out, now)
+        step = step + self._send_response(relayed.server, out, now, live.call.leg(side).realm)
         if relayed.request.method == "INVITE" and status < 300:
             self._expect_ack(live.call.call_ref, relayed.server, out, now)
         return step
@@ -806,58 +1681,198 @@ class CallController:
             invite_seq=seq,
         )
         self._fix_via(ack)
+        self._outbound(ack, leg.realm)
         return Step(Output((Outgoing(ack, bytes(ack), self._hop(leg)),)))
+
+    # -- session timers (RFC 4028) --------------------------------------------------------
+
+    def _arm_refresh(self, live: _Live, side: LegSide, now: float) -> None:
+        """The B2BUA refreshes ``side`` at half the session interval (RFC 4028 10)."""
+        interval = self.timers.session_expires
+        if not interval:
+            return
+        when = now + interval / 2
+        live.refresh_at[side] = when
+        self._schedule(
+            when, live.call.call_ref, _Timer.REFRESH_A if side is LegSide.A else _Timer.REFRESH_B
+        )
+
+    def _refresh(self, live: _Live, side: LegSide, now: float) -> Step:
+        """Refresh ``side``: UPDATE without a body where the peer allows it, else a
+        re-INVITE with the SDP last sent on that leg (unchanged version)."""
+        leg = live.call.leg(side)
+        if leg.dialog is None:
+            return Step()
+        if side in live.reinvite_pending:
+            self._arm_refresh(live, side, now)
+            return Step()
+        method = "UPDATE" if "UPDATE" in live.allows.get(side, frozenset()) else "INVITE"
+        body = b"" if method == "UPDATE" else live.sdp_sent.get(side, b"")
+        headers = [
+            ("Session-Expires", f"{int(self.timers.session_expires)};refresher=uac"),
+            ("Supported", "timer"),
+        ]
+        if method == "INVITE":
+            headers.append(("Allow", ALLOW))
+        try:
+            dialog, request = leg.dialog.create_request(
+                method,
+                transport=leg.local.transport.value,
+                host=format_host(leg.local.host),
+                port=leg.local.port,
+                contact=contact_for(leg.local),
+                headers=headers,
+                body=body,
+                content_type=SDP_CONTENT_TYPE if body else None,
+            )
+        except DialogError as exc:
+            logger.info("x call %s: no refresh on %s: %s", live.call.call_ref, side.value, exc)
+            return Step()
+        live.call = live.call.with_leg(side, leg.with_dialog(dialog))
+        if method == "INVITE":
+            live.reinvite_pending.add(side)
+        self._arm_refresh(live, side, now)
+        logger.debug("> call %s: session refresh %s on %s", live.call.call_ref, method, side.value)
+        return self._send_on(
+            live, request, self._hop(leg), "refresh", now, realm=leg.realm, side=side
+        )
+
+    def _refresh_response(
+        self, live: _Live, tx: ClientTransaction, side: LegSide, response: Response, now: float
+    ) -> Step:
+        status = response.status
+        if status < 200:
+            return Step()
+        self._by_client.pop(tx, None)
+        step = Step()
+        leg = live.call.leg(side)
+        if tx.request.method == "INVITE":
+            live.reinvite_pending.discard(side)
+        if leg.dialog is not None:
+            dialog = leg.dialog.receive_response(response)
+            live.call = live.call.with_leg(side, leg.with_dialog(dialog))
+            if tx.request.method == "INVITE" and status < 300:
+                step = step + self._ack_leg(live, side, dialog, response.cseq.seq)
+        if status in DEAD_DIALOG_STATUSES:
+            logger.info(
+                "x call %s: session refresh on %s got %d, the dialog is gone",
+                live.call.call_ref,
+                side.value,
+                status,
+            )
+            return step + self._hang_up_both(live, EndReason.SESSION_TIMER, now, status=status)
+        return step
 
     # -- ending --------------------------------------------------------------------------
 
-    def _hang_up(self, live: _Live, side: LegSide, status: int, now: float) -> Step:
-        """BYE the leg ``side`` (if it has a confirmed dialog) and end the call."""
-        leg = live.call.leg(side)
-        step = Step()
-        if leg.dialog is not None:
-            try:
-                dialog, bye = leg.dialog.create_request(
-                    "BYE",
-                    transport=leg.local.transport.value,
-                    host=format_host(leg.local.host),
-                    port=leg.local.port,
-                )
-            except DialogError as exc:
-                logger.info("x call %s: no BYE on %s: %s", live.call.call_ref, side.value, exc)
-            else:
-                live.call = live.call.with_leg(side, leg.with_dialog(dialog))
-                step = self._send_on(live, bye, self._hop(leg), "bye", now)
-        return step + self._end(live, status)
+    def _hang_up_both(
+        self, live: _Live, reason: EndReason, now: float, *, status: int = 200
+    ) -> Step:
+        step = self._bye(live, LegSide.A, now) + self._bye(live, LegSide.B, now)
+        return step + self._end(live, status, reason, None, now)
 
-    def _fail_a(self, live: _Live, status: int, now: float) -> Step:
+    def _bye(self, live: _Live, side: LegSide, now: float) -> Step:
+        leg = live.call.leg(side)
+        if leg.dialog is None:
+            return Step()
+        try:
+            dialog, bye = leg.dialog.create_request(
+                "BYE",
+                transport=leg.local.transport.value,
+                host=format_host(leg.local.host),
+                port=leg.local.port,
+            )
+        except DialogError as exc:
+            logger.info("x call %s: no BYE on %s: %s", live.call.call_ref, side.value, exc)
+            return Step()
+        live.call = live.call.with_leg(side, leg.with_dialog(dialog))
+        return self._send_on(live, bye, self._hop(leg), "bye", now, realm=leg.realm)
+
+    def _hang_up(
+        self,
+        live: _Live,
+        side: LegSide,
+        status: int,
+        reason: EndReason,
+        hangup: LegSide | None,
+        now: float,
+    ) -> Step:
+        """BYE the leg ``side`` (if it has a confirmed dialog) and end the call."""
+        return self._bye(live, side, now) + self._end(live, status, reason, hangup, now)
+
+    def _fail_a(self, live: _Live, status: int, reason: EndReason, now: float) -> Step:
         step = Step()
         if not live.a_final:
             step = self._answer_a(live, make_response(live.a_request, status), now)
-        return step + self._end(live, status)
+        return step + self._end(live, status, reason, None, now)
 
-    def _end(self, live: _Live, status: int) -> Step:
+    def _end(
+        self,
+        live: _Live,
+        status: int,
+        reason: EndReason,
+        hangup: LegSide | None,
+        now: float,
+    ) -> Step:
         call = live.call
         if call.state is CallState.TERMINATED:
             return Step()
-        live.call = replace(call, state=CallState.TERMINATED, end_status=status)
+        live.call = replace(
+            call,
+            state=CallState.TERMINATED,
+            end_status=status,
+            ended_at=now,
+            end_reason=reason,
+            hangup=hangup,
+        )
         self._calls.pop(call.call_ref, None)
-        for key in ((call.a.call_id, call.a.local_tag), (call.b.call_id, call.b.local_tag)):
+        keys = [(call.a.call_id, call.a.local_tag), (call.b.call_id, call.b.local_tag)]
+        keys.extend((f.leg.call_id, f.leg.local_tag) for f in live.forks.values())
+        for key in keys:
             self._by_dialog.pop(key, None)
         for pending, unacked in list(self._unacked.items()):
             if unacked.call_ref == call.call_ref:
                 del self._unacked[pending]
-        logger.info("- call %s ended (%d)", call.call_ref, status)
+        if live.ticket is not None and self.admission is not None:
+            self.admission.release(live.ticket)
+            live.ticket = None
+        self._count(f"calls_ended_{reason.value}")
+        logger.info("- call %s ended (%d, %s)", call.call_ref, status, reason.value)
         if live.session is not None:
-            return Step(media=(DeleteMedia(call.call_ref, live.session.session_id),))
-        return Step()
+            self._by_session.pop(live.session.session_id, None)
+            return Step(media=(DeleteMedia(call.call_ref, live.session.session_id, live.call),))
+        return Step(ended=(live.call,))
+
+
+def _better(candidate: Response, best: Response) -> bool:
+    """RFC 3261 16.7 step 6, roughly: 6xx wins, then the lowest class, 503 last of 5xx."""
+
+    def rank(status: int) -> tuple[int, int]:
+        if status >= 600:
+            return (0, status)
+        if status == 503:
+            return (5, 999)
+        return (status // 100, status)
+
+    return rank(candidate.status) < rank(best.status)
 
 
 __all__ = [
     "ALLOW",
     "AllocateMedia",
+    "AuthFailure",
+    "AuthVerdict",
     "CallController",
+    "CallTimers",
     "DeleteMedia",
     "MediaCommand",
+    "NoTargets",
+    "RealmPolicy",
+    "RegisterOutcome",
+    "RegistrarPort",
     "Step",
+    "Target",
+    "TargetSource",
+    "TrunkPlan",
     "UpdateMedia",
 ]

@@ -1,22 +1,28 @@
-"""Routing of new calls: ordered rules on source realm and Request-URI.
+"""Routing of new calls: ordered rules on source realm, address, URIs and headers.
 
-Pure: ``Router.route(realm, uri)`` returns the first matching rule's decision. A
-rule matches when each of its match fields is unset or agrees: the realm the
-INVITE entered, a prefix of the Request-URI user, the Request-URI host.
+Pure: ``Router.route(realm, uri, ...)`` returns the first matching rule's decision.
+A rule matches when each of its match fields is unset or agrees: the realm the
+request entered, its source address, a prefix of the Request-URI user, the
+Request-URI host, the From user (a regular expression) and a header pattern.
 """
 
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 
+from sbc.sip.errors import ParseError
+from sbc.sip.message import Request
 from sbc.sip.uri import SipUri, TelUri, Uri
 from sbc.transport.base import Destination, Transport, normalize_host
 
 
 class RouteAction(enum.Enum):
     TRUNK = "trunk"
+    REGISTERED = "registered"
     REJECT = "reject"
 
 
@@ -29,37 +35,85 @@ class RouteRule:
     from_realm: str | None = None
     user_prefix: str = ""
     domain: str | None = None
-    #: TRUNK: the realm the B leg lives in and the peer it goes to.
+    #: TRUNK: the realm the B leg lives in and the peer it goes to (a static peer),
+    #: or the name of a trunk of gateways. REGISTERED: only contacts of this realm.
     realm: str | None = None
     destination: Destination | None = None
+    trunk: str | None = None
     #: REJECT: the status answered to the caller.
     status: int = 403
+    #: Source networks (empty: any), From user (full match) and a header pattern.
+    source: tuple[IPv4Network | IPv6Network, ...] = ()
+    from_user: re.Pattern[str] | None = None
+    header: str | None = None
+    header_pattern: re.Pattern[str] | None = None
+    #: 3xx of the callee: follow its contacts instead of relaying it.
+    follow_redirects: bool = field(default=False)
 
     def __post_init__(self) -> None:
-        if self.action is RouteAction.TRUNK and (self.realm is None or self.destination is None):
-            raise ValueError(f"route {self.name}: a trunk needs a realm and a destination")
+        if (
+            self.action is RouteAction.TRUNK
+            and self.trunk is None
+            and (self.realm is None or self.destination is None)
+        ):
+            raise ValueError(f"route {self.name}: a trunk needs a trunk, or a realm and a peer")
         if not 400 <= self.status <= 699:
             raise ValueError(f"route {self.name}: status {self.status} is not 400..699")
 
-    def matches(self, realm: str | None, uri: Uri) -> bool:
+    def matches(
+        self,
+        realm: str | None,
+        uri: Uri,
+        request: Request | None = None,
+        source: IPv4Address | IPv6Address | None = None,
+    ) -> bool:
         if self.from_realm is not None and self.from_realm != realm:
+            return False
+        if self.source and (source is None or not any(source in net for net in self.source)):
             return False
         user, host = uri_user_host(uri)
         if self.user_prefix and not (user or "").startswith(self.user_prefix):
             return False
-        if self.domain is None:
-            return True
-        wanted = normalize_host(self.domain).lower()
-        return host is not None and normalize_host(host).lower() == wanted
+        if self.domain is not None:
+            wanted = normalize_host(self.domain).lower()
+            if host is None or normalize_host(host).lower() != wanted:
+                return False
+        if self.from_user is not None:
+            if request is None:
+                return False
+            try:
+                from_user, _ = uri_user_host(request.from_.uri)
+            except ParseError:
+                return False
+            if from_user is None or not self.from_user.fullmatch(from_user):
+                return False
+        if self.header is not None and self.header_pattern is not None:
+            if request is None:
+                return False
+            pattern = self.header_pattern
+            if not any(pattern.search(v) for v in request.headers.fields(self.header)):
+                return False
+        return True
 
 
 @dataclass(frozen=True, slots=True)
 class TrunkRoute:
-    """Send the call to ``destination`` through ``realm``."""
+    """Send the call to ``destination`` through ``realm``, or to the trunk ``trunk``."""
 
     rule: str
-    realm: str
-    destination: Destination
+    realm: str | None
+    destination: Destination | None
+    trunk: str | None = None
+    follow_redirects: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredRoute:
+    """Send the call to every contact registered for the Request-URI's user."""
+
+    rule: str
+    realm: str | None = None
+    follow_redirects: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +124,7 @@ class RejectRoute:
     status: int
 
 
-RouteDecision = TrunkRoute | RejectRoute
+RouteDecision = TrunkRoute | RegisteredRoute | RejectRoute
 
 
 def uri_user_host(uri: Uri) -> tuple[str | None, str | None]:
@@ -88,15 +142,30 @@ class Router:
     def __init__(self, rules: Iterable[RouteRule] = ()) -> None:
         self.rules = tuple(rules)
 
-    def route(self, realm: str | None, uri: Uri) -> RouteDecision | None:
-        """The decision for a new INVITE entering ``realm`` for ``uri``; None: no rule."""
+    def route(
+        self,
+        realm: str | None,
+        uri: Uri,
+        request: Request | None = None,
+        source: str | None = None,
+    ) -> RouteDecision | None:
+        """The decision for a new request entering ``realm`` for ``uri``; None: no rule."""
+        address = None
+        if source is not None:
+            try:
+                address = ip_address(normalize_host(source))
+            except ValueError:
+                address = None
         for rule in self.rules:
-            if not rule.matches(realm, uri):
+            if not rule.matches(realm, uri, request, address):
                 continue
             if rule.action is RouteAction.REJECT:
                 return RejectRoute(rule.name, rule.status)
-            assert rule.realm is not None and rule.destination is not None
-            return TrunkRoute(rule.name, rule.realm, rule.destination)
+            if rule.action is RouteAction.REGISTERED:
+                return RegisteredRoute(rule.name, rule.realm, rule.follow_redirects)
+            return TrunkRoute(
+                rule.name, rule.realm, rule.destination, rule.trunk, rule.follow_redirects
+            )
         return None
 
 

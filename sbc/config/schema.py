@@ -283,7 +283,7 @@ class TlsConfig(Section):
 class SipConfig(Section):
     listen: tuple[SipListener, ...] = field(
         default=DEFAULT_SIP_LISTENERS,
-        metadata=spec("SIP listeners.", min_items=1),
+        metadata=spec("SIP listeners outside any realm (local answers only)."),
     )
     tls: TlsConfig = field(default_factory=TlsConfig, metadata=spec("TLS listeners' identity."))
     tcp_idle_timeout: int = field(
@@ -349,84 +349,9 @@ class ManagementConfig(Section):
     )
 
 
-class RouteAction(enum.StrEnum):
-    TRUNK = "trunk"
-    REJECT = "reject"
-
-
-#: A header name as written in a keep-list (RFC 3261 25.1 token).
-HEADER_NAME_PATTERN: Final = r"[A-Za-z0-9\-.!%*_+`'~]{1,64}"
-
-#: A realm or route name: what logs, metrics and the UI show.
-NAME_PATTERN: Final = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,31}"
-
-#: Headers a realm lets through by default: end-to-end information that names no host.
-DEFAULT_KEEP_HEADERS: Final = ("Subject", "Priority", "Accept-Language", "Alert-Info")
-
-
-@dataclass(frozen=True)
-class RealmConfig(Section):
-    """A named group of SIP listeners with its media address and header policy."""
-
-    name: str = field(metadata=spec("Realm name, used by routes.", pattern=NAME_PATTERN))
-    listen: tuple[SipListener, ...] = field(
-        metadata=spec("SIP listeners of this realm.", min_items=1)
-    )
-    media_address: IPAddress = field(
-        metadata=spec("Address the media relay uses in this realm (SDP c=).")
-    )
-    keep_headers: tuple[str, ...] = field(
-        default=DEFAULT_KEEP_HEADERS,
-        metadata=spec(
-            "Headers copied into this realm from the other leg; all others are dropped.",
-            pattern=HEADER_NAME_PATTERN,
-        ),
-    )
-
-
-@dataclass(frozen=True)
-class RouteConfig(Section):
-    """One routing rule; the first whose match fields all match a new INVITE wins."""
-
-    name: str = field(metadata=spec("Rule name, for logs.", pattern=NAME_PATTERN))
-    action: RouteAction = field(metadata=spec("trunk (send to a static peer) or reject."))
-    from_realm: str | None = field(
-        default=None, metadata=spec("Match calls entering this realm; null = any.")
-    )
-    user_prefix: str = field(
-        default="",
-        metadata=spec(
-            "Match Request-URI users starting with this (quote digits); empty = any.",
-            pattern=r"[A-Za-z0-9+*#._\-]{0,64}",
-        ),
-    )
-    domain: str | None = field(
-        default=None,
-        metadata=spec(
-            "Match this Request-URI host exactly; null = any.",
-            pattern=r"[A-Za-z0-9.:\-\[\]]{1,253}",
-        ),
-    )
-    realm: str | None = field(
-        default=None, metadata=spec("trunk: the realm the call leaves through.")
-    )
-    host: IPAddress | None = field(default=None, metadata=spec("trunk: the peer's address."))
-    port: int = field(
-        default=5060,
-        metadata=spec("trunk: the peer's port.", min=1, max=65535, expect=PORT_SPEC_EXPECT),
-    )
-    transport: Transport = field(default=Transport.UDP, metadata=spec("trunk: udp, tcp or tls."))
-    status: int = field(
-        default=403, metadata=spec("reject: the status answered.", min=400, max=699)
-    )
-
-    def check(self, path: str) -> Iterator[Issue]:
-        if self.action is RouteAction.TRUNK and (self.realm is None or self.host is None):
-            yield path, "a trunk route needs realm and host"
-
-
 # A module import, not `from ... import`: sbc.firewall.config builds on the Section and
 # spec above, and this line runs while it is half-imported when it is imported first.
+import sbc.config.b2bua as _b2bua  # noqa: E402
 import sbc.firewall.config as _firewall  # noqa: E402
 
 
@@ -443,11 +368,30 @@ class Config(Section):
     management: ManagementConfig = field(
         default_factory=ManagementConfig, metadata=spec("Admin UI and REST API.")
     )
-    realms: tuple[RealmConfig, ...] = field(
+    realms: tuple[_b2bua.RealmConfig, ...] = field(
         default=(), metadata=spec("Realms: listeners with their own policy (B2BUA).")
     )
-    routes: tuple[RouteConfig, ...] = field(
+    routes: tuple[_b2bua.RouteConfig, ...] = field(
         default=(), metadata=spec("Routing rules for new calls, in order.")
+    )
+    trunks: tuple[_b2bua.TrunkConfig, ...] = field(
+        default=(), metadata=spec("Trunks: gateways tried by priority and weight, probed.")
+    )
+    registrar: _b2bua.RegistrarConfig = field(
+        default_factory=lambda: _b2bua.RegistrarConfig(),
+        metadata=spec("The embedded registrar of realms with registrar: true."),
+    )
+    calls: _b2bua.CallsConfig = field(
+        default_factory=lambda: _b2bua.CallsConfig(),
+        metadata=spec("Call limits and timers: duration, session timers, admission."),
+    )
+    media: _b2bua.MediaSection = field(
+        default_factory=lambda: _b2bua.MediaSection(),
+        metadata=spec("Media relay: port range, kernel fast path, timeouts."),
+    )
+    cdr: _b2bua.CdrConfig = field(
+        default_factory=lambda: _b2bua.CdrConfig(),
+        metadata=spec("Call detail records."),
     )
     firewall: _firewall.FirewallConfig = field(
         default_factory=lambda: _firewall.FirewallConfig(),
@@ -487,8 +431,19 @@ class Config(Section):
                         f"{listener} is already used by another listener",
                     )
                 sockets.add(socket)
+        if not self.sip.listen and not any(realm.listen for realm in self.realms):
+            yield key_path(path, "sip.listen"), "no SIP listener at all (here or in a realm)"
+        trunks = [trunk.name for trunk in self.trunks]
+        for index, name in enumerate(trunks):
+            if name in trunks[:index]:
+                yield key_path(path, f"trunks[{index}].name"), f"duplicate trunk {name!r}"
+        for index, trunk in enumerate(self.trunks):
+            if trunk.realm not in names:
+                yield key_path(path, f"trunks[{index}].realm"), f"unknown realm {trunk.realm!r}"
         for index, route in enumerate(self.routes):
             for key in ("from_realm", "realm"):
                 value = getattr(route, key)
                 if value is not None and value not in names:
                     yield key_path(path, f"routes[{index}].{key}"), f"unknown realm {value!r}"
+            if route.trunk is not None and route.trunk not in trunks:
+                yield key_path(path, f"routes[{index}].trunk"), f"unknown trunk {route.trunk!r}"

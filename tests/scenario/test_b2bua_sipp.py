@@ -305,11 +305,11 @@ def test_reinvite_is_relayed_as_a_new_transaction(lab: Lab) -> None:
 
 
 def test_twenty_calls_back_to_back(lab: Lab) -> None:
-    before = lab.sbc.log().count("ended (200)")
+    before = lab.sbc.log().count("ended (200, bye)")
     caller, callee = call(lab, "uac_basic.xml", "uas_basic.xml", calls=20)
     assert caller.returncode == 0, _explain(caller, lab)
     assert callee is not None and callee.returncode == 0, _explain(callee, lab)
-    assert lab.sbc.log().count("ended (200)") - before == 20
+    assert lab.sbc.log().count("ended (200, bye)") - before == 20
     status, health = lab.sbc.health()
     assert status == 200 and health["calls"] == 0
 

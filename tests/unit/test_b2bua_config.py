@@ -74,7 +74,7 @@ def test_unknown_realm_in_a_route_is_located() -> None:
 
 def test_a_trunk_without_host_is_refused() -> None:
     text = GOOD.replace("host: 203.0.113.5, ", "")
-    assert "routes[1]: a trunk route needs realm and host" in problems(text)
+    assert "routes[1]: a trunk route needs trunk, or realm and host" in problems(text)
 
 
 def test_duplicate_realm_names_and_sockets_are_refused() -> None:

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from sbc.b2bua.controller import AllocateMedia, CallController, DeleteMedia, Step, UpdateMedia
+from sbc.b2bua.controller import (
+    AllocateMedia,
+    CallController,
+    CallTimers,
+    DeleteMedia,
+    Step,
+    UpdateMedia,
+)
 from sbc.b2bua.local import LocalResponder
 from sbc.b2bua.realm import Hop, Realm, RealmTable
 from sbc.b2bua.routing import RouteAction, Router, RouteRule
@@ -57,14 +64,18 @@ SESSION = MediaSession(
 )
 
 
-def controller() -> CallController:
+#: No call timers: the tests of one flow see only that flow's deadlines.
+NO_TIMERS = CallTimers(max_duration=0, no_answer_timeout=0, session_expires=0)
+
+
+def controller(timers: CallTimers = NO_TIMERS) -> CallController:
     realms = RealmTable(
         [Realm.build("outside", [OUT], "198.51.100.1"), Realm.build("inside", [IN], "203.0.113.1")]
     )
     router = Router(
         [RouteRule("core", RouteAction.TRUNK, "outside", realm="inside", destination=CORE)]
     )
-    return CallController(TransactionLayer(), realms, router, LocalResponder())
+    return CallController(TransactionLayer(), realms, router, LocalResponder(), timers=timers)
 
 
 def receive(c: CallController, data: str, flow: Flow, now: float) -> Step:

@@ -51,5 +51,5 @@ def test_no_rule_matches(realm: str | None, uri: str) -> None:
 
 
 def test_a_trunk_needs_a_realm_and_a_destination() -> None:
-    with pytest.raises(ValueError, match="route x: a trunk needs a realm and a destination"):
+    with pytest.raises(ValueError, match="route x: a trunk needs a trunk, or a realm and a peer"):
         RouteRule("x", RouteAction.TRUNK, realm="inside")

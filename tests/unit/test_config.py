@@ -391,9 +391,9 @@ def test_bad_transport_address_and_missing_key() -> None:
     ]
 
 
-def test_listen_must_be_a_non_empty_list_of_mappings() -> None:
+def test_listen_must_be_a_list_of_mappings_and_something_must_listen() -> None:
     assert errors("sip:\n  listen: []\n") == [
-        "sbc.yaml:2: sip.listen: expected at least 1 item(s), got 0"
+        "sbc.yaml:2: sip.listen: no SIP listener at all (here or in a realm)"
     ]
     assert errors("sip:\n  listen: udp\n") == ["sbc.yaml:2: sip.listen: expected a list, got 'udp'"]
     assert errors("sip:\n  listen:\n    -\n    - [udp]\n") == [

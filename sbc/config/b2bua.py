@@ -1,0 +1,429 @@
+"""Configuration of the B2BUA: realms, routes, trunks, registrar, call limits, media, CDRs.
+
+Loader-compatible sections (``sbc.config.schema``'s ``Section`` and ``spec()``); the
+root ``Config`` holds them. Durations are whole seconds unless a field says otherwise.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from sbc.config.schema import (
+    PORT_SPEC_EXPECT,
+    IPAddress,
+    IPNetwork,
+    Issue,
+    Section,
+    SipListener,
+    Transport,
+    key_path,
+    spec,
+)
+
+#: A header name as written in a keep-list or a rule (RFC 3261 25.1 token).
+HEADER_NAME_PATTERN: Final = r"[A-Za-z0-9\-.!%*_+`'~]{1,64}"
+
+#: A realm, route or trunk name: what logs, metrics and the UI show.
+NAME_PATTERN: Final = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,31}"
+
+#: A SIP method name (RFC 3261 25.1 token, upper case by convention).
+METHOD_PATTERN: Final = r"[A-Z][A-Z\-]{0,31}"
+
+#: A host name or IP literal (brackets allowed for IPv6).
+HOST_PATTERN: Final = r"[A-Za-z0-9.:\-\[\]]{1,253}"
+
+#: Headers a realm lets through by default: end-to-end information that names no host.
+DEFAULT_KEEP_HEADERS: Final = ("Subject", "Priority", "Accept-Language", "Alert-Info")
+
+#: Methods that may require digest authentication in a realm.
+AUTH_METHODS: Final = frozenset(
+    {"REGISTER", "INVITE", "MESSAGE", "SUBSCRIBE", "PUBLISH", "OPTIONS", "REFER"}
+)
+
+
+class RouteAction(enum.StrEnum):
+    #: To a trunk: a named trunk (gateways) or a static peer (host, port, transport).
+    TRUNK = "trunk"
+    #: To every contact registered for the Request-URI user (parallel forking).
+    REGISTERED = "registered"
+    REJECT = "reject"
+
+
+class ReferPolicy(enum.StrEnum):
+    #: Relay REFER to the other leg with Refer-To rewritten.
+    RELAY = "relay"
+    #: Answer 403.
+    REJECT = "reject"
+
+
+class OptionsPolicy(enum.StrEnum):
+    #: Out-of-dialog OPTIONS answered by the SBC itself (keepalive pings).
+    LOCAL = "local"
+    #: Routed like a call, so the far end answers.
+    RELAY = "relay"
+
+
+@dataclass(frozen=True)
+class AdmissionLimits(Section):
+    """Concurrent calls and calls per second; null = no limit."""
+
+    max_calls: int | None = field(
+        default=None, metadata=spec("Concurrent calls at most; null = no limit.", min=1)
+    )
+    calls_per_second: float | None = field(
+        default=None, metadata=spec("New calls per second; null = no limit.", min=0.01)
+    )
+    burst: int | None = field(
+        default=None,
+        metadata=spec("New calls at once above the rate; null = the rate rounded up.", min=1),
+    )
+
+
+class HeaderAction(enum.StrEnum):
+    KEEP = "keep"
+    STRIP = "strip"
+    ADD = "add"
+    REWRITE = "rewrite"
+
+
+class HeaderDirection(enum.StrEnum):
+    #: Messages received from the realm, before the B2BUA looks at them.
+    INBOUND = "inbound"
+    #: Messages the B2BUA sends into the realm, last thing before the wire.
+    OUTBOUND = "outbound"
+
+
+@dataclass(frozen=True)
+class HeaderRuleConfig(Section):
+    """One header manipulation rule of a realm; rules run in order."""
+
+    action: HeaderAction = field(metadata=spec("keep, strip, add or rewrite."))
+    header: str = field(
+        metadata=spec("Header name; rewrite also takes request-uri.", pattern=HEADER_NAME_PATTERN)
+    )
+    direction: HeaderDirection = field(
+        default=HeaderDirection.OUTBOUND, metadata=spec("inbound or outbound.")
+    )
+    methods: tuple[str, ...] = field(
+        default=(),
+        metadata=spec(
+            "Methods it applies to (responses: by CSeq); empty = all.", pattern=METHOD_PATTERN
+        ),
+    )
+    value: str | None = field(default=None, metadata=spec("add: the value (${realm} expands)."))
+    pattern: str | None = field(default=None, metadata=spec("rewrite: a regular expression."))
+    replacement: str = field(
+        default="", metadata=spec(r"rewrite: the replacement, \1 or \g<name> for captures.")
+    )
+    all_matches: bool = field(default=False, metadata=spec("rewrite: every match, not the first."))
+    only_if_absent: bool = field(default=False, metadata=spec("add: only when not present."))
+
+    def check(self, path: str) -> Iterator[Issue]:
+        if self.action is HeaderAction.ADD and self.value is None:
+            yield key_path(path, "value"), "add needs a value"
+        if self.action is HeaderAction.REWRITE:
+            if self.pattern is None:
+                yield key_path(path, "pattern"), "rewrite needs a pattern"
+            else:
+                try:
+                    re.compile(self.pattern)
+                except re.error as exc:
+                    yield key_path(path, "pattern"), f"bad regular expression: {exc}"
+
+
+@dataclass(frozen=True)
+class RealmConfig(Section):
+    """A named group of SIP listeners with its media address and policy."""
+
+    name: str = field(metadata=spec("Realm name, used by routes.", pattern=NAME_PATTERN))
+    listen: tuple[SipListener, ...] = field(
+        metadata=spec("SIP listeners of this realm.", min_items=1)
+    )
+    media_address: IPAddress = field(
+        metadata=spec("Address the media relay uses in this realm (SDP c=).")
+    )
+    keep_headers: tuple[str, ...] = field(
+        default=DEFAULT_KEEP_HEADERS,
+        metadata=spec(
+            "Headers copied into this realm from the other leg; all others are dropped.",
+            pattern=HEADER_NAME_PATTERN,
+        ),
+    )
+    registrar: bool = field(
+        default=False, metadata=spec("REGISTERs arriving here go to the embedded registrar.")
+    )
+    authenticate: tuple[str, ...] = field(
+        default=(),
+        metadata=spec(
+            "Methods that need digest credentials of a registrar user here (e.g. INVITE).",
+            pattern=METHOD_PATTERN,
+        ),
+    )
+    limits: AdmissionLimits = field(
+        default_factory=AdmissionLimits, metadata=spec("Admission limits of calls in this realm.")
+    )
+    header_rules: tuple[HeaderRuleConfig, ...] = field(
+        default=(), metadata=spec("Header manipulation, in order.")
+    )
+    refer: ReferPolicy = field(
+        default=ReferPolicy.REJECT, metadata=spec("REFER from this realm: relay or reject.")
+    )
+    options: OptionsPolicy = field(
+        default=OptionsPolicy.LOCAL,
+        metadata=spec("Out-of-dialog OPTIONS: answered locally or relayed by the routes."),
+    )
+
+    def check(self, path: str) -> Iterator[Issue]:
+        for index, method in enumerate(self.authenticate):
+            if method not in AUTH_METHODS:
+                yield (
+                    key_path(path, f"authenticate[{index}]"),
+                    f"{method} cannot be authenticated; one of {', '.join(sorted(AUTH_METHODS))}",
+                )
+        if len(self.header_rules) > 64:
+            yield key_path(path, "header_rules"), "at most 64 rules per realm"
+
+
+@dataclass(frozen=True)
+class RouteConfig(Section):
+    """One routing rule; the first whose match fields all match a new request wins."""
+
+    name: str = field(metadata=spec("Rule name, for logs.", pattern=NAME_PATTERN))
+    action: RouteAction = field(
+        metadata=spec("trunk (a trunk or static peer), registered (users) or reject.")
+    )
+    from_realm: str | None = field(
+        default=None, metadata=spec("Match calls entering this realm; null = any.")
+    )
+    source: tuple[IPNetwork, ...] = field(
+        default=(), metadata=spec("Match calls from these networks; empty = any.")
+    )
+    user_prefix: str = field(
+        default="",
+        metadata=spec(
+            "Match Request-URI users starting with this (quote digits); empty = any.",
+            pattern=r"[A-Za-z0-9+*#._\-]{0,64}",
+        ),
+    )
+    domain: str | None = field(
+        default=None,
+        metadata=spec("Match this Request-URI host exactly; null = any.", pattern=HOST_PATTERN),
+    )
+    from_user: str | None = field(
+        default=None,
+        metadata=spec("Match From users by this regular expression (full match); null = any."),
+    )
+    header: str | None = field(
+        default=None,
+        metadata=spec(
+            "Match requests whose header (header_pattern) matches.", pattern=HEADER_NAME_PATTERN
+        ),
+    )
+    header_pattern: str | None = field(
+        default=None, metadata=spec("Regular expression searched in the header's values.")
+    )
+    realm: str | None = field(
+        default=None,
+        metadata=spec("trunk: the realm of a static peer; registered: only contacts here."),
+    )
+    trunk: str | None = field(default=None, metadata=spec("trunk: a trunk from trunks:."))
+    host: IPAddress | None = field(default=None, metadata=spec("trunk: a static peer's address."))
+    port: int = field(
+        default=5060,
+        metadata=spec("trunk: the peer's port.", min=1, max=65535, expect=PORT_SPEC_EXPECT),
+    )
+    transport: Transport = field(default=Transport.UDP, metadata=spec("trunk: udp, tcp or tls."))
+    status: int = field(
+        default=403, metadata=spec("reject: the status answered.", min=400, max=699)
+    )
+    follow_redirects: bool = field(
+        default=False,
+        metadata=spec("3xx from the callee: follow the contacts (true) or relay the 3xx."),
+    )
+
+    def check(self, path: str) -> Iterator[Issue]:
+        if self.action is RouteAction.TRUNK:
+            if self.trunk is None and (self.realm is None or self.host is None):
+                yield path, "a trunk route needs trunk, or realm and host"
+            if self.trunk is not None and self.host is not None:
+                yield path, "a trunk route takes trunk or host, not both"
+        for key, pattern in (
+            ("from_user", self.from_user),
+            ("header_pattern", self.header_pattern),
+        ):
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    yield key_path(path, key), f"bad regular expression: {exc}"
+        if (self.header is None) != (self.header_pattern is None):
+            yield path, "header and header_pattern go together"
+
+
+@dataclass(frozen=True)
+class ProbeConfig(Section):
+    """OPTIONS probing of a trunk's gateways, with hysteresis."""
+
+    enabled: bool = field(default=True, metadata=spec("Probe the gateways with OPTIONS."))
+    interval: float = field(default=30.0, metadata=spec("Seconds between probes.", min=1, max=3600))
+    timeout: float = field(
+        default=5.0, metadata=spec("Seconds without an answer: a failed probe.", min=0.5, max=60)
+    )
+    down_after: int = field(
+        default=3, metadata=spec("Failed probes in a row that mark a gateway down.", min=1, max=100)
+    )
+    up_after: int = field(
+        default=2, metadata=spec("Answered probes in a row that mark it up again.", min=1, max=100)
+    )
+
+
+@dataclass(frozen=True)
+class GatewayConfig(Section):
+    """One gateway of a trunk."""
+
+    host: str = field(metadata=spec("IP literal or host name (RFC 3263).", pattern=HOST_PATTERN))
+    port: int | None = field(
+        default=None,
+        metadata=spec("Port; null = RFC 3263 (SRV, then 5060/5061).", min=1, max=65535),
+    )
+    transport: Transport = field(default=Transport.UDP, metadata=spec("udp, tcp or tls."))
+    priority: int = field(default=1, metadata=spec("Lower is tried first.", min=0, max=65535))
+    weight: int = field(
+        default=1, metadata=spec("Share of calls within a priority.", min=0, max=65535)
+    )
+
+
+@dataclass(frozen=True)
+class TrunkConfig(Section):
+    """A named group of gateways in one realm."""
+
+    name: str = field(metadata=spec("Trunk name, used by routes.", pattern=NAME_PATTERN))
+    realm: str = field(metadata=spec("The realm calls to this trunk leave through."))
+    gateways: tuple[GatewayConfig, ...] = field(
+        metadata=spec("Gateways, by priority then weight.", min_items=1)
+    )
+    probe: ProbeConfig = field(default_factory=ProbeConfig, metadata=spec("OPTIONS probing."))
+    limits: AdmissionLimits = field(
+        default_factory=AdmissionLimits, metadata=spec("Admission limits of this trunk.")
+    )
+    max_attempts: int = field(
+        default=3, metadata=spec("Gateways tried per call (serial failover).", min=1, max=16)
+    )
+    try_when_all_down: bool = field(
+        default=False,
+        metadata=spec("All gateways down: try them anyway (true) or answer 503 at once."),
+    )
+
+
+@dataclass(frozen=True)
+class RegistrarConfig(Section):
+    """The embedded registrar and its users."""
+
+    realm: str = field(
+        default="sbc",
+        metadata=spec("Digest realm of challenges.", pattern=r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}"),
+    )
+    domains: tuple[str, ...] = field(
+        default=(),
+        metadata=spec(
+            "Domains served; empty = any (users are keyed by name).", pattern=HOST_PATTERN
+        ),
+    )
+    users_db: Path | None = field(
+        default=None,
+        metadata=spec("SQLite users table (sbc user add NAME); null = state_dir/users.sqlite."),
+    )
+    min_expires: int = field(default=60, metadata=spec("Shortest registration.", min=1, max=86400))
+    max_expires: int = field(
+        default=3600, metadata=spec("Longest registration.", min=1, max=604800)
+    )
+    default_expires: int = field(
+        default=3600, metadata=spec("Registration when the phone asks none.", min=1, max=604800)
+    )
+    max_contacts: int = field(default=10, metadata=spec("Contacts per user.", min=1, max=1000))
+    max_users: int = field(
+        default=100_000, metadata=spec("Registered users at once.", min=1, max=10_000_000)
+    )
+    nat_keepalive: int = field(
+        default=25,
+        metadata=spec("Seconds between keepalives to UDP contacts; 0 = none.", min=0, max=3600),
+    )
+
+    def check(self, path: str) -> Iterator[Issue]:
+        if not self.min_expires <= self.default_expires <= self.max_expires:
+            yield path, "expected min_expires <= default_expires <= max_expires"
+
+
+@dataclass(frozen=True)
+class CallsConfig(Section):
+    """Call timers and admission."""
+
+    max_duration: int = field(
+        default=14400,
+        metadata=spec("Seconds an answered call may last; 0 = no limit.", min=0, max=604800),
+    )
+    no_answer_timeout: int = field(
+        default=180, metadata=spec("Seconds a call may ring.", min=5, max=3600)
+    )
+    session_expires: int = field(
+        default=1800,
+        metadata=spec(
+            "RFC 4028 session interval asked for; 0 = no session timers.", min=0, max=86400
+        ),
+    )
+    min_se: int = field(default=90, metadata=spec("RFC 4028 Min-SE accepted.", min=90, max=86400))
+    retry_after: int = field(
+        default=5,
+        metadata=spec("Retry-After of 503 answers of admission control.", min=1, max=3600),
+    )
+
+    def check(self, path: str) -> Iterator[Issue]:
+        if self.session_expires and self.session_expires < self.min_se:
+            yield key_path(path, "session_expires"), "below min_se"
+
+
+@dataclass(frozen=True)
+class MediaSection(Section):
+    """The media relay."""
+
+    port_min: int = field(default=20000, metadata=spec("Lowest RTP port.", min=1024, max=65535))
+    port_max: int = field(
+        default=29999, metadata=spec("Highest RTP/RTCP port.", min=1024, max=65535)
+    )
+    kernel_path: bool = field(
+        default=True,
+        metadata=spec("Forward plain RTP in the kernel (nftables) once both sides latch."),
+    )
+    timeout: float = field(
+        default=30.0,
+        metadata=spec("Seconds without media before the call is ended.", min=1, max=86400),
+    )
+    hold_timeout: float = field(
+        default=3600.0,
+        metadata=spec("The same while the call is on hold.", min=1, max=86400),
+    )
+
+    def check(self, path: str) -> Iterator[Issue]:
+        if self.port_max - (self.port_min + self.port_min % 2) < 1:
+            yield path, "port_min..port_max holds no RTP/RTCP pair"
+
+
+class CdrFormat(enum.StrEnum):
+    SQLITE = "sqlite"
+    JSONL = "jsonl"
+
+
+@dataclass(frozen=True)
+class CdrConfig(Section):
+    """Call detail records: one per call attempt."""
+
+    enabled: bool = field(default=True, metadata=spec("Write CDRs."))
+    format: CdrFormat = field(default=CdrFormat.SQLITE, metadata=spec("sqlite or jsonl."))
+    path: Path | None = field(
+        default=None, metadata=spec("The CDR file; null = state_dir/cdr.sqlite (or .jsonl).")
+    )
