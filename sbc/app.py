@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
+import secrets
 import signal
 import ssl
 import sys
@@ -30,6 +32,8 @@ from pathlib import Path
 
 from aiohttp import web
 
+from sbc import assembly
+from sbc.b2bua.call import Call
 from sbc.b2bua.controller import (
     AllocateMedia,
     CallController,
@@ -40,19 +44,27 @@ from sbc.b2bua.controller import (
 from sbc.b2bua.local import LocalResponder
 from sbc.b2bua.realm import Hop, Realm, RealmTable
 from sbc.b2bua.routing import RouteAction, Router, RouteRule
+from sbc.b2bua.targets import Directory
+from sbc.b2bua.trunks import TrunkTable
+from sbc.cdr.from_call import cdr_record
+from sbc.cdr.record import CdrError
+from sbc.cdr.store import CdrSink, CdrStore, JsonLinesCdrStore
 from sbc.cli import setup_logging
+from sbc.config.b2bua import CdrFormat
 from sbc.config.loader import ConfigError, default_config, load_config
 from sbc.config.schema import Config, MutualTls
 from sbc.firewall.bans import IPAddress
 from sbc.firewall.blacklist import TrustedTargetError
 from sbc.firewall.config import FirewallConfig, SipPorts
+from sbc.firewall.detectors import AuthFailed
 from sbc.firewall.firewall import Firewall
 from sbc.firewall.nft import NftError
 from sbc.firewall.sip_events import malformed_event, request_event
 from sbc.media.config import MediaConfig, RealmMediaAddress
-from sbc.media.control import MediaError
+from sbc.media.control import MediaError, MediaTimeout
 from sbc.media.relay import MediaRelay
 from sbc.media.session import MediaSession
+from sbc.registrar.credentials import CredentialStoreError, SqliteCredentials
 from sbc.sip.errors import ParseError
 from sbc.sip.message import Request, Response
 from sbc.sip.transaction import Outgoing, Output, TransactionLayer
@@ -77,6 +89,8 @@ from sbc.transport.certificates import (
     ensure_self_signed,
 )
 from sbc.transport.layer import TransportLayer
+from sbc.transport.resolver import ResolutionError, SipResolver, SipTarget
+from sbc.transport.resolver import Transport as ResolverTransport
 from sbc.transport.udp import UdpListener
 from sbc.web.app import LoopMonitor, create_app
 
@@ -108,10 +122,12 @@ def realm_table(config: Config, bound: tuple[ListenAddress, ...] | None = None) 
     addresses = list(bound if bound is not None else _listen_addresses(config))
     index = len(config.sip.listen)
     realms = []
+    manipulation = assembly.RealmManipulation(assembly.header_rules(config))
     for realm in config.realms:
         listen = addresses[index : index + len(realm.listen)]
         index += len(realm.listen)
-        realms.append(Realm.build(realm.name, listen, realm.media_address, realm.keep_headers))
+        keep = (*realm.keep_headers, *manipulation.kept_headers(realm.name))
+        realms.append(Realm.build(realm.name, listen, realm.media_address, keep))
     return RealmTable(realms)
 
 
@@ -132,14 +148,22 @@ def router(config: Config) -> Router:
                 domain=route.domain,
                 realm=route.realm,
                 destination=destination,
+                trunk=route.trunk,
                 status=route.status,
+                source=route.source,
+                from_user=None if route.from_user is None else re.compile(route.from_user),
+                header=route.header,
+                header_pattern=(
+                    None if route.header_pattern is None else re.compile(route.header_pattern)
+                ),
+                follow_redirects=route.follow_redirects,
             )
         )
     return Router(rules)
 
 
 def media_config(config: Config) -> MediaConfig:
-    """The relay's realms: one media address per SBC realm (userspace path for now)."""
+    """The relay's realms (one media address per SBC realm), ports, path and timeouts."""
     realms = tuple(
         RealmMediaAddress(
             realm.name,
@@ -148,7 +172,15 @@ def media_config(config: Config) -> MediaConfig:
         )
         for realm in config.realms
     )
-    return MediaConfig(realms=realms, kernel_path=False)
+    media = config.media
+    return MediaConfig(
+        realms=realms,
+        port_min=media.port_min,
+        port_max=media.port_max,
+        kernel_path=media.kernel_path,
+        media_timeout=media.timeout,
+        hold_timeout=media.hold_timeout,
+    )
 
 
 def firewall_config(config: Config) -> FirewallConfig:
@@ -241,13 +273,25 @@ class SbcNode:
         self.config_path = config_path
         self.transactions = TransactionLayer()
         self.responder = LocalResponder(server=config.sip.user_agent)
+        self.trunks = TrunkTable(assembly.trunks(config))
+        self.directory = Directory(self.trunks)
+        self.admission = assembly.admission(config)
+        self.registrar: assembly.EmbeddedRegistrar | None = None
+        self.cdr: CdrSink | None = None
         self.calls = CallController(
             self.transactions,
             realm_table(config),
             router(config),
             self.responder,
             user_agent=config.sip.user_agent,
+            targets=self.directory,
+            admission=self.admission,
+            manipulation=assembly.RealmManipulation(assembly.header_rules(config)),
+            policies=assembly.realm_policies(config),
+            timers=assembly.call_timers(config),
         )
+        self._wall_offset = time.time() - time.monotonic()
+        self._tasks: list[asyncio.Task[None]] = []
         self.media: MediaRelay | None = None
         self._media_queue: asyncio.Queue[MediaCommand] = asyncio.Queue()
         self._media_worker: asyncio.Task[None] | None = None
@@ -271,10 +315,16 @@ class SbcNode:
     async def start(self) -> None:
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         self.monitor.start()
+        self._start_registrar(self.config)
+        self._start_cdr(self.config)
         await self._start_firewall(self.config)
         await self._start_transport(self.config)
         await self._start_media(self.config)
         await self._start_management(self.config)
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._run_keepalives(), name="sbc-nat-keepalive"))
+        self._tasks.append(loop.create_task(self._run_resolver(), name="sbc-trunk-dns"))
+        self._arm_timer()
         logger.info("- sbc started: %s", ", ".join(self._describe_listeners()))
 
     async def stop(self) -> None:
@@ -282,16 +332,29 @@ class SbcNode:
             return
         self._stopping = True
         logger.info("- stopping")
+        if len(self.calls):
+            # Every call ends with a BYE (or 503 and CANCEL while ringing) and a CDR.
+            now = time.monotonic()
+            self._execute(self.calls.shutdown(now), now)
+            await asyncio.sleep(0.2)
         if self._timer is not None:
             self._timer.cancel()
+        for task in self._tasks:
+            task.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
         if self.transport is not None:
             await self.transport.stop()
         if self._media_worker is not None:
+            # Deletions queued by the shutdown carry the CDRs' media counters.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._media_queue.join(), 5.0)
             self._media_worker.cancel()
         if self.media is not None:
             await self.media.close()
+        if self.cdr is not None:
+            cdr, self.cdr = self.cdr, None
+            await asyncio.get_running_loop().run_in_executor(None, cdr.close)
         await self._stop_firewall()
         await self.monitor.stop()
         self.stopped.set()
@@ -305,6 +368,103 @@ class SbcNode:
         mgmt = self.config.management.listen
         out.append(f"management http://{mgmt.address}:{mgmt.port}")
         return out
+
+    def _start_registrar(self, config: Config) -> None:
+        """The embedded registrar, when a realm has ``registrar: true``."""
+        if not any(realm.registrar for realm in config.realms):
+            return
+        try:
+            credentials = SqliteCredentials(assembly.users_db(config), config.registrar.realm)
+        except (CredentialStoreError, OSError) as exc:
+            logger.error("x registrar users database %s: %s", assembly.users_db(config), exc)
+            return
+        if not credentials.list():
+            logger.warning(
+                "- registrar: no users yet; add one with: sbc user add NAME --state-dir %s",
+                config.state_dir,
+            )
+        registrar = assembly.registrar(config, credentials, secrets.token_bytes(32))
+        if self.registrar is not None:
+            # A reload keeps the registered phones.
+            registrar.location = self.registrar.registrar.location
+        self.registrar = assembly.EmbeddedRegistrar(registrar)
+        self.calls.registrar = self.registrar
+        self.directory.location = registrar.location
+        self.directory.user_exists = self.registrar.user_exists
+
+    def _start_cdr(self, config: Config) -> None:
+        if not config.cdr.enabled or self.cdr is not None:
+            return
+        path = assembly.cdr_path(config)
+        sqlite = config.cdr.format is CdrFormat.SQLITE
+        self.cdr = CdrStore(path) if sqlite else JsonLinesCdrStore(path)
+        logger.info("- cdr: %s (%s)", path, config.cdr.format.value)
+
+    def _write_cdr(self, call: Call, session: MediaSession | None) -> None:
+        if self.cdr is None:
+            return
+        try:
+            self.cdr.write(cdr_record(call, session, self._wall_offset))
+        except CdrError as exc:
+            logger.warning("x cdr of call %s not written: %s", call.call_ref, exc)
+
+    async def _run_keepalives(self) -> None:
+        """NAT keepalives (CRLFCRLF, RFC 5626 4.4.1) to phones registered over UDP."""
+        while True:
+            await asyncio.sleep(1.0)
+            registrar = self.registrar
+            if registrar is None or self.transport is None:
+                continue
+            for binding in registrar.registrar.keepalive_targets(time.time()):
+                listener = self._udp_listener(binding.local.host, binding.local.port)
+                if listener is None:
+                    continue
+                with contextlib.suppress(OSError):
+                    listener.send(b"\r\n\r\n", binding.received.host, binding.received.port)
+
+    async def _run_resolver(self) -> None:
+        """RFC 3263 for trunk gateways given by name; refreshed every minute."""
+        resolver: SipResolver | None = None
+        while True:
+            named = [
+                g
+                for state in self.trunks
+                for g in state.trunk.gateways
+                if g.static_destination is None
+            ]
+            if named:
+                resolver = resolver or SipResolver()
+                for gateway in named:
+                    target = SipTarget(
+                        gateway.host,
+                        gateway.port,
+                        ResolverTransport(gateway.transport.value.upper()),
+                        secure=gateway.transport is Transport.TLS,
+                    )
+                    try:
+                        found = await resolver.resolve(target)
+                    except ResolutionError as exc:
+                        logger.warning("x trunk gateway %s: %s", gateway.host, exc)
+                        continue
+                    for hop in found:
+                        if hop.transport.name.lower() == gateway.transport.value:
+                            self.directory.resolved[gateway.key] = Destination(
+                                gateway.transport, normalize_host(hop.address), hop.port
+                            )
+                            break
+            await asyncio.sleep(60.0)
+
+    def _udp_listener(self, host: str, port: int) -> UdpListener | None:
+        if self.transport is None:
+            return None
+        for listener in self.transport.listeners:
+            if (
+                isinstance(listener, UdpListener)
+                and listener.port == port
+                and normalize_host(listener.host) == normalize_host(host)
+            ):
+                return listener
+        return None
 
     async def _start_transport(self, config: Config) -> None:
         tls = config.sip.tls
@@ -324,7 +484,20 @@ class SbcNode:
         await layer.start()
         self.transport = layer
         self._server_ssl = server_ssl
-        self.calls.reconfigure(realm_table(config, self._bound()), router(config), self.responder)
+        self._reconfigure_calls(config)
+
+    def _reconfigure_calls(self, config: Config) -> None:
+        """Realms, routes, trunks, limits, header rules and timers for new calls."""
+        self.calls.reconfigure(
+            realm_table(config, self._bound()),
+            router(config),
+            self.responder,
+            policies=assembly.realm_policies(config),
+            timers=assembly.call_timers(config),
+        )
+        self.calls.manipulation = assembly.RealmManipulation(assembly.header_rules(config))
+        self.trunks.reconfigure(assembly.trunks(config))
+        assembly.reconfigure_admission(self.admission, config)
 
     def _bound(self) -> tuple[ListenAddress, ...] | None:
         """The listeners as bound (ephemeral ports resolved), in configuration order."""
@@ -342,9 +515,9 @@ class SbcNode:
         relay = MediaRelay(media_config(config))
         await relay.start()
         self.media = relay
-        self._media_worker = asyncio.get_running_loop().create_task(
-            self._run_media(), name="sbc-b2bua-media"
-        )
+        loop = asyncio.get_running_loop()
+        self._media_worker = loop.create_task(self._run_media(), name="sbc-b2bua-media")
+        self._tasks.append(loop.create_task(self._run_media_events(), name="sbc-media-events"))
 
     async def _start_management(self, config: Config) -> None:
         app = create_app(self.health)
@@ -473,6 +646,21 @@ class SbcNode:
         self._firewall_bans += len(bans)
         return bool(bans)
 
+    def _firewall_auth_failure(self, source_host: str, user: str | None) -> None:
+        firewall = self.firewall
+        if firewall is None or self._firewall_busy:
+            return
+        try:
+            source = ip_address(normalize_host(source_host))
+        except ValueError:
+            return
+        if source.version == 6 and source.ipv4_mapped is not None:
+            source = source.ipv4_mapped
+        try:
+            self._firewall_bans += len(firewall.observe(AuthFailed(source, user or "")))
+        except (NftError, TrustedTargetError) as exc:
+            logger.error("x firewall: ban failed: %s", exc)
+
     def _on_parse_error(self, error: ParseError, flow: Flow) -> None:
         firewall = self.firewall
         if firewall is None or self._firewall_busy:
@@ -523,6 +711,10 @@ class SbcNode:
                 self._send_request(outgoing, destination, now)
         for command in step.media:
             self._media_queue.put_nowait(command)
+        for call in step.ended:
+            self._write_cdr(call, None)
+        for failure in step.auth_failures:
+            self._firewall_auth_failure(failure.source, failure.user)
         self._arm_timer()
 
     def _send_request(self, outgoing: Outgoing, hop: Hop, now: float) -> None:
@@ -530,21 +722,17 @@ class SbcNode:
         if self.transport is None:
             return
         if hop.destination.transport is Transport.UDP:
-            for listener in self.transport.listeners:
-                if (
-                    isinstance(listener, UdpListener)
-                    and listener.port == hop.local.port
-                    and normalize_host(listener.host) == normalize_host(hop.local.host)
-                ):
-                    try:
-                        destination = hop.destination
-                        listener.send(outgoing.data, destination.host, destination.port)
-                    except OSError as exc:
-                        logger.warning("x %r to %s: %s", outgoing.message, hop, exc)
-                        self._transport_failed(outgoing)
-                    return
-            logger.warning("x %r: no listener %s", outgoing.message, hop.local)
-            self._transport_failed(outgoing)
+            listener = self._udp_listener(hop.local.host, hop.local.port)
+            if listener is None:
+                logger.warning("x %r: no listener %s", outgoing.message, hop.local)
+                self._transport_failed(outgoing)
+                return
+            try:
+                destination = hop.destination
+                listener.send(outgoing.data, destination.host, destination.port)
+            except OSError as exc:
+                logger.warning("x %r to %s: %s", outgoing.message, hop, exc)
+                self._transport_failed(outgoing)
             return
         task = asyncio.get_running_loop().create_task(self._send_stream(outgoing, hop))
         self._sends.add(task)
@@ -567,29 +755,55 @@ class SbcNode:
         """Run the B2BUA's media commands one at a time, in the order they were made."""
         while True:
             command = await self._media_queue.get()
+            try:
+                await self._media_command(command)
+            finally:
+                self._media_queue.task_done()
+
+    async def _media_command(self, command: MediaCommand) -> None:
+        relay = self.media
+        if relay is None:
+            if isinstance(command, DeleteMedia) and command.call is not None:
+                self._write_cdr(command.call, None)
+            return
+        try:
+            if isinstance(command, AllocateMedia):
+                try:
+                    session = await relay.allocate(command.call_id, command.streams)
+                except MediaError as exc:
+                    logger.error("x call %s: no media: %s", command.call_ref, exc)
+                    session = None
+                if session is not None:
+                    await self._pinholes(session, open_=True)
+                now = time.monotonic()
+                self._execute(self.calls.media_allocated(command.call_ref, session, now), now)
+            elif isinstance(command, DeleteMedia):
+                final: MediaSession | None = None
+                try:
+                    final = await relay.delete(command.session_id)
+                finally:
+                    if command.call is not None:
+                        # The CDR carries the session's final counters.
+                        self._write_cdr(command.call, final)
+                if final is not None:
+                    await self._pinholes(final, open_=False)
+            else:
+                updated = await relay.update(command.session_id, command.streams)
+                await self._pinholes(updated, open_=True)
+        except (MediaError, OSError) as exc:
+            logger.warning("x call %s: media %s: %s", command.call_ref, type(command).__name__, exc)
+
+    async def _run_media_events(self) -> None:
+        """Media timeouts from the relay end their calls."""
+        while True:
             relay = self.media
             if relay is None:
+                await asyncio.sleep(1.0)
                 continue
-            try:
-                if isinstance(command, AllocateMedia):
-                    try:
-                        session = await relay.allocate(command.call_id, command.streams)
-                    except MediaError as exc:
-                        logger.error("x call %s: no media: %s", command.call_ref, exc)
-                        session = None
-                    if session is not None:
-                        await self._pinholes(session, open_=True)
-                    now = time.monotonic()
-                    self._execute(self.calls.media_allocated(command.call_ref, session, now), now)
-                elif isinstance(command, DeleteMedia):
-                    await self._pinholes(await relay.delete(command.session_id), open_=False)
-                else:
-                    updated = await relay.update(command.session_id, command.streams)
-                    await self._pinholes(updated, open_=True)
-            except (MediaError, OSError) as exc:
-                logger.warning(
-                    "x call %s: media %s: %s", command.call_ref, type(command).__name__, exc
-                )
+            event = await relay.next_event()
+            if isinstance(event, MediaTimeout):
+                now = time.monotonic()
+                self._execute(self.calls.media_timeout(event.session_id, now), now)
 
     def _arm_timer(self) -> None:
         deadlines = [
@@ -643,10 +857,15 @@ class SbcNode:
                 return False
         else:
             self._reload_certificates()
-            self.calls.reconfigure(realm_table(new, self._bound()), router(new), self.responder)
+            self._reconfigure_calls(new)
         if media_config(new) != media_config(old) and self.media is not None:
             logger.warning("x media addresses changed: they apply after a restart")
         self.calls.user_agent = new.sip.user_agent
+        if new.registrar != old.registrar or new.realms != old.realms:
+            self._start_registrar(new)
+        if new.cdr != old.cdr and self.cdr is not None:
+            logger.warning("x cdr settings changed: they apply after a restart")
+        self._start_cdr(new)
         if firewall_config(new) != firewall_config(old):
             await self._reload_firewall(new)
         await self._start_media(new)

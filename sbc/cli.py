@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sbc.firewall.cli import add_ban_subcommands
 
     add_ban_subcommands(sub)
+    from sbc.registrar.cli import add_user_subcommands
+
+    add_user_subcommands(sub)
     return parser
 
 

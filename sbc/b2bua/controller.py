@@ -57,6 +57,7 @@ from sbc.b2bua.topology import (
     stream_offers,
     via_for,
 )
+from sbc.b2bua.trunks import Gateway, probe_request
 from sbc.media.session import LegOffer, MediaSession, Side, StreamOffer
 from sbc.sip.dialog import (
     AnswerRetransmitted,
@@ -166,7 +167,19 @@ class TargetSource(Protocol):
 
     def user_known(self, uri: Uri) -> bool: ...
 
-    def trunk(self, name: str, now: float) -> TrunkPlan | None: ...
+    def trunk(self, name: str, uri: Uri, now: float) -> TrunkPlan | None: ...
+
+    def call_result(self, trunk: str, gateway: str, status: int | None, now: float) -> None: ...
+
+    def due_probes(self, now: float) -> list[tuple[str, Gateway, Destination]]: ...
+
+    def probe_sent(self, trunk: str, gateway: str, now: float) -> None: ...
+
+    def probe_result(self, trunk: str, gateway: str, status: int | None, now: float) -> None: ...
+
+    def next_probe(self) -> float | None: ...
+
+    def trunk_realm(self, trunk: str) -> str | None: ...
 
 
 class NoTargets:
@@ -178,7 +191,25 @@ class NoTargets:
     def user_known(self, uri: Uri) -> bool:
         return False
 
-    def trunk(self, name: str, now: float) -> TrunkPlan | None:
+    def trunk(self, name: str, uri: Uri, now: float) -> TrunkPlan | None:
+        return None
+
+    def call_result(self, trunk: str, gateway: str, status: int | None, now: float) -> None:
+        return None
+
+    def due_probes(self, now: float) -> list[tuple[str, Gateway, Destination]]:
+        return []
+
+    def probe_sent(self, trunk: str, gateway: str, now: float) -> None:
+        return None
+
+    def probe_result(self, trunk: str, gateway: str, status: int | None, now: float) -> None:
+        return None
+
+    def next_probe(self) -> float | None:
+        return None
+
+    def trunk_realm(self, trunk: str) -> str | None:
         return None
 
 
@@ -384,6 +415,8 @@ class _ByRole:
     role: str
     relayed: _Relayed | None = None
     side: LegSide | None = None
+    #: A probe: the trunk and gateway key it tests.
+    probe: tuple[str, str] | None = None
 
 
 class _Timer:
@@ -495,7 +528,8 @@ class CallController:
             heapq.heappop(self._deadlines)
         unacked = min((u.next_at for u in self._unacked.values()), default=None)
         call = self._deadlines[0][0] if self._deadlines else None
-        candidates = [d for d in (unacked, call) if d is not None]
+        probe = self.targets.next_probe()
+        candidates = [d for d in (unacked, call, probe) if d is not None]
         return min(candidates) if candidates else None
 
     def _schedule(self, when: float, call_ref: str, kind: str) -> None:
@@ -503,7 +537,7 @@ class CallController:
 
     def handle_timers(self, now: float) -> Step:
         """2xx retransmissions (13.3.1.4), ringing and duration limits, session refreshes."""
-        step = self._retransmit_2xx(now)
+        step = self._retransmit_2xx(now) + self._probe(now)
         while self._deadlines and self._deadlines[0][0] <= now:
             when, _, call_ref, kind = heapq.heappop(self._deadlines)
             live = self._calls.get(call_ref)
@@ -558,6 +592,47 @@ class CallController:
                 self.transactions.send_response(unacked.server, unacked.response, now)
             )
         return step
+
+    def _probe(self, now: float) -> Step:
+        """OPTIONS to each trunk gateway whose probe is due (RFC 3261 11)."""
+        step = Step()
+        for trunk, gateway, destination in self.targets.due_probes(now):
+            trunk_realm = self._trunk_realm(trunk)
+            local = (
+                None
+                if trunk_realm is None
+                else trunk_realm.listener(destination.transport, destination.host)
+            )
+            if trunk_realm is None or local is None:
+                continue
+            request = probe_request(
+                gateway,
+                destination,
+                local,
+                user_agent=self.user_agent,
+                call_id=secrets.token_hex(16),
+                branch=new_branch(),
+                tag=new_tag(),
+                now=-1.0,
+            )
+            request.headers.remove("Content-Length")
+            request.invalidate()
+            hop = Hop(trunk_realm.name, local, destination)
+            try:
+                client, out = self.transactions.send_request(
+                    request, hop, now, reliable=is_reliable(destination.transport)
+                )
+            except TransactionError as exc:
+                logger.warning("x probe %s: %s", gateway.key, exc)
+                continue
+            self.targets.probe_sent(trunk, gateway.key, now)
+            self._by_client[client] = _ByRole("", "probe", probe=(trunk, gateway.key))
+            step = step + Step(out)
+        return step
+
+    def _trunk_realm(self, trunk: str) -> Realm | None:
+        name = self.targets.trunk_realm(trunk)
+        return None if name is None else self.realms.get(name)
 
     def _expect_ack(
         self, call_ref: str, server: ServerTransaction, response: Response, now: float
@@ -787,7 +862,7 @@ class CallController:
                 return [], None, 480 if known else 404
             return [tuple(contacts)], None, 0
         if decision.trunk is not None:
-            plan = self.targets.trunk(decision.trunk, now)
+            plan = self.targets.trunk(decision.trunk, request.uri, now)
             if plan is None or not plan.targets:
                 return [], decision.trunk, 503
             attempts = min(plan.max_attempts, MAX_ATTEMPTS)
@@ -1313,6 +1388,13 @@ class CallController:
         role = self._by_client.get(tx)
         if role is None:
             return Step()
+        if role.probe is not None:
+            if response.status >= 200:
+                self._by_client.pop(tx, None)
+                synthesized = response.to.tag is None and response.status in (408, 503)
+                status = None if synthesized else response.status
+                self.targets.probe_result(*role.probe, status, now)
+            return Step()
         live = self._calls.get(role.call_ref)
         if live is None:
             return Step()
@@ -1397,6 +1479,7 @@ class CallController:
             return Step()
         fork.final = response.status
         fork.leg = fork.leg.with_dialog(event.dialog)
+        self._gateway_result(live, fork, response, now)
         if live.winner is not None:
             # Another fork answered first: this one is ACKed and hung up (13.2.2.4).
             return self._ack_b(fork.leg, event.dialog, now, bye=True, call_ref=call.call_ref)
@@ -1445,6 +1528,7 @@ class CallController:
         """A non-2xx final of one fork (ACKed hop by hop by the transaction layer)."""
         status = response.status
         fork.final = status
+        self._gateway_result(live, fork, response, now)
         self._by_dialog.pop((fork.leg.call_id, fork.leg.local_tag), None)
         if live.winner is not None:
             return Step()
@@ -1473,6 +1557,13 @@ class CallController:
             # Synthesized for a timeout or a transport failure: nobody answered.
             reason = EndReason.TRANSPORT_ERROR
         return step + self._end(live, best.status, reason, LegSide.B, now)
+
+    def _gateway_result(self, live: _Live, fork: _Fork, response: Response, now: float) -> None:
+        trunk, gateway = live.call.trunk, fork.target.gateway
+        if trunk is None or gateway is None:
+            return
+        synthesized = response.to.tag is None and response.status in (408, 503)
+        self.targets.call_result(trunk, gateway, None if synthesized else response.status, now)
 
     def _retry(self, live: _Live, now: float) -> Step:
         live.forks.clear()

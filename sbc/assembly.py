@@ -1,0 +1,234 @@
+"""The configuration turned into the B2BUA's collaborators (values, no I/O).
+
+Realm policies, admission limits, trunks, header manipulation and call timers come
+from the YAML sections of ``sbc.config.b2bua``; ``sbc.app`` calls these on start and
+on every reload.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from sbc.b2bua.admission import AdmissionControl, Limits
+from sbc.b2bua.controller import AuthVerdict, CallTimers, RealmPolicy, RegisterOutcome
+from sbc.b2bua.manipulation import Direction, HeaderManipulator, HeaderRule
+from sbc.b2bua.trunks import Gateway, ProbePolicy, Trunk
+from sbc.config.b2bua import AdmissionLimits, CdrFormat, OptionsPolicy, ReferPolicy
+from sbc.config.schema import Config
+from sbc.registrar.credentials import CredentialBackend, CredentialStoreError
+from sbc.registrar.registrar import Registrar, RegistrarPolicy
+from sbc.sip.auth import DigestServer, DigestServerConfig
+from sbc.sip.errors import ParseError
+from sbc.sip.message import Message, Request, Response, make_response, new_tag
+from sbc.sip.uri import SipUri
+from sbc.transport.base import Flow, ListenAddress, Transport
+
+
+def _limits(section: AdmissionLimits) -> Limits | None:
+    if section.max_calls is None and section.calls_per_second is None:
+        return None
+    return Limits(section.max_calls, section.calls_per_second, section.burst)
+
+
+def admission_limits(config: Config) -> tuple[dict[str, Limits], dict[str, Limits]]:
+    """Limits by realm and by trunk (those without any are unlimited)."""
+    realms = {r.name: limits for r in config.realms if (limits := _limits(r.limits))}
+    trunks = {t.name: limits for t in config.trunks if (limits := _limits(t.limits))}
+    return realms, trunks
+
+
+def admission(config: Config) -> AdmissionControl:
+    realms, trunks = admission_limits(config)
+    return AdmissionControl(realms, trunks, retry_after=config.calls.retry_after)
+
+
+def reconfigure_admission(control: AdmissionControl, config: Config) -> None:
+    realms, trunks = admission_limits(config)
+    control.reconfigure(realms, trunks, config.calls.retry_after)
+
+
+def realm_policies(config: Config) -> dict[str, RealmPolicy]:
+    return {
+        realm.name: RealmPolicy(
+            registrar=realm.registrar,
+            authenticate=frozenset(realm.authenticate),
+            refer_relay=realm.refer is ReferPolicy.RELAY,
+            options_relay=realm.options is OptionsPolicy.RELAY,
+        )
+        for realm in config.realms
+    }
+
+
+def call_timers(config: Config) -> CallTimers:
+    calls = config.calls
+    return CallTimers(
+        max_duration=float(calls.max_duration),
+        no_answer_timeout=float(calls.no_answer_timeout),
+        session_expires=float(calls.session_expires),
+        min_se=float(calls.min_se),
+    )
+
+
+def trunks(config: Config) -> list[Trunk]:
+    out = []
+    for trunk in config.trunks:
+        gateways = tuple(
+            Gateway(
+                name=f"{trunk.name}/{index}",
+                host=gateway.host,
+                port=gateway.port,
+                transport=Transport(gateway.transport.value),
+                priority=gateway.priority,
+                weight=gateway.weight,
+            )
+            for index, gateway in enumerate(trunk.gateways)
+        )
+        probe = trunk.probe
+        out.append(
+            Trunk(
+                name=trunk.name,
+                realm=trunk.realm,
+                gateways=gateways,
+                probe=ProbePolicy(
+                    enabled=probe.enabled,
+                    interval=probe.interval,
+                    timeout=probe.timeout,
+                    down_after=probe.down_after,
+                    up_after=probe.up_after,
+                ),
+                max_attempts=trunk.max_attempts,
+                try_when_all_down=trunk.try_when_all_down,
+            )
+        )
+    return out
+
+
+def header_rules(config: Config) -> dict[str, HeaderManipulator]:
+    """Each realm's header manipulation (realms without rules are left out)."""
+    out = {}
+    for realm in config.realms:
+        if not realm.header_rules:
+            continue
+        rules = [
+            HeaderRule.build(
+                rule.action.value,
+                rule.header,
+                direction=rule.direction.value,
+                methods=rule.methods,
+                value=rule.value,
+                pattern=rule.pattern,
+                replacement=rule.replacement,
+                all_matches=rule.all_matches,
+                only_if_absent=rule.only_if_absent,
+            )
+            for rule in realm.header_rules
+        ]
+        out[realm.name] = HeaderManipulator(rules)
+    return out
+
+
+class RealmManipulation:
+    """The controller's ``ManipulationPort``: each realm's rules, by direction."""
+
+    def __init__(self, manipulators: Mapping[str, HeaderManipulator]) -> None:
+        self.manipulators = dict(manipulators)
+
+    def kept_headers(self, realm: str) -> frozenset[str]:
+        manipulator = self.manipulators.get(realm)
+        return frozenset() if manipulator is None else manipulator.kept_headers()
+
+    def inbound(self, message: Message, realm: str) -> None:
+        self._apply(message, Direction.INBOUND, realm)
+
+    def outbound(self, message: Message, realm: str) -> None:
+        self._apply(message, Direction.OUTBOUND, realm)
+
+    def _apply(self, message: Message, direction: Direction, realm: str) -> None:
+        manipulator = self.manipulators.get(realm)
+        if manipulator is not None and isinstance(message, Request | Response):
+            manipulator.apply(message, direction, realm)
+
+
+class EmbeddedRegistrar:
+    """The controller's ``RegistrarPort`` over the embedded registrar.
+
+    The registrar keeps wall-clock times (bindings are replicated to the standby);
+    the controller's monotonic ``now`` is replaced by ``wall()``. A request a
+    registered user sends to be relayed (INVITE, MESSAGE ...) is challenged with
+    407, and the authenticated user must be the From user (403 otherwise), so one
+    account cannot call as another.
+    """
+
+    def __init__(self, registrar: Registrar, wall: Callable[[], float] = time.time) -> None:
+        self.registrar = registrar
+        self.wall = wall
+
+    def register(
+        self, request: Request, flow: Flow, realm: str, listen: ListenAddress, now: float
+    ) -> RegisterOutcome:
+        result = self.registrar.register(request, flow, realm, listen, self.wall())
+        failure = result.auth_failure
+        return RegisterOutcome(
+            result.response,
+            auth_failed=failure is not None,
+            failed_user=None if failure is None else failure.username,
+        )
+
+    def authenticate(self, request: Request, now: float) -> AuthVerdict:
+        check = self.registrar.check_credentials(request, self.wall(), proxy=True)
+        if check.response is not None:
+            failure = check.failure
+            return AuthVerdict(
+                check.response,
+                user=None if failure is None else failure.username,
+                auth_failed=failure is not None,
+            )
+        assert check.result is not None
+        user = check.result.username
+        try:
+            from_user = (
+                request.from_.uri.user_unescaped if isinstance(request.from_.uri, SipUri) else None
+            )
+        except ParseError:
+            from_user = None
+        if user is None or from_user != user:
+            response = make_response(request, 403, "Forbidden: not your identity", to_tag=new_tag())
+            return AuthVerdict(response, user=user, auth_failed=False)
+        return AuthVerdict(None, user=user)
+
+    def user_exists(self, user: str) -> bool:
+        try:
+            return self.registrar.credentials.lookup(user, self.registrar.policy.realm) is not None
+        except CredentialStoreError:
+            return False
+
+
+def registrar(config: Config, credentials: CredentialBackend, key: bytes) -> Registrar:
+    """The embedded registrar from ``registrar:``, its digest nonces keyed by ``key``."""
+    section = config.registrar
+    policy = RegistrarPolicy(
+        realm=section.realm,
+        domains=section.domains,
+        min_expires=section.min_expires,
+        max_expires=section.max_expires,
+        default_expires=section.default_expires,
+        max_contacts=section.max_contacts,
+        max_aors=section.max_users,
+        nat_keepalive=section.nat_keepalive > 0,
+        keepalive_interval=float(section.nat_keepalive or 25),
+    )
+    digest = DigestServer(DigestServerConfig(realm=section.realm, key=key))
+    return Registrar(policy, credentials, policy.new_location(), digest)
+
+
+def users_db(config: Config) -> Path:
+    return config.registrar.users_db or config.state_dir / "users.sqlite"
+
+
+def cdr_path(config: Config) -> Path:
+    if config.cdr.path is not None:
+        return config.cdr.path
+    suffix = "sqlite" if config.cdr.format is CdrFormat.SQLITE else "jsonl"
+    return config.state_dir / f"cdr.{suffix}"

@@ -1,0 +1,147 @@
+"""Where routes point: registered contacts and trunks' gateways, as call targets.
+
+``Directory`` is the controller's ``TargetSource``. A registered user's targets are
+its unexpired bindings, each reached at the address its REGISTER came from (the
+phone may be behind a NAT: RFC 3261 10.3 lets the registrar record where it
+really is, RFC 5626 and Kamailio's nathelper do the same), with the registered
+Contact as Request-URI. A trunk's targets are its usable gateways in failover
+order (``TrunkState.candidates``), host names resolved by the app beforehand
+(``resolved``: RFC 3263 results by gateway key) since the controller never waits.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Final
+
+from sbc.b2bua.controller import Target, TrunkPlan
+from sbc.b2bua.routing import uri_user_host
+from sbc.b2bua.trunks import Gateway, HealthChange, TrunkTable
+from sbc.registrar.location import LocationService
+from sbc.sip.uri import Uri, format_host
+from sbc.transport.base import Destination, Transport
+
+logger = logging.getLogger(__name__)
+
+#: Gateways a plan lists when the trunk sets no max_attempts.
+DEFAULT_ATTEMPTS: Final = 3
+
+
+def gateway_uri(gateway: Gateway, user: str | None) -> str:
+    """``sip:user@host:port;transport=x`` of a gateway for a call to ``user``."""
+    scheme = "sips" if gateway.transport is Transport.TLS else "sip"
+    userinfo = f"{user}@" if user else ""
+    port = "" if gateway.port is None else f":{gateway.port}"
+    param = ";transport=tcp" if gateway.transport is Transport.TCP else ""
+    return f"{scheme}:{userinfo}{format_host(gateway.host)}{port}{param}"
+
+
+class Directory:
+    """Registered users (location service) and trunks (health state), for routing."""
+
+    def __init__(
+        self,
+        trunks: TrunkTable | None = None,
+        location: LocationService | None = None,
+        *,
+        user_exists: Callable[[str], bool] | None = None,
+        wall: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.trunks = trunks or TrunkTable()
+        self.location = location
+        self.user_exists = user_exists
+        self.wall = wall
+        self.rng = rng or random.Random()
+        #: RFC 3263 results for gateways with a host name, by gateway key.
+        self.resolved: dict[str, Destination] = {}
+
+    def destination(self, gateway: Gateway) -> Destination | None:
+        """Where a gateway is reached now; None while its name is unresolved."""
+        return gateway.static_destination or self.resolved.get(gateway.key)
+
+    # -- TargetSource ---------------------------------------------------------------------
+
+    def registered(self, uri: Uri, realm: str | None, now: float) -> list[Target]:
+        if self.location is None:
+            return []
+        out = []
+        for binding in self.location.lookup(uri, self.wall()):
+            if realm is not None and binding.realm != realm:
+                continue
+            out.append(Target(binding.realm, binding.received, binding.contact))
+        return out
+
+    def user_known(self, uri: Uri) -> bool:
+        user, _ = uri_user_host(uri)
+        if user is None or self.user_exists is None:
+            return False
+        return self.user_exists(user)
+
+    def trunk(self, name: str, uri: Uri, now: float) -> TrunkPlan | None:
+        state = self.trunks.get(name)
+        if state is None:
+            return None
+        user, _ = uri_user_host(uri)
+        targets = []
+        for gateway in state.candidates(self.rng):
+            destination = self.destination(gateway)
+            if destination is None:
+                continue
+            targets.append(
+                Target(state.trunk.realm, destination, gateway_uri(gateway, user), gateway.key)
+            )
+        attempts = state.trunk.max_attempts or DEFAULT_ATTEMPTS
+        return TrunkPlan(state.trunk.realm, tuple(targets), attempts)
+
+    def call_result(self, trunk: str, gateway: str, status: int | None, now: float) -> None:
+        """Passive health: how a gateway answered a call (None: it never did)."""
+        state = self.trunks.get(trunk)
+        if state is not None:
+            self._log(state.call_result(gateway, status, now))
+
+    # -- probing --------------------------------------------------------------------------
+
+    def due_probes(self, now: float) -> list[tuple[str, Gateway, Destination]]:
+        """Gateways to probe now (timed-out probes counted as failures first)."""
+        for change in self.trunks.expire_probes(now):
+            self._log(change)
+        out = []
+        for state, gateway in self.trunks.due_probes(now):
+            destination = self.destination(gateway)
+            if destination is None:
+                continue
+            out.append((state.trunk.name, gateway, destination))
+        return out
+
+    def probe_sent(self, trunk: str, gateway: str, now: float) -> None:
+        state = self.trunks.get(trunk)
+        if state is not None:
+            state.probe_sent(gateway, now)
+
+    def probe_result(self, trunk: str, gateway: str, status: int | None, now: float) -> None:
+        state = self.trunks.get(trunk)
+        if state is not None:
+            self._log(state.probe_result(gateway, status, now))
+
+    def next_probe(self) -> float | None:
+        return self.trunks.next_deadline()
+
+    @staticmethod
+    def _log(change: HealthChange | None) -> None:
+        if change is not None:
+            logger.warning(
+                "- trunk %s: gateway %s %s -> %s",
+                change.trunk,
+                change.gateway.key,
+                change.old.value,
+                change.new.value,
+            )
+
+    def trunk_realm(self, trunk: str) -> str | None:
+        """The realm a trunk's calls and probes leave through."""
+        state = self.trunks.get(trunk)
+        return None if state is None else state.trunk.realm

@@ -1,0 +1,86 @@
+"""A CDR from an ended call and its media session's final counters.
+
+The B2BUA keeps monotonic times (timers must not jump with the wall clock); a CDR
+wants wall-clock times, so the caller passes ``wall_offset`` = wall - monotonic,
+read at the moment the call ended.
+"""
+
+from __future__ import annotations
+
+from sbc.b2bua.call import Call, LegSide
+from sbc.b2bua.call import EndReason as CallEndReason
+from sbc.cdr.record import CdrRecord, EndReason, HangupSide, disposition_for
+from sbc.media.session import MediaSession, Side
+from sbc.transport.base import format_hostport
+
+#: RTP clock of the codecs whose jitter we report (G.711 and most narrowband ones).
+DEFAULT_CLOCK_RATE = 8000
+
+
+def _clock_rate(codecs: str) -> int:
+    first = codecs.split(",", 1)[0]
+    _, _, rate = first.partition("/")
+    return int(rate) if rate.isdigit() and int(rate) > 0 else DEFAULT_CLOCK_RATE
+
+
+def cdr_record(call: Call, session: MediaSession | None, wall_offset: float) -> CdrRecord:
+    """The CDR of ``call`` (ended), with media counters and RTCP quality of ``session``."""
+    answered = call.answered_at is not None
+    reason = EndReason[(call.end_reason or CallEndReason.REJECTED).name]
+    hangup = None
+    if answered:
+        hangup = {LegSide.A: HangupSide.CALLER, LegSide.B: HangupSide.CALLEE, None: HangupSide.SBC}[
+            call.hangup
+        ]
+    a_to_b = b_to_a = (0, 0)
+    quality: dict[str, float | None] = {}
+    if session is not None:
+        a_packets = a_bytes = b_packets = b_bytes = 0
+        for stream in session.streams:
+            # Counters are of packets received from each leg's peer: A's are A->B.
+            a, b = stream.leg(Side.A).counters, stream.leg(Side.B).counters
+            a_packets += a.packets + a.kernel_packets
+            a_bytes += a.bytes + a.kernel_bytes
+            b_packets += b.packets + b.kernel_packets
+            b_bytes += b.bytes + b.kernel_bytes
+        a_to_b, b_to_a = (a_packets, a_bytes), (b_packets, b_bytes)
+        if session.streams:
+            stream = session.streams[0]
+            rate = _clock_rate(call.a_codecs)
+            for side, prefix in ((Side.A, "a"), (Side.B, "b")):
+                q = stream.leg(side).quality
+                if q.reports:
+                    quality[f"{prefix}_loss"] = q.fraction_lost
+                    quality[f"{prefix}_jitter_ms"] = q.jitter_seconds(rate) * 1000
+                    if q.rtt is not None:
+                        quality["rtt_ms"] = q.rtt * 1000
+    end = call.ended_at or call.created
+    return CdrRecord(
+        call_ref=call.call_ref,
+        route=call.route,
+        a_realm=call.a.realm,
+        b_realm=call.b.realm,
+        caller=call.caller,
+        callee=call.callee,
+        source=format_hostport(call.a.peer.host, call.a.peer.port),
+        destination=(format_hostport(call.b.peer.host, call.b.peer.port) if call.b.realm else ""),
+        start_time=call.created + wall_offset,
+        answer_time=None if call.answered_at is None else call.answered_at + wall_offset,
+        end_time=end + wall_offset,
+        disposition=disposition_for(call.end_status, answered, reason),
+        # The final answer the caller got: 200 for an answered call, however it ended.
+        final_status=200 if answered else (call.end_status if 100 <= call.end_status <= 699 else 0),
+        end_reason=reason,
+        hangup_side=hangup,
+        a_codecs=call.a_codecs,
+        b_codecs=call.b_codecs,
+        a_to_b_packets=a_to_b[0],
+        a_to_b_bytes=a_to_b[1],
+        b_to_a_packets=b_to_a[0],
+        b_to_a_bytes=b_to_a[1],
+        a_loss=quality.get("a_loss"),
+        b_loss=quality.get("b_loss"),
+        a_jitter_ms=quality.get("a_jitter_ms"),
+        b_jitter_ms=quality.get("b_jitter_ms"),
+        rtt_ms=quality.get("rtt_ms"),
+    )

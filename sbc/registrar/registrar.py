@@ -1,0 +1,653 @@
+"""The embedded registrar: REGISTER processing (RFC 3261 10.3) and digest checks, sans-I/O.
+
+:meth:`Registrar.register` takes one REGISTER, the flow it came on and ``now`` (a
+wall-clock epoch float) and returns a :class:`RegisterResult`: the response to send,
+the bindings that changed (for the HA standby) and, when credentials were wrong, an
+:class:`AuthFailure` for the firewall's digest-failure detector. The steps follow
+RFC 3261 10.3:
+
+1. The Request-URI names a served domain (any, when ``domains`` is empty; an IP
+   literal always does, because phones are often configured with the SBC's
+   address): else 404.
+2. Require: only option tags the registrar implements (``path``, ``outbound``):
+   else 420 with Unsupported (RFC 3261 8.2.2.3).
+3. Authentication (RFC 3261 22): no credentials for our realm -> 401 with one
+   WWW-Authenticate per algorithm (SHA-256 first); a stale nonce with the right
+   password -> 401 ``stale=true``; a wrong password or unknown user -> 401 again
+   (RFC 3261 22.4: a server re-challenges, it does not answer 403) and an
+   :class:`AuthFailure`; malformed credentials -> 400.
+4. Authorization: the authenticated user must be the To user: else 403.
+5. The AOR comes from To (a SIP/SIPS URI with a user): else 400; its domain must be
+   served: else 404.
+6. ``Contact: *`` is allowed only alone and with ``Expires: 0``: else 400.
+7. Each contact's interval is its ``expires`` parameter, else the Expires header,
+   else ``default_expires``; malformed values count as 3600 (RFC 3261 20.10). A
+   non-zero interval under ``min_expires`` (and under an hour) -> 423 with
+   Min-Expires; longer than ``max_expires`` is shortened. A contact that matches a
+   binding with the same Call-ID and a CSeq that is not higher fails the whole
+   request; as for any binding update that cannot be committed, the answer is 500
+   (RFC 3261 10.3 step 7; the RFC gives no other status). Updates are all or
+   nothing. A change beyond the location caps -> 503 (Kamailio's "Too many
+   registered contacts").
+8. 200 with every current binding as a Contact with its ``expires``, and a Date.
+
+A REGISTER without Contact is a query: step 8 with the bindings unchanged.
+
+NAT keepalive: phones behind NAT on UDP lose their mapping unless something goes
+through it. :meth:`Registrar.keepalive_targets` returns the UDP bindings due for a
+keepalive every ``keepalive_interval`` seconds (a REGISTER refresh counts as
+traffic), one per (source address, listener) pair; the app sends each a CRLFCRLF
+datagram (RFC 5626 4.4.1's keepalive, which a SIP stack ignores) or an OPTIONS
+request from ``binding.local`` to ``binding.received``. TCP/TLS flows keep their
+own mappings alive, so they are never returned.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from typing import Final
+
+from sbc.registrar.credentials import CredentialBackend, CredentialStoreError
+from sbc.registrar.location import (
+    Binding,
+    LocationError,
+    LocationService,
+    TooManyAorsError,
+    normalize_domain,
+)
+from sbc.sip.auth import (
+    AuthHeaderError,
+    AuthOutcome,
+    AuthResult,
+    DigestCredentials,
+    DigestServer,
+    parse_credentials,
+)
+from sbc.sip.errors import ParseError
+from sbc.sip.headers import Address, quote_string, unquote_string
+from sbc.sip.message import Request, Response, make_response, new_tag
+from sbc.sip.uri import SipUri
+from sbc.transport.base import Destination, Flow, ListenAddress, ip_literal
+from sbc.transport.resolver import Transport
+
+logger = logging.getLogger(__name__)
+
+#: Option tags this registrar implements (RFC 3327 Path, RFC 5626 outbound).
+SUPPORTED_EXTENSIONS: Final = ("outbound", "path")
+#: RFC 3261 20.10 / 20.19: a malformed interval counts as an hour.
+MALFORMED_EXPIRES: Final = 3600
+#: RFC 3261 10.3 step 7: 423 only for intervals shorter than an hour.
+INTERVAL_TOO_BRIEF_CEILING: Final = 3600
+#: RFC 3261 20.19: delta-seconds top out at 2**32-1.
+MAX_DELTA_SECONDS: Final = 2**32 - 1
+#: RFC 5626 4.1: reg-id is 1 to 2**31-1.
+MAX_REG_ID: Final = 2**31 - 1
+#: Longest Call-ID / User-Agent stored in a binding (they are replicated and logged).
+MAX_STORED_TEXT: Final = 256
+
+# RFC 3261 25.1: qvalue = ( "0" [ "." 0*3DIGIT ] ) / ( "1" [ "." 0*3("0") ] )
+_QVALUE: Final = re.compile(r"0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?")
+_DELTA: Final = re.compile(r"[0-9]+")
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrarPolicy:
+    """What the registrar accepts (the config's ``registrar`` section).
+
+    ``realm`` is the digest realm; ``domains``, ``max_contacts`` and ``max_aors``
+    must be those of the :class:`LocationService` (:meth:`new_location` builds one).
+    ``keepalive_interval`` is the NAT keepalive period when ``nat_keepalive`` is on.
+    """
+
+    realm: str = "sbc"
+    domains: tuple[str, ...] = ()
+    min_expires: int = 60
+    max_expires: int = 3600
+    default_expires: int = 3600
+    auth_required: bool = True
+    max_contacts: int = 10
+    max_aors: int = 100_000
+    nat_keepalive: bool = True
+    keepalive_interval: float = 25.0
+
+    def __post_init__(self) -> None:
+        if not self.realm:
+            raise ValueError("realm must not be empty")
+        if not 1 <= self.min_expires <= self.default_expires <= self.max_expires:
+            raise ValueError("expected 1 <= min_expires <= default_expires <= max_expires")
+        if self.max_contacts < 1 or self.max_aors < 1:
+            raise ValueError("max_contacts and max_aors must be at least 1")
+        if not (self.keepalive_interval > 0 and math.isfinite(self.keepalive_interval)):
+            raise ValueError("keepalive_interval must be a positive number of seconds")
+
+    def new_location(self) -> LocationService:
+        """An empty location service with this policy's domains and caps."""
+        return LocationService(
+            domains=self.domains, max_contacts=self.max_contacts, max_aors=self.max_aors
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AuthFailure:
+    """Credentials that were wrong (bad digest, unknown user): not merely missing or
+    stale. What the firewall's digest-failure detector counts per source and user."""
+
+    username: str | None
+    outcome: AuthOutcome
+
+
+@dataclass(frozen=True)
+class RegisterResult:
+    """The outcome of one REGISTER.
+
+    ``response`` is always set. ``aor`` is the AOR key once known, ``username`` the
+    authenticated user. ``added`` holds new and refreshed bindings (their current
+    values), ``removed`` the bindings that went away: together, what a standby
+    applies (:meth:`LocationService.apply`).
+    """
+
+    response: Response
+    aor: str | None = None
+    username: str | None = None
+    auth_failure: AuthFailure | None = None
+    added: tuple[Binding, ...] = ()
+    removed: tuple[Binding, ...] = ()
+
+
+@dataclass(frozen=True)
+class AuthCheck:
+    """The verdict on a request's credentials: ``response`` is None when authenticated.
+
+    ``result`` is None when no credentials for our realm were sent.
+    """
+
+    result: AuthResult | None
+    response: Response | None
+    failure: AuthFailure | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.response is None
+
+
+class _Reject(Exception):
+    """Abort REGISTER processing with a response (internal control flow)."""
+
+    def __init__(
+        self, status: int, reason: str | None = None, headers: Iterable[tuple[str, str]] = ()
+    ) -> None:
+        super().__init__(status)
+        self.status = status
+        self.reason = reason
+        self.headers: tuple[tuple[str, str], ...] = tuple(headers)
+
+
+@dataclass(frozen=True, slots=True)
+class _ContactRequest:
+    """One Contact of a REGISTER, read and checked."""
+
+    uri: SipUri
+    expires: int
+    q: float | None
+    instance: str | None
+    reg_id: int | None
+
+
+@dataclass
+class Registrar:
+    """RFC 3261 10.3 registrar over a :class:`LocationService` (module docstring)."""
+
+    policy: RegistrarPolicy
+    credentials: CredentialBackend
+    location: LocationService
+    digest: DigestServer
+    # (aor, contact) -> when its next NAT keepalive is due; the heap holds the same
+    # deadlines, lazily invalidated.
+    _keepalive_due: dict[tuple[str, str], float] = field(
+        default_factory=dict, init=False, repr=False
+    )
+    _keepalive_heap: list[tuple[float, str, str]] = field(
+        default_factory=list, init=False, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        policy, location = self.policy, self.location
+        if self.digest.config.realm != policy.realm:
+            raise ValueError(
+                f"digest realm {self.digest.config.realm!r} is not the policy's {policy.realm!r}"
+            )
+        domains = tuple(normalize_domain(d) for d in policy.domains)
+        if (location.domains, location.max_contacts, location.max_aors) != (
+            domains,
+            policy.max_contacts,
+            policy.max_aors,
+        ):
+            raise ValueError("the location service's domains and caps differ from the policy's")
+
+    # ------------------------------------------------------------------ REGISTER
+
+    def register(
+        self, request: Request, flow: Flow, realm_name: str, listen: ListenAddress, now: float
+    ) -> RegisterResult:
+        """Process one REGISTER that arrived on ``flow`` at listener ``listen`` of realm
+        ``realm_name`` (RFC 3261 10.3, see the module docstring)."""
+        if request.method != "REGISTER":
+            raise ValueError(f"not a REGISTER: {request.method}")
+        state = _Progress()
+        try:
+            return self._register(request, flow, realm_name, listen, now, state)
+        except _Reject as reject:
+            response = self._reply(request, reject.status, reject.reason, reject.headers)
+        except ParseError as exc:
+            logger.info("x REGISTER from %s: %s", flow, exc)
+            response = self._reply(request, exc.status)
+        return RegisterResult(response, state.aor, state.username, state.failure)
+
+    def _register(
+        self,
+        request: Request,
+        flow: Flow,
+        realm_name: str,
+        listen: ListenAddress,
+        now: float,
+        state: _Progress,
+    ) -> RegisterResult:
+        policy = self.policy
+        # Step 1: is the Request-URI a domain of ours?
+        uri = request.uri
+        if not isinstance(uri, SipUri):
+            raise _Reject(416)
+        if not self._domain_served(uri.host, allow_ip=True):
+            raise _Reject(404, "Not Found: domain not served")
+        # Step 2: Require (RFC 3261 8.2.2.3).
+        required = request.tokens("Require")
+        unsupported = [t for t in required if t.lower() not in SUPPORTED_EXTENSIONS]
+        if unsupported:
+            raise _Reject(420, None, (("Unsupported", ", ".join(unsupported)),))
+        to_uri = request.to.uri
+        if not isinstance(to_uri, SipUri):
+            raise _Reject(400, "Bad Request: To is not a SIP or SIPS AOR")
+        # Steps 3 and 4: authentication, then authorization for this AOR.
+        if policy.auth_required:
+            check = self.check_credentials(request, now)
+            state.failure = check.failure
+            if check.response is not None:
+                if check.failure is not None:
+                    logger.info(
+                        "x REGISTER auth failed for %r from %s: %s",
+                        check.failure.username,
+                        flow,
+                        check.failure.outcome.value,
+                    )
+                return RegisterResult(check.response, None, None, check.failure)
+            assert check.result is not None
+            state.username = check.result.username
+            if state.username != to_uri.user_unescaped:
+                logger.info(
+                    "x REGISTER from %s: user %r may not register %s", flow, state.username, to_uri
+                )
+                raise _Reject(403, "Forbidden: not your AOR")
+        # Step 5: the AOR.
+        if not to_uri.user:
+            raise _Reject(400, "Bad Request: no user in To")
+        aor = self.location.aor_of(to_uri)
+        if aor is None:
+            raise _Reject(404, "Not Found: domain not served")
+        state.aor = aor
+        call_id = request.call_id
+        cseq = request.cseq.seq
+        # Step 6: wildcard.
+        raw_contacts = request.headers.values("Contact")
+        if any(value.strip() == "*" for value in raw_contacts):
+            if len(raw_contacts) != 1 or _header_expires(request) != 0:
+                raise _Reject(400, "Bad Request: '*' needs to be alone and Expires: 0")
+            return self._remove_all(request, aor, call_id, cseq, now, state)
+        if not raw_contacts:
+            return self._ok(request, aor, now, state, (), ())
+        # Step 7: intervals first (423 before anything changes), then the bindings.
+        contacts = [self._read_contact(c, request) for c in request.contacts]
+        return self._update(request, flow, realm_name, listen, aor, contacts, now, state)
+
+    def _read_contact(self, contact: Address, request: Request) -> _ContactRequest:
+        policy = self.policy
+        if not isinstance(contact.uri, SipUri):
+            raise _Reject(400, "Bad Request: Contact is not a SIP or SIPS URI")
+        param = contact.param("expires")
+        expires = (
+            _delta_seconds(param)
+            if param is not None
+            else (_header_expires(request) if "Expires" in request.headers else None)
+        )
+        if expires is None:
+            expires = policy.default_expires
+        if 0 < expires < policy.min_expires and expires < INTERVAL_TOO_BRIEF_CEILING:
+            raise _Reject(423, None, (("Min-Expires", str(policy.min_expires)),))
+        expires = min(expires, policy.max_expires)
+        q_text = contact.param("q")
+        q: float | None = None
+        if q_text is not None:
+            if not _QVALUE.fullmatch(q_text):
+                raise _Reject(400, "Bad Request: bad q in Contact")
+            q = float(q_text)
+        instance_text = contact.param("+sip.instance")
+        instance = unquote_string(instance_text) if instance_text else None
+        reg_id: int | None = None
+        reg_text = contact.param("reg-id")
+        # RFC 5626 6: reg-id without +sip.instance is ignored.
+        if reg_text is not None and instance is not None:
+            if not _DELTA.fullmatch(reg_text) or not 1 <= int(reg_text) <= MAX_REG_ID:
+                raise _Reject(400, "Bad Request: bad reg-id in Contact")
+            reg_id = int(reg_text)
+        return _ContactRequest(contact.uri, expires, q, instance, reg_id)
+
+    def _update(
+        self,
+        request: Request,
+        flow: Flow,
+        realm_name: str,
+        listen: ListenAddress,
+        aor: str,
+        contacts: list[_ContactRequest],
+        now: float,
+        state: _Progress,
+    ) -> RegisterResult:
+        call_id = request.call_id
+        cseq = request.cseq.seq
+        current = self.location.lookup(aor, now)
+        tentative = list(current)
+        path = tuple(request.headers.values("Path"))
+        agent = request.headers.get("User-Agent")
+        received = Destination(flow.transport, flow.remote_host, flow.remote_port)
+        for item in contacts:
+            match = next(
+                (b for b in current if b.matches(item.uri, item.instance, item.reg_id)), None
+            )
+            # RFC 3261 10.3 step 7: same Call-ID needs a higher CSeq, else the request fails.
+            if match is not None and match.call_id == call_id and cseq <= match.cseq:
+                logger.info(
+                    "x REGISTER %s from %s: CSeq %d not above %d, out of order",
+                    aor,
+                    flow,
+                    cseq,
+                    match.cseq,
+                )
+                raise _Reject(500, "Server Internal Error: out-of-order REGISTER")
+            text = str(item.uri)
+            tentative = [
+                b
+                for b in tentative
+                if b.contact != text and not b.matches(item.uri, item.instance, item.reg_id)
+            ]
+            if item.expires == 0:
+                continue
+            tentative.append(
+                Binding(
+                    aor=aor,
+                    contact=text,
+                    expires_at=now + item.expires,
+                    call_id=call_id[:MAX_STORED_TEXT],
+                    cseq=cseq,
+                    received=received,
+                    local=listen,
+                    realm=realm_name,
+                    registered_at=match.registered_at if match is not None else now,
+                    q=item.q,
+                    instance=item.instance,
+                    reg_id=item.reg_id,
+                    path=path,
+                    user_agent=None if agent is None else agent[:MAX_STORED_TEXT],
+                    connection_id=flow.connection_id,
+                )
+            )
+        try:
+            change = self.location.replace(aor, tentative, now)
+        except LocationError as exc:
+            logger.warning("x REGISTER %s from %s refused: %s", aor, flow, exc)
+            reason = (
+                "Too Many Registered Users"
+                if isinstance(exc, TooManyAorsError)
+                else "Too Many Registered Contacts"
+            )
+            raise _Reject(exc.status, reason) from None
+        self._track_keepalives(change.added, change.removed, now)
+        if change.added or change.removed:
+            new = [b for b in change.added if b.contact not in {c.contact for c in current}]
+            logger.info(
+                "- registered %s from %s: %d new, %d refreshed, %d removed",
+                aor,
+                flow,
+                len(new),
+                len(change.added) - len(new),
+                len(change.removed),
+            )
+        outbound = any(c.reg_id is not None for c in contacts)
+        return self._ok(request, aor, now, state, change.added, change.removed, outbound=outbound)
+
+    def _remove_all(
+        self, request: Request, aor: str, call_id: str, cseq: int, now: float, state: _Progress
+    ) -> RegisterResult:
+        current = self.location.lookup(aor, now)
+        for binding in current:
+            if binding.call_id == call_id and cseq <= binding.cseq:
+                raise _Reject(500, "Server Internal Error: out-of-order REGISTER")
+        change = self.location.replace(aor, (), now)
+        self._track_keepalives((), change.removed, now)
+        if change.removed:
+            logger.info("- unregistered %s: %d binding(s) removed", aor, len(change.removed))
+        return self._ok(request, aor, now, state, (), change.removed)
+
+    def _ok(
+        self,
+        request: Request,
+        aor: str,
+        now: float,
+        state: _Progress,
+        added: tuple[Binding, ...],
+        removed: tuple[Binding, ...],
+        *,
+        outbound: bool = False,
+    ) -> RegisterResult:
+        headers: list[tuple[str, str]] = [
+            ("Contact", _render_binding(b, now)) for b in self.location.lookup(aor, now)
+        ]
+        headers.append(("Date", formatdate(now, usegmt=True)))
+        # RFC 3327 5.3: the registrar returns the Path it stored to a UA that supports it.
+        if "path" in {t.lower() for t in request.tokens("Supported")}:
+            headers.extend(("Path", value) for value in request.headers.fields("Path"))
+        # RFC 5626 6: a registration that used outbound is confirmed by Require: outbound.
+        if outbound:
+            headers.append(("Require", "outbound"))
+        response = self._reply(request, 200, None, headers)
+        return RegisterResult(response, aor, state.username, None, added, removed)
+
+    def _domain_served(self, host: str, *, allow_ip: bool) -> bool:
+        domains = self.location.domains
+        if not domains:
+            return True
+        if allow_ip and ip_literal(host) is not None:
+            return True
+        return normalize_domain(host) in domains
+
+    # ------------------------------------------------------------------ authentication
+
+    def check_credentials(self, request: Request, now: float, *, proxy: bool = False) -> AuthCheck:
+        """Check the request's digest credentials for our realm (RFC 3261 22.1 - 22.3).
+
+        ``proxy`` reads Proxy-Authorization and challenges with 407 /
+        Proxy-Authenticate (a request to be relayed, e.g. INVITE or MESSAGE);
+        otherwise Authorization and 401 / WWW-Authenticate (REGISTER).
+        """
+        realm = self.policy.realm
+        header = "Proxy-Authorization" if proxy else "Authorization"
+        credentials: DigestCredentials | None = None
+        for value in request.headers.fields(header):
+            try:
+                parsed = parse_credentials(value)
+            except AuthHeaderError as exc:
+                logger.info("x %s with malformed %s: %s", request.method, header, exc)
+                return AuthCheck(None, self._reply(request, 400, "Bad Request: bad credentials"))
+            # RFC 3261 22.3: credentials for other realms are someone else's business.
+            if isinstance(parsed, DigestCredentials) and parsed.realm == realm:
+                credentials = parsed
+                break
+        if credentials is None:
+            return AuthCheck(None, self._challenge(request, now, proxy=proxy, stale=False))
+        try:
+            secret = self.credentials.lookup(credentials.username, realm)
+        except CredentialStoreError as exc:
+            logger.error("x credential store: %s", exc)
+            return AuthCheck(None, self._reply(request, 500))
+        result = self.digest.verify(
+            credentials,
+            method=request.method,
+            request_uri=request.raw_uri,
+            secret=secret,
+            now=now,
+            body=request.body,
+        )
+        if result.ok:
+            return AuthCheck(result, None)
+        if result.outcome in (AuthOutcome.MALFORMED, AuthOutcome.URI_MISMATCH):
+            # RFC 2617 3.2.2.5: a digest-uri that is not the Request-URI is a 400.
+            return AuthCheck(result, self._reply(request, 400, "Bad Request: bad credentials"))
+        failure = (
+            AuthFailure(result.username, result.outcome)
+            if result.outcome in (AuthOutcome.BAD_RESPONSE, AuthOutcome.UNKNOWN_USER)
+            else None
+        )
+        # Wrong and unknown users get the same fresh challenge: no user enumeration.
+        return AuthCheck(
+            result, self._challenge(request, now, proxy=proxy, stale=result.stale), failure
+        )
+
+    def authenticate(self, request: Request, now: float, *, proxy: bool) -> AuthResult | Response:
+        """The AuthResult of an authenticated request, or the response to send (401 /
+        407 challenge, 400). Use :meth:`check_credentials` to also learn whether the
+        credentials were wrong (for the firewall). The caller decides whether the
+        authenticated user may send this request (e.g. is the From user)."""
+        check = self.check_credentials(request, now, proxy=proxy)
+        if check.response is not None:
+            return check.response
+        assert check.result is not None
+        return check.result
+
+    def _challenge(self, request: Request, now: float, *, proxy: bool, stale: bool) -> Response:
+        name = "Proxy-Authenticate" if proxy else "WWW-Authenticate"
+        values = self.digest.challenge_values(now, stale=stale)
+        return self._reply(request, 407 if proxy else 401, None, [(name, v) for v in values])
+
+    def _reply(
+        self,
+        request: Request,
+        status: int,
+        reason: str | None = None,
+        headers: Iterable[tuple[str, str]] = (),
+    ) -> Response:
+        return make_response(request, status, reason, to_tag=new_tag(), headers=headers)
+
+    # ------------------------------------------------------------------ NAT keepalive
+
+    def keepalive_targets(self, now: float) -> list[Binding]:
+        """UDP bindings whose last keepalive (or REGISTER) is ``keepalive_interval`` old,
+        one per (received, local) pair; each returned binding is rescheduled. The app
+        sends each a CRLFCRLF or an OPTIONS (module docstring)."""
+        if not self.policy.nat_keepalive:
+            return []
+        interval = self.policy.keepalive_interval
+        heap = self._keepalive_heap
+        targets: list[Binding] = []
+        seen: set[tuple[Destination, ListenAddress]] = set()
+        # Bounded: every entry popped is dropped or pushed back due after ``now``.
+        while heap and heap[0][0] <= now:
+            due, aor, contact = heapq.heappop(heap)
+            key = (aor, contact)
+            if self._keepalive_due.get(key) != due:
+                continue
+            binding = self.location.get(aor, contact)
+            if binding is None or not binding.alive(now) or not _wants_keepalive(binding):
+                del self._keepalive_due[key]
+                continue
+            self._schedule_keepalive(key, now + interval)
+            pair = (binding.received, binding.local)
+            if pair not in seen:
+                seen.add(pair)
+                targets.append(binding)
+        return targets
+
+    def next_keepalive(self) -> float | None:
+        """When :meth:`keepalive_targets` may next return something (a deadline)."""
+        heap = self._keepalive_heap
+        while heap and self._keepalive_due.get((heap[0][1], heap[0][2])) != heap[0][0]:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def restore_keepalives(self, now: float) -> None:
+        """Schedule keepalives for every UDP binding in the location service (after
+        restoring it from the HA peer or a state file); the first is due at once."""
+        for binding in self.location:
+            if _wants_keepalive(binding):
+                self._schedule_keepalive((binding.aor, binding.contact), now)
+
+    def _track_keepalives(
+        self, added: Iterable[Binding], removed: Iterable[Binding], now: float
+    ) -> None:
+        for binding in removed:
+            self._keepalive_due.pop((binding.aor, binding.contact), None)
+        if not self.policy.nat_keepalive:
+            return
+        for binding in added:
+            if _wants_keepalive(binding):
+                key = (binding.aor, binding.contact)
+                self._schedule_keepalive(key, now + self.policy.keepalive_interval)
+
+    def _schedule_keepalive(self, key: tuple[str, str], due: float) -> None:
+        self._keepalive_due[key] = due
+        heapq.heappush(self._keepalive_heap, (due, *key))
+        if len(self._keepalive_heap) > 2 * len(self._keepalive_due) + 64:
+            self._keepalive_heap = [(d, a, c) for (a, c), d in self._keepalive_due.items()]
+            heapq.heapify(self._keepalive_heap)
+
+
+@dataclass
+class _Progress:
+    """What a REGISTER has established so far, for the result of an early answer."""
+
+    aor: str | None = None
+    username: str | None = None
+    failure: AuthFailure | None = None
+
+
+def _wants_keepalive(binding: Binding) -> bool:
+    return binding.received.transport is Transport.UDP
+
+
+def _delta_seconds(text: str) -> int:
+    """A delta-seconds value; malformed -> 3600, too big -> 2**32-1 (RFC 3261 20.10)."""
+    text = text.strip()
+    if not _DELTA.fullmatch(text):
+        return MALFORMED_EXPIRES
+    return min(int(text), MAX_DELTA_SECONDS)
+
+
+def _header_expires(request: Request) -> int | None:
+    value = request.headers.get("Expires")
+    return None if value is None else _delta_seconds(value)
+
+
+def _render_binding(binding: Binding, now: float) -> str:
+    """A Contact value of the 200: the URI and its remaining ``expires`` (10.3 step 8)."""
+    params = []
+    if binding.q is not None:
+        params.append(f";q={binding.q:g}")
+    if binding.instance is not None:
+        params.append(f";+sip.instance={quote_string(binding.instance)}")
+    if binding.reg_id is not None:
+        params.append(f";reg-id={binding.reg_id}")
+    params.append(f";expires={binding.expires_in(now)}")
+    return f"<{binding.contact}>{''.join(params)}"
