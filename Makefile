@@ -6,9 +6,9 @@ PYTHON ?= /usr/bin/python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # Scenario tests use real peers and kernel features: nftables (media fast path,
-# firewall), SIPp and sipvicious as SIP peers, iproute2 for network namespaces.
+# firewall), SIPp, sipvicious and baresip as SIP peers, iproute2 for network namespaces.
 APT_PACKAGES := python3-venv python3-dev gcc make openssl ca-certificates procps \
-	iproute2 nftables libnftables1 sip-tester sipvicious
+	iproute2 nftables libnftables1 sip-tester sipvicious baresip-core
 APT_GET := DEBIAN_FRONTEND=noninteractive apt-get -y -q -o DPkg::Lock::Timeout=300
 STAMP := $(VENV)/.installed
 FUZZ_SECONDS ?= 300

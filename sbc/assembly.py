@@ -19,7 +19,7 @@ from sbc.config.b2bua import AdmissionLimits, CdrFormat, OptionsPolicy, ReferPol
 from sbc.config.schema import Config
 from sbc.registrar.credentials import CredentialBackend, CredentialStoreError
 from sbc.registrar.registrar import Registrar, RegistrarPolicy
-from sbc.sip.auth import DigestServer, DigestServerConfig
+from sbc.sip.auth import DigestAlgorithm, DigestServer, DigestServerConfig
 from sbc.sip.errors import ParseError
 from sbc.sip.message import Message, Request, Response, make_response, new_tag
 from sbc.sip.uri import SipUri
@@ -219,7 +219,10 @@ def registrar(config: Config, credentials: CredentialBackend, key: bytes) -> Reg
         nat_keepalive=section.nat_keepalive > 0,
         keepalive_interval=float(section.nat_keepalive or 25),
     )
-    digest = DigestServer(DigestServerConfig(realm=section.realm, key=key))
+    algorithms = tuple(
+        DigestAlgorithm.from_token(name.value) for name in section.digest_algorithms
+    ) or (DigestAlgorithm.MD5,)
+    digest = DigestServer(DigestServerConfig(realm=section.realm, key=key, algorithms=algorithms))
     return Registrar(policy, credentials, policy.new_location(), digest)
 
 

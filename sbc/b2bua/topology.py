@@ -49,6 +49,10 @@ GENERATED_HEADERS: Final = frozenset(
     }
 )
 
+#: SDP attributes that name the other side: ICE candidates and credentials carry its
+#: addresses; RFC 5576 ssrc attributes carry its CNAME (often user@host) and msid.
+HIDDEN_SDP_ATTRIBUTES: Final = ICE_ATTRIBUTE_NAMES | frozenset({"ssrc", "ssrc-group", "msid"})
+
 #: SDP username of the B2BUA's own o= line.
 SDP_USERNAME: Final = "sbc"
 
@@ -152,12 +156,13 @@ def rewrite_sdp(
     port; media sections the relay has no stream for are rejected (port 0); o= is
     the leg's own origin, its version bumped only when the SDP changed (RFC 3264 8).
     ICE attributes are dropped: the relay is not an ICE agent here and candidates
-    would name the other realm's addresses.
+    would name the other realm's addresses; so are ssrc/msid attributes, whose CNAME
+    is often the other side's user@host (RFC 5576).
     """
     if not session.streams:
         raise SdpError("no media stream in the relay session")
     address = session.streams[0].leg(side).local.address
-    out = sdp.without_attributes(ICE_ATTRIBUTE_NAMES).with_connection_address(address)
+    out = sdp.without_attributes(HIDDEN_SDP_ATTRIBUTES).with_connection_address(address)
     for index, media in enumerate(out.media):
         if index >= len(session.streams):
             out = out.with_media_rejected(index)

@@ -46,6 +46,11 @@ AUTH_METHODS: Final = frozenset(
 )
 
 
+class DigestAlgorithmName(enum.StrEnum):
+    MD5 = "MD5"
+    SHA_256 = "SHA-256"
+
+
 class RouteAction(enum.StrEnum):
     #: To a trunk: a named trunk (gateways) or a static peer (host, port, transport).
     TRUNK = "trunk"
@@ -337,6 +342,13 @@ class RegistrarConfig(Section):
     users_db: Path | None = field(
         default=None,
         metadata=spec("SQLite users table (sbc user add NAME); null = state_dir/users.sqlite."),
+    )
+    digest_algorithms: tuple[DigestAlgorithmName, ...] = field(
+        default=(),
+        metadata=spec(
+            "Challenge algorithms in order (MD5, SHA-256); empty = MD5 only, which every "
+            "phone speaks (some give up on a SHA-256 challenge)."
+        ),
     )
     min_expires: int = field(default=60, metadata=spec("Shortest registration.", min=1, max=86400))
     max_expires: int = field(
