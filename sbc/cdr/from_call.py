@@ -55,6 +55,12 @@ def cdr_record(call: Call, session: MediaSession | None, wall_offset: float) -> 
                     if q.rtt is not None:
                         quality["rtt_ms"] = q.rtt * 1000
     end = call.ended_at or call.created
+    # Seconds from the INVITE to the first final answer: the 2xx, or the rejection
+    # that ended the attempt (a cancelled call never got one).
+    setup_end = call.answered_at
+    if setup_end is None and reason not in (EndReason.CANCEL, EndReason.SHUTDOWN):
+        setup_end = end
+    setup_time = None if setup_end is None else max(0.0, setup_end - call.created)
     return CdrRecord(
         call_ref=call.call_ref,
         route=call.route,
@@ -67,6 +73,7 @@ def cdr_record(call: Call, session: MediaSession | None, wall_offset: float) -> 
         start_time=call.created + wall_offset,
         answer_time=None if call.answered_at is None else call.answered_at + wall_offset,
         end_time=end + wall_offset,
+        setup_time=setup_time,
         disposition=disposition_for(call.end_status, answered, reason),
         # The final answer the caller got: 200 for an answered call, however it ended.
         final_status=200 if answered else (call.end_status if 100 <= call.end_status <= 699 else 0),
