@@ -65,6 +65,7 @@ from sbc.sip.dialog import (
     DialogAnswered,
     DialogError,
     DialogSet,
+    DialogState,
     EarlyDialog,
     ExtraForkAnswered,
 )
@@ -551,7 +552,9 @@ class CallController:
         if kind == _Timer.RING:
             if call.state in (CallState.CALLING, CallState.EARLY) and not live.a_final:
                 logger.info("x call %s: no answer in time", call.call_ref)
-                step = self._answer_a(live, make_response(live.a_request, 408), now)
+                step = self._answer_a(
+                    live, make_response(live.a_request, 408, to_tag=live.call.a.local_tag), now
+                )
                 step = step + self._cancel_forks(live, now)
                 return step + self._end(live, 408, EndReason.NO_ANSWER_TIMEOUT, None, now)
             return Step()
@@ -662,7 +665,9 @@ class CallController:
                 step = step + self._hang_up_both(live, EndReason.SHUTDOWN, now, status=503)
                 continue
             if not live.a_final:
-                step = step + self._answer_a(live, make_response(live.a_request, 503), now)
+                step = step + self._answer_a(
+                    live, make_response(live.a_request, 503, to_tag=live.call.a.local_tag), now
+                )
             step = step + self._cancel_forks(live, now)
             step = step + self._end(live, 503, EndReason.SHUTDOWN, None, now)
         return step
@@ -1243,8 +1248,9 @@ class CallController:
         if request.method == "REFER" and not self._policy(leg.realm).refer_relay:
             response = make_response(request, 403, "Transfer Not Allowed")
             return self._send_response(tx, response, now, leg.realm)
-        if request.method == "INVITE" and side.other in live.reinvite_pending:
-            # RFC 3261 14.2: our own re-INVITE on the other leg is pending.
+        if request.method == "INVITE" and live.reinvite_pending & {side, side.other}:
+            # RFC 3261 14.2: our own re-INVITE is pending on this dialog (glare), or
+            # on the other leg, where this one would be relayed.
             return self._send_response(tx, make_response(request, 491), now, leg.realm)
         if request.method in ("INVITE", "UPDATE") and live.call.state is CallState.CONFIRMED:
             # A peer's own refresh restarts that leg's session interval (RFC 4028 10).
@@ -1297,6 +1303,13 @@ class CallController:
             content_type=content_type if body else None,
         )
         live.call = live.call.with_leg(other, replace(leg, dialog=dialog))
+        if early_ok and other is LegSide.B:
+            # The fork's dialog set hands this dialog back on the next provisional
+            # and on the 2xx: it must know this request's CSeq too (12.2.1.1).
+            for fork in live.forks.values():
+                if fork.leg.call_id == dialog.call_id and fork.dialogs.get(dialog.remote_tag):
+                    fork.dialogs = fork.dialogs.with_dialog(dialog)
+                    fork.leg = fork.leg.with_dialog(dialog)
         self._fix_via(out_request)
         self._outbound(out_request, leg.realm)
         hop = self._hop(leg)
@@ -1341,7 +1354,9 @@ class CallController:
             return step
         logger.info("- call %s: CANCEL from a", live.call.call_ref)
         # RFC 3261 9.2: the INVITE gets 487 at once; the B leg is cancelled after it.
-        step = step + self._answer_a(live, make_response(live.a_request, 487), now)
+        step = step + self._answer_a(
+            live, make_response(live.a_request, 487, to_tag=live.call.a.local_tag), now
+        )
         live.pending.clear()
         if live.call.state is CallState.ALLOCATING:
             return step + self._end(live, 487, EndReason.CANCEL, LegSide.A, now)
@@ -1468,6 +1483,9 @@ class CallController:
             headers=[("RAck", f"{rseq} {response.cseq.seq} {response.cseq.method}")],
         )
         fork.leg = leg.with_dialog(dialog)
+        # The dialog set hands this dialog back on the next provisional and on the
+        # 2xx: it must know the PRACK's CSeq, or that number is used again (12.2.1.1).
+        fork.dialogs = fork.dialogs.with_dialog(dialog)
         return self._send_on(live, prack, self._hop(leg), "prack", now, realm=leg.realm)
 
     def _answered(
@@ -1505,8 +1523,15 @@ class CallController:
         a_response = self._to_a(live, response)
         step = step + self._answer_a(live, a_response, now)
         self._expect_ack(call.call_ref, live.a_invite, a_response, now)
+        early_a = live.call.a.dialog
         try:
-            a_dialog: Dialog | None = Dialog.from_uas_response(live.a_request, a_response)
+            # An early dialog on A is confirmed, keeping the CSeq numbers of the
+            # requests already sent and received in it (RFC 3261 12.2.1.1, 12.2.2).
+            a_dialog: Dialog | None = (
+                early_a.response_sent(live.a_request, a_response)
+                if early_a is not None and early_a.state is DialogState.EARLY
+                else Dialog.from_uas_response(live.a_request, a_response)
+            )
         except (DialogError, ParseError) as exc:
             # No Contact from the caller: the call goes on, but only A can end it.
             logger.warning("x call %s: no dialog on a: %s", call.call_ref, exc)
@@ -1894,7 +1919,9 @@ class CallController:
     def _fail_a(self, live: _Live, status: int, reason: EndReason, now: float) -> Step:
         step = Step()
         if not live.a_final:
-            step = self._answer_a(live, make_response(live.a_request, status), now)
+            step = self._answer_a(
+                live, make_response(live.a_request, status, to_tag=live.call.a.local_tag), now
+            )
         return step + self._end(live, status, reason, None, now)
 
     def _end(
@@ -1936,13 +1963,19 @@ class CallController:
 
 
 def _better(candidate: Response, best: Response) -> bool:
-    """RFC 3261 16.7 step 6, roughly: 6xx wins, then the lowest class, 503 last of 5xx."""
+    """RFC 3261 16.7 step 6, roughly: 6xx wins, then the lowest class, 503 last of 5xx.
+
+    Within 4xx (16.7 leaves the choice open) a busy, then an unavailable callee goes
+    first: what the caller can act on, not a stale contact's 404.
+    """
 
     def rank(status: int) -> tuple[int, int]:
         if status >= 600:
             return (0, status)
         if status == 503:
             return (5, 999)
+        if status in (486, 480):
+            return (4, -2 if status == 486 else -1)
         return (status // 100, status)
 
     return rank(candidate.status) < rank(best.status)
