@@ -6,9 +6,10 @@ PYTHON ?= /usr/bin/python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # Scenario tests use real peers and kernel features: nftables (media fast path,
-# firewall), SIPp, sipvicious and baresip as SIP peers, iproute2 for network namespaces.
+# firewall), SIPp, sipvicious and baresip as SIP peers, Kamailio as the inside
+# registrar, iproute2 for network namespaces.
 APT_PACKAGES := python3-venv python3-dev gcc make openssl ca-certificates procps \
-	iproute2 nftables libnftables1 sip-tester sipvicious baresip-core
+	iproute2 nftables libnftables1 sip-tester sipvicious baresip-core kamailio
 APT_GET := DEBIAN_FRONTEND=noninteractive apt-get -y -q -o DPkg::Lock::Timeout=300
 STAMP := $(VENV)/.installed
 FUZZ_SECONDS ?= 300
@@ -26,6 +27,10 @@ apt-deps:
 	  echo "- installing apt packages:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
 	  $$SUDO $(APT_GET) update && $$SUDO $(APT_GET) install --no-install-recommends $$missing; \
+	  case "$$missing" in *kamailio*) \
+	    echo "- kamailio is a test peer only: its system service stays off (it would take 5060)"; \
+	    $$SUDO systemctl disable --now kamailio 2>/dev/null || true;; \
+	  esac; \
 	fi
 
 $(STAMP): pyproject.toml | apt-deps

@@ -291,6 +291,7 @@ class SbcNode:
             timers=assembly.call_timers(config),
         )
         self._wall_offset = time.time() - time.monotonic()
+        self._register_relays: dict[str, assembly.RegisterRelayPort] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.media: MediaRelay | None = None
         self._media_queue: asyncio.Queue[MediaCommand] = asyncio.Queue()
@@ -412,6 +413,8 @@ class SbcNode:
         """NAT keepalives (CRLFCRLF, RFC 5626 4.4.1) to phones registered over UDP."""
         while True:
             await asyncio.sleep(1.0)
+            for relay in self._register_relays.values():
+                relay.expire()
             registrar = self.registrar
             if registrar is None or self.transport is None:
                 continue
@@ -496,6 +499,11 @@ class SbcNode:
             timers=assembly.call_timers(config),
         )
         self.calls.manipulation = assembly.RealmManipulation(assembly.header_rules(config))
+        realms = realm_table(config, self._bound())
+        relays = assembly.register_relays(config, realms, self._register_relays)
+        self._register_relays = relays
+        self.calls.register_relays = dict(relays)
+        self.directory.relayed = [port.relay.location for port in relays.values()]
         self.trunks.reconfigure(assembly.trunks(config))
         assembly.reconfigure_admission(self.admission, config)
 

@@ -7,23 +7,34 @@ on every reload.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from sbc.b2bua.admission import AdmissionControl, Limits
-from sbc.b2bua.controller import AuthVerdict, CallTimers, RealmPolicy, RegisterOutcome
+from sbc.b2bua.controller import (
+    AuthVerdict,
+    CallTimers,
+    RealmPolicy,
+    RegisterForward,
+    RegisterOutcome,
+)
 from sbc.b2bua.manipulation import Direction, HeaderManipulator, HeaderRule
+from sbc.b2bua.realm import Hop, RealmTable
 from sbc.b2bua.trunks import Gateway, ProbePolicy, Trunk
 from sbc.config.b2bua import AdmissionLimits, CdrFormat, OptionsPolicy, ReferPolicy
 from sbc.config.schema import Config
 from sbc.registrar.credentials import CredentialBackend, CredentialStoreError
 from sbc.registrar.registrar import Registrar, RegistrarPolicy
+from sbc.registrar.relay import Forward, RegistrationRelay, RelayPolicy
 from sbc.sip.auth import DigestAlgorithm, DigestServer, DigestServerConfig
 from sbc.sip.errors import ParseError
 from sbc.sip.message import Message, Request, Response, make_response, new_tag
 from sbc.sip.uri import SipUri
-from sbc.transport.base import Flow, ListenAddress, Transport
+from sbc.transport.base import Destination, Flow, ListenAddress, Transport, normalize_host
+
+logger = logging.getLogger(__name__)
 
 
 def _limits(section: AdmissionLimits) -> Limits | None:
@@ -235,3 +246,73 @@ def cdr_path(config: Config) -> Path:
         return config.cdr.path
     suffix = "sqlite" if config.cdr.format is CdrFormat.SQLITE else "jsonl"
     return config.state_dir / f"cdr.{suffix}"
+
+
+class RegisterRelayPort:
+    """The controller's view of one realm's registration relay (wall-clock inside)."""
+
+    def __init__(self, relay: RegistrationRelay, wall: Callable[[], float] = time.time) -> None:
+        self.relay = relay
+        self.wall = wall
+
+    @property
+    def hop(self) -> Hop:
+        policy = self.relay.policy
+        return Hop(policy.realm, policy.local, policy.upstream)
+
+    def register(
+        self, request: Request, flow: Flow, realm: str, listen: ListenAddress, now: float
+    ) -> Response | Forward:
+        return self.relay.register(request, flow, realm, listen, self.wall())
+
+    def upstream_response(
+        self, forward: RegisterForward, phone_request: Request, response: Response, now: float
+    ) -> Response:
+        assert isinstance(forward, Forward)
+        return self.relay.upstream_response(forward, phone_request, response, self.wall())
+
+    def upstream_failed(self, forward: RegisterForward, phone_request: Request) -> Response:
+        assert isinstance(forward, Forward)
+        return self.relay.upstream_failed(forward, phone_request)
+
+    def expire(self) -> None:
+        self.relay.expire(self.wall())
+
+
+def register_relays(
+    config: Config, realms: RealmTable, previous: Mapping[str, RegisterRelayPort] | None = None
+) -> dict[str, RegisterRelayPort]:
+    """One relay per realm with ``register_relay`` (bound listeners from ``realms``);
+    relays whose settings did not change keep their bindings."""
+    out: dict[str, RegisterRelayPort] = {}
+    for realm in config.realms:
+        section = realm.register_relay
+        if section is None:
+            continue
+        inside = realms.get(section.realm)
+        upstream = Destination(
+            Transport(section.transport.value), normalize_host(str(section.host)), section.port
+        )
+        local = None if inside is None else inside.listener(upstream.transport, upstream.host)
+        if local is None:
+            logger.error(
+                "x realm %s: register_relay needs a %s listener in realm %s",
+                realm.name,
+                upstream.transport.value,
+                section.realm,
+            )
+            continue
+        policy = RelayPolicy(
+            section.realm,
+            upstream,
+            local,
+            upstream_domain=section.domain,
+            upstream_expires=section.upstream_expires,
+            phone_expires=section.phone_expires,
+        )
+        old = (previous or {}).get(realm.name)
+        if old is not None and old.relay.policy == policy:
+            out[realm.name] = old
+        else:
+            out[realm.name] = RegisterRelayPort(RegistrationRelay(policy))
+    return out

@@ -242,6 +242,30 @@ class RegistrarPort(Protocol):
     def authenticate(self, request: Request, now: float) -> AuthVerdict: ...
 
 
+class RegisterForward(Protocol):
+    """A REGISTER a relay wants sent upstream (``sbc.registrar.relay.Forward``)."""
+
+    @property
+    def request(self) -> Request: ...
+
+
+class RegisterRelayPort(Protocol):
+    """A realm's registration relay to an inside registrar (``sbc.registrar.relay``)."""
+
+    @property
+    def hop(self) -> Hop: ...
+
+    def register(
+        self, request: Request, flow: Flow, realm: str, listen: ListenAddress, now: float
+    ) -> Response | RegisterForward: ...
+
+    def upstream_response(
+        self, forward: RegisterForward, phone_request: Request, response: Response, now: float
+    ) -> Response: ...
+
+    def upstream_failed(self, forward: RegisterForward, phone_request: Request) -> Response: ...
+
+
 class ManipulationPort(Protocol):
     """Header manipulation of one realm (``sbc.b2bua.manipulation``)."""
 
@@ -410,6 +434,17 @@ class _Routed:
     a_realm: str
 
 
+@dataclass(eq=False)
+class _RegisterRelayed:
+    """A phone's REGISTER relayed upstream, awaiting the upstream's answer."""
+
+    relay: RegisterRelayPort
+    forward: RegisterForward
+    server: ServerTransaction
+    request: Request
+    realm: str
+
+
 @dataclass(frozen=True, slots=True)
 class _ByRole:
     call_ref: str
@@ -475,7 +510,10 @@ class CallController:
         self.manipulation = manipulation
         self.policies: dict[str, RealmPolicy] = dict(policies or {})
         self.timers = timers or CallTimers()
+        #: Registration relays by the realm whose phones they serve.
+        self.register_relays: dict[str, RegisterRelayPort] = {}
         self._calls: dict[str, _Live] = {}
+        self._register_relayed: dict[ClientTransaction, _RegisterRelayed] = {}
         #: (Call-ID, the SBC's tag on that leg) -> call and side.
         self._by_dialog: dict[tuple[str, str], tuple[str, LegSide]] = {}
         self._by_client: dict[ClientTransaction, _ByRole] = {}
@@ -700,7 +738,9 @@ class CallController:
             return Step()
         if isinstance(event, TransactionTimeout | TransportError):
             tx = event.transaction
-            if isinstance(tx, ClientTransaction) and (tx in self._by_client or tx in self._routed):
+            if isinstance(tx, ClientTransaction) and (
+                tx in self._by_client or tx in self._routed or tx in self._register_relayed
+            ):
                 status = 408 if isinstance(event, TransactionTimeout) else 503
                 return self._response(tx, make_response(tx.request, status), now)
             return Step()
@@ -709,6 +749,7 @@ class CallController:
             if isinstance(tx, ClientTransaction):
                 self._by_client.pop(tx, None)
                 self._routed.pop(tx, None)
+                self._register_relayed.pop(tx, None)
             elif isinstance(tx, ServerTransaction):
                 self._by_server.pop(tx, None)
         return Step()
@@ -759,6 +800,8 @@ class CallController:
         if realm is None or not isinstance(flow, Flow):
             return self._local(tx, request, now)
         policy = self._policy(realm.name)
+        if request.method == "REGISTER" and realm.name in self.register_relays:
+            return self._relay_register(tx, request, flow, realm, now)
         if request.method == "REGISTER" and policy.registrar and self.registrar is not None:
             return self._register(tx, request, flow, realm, now)
         if request.method in ROUTED_REQUESTS or (
@@ -782,6 +825,55 @@ class CallController:
             failure = AuthFailure(flow.remote_host, outcome.failed_user)
             step = step + Step(auth_failures=(failure,))
         return step
+
+    def _relay_register(
+        self, tx: ServerTransaction, request: Request, flow: Flow, realm: Realm, now: float
+    ) -> Step:
+        """A phone's REGISTER for the inside registrar: answered from the relay's cache,
+        or sent upstream as the SBC's own REGISTER (``sbc.registrar.relay``)."""
+        relay = self.register_relays[realm.name]
+        rejection = check_request(request, self.responder.policy)
+        if rejection is not None:
+            return self._send_response(tx, rejection.response_to(request, new_tag()), now)
+        listen = realm.listener(flow.transport, flow.remote_host)
+        assert listen is not None
+        try:
+            answer = relay.register(request, flow, realm.name, listen, now)
+        except ParseError as exc:
+            response = make_response(request, exc.status, to_tag=new_tag())
+            return self._send_response(tx, response, now, realm.name)
+        if isinstance(answer, Response):
+            return self._send_response(tx, answer, now, realm.name)
+        hop = relay.hop
+        upstream = answer.request
+        upstream.headers.add("User-Agent", self.user_agent)
+        self._outbound(upstream, hop.realm)
+        try:
+            client, out = self.transactions.send_request(
+                upstream, hop, now, reliable=is_reliable(hop.destination.transport)
+            )
+        except TransactionError as exc:
+            logger.warning("x REGISTER relay to %s: %s", hop, exc)
+            return self._send_response(tx, relay.upstream_failed(answer, request), now, realm.name)
+        self._register_relayed[client] = _RegisterRelayed(relay, answer, tx, request, realm.name)
+        logger.info("> REGISTER relayed to %s", hop)
+        return Step(out)
+
+    def _relayed_register_response(
+        self, tx: ClientTransaction, response: Response, now: float
+    ) -> Step:
+        pending = self._register_relayed.get(tx)
+        if pending is None or response.status < 200:
+            return Step()
+        del self._register_relayed[tx]
+        synthesized = response.to.tag is None and response.status in (408, 503)
+        if synthesized:
+            answer = pending.relay.upstream_failed(pending.forward, pending.request)
+        else:
+            answer = pending.relay.upstream_response(
+                pending.forward, pending.request, response, now
+            )
+        return self._send_response(pending.server, answer, now, pending.realm)
 
     def _authenticate(
         self, tx: ServerTransaction, request: Request, flow: Flow, realm: Realm, now: float
@@ -1400,6 +1492,8 @@ class CallController:
     def _response(self, tx: ClientTransaction, response: Response, now: float) -> Step:
         if tx in self._routed:
             return self._routed_response(tx, response, now)
+        if tx in self._register_relayed:
+            return self._relayed_register_response(tx, response, now)
         role = self._by_client.get(tx)
         if role is None:
             return Step()
@@ -1993,6 +2087,7 @@ __all__ = [
     "NoTargets",
     "RealmPolicy",
     "RegisterOutcome",
+    "RegisterRelayPort",
     "RegistrarPort",
     "Step",
     "Target",

@@ -53,6 +53,9 @@ class Directory:
     ) -> None:
         self.trunks = trunks or TrunkTable()
         self.location = location
+        #: Location services of registration relays: tokens of the SBC's upstream
+        #: Contacts, mapped to the phones behind them.
+        self.relayed: list[LocationService] = []
         self.user_exists = user_exists
         self.wall = wall
         self.rng = rng or random.Random()
@@ -66,10 +69,11 @@ class Directory:
     # -- TargetSource ---------------------------------------------------------------------
 
     def registered(self, uri: Uri, realm: str | None, now: float) -> list[Target]:
-        if self.location is None:
-            return []
+        locations = [*([self.location] if self.location is not None else []), *self.relayed]
         out = []
-        for binding in self.location.lookup(uri, self.wall()):
+        wall = self.wall()
+        bindings = [b for location in locations for b in location.lookup(uri, wall)]
+        for binding in bindings:
             if realm is not None and binding.realm != realm:
                 continue
             out.append(Target(binding.realm, binding.received, binding.contact))

@@ -142,6 +142,37 @@ class HeaderRuleConfig(Section):
 
 
 @dataclass(frozen=True)
+class RegisterRelayConfig(Section):
+    """REGISTERs of this realm relayed to an inside registrar, refreshes cached."""
+
+    realm: str = field(metadata=spec("The realm the upstream registrar is reached through."))
+    host: IPAddress = field(metadata=spec("The upstream registrar's address."))
+    port: int = field(
+        default=5060,
+        metadata=spec("The upstream's port.", min=1, max=65535, expect=PORT_SPEC_EXPECT),
+    )
+    transport: Transport = field(default=Transport.UDP, metadata=spec("udp, tcp or tls."))
+    domain: str | None = field(
+        default=None,
+        metadata=spec(
+            "Host of the AORs upstream; null = the upstream's address.", pattern=HOST_PATTERN
+        ),
+    )
+    upstream_expires: int = field(
+        default=3600,
+        metadata=spec(
+            "Interval asked of the upstream (it sees a refresh per half).", min=60, max=86400
+        ),
+    )
+    phone_expires: int = field(
+        default=300,
+        metadata=spec(
+            "Most a phone is granted; its refreshes are answered here.", min=30, max=86400
+        ),
+    )
+
+
+@dataclass(frozen=True)
 class RealmConfig(Section):
     """A named group of SIP listeners with its media address and policy."""
 
@@ -161,6 +192,10 @@ class RealmConfig(Section):
     )
     registrar: bool = field(
         default=False, metadata=spec("REGISTERs arriving here go to the embedded registrar.")
+    )
+    register_relay: RegisterRelayConfig | None = field(
+        default=None,
+        metadata=spec("REGISTERs arriving here are relayed to an inside registrar."),
     )
     authenticate: tuple[str, ...] = field(
         default=(),
@@ -190,6 +225,8 @@ class RealmConfig(Section):
                     key_path(path, f"authenticate[{index}]"),
                     f"{method} cannot be authenticated; one of {', '.join(sorted(AUTH_METHODS))}",
                 )
+        if self.registrar and self.register_relay is not None:
+            yield path, "registrar and register_relay exclude each other"
         if len(self.header_rules) > 64:
             yield key_path(path, "header_rules"), "at most 64 rules per realm"
 

@@ -431,6 +431,13 @@ class Config(Section):
                         f"{listener} is already used by another listener",
                     )
                 sockets.add(socket)
+        for index, realm in enumerate(self.realms):
+            relay = realm.register_relay
+            if relay is not None and relay.realm not in names:
+                yield (
+                    key_path(path, f"realms[{index}].register_relay.realm"),
+                    f"unknown realm {relay.realm!r}",
+                )
         if not self.sip.listen and not any(realm.listen for realm in self.realms):
             yield key_path(path, "sip.listen"), "no SIP listener at all (here or in a realm)"
         trunks = [trunk.name for trunk in self.trunks]

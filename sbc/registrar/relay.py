@@ -1,0 +1,396 @@
+"""Registration relay to an inside registrar, with caching and throttling, sans-I/O.
+
+A realm in relay mode does not register phones itself: each phone's REGISTER goes
+on to the inside registrar (Kamailio, a PBX) as the SBC's own request. Nothing of
+the outside crosses: the upstream REGISTER has its own Call-ID, tags, Via and a
+Contact that names the SBC's inside listener with a per-binding token as user
+(``sip:<token>@sbc-inside``: the Contact rewrite an SBC does instead of RFC 3327
+Path, which would still need the phone's address). A call the registrar sends to
+that Contact comes to the SBC, whose location service maps the token back to the
+phone: to the address its REGISTER really came from, so phones behind a NAT are
+reached (RFC 3261 10.3 lets the registrar record received/rport; RFC 5626 does the
+same for outbound).
+
+Caching and throttling: the SBC asks the upstream for ``upstream_expires`` (long)
+and grants the phone at most ``phone_expires`` (short, so NAT mappings stay warm).
+A re-REGISTER of the same contact while the upstream binding still has more than
+the phone's interval left (plus a margin) is answered locally with 200; the
+upstream sees one refresh per ``upstream_expires / 2`` however often phones
+refresh. A de-registration (expires 0 or ``*``) always goes upstream.
+
+Authentication stays the upstream's: its 401/407 challenge is relayed to the phone
+and the phone's credentials are copied into the next upstream REGISTER (the digest
+``uri`` is the phone's Request-URI; registrars that insist on it matching their
+own Request-URI need ``upstream_domain`` set to what the phones are told to use).
+
+Everything here is a plain value or pure; ``now`` is a wall-clock epoch float.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+from dataclasses import dataclass, field, replace
+from email.utils import formatdate
+from typing import Any, Final
+
+from sbc.registrar.location import Binding, LocationService
+from sbc.sip.errors import ParseError
+from sbc.sip.message import Headers, Request, Response, make_response, new_branch, new_tag
+from sbc.sip.uri import SipUri, format_host
+from sbc.transport.base import Destination, Flow, ListenAddress, Transport
+
+logger = logging.getLogger(__name__)
+
+#: Seconds of upstream validity kept in hand before answering a phone locally.
+CACHE_MARGIN: Final = 30
+
+#: What a phone gets when it asks no interval (RFC 3261 10.2.1.1 default).
+DEFAULT_EXPIRES: Final = 3600
+
+#: Most relayed bindings at once (each costs an upstream registration).
+MAX_BINDINGS: Final = 100_000
+
+#: Auth headers the phone sends that the upstream must see (its own challenge).
+_AUTH_HEADERS: Final = ("Authorization", "Proxy-Authorization")
+_CHALLENGE_HEADERS: Final = ("WWW-Authenticate", "Proxy-Authenticate", "Min-Expires")
+
+
+@dataclass(frozen=True, slots=True)
+class RelayPolicy:
+    """Where registrations go and for how long."""
+
+    #: The realm the upstream registrar is reached through, and its address.
+    realm: str
+    upstream: Destination
+    #: The listener of ``realm`` the SBC's upstream Contact names.
+    local: ListenAddress
+    #: Host of the upstream's AORs (To/From/Request-URI); None = the upstream's address.
+    upstream_domain: str | None = None
+    #: Interval asked of the upstream, and the most a phone is granted.
+    upstream_expires: int = 3600
+    phone_expires: int = 300
+
+    def __post_init__(self) -> None:
+        if self.phone_expires < 1 or self.upstream_expires < 1:
+            raise ValueError("phone_expires and upstream_expires must be at least 1")
+
+
+@dataclass(frozen=True, slots=True)
+class RelayedBinding:
+    """One phone contact registered upstream through the SBC."""
+
+    user: str
+    contact: str
+    token: str
+    received: Destination
+    local: ListenAddress
+    realm: str
+    call_id: str
+    cseq: int
+    #: Wall-clock ends of the upstream's and the phone's registrations.
+    upstream_expires_at: float = 0.0
+    phone_expires_at: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "user": self.user,
+            "contact": self.contact,
+            "token": self.token,
+            "received": [self.received.transport.value, self.received.host, self.received.port],
+            "local": [self.local.transport.value, self.local.host, self.local.port],
+            "realm": self.realm,
+            "call_id": self.call_id,
+            "cseq": self.cseq,
+            "upstream_expires_at": self.upstream_expires_at,
+            "phone_expires_at": self.phone_expires_at,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RelayedBinding:
+        t, h, p = data["received"]
+        lt, lh, lp = data["local"]
+        return cls(
+            user=str(data["user"]),
+            contact=str(data["contact"]),
+            token=str(data["token"]),
+            received=Destination(Transport(t), str(h), int(p)),
+            local=ListenAddress(Transport(lt), str(lh), int(lp)),
+            realm=str(data["realm"]),
+            call_id=str(data["call_id"]),
+            cseq=int(data["cseq"]),
+            upstream_expires_at=float(data["upstream_expires_at"]),
+            phone_expires_at=float(data["phone_expires_at"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Send ``request`` to the upstream; report its answer with ``upstream_response``."""
+
+    request: Request
+    key: tuple[str, str]
+    expires: int
+
+
+@dataclass
+class RelayStats:
+    forwarded: int = 0
+    cached: int = 0
+    rejected: int = 0
+
+
+def _expires_of(request: Request) -> int | None:
+    try:
+        contacts = request.contacts
+    except ParseError:
+        contacts = []
+    for contact in contacts[:1]:
+        value = dict(contact.params).get("expires")
+        if value is not None and value.strip().isdigit():
+            return int(value)
+    header = request.headers.get("Expires")
+    if header is not None and header.strip().isdigit():
+        return int(header.strip())
+    return None
+
+
+def _granted(response: Response, token: str) -> int | None:
+    """The interval the upstream granted our Contact (its expires, or Expires)."""
+    try:
+        contacts = response.contacts
+    except ParseError:
+        contacts = []
+    for contact in contacts:
+        uri = contact.uri
+        if isinstance(uri, SipUri) and uri.user == token:
+            value = dict(contact.params).get("expires")
+            if value is not None and value.strip().isdigit():
+                return int(value)
+    header = response.headers.get("Expires")
+    if header is not None and header.strip().isdigit():
+        return int(header.strip())
+    return None
+
+
+@dataclass
+class RegistrationRelay:
+    """Relays phones' registrations to one upstream registrar, caching refreshes."""
+
+    policy: RelayPolicy
+    #: Where inbound calls find phones: AOR key = the token of the SBC's Contact.
+    location: LocationService = field(default_factory=LocationService)
+    stats: RelayStats = field(default_factory=RelayStats)
+    _bindings: dict[tuple[str, str], RelayedBinding] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self._bindings)
+
+    def bindings(self) -> tuple[RelayedBinding, ...]:
+        return tuple(self._bindings.values())
+
+    # -- from the phone -----------------------------------------------------------------
+
+    def register(
+        self, request: Request, flow: Flow, realm: str, listen: ListenAddress, now: float
+    ) -> Response | Forward:
+        """A phone's REGISTER: answered here (cached, or refused) or forwarded upstream."""
+        to_uri = request.to.uri
+        if not isinstance(to_uri, SipUri) or not to_uri.user:
+            self.stats.rejected += 1
+            return make_response(request, 400, "Bad Request: no user in To", to_tag=new_tag())
+        user = to_uri.user
+        raw = request.headers.values("Contact")
+        if not raw:
+            # A query: what this SBC holds for the user.
+            return self._ok(request, [b for b in self._bindings.values() if b.user == user], now)
+        if any(value.strip() == "*" for value in raw):
+            targets = [b for b in self._bindings.values() if b.user == user]
+            if not targets:
+                return self._ok(request, [], now)
+            return self._forward(request, targets[0], 0, flow, listen, realm, now, wildcard=True)
+        contacts = request.contacts
+        if len(contacts) != 1 or not isinstance(contacts[0].uri, SipUri):
+            self.stats.rejected += 1
+            return make_response(
+                request, 400, "Bad Request: one SIP Contact per REGISTER", to_tag=new_tag()
+            )
+        contact = str(contacts[0].uri)
+        requested = _expires_of(request)
+        requested = DEFAULT_EXPIRES if requested is None else requested
+        key = (user, contact)
+        binding = self._bindings.get(key)
+        if requested == 0:
+            if binding is None:
+                return self._ok(request, [], now)
+            return self._forward(request, binding, 0, flow, listen, realm, now)
+        granted = min(requested, self.policy.phone_expires)
+        if binding is not None and not any(request.headers.fields(h) for h in _AUTH_HEADERS):
+            left = binding.upstream_expires_at - now
+            if left > granted + CACHE_MARGIN:
+                # Cached: the upstream registration outlives this refresh (throttling).
+                binding = replace(
+                    binding,
+                    received=Destination(flow.transport, flow.remote_host, flow.remote_port),
+                    local=listen,
+                    realm=realm,
+                    phone_expires_at=now + granted,
+                )
+                self._bindings[key] = binding
+                self._locate(binding)
+                self.stats.cached += 1
+                return self._ok(request, [binding], now)
+        if binding is None:
+            if len(self._bindings) >= MAX_BINDINGS:
+                self.stats.rejected += 1
+                return make_response(request, 503, "Too Many Registrations", to_tag=new_tag())
+            binding = RelayedBinding(
+                user=user,
+                contact=contact,
+                token="r" + secrets.token_hex(8),
+                received=Destination(flow.transport, flow.remote_host, flow.remote_port),
+                local=listen,
+                realm=realm,
+                call_id=secrets.token_hex(16),
+                cseq=0,
+            )
+        return self._forward(request, binding, granted, flow, listen, realm, now)
+
+    def _forward(
+        self,
+        request: Request,
+        binding: RelayedBinding,
+        granted: int,
+        flow: Flow,
+        listen: ListenAddress,
+        realm: str,
+        now: float,
+        *,
+        wildcard: bool = False,
+    ) -> Forward:
+        policy = self.policy
+        binding = replace(
+            binding,
+            cseq=binding.cseq + 1,
+            received=Destination(flow.transport, flow.remote_host, flow.remote_port),
+            local=listen,
+            realm=realm,
+        )
+        self._bindings[(binding.user, binding.contact)] = binding
+        domain = policy.upstream_domain or format_host(policy.upstream.host)
+        local = policy.local
+        headers = Headers()
+        headers.add(
+            "Via",
+            f"SIP/2.0/{local.transport.value.upper()} {format_host(local.host)}:{local.port}"
+            f";branch={new_branch()};rport",
+        )
+        headers.add("Max-Forwards", "70")
+        headers.add("From", f"<sip:{binding.user}@{domain}>;tag={new_tag()}")
+        headers.add("To", f"<sip:{binding.user}@{domain}>")
+        headers.add("Call-ID", binding.call_id)
+        headers.add("CSeq", f"{binding.cseq} REGISTER")
+        expires = 0 if granted == 0 else policy.upstream_expires
+        param = "" if local.transport is Transport.UDP else f";transport={local.transport.value}"
+        headers.add(
+            "Contact",
+            f"<sip:{binding.token}@{format_host(local.host)}:{local.port}{param}>"
+            f";expires={expires}",
+        )
+        headers.add("Expires", str(expires))
+        for name in _AUTH_HEADERS:
+            for value in request.headers.fields(name):
+                headers.add(name, value)
+        upstream = Request("REGISTER", f"sip:{domain}", headers)
+        self.stats.forwarded += 1
+        key = ("*" if wildcard else binding.user, binding.contact)
+        return Forward(upstream, key, granted)
+
+    # -- from the upstream ---------------------------------------------------------------
+
+    def upstream_response(
+        self, forward: Forward, phone_request: Request, response: Response, now: float
+    ) -> Response:
+        """The phone's answer for the upstream's final ``response`` to ``forward``."""
+        wildcard = forward.key[0] == "*"
+        key = forward.key
+        if wildcard:
+            user = phone_request.to.uri.user if isinstance(phone_request.to.uri, SipUri) else ""
+            targets = [b for b in self._bindings.values() if b.user == user]
+        else:
+            found = self._bindings.get(key)
+            targets = [] if found is None else [found]
+        status = response.status
+        if not 200 <= status < 300:
+            headers = [
+                (name, value)
+                for name in _CHALLENGE_HEADERS
+                for value in response.headers.fields(name)
+            ]
+            if status >= 500 or status == 408:
+                # The upstream failed: the phone tries again later (RFC 3261 21.5.4).
+                headers.append(("Retry-After", "30"))
+            return make_response(
+                phone_request, status, response.reason, to_tag=new_tag(), headers=headers
+            )
+        if forward.expires == 0 or wildcard:
+            for binding in targets:
+                self._bindings.pop((binding.user, binding.contact), None)
+                self.location.remove_aor(binding.token)
+            return self._ok(phone_request, [], now)
+        if not targets:
+            return self._ok(phone_request, [], now)
+        binding = targets[0]
+        granted_upstream = _granted(response, binding.token)
+        upstream_for = (
+            self.policy.upstream_expires if granted_upstream is None else granted_upstream
+        )
+        phone_for = max(1, min(forward.expires, upstream_for))
+        binding = replace(
+            binding,
+            upstream_expires_at=now + upstream_for,
+            phone_expires_at=now + phone_for,
+        )
+        self._bindings[key] = binding
+        self._locate(binding)
+        return self._ok(phone_request, [binding], now)
+
+    def upstream_failed(self, forward: Forward, phone_request: Request) -> Response:
+        """No answer from the upstream (timeout, transport error)."""
+        return make_response(
+            phone_request, 503, None, to_tag=new_tag(), headers=[("Retry-After", "30")]
+        )
+
+    # -- housekeeping ----------------------------------------------------------------------
+
+    def expire(self, now: float) -> list[RelayedBinding]:
+        """Forget phones whose registration ran out (the upstream one lapses on its own)."""
+        gone = [b for b in self._bindings.values() if b.phone_expires_at <= now]
+        for binding in gone:
+            self._bindings.pop((binding.user, binding.contact), None)
+            self.location.remove_aor(binding.token)
+        return gone
+
+    def _locate(self, binding: RelayedBinding) -> None:
+        """The token's binding in the location service: inbound calls reach the phone."""
+        entry = Binding(
+            aor=binding.token,
+            contact=binding.contact,
+            expires_at=binding.phone_expires_at,
+            call_id=binding.call_id,
+            cseq=binding.cseq,
+            received=binding.received,
+            local=binding.local,
+            realm=binding.realm,
+            registered_at=binding.phone_expires_at,
+        )
+        self.location.apply([entry], [])
+
+    def _ok(self, request: Request, bindings: list[RelayedBinding], now: float) -> Response:
+        headers = [
+            ("Contact", f"<{b.contact}>;expires={max(0, math.ceil(b.phone_expires_at - now))}")
+            for b in bindings
+        ]
+        headers.append(("Date", formatdate(now, usegmt=True)))
+        return make_response(request, 200, None, to_tag=new_tag(), headers=headers)
