@@ -19,7 +19,9 @@ B2BUA (RFC 3262). BYE, CANCEL, re-INVITE, UPDATE, INFO, REFER (per realm policy)
 and NOTIFY are re-originated on the other leg. The B2BUA refreshes each leg's
 session (RFC 4028) and ends a call whose refresh fails, on media timeout, on the
 maximum duration and when the SBC shuts down. REGISTER goes to the registrar of a
-realm that has one; MESSAGE and PUBLISH are routed like calls, without media.
+realm that has one (or to its registration relay); SUBSCRIBE makes a dialog on each
+leg like a call without media (RFC 6665), whose NOTIFYs are relayed; MESSAGE,
+PUBLISH and unsolicited NOTIFY are routed like calls, without media or dialog.
 Anything else goes to the ``LocalResponder``.
 """
 
@@ -122,8 +124,15 @@ _MEDIA_SIDE: Final = {LegSide.A: Side.A, LegSide.B: Side.B}
 #: itself); 100rel towards the caller is not offered, so Require: 100rel gets 420.
 INVITE_POLICY: Final = UasPolicy(supported=("timer",))
 
-#: Requests routed like calls, without media or dialog (RFC 3428, RFC 3903).
-ROUTED_REQUESTS: Final = frozenset({"MESSAGE", "PUBLISH"})
+#: Requests routed like calls, without media or dialog (RFC 3428, RFC 3903; an
+#: unsolicited NOTIFY, as message-waiting indications are often sent).
+ROUTED_REQUESTS: Final = frozenset({"MESSAGE", "PUBLISH", "NOTIFY"})
+
+#: Headers of a SUBSCRIBE/NOTIFY that carry the event package, not topology (RFC 6665).
+EVENT_HEADERS: Final = ("Event", "Expires", "Accept", "Allow-Events", "Subscription-State")
+
+#: Seconds a subscription outlives its Expires without a refresh before it is dropped.
+SUBSCRIPTION_GRACE: Final = 32.0
 
 #: Statuses of a non-2xx final answer after which the next gateway is tried.
 FAILOVER_STATUSES: Final = frozenset({408, 500, 502, 503, 504})
@@ -388,7 +397,9 @@ class _Live:
     """A call and what is not replicated with it: transactions and SDP in flight."""
 
     call: Call
-    a_invite: ServerInviteTransaction
+    #: The A leg's dialog-creating request and its server transaction (an INVITE,
+    #: or a SUBSCRIBE for a subscription: a "call" without media).
+    a_invite: ServerTransaction
     a_request: Request
     route: TrunkRoute | RegisteredRoute
     #: Target groups still to try: each group is forked in parallel, groups in series.
@@ -411,6 +422,13 @@ class _Live:
     refresh_at: dict[LegSide, float] = field(default_factory=dict)
     #: An in-dialog INVITE of the B2BUA's is pending on that leg (RFC 3261 14.1 glare).
     reinvite_pending: set[LegSide] = field(default_factory=set)
+    #: A subscription (RFC 6665): its B-leg SUBSCRIBE, and NOTIFYs that overtook its 2xx.
+    subscribe: Request | None = None
+    early_notifies: list[tuple[ServerTransaction, Request]] = field(default_factory=list)
+
+    @property
+    def is_subscription(self) -> bool:
+        return self.a_request.method == "SUBSCRIBE"
 
 
 @dataclass(eq=False)
@@ -460,6 +478,7 @@ class _Timer:
     MAX_DURATION = "max-duration"
     REFRESH_A = "refresh-a"
     REFRESH_B = "refresh-b"
+    SUBSCRIPTION = "subscription"
 
 
 def codecs_of(sdp: SessionDescription | None) -> str:
@@ -598,6 +617,11 @@ class CallController:
             return Step()
         if call.state is not CallState.CONFIRMED:
             return Step()
+        if kind == _Timer.SUBSCRIPTION:
+            if live.refresh_at.get(LegSide.A) != when:
+                return Step()
+            logger.info("- subscription %s expired", call.call_ref)
+            return self._end(live, 200, EndReason.BYE, None, now)
         if kind == _Timer.MAX_DURATION:
             logger.info("- call %s: maximum duration reached", call.call_ref)
             return self._hang_up_both(live, EndReason.MAX_DURATION, now)
@@ -792,7 +816,18 @@ class CallController:
             if found is None:
                 return self._local(tx, request, now)
             call_ref, side = found
-            return self._in_dialog(self._calls[call_ref], side, tx, request, now)
+            live = self._calls[call_ref]
+            if (
+                live.is_subscription
+                and side is LegSide.B
+                and live.call.b.dialog is None
+                and request.method == "NOTIFY"
+            ):
+                # RFC 6665 4.1.2.4: a NOTIFY may overtake the 2xx to the SUBSCRIBE; it is
+                # answered once the dialog exists (its transaction absorbs retransmissions).
+                live.early_notifies.append((tx, request))
+                return Step()
+            return self._in_dialog(live, side, tx, request, now)
         if request.method == "INVITE" and isinstance(tx, ServerInviteTransaction):
             return self._new_call(tx, request, now)
         flow = tx.destination
@@ -804,6 +839,8 @@ class CallController:
             return self._relay_register(tx, request, flow, realm, now)
         if request.method == "REGISTER" and policy.registrar and self.registrar is not None:
             return self._register(tx, request, flow, realm, now)
+        if request.method == "SUBSCRIBE":
+            return self._new_subscription(tx, request, flow, realm, now)
         if request.method in ROUTED_REQUESTS or (
             request.method == "OPTIONS" and policy.options_relay
         ):
@@ -1253,6 +1290,139 @@ class CallController:
     def _hop(self, leg: CallLeg) -> Hop:
         return Hop(leg.realm, leg.local, leg.peer)
 
+    # -- subscriptions (RFC 6665) ------------------------------------------------------------
+
+    def _new_subscription(
+        self, tx: ServerTransaction, request: Request, flow: Flow, realm: Realm, now: float
+    ) -> Step:
+        """SUBSCRIBE: a dialog on each leg, like a call without media; NOTIFYs and
+        re-SUBSCRIBEs are then relayed in those dialogs by ``_relay``."""
+        rejection = check_request(request, self.responder.policy)
+        if rejection is not None:
+            return self._send_response(tx, rejection.response_to(request, new_tag()), now)
+        refused = self._authenticate(tx, request, flow, realm, now)
+        if refused is not None:
+            return refused
+        decision = self.router.route(realm.name, request.uri, request, flow.remote_host)
+        if decision is None or isinstance(decision, RejectRoute):
+            status = 404 if decision is None else decision.status
+            return self._send_response(tx, make_response(request, status, to_tag=new_tag()), now)
+        groups, trunk, status = self._targets(decision, request, now)
+        if not groups:
+            return self._send_response(tx, make_response(request, status, to_tag=new_tag()), now)
+        target = groups[0][0]
+        target_realm = self.realms.get(target.realm)
+        hop = None if target_realm is None else self.realms.hop(target_realm, target.destination)
+        a_local = realm.listener(flow.transport, flow.remote_host)
+        if hop is None or target_realm is None or a_local is None:
+            return self._send_response(tx, make_response(request, 503, to_tag=new_tag()), now)
+        call = Call(
+            call_ref=secrets.token_hex(8),
+            state=CallState.CALLING,
+            a=CallLeg(
+                realm=realm.name,
+                call_id=request.call_id,
+                local_tag=new_tag(),
+                local=a_local,
+                peer=Destination(flow.transport, flow.remote_host, flow.remote_port),
+            ),
+            b=CallLeg(
+                realm=target_realm.name,
+                call_id=secrets.token_hex(16),
+                local_tag=new_tag(),
+                local=hop.local,
+                peer=target.destination,
+            ),
+            route=decision.rule,
+            created=now,
+            caller=self._caller(request),
+            callee=request.raw_uri,
+            trunk=trunk,
+        )
+        live = _Live(call, tx, request, decision)
+        caller, _ = uri_user_host(request.from_.uri)
+        headers = Headers()
+        headers.add("Via", via_for(hop.local, new_branch()))
+        max_forwards = request.max_forwards
+        headers.add("Max-Forwards", str(min(MAX_FORWARDS, (max_forwards or MAX_FORWARDS + 1) - 1)))
+        own = sip_uri_for(hop.local, caller).split(";", 1)[0]
+        headers.add("From", f"<{own}>;tag={call.b.local_tag}")
+        headers.add("To", f"<{self._to_uri(target)}>")
+        headers.add("Call-ID", call.b.call_id)
+        headers.add("CSeq", "1 SUBSCRIBE")
+        headers.add("Contact", contact_for(hop.local))
+        headers.add("User-Agent", self.user_agent)
+        for name in EVENT_HEADERS:
+            for value in request.headers.fields(name):
+                headers.add(name, value)
+        out = Request("SUBSCRIBE", target.uri, headers)
+        copy_kept_headers(request, out, target_realm)
+        if request.body:
+            out.set_body(request.body, request.headers.get("Content-Type"))
+        self._outbound(out, target_realm.name)
+        client, output = self.transactions.send_request(
+            out, hop, now, reliable=is_reliable(hop.destination.transport)
+        )
+        live.subscribe = out
+        self._calls[call.call_ref] = live
+        self._by_server[tx] = call.call_ref
+        self._by_dialog[(call.a.call_id, call.a.local_tag)] = (call.call_ref, LegSide.A)
+        self._by_dialog[(call.b.call_id, call.b.local_tag)] = (call.call_ref, LegSide.B)
+        self._by_client[client] = _ByRole(call.call_ref, "subscribe")
+        logger.info(
+            "- subscription %s: %s %s -> %s", call.call_ref, realm.name, request.raw_uri, hop
+        )
+        return Step(output)
+
+    def _subscribe_response(self, live: _Live, response: Response, now: float) -> Step:
+        status = response.status
+        if status < 200:
+            return Step()
+        call = live.call
+        if status >= 300:
+            out = self._to_a(live, response)
+            step = self._answer_a(live, out, now)
+            return step + self._end(live, status, EndReason.REJECTED, LegSide.B, now)
+        assert live.subscribe is not None
+        try:
+            b_dialog = Dialog.from_uac_response(live.subscribe, response)
+        except (DialogError, ParseError) as exc:
+            logger.warning("x subscription %s: no dialog on b: %s", call.call_ref, exc)
+            step = self._answer_a(
+                live, make_response(live.a_request, 500, to_tag=call.a.local_tag), now
+            )
+            return step + self._end(live, 500, EndReason.REJECTED, None, now)
+        headers = [("Contact", contact_for(call.a.local))]
+        headers.extend(("Expires", v) for v in response.headers.fields("Expires"))
+        a_response = make_response(
+            live.a_request, status, response.reason, to_tag=call.a.local_tag, headers=headers
+        )
+        step = self._answer_a(live, a_response, now)
+        try:
+            a_dialog: Dialog | None = Dialog.from_uas_response(live.a_request, a_response)
+        except (DialogError, ParseError):
+            a_dialog = None
+        live.call = replace(
+            call.with_leg(LegSide.A, call.a.with_dialog(a_dialog)).with_leg(
+                LegSide.B, call.b.with_dialog(b_dialog)
+            ),
+            state=CallState.CONFIRMED,
+            answered_at=now,
+        )
+        self._arm_subscription(live, response, now)
+        for tx, notify in live.early_notifies:
+            step = step + self._in_dialog(live, LegSide.B, tx, notify, now)
+        live.early_notifies.clear()
+        return step
+
+    def _arm_subscription(self, live: _Live, response: Response, now: float) -> None:
+        """Drop the subscription when its Expires runs out without a refresh."""
+        expires = response.headers.get("Expires")
+        seconds = int(expires.strip()) if expires and expires.strip().isdigit() else 3600
+        when = now + seconds + SUBSCRIPTION_GRACE
+        live.refresh_at[LegSide.A] = when
+        self._schedule(when, live.call.call_ref, _Timer.SUBSCRIPTION)
+
     # -- out-of-dialog requests routed like calls -----------------------------------------
 
     def _route_request(
@@ -1376,7 +1546,7 @@ class CallController:
         if realm_to is not None:
             copy_kept_headers(request, probe, realm_to)
         extra.extend(probe.headers)
-        for name in ("Event", "Subscription-State", "Info-Package", "RAck", "RSeq"):
+        for name in ("Event", "Subscription-State", "Expires", "Info-Package", "RAck", "RSeq"):
             extra.extend((name, value) for value in request.headers.fields(name))
         if request.method == "REFER":
             extra.extend(self._refer_headers(request, leg))
@@ -1512,6 +1682,10 @@ class CallController:
             if fork is None:
                 return Step()
             return self._invite_response(live, fork, response, now)
+        if role.role == "subscribe":
+            if response.status >= 200:
+                self._by_client.pop(tx, None)
+            return self._subscribe_response(live, response, now)
         if role.role == "relay" and role.relayed is not None:
             return self._relayed_response(live, tx, role.relayed, response, now)
         if role.role == "refresh" and role.side is not None:
@@ -1877,10 +2051,33 @@ class CallController:
         if dialog_side is not None and status < 300:
             updated = dialog_side.response_sent(relayed.request, out)
             live.call = live.call.with_leg(side, live.call.leg(side).with_dialog(updated))
+        if relayed.request.method == "SUBSCRIBE" and status < 300:
+            for value in response.headers.fields("Expires"):
+                out.headers.add("Expires", value)
+            out.invalidate()
         step = step + self._send_response(relayed.server, out, now, live.call.leg(side).realm)
         if relayed.request.method == "INVITE" and status < 300:
             self._expect_ack(live.call.call_ref, relayed.server, out, now)
+        if live.is_subscription:
+            step = step + self._subscription_progress(live, relayed.request, response, now)
         return step
+
+    def _subscription_progress(
+        self, live: _Live, request: Request, response: Response, now: float
+    ) -> Step:
+        """A refresh re-arms the subscription; a terminating NOTIFY (or a 481) ends it."""
+        status = response.status
+        if request.method == "SUBSCRIBE" and 200 <= status < 300:
+            self._arm_subscription(live, response, now)
+            return Step()
+        if request.method == "NOTIFY":
+            state = (request.headers.get("Subscription-State") or "").split(";", 1)[0]
+            if state.strip().lower() == "terminated" or status == 481:
+                logger.info("- subscription %s terminated", live.call.call_ref)
+                return self._end(live, 200, EndReason.BYE, LegSide.B, now)
+        if status == 481:
+            return self._end(live, 481, EndReason.BYE, None, now)
+        return Step()
 
     def _ack_leg(self, live: _Live, side: LegSide, dialog: Dialog, seq: int) -> Step:
         leg = live.call.leg(side)
@@ -2053,6 +2250,8 @@ class CallController:
         if live.session is not None:
             self._by_session.pop(live.session.session_id, None)
             return Step(media=(DeleteMedia(call.call_ref, live.session.session_id, live.call),))
+        if live.is_subscription:
+            return Step()  # not a call attempt: no CDR
         return Step(ended=(live.call,))
 
 
