@@ -38,7 +38,7 @@ from sbc.media.kernel import KernelForward, KernelMediaTable, KernelPathUnavaila
 from sbc.media.latching import Latch, LatchPolicy, LatchVerdict
 from sbc.media.ports import PortAllocator, PortPair, PortsExhausted
 from sbc.media.recording import CallRecorder
-from sbc.media.rtcp import RtcpError, RtcpMonitor, parse_compound
+from sbc.media.rtcp import RtcpError, RtcpMonitor, hide_sdes, parse_compound
 from sbc.media.rtp import is_rtcp, packet_ssrc
 from sbc.media.session import (
     LegCounters,
@@ -668,11 +668,14 @@ class MediaRelay:
             leg.rtcp_bytes += len(data)
             try:
                 packets = parse_compound(data)
+                # Topology hiding: SDES CNAMEs name the sender (user@host).
+                data = hide_sdes(data)
             except RtcpError as exc:
-                logger.debug("x session %s: RTCP not parsed: %s", session.session_id, exc)
-            else:
-                leg.monitor.received(packets, now)
-                other.monitor.sender_report_forwarded(packets, now)
+                logger.debug("x session %s: RTCP dropped: %s", session.session_id, exc)
+                leg.dropped_other += 1
+                return
+            leg.monitor.received(packets, now)
+            other.monitor.sender_report_forwarded(packets, now)
         else:
             leg.packets += 1
             leg.bytes += len(data)

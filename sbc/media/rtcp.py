@@ -256,3 +256,79 @@ class RtcpMonitor:
             )
         self.quality = quality
         return quality
+
+
+PT_SDES = 202
+SDES_CNAME = 1
+#: Most chunks read from one SDES packet (the SC field holds at most 31).
+MAX_SDES_CHUNKS = 31
+
+
+def sdes_cname(ssrc: int) -> bytes:
+    """The CNAME the relay gives a source: stable per SSRC, naming nobody's host."""
+    return f"sbc-{ssrc:08x}".encode("ascii")
+
+
+def _hidden_sdes(chunk: bytes) -> bytes:
+    """An SDES packet with every chunk's items replaced by a neutral CNAME.
+
+    SDES items (CNAME, NAME, EMAIL, PHONE, TOOL ...) typically carry user@host of
+    the sender (RFC 3550 6.5.1); a translator may rewrite them, and a topology-hiding
+    relay must. The SSRC of each chunk is kept, so receivers still bind sources.
+    """
+    first = chunk[0]
+    count = first & 0x1F
+    offset = 4
+    body = bytearray()
+    for _ in range(min(count, MAX_SDES_CHUNKS)):
+        if offset + 4 > len(chunk):
+            raise RtcpError("truncated SDES chunk")
+        ssrc = int.from_bytes(chunk[offset : offset + 4], "big")
+        offset += 4
+        # Skip the items: type, length, value ... until a null item, then pad to 32 bits.
+        while True:
+            if offset >= len(chunk):
+                raise RtcpError("SDES chunk without its end")
+            if chunk[offset] == 0:
+                offset += 1
+                offset = (offset + 3) & ~3
+                break
+            if offset + 2 > len(chunk):
+                raise RtcpError("truncated SDES item")
+            offset += 2 + chunk[offset + 1]
+        cname = sdes_cname(ssrc)
+        item = ssrc.to_bytes(4, "big") + bytes((SDES_CNAME, len(cname))) + cname + b"\x00"
+        item += b"\x00" * (-len(item) % 4)
+        body += item
+    header = _HEADER.pack(0x80 | min(count, MAX_SDES_CHUNKS), PT_SDES, len(body) // 4)
+    return header + bytes(body)
+
+
+def hide_sdes(data: bytes) -> bytes:
+    """A compound RTCP packet with its SDES items neutralised (other packets as sent).
+
+    Raises RtcpError on a malformed packet; the relay then drops it rather than
+    forward what it cannot check.
+    """
+    out = bytearray()
+    offset = 0
+    packets = 0
+    while offset < len(data):
+        packets += 1
+        if packets > MAX_COMPOUND_PACKETS:
+            raise RtcpError(f"more than {MAX_COMPOUND_PACKETS} packets in a compound packet")
+        if len(data) - offset < 4:
+            raise RtcpError(f"truncated RTCP header at byte {offset}")
+        first, packet_type, words = _HEADER.unpack_from(data, offset)
+        end = offset + 4 + 4 * words
+        if end > len(data) or first >> 6 != 2:
+            raise RtcpError(f"bad RTCP packet at byte {offset}")
+        chunk = data[offset:end]
+        if packet_type == PT_SDES and not first & 0x20:
+            out += _hidden_sdes(chunk)
+        elif packet_type == PT_SDES:
+            out += _hidden_sdes(chunk[: len(chunk) - chunk[-1]] if chunk[-1] else chunk)
+        else:
+            out += chunk
+        offset = end
+    return bytes(out)
