@@ -10,9 +10,11 @@
 `python -m tests.scenario.fw_lab node CONFIG_JSON STATUS_FILE` runs, inside the sbc
 namespace, a `Firewall` plus a tiny UDP SIP responder (INVITE/BYE/OPTIONS -> 200,
 REGISTER -> digest 401/200) that feeds every request, parse error and digest failure
-to the detectors. `sbc run` itself feeds its firewall now (test_firewall_sbc.py) but
-does no digest authentication yet, so the auth and flood scenarios keep this stand-in. The flood sender is a small C program (`FLOOD_C`), bounded in packets and
-seconds.
+to the detectors. `sbc run` itself feeds its firewall now (test_firewall_sbc.py) and
+its embedded registrar's digest failures too (test_firewall_auth_sbc.py, with the
+`digest_exchanges` client run in ext by `lab_call`); test_firewall_lab.py and the
+flood scenarios keep the stand-in. The flood sender is a small C program
+(`FLOOD_C`), bounded in packets and seconds.
 """
 
 from __future__ import annotations
@@ -641,3 +643,147 @@ def spawn_sbc(
             return proc
         time.sleep(0.1)
     raise AssertionError(f"sbc not healthy in {timeout} s:\n{log.read_text()}")
+
+
+# --- digest clients against the real SBC -------------------------------------------
+
+
+def add_ext_addresses(the_lab: Lab, *addresses: str) -> None:
+    """More IPv4 sources in ext, on the lab link (198.51.100.4-62 are on-link for sbc)."""
+    out = the_lab.run(the_lab.ext, "ip", "-o", "link", "show", "type", "veth")
+    device = out.split(":")[1].strip().split("@")[0]
+    for address in addresses:
+        the_lab.run(the_lab.ext, "ip", "addr", "add", f"{address}/24", "dev", device)
+
+
+def lab_call(
+    the_lab: Lab, namespace: str, function: str, timeout: float = 60, **kwargs: Any
+) -> Any:
+    """`fw_lab.<function>(**kwargs)` run by a fresh Python in `namespace`: its JSON result."""
+    root = Path(__file__).resolve().parents[2]
+    code = (
+        "import json, sys\n"
+        "from tests.scenario import fw_lab\n"
+        "print(json.dumps(getattr(fw_lab, sys.argv[1])(**json.loads(sys.argv[2]))))\n"
+    )
+    proc = subprocess.run(
+        the_lab.ns(namespace, sys.executable, "-c", code, function, json.dumps(kwargs)),
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{function}: rc {proc.returncode}: {proc.stderr}")
+    return json.loads(proc.stdout)
+
+
+def _final_response(sock: socket.socket, call_id: str, cseq: int, wait: float) -> Any:
+    """The final response to (call_id, cseq) within `wait` s, or None; others are skipped."""
+    from sbc.sip.errors import ParseError
+    from sbc.sip.message import Response
+    from sbc.sip.parser import parse_message
+
+    deadline = time.monotonic() + wait
+    for _ in range(64):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        sock.settimeout(left)
+        try:
+            data, _ = sock.recvfrom(65535)
+        except TimeoutError:
+            return None
+        try:
+            message = parse_message(data)
+        except ParseError:
+            continue
+        if (
+            isinstance(message, Response)
+            and message.status >= 200
+            and message.call_id == call_id
+            and message.cseq.seq == cseq
+        ):
+            return message
+    return None
+
+
+def digest_exchanges(
+    target: str, steps: list[dict[str, str]], wait: float = 0.4, port: int = 5060
+) -> list[dict[str, Any]]:
+    """Digest-authenticated REGISTERs or MESSAGEs to `target`, in order, each from its source.
+
+    A step is {"source", "user", "password"[, "method"]} (method REGISTER or MESSAGE).
+    The request goes out without credentials and its 401/407 challenge is answered
+    once (RFC 3261 22.2, 22.3), as a phone or a password guesser does. Per step:
+    `status` (the final one; 0 when nothing came back within `wait` s), `sent`
+    (requests sent), and `started` / `ended` (time.time()).
+    """
+    from sbc.sip.auth import DigestClient
+
+    host = f"[{target}]" if ":" in target else target
+    sockets: dict[str, socket.socket] = {}
+    results: list[dict[str, Any]] = []
+    try:
+        for index, step in enumerate(steps):
+            source, user = step["source"], step["user"]
+            method = step.get("method", "REGISTER")
+            sock = sockets.get(source)
+            if sock is None:
+                sock = socket.socket(
+                    socket.AF_INET6 if ":" in source else socket.AF_INET, socket.SOCK_DGRAM
+                )
+                sock.bind((source, 0))
+                sockets[source] = sock
+            me = (
+                f"[{source}]:{sock.getsockname()[1]}"
+                if ":" in source
+                else f"{source}:{sock.getsockname()[1]}"
+            )
+            if method == "REGISTER":
+                uri, to, body = f"sip:{host}", f"<sip:{user}@{REALM}>", b""
+                extra = [f"Contact: <sip:{user}@{me}>"]
+            else:
+                uri, to, body = f"sip:echo@{host}", f"<sip:echo@{host}>", b"guess"
+                extra = ["Content-Type: text/plain"]
+            call_id = f"dx{index}-{secrets.token_hex(6)}"
+            client = DigestClient(user, step["password"])
+            credentials: str | None = None
+            status, sent, started = 0, 0, time.time()
+            for cseq in (1, 2):
+                lines = [
+                    f"{method} {uri} SIP/2.0",
+                    f"Via: SIP/2.0/UDP {me};rport;branch=z9hG4bK{secrets.token_hex(6)}",
+                    "Max-Forwards: 70",
+                    f"From: <sip:{user}@{REALM}>;tag=dx{index}",
+                    f"To: {to}",
+                    f"Call-ID: {call_id}",
+                    f"CSeq: {cseq} {method}",
+                    *extra,
+                ]
+                if credentials is not None:
+                    lines.append(credentials)
+                lines += [f"Content-Length: {len(body)}", "", ""]
+                sock.sendto("\r\n".join(lines).encode() + body, (target, port))
+                sent += 1
+                response = _final_response(sock, call_id, cseq, wait)
+                if response is None:
+                    status = 0
+                    break
+                status = response.status
+                if status not in (401, 407) or credentials is not None:
+                    break
+                name = "WWW-Authenticate" if status == 401 else "Proxy-Authenticate"
+                value = client.respond(
+                    response.headers.fields(name), method=method, uri=uri, body=body
+                )
+                credentials = (
+                    f"{'Authorization' if status == 401 else 'Proxy-Authorization'}: {value}"
+                )
+            results.append(
+                {"status": status, "sent": sent, "started": started, "ended": time.time()}
+            )
+    finally:
+        for sock in sockets.values():
+            sock.close()
+    return results
