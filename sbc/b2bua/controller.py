@@ -926,6 +926,7 @@ class CallController:
             return None
         step = self._send_response(tx, verdict.response, now, realm.name)
         if verdict.auth_failed:
+            logger.info("x %s auth failed for %r from %s", request.method, verdict.user, flow)
             step = step + Step(auth_failures=(AuthFailure(flow.remote_host, verdict.user),))
         return step
 
