@@ -749,7 +749,10 @@ class SbcNode:
     async def _send_stream(self, outgoing: Outgoing, hop: Hop) -> None:
         assert self.transport is not None and isinstance(outgoing.message, Request)
         try:
-            await self.transport.send_request(outgoing.message, hop.destination)
+            # From the realm's own address: its peers see only that realm's SBC address.
+            await self.transport.send_request(
+                outgoing.message, hop.destination, local_host=hop.local.host
+            )
         except TransportError as exc:
             logger.warning("x %r to %s: %s", outgoing.message, hop, exc)
             self._transport_failed(outgoing)

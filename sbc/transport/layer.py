@@ -302,11 +302,13 @@ class TransportLayer:
         destination: Destination | tuple[Transport, str, int],
         *,
         server_hostname: str | None = None,
+        local_host: str | None = None,
     ) -> Flow:
         """Send a request to an IP destination; returns the Flow it went out on.
 
         Over TCP/TLS an open connection to the same address and port is reused
-        (whichever side opened it), else one is opened within ``connect_timeout``;
+        (whichever side opened it), else one is opened within ``connect_timeout``
+        from ``local_host`` (a realm's address; default: the kernel's choice);
         ``server_hostname`` is what TLS verifies (default: the address). Raises
         TransportError if it cannot be sent (RFC 3261 8.1.3.1: the TU sees a 503).
         """
@@ -321,7 +323,9 @@ class TransportLayer:
             raise TransportError(f"{destination}: forbidden destination")
         data = bytes(request)
         if is_reliable(transport):
-            connection = await self._connection_to(transport, host, port, server_hostname)
+            connection = await self._connection_to(
+                transport, host, port, server_hostname, local_host
+            )
             if not self._write(connection, data, request):
                 raise TransportError(f"{destination}: write failed")
             return connection.flow
@@ -367,7 +371,12 @@ class TransportLayer:
         return True
 
     async def _connection_to(
-        self, transport: Transport, host: str, port: int, server_hostname: str | None
+        self,
+        transport: Transport,
+        host: str,
+        port: int,
+        server_hostname: str | None,
+        local_host: str | None = None,
     ) -> StreamConnection:
         """An open connection to host:port, reused if there is one, else a new one."""
         key = (transport, host, port)
@@ -379,7 +388,9 @@ class TransportLayer:
         task = self._connecting.get(key)
         if task is None:
             # One connect per destination at a time: concurrent sends share it.
-            task = asyncio.create_task(self._connect(transport, host, port, server_hostname))
+            task = asyncio.create_task(
+                self._connect(transport, host, port, server_hostname, local_host)
+            )
             self._connecting[key] = task
             task.add_done_callback(lambda done: self._connect_done(key, done))
         return await asyncio.shield(task)
@@ -391,7 +402,12 @@ class TransportLayer:
             task.exception()  # retrieved here, so no "never retrieved" warning
 
     async def _connect(
-        self, transport: Transport, host: str, port: int, server_hostname: str | None
+        self,
+        transport: Transport,
+        host: str,
+        port: int,
+        server_hostname: str | None,
+        local_host: str | None = None,
     ) -> StreamConnection:
         try:
             connection = await connect(
@@ -402,6 +418,7 @@ class TransportLayer:
                 ssl_context=self._client_ssl,
                 server_hostname=server_hostname,
                 timeout=self._config.connect_timeout,
+                local_host=local_host,
             )
         except OSError as exc:
             self.stats.incr(Stat.CONNECT_FAILURES)

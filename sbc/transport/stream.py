@@ -364,9 +364,15 @@ async def connect(
     ssl_context: ssl.SSLContext | None,
     server_hostname: str | None,
     timeout: float,
+    local_host: str | None = None,
 ) -> StreamConnection:
-    """Open an outbound connection, TLS handshake included, within ``timeout`` seconds."""
+    """Open an outbound connection, TLS handshake included, within ``timeout`` seconds.
+
+    ``local_host`` binds the source address (a realm's listener address): without it
+    the kernel picks one from its routes, which may belong to another realm.
+    """
     loop = asyncio.get_running_loop()
+    local_addr = None if local_host is None else (local_host, 0)
     if transport is Transport.TLS:
         if ssl_context is None:
             raise OSError("no client SSL context for outgoing TLS")
@@ -377,8 +383,9 @@ async def connect(
             ssl=ssl_context,
             server_hostname=server_hostname,
             ssl_handshake_timeout=timeout,
+            local_addr=local_addr,
         )
     else:
-        coro = loop.create_connection(lambda: factory(None), host, port)
+        coro = loop.create_connection(lambda: factory(None), host, port, local_addr=local_addr)
     _, protocol = await asyncio.wait_for(coro, timeout)
     return protocol
