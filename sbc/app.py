@@ -818,7 +818,9 @@ class SbcNode:
 
     def _arm_timer(self) -> None:
         deadlines = [
-            d for d in (self.transactions.next_deadline(), self.calls.next_deadline()) if d
+            d
+            for d in (self.transactions.next_deadline(), self.calls.next_deadline())
+            if d is not None
         ]
         deadline = min(deadlines) if deadlines else None
         if deadline == self._timer_at:

@@ -23,7 +23,13 @@ from sbc.b2bua.controller import (
 from sbc.b2bua.manipulation import Direction, HeaderManipulator, HeaderRule
 from sbc.b2bua.realm import Hop, RealmTable
 from sbc.b2bua.trunks import Gateway, ProbePolicy, Trunk
-from sbc.config.b2bua import AdmissionLimits, CdrFormat, OptionsPolicy, ReferPolicy
+from sbc.config.b2bua import (
+    AdmissionLimits,
+    CdrFormat,
+    HeaderAction,
+    OptionsPolicy,
+    ReferPolicy,
+)
 from sbc.config.schema import Config
 from sbc.registrar.credentials import CredentialBackend, CredentialStoreError
 from sbc.registrar.registrar import Registrar, RegistrarPolicy
@@ -130,7 +136,7 @@ def header_rules(config: Config) -> dict[str, HeaderManipulator]:
                 methods=rule.methods,
                 value=rule.value,
                 pattern=rule.pattern,
-                replacement=rule.replacement,
+                replacement=rule.replacement if rule.action is HeaderAction.REWRITE else None,
                 all_matches=rule.all_matches,
                 only_if_absent=rule.only_if_absent,
             )

@@ -1600,10 +1600,11 @@ class CallController:
 
     @staticmethod
     def _fix_via(request: Request) -> None:
-        # RFC 3581: ask for rport on every request the SBC originates.
-        via = request.headers.pop_first_value("Via")
+        # RFC 3581: ask for rport on every request the SBC originates (its only Via,
+        # kept where it stands: first, RFC 3261 7.3.1).
+        via = request.headers.get("Via")
         assert via is not None
-        request.headers.add("Via", f"{via};rport", first=True)
+        request.headers.set("Via", f"{via};rport")
         request.invalidate()
 
     def _cancel(self, event: CancelReceived, now: float) -> Step:

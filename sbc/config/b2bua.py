@@ -131,14 +131,28 @@ class HeaderRuleConfig(Section):
     def check(self, path: str) -> Iterator[Issue]:
         if self.action is HeaderAction.ADD and self.value is None:
             yield key_path(path, "value"), "add needs a value"
-        if self.action is HeaderAction.REWRITE:
-            if self.pattern is None:
-                yield key_path(path, "pattern"), "rewrite needs a pattern"
-            else:
-                try:
-                    re.compile(self.pattern)
-                except re.error as exc:
-                    yield key_path(path, "pattern"), f"bad regular expression: {exc}"
+            return
+        if self.action is HeaderAction.REWRITE and self.pattern is None:
+            yield key_path(path, "pattern"), "rewrite needs a pattern"
+            return
+        # The rule as the B2BUA will run it: protected headers, regex and template
+        # errors are refused here, with the file and line, not when the SBC starts.
+        from sbc.b2bua.manipulation import HeaderRule
+
+        try:
+            HeaderRule.build(
+                self.action.value,
+                self.header,
+                direction=self.direction.value,
+                methods=self.methods,
+                value=self.value,
+                pattern=self.pattern,
+                replacement=self.replacement if self.action is HeaderAction.REWRITE else None,
+                all_matches=self.all_matches,
+                only_if_absent=self.only_if_absent,
+            )
+        except ValueError as exc:
+            yield path, str(exc)
 
 
 @dataclass(frozen=True)
