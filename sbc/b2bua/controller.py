@@ -607,7 +607,8 @@ class CallController:
     def _call_timer(self, live: _Live, kind: str, when: float, now: float) -> Step:
         call = live.call
         if kind == _Timer.RING:
-            if call.state in (CallState.CALLING, CallState.EARLY) and not live.a_final:
+            ringing = (CallState.ALLOCATING, CallState.CALLING, CallState.EARLY)
+            if call.state in ringing and not live.a_final:
                 logger.info("x call %s: no answer in time", call.call_ref)
                 step = self._answer_a(
                     live, make_response(live.a_request, 408, to_tag=live.call.a.local_tag), now
@@ -1580,6 +1581,9 @@ class CallController:
             out_request, hop, now, reliable=is_reliable(hop.destination.transport)
         )
         self._by_client[client] = _ByRole(live.call.call_ref, "relay", _Relayed(side, tx, request))
+        if request.method == "INVITE":
+            # RFC 3261 14.1: no second INVITE (a refresh) on that leg until this one ends.
+            live.reinvite_pending.add(other)
         logger.info(
             "- call %s: %s relayed %s -> %s",
             live.call.call_ref,
@@ -2018,6 +2022,8 @@ class CallController:
             return Step()
         self._by_client.pop(tx, None)
         side, other = relayed.from_side, relayed.from_side.other
+        if relayed.request.method == "INVITE":
+            live.reinvite_pending.discard(other)
         step = Step()
         leg = live.call.leg(other)
         if leg.dialog is not None:
@@ -2162,6 +2168,17 @@ class CallController:
             live.call = live.call.with_leg(side, leg.with_dialog(dialog))
             if tx.request.method == "INVITE" and status < 300:
                 step = step + self._ack_leg(live, side, dialog, response.cseq.seq)
+        if tx.request.method == "INVITE" and 200 <= status < 300:
+            # The peer may answer the refresh with other media (a new port): the
+            # relay follows it.
+            try:
+                sdp = parse_sdp(response)
+            except SdpError:
+                sdp = None
+            realm = self.realms.get(leg.realm)
+            if sdp is not None and realm is not None and live.session is not None:
+                live.offers[side] = leg_offers(sdp, realm)
+                step = step + self._update_media(live)
         if status in DEAD_DIALOG_STATUSES:
             logger.info(
                 "x call %s: session refresh on %s got %d, the dialog is gone",

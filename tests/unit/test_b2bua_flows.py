@@ -1052,3 +1052,32 @@ def test_a_rejected_call_records_its_cdr_fields() -> None:
     assert call.end_reason is EndReason.REJECTED and call.hangup is LegSide.B
     assert call.end_status == 486
     assert call.a_codecs == "PCMU/8000" and call.b_codecs == ""
+
+
+def test_no_answer_timeout_also_ends_a_call_stuck_allocating_media() -> None:
+    c = controller(CallTimers(max_duration=0, no_answer_timeout=30, session_expires=0))
+    step = receive(c, invite_text(), CALLER, 0.0)
+    (allocate,) = step.media
+    assert isinstance(allocate, AllocateMedia)
+    step = c.handle_timers(30.0)
+    assert statuses(step) == [408] and len(c) == 0
+    (ended,) = ended_calls(step)
+    assert ended.end_reason is EndReason.NO_ANSWER_TIMEOUT
+    # The relay's late answer is freed, and nothing is sent.
+    late = c.media_allocated(allocate.call_ref, session(), 31.0)
+    assert sent(late) == [] and [type(m).__name__ for m in late.media] == ["DeleteMedia"]
+
+
+def test_a_relayed_reinvite_holds_off_the_session_refresh_on_that_leg() -> None:
+    timers = CallTimers(max_duration=0, no_answer_timeout=0, session_expires=90, min_se=90)
+    c = controller(timers)
+    b_invite, _, a_tag = confirmed_call(c, 0.1)
+    reinvite = invite_text(cseq=2, via_branch="z9hG4bKre1", body=SDP).replace(
+        "To: <sip:1000@198.51.100.1>", f"To: <sip:1000@198.51.100.1>;tag={a_tag}"
+    )
+    step = receive(c, reinvite, CALLER, 40.0)
+    assert len(requests(step, "INVITE")) == 1  # relayed to B, not answered yet
+    # The refresh of B falls due while the relayed re-INVITE is pending: none is sent.
+    step = c.handle_timers(45.2)
+    on_b = [r for r in requests(step) if r.call_id == b_invite.call_id]
+    assert on_b == [], [r.method for r in on_b]
