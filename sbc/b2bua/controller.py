@@ -2179,6 +2179,15 @@ class CallController:
             if sdp is not None and realm is not None and live.session is not None:
                 live.offers[side] = leg_offers(sdp, realm)
                 step = step + self._update_media(live)
+        if status == 491:
+            # RFC 3261 14.1 glare: try again after a random back-off, 2.1-4 s when we
+            # own the Call-ID (the B leg's), else 0-2 s.
+            low, high = (2.1, 4.0) if side is LegSide.B else (0.0, 2.0)
+            when = now + low + (high - low) * secrets.randbelow(1000) / 1000
+            live.refresh_at[side] = when
+            timer = _Timer.REFRESH_A if side is LegSide.A else _Timer.REFRESH_B
+            self._schedule(when, live.call.call_ref, timer)
+            return step
         if status in DEAD_DIALOG_STATUSES:
             logger.info(
                 "x call %s: session refresh on %s got %d, the dialog is gone",

@@ -1081,3 +1081,17 @@ def test_a_relayed_reinvite_holds_off_the_session_refresh_on_that_leg() -> None:
     step = c.handle_timers(45.2)
     on_b = [r for r in requests(step) if r.call_id == b_invite.call_id]
     assert on_b == [], [r.method for r in on_b]
+
+
+def test_a_491_to_our_refresh_retries_after_the_rfc_back_off() -> None:
+    c = controller(SESSION_TIMERS)
+    confirmed_call(c, 0.0, a_extra=A_ALLOWS_UPDATE)
+    update, reinvite = refreshes(c.handle_timers(45.0))
+    receive(c, answer(update, 200), CALLER, 45.1)
+    step = receive(c, answer(reinvite, 491), TRUNK, 45.2)
+    assert [r.method for r in requests(step)] == ["ACK"] and len(c) == 1
+    # RFC 3261 14.1: the B leg's Call-ID is ours, so 2.1-4 s later, not before.
+    assert not requests(c.handle_timers(47.2), "INVITE")
+    again = requests(c.handle_timers(49.3), "INVITE")
+    assert len(again) == 1 and again[0].call_id == reinvite.call_id
+    assert again[0].cseq.seq == reinvite.cseq.seq + 1
