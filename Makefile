@@ -65,11 +65,15 @@ lint: deps
 fuzz: deps
 	SBC_FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m pytest -q tests/unit/test_fuzz.py -p no:timeout
 
-bench: deps
+# Parser throughput vs sippy (seconds), then the B2BUA call/REGISTER rates and memory
+# per call vs sippy's B2BUA and Kamailio (mk/bench-b2bua.mk, ~2 min quick mode).
+bench: deps bench-b2bua-deps
 	$(BIN)/python tests/bench/sip_parse.py
+	$(BIN)/python tests/bench/b2bua_bench.py --quick --json build/bench-b2bua/quick.json
 
 include mk/image.mk
 include mk/bench-media.mk
+include mk/bench-b2bua.mk
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info
