@@ -203,6 +203,14 @@ class FirewallConfig(Section):
     udp: PacketMeter = field(
         default_factory=PacketMeter, metadata=spec("UDP SIP packets per source.")
     )
+    udp_total: PacketMeter = field(
+        default_factory=lambda: PacketMeter(rate=2000, burst=4000),
+        metadata=spec(
+            "UDP SIP packets per second from all untrusted sources together: a flood "
+            "from many spoofed sources, each under the per-source rate, is dropped in "
+            "the kernel beyond it (trusted peers bypass it)."
+        ),
+    )
     tcp: StreamLimits = field(default_factory=StreamLimits, metadata=spec("TCP SIP limits."))
     tls: StreamLimits = field(default_factory=StreamLimits, metadata=spec("TLS SIP limits."))
     ipv6_prefix_length: int = field(

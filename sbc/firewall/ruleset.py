@@ -85,6 +85,7 @@ class DropReason(StrEnum):
     CONNLIMIT_TLS_V4 = "connlimit_tls_v4"
     CONNLIMIT_TLS_V6 = "connlimit_tls_v6"
     MEDIA_CLOSED = "media_closed"
+    TOTAL_UDP = "total_udp"
 
     @property
     def counter(self) -> str:
@@ -240,6 +241,13 @@ def _prerouting_rules(config: FirewallConfig) -> list[str]:
                 f"add @fw_meter_{name}_{v} {{ {key} {_limit(limits.packets)} }} "
                 f'counter name "{DropReason(f"rate_{name}_{v}").counter}" drop'
             )
+    if config.sip_ports.udp:
+        # After the per-source meters: what many sources send together, each under
+        # its own rate (a spoofed flood), is capped before it reaches the SBC.
+        rules.append(
+            f"udp dport {_ports(config.sip_ports.udp)} {_limit(config.udp_total)} "
+            f'counter name "{DropReason.TOTAL_UDP.counter}" drop'
+        )
     media = config.media_ports
     if media.enabled:
         rules.append(

@@ -243,6 +243,7 @@ def run_step(
         "kernel_dropped_pct": round(100.0 * kernel_dropped / sent, 2) if sent else 0.0,
         "drop_rate_udp_v4": counters.get("fw_drop_rate_udp_v4", 0),
         "drop_blacklist_v4": counters.get("fw_drop_blacklist_v4", 0),
+        "drop_total_udp": counters.get("fw_drop_total_udp", 0),
         "accept_trusted_v4": counters.get("fw_accept_trusted_v4", 0),
         "udp_delivered_in_sbc_ns": delivered,
         "udp_rcvbuf_errors": snmp1["RcvbufErrors"] - snmp0["RcvbufErrors"],

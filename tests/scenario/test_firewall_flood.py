@@ -138,7 +138,11 @@ def test_flood_dropped_in_kernel_while_trusted_calls_complete(
     assert not problems, node_log[-3000:]
     ok, failed = _sipp_stats(stat_file)
     flood_rate = sent / seconds
-    kernel_dropped = counters["fw_drop_rate_udp_v4"] + counters["fw_drop_blacklist_v4"]
+    kernel_dropped = (
+        counters["fw_drop_rate_udp_v4"]
+        + counters["fw_drop_blacklist_v4"]
+        + counters.get("fw_drop_total_udp", 0)
+    )
     reached_userspace = sum(
         n for src, n in node_status["requests"].items() if src != fw_lab.TRUNK_V4
     ) + sum(node_status["malformed"].values())
@@ -148,6 +152,7 @@ def test_flood_dropped_in_kernel_while_trusted_calls_complete(
         "flood_pps": round(flood_rate),
         "drop_rate_udp_v4": counters["fw_drop_rate_udp_v4"],
         "drop_blacklist_v4": counters["fw_drop_blacklist_v4"],
+        "drop_total_udp": counters.get("fw_drop_total_udp", 0),
         "accept_trusted_v4": counters["fw_accept_trusted_v4"],
         "flood_reaching_userspace": reached_userspace,
         "sources_banned": len(banned),

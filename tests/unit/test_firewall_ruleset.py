@@ -84,6 +84,20 @@ def test_udp_meters_ipv4_per_address_ipv6_per_64() -> None:
     ) in out
 
 
+def test_untrusted_udp_sip_is_capped_in_total_after_the_per_source_meters() -> None:
+    out = lines(render_apply(CONFIG, TableInventory(exists=False)))
+    total = (
+        "add rule inet sbc fw_prerouting udp dport 5060 "
+        "limit rate over 2000/second burst 4000 packets "
+        'counter name "fw_drop_total_udp" drop'
+    )
+    assert total in out
+    pre = [line for line in out if line.startswith("add rule inet sbc fw_prerouting")]
+    trusted = max(i for i, line in enumerate(pre) if "@trusted_v" in line)
+    meters = max(i for i, line in enumerate(pre) if "@fw_meter_udp_" in line)
+    assert trusted < meters < pre.index(total)  # trusted peers never meet the cap
+
+
 def test_stream_limits_new_connections_and_ct_count() -> None:
     out = lines(render_apply(CONFIG, TableInventory(exists=False)))
     assert (
