@@ -46,10 +46,14 @@ venv: deps
 run: deps
 	$(BIN)/sbc run $(if $(CONFIG),--config $(CONFIG))
 
-# Fast unit tests first, then scenario tests against real sockets and processes.
+# Fast unit tests first, then scenario tests, then (in CI, or with TEST_IMAGE=1) the
+# appliance image: build, QEMU boot to a SIP answer, hardening checks (~25-30 min).
+TEST_IMAGE ?= $(if $(CI),1,0)
 test: deps
 	$(BIN)/python -m pytest -q -m "not slow and not image" tests/unit tests/image
 	$(BIN)/python -m pytest -q -m "not slow" tests/scenario
+	@if [ "$(TEST_IMAGE)" = 1 ]; then $(MAKE) --no-print-directory test-image-slow; \
+	else echo "- image build and boot tests skipped here (CI runs them): make test-image"; fi
 
 test-fast: deps
 	$(BIN)/python -m pytest -q -m "not slow and not image" tests/unit tests/image
