@@ -62,7 +62,7 @@ from sbc.firewall.nft import NftError
 from sbc.firewall.sip_events import malformed_event, request_event
 from sbc.media.config import MediaConfig, RealmMediaAddress
 from sbc.media.control import MediaError, MediaTimeout
-from sbc.media.relay import MediaRelay
+from sbc.media.relay import DescriptorsExhausted, MediaRelay
 from sbc.media.session import MediaSession
 from sbc.registrar.credentials import CredentialStoreError, SqliteCredentials
 from sbc.sip.errors import ParseError
@@ -304,6 +304,8 @@ class SbcNode:
         self._runner: web.AppRunner | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._udp_listeners: dict[tuple[str, int], UdpListener] = {}
+        self._udp_listeners_of: TransportLayer | None = None
         self._stopping = False
         self.stopped = asyncio.Event()
         self.firewall: Firewall | None = None
@@ -458,16 +460,32 @@ class SbcNode:
             await asyncio.sleep(60.0)
 
     def _udp_listener(self, host: str, port: int) -> UdpListener | None:
-        if self.transport is None:
+        transport = self.transport
+        if transport is None:
             return None
-        for listener in self.transport.listeners:
+        # Remembered per transport layer: every request the B2BUA sends asks, and the
+        # match normalizes (parses) both addresses. Hops name realm listeners only.
+        if self._udp_listeners_of is not transport:
+            self._udp_listeners.clear()
+            self._udp_listeners_of = transport
+        key = (host, port)
+        try:
+            return self._udp_listeners[key]
+        except KeyError:
+            pass
+        found = None
+        wanted = normalize_host(host)
+        for listener in transport.listeners:
             if (
                 isinstance(listener, UdpListener)
                 and listener.port == port
-                and normalize_host(listener.host) == normalize_host(host)
+                and normalize_host(listener.host) == wanted
             ):
-                return listener
-        return None
+                found = listener
+                break
+        if found is not None and len(self._udp_listeners) < 1024:
+            self._udp_listeners[key] = found
+        return found
 
     async def _start_transport(self, config: Config) -> None:
         tls = config.sip.tls
@@ -781,6 +799,10 @@ class SbcNode:
             if isinstance(command, AllocateMedia):
                 try:
                     session = await relay.allocate(command.call_id, command.streams)
+                except DescriptorsExhausted as exc:
+                    # The relay logs these once per burst; the call gets 503.
+                    logger.debug("x call %s: no media: %s", command.call_ref, exc)
+                    session = None
                 except MediaError as exc:
                     logger.error("x call %s: no media: %s", command.call_ref, exc)
                     session = None
@@ -817,19 +839,21 @@ class SbcNode:
                 self._execute(self.calls.media_timeout(event.session_id, now), now)
 
     def _arm_timer(self) -> None:
-        deadlines = [
-            d
-            for d in (self.transactions.next_deadline(), self.calls.next_deadline())
-            if d is not None
-        ]
-        deadline = min(deadlines) if deadlines else None
-        if deadline == self._timer_at:
+        deadline = self.transactions.next_deadline()
+        calls = self.calls.next_deadline()
+        if calls is not None and (deadline is None or calls < deadline):
+            deadline = calls
+        armed = self._timer_at
+        if deadline is None or (armed is not None and armed <= deadline):
+            # The armed timer fires first (or there is nothing to wait for): it runs
+            # what is due then and arms the next one. Most messages move the earliest
+            # deadline later, not sooner: no timer is cancelled and re-made for them.
             return
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         self._timer_at = deadline
-        if deadline is None or self._stopping:
+        if self._stopping:
             return
         loop = asyncio.get_running_loop()
         delay = max(0.0, deadline - time.monotonic())

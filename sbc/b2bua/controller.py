@@ -357,6 +357,11 @@ class Step:
     auth_failures: tuple[AuthFailure, ...] = ()
 
     def __add__(self, other: Step) -> Step:
+        # Most steps are empty or carry only messages: no new value for nothing.
+        if not (other.output or other.media or other.ended or other.auth_failures):
+            return self
+        if not (self.output or self.media or self.ended or self.auth_failures):
+            return other
         return Step(
             self.output + other.output,
             self.media + other.media,
@@ -398,9 +403,10 @@ class _Live:
 
     call: Call
     #: The A leg's dialog-creating request and its server transaction (an INVITE,
-    #: or a SUBSCRIBE for a subscription: a "call" without media).
-    a_invite: ServerTransaction
-    a_request: Request
+    #: or a SUBSCRIBE for a subscription: a "call" without media). Only the set-up
+    #: reads them: they are let go once the call is settled (``_settle``).
+    invite_tx: ServerTransaction | None
+    invite: Request | None
     route: TrunkRoute | RegisteredRoute
     #: Target groups still to try: each group is forked in parallel, groups in series.
     pending: list[tuple[Target, ...]] = field(default_factory=list)
@@ -425,13 +431,28 @@ class _Live:
     #: A subscription (RFC 6665): its B-leg SUBSCRIBE, and NOTIFYs that overtook its 2xx.
     subscribe: Request | None = None
     early_notifies: list[tuple[ServerTransaction, Request]] = field(default_factory=list)
+    #: The ACK for the A leg's 2xx arrived (RFC 3261 13.3.1.4).
+    a_acked: bool = False
+    is_subscription: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        assert self.invite is not None
+        self.is_subscription = self.invite.method == "SUBSCRIBE"
 
     @property
-    def is_subscription(self) -> bool:
-        return self.a_request.method == "SUBSCRIBE"
+    def a_invite(self) -> ServerTransaction:
+        """The A leg's server transaction; set-up steps only (see ``invite_tx``)."""
+        assert self.invite_tx is not None, "the A leg's transaction was let go"
+        return self.invite_tx
+
+    @property
+    def a_request(self) -> Request:
+        """The A leg's dialog-creating request; set-up steps only (see ``invite``)."""
+        assert self.invite is not None, "the A leg's request was let go"
+        return self.invite
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Unacked:
     """A 2xx the B2BUA sent to an INVITE, retransmitted until its ACK (13.3.1.4)."""
 
@@ -500,6 +521,79 @@ def _uri_text(uri: Uri) -> str:
     return str(uri)
 
 
+#: Allow sets by the Allow fields they were read from: peers of one kind send the
+#: same list, and every call keeps one per leg (bounded; cleared when full).
+_ALLOW_SETS: dict[tuple[str, ...], frozenset[str]] = {}
+_MAX_ALLOW_SETS: Final = 256
+
+
+def _allowed(message: Message) -> frozenset[str]:
+    """The methods a message's Allow lists, upper case (RFC 3261 20.5)."""
+    fields = tuple(message.headers.fields("Allow"))
+    allowed = _ALLOW_SETS.get(fields)
+    if allowed is None:
+        allowed = frozenset(t.upper() for t in message.tokens("Allow"))
+        if len(_ALLOW_SETS) >= _MAX_ALLOW_SETS:
+            _ALLOW_SETS.clear()
+        _ALLOW_SETS[fields] = allowed
+    return allowed
+
+
+class _RealmLookups:
+    """Realm lookups of one RealmTable, remembered: matching a flow or a listener
+    parses and compares IP addresses, and every message asks again.
+
+    The table and its realms are immutable; the memo is bounded (remote hosts and
+    the local ends of outbound connections are many), and cleared when full.
+    """
+
+    MAX_ENTRIES: Final = 4096
+
+    __slots__ = ("_hops", "_listeners", "_realms_of", "table")
+
+    def __init__(self, table: RealmTable) -> None:
+        self.table = table
+        self._realms_of: dict[tuple[Transport, str, int], Realm | None] = {}
+        self._listeners: dict[tuple[str, Transport, str], ListenAddress | None] = {}
+        self._hops: dict[tuple[str, Destination], Hop | None] = {}
+
+    def of_flow(self, flow: Flow) -> Realm | None:
+        key = (flow.transport, flow.local_host, flow.local_port)
+        try:
+            return self._realms_of[key]
+        except KeyError:
+            pass
+        realm = self.table.of_flow(flow)
+        if len(self._realms_of) >= self.MAX_ENTRIES:
+            self._realms_of.clear()
+        self._realms_of[key] = realm
+        return realm
+
+    def listener(self, realm: Realm, transport: Transport, host: str) -> ListenAddress | None:
+        key = (realm.name, transport, host)
+        try:
+            return self._listeners[key]
+        except KeyError:
+            pass
+        local = realm.listener(transport, host)
+        if len(self._listeners) >= self.MAX_ENTRIES:
+            self._listeners.clear()
+        self._listeners[key] = local
+        return local
+
+    def hop(self, realm: Realm, destination: Destination) -> Hop | None:
+        key = (realm.name, destination)
+        try:
+            return self._hops[key]
+        except KeyError:
+            pass
+        hop = self.table.hop(realm, destination)
+        if len(self._hops) >= self.MAX_ENTRIES:
+            self._hops.clear()
+        self._hops[key] = hop
+        return hop
+
+
 class CallController:
     """The transaction user of the SBC: calls, routing, topology hiding; pure."""
 
@@ -541,11 +635,15 @@ class CallController:
         self._routed: dict[ClientTransaction, _Routed] = {}
         #: (Call-ID, the SBC's To tag, CSeq number) of a 2xx not yet ACKed.
         self._unacked: dict[tuple[str, str, int], _Unacked] = {}
+        #: Their retransmission times: (when, sequence, key), entries whose time is no
+        #: longer the entry's ``next_at`` skipped (the heap spares a scan of them all).
+        self._unacked_due: list[tuple[float, int, tuple[str, str, int]]] = []
         #: Call timers: (when, sequence, call ref, kind), stale entries skipped.
         self._deadlines: list[tuple[float, int, str, str]] = []
         self._sequence = itertools.count()
         #: Counters for metrics: started, answered, failed ... by name.
         self.counters: dict[str, int] = {}
+        self._lookups = _RealmLookups(realms)
 
     # -- views ---------------------------------------------------------------------------
 
@@ -575,6 +673,17 @@ class CallController:
     def _count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
 
+    @property
+    def _realm_lookups(self) -> _RealmLookups:
+        lookups = self._lookups
+        if lookups.table is not self.realms:
+            # New realms (reconfigure, or assigned): nothing remembered applies.
+            lookups = self._lookups = _RealmLookups(self.realms)
+        return lookups
+
+    def _realm_of_flow(self, flow: Flow) -> Realm | None:
+        return self._realm_lookups.of_flow(flow)
+
     def _policy(self, realm: str) -> RealmPolicy:
         return self.policies.get(realm, RealmPolicy())
 
@@ -582,13 +691,26 @@ class CallController:
 
     def next_deadline(self) -> float | None:
         """When ``handle_timers`` should next run (2xx retransmissions, call timers)."""
-        while self._deadlines and self._deadlines[0][2] not in self._calls:
-            heapq.heappop(self._deadlines)
-        unacked = min((u.next_at for u in self._unacked.values()), default=None)
-        call = self._deadlines[0][0] if self._deadlines else None
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][2] not in self._calls:
+            heapq.heappop(deadlines)
+        due = self._unacked_due
+        while due and not self._unacked_live(due[0]):
+            heapq.heappop(due)
+        deadline = deadlines[0][0] if deadlines else None
+        if due and (deadline is None or due[0][0] < deadline):
+            deadline = due[0][0]
         probe = self.targets.next_probe()
-        candidates = [d for d in (unacked, call, probe) if d is not None]
-        return min(candidates) if candidates else None
+        if probe is not None and (deadline is None or probe < deadline):
+            deadline = probe
+        return deadline
+
+    def _unacked_live(self, entry: tuple[float, int, tuple[str, str, int]]) -> bool:
+        unacked = self._unacked.get(entry[2])
+        return unacked is not None and unacked.next_at == entry[0]
+
+    def _unacked_at(self, key: tuple[str, str, int], when: float) -> None:
+        heapq.heappush(self._unacked_due, (when, next(self._sequence), key))
 
     def _schedule(self, when: float, call_ref: str, kind: str) -> None:
         heapq.heappush(self._deadlines, (when, next(self._sequence), call_ref, kind))
@@ -636,9 +758,13 @@ class CallController:
         64*T1 without ACK the dialog is confirmed and at once ended with a BYE."""
         step = Step()
         config = self.transactions.config
-        for key, unacked in list(self._unacked.items()):
-            if unacked.next_at > now:
+        due = self._unacked_due
+        while due and due[0][0] <= now:
+            entry = heapq.heappop(due)
+            if not self._unacked_live(entry):
                 continue
+            key = entry[2]
+            unacked = self._unacked[key]
             live = self._calls.get(unacked.call_ref)
             if live is None:
                 del self._unacked[key]
@@ -646,6 +772,7 @@ class CallController:
             if unacked.server.terminated and now < unacked.give_up_at:
                 # Timer L ended the transaction first (RFC 6026 8.7): wait for give-up.
                 unacked.next_at = unacked.give_up_at
+                self._unacked_at(key, unacked.next_at)
                 continue
             if now >= unacked.give_up_at:
                 del self._unacked[key]
@@ -654,6 +781,7 @@ class CallController:
                 continue
             unacked.interval = min(2 * unacked.interval, config.t2)
             unacked.next_at = now + unacked.interval
+            self._unacked_at(key, unacked.next_at)
             step = step + Step(
                 self.transactions.send_response(unacked.server, unacked.response, now)
             )
@@ -706,6 +834,7 @@ class CallController:
         t1 = self.transactions.config.t1
         key = (response.call_id, response.to.tag or "", response.cseq.seq)
         self._unacked[key] = _Unacked(call_ref, server, response, t1, now + t1, now + 64 * t1)
+        self._unacked_at(key, now + t1)
 
     # -- events from the world ----------------------------------------------------------
 
@@ -772,9 +901,13 @@ class CallController:
         if isinstance(event, TransactionTerminated):
             tx = event.transaction
             if isinstance(tx, ClientTransaction):
-                self._by_client.pop(tx, None)
+                role = self._by_client.pop(tx, None)
                 self._routed.pop(tx, None)
                 self._register_relayed.pop(tx, None)
+                if role is not None and role.role == "invite":
+                    live = self._calls.get(role.call_ref)
+                    if live is not None:
+                        self._settle(live)
             elif isinstance(tx, ServerTransaction):
                 self._by_server.pop(tx, None)
         return Step()
@@ -782,7 +915,7 @@ class CallController:
     def _inbound(self, message: Message, flow: object) -> None:
         if self.manipulation is None or not isinstance(flow, Flow):
             return
-        realm = self.realms.of_flow(flow)
+        realm = self._realm_of_flow(flow)
         if realm is not None:
             self.manipulation.inbound(message, realm.name)
 
@@ -797,7 +930,7 @@ class CallController:
     def _realm_of_tx(self, tx: ServerTransaction) -> str | None:
         flow = tx.destination
         if isinstance(flow, Flow):
-            realm = self.realms.of_flow(flow)
+            realm = self._realm_of_flow(flow)
             if realm is not None:
                 return realm.name
         return None
@@ -832,7 +965,7 @@ class CallController:
         if request.method == "INVITE" and isinstance(tx, ServerInviteTransaction):
             return self._new_call(tx, request, now)
         flow = tx.destination
-        realm = self.realms.of_flow(flow) if isinstance(flow, Flow) else None
+        realm = self._realm_of_flow(flow) if isinstance(flow, Flow) else None
         if realm is None or not isinstance(flow, Flow):
             return self._local(tx, request, now)
         policy = self._policy(realm.name)
@@ -855,7 +988,7 @@ class CallController:
         rejection = check_request(request, self.responder.policy)
         if rejection is not None:
             return self._send_response(tx, rejection.response_to(request, new_tag()), now)
-        listen = realm.listener(flow.transport, flow.remote_host)
+        listen = self._realm_lookups.listener(realm, flow.transport, flow.remote_host)
         assert listen is not None
         outcome = self.registrar.register(request, flow, realm.name, listen, now)
         step = self._send_response(tx, outcome.response, now, realm.name)
@@ -873,7 +1006,7 @@ class CallController:
         rejection = check_request(request, self.responder.policy)
         if rejection is not None:
             return self._send_response(tx, rejection.response_to(request, new_tag()), now)
-        listen = realm.listener(flow.transport, flow.remote_host)
+        listen = self._realm_lookups.listener(realm, flow.transport, flow.remote_host)
         assert listen is not None
         try:
             answer = relay.register(request, flow, realm.name, listen, now)
@@ -1024,7 +1157,7 @@ class CallController:
 
     def _new_call(self, tx: ServerInviteTransaction, request: Request, now: float) -> Step:
         flow = tx.destination
-        realm = self.realms.of_flow(flow) if isinstance(flow, Flow) else None
+        realm = self._realm_of_flow(flow) if isinstance(flow, Flow) else None
         if realm is None or not isinstance(flow, Flow):
             return self._local(tx, request, now)
         rejection = check_request(request, INVITE_POLICY)
@@ -1052,7 +1185,7 @@ class CallController:
             g for g in (tuple(t for t in g if t.realm == target_realm.name) for g in groups) if g
         ]
         first = groups[0][0]
-        hop = self.realms.hop(target_realm, first.destination)
+        hop = self._realm_lookups.hop(target_realm, first.destination)
         if hop is None:
             logger.error(
                 "x route %s: realm %s has no %s listener",
@@ -1100,7 +1233,7 @@ class CallController:
                     headers=verdict.headers,
                 )
             ticket = verdict.ticket
-        a_local = realm.listener(flow.transport, flow.remote_host)
+        a_local = self._realm_lookups.listener(realm, flow.transport, flow.remote_host)
         assert a_local is not None  # the request arrived on one
         call = Call(
             call_ref=secrets.token_hex(8),
@@ -1129,7 +1262,7 @@ class CallController:
             trunk=trunk,
         )
         live = _Live(call, tx, request, decision, pending=groups, ticket=ticket)
-        live.allows[LegSide.A] = frozenset(t.upper() for t in request.tokens("Allow"))
+        live.allows[LegSide.A] = _allowed(request)
         live.offers[LegSide.A] = leg_offers(sdp, realm)
         live.offers[LegSide.B] = blank_offers(len(sdp.media), target_realm)
         self._calls[call.call_ref] = live
@@ -1138,14 +1271,17 @@ class CallController:
         self._count("calls_started")
         if self.timers.no_answer_timeout:
             self._schedule(now + self.timers.no_answer_timeout, call.call_ref, _Timer.RING)
-        logger.info(
-            "- call %s: %s %s -> route %s -> %s",
-            call.call_ref,
-            realm.name,
-            request.raw_uri,
-            decision.rule,
-            ", ".join(str(t.destination) for g in groups for t in g),
-        )
+        if logger.isEnabledFor(logging.INFO):
+            # A call logs this line and the one of its end at INFO; the steps between
+            # are DEBUG (five lines a call cost more than the call at high rates).
+            logger.info(
+                "- call %s: %s %s -> route %s -> %s",
+                call.call_ref,
+                realm.name,
+                request.raw_uri,
+                decision.rule,
+                ", ".join(str(t.destination) for g in groups for t in g),
+            )
         streams = stream_offers(live.offers[LegSide.A], live.offers[LegSide.B])
         return Step(media=(AllocateMedia(call.call_ref, call.a.call_id, streams),))
 
@@ -1183,8 +1319,7 @@ class CallController:
             return self._fail_a(live, 503, EndReason.TRANSPORT_ERROR, now)
         live.session = session
         self._by_session[session.session_id] = call_ref
-        live.call = replace(live.call, media_session=session.session_id)
-        live.call = live.call.with_state(CallState.CALLING)
+        live.call = replace(live.call, media_session=session.session_id, state=CallState.CALLING)
         return self._next_group(live, now)
 
     def _next_group(self, live: _Live, now: float) -> Step:
@@ -1204,7 +1339,7 @@ class CallController:
         assert live.session is not None
         call = live.call
         realm = self.realms.get(target.realm)
-        hop = None if realm is None else self.realms.hop(realm, target.destination)
+        hop = None if realm is None else self._realm_lookups.hop(realm, target.destination)
         if hop is None:
             logger.warning("x call %s: no listener towards %s", call.call_ref, target.destination)
             return Step()
@@ -1233,11 +1368,10 @@ class CallController:
         live.forks[tx] = fork
         live.sdp_sent[LegSide.B] = body
         if first or live.winner is None:
-            live.call = live.call.with_leg(LegSide.B, leg)
-            live.call = replace(live.call, gateway=target.gateway)
+            live.call = replace(live.call, b=leg, gateway=target.gateway)
         self._by_client[tx] = _ByRole(call.call_ref, "invite")
         self._by_dialog[(leg.call_id, leg.local_tag)] = (call.call_ref, LegSide.B)
-        logger.info("> call %s: INVITE %s via %s", call.call_ref, target.uri, hop)
+        logger.debug("> call %s: INVITE %s via %s", call.call_ref, target.uri, hop)
         return Step(out)
 
     def _b_invite(self, live: _Live, leg: CallLeg, target: Target, body: bytes) -> Request:
@@ -1314,8 +1448,12 @@ class CallController:
             return self._send_response(tx, make_response(request, status, to_tag=new_tag()), now)
         target = groups[0][0]
         target_realm = self.realms.get(target.realm)
-        hop = None if target_realm is None else self.realms.hop(target_realm, target.destination)
-        a_local = realm.listener(flow.transport, flow.remote_host)
+        hop = (
+            None
+            if target_realm is None
+            else self._realm_lookups.hop(target_realm, target.destination)
+        )
+        a_local = self._realm_lookups.listener(realm, flow.transport, flow.remote_host)
         if hop is None or target_realm is None or a_local is None:
             return self._send_response(tx, make_response(request, 503, to_tag=new_tag()), now)
         call = Call(
@@ -1447,7 +1585,11 @@ class CallController:
             return self._send_response(tx, make_response(request, status, to_tag=new_tag()), now)
         target = groups[0][0]
         target_realm = self.realms.get(target.realm)
-        hop = None if target_realm is None else self.realms.hop(target_realm, target.destination)
+        hop = (
+            None
+            if target_realm is None
+            else self._realm_lookups.hop(target_realm, target.destination)
+        )
         if hop is None or target_realm is None:
             return self._send_response(tx, make_response(request, 503, to_tag=new_tag()), now)
         caller, _ = uri_user_host(request.from_.uri)
@@ -1506,7 +1648,7 @@ class CallController:
             return self._send_response(tx, checked.response_to(request), now, leg.realm)
         live.call = live.call.with_leg(side, leg.with_dialog(checked))
         if request.method == "BYE":
-            logger.info("- call %s: BYE from %s", live.call.call_ref, side.value)
+            logger.debug("- call %s: BYE from %s", live.call.call_ref, side.value)
             step = self._send_response(tx, make_response(request, 200), now, leg.realm)
             return step + self._hang_up(live, side.other, 200, EndReason.BYE, side, now)
         if request.method == "REFER" and not self._policy(leg.realm).refer_relay:
@@ -1584,7 +1726,7 @@ class CallController:
         if request.method == "INVITE":
             # RFC 3261 14.1: no second INVITE (a refresh) on that leg until this one ends.
             live.reinvite_pending.add(other)
-        logger.info(
+        logger.debug(
             "- call %s: %s relayed %s -> %s",
             live.call.call_ref,
             request.method,
@@ -1660,8 +1802,42 @@ class CallController:
             seq = request.cseq.seq
         except ParseError:
             return
-        if self._unacked.pop((*key, seq), None) is not None:
-            logger.debug("< ACK for call %s", self._by_dialog.get(key, ("?",))[0])
+        unacked = self._unacked.pop((*key, seq), None)
+        if unacked is None:
+            return
+        logger.debug("< ACK for call %s", unacked.call_ref)
+        live = self._calls.get(unacked.call_ref)
+        if live is not None and live.invite_tx is not None and unacked.server is live.invite_tx:
+            live.a_acked = True
+            self._settle(live)
+
+    def _settle(self, live: _Live) -> None:
+        """Let go of what only the call's set-up reads, once it is over: the call is
+        confirmed, the ACK for A's 2xx arrived, and every B-leg INVITE transaction
+        ended (until then a retransmitted 2xx needs its fork's dialog set for the
+        ACK, RFC 3261 13.2.2.4). The A INVITE, its transaction, the forks (B INVITEs,
+        their transactions and dialog sets) and the best failure stay out of memory
+        for the rest of the call; in-dialog requests, refreshes and the CDR read
+        only the Call, the media session, the offers and the SDP last sent."""
+        if live.call.state is not CallState.CONFIRMED or not live.a_acked:
+            return
+        if any(not fork.tx.terminated for fork in live.forks.values()):
+            # Until then, keep what is kept without the parsed views (re-parsed on use).
+            if live.invite is not None:
+                live.invite.compact()
+            if live.invite_tx is not None and live.invite_tx.last_response is not None:
+                live.invite_tx.last_response.compact()
+            for fork in live.forks.values():
+                fork.request.compact()
+                if fork.tx.last_response is not None:
+                    fork.tx.last_response.compact()
+            return
+        live.invite_tx = None
+        live.invite = None
+        live.forks = {}
+        live.winner = None
+        live.best = None
+        live.pending = []
 
     # -- responses -----------------------------------------------------------------------
 
@@ -1731,8 +1907,9 @@ class CallController:
         if call.state is CallState.CANCELLING or live.a_final or fork.cancel_pending:
             return step
         if isinstance(event, EarlyDialog):
-            live.call = call.with_leg(LegSide.B, fork.leg).with_state(CallState.EARLY)
-            live.call = replace(live.call, gateway=fork.target.gateway)
+            live.call = replace(
+                call, b=fork.leg, state=CallState.EARLY, gateway=fork.target.gateway
+            )
         step = step + self._media_answer(live, response)
         return step + self._answer_a(live, self._to_a(live, response), now)
 
@@ -1776,8 +1953,7 @@ class CallController:
             # Another fork answered first: this one is ACKed and hung up (13.2.2.4).
             return self._ack_b(fork.leg, event.dialog, now, bye=True, call_ref=call.call_ref)
         live.winner = fork
-        live.call = call.with_leg(LegSide.B, fork.leg)
-        live.call = replace(live.call, gateway=fork.target.gateway)
+        live.call = replace(call, b=fork.leg, gateway=fork.target.gateway)
         step = self._ack_b(fork.leg, event.dialog, now, bye=False, call_ref=call.call_ref)
         step = step + self._cancel_forks(live, now, keep=fork)
         for other in live.forks.values():
@@ -1787,12 +1963,14 @@ class CallController:
             # RFC 3261 9.1: the 2xx crossed our CANCEL; the call is over.
             logger.info("- call %s: answered after CANCEL, hanging up b", call.call_ref)
             return step + self._hang_up(live, LegSide.B, 487, EndReason.CANCEL, LegSide.A, now)
-        live.allows[LegSide.B] = frozenset(t.upper() for t in response.tokens("Allow"))
+        live.allows[LegSide.B] = _allowed(response)
         try:
             b_sdp = parse_sdp(response)
         except SdpError:
             b_sdp = None
-        live.call = replace(live.call, b_codecs=codecs_of(b_sdp) or live.call.b_codecs)
+        b_codecs = codecs_of(b_sdp)
+        if b_codecs and b_codecs != live.call.b_codecs:
+            live.call = replace(live.call, b_codecs=b_codecs)
         step = step + self._media_answer(live, response)
         a_response = self._to_a(live, response)
         step = step + self._answer_a(live, a_response, now)
@@ -1811,7 +1989,8 @@ class CallController:
             logger.warning("x call %s: no dialog on a: %s", call.call_ref, exc)
             a_dialog = None
         live.call = replace(
-            live.call.with_leg(LegSide.A, live.call.a.with_dialog(a_dialog)),
+            live.call,
+            a=replace(live.call.a, dialog=a_dialog),
             state=CallState.CONFIRMED,
             answered_at=now,
         )
@@ -1820,7 +1999,7 @@ class CallController:
             self._schedule(now + self.timers.max_duration, call.call_ref, _Timer.MAX_DURATION)
         self._arm_refresh(live, LegSide.A, now)
         self._arm_refresh(live, LegSide.B, now)
-        logger.info("- call %s: answered", call.call_ref)
+        logger.debug("- call %s: answered", call.call_ref)
         return step
 
     def _fork_failed(self, live: _Live, fork: _Fork, response: Response, now: float) -> Step:

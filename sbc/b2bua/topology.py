@@ -12,15 +12,26 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import replace
-from ipaddress import ip_address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Final
 
 from sbc.b2bua.call import CallLeg
 from sbc.b2bua.realm import Realm
 from sbc.media.session import LegOffer, MediaSession, Side, StreamOffer
 from sbc.media.values import Direction, Endpoint
+from sbc.sip.headers import MediaType, header_key
 from sbc.sip.message import Message
-from sbc.sip.sdp import ICE_ATTRIBUTE_NAMES, Origin, SdpError, SessionDescription
+from sbc.sip.sdp import (
+    ICE_ATTRIBUTE_NAMES,
+    Attribute,
+    Connection,
+    MediaDescription,
+    Origin,
+    RtcpAttribute,
+    SdpError,
+    SdpLine,
+    SessionDescription,
+)
 from sbc.sip.uri import format_host
 from sbc.transport.base import ListenAddress, Transport
 
@@ -60,14 +71,21 @@ SDP_CONTENT_TYPE: Final = "application/sdp"
 
 
 def copy_kept_headers(source: Message, target: Message, realm: Realm) -> int:
-    """Copy into ``target`` the headers of ``source`` that ``realm`` keeps; the count."""
+    """Copy into ``target`` the headers of ``source`` that ``realm`` keeps; the count.
+
+    Names are compared by lookup key, so the compact form of a generated header
+    (``v``, ``f``, ``m`` ...) never crosses either. None of the copied headers is one
+    a parsed view of ``target`` is computed from (those are all generated).
+    """
+    keep = realm.keep_headers
+    if not keep:
+        return 0
     copied = 0
     for name, value in source.headers:
-        if realm.keeps(name) and name.lower() not in GENERATED_HEADERS:
+        key = header_key(name)
+        if key in keep and key not in GENERATED_HEADERS:
             target.headers.add(name, value)
             copied += 1
-    if copied:
-        target.invalidate()
     return copied
 
 
@@ -99,11 +117,20 @@ def is_sdp(message: Message) -> bool:
     return content_type.essence == SDP_CONTENT_TYPE
 
 
-def parse_sdp(message: Message) -> SessionDescription | None:
-    """The message's SDP body, or None when it has none (SdpError if it is broken)."""
-    if not is_sdp(message):
+def _sdp_of(body: bytes, content_type: str) -> SessionDescription | None:
+    if not body or not content_type or MediaType.parse(content_type).essence != SDP_CONTENT_TYPE:
         return None
-    return SessionDescription.parse(message.body)
+    return SessionDescription.parse(body)
+
+
+def parse_sdp(message: Message) -> SessionDescription | None:
+    """The message's SDP body, or None when it has none (SdpError if it is broken).
+
+    Parsed once per body: a call reads the offer and the answer at several steps.
+    """
+    if not message.body:
+        return None
+    return message.body_view("sdp", _sdp_of)
 
 
 def _media_direction(sdp: SessionDescription, index: int) -> Direction:
@@ -158,26 +185,92 @@ def rewrite_sdp(
     ICE attributes are dropped: the relay is not an ICE agent here and candidates
     would name the other realm's addresses; so are ssrc/msid attributes, whose CNAME
     is often the other side's user@host (RFC 5576).
+
+    One pass over the lines (the edits of ``SessionDescription`` in a row copy the
+    whole description at each step; this runs for every offer and answer).
     """
-    if not session.streams:
+    streams = session.streams
+    if not streams:
         raise SdpError("no media stream in the relay session")
-    address = session.streams[0].leg(side).local.address
-    out = sdp.without_attributes(HIDDEN_SDP_ATTRIBUTES).with_connection_address(address)
-    for index, media in enumerate(out.media):
-        if index >= len(session.streams):
-            out = out.with_media_rejected(index)
-            continue
-        if media.is_rejected:
-            continue
-        local = session.streams[index].leg(side)
-        rtcp = local.local.port if media.find_attributes("rtcp-mux") else local.local.port + 1
-        out = out.with_media_port(
-            index, local.local.port, rtcp_port=rtcp, rtcp_address=local.local.address
+    address = streams[0].leg(side).local.address
+    connection = Connection.for_address(address)
+    lines: list[SdpLine] = [
+        connection if isinstance(line, Connection) else line
+        for line in sdp.lines
+        if not (isinstance(line, Attribute) and line.name in HIDDEN_SDP_ATTRIBUTES)
+    ]
+    media: list[MediaDescription] = []
+    every_media_has_c = True
+    for index, section in enumerate(sdp.media):
+        kept: list[SdpLine] = []
+        has_c = mux = False
+        for line in section.lines:
+            if isinstance(line, Attribute):
+                if line.name in HIDDEN_SDP_ATTRIBUTES:
+                    continue
+                mux = mux or line.name == "rtcp-mux"
+            elif isinstance(line, Connection):
+                line, has_c = connection, True
+            kept.append(line)
+        every_media_has_c = every_media_has_c and has_c
+        if index >= len(streams):
+            # RFC 3264 6: no relay stream for it, so it is rejected.
+            port, count = 0, None
+        elif section.is_rejected:
+            port, count = section.port, section.port_count
+        else:
+            local = streams[index].leg(side).local
+            port, count = local.port, section.port_count
+            rtcp = local.port if mux else local.port + 1
+            kept = [
+                _relay_rtcp(line, rtcp, local.address)
+                if isinstance(line, Attribute) and line.name == "rtcp"
+                else line
+                for line in kept
+            ]
+        media.append(
+            MediaDescription(
+                section.media, port, section.proto, section.formats, count, tuple(kept)
+            )
         )
-    placeholder = Origin(SDP_USERNAME, leg.sdp_session, 0, "IN", "IP4", "0.0.0.0").with_address(
-        address
+    if not any(isinstance(line, Connection) for line in lines) and (
+        not media or not every_media_has_c
+    ):
+        # RFC 8866 5.7: a c= at session level when a media section has none.
+        lines.insert(_after_last(lines, "vosiuep"), connection)
+    placeholder = Origin(
+        SDP_USERNAME, leg.sdp_session, 0, "IN", connection.addrtype, connection.address
     )
-    digest = hashlib.sha256(bytes(out.with_origin(placeholder))).hexdigest()[:16]
+    origin_at = next((i for i, line in enumerate(lines) if isinstance(line, Origin)), None)
+    if origin_at is None:
+        origin_at = _after_last(lines, "v")
+        lines.insert(origin_at, placeholder)
+    else:
+        lines[origin_at] = placeholder
+    out = SessionDescription(tuple(lines), tuple(media), sdp.line_ending)
+    encoded = out.encoded_lines()
+    digest = hashlib.sha256(out.encode(encoded)).hexdigest()[:16]
     version = leg.sdp_version if digest == leg.sdp_digest else leg.sdp_version + 1
-    out = out.with_origin(replace(placeholder, sess_version=version))
-    return bytes(out), replace(leg, sdp_version=version, sdp_digest=digest)
+    encoded[origin_at] = f"o={replace(placeholder, sess_version=version)}"
+    body = out.encode(encoded)
+    if version == leg.sdp_version and digest == leg.sdp_digest:
+        return body, leg
+    return body, replace(leg, sdp_version=version, sdp_digest=digest)
+
+
+def _after_last(lines: list[SdpLine], types: str) -> int:
+    """Where a line goes after the last line whose type is in ``types`` (RFC 8866 5
+    grammar order), as ``SessionDescription`` edits insert."""
+    position = 0
+    for index, line in enumerate(lines):
+        if line.type in types:
+            position = index + 1
+    return position
+
+
+def _relay_rtcp(line: Attribute, port: int, address: IPv4Address | IPv6Address) -> Attribute:
+    """``a=rtcp`` naming the relay's RTCP port and address (RFC 3605); SdpError
+    when the peer's is malformed."""
+    RtcpAttribute.parse(line.value or "")
+    addrtype = "IP4" if address.version == 4 else "IP6"
+    return Attribute("rtcp", str(RtcpAttribute(port, "IN", addrtype, str(address))))

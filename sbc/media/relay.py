@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import math
 import random
+import resource
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -59,8 +62,58 @@ logger = logging.getLogger(__name__)
 BIND_ATTEMPTS = 16
 #: Events kept for a slow consumer before the oldest are dropped.
 MAX_PENDING_EVENTS = 10_000
+#: UDP sockets of one stream: RTP and RTCP on each side.
+SOCKETS_PER_STREAM = 4
+#: File descriptors the relay leaves to the rest of the process (SIP over TCP/TLS,
+#: the management endpoint, the CDR database, logs): at most this many, at most an
+#: eighth of the open-files limit. A session that would eat into them is refused at
+#: once, like one that hit EMFILE, so /healthz still accepts connections.
+DESCRIPTOR_RESERVE = 256
+#: Seconds between two log lines about running out of descriptors: the first failure
+#: of a burst is logged at once, the rest of the burst as a count.
+DESCRIPTOR_LOG_INTERVAL = 10.0
+#: The bind errors that say the process (EMFILE) or the host (ENFILE) is out of file
+#: descriptors: every other port would fail the same way, so there is no retry.
+_OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
 
 T = TypeVar("T")
+
+
+class DescriptorsExhausted(MediaError):
+    """No file descriptor for a session's sockets (EMFILE, ENFILE, or the reserve
+    the relay leaves to the rest of the process): the call is refused (503)."""
+
+
+class BurstLog:
+    """Rate limit for a failure that comes in bursts: ``hit(now)`` says when to log.
+
+    The first hit logs at once; the ones within ``interval`` seconds after are only
+    counted, and the next line after the interval reports how many there were.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._next = -math.inf
+        self._quiet = 0
+
+    def hit(self, now: float) -> int | None:
+        """None: stay quiet. Otherwise log now; the int is how many hits since the
+        last line were not logged."""
+        if now < self._next:
+            self._quiet += 1
+            return None
+        quiet, self._quiet = self._quiet, 0
+        self._next = now + self.interval
+        return quiet
+
+
+def descriptor_budget(reserve: int = DESCRIPTOR_RESERVE) -> int | None:
+    """Descriptors the relay may hold: the open-files soft limit minus the reserve
+    (None when there is no limit)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        return None
+    return soft - min(reserve, soft // 8)
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -230,6 +283,10 @@ class MediaRelay:
         self._kernel: KernelMediaTable | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._sessions: dict[str, _Session] = {}
+        #: UDP sockets bound now, and how many the relay may hold (None: no limit).
+        self._sockets = 0
+        self.descriptor_budget: int | None = descriptor_budget()
+        self._descriptor_log = BurstLog(DESCRIPTOR_LOG_INTERVAL)
         self._events: asyncio.Queue[MediaEvent] = asyncio.Queue()
         self._poller: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -315,6 +372,12 @@ class MediaRelay:
         if record and self.config.recording_dir is None:
             raise MediaError("recording needs a state directory (MediaConfig.state_dir)")
         now = self._now()
+        budget = self.descriptor_budget
+        needed = SOCKETS_PER_STREAM * len(streams)
+        if budget is not None and self._sockets + needed > budget:
+            raise self._out_of_descriptors(
+                f"{self._sockets} media sockets open, {budget} allowed by the open-files limit"
+            )
         session = _Session(
             session_id=secrets.token_hex(6),
             call_id=call_id,
@@ -332,15 +395,17 @@ class MediaRelay:
             self._stop_recording(session)
             raise
         self._sessions[session.session_id] = session
-        logger.info(
-            "- session %s call %s: %s",
-            session.session_id,
-            call_id,
-            ", ".join(
-                f"{s.legs[Side.A].state.local}<->{s.legs[Side.B].state.local}"
-                for s in session.streams
-            ),
-        )
+        if logger.isEnabledFor(logging.DEBUG):
+            # Per call: DEBUG (the call's one INFO line is the B2BUA's).
+            logger.debug(
+                "- session %s call %s: %s",
+                session.session_id,
+                call_id,
+                ", ".join(
+                    f"{s.legs[Side.A].state.local}<->{s.legs[Side.B].state.local}"
+                    for s in session.streams
+                ),
+            )
         return session.snapshot()
 
     async def update(self, session_id: str, streams: Sequence[StreamOffer]) -> MediaSession:
@@ -413,7 +478,7 @@ class MediaRelay:
                 logger.error("x session %s: kernel rules not removed: %s", session_id, exc)
         self._teardown_sockets(session)
         self._stop_recording(session)
-        logger.info("- session %s deleted", session_id)
+        logger.debug("- session %s deleted", session_id)
         return final
 
     async def stats(self, session_id: str) -> MediaSession:
@@ -536,11 +601,26 @@ class MediaRelay:
             try:
                 await self._bind(leg)
             except OSError as exc:
-                logger.warning("x port pair %s:%d busy (%s)", address, pair.rtp, exc)
                 self._ports.skip(pair)
+                if exc.errno in _OUT_OF_DESCRIPTORS:
+                    # Not this port's fault: every other one fails the same way.
+                    raise self._out_of_descriptors(str(exc)) from exc
+                logger.warning("x port pair %s:%d busy (%s)", address, pair.rtp, exc)
                 continue
             return leg
         raise MediaError(f"no bindable port pair on {address} after {BIND_ATTEMPTS} attempts")
+
+    def _out_of_descriptors(self, why: str) -> DescriptorsExhausted:
+        """The error for a session refused for lack of descriptors, logged once per
+        burst (thousands of calls a second would each log it)."""
+        quiet = self._descriptor_log.hit(self._now())
+        if quiet is not None:
+            logger.error(
+                "x media: out of file descriptors (%s): new calls get 503%s",
+                why,
+                f"; {quiet} more refused since the last report" if quiet else "",
+            )
+        return DescriptorsExhausted(f"out of file descriptors ({why})")
 
     async def _bind(self, leg: _Leg) -> None:
         loop = asyncio.get_running_loop()
@@ -549,12 +629,18 @@ class MediaRelay:
             leg.rtp, _ = await loop.create_datagram_endpoint(
                 lambda: _Port(self, leg, False), local_addr=(host, leg.state.local.port)
             )
+            self._sockets += 1
             leg.rtcp, _ = await loop.create_datagram_endpoint(
                 lambda: _Port(self, leg, True), local_addr=(host, leg.state.local.port + 1)
             )
+            self._sockets += 1
         except OSError:
-            leg.close()
+            self._close_leg(leg)
             raise
+
+    def _close_leg(self, leg: _Leg) -> None:
+        self._sockets -= (leg.rtp is not None) + (leg.rtcp is not None)
+        leg.close()
 
     def _start_recording(self, session: _Session) -> None:
         directory = self.config.recording_dir
@@ -591,7 +677,7 @@ class MediaRelay:
         now = self._now() if self._loop is not None else 0.0
         for stream in session.streams:
             for leg in stream.legs.values():
-                leg.close()
+                self._close_leg(leg)
                 with contextlib.suppress(ValueError):
                     self._ports.release(leg.pair, now)
 

@@ -21,7 +21,7 @@ from enum import Enum
 from typing import Final, TypeVar
 
 from sbc.sip.errors import ParseError, SipError
-from sbc.sip.headers import MAX_CSEQ, Address, Via, remove_param
+from sbc.sip.headers import MAX_CSEQ, Address, Via, get_param, remove_param
 from sbc.sip.message import Headers, Request, Response, new_branch
 from sbc.sip.uas import Rejection
 from sbc.sip.uri import SipUri, Uri, parse_uri
@@ -298,11 +298,8 @@ class Dialog:
         out.add("Max-Forwards", str(MAX_FORWARDS))
         if routes:
             out.add("Route", ", ".join(f"<{uri}>" for uri in routes))
-        out.add("From", str(Address.parse(self.local_address).with_param("tag", self.local_tag)))
-        to = Address.parse(self.remote_address)
-        if self.remote_tag:
-            to = to.with_param("tag", self.remote_tag)
-        out.add("To", str(to))
+        out.add("From", _with_tag(self.local_address, self.local_tag))
+        out.add("To", _with_tag(self.remote_address, self.remote_tag))
         out.add("Call-ID", self.call_id)
         out.add("CSeq", f"{seq} {method}")
         if contact is not None:
@@ -350,18 +347,18 @@ class Dialog:
         if DialogKey.for_request(request) != self.key or self.state is DialogState.TERMINATED:
             return Rejection(481, "Call/Transaction Does Not Exist")
         method = request.method
-        dialog = self
+        changes: dict[str, object] = {}
         if method not in ("ACK", "CANCEL"):
             seq = request.cseq.seq
             if self.remote_seq is not None and seq < self.remote_seq:
                 logger.debug("x %s %s cseq %d < %d", self.key, method, seq, self.remote_seq)
                 return Rejection(500, "Server Internal Error")
             # 12.2.2: an empty remote sequence number takes the request's.
-            dialog = replace(dialog, remote_seq=seq)
+            changes["remote_seq"] = seq
         if method == "BYE":
-            dialog = replace(dialog, state=DialogState.TERMINATED)
+            changes["state"] = DialogState.TERMINATED
         logger.debug("< %s %s", self.key, method)
-        return dialog
+        return replace(self, **changes) if changes else self  # type: ignore[arg-type]
 
     def response_sent(self, request: Request, response: Response) -> Dialog:
         """The dialog after we answered ``request`` (received in it) with ``response``.
@@ -380,17 +377,17 @@ class Dialog:
         )
         if status >= 300:
             return self.terminate() if initial else self
-        dialog = self
+        changes: dict[str, object] = {}
         if initial:
-            dialog = replace(dialog, state=DialogState.CONFIRMED)
+            changes["state"] = DialogState.CONFIRMED
         if method in TARGET_REFRESH_METHODS:
             contacts = request.contacts
             if contacts:
-                dialog = replace(dialog, remote_target=str(contacts[0].uri))
+                changes["remote_target"] = str(contacts[0].uri)
             ours = response.contacts
             if ours:
-                dialog = replace(dialog, local_contact=str(ours[0]))
-        return dialog
+                changes["local_contact"] = str(ours[0])
+        return replace(self, **changes) if changes else self  # type: ignore[arg-type]
 
     # -- responses we receive ---------------------------------------------------------
 
@@ -420,20 +417,17 @@ class Dialog:
                 logger.debug("- %s terminated by %d to %s", self.key, status, cseq.method)
                 return self.terminate()
             return self
-        dialog = self
+        changes: dict[str, object] = {}
         if initial:
             # 13.2.2.4: confirmed, and the route set recomputed from the 2xx.
-            dialog = replace(
-                dialog,
-                state=DialogState.CONFIRMED,
-                route_set=_uac_route_set(response),
-            )
+            changes["state"] = DialogState.CONFIRMED
+            changes["route_set"] = _uac_route_set(response)
             logger.debug("- %s confirmed", self.key)
         if cseq.method in TARGET_REFRESH_METHODS:
             contacts = response.contacts
             if contacts:
-                dialog = replace(dialog, remote_target=str(contacts[0].uri))
-        return dialog
+                changes["remote_target"] = str(contacts[0].uri)
+        return replace(self, **changes) if changes else self  # type: ignore[arg-type]
 
     # -- replication ------------------------------------------------------------------
 
@@ -695,7 +689,9 @@ class DialogSet:
         else:
             dialog = self.dialog_from(response)
         dialog_set = replace(
-            self.with_dialog(dialog), answered_tags=(*self.answered_tags, remote_tag)
+            self,
+            dialogs=(*(d for d in self.dialogs if d.remote_tag != remote_tag), dialog),
+            answered_tags=(*self.answered_tags, remote_tag),
         )
         if self.answered_tags:
             logger.debug("- %s extra 2xx from fork %s", self.call_id, remote_tag)
@@ -790,7 +786,28 @@ class DialogTable:
 # -- helpers ----------------------------------------------------------------------------
 
 
+#: From/To values built for a dialog's requests, by (address, tag): every request
+#: of a dialog (ACK, BYE, refreshes) builds the same two. Bounded; cleared when full.
+_TAGGED: dict[tuple[str, str], str] = {}
+_MAX_TAGGED: Final = 4096
+
+
+def _with_tag(address: str, tag: str) -> str:
+    """``address`` (header text without tag) with ``tag``; as is when ``tag`` is empty."""
+    key = (address, tag)
+    value = _TAGGED.get(key)
+    if value is None:
+        parsed = Address.parse(address)
+        value = str(parsed.with_param("tag", tag) if tag else parsed)
+        if len(_TAGGED) >= _MAX_TAGGED:
+            _TAGGED.clear()
+        _TAGGED[key] = value
+    return value
+
+
 def _without_tag(address: Address) -> str:
+    if get_param(address.params, "tag") is None:
+        return str(address)
     return str(replace(address, params=remove_param(address.params, "tag")))
 
 

@@ -10,8 +10,8 @@ leg's message by editing a fresh one; parsed views are frozen values.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable, Iterator
-from typing import Final
+from collections.abc import Callable, Iterable, Iterator
+from typing import Final, TypeVar, cast
 
 from sbc.sip.errors import ParseError, reason_phrase
 from sbc.sip.headers import (
@@ -29,6 +29,8 @@ from sbc.sip.headers import (
 from sbc.sip.uri import Uri, parse_uri
 
 SIP_VERSION: Final = "SIP/2.0"
+
+_T = TypeVar("_T")
 
 #: RFC 3261 and the extension methods an SBC relays (RFC 3262, 3265, 3311, 3428,
 #: 3515, 3903, 6086). Anything else is an unknown method (501).
@@ -54,6 +56,31 @@ KNOWN_METHODS: Final = frozenset(
 #: RFC 3261 17.2.3 / 8.1.1.7: the magic cookie that marks an RFC 3261 branch.
 MAGIC_COOKIE: Final = "z9hG4bK"
 
+#: Lookup keys of header names already seen (``header_key`` is pure). Looking a
+#: name up costs less than lower-casing it, and every message built with one name
+#: shares one key string. Bounded: names also come from peers.
+_KEYS: dict[str, str] = {}
+_MAX_KEYS: Final = 1024
+
+
+def _key(name: str) -> str:
+    key = _KEYS.get(name)
+    if key is None:
+        key = header_key(name)
+        if len(_KEYS) < _MAX_KEYS:
+            _KEYS[name] = key
+    return key
+
+
+#: The header each cached parsed view is computed from (``Message._cache`` keys).
+_VIEW_SOURCES: Final = {
+    "vias": "via",
+    "From": "from",
+    "To": "to",
+    "CSeq": "cseq",
+    "Contact": "contact",
+}
+
 
 class Headers:
     """Ordered header fields with case-insensitive, compact-form-aware lookup."""
@@ -61,7 +88,9 @@ class Headers:
     __slots__ = ("_fields", "_index")
 
     def __init__(self, fields: Iterable[tuple[str, str]] = ()) -> None:
-        self._fields: list[tuple[str, str, str]] = [(n, header_key(n), v) for n, v in fields]
+        self._fields: list[tuple[str, str, str]] = [
+            (n, _KEYS.get(n) or _key(n), v) for n, v in fields
+        ]
         self._index: dict[str, list[int]] | None = None
 
     @classmethod
@@ -87,21 +116,24 @@ class Headers:
         return len(self._fields)
 
     def __contains__(self, name: str) -> bool:
-        return header_key(name) in self._lookup()
+        return (_KEYS.get(name) or _key(name)) in self._lookup()
 
     def fields(self, name: str) -> list[str]:
         """Every field value of ``name``, one per header line, in order."""
+        positions = self._lookup().get(_KEYS.get(name) or _key(name))
+        if positions is None:
+            return []
         fields = self._fields
-        return [fields[i][2] for i in self._lookup().get(header_key(name), ())]
+        return [fields[i][2] for i in positions]
 
     def get(self, name: str) -> str | None:
         """The first field value of ``name``, or None."""
-        positions = self._lookup().get(header_key(name))
+        positions = self._lookup().get(_KEYS.get(name) or _key(name))
         return self._fields[positions[0]][2] if positions else None
 
     def values(self, name: str) -> list[str]:
         """Every value of ``name``; list headers are split at commas (RFC 3261 7.3.1)."""
-        key = header_key(name)
+        key = _KEYS.get(name) or _key(name)
         fields = self.fields(name)
         if key not in LIST_HEADERS:
             return fields
@@ -111,22 +143,30 @@ class Headers:
         return out
 
     def count(self, name: str) -> int:
-        return len(self._lookup().get(header_key(name), ()))
+        return len(self._lookup().get(_KEYS.get(name) or _key(name), ()))
 
     def add(self, name: str, value: str, *, first: bool = False) -> None:
         """Append a field (or put it before every other field of that name)."""
-        key = header_key(name)
+        key = _KEYS.get(name) or _key(name)
         entry = (canonical_name(name) if name.islower() else name, key, value)
         if first:
             positions = self._lookup().get(key)
             self._fields.insert(positions[0] if positions else len(self._fields), entry)
-        else:
-            self._fields.append(entry)
-        self._index = None
+            self._index = None
+            return
+        self._fields.append(entry)
+        index = self._index
+        if index is not None:
+            # Appending keeps every position: the index only gains one.
+            positions = index.get(key)
+            if positions is None:
+                index[key] = [len(self._fields) - 1]
+            else:
+                positions.append(len(self._fields) - 1)
 
     def set(self, name: str, value: str) -> None:
         """Replace every field of ``name`` with one value, where the first one stood."""
-        key = header_key(name)
+        key = _KEYS.get(name) or _key(name)
         positions = self._lookup().get(key)
         if not positions:
             self.add(name, value)
@@ -140,7 +180,7 @@ class Headers:
 
     def remove(self, name: str) -> int:
         """Remove every field of ``name``; returns how many were removed."""
-        key = header_key(name)
+        key = _KEYS.get(name) or _key(name)
         before = len(self._fields)
         self._fields = [f for f in self._fields if f[1] != key]
         self._index = None
@@ -148,7 +188,7 @@ class Headers:
 
     def pop_first_value(self, name: str) -> str | None:
         """Remove the first value of a list header (the top Via, a Route entry)."""
-        key = header_key(name)
+        key = _KEYS.get(name) or _key(name)
         positions = self._lookup().get(key)
         if not positions:
             return None
@@ -170,21 +210,100 @@ class Headers:
             out.append(f"{name}: {value}\r\n")
 
 
+class _BodyView:
+    """A value parsed from a body, with the body and Content-Type it came from."""
+
+    __slots__ = ("body", "key", "value")
+
+    def __init__(self, body: bytes, key: str, value: object) -> None:
+        self.body, self.key, self.value = body, key, value
+
+
 class Message:
     """What requests and responses share: headers, body, parsed views."""
 
-    __slots__ = ("_cache", "body", "headers")
+    __slots__ = ("_cache", "_headers", "_prior", "body")
 
     def __init__(self, headers: Headers | None = None, body: bytes = b"") -> None:
-        self.headers = headers if headers is not None else Headers()
-        self.body = body
         self._cache: dict[str, object] = {}
+        self._prior: Headers | None = None
+        self._headers = headers if headers is not None else Headers()
+        self.body = body
+
+    @property
+    def headers(self) -> Headers:
+        return self._headers
+
+    @headers.setter
+    def headers(self, headers: Headers) -> None:
+        # The fields the parsed views were computed from, until ``invalidate`` has
+        # compared them with the new ones.
+        if self._prior is None and self._cache:
+            self._prior = self._headers
+        self._headers = headers
 
     # -- parsed views -----------------------------------------------------------------
 
-    def invalidate(self) -> None:
-        """Forget cached parsed views; call after editing ``headers`` directly."""
+    def invalidate(self, *names: str) -> None:
+        """Forget cached parsed views; call after editing ``headers`` directly.
+
+        With ``names``, only the views of those headers are forgotten. Without, after
+        ``headers`` was replaced by a new Headers (a Via stamped with ``received``),
+        the views whose fields are the same in both are kept; after an edit in
+        place, every view goes.
+        """
+        cache = self._cache
+        if names:
+            keys = {_KEYS.get(name) or _key(name) for name in names}
+            for view, source in _VIEW_SOURCES.items():
+                if source in keys:
+                    cache.pop(view, None)
+            return
+        prior, self._prior = self._prior, None
+        if not cache:
+            return
+        headers = self._headers
+        if prior is None or prior is headers:
+            cache.clear()
+            return
+        before, after = prior._fields, headers._fields
+        if len(before) == len(after):
+            # Field by field (a rewritten Via keeps every field where it stood): the
+            # keys of the fields that differ; a moved field counts as changed.
+            changed: set[str] = set()
+            for (_, old_key, value), (_, new_key, new_value) in zip(before, after, strict=True):
+                if value != new_value or old_key != new_key:
+                    changed.add(old_key)
+                    changed.add(new_key)
+            for view in list(cache):
+                key = _VIEW_SOURCES.get(view)
+                if key is None or key in changed:
+                    del cache[view]
+            return
+        for view in list(cache):
+            key = _VIEW_SOURCES.get(view)
+            if key is None or prior.fields(key) != headers.fields(key):
+                del cache[view]
+
+    def body_view(self, name: str, parse: Callable[[bytes, str], _T]) -> _T:
+        """``parse(body, Content-Type)``, computed once for this body and Content-Type
+        (a call reads the SDP of one INVITE or 2xx at several steps). Exceptions are
+        not cached."""
+        body = self.body
+        content_type = self._headers.get("Content-Type") or ""
+        cached = self._cache.get(name)
+        if isinstance(cached, _BodyView) and cached.body is body and cached.key == content_type:
+            return cast(_T, cached.value)
+        value = parse(body, content_type)
+        self._cache[name] = _BodyView(body, content_type, value)
+        return value
+
+    def compact(self) -> None:
+        """Drop what is derived from the fields (parsed views, the lookup index) to
+        save memory while the message is only kept; it is computed again on use."""
         self._cache.clear()
+        self._prior = None
+        self._headers._index = None
 
     @property
     def vias(self) -> list[Via]:
@@ -276,7 +395,8 @@ class Message:
         elif not body:
             self.headers.remove("Content-Type")
         self.headers.set("Content-Length", str(len(body)))
-        self.invalidate()
+        # No parsed view is computed from Content-Type or Content-Length.
+        self.invalidate("Content-Type", "Content-Length")
 
     # -- wire form --------------------------------------------------------------------
 
@@ -401,14 +521,32 @@ def make_response(
     caller passes it so that every response of one transaction carries the same tag.
     """
     out = Headers()
+    views = request._cache
+    retagged = False
     for name in _COPIED_TO_RESPONSE:
-        for value in request.headers.fields(name):
+        fields = request.headers.fields(name)
+        for value in fields:
             if name == "To" and status != 100 and to_tag is not None:
-                value = _add_to_tag(value, to_tag)
+                parsed = views.get("To") if len(fields) == 1 else None
+                tagged = _add_to_tag(value, to_tag, parsed if isinstance(parsed, Address) else None)
+                retagged = retagged or tagged != value
+                value = tagged
             out.add(name, value)
+    added: set[str] = set()
     for name, value in headers:
         out.add(name, value)
+        added.add(_KEYS.get(name) or _key(name))
     response = Response(status, reason, out)
+    if views:
+        # The views of the fields copied as they are hold for the response too: the
+        # transport reads its Via, the B2BUA its To and CSeq, without parsing again.
+        cache = response._cache
+        for view in ("vias", "From", "To", "CSeq"):
+            if (view == "To" and retagged) or _VIEW_SOURCES[view] in added:
+                continue
+            seen = views.get(view)
+            if seen is not None:
+                cache[view] = list(seen) if isinstance(seen, list) else seen
     if body or content_type:
         response.set_body(body, content_type)
     else:
@@ -416,9 +554,10 @@ def make_response(
     return response
 
 
-def _add_to_tag(to_value: str, tag: str) -> str:
+def _add_to_tag(to_value: str, tag: str, parsed: Address | None = None) -> str:
+    """``to_value`` with ``tag`` unless it has one; ``parsed`` is its parse, if known."""
     try:
-        address = Address.parse(to_value, "To")
+        address = parsed if parsed is not None else Address.parse(to_value, "To")
     except ParseError:
         return to_value
     if address.tag:

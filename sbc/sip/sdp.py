@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import re
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import ClassVar, TypeAlias
@@ -132,10 +133,16 @@ def _check_text(line_type: str, *values: str) -> None:
             raise SdpError(f"{line_type}= line: CR or LF in value")
 
 
+#: One field of a space-separated line: not empty, no whitespace (the regex's
+#: whitespace is exactly what ``str.isspace`` calls whitespace).
+_TOKEN = re.compile(r"\S+")
+
+
 def _check_tokens(line_type: str, *values: str) -> None:
     # Fields of space-separated lines: a space inside one would shift the others.
+    token = _TOKEN.fullmatch
     for value in values:
-        if not value or any(ch.isspace() for ch in value):
+        if token(value) is None:
             raise SdpError(f"{line_type}= line: bad field {value!r}")
 
 
@@ -506,8 +513,8 @@ class MediaDescription:
         _check_port(self.port)
 
     @classmethod
-    def parse_media_line(cls, value: str) -> MediaDescription:
-        """Parse the text after ``m=`` into a section with no lines yet."""
+    def parse_media_line(cls, value: str, lines: tuple[SdpLine, ...] = ()) -> MediaDescription:
+        """Parse the text after ``m=`` into a section with ``lines`` (none by default)."""
         parts = value.split()
         if len(parts) < 3:
             raise SdpError("m= line: expected '<media> <port> <proto> <fmt> ...'")
@@ -520,7 +527,7 @@ class MediaDescription:
             port_count = _uint(count_text)
             if port_count is None:
                 raise SdpError(f"m= line: bad port count {count_text!r}")
-        return cls(parts[0], port, parts[2], tuple(parts[3:]), port_count)
+        return cls(parts[0], port, parts[2], tuple(parts[3:]), port_count, lines)
 
     def __str__(self) -> str:
         """The text after ``m=``."""
@@ -768,8 +775,10 @@ class SessionDescription:
             raise SdpError("empty SDP body")
 
         session: list[SdpLine] = []
-        sections: list[MediaDescription] = []
+        # Each m= line's text and the lines of its section, built once at the end.
+        pending: list[tuple[str, list[SdpLine]]] = []
         current: list[SdpLine] = session
+        parsers = _SESSION_PARSERS
         for number, row in enumerate(rows, start=1):
             if len(row) < 2 or row[1] != "=" or not row[0].isascii() or not row[0].isalpha():
                 raise _bad_line(number)
@@ -778,20 +787,20 @@ class SessionDescription:
             if number == 1 and (line_type != "v" or value.rstrip(" \t") != "0"):
                 raise SdpError("line 1: expected 'v=0'")
             if line_type == "m":
-                if len(sections) == MAX_MEDIA_SECTIONS:
+                if len(pending) == MAX_MEDIA_SECTIONS:
                     raise SdpError(f"too many media sections: more than {MAX_MEDIA_SECTIONS}", 488)
-                if sections:
-                    sections[-1] = replace(sections[-1], lines=tuple(current))
-                sections.append(MediaDescription.parse_media_line(value.rstrip(" \t")))
                 current = []
+                pending.append((value.rstrip(" \t"), current))
+                parsers = _MEDIA_PARSERS
                 continue
-            parser = (_MEDIA_PARSERS if sections else _SESSION_PARSERS).get(line_type)
+            parser = parsers.get(line_type)
             if parser is None:
                 current.append(Field(line_type, value))
             else:
                 current.append(parser(value.rstrip(" \t")))
-        if sections:
-            sections[-1] = replace(sections[-1], lines=tuple(current))
+        sections = [
+            MediaDescription.parse_media_line(text, tuple(lines)) for text, lines in pending
+        ]
 
         origins = sum(1 for line in session if isinstance(line, Origin))
         if origins == 0:
@@ -801,9 +810,18 @@ class SessionDescription:
         return cls(tuple(session), tuple(sections), line_ending)
 
     def __bytes__(self) -> bytes:
+        return self.encode(self.encoded_lines())
+
+    def encoded_lines(self) -> list[str]:
+        """Every line as text (``type=value``), session-level lines first: a caller
+        may swap one (its index is the line's in ``lines``) before ``encode``."""
         encoded = [f"{line.type}={line}" for line in self.lines]
         for media in self.media:
             encoded.extend(_encode_lines(media))
+        return encoded
+
+    def encode(self, encoded: list[str]) -> bytes:
+        """The body of ``encoded_lines()``, with this description's line ending."""
         body = self.line_ending.join(encoded) + self.line_ending
         return body.encode("utf-8", "surrogateescape")
 

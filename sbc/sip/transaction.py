@@ -358,6 +358,10 @@ class Output:
     events: tuple[Event, ...] = ()
 
     def __add__(self, other: Output) -> Output:
+        if not (other.messages or other.events):
+            return self
+        if not (self.messages or self.events):
+            return other
         return Output(self.messages + other.messages, self.events + other.events)
 
     def __bool__(self) -> bool:
@@ -437,6 +441,9 @@ class Transaction:
     """What all four state machines share: state, timers, the table interpreter."""
 
     TABLE: ClassVar[TransitionTable]
+    #: The states in which the figure sends its message again: the client's request
+    #: (Timers A, E) or the server's last response (a retransmitted request, Timer G).
+    RETRANSMITTING: ClassVar[frozenset[TransactionState]]
     #: Timers that keep running in each state; the others stop on entering it.
     LIVE_TIMERS: ClassVar[Mapping[TransactionState, frozenset[Timer]]]
     INITIAL_STATE: ClassVar[TransactionState]
@@ -499,12 +506,14 @@ class Transaction:
         return effects.output()
 
     def _fire_due(self, now: float, effects: _Effects) -> None:
-        while self._deadlines:
-            timer, deadline = min(self._deadlines.items(), key=lambda item: item[1])
-            if deadline > now:
+        deadlines = self._deadlines
+        while deadlines:
+            timer = min(deadlines, key=deadlines.__getitem__)
+            if deadlines[timer] > now:
                 return
-            del self._deadlines[timer]
+            del deadlines[timer]
             self._step(timer, now, None, effects)
+            deadlines = self._deadlines
 
     def _step(
         self,
@@ -521,7 +530,9 @@ class Transaction:
             logger.debug("- %r -> %s on %s", self, transition.state.value, stimulus.value)
             self.state = transition.state
             live = self.LIVE_TIMERS.get(transition.state, frozenset())
-            self._deadlines = {t: d for t, d in self._deadlines.items() if t in live}
+            if self._deadlines:
+                self._deadlines = {t: d for t, d in self._deadlines.items() if t in live}
+            self._entered(transition.state)
         for action in transition.actions:
             self._do(action, stimulus, message, effects)
         for timer in transition.start:
@@ -529,6 +540,9 @@ class Transaction:
         if self.state is TransactionState.TERMINATED:
             self._deadlines.clear()
             effects.events.append(TransactionTerminated(self))
+
+    def _entered(self, state: TransactionState) -> None:
+        """A state change: let go of what no arc of the new state sends again."""
 
     def _start_timer(self, timer: Timer, now: float) -> None:
         duration = self._duration(timer)
@@ -587,6 +601,11 @@ class Transaction:
         self, action: Action, message: Request | Response | None, effects: _Effects
     ) -> None:
         raise NotImplementedError(action)
+
+
+def _states_doing(table: TransitionTable, action: Action) -> frozenset[TransactionState]:
+    """The states in which some arc of ``table`` does ``action``."""
+    return frozenset(state for (state, _), arc in table.items() if action in arc.actions)
 
 
 def _copy_for_hop(invite: Request, method: str, to_value: str) -> Request:
@@ -674,6 +693,12 @@ class ClientTransaction(Transaction):
         else:
             self._do_client(action, message, effects)
 
+    def _entered(self, state: TransactionState) -> None:
+        # The request's bytes are only sent again by Timer A/E arcs; an INVITE in
+        # Accepted (32 s of RFC 6026 Timer M) keeps nothing it will not send.
+        if state not in self.RETRANSMITTING:
+            self._data = b""
+
     def _event_for(self, response: Response) -> Event:
         return ResponseReceived(self, response)
 
@@ -687,6 +712,7 @@ class ClientInviteTransaction(ClientTransaction):
     """RFC 3261 17.1.1 and figure 5, with RFC 6026's Accepted state."""
 
     TABLE = CLIENT_INVITE_TABLE
+    RETRANSMITTING = _states_doing(CLIENT_INVITE_TABLE, Action.RETRANSMIT_REQUEST)
     LIVE_TIMERS = {
         TransactionState.CALLING: frozenset({Timer.A, Timer.B}),
         TransactionState.COMPLETED: frozenset({Timer.D}),
@@ -757,6 +783,7 @@ class ClientNonInviteTransaction(ClientTransaction):
     """RFC 3261 17.1.2 and figure 6."""
 
     TABLE = CLIENT_NON_INVITE_TABLE
+    RETRANSMITTING = _states_doing(CLIENT_NON_INVITE_TABLE, Action.RETRANSMIT_REQUEST)
     LIVE_TIMERS = {
         TransactionState.TRYING: frozenset({Timer.E, Timer.F}),
         # 17.1.2.2: E and F keep running after a provisional response.
@@ -831,14 +858,22 @@ class ServerTransaction(Transaction):
         except ParseError:
             return None
 
+    def _entered(self, state: TransactionState) -> None:
+        # Only Proceeding and Completed resend the last response (17.2.1, 17.2.2); an
+        # INVITE in Accepted gets each 2xx from the TU again (RFC 6026 7.1).
+        if state not in self.RETRANSMITTING:
+            self._last_data = b""
+
     def _do_specific(
         self, action: Action, message: Request | Response | None, effects: _Effects
     ) -> None:
         if action is Action.SEND_RESPONSE:
             assert isinstance(message, Response)
             self.last_response = message
-            self._last_data = bytes(message)
-            self._send(message, self._last_data, effects)
+            data = bytes(message)
+            if self.state in self.RETRANSMITTING:
+                self._last_data = data
+            self._send(message, data, effects)
         elif action is Action.RESEND_RESPONSE:
             # 17.2.1 / 17.2.2: a retransmitted request gets the last response again.
             if self.last_response is not None:
@@ -854,6 +889,7 @@ class ServerInviteTransaction(ServerTransaction):
     """RFC 3261 17.2.1 and figure 7, with RFC 6026's Accepted state."""
 
     TABLE = SERVER_INVITE_TABLE
+    RETRANSMITTING = _states_doing(SERVER_INVITE_TABLE, Action.RESEND_RESPONSE)
     LIVE_TIMERS = {
         TransactionState.COMPLETED: frozenset({Timer.G, Timer.H}),
         TransactionState.CONFIRMED: frozenset({Timer.I}),
@@ -893,6 +929,7 @@ class ServerNonInviteTransaction(ServerTransaction):
     """RFC 3261 17.2.2 and figure 8."""
 
     TABLE = SERVER_NON_INVITE_TABLE
+    RETRANSMITTING = _states_doing(SERVER_NON_INVITE_TABLE, Action.RESEND_RESPONSE)
     LIVE_TIMERS = {TransactionState.COMPLETED: frozenset({Timer.J})}
     INITIAL_STATE = TransactionState.TRYING
     kind = "server non-INVITE"
