@@ -1426,13 +1426,11 @@ class CallController:
     def _hop(self, leg: CallLeg) -> Hop:
         return Hop(leg.realm, leg.local, leg.peer)
 
-    # -- subscriptions (RFC 6665) ------------------------------------------------------------
-
-    def _new_subscription(
+    def _first_target(
         self, tx: ServerTransaction, request: Request, flow: Flow, realm: Realm, now: float
-    ) -> Step:
-        """SUBSCRIBE: a dialog on each leg, like a call without media; NOTIFYs and
-        re-SUBSCRIBEs are then relayed in those dialogs by ``_relay``."""
+    ) -> Step | tuple[TrunkRoute | RegisteredRoute, Target, Realm, Hop, str | None]:
+        """Checks, digest, route and the first target of a request that is routed
+        without forking (SUBSCRIBE, MESSAGE ...); a Step when it is answered here."""
         rejection = check_request(request, self.responder.policy)
         if rejection is not None:
             return self._send_response(tx, rejection.response_to(request, new_tag()), now)
@@ -1453,8 +1451,23 @@ class CallController:
             if target_realm is None
             else self._realm_lookups.hop(target_realm, target.destination)
         )
+        if hop is None or target_realm is None:
+            return self._send_response(tx, make_response(request, 503, to_tag=new_tag()), now)
+        return decision, target, target_realm, hop, trunk
+
+    # -- subscriptions (RFC 6665) ------------------------------------------------------------
+
+    def _new_subscription(
+        self, tx: ServerTransaction, request: Request, flow: Flow, realm: Realm, now: float
+    ) -> Step:
+        """SUBSCRIBE: a dialog on each leg, like a call without media; NOTIFYs and
+        re-SUBSCRIBEs are then relayed in those dialogs by ``_relay``."""
+        routed = self._first_target(tx, request, flow, realm, now)
+        if isinstance(routed, Step):
+            return routed
+        decision, target, target_realm, hop, trunk = routed
         a_local = self._realm_lookups.listener(realm, flow.transport, flow.remote_host)
-        if hop is None or target_realm is None or a_local is None:
+        if a_local is None:
             return self._send_response(tx, make_response(request, 503, to_tag=new_tag()), now)
         call = Call(
             call_ref=secrets.token_hex(8),
@@ -1570,28 +1583,10 @@ class CallController:
     ) -> Step:
         """MESSAGE, PUBLISH (and OPTIONS when relayed): a new transaction to the first
         target, its final answer relayed back; nothing of either side crosses."""
-        rejection = check_request(request, self.responder.policy)
-        if rejection is not None:
-            return self._send_response(tx, rejection.response_to(request, new_tag()), now)
-        refused = self._authenticate(tx, request, flow, realm, now)
-        if refused is not None:
-            return refused
-        decision = self.router.route(realm.name, request.uri, request, flow.remote_host)
-        if decision is None or isinstance(decision, RejectRoute):
-            status = 404 if decision is None else decision.status
-            return self._send_response(tx, make_response(request, status, to_tag=new_tag()), now)
-        groups, _, status = self._targets(decision, request, now)
-        if not groups:
-            return self._send_response(tx, make_response(request, status, to_tag=new_tag()), now)
-        target = groups[0][0]
-        target_realm = self.realms.get(target.realm)
-        hop = (
-            None
-            if target_realm is None
-            else self._realm_lookups.hop(target_realm, target.destination)
-        )
-        if hop is None or target_realm is None:
-            return self._send_response(tx, make_response(request, 503, to_tag=new_tag()), now)
+        routed = self._first_target(tx, request, flow, realm, now)
+        if isinstance(routed, Step):
+            return routed
+        _, target, target_realm, hop, _ = routed
         caller, _ = uri_user_host(request.from_.uri)
         headers = Headers()
         headers.add("Via", via_for(hop.local, new_branch()))
