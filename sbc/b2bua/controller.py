@@ -81,6 +81,8 @@ from sbc.sip.message import (
     make_response,
     new_branch,
     new_tag,
+    random_below,
+    random_hex,
 )
 from sbc.sip.sdp import SdpError, SessionDescription
 from sbc.sip.transaction import (
@@ -373,7 +375,7 @@ class Step:
 # -- runtime state beside the Call value -------------------------------------------------
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Relayed:
     """An in-dialog request re-originated on the other leg, awaiting its answer."""
 
@@ -382,7 +384,7 @@ class _Relayed:
     request: Request
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Fork:
     """One B-leg INVITE of a call: a contact of a forked call, or one gateway attempt."""
 
@@ -397,7 +399,7 @@ class _Fork:
     rseq: int = 0
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Live:
     """A call and what is not replicated with it: transactions and SDP in flight."""
 
@@ -426,8 +428,9 @@ class _Live:
     allows: dict[LegSide, frozenset[str]] = field(default_factory=dict)
     #: When each leg's next session refresh is due (monotonic).
     refresh_at: dict[LegSide, float] = field(default_factory=dict)
-    #: An in-dialog INVITE of the B2BUA's is pending on that leg (RFC 3261 14.1 glare).
-    reinvite_pending: set[LegSide] = field(default_factory=set)
+    #: An in-dialog INVITE of the B2BUA's is pending on that leg (RFC 3261 14.1 glare);
+    #: a frozenset replaced on change (most calls never have one; a set is 200 bytes).
+    reinvite_pending: frozenset[LegSide] = frozenset()
     #: A subscription (RFC 6665): its B-leg SUBSCRIBE, and NOTIFYs that overtook its 2xx.
     subscribe: Request | None = None
     early_notifies: list[tuple[ServerTransaction, Request]] = field(default_factory=list)
@@ -464,7 +467,7 @@ class _Unacked:
     give_up_at: float
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Routed:
     """An out-of-dialog MESSAGE/PUBLISH/OPTIONS relayed to a target, awaiting its answer."""
 
@@ -473,7 +476,7 @@ class _Routed:
     a_realm: str
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _RegisterRelayed:
     """A phone's REGISTER relayed upstream, awaiting the upstream's answer."""
 
@@ -502,6 +505,10 @@ class _Timer:
     SUBSCRIPTION = "subscription"
 
 
+#: Codec lists already seen: every call keeps two, and few lists exist (bounded).
+_CODEC_LISTS: dict[str, str] = {}
+
+
 def codecs_of(sdp: SessionDescription | None) -> str:
     """``PCMU/8000,telephone-event/8000`` of the first audio (or any) m= section."""
     if sdp is None:
@@ -513,7 +520,10 @@ def codecs_of(sdp: SessionDescription | None) -> str:
             codecs = media.codecs()
         except SdpError:
             return ""
-        return ",".join(f"{c.encoding_name}/{c.clock_rate}" for c in codecs)
+        text = ",".join(f"{c.encoding_name}/{c.clock_rate}" for c in codecs)
+        if len(_CODEC_LISTS) < 1024:
+            text = _CODEC_LISTS.setdefault(text, text)
+        return text
     return ""
 
 
@@ -804,7 +814,7 @@ class CallController:
                 destination,
                 local,
                 user_agent=self.user_agent,
-                call_id=secrets.token_hex(16),
+                call_id=random_hex(16),
                 branch=new_branch(),
                 tag=new_tag(),
                 now=-1.0,
@@ -1096,7 +1106,7 @@ class CallController:
         )
         leg = CallLeg(realm, request.call_id, "", local, peer)
         call = Call(
-            call_ref=secrets.token_hex(8),
+            call_ref=random_hex(8),
             state=CallState.TERMINATED,
             a=leg,
             b=replace(leg, realm="", call_id=""),
@@ -1236,7 +1246,7 @@ class CallController:
         a_local = self._realm_lookups.listener(realm, flow.transport, flow.remote_host)
         assert a_local is not None  # the request arrived on one
         call = Call(
-            call_ref=secrets.token_hex(8),
+            call_ref=random_hex(8),
             state=CallState.ALLOCATING,
             a=CallLeg(
                 realm=realm.name,
@@ -1244,15 +1254,15 @@ class CallController:
                 local_tag=new_tag(),
                 local=a_local,
                 peer=Destination(flow.transport, flow.remote_host, flow.remote_port),
-                sdp_session=str(secrets.randbelow(10**12)),
+                sdp_session=str(random_below(10**12)),
             ),
             b=CallLeg(
                 realm=target_realm.name,
-                call_id=secrets.token_hex(16),
+                call_id=random_hex(16),
                 local_tag=new_tag(),
                 local=hop.local,
                 peer=first.destination,
-                sdp_session=str(secrets.randbelow(10**12)),
+                sdp_session=str(random_below(10**12)),
             ),
             route=decision.rule,
             created=now,
@@ -1349,7 +1359,7 @@ class CallController:
             if first
             else replace(
                 template,
-                call_id=secrets.token_hex(16),
+                call_id=random_hex(16),
                 local_tag=new_tag(),
                 local=hop.local,
                 peer=target.destination,
@@ -1470,7 +1480,7 @@ class CallController:
         if a_local is None:
             return self._send_response(tx, make_response(request, 503, to_tag=new_tag()), now)
         call = Call(
-            call_ref=secrets.token_hex(8),
+            call_ref=random_hex(8),
             state=CallState.CALLING,
             a=CallLeg(
                 realm=realm.name,
@@ -1481,7 +1491,7 @@ class CallController:
             ),
             b=CallLeg(
                 realm=target_realm.name,
-                call_id=secrets.token_hex(16),
+                call_id=random_hex(16),
                 local_tag=new_tag(),
                 local=hop.local,
                 peer=target.destination,
@@ -1595,7 +1605,7 @@ class CallController:
         own = sip_uri_for(hop.local, caller).split(";", 1)[0]
         headers.add("From", f"<{own}>;tag={new_tag()}")
         headers.add("To", f"<{self._to_uri(target)}>")
-        headers.add("Call-ID", secrets.token_hex(16))
+        headers.add("Call-ID", random_hex(16))
         headers.add("CSeq", f"1 {request.method}")
         headers.add("User-Agent", self.user_agent)
         for name in ("Event", "Expires", "SIP-If-Match"):
@@ -1720,7 +1730,7 @@ class CallController:
         self._by_client[client] = _ByRole(live.call.call_ref, "relay", _Relayed(side, tx, request))
         if request.method == "INVITE":
             # RFC 3261 14.1: no second INVITE (a refresh) on that leg until this one ends.
-            live.reinvite_pending.add(other)
+            live.reinvite_pending = live.reinvite_pending | {other}
         logger.debug(
             "- call %s: %s relayed %s -> %s",
             live.call.call_ref,
@@ -2197,7 +2207,7 @@ class CallController:
         self._by_client.pop(tx, None)
         side, other = relayed.from_side, relayed.from_side.other
         if relayed.request.method == "INVITE":
-            live.reinvite_pending.discard(other)
+            live.reinvite_pending = live.reinvite_pending - {other}
         step = Step()
         leg = live.call.leg(other)
         if leg.dialog is not None:
@@ -2319,7 +2329,7 @@ class CallController:
             return Step()
         live.call = live.call.with_leg(side, leg.with_dialog(dialog))
         if method == "INVITE":
-            live.reinvite_pending.add(side)
+            live.reinvite_pending = live.reinvite_pending | {side}
         self._arm_refresh(live, side, now)
         logger.debug("> call %s: session refresh %s on %s", live.call.call_ref, method, side.value)
         return self._send_on(
@@ -2336,7 +2346,7 @@ class CallController:
         step = Step()
         leg = live.call.leg(side)
         if tx.request.method == "INVITE":
-            live.reinvite_pending.discard(side)
+            live.reinvite_pending = live.reinvite_pending - {side}
         if leg.dialog is not None:
             dialog = leg.dialog.receive_response(response)
             live.call = live.call.with_leg(side, leg.with_dialog(dialog))

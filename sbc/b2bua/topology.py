@@ -32,6 +32,7 @@ from sbc.sip.sdp import (
     SdpLine,
     SessionDescription,
 )
+from sbc.sip.sdp import Direction as SdpDirection
 from sbc.sip.uri import format_host
 from sbc.transport.base import ListenAddress, Transport
 
@@ -97,9 +98,21 @@ def sip_uri_for(listen: ListenAddress, user: str | None = None) -> str:
     return f"{scheme}:{userinfo}{format_host(listen.host)}:{listen.port}{param}"
 
 
+#: Contacts of the SBC's own listeners (no user part): one string per listener,
+#: shared by every dialog that names it.
+_CONTACTS: dict[ListenAddress, str] = {}
+
+
 def contact_for(listen: ListenAddress, user: str | None = None) -> str:
     """The SBC's Contact on a leg: its own listener in that leg's realm."""
-    return f"<{sip_uri_for(listen, user)}>"
+    if user:
+        return f"<{sip_uri_for(listen, user)}>"
+    contact = _CONTACTS.get(listen)
+    if contact is None:
+        contact = f"<{sip_uri_for(listen)}>"
+        if len(_CONTACTS) < 1024:
+            _CONTACTS[listen] = contact
+    return contact
 
 
 def via_for(listen: ListenAddress, branch: str) -> str:
@@ -133,13 +146,12 @@ def parse_sdp(message: Message) -> SessionDescription | None:
     return message.body_view("sdp", _sdp_of)
 
 
-def _media_direction(sdp: SessionDescription, index: int) -> Direction:
-    return Direction(sdp.direction(index).value)
+#: The relay's direction of each SDP direction attribute (same names, RFC 3264 5.1).
+_DIRECTIONS: Final = {d: Direction(d.value) for d in SdpDirection}
 
 
-def _remote(sdp: SessionDescription, index: int) -> Endpoint | None:
-    media = sdp.media[index]
-    connection = media.connection or sdp.connection
+def _remote(media: MediaDescription, session: Connection | None) -> Endpoint | None:
+    connection = media.connection or session
     if media.is_rejected or connection is None:
         return None
     try:
@@ -151,15 +163,18 @@ def _remote(sdp: SessionDescription, index: int) -> Endpoint | None:
 def leg_offers(sdp: SessionDescription, realm: Realm) -> tuple[LegOffer, ...]:
     """What one side's SDP says about each of its streams, for the relay."""
     family = realm.media_address.version
+    connection = sdp.connection
+    # RFC 3264 5.1: a media-level direction overrides the session's; neither: sendrecv.
+    default = sdp.session_direction or SdpDirection.SENDRECV
     return tuple(
         LegOffer(
             realm=realm.name,
             family=family,
-            remote=_remote(sdp, index),
+            remote=_remote(media, connection),
             rtcp_mux=bool(media.find_attributes("rtcp-mux")),
-            direction=_media_direction(sdp, index),
+            direction=_DIRECTIONS[media.direction or default],
         )
-        for index, media in enumerate(sdp.media)
+        for media in sdp.media
     )
 
 

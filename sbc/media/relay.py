@@ -126,6 +126,9 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 
 class _Port(asyncio.DatagramProtocol):
+    # Four a call: no instance dict (asyncio's protocol bases have empty slots).
+    __slots__ = ("leg", "relay", "rtcp_port")
+
     def __init__(self, relay: MediaRelay, leg: _Leg, rtcp_port: bool) -> None:
         self.relay, self.leg, self.rtcp_port = relay, leg, rtcp_port
 
@@ -137,7 +140,7 @@ class _Port(asyncio.DatagramProtocol):
         logger.debug("x %s: %s", self.leg.state.local, exc)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Leg:
     """Runtime of one side: frozen state plus hot, mutable counters and sockets."""
 
@@ -175,7 +178,12 @@ class _Leg:
         counters = LegCounters(
             **{name: getattr(self, name) for name in LegCounters.__dataclass_fields__}
         )
-        return replace(self.state, counters=counters, quality=self.monitor.quality)
+        state, quality = self.state, self.monitor.quality
+        if counters == state.counters and quality == state.quality:
+            # Nothing counted yet (a new session): the state itself, shared with the
+            # snapshot's holder (the B2BUA keeps one per call).
+            return state
+        return replace(state, counters=counters, quality=quality)
 
     def close(self) -> None:
         for transport in (self.rtp, self.rtcp):
@@ -184,7 +192,7 @@ class _Leg:
         self.rtp = self.rtcp = None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Stream:
     session: _Session
     index: int
@@ -237,7 +245,7 @@ class _Stream:
         )
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Session:
     session_id: str
     call_id: str
