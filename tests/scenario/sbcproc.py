@@ -156,6 +156,7 @@ def lenient_response(data: bytes) -> Response:
 
 _counter = iter(range(1, 10**9))
 _CALL_ID = re.compile(rb"(?im)^(?:call-id|i)[ \t]*:[ \t]*(\S+)")
+_BRANCH = re.compile(rb"branch[ \t]*=[ \t]*([^;,\s]+)")
 
 
 def options(method: str = "OPTIONS", transport: str = "UDP", port: int = 9) -> bytes:
@@ -185,14 +186,17 @@ def udp_exchange(
         s.bind(("127.0.0.1", bind_port))
         s.settimeout(timeout)
         s.sendto(data, ("127.0.0.1", port))
-        call_id = _CALL_ID.search(data)
+        # What ties an answer to this request: its Call-ID, or without one (RFC 4475
+        # insuf) its branch. Another request's final response may still be
+        # retransmitted to this port (an unacknowledged INVITE answer, Timer G).
+        mark = _CALL_ID.search(data) or _BRANCH.search(data)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
                 reply = s.recv(65535)
             except TimeoutError:
                 return None
-            if call_id is not None and call_id.group(1) not in reply:
+            if mark is not None and mark.group(1) not in reply:
                 continue  # a late answer to someone else's request
             message = lenient_response(reply)
             if message.status >= 200:
