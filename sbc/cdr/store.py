@@ -44,6 +44,9 @@ DEFAULT_MAX_QUEUE: Final = 10_000
 DEFAULT_BATCH_SIZE: Final = 500
 #: Seconds SQLite waits for a lock held by another connection before failing.
 DEFAULT_BUSY_TIMEOUT: Final = 5.0
+#: How long the writer waits for more records once one is queued (seconds): CDRs
+#: land at most this much later, in one transaction per burst.
+BATCH_LINGER: Final = 0.05
 #: Seconds ``close`` waits for the queue to be written by default.
 DEFAULT_CLOSE_TIMEOUT: Final = 5.0
 #: Most records ``recent`` returns, whatever it is asked for.
@@ -229,8 +232,13 @@ class _QueuedSink:
                         f"queue full ({self._max_queue} records): dropping new CDRs until it drains"
                     )
             else:
-                self._pending.append(record)
-                self._has_work.notify()
+                pending = self._pending
+                pending.append(record)
+                # Wake the writer when work appears and when a batch is full; in between
+                # it lingers to gather a batch (one wake-up per call cost the event loop
+                # the GIL hand-overs of a thread switch each time).
+                if len(pending) == 1 or len(pending) == self._batch_size:
+                    self._has_work.notify()
         if message is not None:
             logger.error("x cdr %s: %s", self.path, message)
 
@@ -251,6 +259,7 @@ class _QueuedSink:
         Blocks: meant for tests and tools, not for the event loop.
         """
         with self._lock:
+            self._has_work.notify()  # no lingering: write now
             return self._idle.wait_for(
                 lambda: not self._pending and not self._in_flight, timeout=timeout
             )
@@ -298,6 +307,10 @@ class _QueuedSink:
                 self._has_work.wait_for(lambda: self._pending or self._closing)
                 if not self._pending:
                     break
+                if len(self._pending) < self._batch_size and not self._closing:
+                    # Gather what the next moments bring into the same transaction;
+                    # close(), flush() and a full batch cut this short.
+                    self._has_work.wait(BATCH_LINGER)
                 count = min(self._batch_size, len(self._pending))
                 batch = [self._pending.popleft() for _ in range(count)]
                 self._in_flight = count

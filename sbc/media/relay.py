@@ -16,11 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import math
 import random
 import resource
-import secrets
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +56,7 @@ from sbc.media.session import (
 from sbc.media.srtp import SdesCrypto, SrtpAuthError, SrtpTransform
 from sbc.media.timeout import InactivityTimer
 from sbc.media.values import Endpoint
+from sbc.sip.message import random_hex
 
 logger = logging.getLogger(__name__)
 
@@ -387,7 +389,7 @@ class MediaRelay:
                 f"{self._sockets} media sockets open, {budget} allowed by the open-files limit"
             )
         session = _Session(
-            session_id=secrets.token_hex(6),
+            session_id=random_hex(6),
             call_id=call_id,
             created=time.time(),
             timer=InactivityTimer(self.config.media_timeout, self.config.hold_timeout, now),
@@ -632,16 +634,29 @@ class MediaRelay:
 
     async def _bind(self, leg: _Leg) -> None:
         loop = asyncio.get_running_loop()
-        host = str(leg.state.local.address)
+        local = leg.state.local
+        host = str(local.address)
+        family = socket.AF_INET6 if local.family == 6 else socket.AF_INET
         try:
-            leg.rtp, _ = await loop.create_datagram_endpoint(
-                lambda: _Port(self, leg, False), local_addr=(host, leg.state.local.port)
-            )
-            self._sockets += 1
-            leg.rtcp, _ = await loop.create_datagram_endpoint(
-                lambda: _Port(self, leg, True), local_addr=(host, leg.state.local.port + 1)
-            )
-            self._sockets += 1
+            for rtcp in (False, True):
+                # Bound here, handed over bound: half the CPU of create_datagram_endpoint
+                # resolving local_addr itself (four sockets a call).
+                sock = socket.socket(family, socket.SOCK_DGRAM)
+                try:
+                    sock.setblocking(False)
+                    sock.bind((host, local.port + rtcp))
+                    transport, _ = await loop.create_datagram_endpoint(
+                        functools.partial(_Port, self, leg, rtcp),
+                        sock=sock,
+                    )
+                except BaseException:
+                    sock.close()
+                    raise
+                self._sockets += 1
+                if rtcp:
+                    leg.rtcp = transport
+                else:
+                    leg.rtp = transport
         except OSError:
             self._close_leg(leg)
             raise

@@ -7,6 +7,7 @@ serializes back to the same text; comparison and lookups unescape where RFC 3261
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass, replace
@@ -236,8 +237,13 @@ _FAST_SIP = re.compile(
 )
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_uri(text: str) -> Uri:
     """Parse a URI as it appears in a Request-URI or inside ``<>``.
+
+    URIs are frozen values, and the same ones come back call after call (a phone's
+    From and Contact, a trunk's Request-URI, the SBC's own): parsed ones are kept,
+    a bounded number, least recently used out. Errors are not kept.
 
     Raises ParseError(400) for anything that is not a well-formed absolute URI, and
     for SIP URIs whose host, port or parameters are malformed.

@@ -9,6 +9,7 @@ that a response leaves from the address and port its request was sent to
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 from typing import Any, Protocol, cast
@@ -26,6 +27,18 @@ class DatagramSink(Protocol):
     ) -> None: ...
 
     def listener_lost(self, listener: UdpListener, exc: Exception | None) -> None: ...
+
+
+@functools.lru_cache(maxsize=4096)
+def _send_target(host: str, family: int) -> str:
+    """The address text sendto() gets for ``host`` on a socket of ``family``."""
+    address = ip_literal(host)
+    if address is None:
+        return host
+    if family == socket.AF_INET6 and address.version == 4:
+        # A dual-stack socket bound to "::" reaches IPv4 peers as v4-mapped.
+        return f"::ffff:{address}"
+    return str(address)
 
 
 class UdpListener(asyncio.DatagramProtocol):
@@ -85,12 +98,7 @@ class UdpListener(asyncio.DatagramProtocol):
         """Send one datagram; raises OSError if the listener is closed or the send fails."""
         if self._transport is None or self._transport.is_closing():
             raise OSError(f"udp listener {self!r} is closed")
-        address = ip_literal(host)
-        target = host if address is None else str(address)
-        if self._family == socket.AF_INET6 and address is not None and address.version == 4:
-            # A dual-stack socket bound to "::" reaches IPv4 peers as v4-mapped.
-            target = f"::ffff:{address}"
-        self._transport.sendto(data, (target, port))
+        self._transport.sendto(data, (_send_target(host, self._family), port))
 
     # -- asyncio.DatagramProtocol -----------------------------------------------------
 
