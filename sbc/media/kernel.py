@@ -29,6 +29,11 @@ With rtcp-mux the forward's prerouting chain leaves RTCP (RFC 5761: second octet
 192..223) to user space, which parses it for quality figures; RTCP on its own port is
 always relayed in user space (a few packets per five seconds).
 
+On stop the relay removes every ``media_`` object in one transaction, and the table
+with it when nothing else is left in it: the SBC owns ``inet sbc`` and ``nft list
+ruleset`` after a stop reads as before the start. When the firewall is on, its objects
+keep the table alive and the firewall removes it on its own stop (after the relay's).
+
 Rendering is pure (`render_*` return nftables JSON commands); `KernelMediaTable`
 applies them in batches through the nftables Python binding (libnftables).
 """
@@ -272,6 +277,85 @@ def render_remove(forwards: Iterable[KernelForward]) -> list[dict[str, Any]]:
     return commands
 
 
+#: Kinds in a ``list table`` listing that are not objects of their own: libnftables'
+#: version record, the table itself and the rules (they belong to their chain).
+_NOT_OBJECTS = frozenset({"metainfo", "table", "rule"})
+#: Objects whose elements hold verdicts (``goto`` a chain): deleted before the chains.
+_CONTAINERS = ("map", "set")
+
+
+@dataclass(frozen=True)
+class TableObject:
+    """One named object of table ``inet sbc`` as listed (``kind`` as nftables JSON
+    spells it: chain, map, set, counter, flowtable, ``ct helper``...)."""
+
+    kind: str
+    name: str
+
+    @property
+    def media(self) -> bool:
+        """The relay's (every media object carries the prefix); else the firewall's."""
+        return self.name.startswith(PREFIX)
+
+
+def table_objects(listing: Iterable[dict[str, Any]]) -> tuple[TableObject, ...]:
+    """The named objects of a ``list table`` JSON listing (its ``nftables`` items)."""
+    objects: list[TableObject] = []
+    for item in listing:
+        for kind, body in item.items():
+            if kind in _NOT_OBJECTS or not isinstance(body, dict) or "name" not in body:
+                continue
+            objects.append(TableObject(kind, str(body["name"])))
+    return tuple(objects)
+
+
+def render_remove_objects(objects: Iterable[TableObject]) -> list[dict[str, Any]]:
+    """Delete the media objects among ``objects``; the others are not touched.
+
+    Rules hold counters, maps and other stateful objects, and map elements hold
+    chains: every media chain is flushed first, then maps and sets go, then the
+    chains, then what is left (counters...). One transaction, all or nothing.
+    """
+    media = [o for o in objects if o.media]
+    chains = [o for o in media if o.kind == "chain"]
+    commands: list[dict[str, Any]] = [{"flush": _obj("chain", name=o.name)} for o in chains]
+    commands += [{"delete": _obj(o.kind, name=o.name)} for o in media if o.kind in _CONTAINERS]
+    commands += [{"delete": _obj("chain", name=o.name)} for o in chains]
+    commands += [
+        {"delete": _obj(o.kind, name=o.name)}
+        for o in media
+        if o.kind != "chain" and o.kind not in _CONTAINERS
+    ]
+    return commands
+
+
+def render_teardown(objects: Iterable[TableObject]) -> list[dict[str, Any]]:
+    """The stop transaction: every media object of the table, and the table itself
+    when that leaves it empty (no chain, set, map, flowtable... of anyone).
+
+    A table that still holds an object of others (the firewall's) stays: the firewall
+    removes it on its own stop. Only what ``objects`` lists is deleted, so a listing of
+    a table without media objects gives no command, or only the delete of an empty
+    table: running it again finds nothing and is harmless.
+    """
+    objects = tuple(objects)
+    commands = render_remove_objects(objects)
+    if all(o.media for o in objects):
+        commands.append({"delete": {"table": {"family": TABLE_FAMILY, "name": TABLE}}})
+    return commands
+
+
+@dataclass(frozen=True)
+class MediaTeardown:
+    """What `KernelMediaTable.teardown` did to table ``inet sbc``."""
+
+    #: Media objects deleted (chains, maps, counters...).
+    removed: int
+    #: Objects of others left in the table (the firewall's).
+    kept: int
+    table_deleted: bool
+
+
 @dataclass(frozen=True)
 class KernelCounter:
     packets: int
@@ -326,6 +410,16 @@ class KernelMediaTable:
             raise KernelPathUnavailable(f"nftables refused the batch: {error.strip()}")
         return output
 
+    def _list_table(self) -> list[dict[str, Any]] | None:
+        """The table's listing, None when the table does not exist."""
+        rc, output, error = self._nft.cmd(f"list table {TABLE_FAMILY} {TABLE}")
+        if rc != 0:
+            if "No such file or directory" in error:
+                return None
+            raise KernelPathUnavailable(f"nft 'list table' failed: {error.strip()}")
+        items: list[dict[str, Any]] = json.loads(output)["nftables"] if output else []
+        return items
+
     def _list(self, what: str) -> list[dict[str, Any]]:
         rc, output, error = self._nft.cmd(what)
         if rc != 0:
@@ -342,28 +436,39 @@ class KernelMediaTable:
         """Delete every ``media_`` chain, map, set and counter of the table (stale state
         of a previous run); the firewall's objects stay. Returns how many were removed."""
         try:
-            items = self._list(f"list table {TABLE_FAMILY} {TABLE}")
+            items = self._list_table()
         except KernelPathUnavailable:
+            items = None  # open() tells why the kernel path cannot be used
+        if items is None:
             return 0  # no table: nothing stale
-        chains, others = [], []
-        for item in items:
-            kind, body = next(iter(item.items()))
-            name = body.get("name", "") if isinstance(body, dict) else ""
-            if not name.startswith(PREFIX):
-                continue
-            if kind == "chain":
-                chains.append(name)
-            elif kind in ("counter", "set", "map", "quota", "limit"):
-                others.append((kind, name))
-        # Rules hold counters and maps, map elements hold chains: empty every chain,
-        # then drop maps and sets, then the chains, then what is left.
-        commands: list[dict[str, Any]] = [{"flush": _obj("chain", name=n)} for n in chains]
-        commands += [{"delete": _obj(k, name=n)} for k, n in others if k in ("map", "set")]
-        commands += [{"delete": _obj("chain", name=n)} for n in chains]
-        commands += [{"delete": _obj(k, name=n)} for k, n in others if k not in ("map", "set")]
+        objects = table_objects(items)
+        self._run(render_remove_objects(objects))
+        self._forwards.clear()
+        return sum(o.media for o in objects)
+
+    def teardown(self) -> MediaTeardown:
+        """Remove every media object (base chains, dispatch maps and any forward left)
+        in one transaction, and the table too when nothing else is left in it.
+
+        Idempotent: a missing table or missing objects are not an error. The table is
+        listed first (libnftables 1.0.6 has no ``destroy``), so between the listing and
+        the transaction nobody else may add to it: the SBC starts the firewall before
+        the relay and stops it after. KernelPathUnavailable if nftables refuses.
+        """
+        items = self._list_table()
+        if items is None:
+            self._forwards.clear()
+            return MediaTeardown(removed=0, kept=0, table_deleted=False)
+        objects = table_objects(items)
+        commands = render_teardown(objects)
         self._run(commands)
         self._forwards.clear()
-        return len(chains) + len(others)
+        removed = sum(o.media for o in objects)
+        return MediaTeardown(
+            removed=removed,
+            kept=len(objects) - removed,
+            table_deleted=any("table" in c.get("delete", {}) for c in commands),
+        )
 
     def install(self, forwards: Sequence[KernelForward]) -> None:
         """Add the forwards in one transaction (all or nothing)."""

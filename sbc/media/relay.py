@@ -355,6 +355,22 @@ class MediaRelay:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
             self._poller = None
+        if self._kernel is not None:
+            # The base chains and dispatch maps (and the table, when the firewall is off)
+            # go too: after a stop `nft list ruleset` reads as before the start. The path
+            # is off first, so an install still in flight queues no removal behind this.
+            kernel, self._kernel = self._kernel, None
+            self.kernel_unavailable = "not started"
+            try:
+                done = await self._nft(kernel.teardown)
+            except Exception as exc:  # the firewall's stop comes next: never raise here
+                logger.error("x kernel base objects not removed on close: %s", exc)
+            else:
+                logger.info(
+                    "- kernel fast path off (%d media objects removed, table %s)",
+                    done.removed,
+                    "deleted" if done.table_deleted else f"kept with {done.kept} other objects",
+                )
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
