@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import queue
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -451,17 +453,33 @@ def _child_spec(kernel: bool = True) -> dict[str, Any]:
     }
 
 
-def _read_json_line(process: subprocess.Popen[bytes], timeout: float = 10) -> dict[str, Any]:
-    assert process.stdout is not None
-    deadline = time.monotonic() + timeout
-    os.set_blocking(process.stdout.fileno(), True)
-    import selectors
+#: Lines of each relay process's stdout, read by a thread of its own (by PID).
+_LINES: dict[int, queue.Queue[bytes]] = {}
 
-    with selectors.DefaultSelector() as sel:
-        sel.register(process.stdout, selectors.EVENT_READ)
-        if not sel.select(max(0.0, deadline - time.monotonic())):
-            raise TimeoutError("no line from the relay process")
-    line = process.stdout.readline()
+
+def _read_json_line(process: subprocess.Popen[bytes], timeout: float = 10) -> dict[str, Any]:
+    """The process's next stdout line as JSON.
+
+    A reader thread hands lines over: waiting on the pipe for readability and then
+    calling readline() lost a second line that arrived with the first (it sat in
+    the file object's buffer while the next wait watched the empty pipe).
+    """
+    stdout = process.stdout
+    assert stdout is not None
+    lines = _LINES.get(process.pid)
+    if lines is None:
+        lines = _LINES[process.pid] = queue.Queue()
+
+        def pump(sink: queue.Queue[bytes] = lines) -> None:
+            for line in stdout:
+                sink.put(line)
+            sink.put(b"")
+
+        threading.Thread(target=pump, name=f"stdout {process.pid}", daemon=True).start()
+    try:
+        line = lines.get(timeout=timeout)
+    except queue.Empty:
+        raise TimeoutError("no line from the relay process") from None
     if not line:
         raise RuntimeError(f"relay process ended (rc {process.wait()})")
     result: dict[str, Any] = json.loads(line)
