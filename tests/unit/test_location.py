@@ -271,3 +271,23 @@ def test_apply_replays_a_primary_change() -> None:
     standby.apply(change.added, change.removed)
     assert len(standby) == 0
     assert standby.aors() == []
+
+
+# --------------------------------------------------------------------------- deadlines
+
+
+def test_refreshes_leave_a_bounded_heap_and_expiry_still_works() -> None:
+    """Every refresh pushes a deadline; stale ones are swept in bulk, not per change."""
+    location = LocationService()
+    users = [f"u{n}" for n in range(50)]
+    for round_ in range(40):
+        for user in users:
+            refreshed = binding(user, f"sip:{user}@192.0.2.10", expires_at=T0 + 100 + round_)
+            location.replace(user, [refreshed], T0)
+    assert len(location) == 50
+    # 2,000 refreshes of 50 bindings: the heap holds at most 2 x 50 + 64 (+1) entries.
+    assert len(location._deadlines) <= 2 * 50 + 64 + 1
+    assert location.next_expiry() == T0 + 139
+    assert len(location.expire(T0 + 138)) == 0
+    assert sorted(b.aor for b in location.expire(T0 + 139)) == sorted(users)
+    assert len(location) == 0
