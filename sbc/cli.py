@@ -5,10 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Final
 
 from sbc import __version__
+
+if TYPE_CHECKING:
+    from sbc.config.loader import ConfigError
+    from sbc.config.schema import Config
+
+#: The configuration file `sbc user` and `sbc ban` read when `--config` is not given.
+CONFIG_ENV: Final = "SBC_CONFIG"
 
 
 class JsonFormatter(logging.Formatter):
@@ -58,6 +67,42 @@ def _cmd_default_config(args: argparse.Namespace) -> int:
 
     sys.stdout.write(default_config_text())
     return 0
+
+
+def add_config_option(parser: argparse.ArgumentParser) -> None:
+    """``--config/-c FILE`` for a command that acts on the running SBC's files.
+
+    The default is SUPPRESS so that the option can be given before and after a
+    subcommand (`sbc user -c F add alice`, `sbc user add alice -c F`): a subcommand
+    that did not see it leaves the value given before it alone.
+    """
+    parser.add_argument(
+        "--config",
+        "-c",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help=f"YAML configuration as `sbc run` takes it (default: ${CONFIG_ENV}, "
+        "else the embedded default configuration)",
+    )
+
+
+def command_config(args: argparse.Namespace) -> Config:
+    """``--config``, else the file ``$SBC_CONFIG`` names, else the embedded default.
+
+    Raises `ConfigError` for an unreadable or invalid file.
+    """
+    from sbc.config.loader import default_config, load_config
+
+    path = getattr(args, "config", None) or os.environ.get(CONFIG_ENV)
+    return load_config(Path(path)) if path else default_config()
+
+
+def report_config_error(exc: ConfigError, command: str) -> int:
+    """Print every problem (``file:line: key: reason``) to stderr; the exit status, 2."""
+    for problem in exc.problems:
+        print(problem, file=sys.stderr)
+    print(f"{command}: configuration refused, nothing changed", file=sys.stderr)
+    return 2
 
 
 def build_parser() -> argparse.ArgumentParser:

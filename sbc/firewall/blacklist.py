@@ -18,7 +18,7 @@ from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from typing import Any
 
 from sbc.firewall.bans import Ban, BanTarget, BlacklistStore, StoreState, ban_target
-from sbc.firewall.config import BanPolicy
+from sbc.firewall.config import BanPolicy, FirewallConfig
 from sbc.firewall.nft import Kernel, NftError
 from sbc.firewall.ruleset import (
     SET_BLACKLIST_V4,
@@ -71,6 +71,30 @@ class Blacklist:
         self.deferred = False
         self._cache: StoreState | None = None
         self._pending: list[Ban] = []
+
+    @classmethod
+    def from_config(
+        cls,
+        config: FirewallConfig,
+        kernel: Kernel | None,
+        *,
+        trusted: Iterable[IPv4Network | IPv6Network] = (),
+        clock: Callable[[], float] = time.time,
+    ) -> Blacklist:
+        """The blacklist that ``firewall:`` describes: its state file, ban policy, IPv6
+        prefix length and trusted networks, plus `trusted`.
+
+        The running firewall and `sbc ban` both build theirs here, so an operator's
+        command applies the same policy as the SBC's detectors.
+        """
+        return cls(
+            kernel,
+            BlacklistStore(config.state_file),
+            config.bans,
+            trusted=(*config.trusted, *trusted),
+            ipv6_prefix_length=config.ipv6_prefix_length,
+            clock=clock,
+        )
 
     def target(self, text: str) -> BanTarget:
         return ban_target(text, self.ipv6_prefix_length)

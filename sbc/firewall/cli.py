@@ -2,7 +2,10 @@
 
 The functions take a `Blacklist` and return what they print, so the web UI and the
 REST API can call the same ones. `add_ban_subcommands` plugs them into `sbc`'s
-argparse tree; `sbc.cli` calls it.
+argparse tree; `sbc.cli` calls it. The commands use the ``firewall:`` section of the
+configuration ``--config FILE`` names (as ``sbc run --config`` takes it), else
+``$SBC_CONFIG``, else the embedded default: its state file (``--state-file``
+overrides it), ban durations and trusted networks, as the running SBC does.
 """
 
 from __future__ import annotations
@@ -12,14 +15,16 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network, summarize_address_range
 from pathlib import Path
 from typing import Any
 
-from sbc.firewall.bans import Ban, BanTargetError, BlacklistStore
+from sbc.cli import add_config_option, command_config, report_config_error
+from sbc.config.loader import ConfigError
+from sbc.firewall.bans import Ban, BanTargetError
 from sbc.firewall.blacklist import BanListing, Blacklist, TrustedTargetError
-from sbc.firewall.config import FirewallConfig
 from sbc.firewall.detectors import BanReason
 from sbc.firewall.nft import Kernel, NftError
 from sbc.firewall.ruleset import SET_TRUSTED_V4, SET_TRUSTED_V6
@@ -84,20 +89,21 @@ BlacklistFactory = Callable[[argparse.Namespace], Blacklist]
 
 
 def default_blacklist(args: argparse.Namespace, kernel: Kernel | None = None) -> Blacklist:
-    """A `Blacklist` on the live kernel set and the state file named by `args`."""
-    config = FirewallConfig()
-    state_file = Path(args.state_file) if args.state_file else config.state_file
+    """The running SBC's `Blacklist`, on the live kernel set (or `kernel`).
+
+    Built from the configuration's ``firewall:`` section (`sbc.cli.command_config`)
+    as `Firewall` builds its own, ``--state-file`` replacing its state file, and
+    trusting what the kernel's trusted sets hold now as well. Raises `ConfigError`
+    for a bad configuration before touching the kernel or the file.
+    """
+    section = command_config(args).firewall
+    if args.state_file:
+        section = replace(section, state_file=Path(args.state_file))
     if kernel is None:
         from sbc.firewall.nft import NftBackend
 
         kernel = NftBackend()
-    return Blacklist(
-        kernel,
-        BlacklistStore(state_file),
-        config.bans,
-        trusted=(*config.trusted, *live_trusted(kernel)),
-        ipv6_prefix_length=config.ipv6_prefix_length,
-    )
+    return Blacklist.from_config(section, kernel, trusted=live_trusted(kernel))
 
 
 def live_trusted(kernel: Kernel) -> list[IPv4Network | IPv6Network]:
@@ -140,6 +146,8 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"{args.address}: not banned", file=sys.stderr)
                 return 1
             print(f"unbanned {blacklist.target(args.address)}")
+    except ConfigError as exc:
+        return report_config_error(exc, "sbc ban")
     except (BanTargetError, TrustedTargetError, NftError) as exc:
         print(f"sbc ban: {exc}", file=sys.stderr)
         return 2
@@ -151,20 +159,26 @@ def add_ban_subcommands(
 ) -> argparse.ArgumentParser:
     """Add `ban list|add|remove` to `sbc`'s subparsers.
 
-    `blacklist_factory(args)` builds the `Blacklist` (the default reads
-    `--state-file` and uses the default firewall config; `sbc.cli` can pass one that
-    reads the YAML configuration's trusted networks and ban policy).
+    `blacklist_factory(args)` builds the `Blacklist`; the default,
+    `default_blacklist`, reads `--config` and `--state-file`. A factory may raise
+    `ConfigError`: the command then prints it and exits 2.
     """
     ban = subparsers.add_parser("ban", help="list, add or lift blacklist bans")
-    ban.add_argument("--state-file", help="blacklist state file (default: from config)")
+    add_config_option(ban)
+    ban.add_argument(
+        "--state-file",
+        help="blacklist state file (default: the configuration's firewall.state_file)",
+    )
     ban.set_defaults(func=_run, blacklist_factory=blacklist_factory or default_blacklist)
     sub = ban.add_subparsers(dest="ban_command", required=True)
-    listing = sub.add_parser("list", help="running bans, with reason and expiry")
+    config = argparse.ArgumentParser(add_help=False)
+    add_config_option(config)
+    listing = sub.add_parser("list", parents=[config], help="running bans, with reason and expiry")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
-    add = sub.add_parser("add", help="ban an address (IPv6: its /64)")
+    add = sub.add_parser("add", parents=[config], help="ban an address (IPv6: its /64)")
     add.add_argument("address")
     add.add_argument("--duration", type=float, help="seconds (default: escalating policy)")
     add.add_argument("--reason", default="", help="free text, logged and listed")
-    remove = sub.add_parser("remove", help="lift a ban")
+    remove = sub.add_parser("remove", parents=[config], help="lift a ban")
     remove.add_argument("address")
     return ban

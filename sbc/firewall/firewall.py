@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from sbc.firewall.bans import Ban, BlacklistStore
+from sbc.firewall.bans import Ban
 from sbc.firewall.blacklist import Blacklist
 from sbc.firewall.config import FirewallConfig
 from sbc.firewall.detectors import BanReason, Event, Guard
@@ -59,14 +59,7 @@ class Firewall:
         self.guard = Guard(config.detectors, config.trusted, config.ipv6_prefix_length)
 
     def _blacklist(self, config: FirewallConfig) -> Blacklist:
-        blacklist = Blacklist(
-            self.kernel,
-            BlacklistStore(config.state_file),
-            config.bans,
-            trusted=config.trusted,
-            ipv6_prefix_length=config.ipv6_prefix_length,
-            clock=self.clock,
-        )
+        blacklist = Blacklist.from_config(config, self.kernel, clock=self.clock)
         blacklist.deferred = True
         return blacklist
 
