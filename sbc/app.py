@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import re
 import secrets
@@ -29,6 +30,7 @@ import time
 from dataclasses import replace
 from ipaddress import ip_address
 from pathlib import Path
+from typing import Final
 
 from aiohttp import web
 
@@ -383,8 +385,8 @@ class SbcNode:
             return
         if not credentials.list():
             logger.warning(
-                "- registrar: no users yet; add one with: sbc user add NAME --state-dir %s",
-                config.state_dir,
+                "- registrar: no users yet; add one with: sbc user add NAME%s",
+                f" --config {self.config_path}" if self.config_path else "",
             )
         registrar = assembly.registrar(config, credentials, secrets.token_bytes(32))
         if self.registrar is not None:
@@ -947,6 +949,23 @@ class SbcNode:
         return True
 
 
+#: Allocations between two young-generation collections (CPython's default: 700).
+GC_YOUNG_THRESHOLD: Final = 20_000
+
+
+def _tune_gc() -> None:
+    """Fewer cyclic-GC passes once started: what start-up built (modules, config,
+    listeners) is frozen out of every later collection, and the young generation is
+    collected every 20,000 allocations instead of 700. A call allocates thousands
+    of short-lived objects, nearly all freed by reference counting; the cycle
+    detector walking them every few hundred allocations cost ~5 % of a call's CPU.
+    Cycles are still collected, in fewer, larger passes."""
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+
+
 async def serve(config: Config, config_path: Path | None) -> int:
     node = SbcNode(config, config_path)
     try:
@@ -955,6 +974,7 @@ async def serve(config: Config, config_path: Path | None) -> int:
         logger.error("x cannot start: %s", exc)
         await node.stop()
         return 1
+    _tune_gc()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: loop.create_task(node.stop()))
