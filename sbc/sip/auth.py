@@ -220,9 +220,6 @@ def digest_response(
 
 # RFC 3261 25.1: token = 1*(alphanum / "-" / "." / "!" / "%" / "*" / "_" / "+" / "`"
 # / "'" / "~")
-_TOKEN_CHARS: Final = frozenset(
-    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~"
-)
 _TOKEN_RE: Final = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
 _LWS_CHARS: Final = " \t\r\n"
 _HEX_RE: Final = re.compile(r"[0-9a-fA-F]+")
@@ -231,21 +228,29 @@ _NC_RE: Final = re.compile(r"[0-9a-fA-F]{8}")
 Params = tuple[tuple[str, str], ...]
 
 
+_LWS_RE: Final = re.compile(r"[ \t\r\n]*")
+_TOKEN_AT_RE: Final = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]*")
+#: A quoted-string of plain qdtext (no quoted-pair, fold or control character): the
+#: common case, unquoted by one match; anything else takes the character loop.
+_PLAIN_QUOTED_RE: Final = re.compile(r'"([^"\\\x00-\x08\x0a-\x1f\x7f]*)"')
+
+
 def _skip_lws(text: str, pos: int) -> int:
     # RFC 3261 25.1: LWS = [*WSP CRLF] 1*WSP; values handed to us may still be folded.
-    while pos < len(text) and text[pos] in _LWS_CHARS:
-        pos += 1
-    return pos
+    match = _LWS_RE.match(text, pos)
+    return pos if match is None else match.end()
 
 
 def _read_token(text: str, pos: int) -> int:
-    while pos < len(text) and text[pos] in _TOKEN_CHARS:
-        pos += 1
-    return pos
+    match = _TOKEN_AT_RE.match(text, pos)
+    return pos if match is None else match.end()
 
 
 def _read_quoted(text: str, pos: int, name: str) -> tuple[str, int]:
     """Unquote the quoted-string starting at ``text[pos] == '"'``; return it and the end."""
+    plain = _PLAIN_QUOTED_RE.match(text, pos)
+    if plain is not None and len(plain.group(1)) <= MAX_AUTH_PARAM_LENGTH:
+        return plain.group(1), plain.end()
     out: list[str] = []
     pos += 1
     end = len(text)
