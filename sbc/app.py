@@ -54,7 +54,7 @@ from sbc.cdr.store import CdrSink, CdrStore, JsonLinesCdrStore
 from sbc.cli import setup_logging
 from sbc.config.b2bua import CdrFormat
 from sbc.config.loader import ConfigError, default_config, load_config
-from sbc.config.schema import Config, MutualTls
+from sbc.config.schema import Config, MutualTls, TlsConfig
 from sbc.firewall.bans import IPAddress
 from sbc.firewall.blacklist import TrustedTargetError
 from sbc.firewall.config import FirewallConfig, SipPorts
@@ -445,13 +445,17 @@ class SbcNode:
                     target = SipTarget(
                         gateway.host,
                         gateway.port,
-                        ResolverTransport(gateway.transport.value.upper()),
+                        ResolverTransport(gateway.transport.value),
                         secure=gateway.transport is Transport.TLS,
                     )
                     try:
                         found = await resolver.resolve(target)
                     except ResolutionError as exc:
                         logger.warning("x trunk gateway %s: %s", gateway.host, exc)
+                        continue
+                    except Exception:
+                        # A bug here must not end DNS refresh for every trunk for good.
+                        logger.exception("x trunk gateway %s: resolution failed", gateway.host)
                         continue
                     for hop in found:
                         if hop.transport.name.lower() == gateway.transport.value:
@@ -494,14 +498,24 @@ class SbcNode:
         limit = HandshakeLimit(tls.handshakes_per_source, tls.handshake_rate, tls.handshake_burst)
         tcfg = replace(transport_config(config), handshake_limit=limit)
         server_ssl = None
-        if any(listen.transport is Transport.TLS for listen in tcfg.listen):
-            self._tls_paths = certificate_paths(config)
-            server_ssl = ServerTls(server_tls_settings(config, self._tls_paths))
+        serves_tls = any(listen.transport is Transport.TLS for listen in tcfg.listen)
+        # The identity served is the one presented to trunks; without a TLS listener no
+        # self-signed one is generated just for that (no realm could send TLS anyway).
+        identity = certificate_paths(config) if serves_tls or tls.certificate is not None else None
+        if serves_tls and identity is not None:
+            server_ssl = ServerTls(server_tls_settings(config, identity))
+        self._tls_paths = identity
+        if not tls.verify_server:
+            logger.warning("x sip.tls.verify_server is off: TLS servers (trunks) are not verified")
         layer = TransportLayer(
             tcfg,
             self._on_message,
             server_ssl=server_ssl,
-            client_ssl=client_context(),
+            client_ssl=client_context(
+                tls.server_ca,
+                verify=tls.verify_server,
+                certificate=self._client_identity(tls),
+            ),
             on_error=self._on_parse_error,
         )
         await layer.start()
@@ -914,9 +928,20 @@ class SbcNode:
         logger.info("- configuration reloaded from %s", self.config_path)
         return True
 
+    def _client_identity(self, tls: TlsConfig) -> CertificatePaths | None:
+        """The certificate shown to TLS servers that ask: the configured one only.
+
+        The generated self-signed certificate is never shown: a trunk that asks for
+        a client certificate optionally would refuse the handshake over one it cannot
+        verify, where sending none works.
+        """
+        if not tls.present_certificate or tls.certificate is None:
+            return None
+        return self._tls_paths
+
     def _reload_certificates(self) -> None:
-        """Load renewed certificate, key, SNI and client CA files into new contexts:
-        new handshakes use them, established TLS connections keep theirs."""
+        """Load renewed certificate, key, SNI, client and server CA files into new
+        contexts: new handshakes use them, established TLS connections keep theirs."""
         if self._server_ssl is not None:
             try:
                 self._server_ssl.reload()
@@ -924,6 +949,19 @@ class SbcNode:
                 logger.error("x TLS certificate reload failed, keeping the old one: %s", exc)
             else:
                 logger.info("- TLS certificates reloaded")
+        if self.transport is not None:
+            # Outgoing connections: the renewed identity and server CA bundle.
+            tls = self.config.sip.tls
+            try:
+                context = client_context(
+                    tls.server_ca,
+                    verify=tls.verify_server,
+                    certificate=self._client_identity(tls),
+                )
+            except (OSError, ValueError, ssl.SSLError) as exc:
+                logger.error("x TLS client context reload failed, keeping the old one: %s", exc)
+            else:
+                self.transport.set_client_ssl(context)
 
     async def _replace_transport(self, new: Config, old: Config) -> bool:
         if self.transport is not None:

@@ -78,15 +78,26 @@ def _listen_from_dict(data: Mapping[str, Any]) -> ListenAddress:
 
 
 def _destination_to_dict(destination: Destination) -> dict[str, Any]:
-    return {
+    out: dict[str, Any] = {
         "transport": destination.transport.value,
         "host": destination.host,
         "port": destination.port,
     }
+    if destination.tls_name is not None:
+        # Only when set: dicts of other legs stay as they were.
+        out["tls_name"] = destination.tls_name
+    return out
 
 
 def _destination_from_dict(data: Mapping[str, Any]) -> Destination:
-    return Destination(Transport(data["transport"]), str(data["host"]), int(data["port"]))
+    # Older dicts have no tls_name: their peer is verified by address, as it was.
+    tls_name = data.get("tls_name")
+    return Destination(
+        Transport(data["transport"]),
+        str(data["host"]),
+        int(data["port"]),
+        None if tls_name is None else str(tls_name),
+    )
 
 
 @dataclass(frozen=True, slots=True)

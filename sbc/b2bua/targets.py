@@ -6,7 +6,8 @@ phone may be behind a NAT: RFC 3261 10.3 lets the registrar record where it
 really is, RFC 5626 and Kamailio's nathelper do the same), with the registered
 Contact as Request-URI. A trunk's targets are its usable gateways in failover
 order (``TrunkState.candidates``), host names resolved by the app beforehand
-(``resolved``: RFC 3263 results by gateway key) since the controller never waits.
+(``resolved``: RFC 3263 results by gateway key) since the controller never waits;
+a TLS gateway's name rides on its Destination for the certificate check (RFC 5922 4).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Final
 
 from sbc.b2bua.controller import Target, TrunkPlan
@@ -22,7 +24,7 @@ from sbc.b2bua.routing import uri_user_host
 from sbc.b2bua.trunks import Gateway, HealthChange, TrunkTable
 from sbc.registrar.location import LocationService
 from sbc.sip.uri import Uri, format_host
-from sbc.transport.base import Destination, Transport
+from sbc.transport.base import Destination, Transport, normalize_host
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +65,22 @@ class Directory:
         self.resolved: dict[str, Destination] = {}
 
     def destination(self, gateway: Gateway) -> Destination | None:
-        """Where a gateway is reached now; None while its name is unresolved."""
-        return gateway.static_destination or self.resolved.get(gateway.key)
+        """Where a gateway is reached now; None while its name is unresolved.
+
+        A TLS gateway given by name carries that name as ``tls_name``: RFC 5922 4,
+        its certificate must name the SIP domain the request was routed to (the
+        configured host), not the address (or SRV target) it resolved to.
+        """
+        static = gateway.static_destination
+        if static is not None:
+            return static
+        found = self.resolved.get(gateway.key)
+        if found is None or found.transport is not Transport.TLS or found.tls_name is not None:
+            return found
+        named = replace(found, tls_name=normalize_host(gateway.host))
+        # Kept, so the next call to this gateway reuses it (until the next lookup).
+        self.resolved[gateway.key] = named
+        return named
 
     # -- TargetSource ---------------------------------------------------------------------
 

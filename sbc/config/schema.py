@@ -251,8 +251,30 @@ class TlsConfig(Section):
             "TLS handshakes a source may start at once above the rate.", min=1, max=100_000
         ),
     )
+    server_ca: Path | None = field(
+        default=None,
+        metadata=spec(
+            "PEM bundle the certificates of TLS servers the SBC connects to (trunks) must "
+            "chain to (CAs or the servers' own); null = the system's CAs."
+        ),
+    )
+    present_certificate: bool = field(
+        default=True,
+        metadata=spec(
+            "Present the configured certificate/private_key (never the generated "
+            "self-signed one) to TLS servers that ask for one (mutual TLS; a certificate "
+            "with extended key usages needs clientAuth among them)."
+        ),
+    )
+    verify_server: bool = field(
+        default=True,
+        metadata=spec("Verify TLS servers' certificates and names; false only for lab peers."),
+    )
 
     def check(self, path: str) -> Iterator[Issue]:
+        # Refused here, not at the first call: `sbc check-config` and a reload see it.
+        if self.server_ca is not None and not self.server_ca.is_file():
+            yield key_path(path, "server_ca"), f"no such file: {self.server_ca}"
         if self.mtls is not MutualTls.NONE and self.client_ca is None:
             yield key_path(path, "client_ca"), f"mtls {self.mtls} needs client_ca"
         if self.trusted_clients and self.mtls is MutualTls.NONE:

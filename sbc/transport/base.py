@@ -176,11 +176,19 @@ class Flow:
 
 @dataclass(frozen=True, slots=True)
 class Destination:
-    """Where to send a request: what the RFC 3263 resolver hands out (an IP literal)."""
+    """Where to send a request: what the RFC 3263 resolver hands out (an IP literal).
+
+    ``tls_name`` is the host name a TLS server there must prove it is (RFC 5922 4:
+    the domain of the URI the request was routed to, e.g. a trunk gateway's
+    configured name); None verifies ``host``, the address itself. It takes part
+    in equality: a destination reached under one name is not the same hop as the
+    address reached under another (or none).
+    """
 
     transport: Transport
     host: str
     port: int
+    tls_name: str | None = None
 
     def __str__(self) -> str:
         return f"{self.transport.value} {format_hostport(self.host, self.port)}"

@@ -10,6 +10,10 @@ certificate must chain to a configured CA bundle and, if fingerprints are listed
 be one of them; the name of the fingerprint it matched is how a trunk is known.
 ``reload()`` builds fresh contexts from the files and swaps them in: handshakes
 after it use the new ones, established connections keep theirs.
+
+``client_context`` is the other direction, the SBC connecting to trunks: it
+verifies their certificates against a configured CA bundle (or the system's) and
+presents the SBC's own certificate to servers that ask for one.
 """
 
 from __future__ import annotations
@@ -286,12 +290,21 @@ def client_context(
     verify: bool = True,
     certificate: CertificatePaths | None = None,
 ) -> ssl.SSLContext:
-    """A client context for outgoing TLS; ``verify=False`` only for lab peers.
+    """A client context for outgoing TLS (to trunks): TLS 1.2 and 1.3 only.
 
-    ``certificate`` is presented to servers that ask for one (mutual TLS).
+    The server's certificate must chain to ``cafile`` (a PEM bundle of CAs or of
+    the servers' own certificates, each a trust anchor by itself), else to the
+    system's CAs, and match the name the connection asks for (RFC 5922 4 and 7.3:
+    the SIP domain the request was routed to, passed as ``server_hostname``).
+    ``verify=False`` skips both, only for lab peers. ``certificate`` is presented
+    to servers that ask for one (mutual TLS, RFC 5922 5). Raises OSError,
+    ssl.SSLError or ValueError for a file that cannot be loaded.
     """
     context = ssl.create_default_context(cafile=str(cafile) if cafile else None)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cafile is not None:
+        # As for client_ca: a pinned trunk certificate in the bundle is enough.
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     if certificate is not None:
         context.load_cert_chain(certificate.certificate, certificate.private_key)
     if not verify:

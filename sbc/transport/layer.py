@@ -69,9 +69,10 @@ class TransportLayer:
     ``server_ssl`` is required when a TLS listener is configured (a ServerTls
     follows its reloads); ``listener_tls`` gives single TLS listeners their own (a
     realm's certificate and mutual TLS policy). ``client_ssl`` is used for outgoing
-    TLS connections. The handler is called synchronously from the event loop; it
-    must not block. ``on_error``, when given, is told of every message that failed
-    to parse (the edge firewall counts them per source); it must not block either.
+    TLS connections (``set_client_ssl`` replaces it). The handler is called
+    synchronously from the event loop; it must not block. ``on_error``, when given,
+    is told of every message that failed to parse (the edge firewall counts them
+    per source); it must not block either.
     """
 
     def __init__(
@@ -195,6 +196,11 @@ class TransportLayer:
         await asyncio.sleep(0)
         logger.info("- transport layer stopped")
 
+    def set_client_ssl(self, context: ssl.SSLContext) -> None:
+        """Use ``context`` for outgoing TLS connections opened from now on (renewed
+        files after a reload); established connections keep their own."""
+        self._client_ssl = context
+
     def _new_connection(self, transport: Transport) -> _Factory:
         return _Factory(self, transport)
 
@@ -309,11 +315,14 @@ class TransportLayer:
         Over TCP/TLS an open connection to the same address and port is reused
         (whichever side opened it), else one is opened within ``connect_timeout``
         from ``local_host`` (a realm's address; default: the kernel's choice);
-        ``server_hostname`` is what TLS verifies (default: the address). Raises
+        ``server_hostname`` is what TLS verifies and asks for by SNI (default: the
+        destination's ``tls_name``, RFC 5922 4, else the address). Raises
         TransportError if it cannot be sent (RFC 3261 8.1.3.1: the TU sees a 503).
         """
         if not isinstance(destination, Destination):
             destination = Destination(*destination)
+        if server_hostname is None:
+            server_hostname = destination.tls_name
         host, port = normalize_host(destination.host), destination.port
         transport = destination.transport
         if ip_literal(host) is None:
