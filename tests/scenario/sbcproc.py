@@ -20,6 +20,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 from sbc.sip.errors import ParseError
 from sbc.sip.message import Headers, Response
@@ -82,10 +83,15 @@ class SbcProcess:
         self.log_path = workdir / log_name
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 20.0) -> SbcProcess:
+    def command(self) -> list[str]:
+        """The command line that runs the SBC (subclasses wrap it)."""
         args = [sys.executable, "-m", "sbc", "run"]
         if self.config is not None:
             args += ["--config", str(self.config)]
+        return args
+
+    def start(self, timeout: float = 20.0) -> Self:
+        args = self.command()
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             args, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL

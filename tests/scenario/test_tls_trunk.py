@@ -27,7 +27,6 @@ import shutil
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -268,27 +267,13 @@ class NamespacedSbc(SbcProcess):
         super().__init__(workdir, config, ports)
         self.resolv = resolv
 
-    def start(self, timeout: float = 20.0) -> NamespacedSbc:
-        assert UNSHARE is not None and self.config is not None
+    def command(self) -> list[str]:
+        assert UNSHARE is not None
         script = 'mount --bind "$1" /etc/resolv.conf && shift && exec "$@"'
-        args = [
+        return [
             UNSHARE, "--mount", "--propagation", "private", "sh", "-c", script, "sh",
-            str(self.resolv), sys.executable, "-m", "sbc", "run", "--config", str(self.config),
+            str(self.resolv), *super().command(),
         ]  # fmt: skip
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            args, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"sbc exited with {self.proc.returncode}:\n{self.log()}")
-            if self.health()[0] == 200:
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"sbc did not become healthy in {timeout} s:\n{self.log()}")
 
 
 def sbc_config(
