@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import replace
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import IPv4Address, IPv6Address
 from typing import Final
 
 from sbc.b2bua.call import CallLeg
 from sbc.b2bua.realm import Realm
 from sbc.media.session import LegOffer, MediaSession, Side, StreamOffer
-from sbc.media.values import Direction, Endpoint
+from sbc.media.values import Direction, Endpoint, ip_address
 from sbc.sip.headers import MediaType, header_key
 from sbc.sip.message import Message
 from sbc.sip.sdp import (
