@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any, Final
@@ -34,6 +34,8 @@ IPNetwork = IPv4Network | IPv6Network
 
 #: Key of a field's `FieldSpec` in `dataclasses.Field.metadata`.
 SPEC_KEY: Final = "sbc.config"
+#: The blacklist's state file in state_dir when firewall.state_file is null.
+BLACKLIST_FILE: Final = "firewall-blacklist.json"
 
 
 @dataclass(frozen=True)
@@ -419,6 +421,14 @@ class Config(Section):
         default_factory=lambda: _firewall.FirewallConfig(),
         metadata=spec("Edge defence: nftables table inet sbc and its detectors."),
     )
+
+    def __post_init__(self) -> None:
+        # The blacklist lives with the rest of the state unless the file says otherwise
+        # (a path relative to the configuration file would land in /etc/sbc, read-only
+        # to the service on the appliance).
+        if self.firewall.state_file is None:
+            firewall = replace(self.firewall, state_file=self.state_dir / BLACKLIST_FILE)
+            object.__setattr__(self, "firewall", firewall)
 
     def check(self, path: str) -> Iterator[Issue]:
         yield from self._check_realms(path)

@@ -87,6 +87,9 @@ class Blacklist:
         The running firewall and `sbc ban` both build theirs here, so an operator's
         command applies the same policy as the SBC's detectors.
         """
+        if config.state_file is None:
+            # The full configuration fills it in (state_dir/firewall-blacklist.json).
+            raise ValueError("firewall.state_file is not set")
         return cls(
             kernel,
             BlacklistStore(config.state_file),

@@ -232,9 +232,12 @@ class FirewallConfig(Section):
     media_ports: MediaPorts = field(default_factory=MediaPorts, metadata=spec("RTP range."))
     bans: BanPolicy = field(default_factory=BanPolicy, metadata=spec("Ban durations."))
     detectors: Detectors = field(default_factory=Detectors, metadata=spec("Userspace detectors."))
-    state_file: Path = field(
-        default=Path("state/firewall-blacklist.json"),
-        metadata=spec("Where the blacklist is persisted across restarts."),
+    state_file: Path | None = field(
+        default=None,
+        metadata=spec(
+            "Where the blacklist is persisted across restarts; "
+            "null = state_dir/firewall-blacklist.json."
+        ),
     )
 
     @property

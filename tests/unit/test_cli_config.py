@@ -341,3 +341,15 @@ def test_a_database_root_creates_belongs_to_the_state_directorys_owner(
     status, _, err = add_user(capsys, monkeypatch, "bob", "--state-dir", str(state))
     assert status == 0, err
     assert (state / "users.sqlite").stat().st_uid == 0
+
+
+def test_the_blacklist_lives_in_state_dir_unless_the_file_says_otherwise(tmp_path: Path) -> None:
+    """A path relative to /etc/sbc/sbc.yaml would be read-only to the service."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    config = etc / "sbc.yaml"
+    config.write_text(f"state_dir: {tmp_path / 'var'}\n")
+    assert load_config(config).firewall.state_file == tmp_path / "var" / "firewall-blacklist.json"
+    config.write_text(f"state_dir: {tmp_path / 'var'}\nfirewall: {{state_file: bans.json}}\n")
+    assert load_config(config).firewall.state_file == etc / "bans.json"
+    assert default_config().firewall.state_file == Path.cwd() / "state" / "firewall-blacklist.json"
