@@ -1012,11 +1012,13 @@ async def serve(config: Config, config_path: Path | None) -> int:
         logger.error("x cannot start: %s", exc)
         await node.stop()
         return 1
-    _tune_gc()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: loop.create_task(node.stop()))
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(node.reload()))
+    # After the handlers: "sbc started" is logged already, and a SIGTERM during the
+    # collection must stop the SBC cleanly, not kill it.
+    _tune_gc()
     await node.stopped.wait()
     return 0
 
