@@ -492,9 +492,8 @@ class MediaRelay:
             raise UnknownSession(session_id)
         session.deleted = True
         if any(s.kernel for s in session.streams):
-            # Only then is there a kernel figure to read; reading every counter of the
-            # table for a session that never left user space capped set-ups at ~25/s.
-            await self._refresh_kernel_counters(session)
+            # Only then is there a kernel figure to read.
+            await self._refresh_kernel_counters(only=session)
         final = session.snapshot()
         names = [s.forward_name(side) for s in session.streams if s.kernel for side in Side]
         if names and self._kernel is not None:
@@ -510,7 +509,7 @@ class MediaRelay:
     async def stats(self, session_id: str) -> MediaSession:
         session = self._session(session_id)
         if any(s.kernel for s in session.streams):
-            await self._refresh_kernel_counters()
+            await self._refresh_kernel_counters(only=session)
         return session.snapshot()
 
     async def events(self) -> AsyncIterator[MediaEvent]:
@@ -881,17 +880,20 @@ class MediaRelay:
         if stream.kernel_eligible() and not stream.session.deleted:
             await self._engage(stream)
 
-    async def _refresh_kernel_counters(self, deleted: _Session | None = None) -> None:
-        """Read kernel counters into the legs (of ``deleted`` too, no longer listed)."""
-        sessions = list(self._sessions.values())
-        if deleted is not None:
-            sessions.append(deleted)
-        if self._kernel is None or not any(
-            s.kernel for session in sessions for s in session.streams
-        ):
+    async def _refresh_kernel_counters(self, only: _Session | None = None) -> None:
+        """Read kernel counters into the legs: every session's, or only those of ``only``
+        (a session being deleted or asked about: its own counters, not the table's,
+        so that ending a call costs the same with 10 or 10,000 calls in the kernel)."""
+        sessions = list(self._sessions.values()) if only is None else [only]
+        kernel = self._kernel
+        if kernel is None or not any(s.kernel for session in sessions for s in session.streams):
             return
         try:
-            counters = await self._nft(self._kernel.counters)
+            if only is None:
+                counters = await self._nft(kernel.counters)
+            else:
+                names = [st.forward_name(side) for st in only.streams if st.kernel for side in Side]
+                counters = await self._nft(kernel.counters_of, names)
         except KernelPathUnavailable as exc:
             logger.error("x kernel counters not read: %s", exc)
             return

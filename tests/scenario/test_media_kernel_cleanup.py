@@ -10,6 +10,7 @@ stand-in for the firewall's objects, only the media objects go.
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import signal
 import subprocess
@@ -203,3 +204,35 @@ def test_sbc_run_without_firewall_leaves_no_table_after_sigterm(lab: Lab, tmp_pa
     assert "chain media_prerouting" in during and "map media_pre_v4" in during
     assert "- kernel fast path off (6 media objects removed, table deleted)" in text
     assert ruleset(lab) == before
+
+
+COUNTERS_OF = """\
+import json, sys
+from sbc.media.kernel import KernelMediaTable
+table = KernelMediaTable()
+print(json.dumps({n: [c.packets, c.bytes] for n, c in table.counters_of(sys.argv[1:]).items()}))
+"""
+
+
+def test_a_sessions_counters_are_read_alone_and_a_missing_one_falls_back(lab: Lab) -> None:
+    """Deleting a call reads its own counters, not every counter of the table."""
+    lab.run("sbc", "nft", "-f", "-", input=(
+        "add table inet sbc\n"
+        "add counter inet sbc media_s1_0_a { packets 7 bytes 700 }\n"
+        "add counter inet sbc media_s1_0_b { packets 9 bytes 900 }\n"
+        "add counter inet sbc media_s2_0_a { packets 1 bytes 100 }\n"
+    ))  # fmt: skip
+
+    def read(*names: str) -> dict[str, list[int]]:
+        out = lab.run("sbc", sys.executable, "-c", COUNTERS_OF, *names).stdout
+        result: dict[str, list[int]] = json.loads(out)
+        return result
+
+    assert read("media_s1_0_a", "media_s1_0_b") == {
+        "media_s1_0_a": [7, 700],
+        "media_s1_0_b": [9, 900],
+    }
+    # A counter removed behind the relay's back: the others still come back.
+    assert read("media_s1_0_a", "media_gone_0_a") == {"media_s1_0_a": [7, 700]}
+    assert read() == {}
+    lab.run("sbc", "nft", "delete", "table", "inet", "sbc")
