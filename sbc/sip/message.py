@@ -58,19 +58,20 @@ KNOWN_METHODS: Final = frozenset(
 #: RFC 3261 17.2.3 / 8.1.1.7: the magic cookie that marks an RFC 3261 branch.
 MAGIC_COOKIE: Final = "z9hG4bK"
 
-#: Lookup keys of header names already seen (``header_key`` is pure). Looking a
-#: name up costs less than lower-casing it, and every message built with one name
-#: shares one key string. Bounded: names also come from peers.
-_KEYS: dict[str, str] = {}
-_MAX_KEYS: Final = 1024
+#: Lookup keys of header names already seen (``header_key`` is pure), shared by the
+#: parser and every message built here. Looking a name up costs less than
+#: lower-casing it, and one name gets one key string. Bounded: names come from peers.
+HEADER_KEYS: dict[str, str] = {}
+_MAX_KEYS: Final = 2048
 
 
-def _key(name: str) -> str:
-    key = _KEYS.get(name)
+def lookup_key(name: str) -> str:
+    """``header_key(name)``, remembered in :data:`HEADER_KEYS`."""
+    key = HEADER_KEYS.get(name)
     if key is None:
         key = header_key(name)
-        if len(_KEYS) < _MAX_KEYS:
-            _KEYS[name] = key
+        if len(HEADER_KEYS) < _MAX_KEYS:
+            HEADER_KEYS[name] = key
     return key
 
 
@@ -91,7 +92,7 @@ class Headers:
 
     def __init__(self, fields: Iterable[tuple[str, str]] = ()) -> None:
         self._fields: list[tuple[str, str, str]] = [
-            (n, _KEYS.get(n) or _key(n), v) for n, v in fields
+            (n, HEADER_KEYS.get(n) or lookup_key(n), v) for n, v in fields
         ]
         self._index: dict[str, list[int]] | None = None
 
@@ -118,11 +119,11 @@ class Headers:
         return len(self._fields)
 
     def __contains__(self, name: str) -> bool:
-        return (_KEYS.get(name) or _key(name)) in self._lookup()
+        return (HEADER_KEYS.get(name) or lookup_key(name)) in self._lookup()
 
     def fields(self, name: str) -> list[str]:
         """Every field value of ``name``, one per header line, in order."""
-        positions = self._lookup().get(_KEYS.get(name) or _key(name))
+        positions = self._lookup().get(HEADER_KEYS.get(name) or lookup_key(name))
         if positions is None:
             return []
         fields = self._fields
@@ -130,12 +131,12 @@ class Headers:
 
     def get(self, name: str) -> str | None:
         """The first field value of ``name``, or None."""
-        positions = self._lookup().get(_KEYS.get(name) or _key(name))
+        positions = self._lookup().get(HEADER_KEYS.get(name) or lookup_key(name))
         return self._fields[positions[0]][2] if positions else None
 
     def values(self, name: str) -> list[str]:
         """Every value of ``name``; list headers are split at commas (RFC 3261 7.3.1)."""
-        key = _KEYS.get(name) or _key(name)
+        key = HEADER_KEYS.get(name) or lookup_key(name)
         fields = self.fields(name)
         if key not in LIST_HEADERS:
             return fields
@@ -145,11 +146,11 @@ class Headers:
         return out
 
     def count(self, name: str) -> int:
-        return len(self._lookup().get(_KEYS.get(name) or _key(name), ()))
+        return len(self._lookup().get(HEADER_KEYS.get(name) or lookup_key(name), ()))
 
     def add(self, name: str, value: str, *, first: bool = False) -> None:
         """Append a field (or put it before every other field of that name)."""
-        key = _KEYS.get(name) or _key(name)
+        key = HEADER_KEYS.get(name) or lookup_key(name)
         entry = (canonical_name(name) if name.islower() else name, key, value)
         if first:
             positions = self._lookup().get(key)
@@ -168,7 +169,7 @@ class Headers:
 
     def set(self, name: str, value: str) -> None:
         """Replace every field of ``name`` with one value, where the first one stood."""
-        key = _KEYS.get(name) or _key(name)
+        key = HEADER_KEYS.get(name) or lookup_key(name)
         positions = self._lookup().get(key)
         if not positions:
             self.add(name, value)
@@ -182,7 +183,7 @@ class Headers:
 
     def remove(self, name: str) -> int:
         """Remove every field of ``name``; returns how many were removed."""
-        key = _KEYS.get(name) or _key(name)
+        key = HEADER_KEYS.get(name) or lookup_key(name)
         before = len(self._fields)
         self._fields = [f for f in self._fields if f[1] != key]
         self._index = None
@@ -190,7 +191,7 @@ class Headers:
 
     def pop_first_value(self, name: str) -> str | None:
         """Remove the first value of a list header (the top Via, a Route entry)."""
-        key = _KEYS.get(name) or _key(name)
+        key = HEADER_KEYS.get(name) or lookup_key(name)
         positions = self._lookup().get(key)
         if not positions:
             return None
@@ -256,7 +257,7 @@ class Message:
         """
         cache = self._cache
         if names:
-            keys = {_KEYS.get(name) or _key(name) for name in names}
+            keys = {HEADER_KEYS.get(name) or lookup_key(name) for name in names}
             for view, source in _VIEW_SOURCES.items():
                 if source in keys:
                     cache.pop(view, None)
@@ -588,7 +589,7 @@ def make_response(
     added: set[str] = set()
     for name, value in headers:
         out.add(name, value)
-        added.add(_KEYS.get(name) or _key(name))
+        added.add(HEADER_KEYS.get(name) or lookup_key(name))
     response = Response(status, reason, out)
     if views:
         # The views of the fields copied as they are hold for the response too: the

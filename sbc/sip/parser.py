@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from sbc.sip.errors import ParseError
-from sbc.sip.headers import Address, CSeq, Via, header_key, parse_uint, split_list
+from sbc.sip.headers import Address, CSeq, Via, parse_uint, split_list
 from sbc.sip.limits import (
     MAX_BODY_SIZE,
     MAX_BODY_SIZE_STATUS,
@@ -36,7 +36,16 @@ from sbc.sip.limits import (
     MAX_VIA,
     MAX_VIA_STATUS,
 )
-from sbc.sip.message import KNOWN_METHODS, SIP_VERSION, Headers, Message, Request, Response
+from sbc.sip.message import (
+    HEADER_KEYS,
+    KNOWN_METHODS,
+    SIP_VERSION,
+    Headers,
+    Message,
+    Request,
+    Response,
+    lookup_key,
+)
 from sbc.sip.uri import SipUri
 
 _TOKEN: Final = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
@@ -147,18 +156,6 @@ def _parse_start_line(line: str, is_response: bool) -> Request | Response:
 
 #: A header field line: name, optional whitespace, colon, the rest.
 _FIELD: Final = re.compile(r"([A-Za-z0-9\-.!%*_+`'~]+)[ \t]*:(.*)", re.DOTALL)
-#: Lookup keys of header names as written; bounded, since names come from peers.
-_KEYS: dict[str, str] = {}
-_MAX_KEYS: Final = 2048
-
-
-def _key(name: str) -> str:
-    key = _KEYS.get(name)
-    if key is None:
-        key = header_key(name)
-        if len(_KEYS) < _MAX_KEYS:
-            _KEYS[name] = key
-    return key
 
 
 _FIELD_LINES: Final = re.compile(r"(?m)^([A-Za-z0-9\-.!%*_+`'~]+)[ \t]*:(.*)$")
@@ -176,9 +173,10 @@ def _parse_header_lines(text: str) -> list[tuple[str, str, str]]:
             and len(found) == text.count("\n") + 1
             and (len(text) <= MAX_LINE_LENGTH or max(map(len, text.split("\n"))) <= MAX_LINE_LENGTH)
         ):
-            keys = _KEYS
+            keys = HEADER_KEYS
             return [
-                (name, keys.get(name) or _key(name), value.strip(" \t\r")) for name, value in found
+                (name, keys.get(name) or lookup_key(name), value.strip(" \t\r"))
+                for name, value in found
             ]
     return _parse_header_lines_slowly(text.split("\n"))
 
@@ -207,7 +205,7 @@ def _parse_header_lines_slowly(lines: list[str]) -> list[tuple[str, str, str]]:
                 raise ParseError("header line too long", MAX_LINE_LENGTH_STATUS)
             continue
         if pending:
-            append((name, _key(name), value))
+            append((name, lookup_key(name), value))
         m = match(line)
         if m is None:
             if line == "\r":
@@ -220,7 +218,7 @@ def _parse_header_lines_slowly(lines: list[str]) -> list[tuple[str, str, str]]:
         if len(fields) >= MAX_HEADERS:
             raise ParseError(f"more than {MAX_HEADERS} header fields", MAX_HEADERS_STATUS)
     if pending:
-        append((name, _key(name), value))
+        append((name, lookup_key(name), value))
     return fields
 
 
