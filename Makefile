@@ -10,7 +10,6 @@ BIN := $(VENV)/bin
 # registrar, iproute2 for network namespaces.
 APT_PACKAGES := python3-venv python3-dev gcc make openssl ca-certificates procps \
 	iproute2 nftables libnftables1 sip-tester sipvicious baresip-core kamailio
-APT_GET := DEBIAN_FRONTEND=noninteractive apt-get -y -q -o DPkg::Lock::Timeout=300
 STAMP := $(VENV)/.installed
 FUZZ_SECONDS ?= 300
 
@@ -18,20 +17,9 @@ FUZZ_SECONDS ?= 300
 
 all: test
 
-# Install only what is missing, so a second run does no network I/O.
+# Install only what is missing (mk/apt-install), so a second run does no network I/O.
 apt-deps:
-	@missing=""; for p in $(APT_PACKAGES); do \
-	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-	  echo "- installing apt packages:$$missing"; \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
-	  $$SUDO $(APT_GET) update && $$SUDO $(APT_GET) install --no-install-recommends $$missing; \
-	  case "$$missing" in *kamailio*) \
-	    echo "- kamailio is a test peer only: its system service stays off (it would take 5060)"; \
-	    $$SUDO systemctl disable --now kamailio 2>/dev/null || true;; \
-	  esac; \
-	fi
+	@$(SHELL) mk/apt-install $(APT_PACKAGES)
 
 $(STAMP): pyproject.toml | apt-deps
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

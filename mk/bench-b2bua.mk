@@ -11,20 +11,7 @@ BENCH_B2BUA_APT := sip-tester kamailio util-linux
 .PHONY: bench-b2bua bench-b2bua-quick bench-b2bua-deps
 
 bench-b2bua-deps: deps
-	@missing=""; for p in $(BENCH_B2BUA_APT); do \
-	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-	  echo "- installing apt packages:$$missing"; \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
-	  $$SUDO $(APT_GET) update && $$SUDO $(APT_GET) install --no-install-recommends $$missing; \
-	  case "$$missing" in *kamailio*) \
-	    if [ -d /run/systemd/system ]; then \
-	      echo "- disabling the kamailio service the package started (it takes port 5060)"; \
-	      $$SUDO systemctl disable --now kamailio.service || true; \
-	    fi;; \
-	  esac; \
-	fi
+	@$(SHELL) mk/apt-install $(BENCH_B2BUA_APT)
 
 bench-b2bua: bench-b2bua-deps
 	$(BIN)/python tests/bench/b2bua_bench.py --json build/bench-b2bua/runs.json

@@ -8,13 +8,7 @@ BENCH_MEDIA_APT := gcc nftables libnftables1 iproute2 rtpengine-daemon
 .PHONY: bench-media bench-media-quick bench-media-deps
 
 bench-media-deps: deps
-	@missing=""; for p in $(BENCH_MEDIA_APT); do \
-	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-	  echo "- installing apt packages:$$missing"; \
-	  $(APT_GET) update && $(APT_GET) install --no-install-recommends $$missing; \
-	fi
+	@$(SHELL) mk/apt-install $(BENCH_MEDIA_APT)
 
 bench-media: bench-media-deps
 	$(BIN)/python tests/bench/media_bench.py --json build/bench-media/runs.json

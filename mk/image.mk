@@ -1,5 +1,5 @@
 # Appliance image: build (Packer), boot test and hardening checks, flashing.
-# Included from the Makefile (`include mk/image.mk`); uses its BIN, APT_GET and deps.
+# Included from the Makefile (`include mk/image.mk`); uses its BIN and deps.
 #
 #   make image [IMAGE_TARGET=lab-vm|bare-metal]   rootfs -> raw, raw.zst, qcow2, SHA256SUMS
 #   make test-image                                fast checks, then build (if stale) + boot test
@@ -19,14 +19,7 @@ IMAGE_INPUTS := $(shell find rootfs packer/sbc.pkr.hcl packer/scripts packer/tar
 .PHONY: image image-deps test-image test-image-fast test-image-slow flash
 
 image-deps:
-	@missing=""; for p in $(IMAGE_APT_PACKAGES); do \
-	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-	  echo "- installing apt packages:$$missing"; \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
-	  $$SUDO $(APT_GET) update && $$SUDO $(APT_GET) install --no-install-recommends $$missing; \
-	fi
+	@$(SHELL) mk/apt-install $(IMAGE_APT_PACKAGES)
 
 # Packer 1.6.6 from Debian, built-in null builder + shell-local only: no plugin download.
 $(IMAGE_DIR)/SHA256SUMS: $(IMAGE_INPUTS) | deps image-deps
