@@ -31,6 +31,7 @@ import heapq
 import itertools
 import logging
 import secrets
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Final, Protocol
@@ -98,6 +99,7 @@ from sbc.sip.transaction import (
     ResponseReceived,
     ServerInviteTransaction,
     ServerTransaction,
+    StrayResponse,
     TransactionError,
     TransactionLayer,
     TransactionTerminated,
@@ -142,6 +144,10 @@ FAILOVER_STATUSES: Final = frozenset({408, 500, 502, 503, 504})
 #: Most parallel forks of one call (contacts of one user) and serial attempts.
 MAX_FORKS: Final = 10
 MAX_ATTEMPTS: Final = 16
+
+#: B-leg INVITEs let go of while they could still be answered, kept so that a late
+#: 2xx is ACKed and hung up; the oldest are forgotten beyond this many.
+MAX_ORPHANS: Final = 10_000
 
 #: Most 3xx Contacts followed, and how often a call may be redirected.
 MAX_REDIRECTS: Final = 3
@@ -487,6 +493,21 @@ class _RegisterRelayed:
     realm: str
 
 
+@dataclass(eq=False, slots=True)
+class _Orphan:
+    """A B-leg INVITE whose call let go of it before it had a final response (its
+    Timer B fired, or the call ended while it rang). A 2xx that still comes for it
+    is ACKed, and its dialog ended with a BYE, rather than left to the callee's
+    own 64*T1 timeout (RFC 3261 13.2.2.4, 13.3.1.4)."""
+
+    call_ref: str
+    leg: CallLeg
+    dialogs: DialogSet
+    expires: float
+    #: Remote tags of the dialogs already hung up: a retransmitted 2xx gets the ACK again.
+    byed: set[str] = field(default_factory=set)
+
+
 @dataclass(frozen=True, slots=True)
 class _ByRole:
     call_ref: str
@@ -645,6 +666,8 @@ class CallController:
         self._routed: dict[ClientTransaction, _Routed] = {}
         #: (Call-ID, the SBC's To tag, CSeq number) of a 2xx not yet ACKed.
         self._unacked: dict[tuple[str, str, int], _Unacked] = {}
+        #: (Call-ID, the SBC's From tag) of B INVITEs let go of unanswered, oldest first.
+        self._orphans: OrderedDict[tuple[str, str], _Orphan] = OrderedDict()
         #: Their retransmission times: (when, sequence, key), entries whose time is no
         #: longer the entry's ``next_at`` skipped (the heap spares a scan of them all).
         self._unacked_due: list[tuple[float, int, tuple[str, str, int]]] = []
@@ -900,8 +923,12 @@ class CallController:
         if isinstance(event, AckReceived):
             self._ack(event.request)
             return Step()
+        if isinstance(event, StrayResponse):
+            return self._orphan_response(event.response, now)
         if isinstance(event, TransactionTimeout | TransportError):
             tx = event.transaction
+            if isinstance(tx, ClientInviteTransaction):
+                self._orphan_fork(tx, now)
             if isinstance(tx, ClientTransaction) and (
                 tx in self._by_client or tx in self._routed or tx in self._register_relayed
             ):
@@ -1863,6 +1890,8 @@ class CallController:
             return Step()
         live = self._calls.get(role.call_ref)
         if live is None:
+            if role.role == "invite":
+                return self._orphan_response(response, now)
             return Step()
         if role.role == "invite" and isinstance(tx, ClientInviteTransaction):
             fork = live.forks.get(tx)
@@ -2173,6 +2202,76 @@ class CallController:
                 step = step + self._send_on(live, bye_request, hop, "bye", now, realm=leg.realm)
         return step
 
+    # -- late answers to B INVITEs let go of -------------------------------------------
+
+    def _orphan_fork(self, tx: ClientInviteTransaction, now: float) -> None:
+        """Timer B fired for a B INVITE: its call goes on without it (failover, or
+        a failure for A), but the callee may still answer it."""
+        role = self._by_client.get(tx)
+        live = None if role is None else self._calls.get(role.call_ref)
+        fork = None if live is None else live.forks.get(tx)
+        if live is not None and fork is not None and not fork.final:
+            self._adopt(live.call.call_ref, fork, now)
+
+    def _adopt(self, call_ref: str, fork: _Fork, now: float) -> None:
+        orphans = self._orphans
+        while orphans:
+            oldest = next(iter(orphans.values()))
+            if oldest.expires > now and len(orphans) < MAX_ORPHANS:
+                break
+            orphans.popitem(last=False)
+        key = (fork.leg.call_id, fork.leg.local_tag)
+        if key not in orphans:
+            # A 2xx can come as long as the callee retransmits it (64*T1) after
+            # answering at the last moment the INVITE was still alive.
+            expires = now + 2 * 64 * self.transactions.config.t1
+            orphans[key] = _Orphan(call_ref, fork.leg, fork.dialogs, expires)
+
+    def _orphan_response(self, response: Response, now: float) -> Step:
+        """A 2xx for a B INVITE no call waits for any more: ACK it, then BYE."""
+        if not 200 <= response.status < 300:
+            return Step()
+        try:
+            if response.cseq.method != "INVITE":
+                return Step()
+            key = (response.call_id, response.from_.tag or "")
+        except ParseError:
+            return Step()
+        orphan = self._orphans.get(key)
+        if orphan is None or orphan.expires <= now:
+            return Step()
+        try:
+            dialogs, event = orphan.dialogs.receive_response(response)
+        except (DialogError, ParseError) as exc:
+            logger.warning("x call %s: late 2xx unusable: %s", orphan.call_ref, exc)
+            return Step()
+        orphan.dialogs = dialogs
+        if not isinstance(event, DialogAnswered | ExtraForkAnswered | AnswerRetransmitted):
+            return Step()
+        dialog = event.dialog
+        leg = orphan.leg
+        transport = leg.local.transport.value
+        host, port = format_host(leg.local.host), leg.local.port
+        ack = dialog.create_ack(transport=transport, host=host, port=port)
+        self._fix_via(ack)
+        self._outbound(ack, leg.realm)
+        hop = self._hop(leg)
+        step = Step(Output((Outgoing(ack, bytes(ack), hop),)))
+        if dialog.remote_tag in orphan.byed:
+            return step
+        orphan.byed.add(dialog.remote_tag)
+        logger.info("- call %s: 2xx after the call let go of it, hanging up", orphan.call_ref)
+        self._count("late_answers_hung_up")
+        _, bye = dialog.create_request("BYE", transport=transport, host=host, port=port)
+        self._fix_via(bye)
+        bye.headers.add("User-Agent", self.user_agent)
+        self._outbound(bye, leg.realm)
+        client, out = self.transactions.send_request(
+            bye, hop, now, reliable=is_reliable(hop.destination.transport)
+        )
+        self._by_client[client] = _ByRole(orphan.call_ref, "bye")
+        return step + Step(out)
+
     def _send_on(
         self,
         live: _Live,
@@ -2447,6 +2546,9 @@ class CallController:
             hangup=hangup,
         )
         self._calls.pop(call.call_ref, None)
+        for fork in live.forks.values():
+            if not fork.final and not fork.tx.terminated:
+                self._adopt(call.call_ref, fork, now)
         keys = [(call.a.call_id, call.a.local_tag), (call.b.call_id, call.b.local_tag)]
         keys.extend((f.leg.call_id, f.leg.local_tag) for f in live.forks.values())
         for key in keys:

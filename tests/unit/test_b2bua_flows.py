@@ -1095,3 +1095,75 @@ def test_a_491_to_our_refresh_retries_after_the_rfc_back_off() -> None:
     again = requests(c.handle_timers(49.3), "INVITE")
     assert len(again) == 1 and again[0].call_id == reinvite.call_id
     assert again[0].cseq.seq == reinvite.cseq.seq + 1
+
+
+# -- late answers to B INVITEs the call let go of (RFC 3261 13.2.2.4) --------------------
+
+
+def test_a_2xx_after_timer_b_is_acked_and_hung_up_while_the_call_fails_over() -> None:
+    targets = trunk_plan()
+    c = controller(rules=PSTN, targets=targets)
+    step = receive(c, invite_text(), CALLER, 0.0)
+    (allocate,) = step.media
+    assert isinstance(allocate, AllocateMedia)
+    (first,) = requests(c.media_allocated(allocate.call_ref, session(), 0.0), "INVITE")
+    now = 0.0
+    second: Request | None = None
+    for _ in range(50):
+        deadline = c.transactions.next_deadline()
+        assert deadline is not None
+        now = deadline
+        step = c.handle(c.transactions.handle_timers(now), now)
+        invites = [r for r in requests(step, "INVITE") if r.call_id != first.call_id]
+        if invites:
+            (second,) = invites
+            break
+    assert second is not None and hop_of(step, "INVITE") == GW[1]
+
+    # The first gateway answers after its INVITE timed out: it gets an ACK and a BYE
+    # in that dialog, the caller hears nothing of it and the call stays on gw2.
+    late = answer(first, 200, ANSWER, tag="late")
+    step = receive(c, late, gw_flow(GW[0]), now + 1)
+    assert responses(step) == []
+    (ack,) = requests(step, "ACK")
+    (bye,) = requests(step, "BYE")
+    for request in (ack, bye):
+        assert request.call_id == first.call_id and request.to.tag == "late"
+        assert request.from_.tag == first.from_.tag
+        assert str(request.uri) == "sip:bob@203.0.113.5:5070"
+    assert hop_of(step, "BYE") == GW[0]
+    assert ack.cseq.seq == first.cseq.seq and bye.cseq.seq > first.cseq.seq
+    assert [call.state for call in c.calls()] == [CallState.CALLING]
+
+    # Its retransmission is ACKed again, not hung up twice.
+    step = receive(c, late, gw_flow(GW[0]), now + 1.5)
+    assert [r.method for r in requests(step)] == ["ACK"]
+    # The BYE's answer is absorbed; gw2 still answers the call.
+    assert sent(receive(c, answer(bye, 200), gw_flow(GW[0]), now + 1.6)) == []
+    step = receive(c, answer(second, 200, ANSWER), gw_flow(GW[1]), now + 2)
+    assert statuses(step) == [200]
+    assert c.counters.get("late_answers_hung_up") == 1
+
+
+def test_a_2xx_crossing_the_shutdown_cancel_is_acked_and_hung_up() -> None:
+    c = controller()
+    (invite,), _ = start_call(c)
+    receive(c, answer(invite, 180), TRUNK, 0.1)
+    step = c.shutdown(1.0)
+    assert len(requests(step, "CANCEL")) == 1 and len(c) == 0
+    step = receive(c, answer(invite, 200, ANSWER), TRUNK, 1.1)
+    assert responses(step) == []
+    assert [r.method for r in requests(step)] == ["ACK", "BYE"]
+    assert all(r.call_id == invite.call_id for r in requests(step))
+
+
+def test_late_2xx_is_forgotten_after_its_window_and_strangers_get_nothing() -> None:
+    c = controller()
+    (invite,), _ = start_call(c)
+    receive(c, answer(invite, 180), TRUNK, 0.1)
+    c.shutdown(1.0)
+    stranger = answer(invite, 200, ANSWER).replace(invite.call_id, "someone-else")
+    assert sent(receive(c, stranger, TRUNK, 1.1)) == []
+    # Long after the INVITE could be answered (the transaction gone too): ignored.
+    c.handle(c.transactions.handle_timers(500.0), 500.0)
+    assert sent(receive(c, answer(invite, 200, ANSWER), TRUNK, 500.0)) == []
