@@ -16,8 +16,13 @@ if TYPE_CHECKING:
     from sbc.config.loader import ConfigError
     from sbc.config.schema import Config
 
-#: The configuration file `sbc user` and `sbc ban` read when `--config` is not given.
+#: The configuration file `sbc run`, `sbc user` and `sbc ban` read when `--config` is
+#: not given.
 CONFIG_ENV: Final = "SBC_CONFIG"
+#: The appliance's configuration: what `sbc user` and `sbc ban` act on when neither
+#: `--config` nor $SBC_CONFIG names a file (sudo drops $SBC_CONFIG). `sbc run` does not
+#: fall back to it: the service names its file, `make run` means the embedded default.
+SYSTEM_CONFIG: Final = Path("/etc/sbc/sbc.yaml")
 
 
 class JsonFormatter(logging.Formatter):
@@ -49,7 +54,8 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     from sbc.app import run
 
-    return run(Path(args.config) if args.config else None)
+    path = args.config or os.environ.get(CONFIG_ENV)
+    return run(Path(path) if path else None)
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
@@ -87,14 +93,23 @@ def add_config_option(parser: argparse.ArgumentParser) -> None:
 
 
 def command_config(args: argparse.Namespace) -> Config:
-    """``--config``, else the file ``$SBC_CONFIG`` names, else the embedded default.
+    """``--config``, else the file ``$SBC_CONFIG`` names, else the appliance's
+    `SYSTEM_CONFIG` if there is one, else the embedded default.
 
     Raises `ConfigError` for an unreadable or invalid file.
     """
     from sbc.config.loader import default_config, load_config
 
     path = getattr(args, "config", None) or os.environ.get(CONFIG_ENV)
-    return load_config(Path(path)) if path else default_config()
+    if path:
+        return load_config(Path(path))
+    try:
+        system = SYSTEM_CONFIG.is_file()
+    except OSError:
+        system = True  # there, but not for us: load_config says so, with the reason
+    if system:
+        return load_config(SYSTEM_CONFIG)
+    return default_config()
 
 
 def report_config_error(exc: ConfigError, command: str) -> int:
@@ -110,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sbc {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the SBC (the embedded default config without --config)")
-    run.add_argument("--config", "-c", help="YAML configuration file")
+    run.add_argument(
+        "--config", "-c", help=f"YAML configuration file (default: ${CONFIG_ENV}, else embedded)"
+    )
     run.set_defaults(func=_cmd_run)
     check = sub.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("file")

@@ -29,6 +29,8 @@ from ipaddress import (
 from pathlib import Path
 from typing import Any, Final
 
+from sbc.files import directory_owner
+
 IPAddress = IPv4Address | IPv6Address
 BanTarget = IPv4Network | IPv6Network
 
@@ -181,6 +183,10 @@ class BlacklistStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".blacklist-", dir=self.path.parent)
         try:
+            # `sudo sbc ban add` replaces the file: it stays the service's (0600).
+            owner = directory_owner(self.path)
+            if owner is not None:
+                os.fchown(fd, *owner)
             with os.fdopen(fd, "w", encoding="utf-8") as out:
                 json.dump(data, out, indent=1)
                 out.flush()
@@ -201,6 +207,9 @@ class BlacklistStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lock_path = self.path.with_name(self.path.name + ".lock")
         with open(lock_path, "a") as lock:
+            owner = directory_owner(lock_path)
+            if owner is not None and os.fstat(lock.fileno()).st_uid == 0:
+                os.fchown(lock.fileno(), *owner)
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 state = self.read()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from sbc.cli import add_config_option, command_config, report_config_error
 from sbc.config.loader import ConfigError
+from sbc.files import give_to_directory_owner
 from sbc.registrar.credentials import CredentialError, CredentialStoreError, SqliteCredentials
 
 if TYPE_CHECKING:
@@ -122,20 +122,6 @@ def _run(args: argparse.Namespace) -> int:
         print(f"sbc user: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def give_to_directory_owner(path: Path) -> None:
-    """A database root just created belongs to whoever owns its directory.
-
-    On the appliance the SBC runs as the ``sbc`` user and reads
-    ``/var/lib/sbc/users.sqlite`` (mode 0600); ``sudo sbc user add`` would
-    otherwise leave a root-owned file the SBC cannot open.
-    """
-    if os.geteuid() != 0:
-        return
-    owner = path.parent.stat()
-    if owner.st_uid != 0 or owner.st_gid != 0:
-        os.chown(path, owner.st_uid, owner.st_gid)
 
 
 def add_user_subcommands(subparsers: Any) -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
-"""`sbc user` and `sbc ban` act on the files and policy of `--config` / $SBC_CONFIG."""
+"""`sbc user` and `sbc ban` act on the files and policy of `--config` / $SBC_CONFIG /
+the appliance's /etc/sbc/sbc.yaml; `sbc run` reads `--config` / $SBC_CONFIG."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sbc import assembly
+from sbc import assembly, cli
 from sbc.cli import CONFIG_ENV, main
 from sbc.config.loader import default_config, load_config
 from sbc.firewall.firewall import Firewall
@@ -47,11 +48,13 @@ registrar:
 
 @pytest.fixture(autouse=True)
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fresh working directory, and no $SBC_CONFIG from the caller's environment."""
+    """A fresh working directory, no $SBC_CONFIG from the caller's environment and
+    no appliance configuration of the machine's."""
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     monkeypatch.delenv(CONFIG_ENV, raising=False)
+    monkeypatch.setattr(cli, "SYSTEM_CONFIG", tmp_path / "no-etc" / "sbc.yaml")
     return cwd
 
 
@@ -353,3 +356,68 @@ def test_the_blacklist_lives_in_state_dir_unless_the_file_says_otherwise(tmp_pat
     config.write_text(f"state_dir: {tmp_path / 'var'}\nfirewall: {{state_file: bans.json}}\n")
     assert load_config(config).firewall.state_file == etc / "bans.json"
     assert default_config().firewall.state_file == Path.cwd() / "state" / "firewall-blacklist.json"
+
+
+def test_without_option_or_environment_the_appliance_config_is_used(
+    tmp_path: Path,
+    workdir: Path,
+    config_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`sudo sbc user add` on the appliance: sudo dropped $SBC_CONFIG."""
+    monkeypatch.setattr(cli, "SYSTEM_CONFIG", config_file)
+    status, _, err = add_user(capsys, monkeypatch, "alice")
+    assert status == 0, err
+    assert registrar_knows(config_file, "alice")
+    assert not (workdir / "state").exists()
+    # Something there that is not a file: the embedded default.
+    monkeypatch.setattr(cli, "SYSTEM_CONFIG", tmp_path / "a-directory")
+    (tmp_path / "a-directory").mkdir()
+    status, _, _ = add_user(capsys, monkeypatch, "bob")
+    assert status == 0 and (workdir / "state" / "users.sqlite").exists()
+
+
+def test_sbc_run_reads_the_config_named_by_the_environment(
+    tmp_path: Path, config_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sbc.app
+
+    seen: list[Path | None] = []
+    monkeypatch.setattr(sbc.app, "run", lambda path: seen.append(path) or 0)
+    assert main(["run"]) == 0
+    monkeypatch.setenv(CONFIG_ENV, str(config_file))
+    assert main(["run"]) == 0
+    assert main(["run", "-c", str(tmp_path / "other.yaml")]) == 0
+    # The appliance file is for the admin commands only: the service names its file.
+    assert seen == [None, config_file, tmp_path / "other.yaml"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown)")
+def test_a_ban_root_adds_leaves_files_the_service_user_can_open(
+    tmp_path: Path,
+    workdir: Path,
+    kernel: FakeKernel,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chown(state, 4242, 4343)
+    state_file = state / "firewall-blacklist.json"
+    for address in ("198.51.100.7", "198.51.100.8"):  # created, then replaced
+        status, _, err = sbc(
+            capsys, monkeypatch, "ban", "--state-file", str(state_file), "add", address
+        )
+        assert status == 0, err
+        for path in (state_file, state / "firewall-blacklist.json.lock"):
+            info = path.stat()
+            assert (info.st_uid, info.st_gid) == (4242, 4343), path
+    assert "198.51.100.8/32" in state_file.read_text()
+    # In a directory of root's, files stay root's.
+    root_file = tmp_path / "root-bans.json"
+    status, _, err = sbc(
+        capsys, monkeypatch, "ban", "--state-file", str(root_file), "add", "198.51.100.9"
+    )
+    assert status == 0, err
+    assert root_file.stat().st_uid == os.stat(tmp_path).st_uid
