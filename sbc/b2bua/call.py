@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Final
 
+from sbc.evolve import evolve
 from sbc.sip.dialog import Dialog
 from sbc.transport.base import Destination, ListenAddress, Transport
 
@@ -125,7 +126,7 @@ class CallLeg:
     sdp_digest: str = ""
 
     def with_dialog(self, dialog: Dialog | None) -> CallLeg:
-        return replace(self, dialog=dialog)
+        return evolve(self, dialog=dialog)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -192,10 +193,10 @@ class Call:
         return self.a if side is LegSide.A else self.b
 
     def with_leg(self, side: LegSide, leg: CallLeg) -> Call:
-        return replace(self, a=leg) if side is LegSide.A else replace(self, b=leg)
+        return evolve(self, a=leg) if side is LegSide.A else evolve(self, b=leg)
 
     def with_state(self, state: CallState) -> Call:
-        return replace(self, state=state)
+        return evolve(self, state=state)
 
     def to_dict(self) -> dict[str, Any]:
         return {

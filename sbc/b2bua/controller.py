@@ -33,7 +33,7 @@ import logging
 import secrets
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 from sbc.b2bua.admission import AdmissionControl, AdmissionTicket, Refused
@@ -61,6 +61,7 @@ from sbc.b2bua.topology import (
     via_for,
 )
 from sbc.b2bua.trunks import Gateway, probe_request
+from sbc.evolve import evolve
 from sbc.media.session import LegOffer, MediaSession, Side, StreamOffer
 from sbc.sip.dialog import (
     AnswerRetransmitted,
@@ -1136,7 +1137,7 @@ class CallController:
             call_ref=random_hex(8),
             state=CallState.TERMINATED,
             a=leg,
-            b=replace(leg, realm="", call_id=""),
+            b=evolve(leg, realm="", call_id=""),
             route=route,
             created=now,
             end_status=status,
@@ -1356,7 +1357,7 @@ class CallController:
             return self._fail_a(live, 503, EndReason.TRANSPORT_ERROR, now)
         live.session = session
         self._by_session[session.session_id] = call_ref
-        live.call = replace(live.call, media_session=session.session_id, state=CallState.CALLING)
+        live.call = evolve(live.call, media_session=session.session_id, state=CallState.CALLING)
         return self._next_group(live, now)
 
     def _next_group(self, live: _Live, now: float) -> Step:
@@ -1382,9 +1383,9 @@ class CallController:
             return Step()
         template = call.b
         leg = (
-            replace(template, local=hop.local, peer=target.destination)
+            evolve(template, local=hop.local, peer=target.destination)
             if first
-            else replace(
+            else evolve(
                 template,
                 call_id=random_hex(16),
                 local_tag=new_tag(),
@@ -1405,7 +1406,7 @@ class CallController:
         live.forks[tx] = fork
         live.sdp_sent[LegSide.B] = body
         if first or live.winner is None:
-            live.call = replace(live.call, b=leg, gateway=target.gateway)
+            live.call = evolve(live.call, b=leg, gateway=target.gateway)
         self._by_client[tx] = _ByRole(call.call_ref, "invite")
         self._by_dialog[(leg.call_id, leg.local_tag)] = (call.call_ref, LegSide.B)
         logger.debug("> call %s: INVITE %s via %s", call.call_ref, target.uri, hop)
@@ -1592,7 +1593,7 @@ class CallController:
             a_dialog: Dialog | None = Dialog.from_uas_response(live.a_request, a_response)
         except (DialogError, ParseError):
             a_dialog = None
-        live.call = replace(
+        live.call = evolve(
             call.with_leg(LegSide.A, call.a.with_dialog(a_dialog)).with_leg(
                 LegSide.B, call.b.with_dialog(b_dialog)
             ),
@@ -1740,7 +1741,7 @@ class CallController:
             body=body,
             content_type=content_type if body else None,
         )
-        live.call = live.call.with_leg(other, replace(leg, dialog=dialog))
+        live.call = live.call.with_leg(other, evolve(leg, dialog=dialog))
         if early_ok and other is LegSide.B:
             # The fork's dialog set hands this dialog back on the next provisional
             # and on the 2xx: it must know this request's CSeq too (12.2.1.1).
@@ -1941,9 +1942,7 @@ class CallController:
         if call.state is CallState.CANCELLING or live.a_final or fork.cancel_pending:
             return step
         if isinstance(event, EarlyDialog):
-            live.call = replace(
-                call, b=fork.leg, state=CallState.EARLY, gateway=fork.target.gateway
-            )
+            live.call = evolve(call, b=fork.leg, state=CallState.EARLY, gateway=fork.target.gateway)
         step = step + self._media_answer(live, response)
         return step + self._answer_a(live, self._to_a(live, response), now)
 
@@ -1987,7 +1986,7 @@ class CallController:
             # Another fork answered first: this one is ACKed and hung up (13.2.2.4).
             return self._ack_b(fork.leg, event.dialog, now, bye=True, call_ref=call.call_ref)
         live.winner = fork
-        live.call = replace(call, b=fork.leg, gateway=fork.target.gateway)
+        live.call = evolve(call, b=fork.leg, gateway=fork.target.gateway)
         step = self._ack_b(fork.leg, event.dialog, now, bye=False, call_ref=call.call_ref)
         step = step + self._cancel_forks(live, now, keep=fork)
         for other in live.forks.values():
@@ -2004,7 +2003,7 @@ class CallController:
             b_sdp = None
         b_codecs = codecs_of(b_sdp)
         if b_codecs and b_codecs != live.call.b_codecs:
-            live.call = replace(live.call, b_codecs=b_codecs)
+            live.call = evolve(live.call, b_codecs=b_codecs)
         step = step + self._media_answer(live, response)
         a_response = self._to_a(live, response)
         step = step + self._answer_a(live, a_response, now)
@@ -2022,9 +2021,9 @@ class CallController:
             # No Contact from the caller: the call goes on, but only A can end it.
             logger.warning("x call %s: no dialog on a: %s", call.call_ref, exc)
             a_dialog = None
-        live.call = replace(
+        live.call = evolve(
             live.call,
-            a=replace(live.call.a, dialog=a_dialog),
+            a=evolve(live.call.a, dialog=a_dialog),
             state=CallState.CONFIRMED,
             answered_at=now,
         )
@@ -2120,7 +2119,7 @@ class CallController:
             return Step()
         live.offers[LegSide.B] = leg_offers(sdp, realm)
         if not live.call.b_codecs:
-            live.call = replace(live.call, b_codecs=codecs_of(sdp))
+            live.call = evolve(live.call, b_codecs=codecs_of(sdp))
         return self._update_media(live)
 
     def _update_media(self, live: _Live) -> Step:
@@ -2537,7 +2536,7 @@ class CallController:
         call = live.call
         if call.state is CallState.TERMINATED:
             return Step()
-        live.call = replace(
+        live.call = evolve(
             call,
             state=CallState.TERMINATED,
             end_status=status,

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import replace
 from ipaddress import IPv4Address, IPv6Address
 from typing import Final
 
 from sbc.b2bua.call import CallLeg
 from sbc.b2bua.realm import Realm
+from sbc.evolve import evolve
 from sbc.media.session import LegOffer, MediaSession, Side, StreamOffer
 from sbc.media.values import Direction, Endpoint, ip_address
 from sbc.sip.headers import MediaType, header_key
@@ -266,11 +266,11 @@ def rewrite_sdp(
     encoded = out.encoded_lines()
     digest = hashlib.sha256(out.encode(encoded)).hexdigest()[:16]
     version = leg.sdp_version if digest == leg.sdp_digest else leg.sdp_version + 1
-    encoded[origin_at] = f"o={replace(placeholder, sess_version=version)}"
+    encoded[origin_at] = f"o={evolve(placeholder, sess_version=version)}"
     body = out.encode(encoded)
     if version == leg.sdp_version and digest == leg.sdp_digest:
         return body, leg
-    return body, replace(leg, sdp_version=version, sdp_digest=digest)
+    return body, evolve(leg, sdp_version=version, sdp_digest=digest)
 
 
 def _after_last(lines: list[SdpLine], types: str) -> int:

@@ -25,9 +25,10 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from sbc.evolve import evolve
 from sbc.media.config import MediaConfig
 from sbc.media.control import (
     KernelPathEngaged,
@@ -185,7 +186,7 @@ class _Leg:
             # Nothing counted yet (a new session): the state itself, shared with the
             # snapshot's holder (the B2BUA keeps one per call).
             return state
-        return replace(state, counters=counters, quality=quality)
+        return evolve(state, counters=counters, quality=quality)
 
     def close(self) -> None:
         for transport in (self.rtp, self.rtcp):
@@ -455,7 +456,7 @@ class MediaRelay:
                     raise MediaError(
                         f"stream {index} side {side.value}: RTP/SRTP cannot change in a re-offer"
                     )
-                state = replace(
+                state = evolve(
                     leg.state,
                     rtcp_mux=leg_offer.rtcp_mux,
                     direction=leg_offer.direction,
@@ -468,10 +469,10 @@ class MediaRelay:
                     and leg_offer.remote != leg.state.remote_hint
                 ):
                     # The peer moved (new c=/m= in a re-INVITE): learn its source again.
-                    state = replace(state, rtp_latch=Latch(), rtcp_latch=Latch())
+                    state = evolve(state, rtp_latch=Latch(), rtcp_latch=Latch())
                     if stream not in unlatch:
                         unlatch.append(stream)
-                leg.state = replace(state, remote_hint=leg_offer.remote or state.remote_hint)
+                leg.state = evolve(state, remote_hint=leg_offer.remote or state.remote_hint)
                 if rekey:
                     leg.set_keys()
             if stream not in unlatch and any(
@@ -753,9 +754,9 @@ class MediaRelay:
             return
         if new_latch is not latch:
             leg.state = (
-                replace(state, rtcp_latch=new_latch)
+                evolve(state, rtcp_latch=new_latch)
                 if on_rtcp_latch
-                else replace(state, rtp_latch=new_latch)
+                else evolve(state, rtp_latch=new_latch)
             )
         if verdict in (LatchVerdict.LATCHED, LatchVerdict.RELATCHED):
             relatched = verdict is LatchVerdict.RELATCHED

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import Enum
 from typing import Final, TypeVar
 
+from sbc.evolve import evolve
 from sbc.sip.errors import ParseError, SipError
 from sbc.sip.headers import MAX_CSEQ, Address, Via, get_param, remove_param
 from sbc.sip.message import Headers, Request, Response, new_branch
@@ -205,7 +206,7 @@ class Dialog:
 
     def terminate(self) -> Dialog:
         """This dialog, terminated (the TU gave up on it, or a timeout)."""
-        return replace(self, state=DialogState.TERMINATED)
+        return evolve(self, state=DialogState.TERMINATED)
 
     # -- requests we send (RFC 3261 12.2.1) ---------------------------------------------
 
@@ -245,7 +246,7 @@ class Dialog:
             contact = self.local_contact
         request = self._build(method, seq, transport, host, port, contact, headers)
         _set_body(request, body, content_type)
-        dialog = replace(
+        dialog = evolve(
             self,
             local_seq=seq,
             local_invite_seq=seq if method == "INVITE" else self.local_invite_seq,
@@ -358,7 +359,7 @@ class Dialog:
         if method == "BYE":
             changes["state"] = DialogState.TERMINATED
         logger.debug("< %s %s", self.key, method)
-        return replace(self, **changes) if changes else self  # type: ignore[arg-type]
+        return evolve(self, **changes) if changes else self
 
     def response_sent(self, request: Request, response: Response) -> Dialog:
         """The dialog after we answered ``request`` (received in it) with ``response``.
@@ -387,7 +388,7 @@ class Dialog:
             ours = response.contacts
             if ours:
                 changes["local_contact"] = str(ours[0])
-        return replace(self, **changes) if changes else self  # type: ignore[arg-type]
+        return evolve(self, **changes) if changes else self
 
     # -- responses we receive ---------------------------------------------------------
 
@@ -427,7 +428,7 @@ class Dialog:
             contacts = response.contacts
             if contacts:
                 changes["remote_target"] = str(contacts[0].uri)
-        return replace(self, **changes) if changes else self  # type: ignore[arg-type]
+        return evolve(self, **changes) if changes else self
 
     # -- replication ------------------------------------------------------------------
 
@@ -599,7 +600,7 @@ class DialogSet:
         if dialog.call_id != self.call_id or dialog.local_tag != self.local_tag:
             raise DialogError(f"dialog {dialog.key} does not belong to this set")
         others = tuple(d for d in self.dialogs if d.remote_tag != dialog.remote_tag)
-        return replace(self, dialogs=(*others, dialog))
+        return evolve(self, dialogs=(*others, dialog))
 
     def terminate_early(self) -> tuple[DialogSet, tuple[Dialog, ...]]:
         """End every dialog still early (13.2.2.4: the INVITE transaction completed)."""
@@ -688,7 +689,7 @@ class DialogSet:
             dialog = existing.receive_response(response)
         else:
             dialog = self.dialog_from(response)
-        dialog_set = replace(
+        dialog_set = evolve(
             self,
             dialogs=(*(d for d in self.dialogs if d.remote_tag != remote_tag), dialog),
             answered_tags=(*self.answered_tags, remote_tag),
@@ -808,7 +809,7 @@ def _with_tag(address: str, tag: str) -> str:
 def _without_tag(address: Address) -> str:
     if get_param(address.params, "tag") is None:
         return str(address)
-    return str(replace(address, params=remove_param(address.params, "tag")))
+    return str(evolve(address, params=remove_param(address.params, "tag")))
 
 
 def _is_sips(uri: Uri) -> bool:
@@ -824,7 +825,7 @@ def _request_uri(text: str) -> Uri:
     """``text`` fit for a Request-URI: no URI headers, no ``method`` (RFC 3261 19.1.1)."""
     uri = parse_uri(text)
     if isinstance(uri, SipUri) and (uri.headers or uri.param("method") is not None):
-        uri = replace(uri.with_params(method=None), headers=())
+        uri = evolve(uri.with_params(method=None), headers=())
     return uri
 
 

@@ -8,9 +8,10 @@ read, changed with ``dataclasses.replace`` and written back.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Final
 
+from sbc.evolve import evolve
 from sbc.sip.errors import ParseError
 from sbc.sip.limits import MAX_PARAMS, MAX_PARAMS_STATUS
 from sbc.sip.uri import Params, Uri, parse_uri, plain_host_ok, split_hostport
@@ -404,7 +405,7 @@ class Address:
         return get_param(self.params, name)
 
     def with_param(self, name: str, value: str | None) -> Address:
-        return replace(self, params=set_param(self.params, name, value))
+        return evolve(self, params=set_param(self.params, name, value))
 
     @property
     def display_name(self) -> str | None:
@@ -503,7 +504,7 @@ class Via:
         return self.host, self.port
 
     def with_param(self, name: str, value: str | None) -> Via:
-        return replace(self, params=set_param(self.params, name, value))
+        return evolve(self, params=set_param(self.params, name, value))
 
     def __str__(self) -> str:
         hostport = self.host if self.port is None else f"{self.host}:{self.port}"
