@@ -459,9 +459,17 @@ class SbcNode:
                         continue
                     for hop in found:
                         if hop.transport.name.lower() == gateway.transport.value:
-                            self.directory.resolved[gateway.key] = Destination(
+                            destination = Destination(
                                 gateway.transport, normalize_host(hop.address), hop.port
                             )
+                            if self.directory.resolved.get(gateway.key) != destination:
+                                logger.info(
+                                    "- trunk gateway %s resolved to %s port %d",
+                                    gateway.host,
+                                    destination.host,
+                                    destination.port,
+                                )
+                            self.directory.resolved[gateway.key] = destination
                             break
             await asyncio.sleep(60.0)
 

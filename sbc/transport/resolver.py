@@ -17,6 +17,13 @@ when it gets to them.
 
 DNS answers are cached for their TTL (measured on an injectable clock), in a
 bounded LRU; NXDOMAIN and empty answers are cached briefly (RFC 2308).
+
+Some names never reach DNS. `localhost` and every name under it are the loopback
+addresses (RFC 6761 6.3) and have no other records. Address lookups for a name in
+the hosts file (/etc/hosts) are answered from it, as glibc does with nsswitch
+`hosts: files dns`; SRV and NAPTR still go to DNS, and for such a name a DNS
+failure or NXDOMAIN there means "no records", so RFC 3263 4.2 falls back to the
+file's addresses on the default port.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import enum
 import ipaddress
 import itertools
 import logging
+import os
 import random
 import time
 from collections import OrderedDict, deque
@@ -55,6 +63,12 @@ MAX_TTL = 86400.0
 """TTLs above one day are clamped (RFC 2181 8 suggests bounding them)."""
 MAX_RECORDS_PER_ANSWER = 32
 """Records taken from one DNS answer; the rest are ignored to bound the work."""
+DEFAULT_HOSTS_FILE = "/etc/hosts"
+"""Where address lookups look before DNS (hosts(5))."""
+HOSTS_CHECK_INTERVAL = 1.0
+"""Seconds between checks whether the hosts file changed."""
+MAX_HOSTS_FILE_BYTES = 16 << 20
+"""Bytes of the hosts file read; the rest (and a line cut short by it) is ignored."""
 
 
 class Transport(enum.Enum):
@@ -341,6 +355,128 @@ class DnsCache:
             self._entries.popitem(last=False)
 
 
+# RFC 6761 6.3: address queries for localhost names get loopback, anything else nothing.
+_LOOPBACK: dict[RecordType, tuple[str, ...]] = {
+    RecordType.A: ("127.0.0.1",),
+    RecordType.AAAA: ("::1",),
+}
+
+
+def is_localhost_name(name: str) -> bool:
+    """True for `localhost` and every name under it (RFC 6761 6.3), any case."""
+    domain = _normalise_name(name)
+    return domain == "localhost" or domain.endswith(".localhost")
+
+
+HostsTable = dict[str, dict[RecordType, tuple[str, ...]]]
+"""Addresses by name (lower case, no trailing dot) and record type, in file order."""
+
+
+def parse_hosts(text: str) -> HostsTable:
+    """Read hosts(5) text: `address name [alias...]` per line.
+
+    Everything from `#` on is a comment; blank lines, lines whose first field is
+    not an IP address and lines without a name are skipped. Names are matched
+    without case and without a trailing dot; a name listed on several lines has
+    every address of every line, once each, in file order.
+    """
+    found: dict[str, dict[RecordType, list[str]]] = {}
+    for line in text.splitlines():
+        fields = line.split("#", 1)[0].split()
+        if len(fields) < 2:
+            continue
+        try:
+            address = ipaddress.ip_address(fields[0])
+        except ValueError:
+            continue
+        rdtype = RecordType.A if address.version == 4 else RecordType.AAAA
+        for name in fields[1:]:
+            domain = _normalise_name(name)
+            if not domain:
+                continue
+            addresses = found.setdefault(domain, {}).setdefault(rdtype, [])
+            if str(address) not in addresses:
+                addresses.append(str(address))
+    return {
+        name: {rdtype: tuple(addresses) for rdtype, addresses in types.items()}
+        for name, types in found.items()
+    }
+
+
+class HostsFile:
+    """A hosts file (hosts(5)), re-read when it changes.
+
+    The file is looked at on first use and then at most every `check_interval`
+    seconds of `now`; it is read again only when its modification time, size or
+    inode changed. A missing or unreadable file has no entries, and is looked for
+    again on the same schedule; each problem is logged once (until the file was
+    readable in between or the problem changes), never raised.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] = DEFAULT_HOSTS_FILE,
+        now: Callable[[], float] = time.monotonic,
+        check_interval: float = HOSTS_CHECK_INTERVAL,
+    ) -> None:
+        self.path = os.fspath(path)
+        self._now = now
+        self._check_interval = check_interval
+        self._checked: float | None = None
+        self._signature: tuple[int, int, int] | None = None
+        self._entries: HostsTable = {}
+        self._problem: str | None = None
+
+    def addresses(self, name: str, rdtype: RecordType) -> tuple[str, ...] | None:
+        """The file's `rdtype` (A or AAAA) addresses of `name`; None if it lacks the name.
+
+        A name the file has only for the other family gets `()`: the file answers
+        for the name, as glibc's `files` source does.
+        """
+        self._refresh()
+        types = self._entries.get(_normalise_name(name))
+        if types is None:
+            return None
+        return types.get(rdtype, ())
+
+    def __contains__(self, name: str) -> bool:
+        self._refresh()
+        return _normalise_name(name) in self._entries
+
+    def _refresh(self) -> None:
+        now = self._now()
+        if self._checked is not None and now - self._checked < self._check_interval:
+            return
+        self._checked = now
+        try:
+            status = os.stat(self.path)
+            signature = (status.st_mtime_ns, status.st_size, status.st_ino)
+            if signature == self._signature:
+                return
+            with open(self.path, "rb") as file:
+                data = file.read(MAX_HOSTS_FILE_BYTES + 1)
+        except OSError as exc:
+            self._fail(exc.strerror or str(exc))
+            return
+        if len(data) > MAX_HOSTS_FILE_BYTES:
+            # Drop the line the limit cut in two along with the rest.
+            data = data[:MAX_HOSTS_FILE_BYTES].rpartition(b"\n")[0]
+            logger.warning(
+                "x %s: only the first %d bytes are used", self.path, MAX_HOSTS_FILE_BYTES
+            )
+        self._entries = parse_hosts(data.decode("utf-8", "replace"))
+        self._signature = signature
+        self._problem = None
+        logger.debug("- %s: %d names", self.path, len(self._entries))
+
+    def _fail(self, problem: str) -> None:
+        self._entries = {}
+        self._signature = None
+        if problem != self._problem:
+            logger.warning("x %s not used: %s", self.path, problem)
+            self._problem = problem
+
+
 def order_srv_records(records: Sequence[SrvRecord], rng: random.Random) -> list[SrvRecord]:
     """Order SRV records the way RFC 2782 ("Usage rules") says clients try them.
 
@@ -419,7 +555,9 @@ class SipResolver:
     `nameservers`/`port` choose the DNS servers (None: system configuration);
     `lifetime` bounds each lookup; `family` picks A and/or AAAA and their order;
     `rng` drives RFC 2782 weighted selection; `now` is the clock the cache TTLs
-    run on; `lookup` replaces dnspython entirely (tests, other backends).
+    and the hosts file checks run on; `lookup` replaces dnspython entirely (tests,
+    other backends). `hosts_file` answers address lookups before DNS (None: no
+    file); localhost names never reach DNS (RFC 6761 6.3).
     """
 
     def __init__(
@@ -435,8 +573,10 @@ class SipResolver:
         negative_ttl: float = DEFAULT_NEGATIVE_TTL,
         sips_for_sip_uris: bool = False,
         lookup: DnsLookup | None = None,
+        hosts_file: str | os.PathLike[str] | None = DEFAULT_HOSTS_FILE,
     ) -> None:
         self._lookup = lookup or DnspythonLookup(nameservers, port, lifetime)
+        self._hosts = HostsFile(hosts_file, now) if hosts_file is not None else None
         self._family = family
         self._rng = rng or random.Random()
         self._cache = DnsCache(cache_size, now)
@@ -454,7 +594,26 @@ class SipResolver:
         """An async iterator over the next hops for `target` (RFC 3263 4.3)."""
         return FailoverTargets(self, target)
 
+    def _local_answer(self, name: str, rdtype: RecordType) -> DnsAnswer | None:
+        """The answer the host itself knows, without DNS or the cache; None if none."""
+        domain = _normalise_name(name)
+        if is_localhost_name(domain):
+            return DnsAnswer(domain, rdtype, _LOOPBACK.get(rdtype, ()), 0.0)
+        if self._hosts is None or rdtype not in (RecordType.A, RecordType.AAAA):
+            return None
+        addresses = self._hosts.addresses(domain, rdtype)
+        if addresses is None:
+            return None
+        return DnsAnswer(domain, rdtype, addresses, 0.0)
+
+    def _known_locally(self, domain: str) -> bool:
+        """Whether the host knows `domain`'s addresses: localhost, or in the hosts file."""
+        return is_localhost_name(domain) or (self._hosts is not None and domain in self._hosts)
+
     async def _query(self, name: str, rdtype: RecordType) -> DnsAnswer:
+        local = self._local_answer(name, rdtype)
+        if local is not None:
+            return local
         cached = self._cache.get(name, rdtype)
         if cached is not None:
             return cached
@@ -497,23 +656,34 @@ class SipResolver:
         domain = _normalise_name(host)
         if target.port is not None:
             return [_Hop(domain, target.port, transport or default_transport)]
+        # A name the host knows (hosts file, localhost) exists whatever DNS says, and
+        # its addresses are what the operator pinned: when DNS fails or denies it,
+        # fall back to them rather than give up.
+        local = self._known_locally(domain)
         if transport is not None:
-            hops = await self._srv_stage(domain, [(_srv_name(transport, domain), transport)])
+            hops = await self._srv_stage(
+                domain, [(_srv_name(transport, domain), transport)], tolerate_failures=local
+            )
             return hops if hops is not None else [_Hop(domain, transport.default_port, transport)]
 
         naptr = await self._query_or_error(domain, RecordType.NAPTR)
+        records: list[NaptrRecord] = []
         if isinstance(naptr, DnsLookupError):
-            raise ResolutionError(domain, str(naptr))
-        if not naptr.exists:
-            raise ResolutionError(domain, "domain does not exist (NXDOMAIN)")
+            if not local:
+                raise ResolutionError(domain, str(naptr))
+        elif not naptr.exists:
+            if not local:
+                raise ResolutionError(domain, "domain does not exist (NXDOMAIN)")
+        else:
+            records = [r for r in naptr.records if isinstance(r, NaptrRecord)]
         services = select_naptr_services(
-            [r for r in naptr.records if isinstance(r, NaptrRecord)],
-            secure=target.secure,
-            allow_sips_for_sip=self._sips_for_sip_uris,
+            records, secure=target.secure, allow_sips_for_sip=self._sips_for_sip_uris
         )
         if services:
             hops = await self._srv_stage(
-                domain, [(record.replacement, transport) for record, transport in services]
+                domain,
+                [(record.replacement, transport) for record, transport in services],
+                tolerate_failures=local,
             )
             if hops is not None:
                 return hops
@@ -524,20 +694,27 @@ class SipResolver:
         fallback = [Transport.TLS] if target.secure else [Transport.TCP, Transport.UDP]
         if not target.secure and self._sips_for_sip_uris:
             fallback.insert(0, Transport.TLS)
-        hops = await self._srv_stage(domain, [(_srv_name(t, domain), t) for t in fallback])
+        hops = await self._srv_stage(
+            domain, [(_srv_name(t, domain), t) for t in fallback], tolerate_failures=local
+        )
         if hops is not None:
             return hops
         # RFC 3263 4.2: no SRV either; A/AAAA of the domain on the default port.
         return [_Hop(domain, default_transport.default_port, default_transport)]
 
     async def _srv_stage(
-        self, domain: str, names: Sequence[tuple[str, Transport]]
+        self,
+        domain: str,
+        names: Sequence[tuple[str, Transport]],
+        *,
+        tolerate_failures: bool = False,
     ) -> list[_Hop] | None:
         """Hops from the SRV records at `names`, in order; None if there are none.
 
         A stage with no records lets the caller fall back to the next step. If a
         lookup failed and nothing else was found, falling back could reach a host
-        the domain never meant to publish, so that is an error instead.
+        the domain never meant to publish, so that is an error instead, unless
+        `tolerate_failures` (the host itself knows the domain's addresses).
         """
         answers = await asyncio.gather(
             *(self._query_or_error(name, RecordType.SRV) for name, _ in names)
@@ -561,7 +738,7 @@ class SipResolver:
                 )
         if hops:
             return hops
-        if failures:
+        if failures and not tolerate_failures:
             raise ResolutionError(domain, "; ".join(failures))
         if found:
             raise ResolutionError(domain, "SRV records say the service is not available")

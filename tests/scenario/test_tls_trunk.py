@@ -9,34 +9,23 @@ certificate from that CA. It answers the INVITE 486. The SBC finds the gateway
 the certificate against ``sip.tls.server_ca`` by that name (RFC 5922 4), while
 presenting its own certificate.
 
-The SBC's resolver is a DNS stub that reads /etc/resolv.conf and never /etc/hosts,
-and the system's nameserver is not on loopback; so ``sbc run`` runs in a mount
-namespace of its own where /etc/resolv.conf names a DNS responder of this test on
-a 127/8 address (network namespace shared: every socket stays on loopback). That
-needs root; without it the module is skipped.
+The SBC's own resolver answers ``localhost`` itself (RFC 6761 6.3): no DNS server
+is asked, every socket stays on loopback, and no privileges are needed.
 """
 
 from __future__ import annotations
 
 import datetime
 import itertools
-import os
-import random
 import re
-import shutil
 import socket
 import ssl
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import dns.exception
-import dns.message
-import dns.rdatatype
-import dns.rrset
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -48,30 +37,8 @@ from sbc.sip.parser import parse_message
 from tests.scenario.sbcproc import Ports, SbcProcess, free_port, lenient_response
 from tests.tls_pki import Authority, Issued, write_pair
 
-UNSHARE = shutil.which("unshare")
 #: Seconds the caller waits for the SBC's final answer (a TLS failure is one connect).
 ANSWER_WAIT = 15.0
-
-
-def _namespaces_usable() -> str | None:
-    """Why ``sbc run`` cannot get a resolv.conf of its own here, or None."""
-    if os.geteuid() != 0:
-        return "needs root (a mount namespace for the SBC's resolv.conf)"
-    if UNSHARE is None:
-        return "unshare is not installed"
-    probe = subprocess.run(
-        [UNSHARE, "--mount", "--propagation", "private", "true"],
-        capture_output=True,
-        timeout=10,
-    )
-    if probe.returncode != 0:
-        return f"unshare --mount fails: {probe.stderr.decode(errors='replace').strip()}"
-    return None
-
-
-_WHY = _namespaces_usable()
-if _WHY is not None:
-    pytest.skip(_WHY, allow_module_level=True)
 
 
 # -- PKI --------------------------------------------------------------------------------------
@@ -101,68 +68,6 @@ def sbc_identity(ca: Authority, name: str) -> Issued:
         .sign(ca.key, hashes.SHA256())
     )
     return write_pair(ca.directory, name, cert, key)
-
-
-# -- the SBC's DNS ----------------------------------------------------------------------------
-
-
-class LoopbackDns:
-    """Answers A ``localhost`` with 127.0.0.1 (RFC 6761 6.3), everything else empty,
-    on port 53 of a random 127/8 address; records every question."""
-
-    def __init__(self) -> None:
-        self.questions: list[tuple[str, str]] = []
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        for _ in range(20):
-            address = (
-                f"127.{random.randint(1, 254)}.{random.randint(1, 254)}.{random.randint(2, 254)}"
-            )
-            try:
-                self.sock.bind((address, 53))
-                break
-            except OSError:
-                continue
-        else:
-            self.sock.close()
-            raise RuntimeError("no free 127/8 address for port 53")
-        self.address = address
-        self.sock.settimeout(0.2)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data, peer = self.sock.recvfrom(4096)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            try:
-                query = dns.message.from_wire(data)
-                question = query.question[0]
-            except (dns.exception.DNSException, IndexError):
-                continue
-            name = question.name.to_text().rstrip(".").lower()
-            rdtype = dns.rdatatype.to_text(question.rdtype)
-            self.questions.append((name, rdtype))
-            response = dns.message.make_response(query)
-            if name == "localhost" and rdtype == "A":
-                response.answer.append(
-                    dns.rrset.from_text(question.name, 60, "IN", "A", "127.0.0.1")
-                )
-            self.sock.sendto(response.to_wire(), peer)
-
-    def answered(self, since: int, name: str, *rdtypes: str) -> bool:
-        """Whether each of ``rdtypes`` for ``name`` was asked after question ``since``."""
-        asked = self.questions[since:]
-        return all((name, rdtype) in asked for rdtype in rdtypes)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.sock.close()
 
 
 # -- the trunk --------------------------------------------------------------------------------
@@ -256,26 +161,6 @@ class TlsTrunk:
         self.sock.close()
 
 
-# -- the SBC, in its own mount namespace ------------------------------------------------------
-
-
-class NamespacedSbc(SbcProcess):
-    """`sbc run` with /etc/resolv.conf bind-mounted from ``resolv`` in a private mount
-    namespace (the network namespace is the test's own)."""
-
-    def __init__(self, workdir: Path, config: Path, ports: Ports, resolv: Path) -> None:
-        super().__init__(workdir, config, ports)
-        self.resolv = resolv
-
-    def command(self) -> list[str]:
-        assert UNSHARE is not None
-        script = 'mount --bind "$1" /etc/resolv.conf && shift && exec "$@"'
-        return [
-            UNSHARE, "--mount", "--propagation", "private", "sh", "-c", script, "sh",
-            str(self.resolv), *super().command(),
-        ]  # fmt: skip
-
-
 def sbc_config(
     workdir: Path, ports: Ports, outside: int, carrier: int, tls: str, gateway: str
 ) -> str:
@@ -364,8 +249,6 @@ class Lab:
     ca: Authority
     sbc_cert: Issued
     trunk_cert: Issued
-    dns: LoopbackDns
-    resolv: Path
 
 
 @pytest.fixture(scope="module")
@@ -374,13 +257,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     ca = Authority(workdir / "pki", "carrier-ca")
     sbc_cert = sbc_identity(ca, "sbc.test")
     trunk_cert = ca.issue("localhost")  # DNS:localhost only: no IP address SAN
-    dns_server = LoopbackDns()
-    resolv = workdir / "resolv.conf"
-    resolv.write_text(f"nameserver {dns_server.address}\n")
-    try:
-        yield Lab(workdir, ca, sbc_cert, trunk_cert, dns_server, resolv)
-    finally:
-        dns_server.close()
+    yield Lab(workdir, ca, sbc_cert, trunk_cert)
 
 
 @dataclass
@@ -402,20 +279,16 @@ def run_call(lab: Lab, name: str, *, server_ca: bool, gateway_host: str) -> Outc
     gateway = f"{{host: {gateway_host}, port: {trunk.port}, transport: tls}}"
     config = workdir / "sbc.yaml"
     config.write_text(sbc_config(workdir, ports, outside, carrier, tls.rstrip("\n"), gateway))
-    sbc = NamespacedSbc(workdir, config, ports, lab.resolv)
-    asked_before = len(lab.dns.questions)
+    sbc = SbcProcess(workdir, config, ports)
     try:
         sbc.start()
         if gateway_host == "localhost":
-            # RFC 3263 4.2, a port given: A and AAAA, no NAPTR or SRV. The gateway is
-            # usable once both are answered (the SBC resolves at start).
+            # RFC 3263 4.2, a port given: A/AAAA only, answered by the resolver itself.
+            # The gateway is usable once resolved (at start, in the background).
             deadline = time.monotonic() + 10
-            while not lab.dns.answered(asked_before, "localhost", "A", "AAAA"):
-                assert time.monotonic() < deadline, f"no DNS questions: {lab.dns.questions}"
+            while "trunk gateway localhost resolved to 127.0.0.1" not in sbc.log():
+                assert time.monotonic() < deadline, sbc.log()
                 time.sleep(0.05)
-            time.sleep(0.3)
-            asked = {t for n, t in lab.dns.questions[asked_before:] if n == "localhost"}
-            assert asked == {"A", "AAAA"}
         status = call(outside, next(_CALLS))
     finally:
         sbc.stop()
