@@ -6,7 +6,10 @@ that fail to parse with a stateless error response, drops responses that fail to
 parse, and hands everything else to the one MessageHandler with the Flow it came
 on. Outbound, it sends responses the way RFC 3261 18.2.2 says (back over the
 request's connection when there is one) and requests to a Destination, reusing an
-open TCP/TLS connection to it when there is one. It counts every drop.
+open TCP/TLS connection to it when there is one. A TLS connection is reused only
+under the name its server certificate was verified against (RFC 5922 4): two
+trunks by different names on one address get a connection, and a check, each. It
+counts every drop.
 
 TLS listeners admit each handshake by source address (HandshakeLimiter), and with
 mutual TLS close a connection whose client certificate is not a trusted one; the
@@ -51,7 +54,9 @@ from sbc.transport.udp import UdpListener
 
 logger = logging.getLogger(__name__)
 
-_ConnectionKey = tuple[Transport, str, int]
+#: Transport, remote address, remote port, and the name a TLS server there was
+#: verified against (None: TCP, inbound, or the address itself was verified).
+_ConnectionKey = tuple[Transport, str, int, str | None]
 
 #: Longest Request-URI or reason shown in a log line.
 _LOG_TEXT = 96
@@ -201,8 +206,8 @@ class TransportLayer:
         files after a reload); established connections keep their own."""
         self._client_ssl = context
 
-    def _new_connection(self, transport: Transport) -> _Factory:
-        return _Factory(self, transport)
+    def _new_connection(self, transport: Transport, tls_name: str | None = None) -> _Factory:
+        return _Factory(self, transport, tls_name)
 
     def _tls_for(self, address: ListenAddress) -> ServerTls | None:
         if address.transport is not Transport.TLS:
@@ -312,12 +317,16 @@ class TransportLayer:
     ) -> Flow:
         """Send a request to an IP destination; returns the Flow it went out on.
 
-        Over TCP/TLS an open connection to the same address and port is reused
-        (whichever side opened it), else one is opened within ``connect_timeout``
-        from ``local_host`` (a realm's address; default: the kernel's choice);
-        ``server_hostname`` is what TLS verifies and asks for by SNI (default: the
-        destination's ``tls_name``, RFC 5922 4, else the address). Raises
-        TransportError if it cannot be sent (RFC 3261 8.1.3.1: the TU sees a 503).
+        Over TCP/TLS an open connection to the same address and port is reused,
+        else one is opened within ``connect_timeout`` from ``local_host`` (a realm's
+        address; default: the kernel's choice); ``server_hostname`` is what TLS
+        verifies and asks for by SNI (default: the destination's ``tls_name``, RFC
+        5922 4, else the address). Over TLS with a name to verify, only a
+        connection the SBC opened and verified under that same name is reused;
+        without one (the address is verified), any open connection verified under
+        no name is, whichever side opened it (RFC 5923-style reuse of a peer's
+        connection). Raises TransportError if it cannot be sent (RFC 3261 8.1.3.1:
+        the TU sees a 503).
         """
         if not isinstance(destination, Destination):
             destination = Destination(*destination)
@@ -387,8 +396,11 @@ class TransportLayer:
         server_hostname: str | None,
         local_host: str | None = None,
     ) -> StreamConnection:
-        """An open connection to host:port, reused if there is one, else a new one."""
-        key = (transport, host, port)
+        """An open connection to host:port, reused if there is one, else a new one.
+
+        Reuse needs the same verified TLS name (see ``_verified_name``) as well.
+        """
+        key = (transport, host, port, self._verified_name(transport, server_hostname))
         existing = self._by_remote.get(key)
         if existing is not None and existing.is_open:
             return existing
@@ -398,11 +410,27 @@ class TransportLayer:
         if task is None:
             # One connect per destination at a time: concurrent sends share it.
             task = asyncio.create_task(
-                self._connect(transport, host, port, server_hostname, local_host)
+                self._connect(transport, host, port, server_hostname, key[3], local_host)
             )
             self._connecting[key] = task
             task.add_done_callback(lambda done: self._connect_done(key, done))
         return await asyncio.shield(task)
+
+    def _verified_name(self, transport: Transport, server_hostname: str | None) -> str | None:
+        """The name a TLS connection opened now verifies the server against.
+
+        None for TCP, when the address itself is verified (no name, or an IP
+        literal given as one), and when the client context checks no names at
+        all (``verify_server: false``): nothing is proven then, and destinations
+        that differ only in name may share a connection as before.
+        """
+        if transport is not Transport.TLS or server_hostname is None:
+            return None
+        if ip_literal(server_hostname) is not None:
+            return None
+        if self._client_ssl is not None and not self._client_ssl.check_hostname:
+            return None
+        return normalize_host(server_hostname)
 
     def _connect_done(self, key: _ConnectionKey, task: asyncio.Task[StreamConnection]) -> None:
         if self._connecting.get(key) is task:
@@ -416,11 +444,12 @@ class TransportLayer:
         host: str,
         port: int,
         server_hostname: str | None,
+        tls_name: str | None,
         local_host: str | None = None,
     ) -> StreamConnection:
         try:
             connection = await connect(
-                self._new_connection(transport),
+                self._new_connection(transport, tls_name),
                 transport,
                 host,
                 port,
@@ -570,10 +599,10 @@ class TransportLayer:
                 return False
             self._inbound += 1
             self.stats.incr(Stat.CONNECTIONS_ACCEPTED)
-        flow = connection.flow
         self._connections[connection.id] = connection
-        self._by_remote[(flow.transport, flow.remote_host, flow.remote_port)] = connection
-        logger.debug("- connection %s", flow)
+        self._by_remote[self._key(connection)] = connection
+        name = connection.tls_name
+        logger.debug("- connection %s%s", connection.flow, f" verified as {name}" if name else "")
         return True
 
     def stream_event(self, connection: StreamConnection, event: StreamEvent) -> None:
@@ -593,11 +622,16 @@ class TransportLayer:
         else:
             self._deliver(event, flow)
 
+    @staticmethod
+    def _key(connection: StreamConnection) -> _ConnectionKey:
+        flow = connection.flow
+        return (flow.transport, flow.remote_host, flow.remote_port, connection.tls_name)
+
     def connection_lost(self, connection: StreamConnection, exc: Exception | None) -> None:
         if self._connections.pop(connection.id, None) is None:
             return  # refused: never counted
         flow = connection.flow
-        key = (flow.transport, flow.remote_host, flow.remote_port)
+        key = self._key(connection)
         if self._by_remote.get(key) is connection:
             del self._by_remote[key]
         if not connection.outbound:
@@ -606,13 +640,24 @@ class TransportLayer:
 
 
 class _Factory:
-    """Makes StreamConnections for one transport, numbered by the layer."""
+    """Makes StreamConnections for one transport, numbered by the layer; outbound
+    TLS ones know the name they verify before they are made, so the layer files
+    them under it."""
 
-    __slots__ = ("_layer", "_transport")
+    __slots__ = ("_layer", "_tls_name", "_transport")
 
-    def __init__(self, layer: TransportLayer, transport: Transport) -> None:
+    def __init__(
+        self, layer: TransportLayer, transport: Transport, tls_name: str | None = None
+    ) -> None:
         self._layer = layer
         self._transport = transport
+        self._tls_name = tls_name
 
     def __call__(self, listener: StreamListener | None) -> StreamConnection:
-        return StreamConnection(self._layer, self._transport, next(self._layer._ids), listener)
+        return StreamConnection(
+            self._layer,
+            self._transport,
+            next(self._layer._ids),
+            listener,
+            tls_name=self._tls_name,
+        )

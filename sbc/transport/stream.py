@@ -70,7 +70,12 @@ class HandshakeGate(Protocol):
 
 
 class StreamConnection(asyncio.Protocol):
-    """One TCP or TLS connection, inbound (``listener`` set) or outbound."""
+    """One TCP or TLS connection, inbound (``listener`` set) or outbound.
+
+    ``tls_name`` is the host name an outbound TLS connection's server certificate
+    was verified against (RFC 5922 4); None for TCP, for inbound connections and
+    when the address itself (or nothing) was verified.
+    """
 
     def __init__(
         self,
@@ -78,11 +83,16 @@ class StreamConnection(asyncio.Protocol):
         transport: Transport,
         connection_id: int,
         listener: StreamListener | None = None,
+        *,
+        tls_name: str | None = None,
     ) -> None:
+        if tls_name is not None and (transport is not Transport.TLS or listener is not None):
+            raise ValueError("only an outbound TLS connection verifies a name")
         self._owner = owner
         self._kind = transport
         self.id = connection_id
         self.listener = listener
+        self.tls_name = tls_name
         self._transport: asyncio.Transport | None = None
         self._framer = StreamFramer()
         self._flow: Flow | None = None
