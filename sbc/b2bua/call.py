@@ -28,6 +28,8 @@ class CallError(ValueError):
 class CallState(enum.Enum):
     """Where a call is; it only moves forward."""
 
+    __hash__ = object.__hash__  # members are singletons; Enum's hash is Python code
+
     #: The A-leg INVITE arrived; the relay is allocating media ports.
     ALLOCATING = "allocating"
     #: The B-leg INVITE is out; no dialog on it yet.
@@ -61,6 +63,8 @@ class EndReason(enum.Enum):
 
 class LegSide(enum.Enum):
     """A is the leg the call came in on, B the one the B2BUA created."""
+
+    __hash__ = object.__hash__  # members are singletons; Enum's hash is Python code
 
     A = "a"
     B = "b"

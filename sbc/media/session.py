@@ -22,6 +22,7 @@ from sbc.media.values import Direction, Endpoint
 
 
 class Side(enum.Enum):
+    __hash__ = object.__hash__  # members are singletons; Enum's hash is Python code
     A = "a"
     B = "b"
 

@@ -133,17 +133,20 @@ def _check_text(line_type: str, *values: str) -> None:
             raise SdpError(f"{line_type}= line: CR or LF in value")
 
 
-#: One field of a space-separated line: not empty, no whitespace (the regex's
-#: whitespace is exactly what ``str.isspace`` calls whitespace).
-_TOKEN = re.compile(r"\S+")
+#: Fields joined by single spaces: each one not empty, with no whitespace in it
+#: (the regex's whitespace is exactly what ``str.isspace`` calls whitespace).
+_TOKENS = re.compile(r"\S+(?: \S+)*")
 
 
 def _check_tokens(line_type: str, *values: str) -> None:
     # Fields of space-separated lines: a space inside one would shift the others.
-    token = _TOKEN.fullmatch
-    for value in values:
-        if token(value) is None:
-            raise SdpError(f"{line_type}= line: bad field {value!r}")
+    # One match for the line (a space inside a field adds a space to it); the loop
+    # only names the bad field.
+    line = " ".join(values)
+    if _TOKENS.fullmatch(line) is None or line.count(" ") != len(values) - 1:
+        for value in values:
+            if not value or any(c.isspace() for c in value):
+                raise SdpError(f"{line_type}= line: bad field {value!r}")
 
 
 def _ip_literal(address: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> tuple[str, str]:

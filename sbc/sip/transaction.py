@@ -100,6 +100,7 @@ class TimerConfig:
 
 
 class TransactionState(Enum):
+    __hash__ = object.__hash__  # members are singletons; Enum's hash is Python code
     CALLING = "Calling"
     TRYING = "Trying"
     PROCEEDING = "Proceeding"
@@ -111,6 +112,8 @@ class TransactionState(Enum):
 
 class Timer(Enum):
     """RFC 3261 table 4, plus L (RFC 6026 7.1) and M (RFC 6026 7.2)."""
+
+    __hash__ = object.__hash__  # members are singletons; Enum's hash is Python code
 
     A = "A"  # INVITE request retransmit interval, UDP only
     B = "B"  # INVITE transaction timeout
@@ -129,6 +132,8 @@ class Timer(Enum):
 class Stimulus(Enum):
     """What arrives at a transaction, named as the figures label their arcs."""
 
+    __hash__ = object.__hash__  # members are singletons; Enum's hash is Python code
+
     RECEIVED_1XX = "1xx received"
     RECEIVED_2XX = "2xx received"
     RECEIVED_300_699 = "300-699 received"
@@ -142,6 +147,8 @@ class Stimulus(Enum):
 
 class Action(Enum):
     """What a transition does, in the figures' words."""
+
+    __hash__ = object.__hash__  # members are singletons; Enum's hash is Python code
 
     RETRANSMIT_REQUEST = "resend request"
     PASS_TO_TU = "pass response to TU"

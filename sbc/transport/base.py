@@ -221,6 +221,8 @@ class Listener(Protocol):
 class Stat(enum.Enum):
     """What the transport layer counts; the reasons a message is dropped or refused."""
 
+    __hash__ = object.__hash__  # members are singletons; Enum's hash is Python code
+
     MESSAGES_IN = "messages_in"
     MESSAGES_OUT = "messages_out"
     KEEPALIVES = "keepalives"

@@ -74,6 +74,8 @@ MAX_HOSTS_FILE_BYTES = 16 << 20
 class Transport(enum.Enum):
     """Transports a SIP target can resolve to."""
 
+    __hash__ = object.__hash__  # members are singletons; Enum's hash is Python code
+
     UDP = "udp"
     TCP = "tcp"
     TLS = "tls"
