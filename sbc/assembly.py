@@ -73,6 +73,7 @@ def realm_policies(config: Config) -> dict[str, RealmPolicy]:
             authenticate=frozenset(realm.authenticate),
             refer_relay=realm.refer is ReferPolicy.RELAY,
             options_relay=realm.options is OptionsPolicy.RELAY,
+            large_requests_over_tcp=realm.large_requests_over_tcp,
         )
         for realm in config.realms
     }

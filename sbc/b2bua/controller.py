@@ -74,7 +74,7 @@ from sbc.sip.dialog import (
     ExtraForkAnswered,
 )
 from sbc.sip.errors import ParseError
-from sbc.sip.headers import quote_string
+from sbc.sip.headers import Via, quote_string
 from sbc.sip.message import (
     Headers,
     Message,
@@ -86,6 +86,7 @@ from sbc.sip.message import (
     random_below,
     random_hex,
 )
+from sbc.sip.parser import parse_message
 from sbc.sip.sdp import SdpError, SessionDescription
 from sbc.sip.transaction import (
     NOTHING,
@@ -101,6 +102,7 @@ from sbc.sip.transaction import (
     ServerInviteTransaction,
     ServerTransaction,
     StrayResponse,
+    Transaction,
     TransactionError,
     TransactionLayer,
     TransactionTerminated,
@@ -149,6 +151,13 @@ MAX_ATTEMPTS: Final = 16
 #: B-leg INVITEs let go of while they could still be answered, kept so that a late
 #: 2xx is ACKed and hung up; the oldest are forgotten beyond this many.
 MAX_ORPHANS: Final = 10_000
+
+#: RFC 3261 18.1.1: a request larger than this, the path MTU unknown, goes over a
+#: congestion-controlled transport (TCP) when the realm's policy asks for it.
+UDP_SIZE_LIMIT: Final = 1300
+
+#: Seconds a peer whose TCP connection failed gets large requests over UDP again.
+NO_TCP_MEMORY: Final = 600.0
 
 #: Most 3xx Contacts followed, and how often a call may be redirected.
 MAX_REDIRECTS: Final = 3
@@ -311,6 +320,8 @@ class RealmPolicy:
     authenticate: frozenset[str] = frozenset()
     refer_relay: bool = False
     options_relay: bool = False
+    #: Requests above UDP_SIZE_LIMIT bytes to UDP peers go over TCP (RFC 3261 18.1.1).
+    large_requests_over_tcp: bool = False
 
 
 # -- what the controller asks of the world ----------------------------------------------
@@ -669,6 +680,10 @@ class CallController:
         self._unacked: dict[tuple[str, str, int], _Unacked] = {}
         #: (Call-ID, the SBC's From tag) of B INVITEs let go of unanswered, oldest first.
         self._orphans: OrderedDict[tuple[str, str], _Orphan] = OrderedDict()
+        #: Requests sent over TCP for their size: the UDP hop they fall back to.
+        self._over_tcp: dict[ClientTransaction, Hop] = {}
+        #: (host, port) of peers whose TCP connection failed -> until when UDP only.
+        self._no_tcp: dict[tuple[str, int], float] = {}
         #: Their retransmission times: (when, sequence, key), entries whose time is no
         #: longer the entry's ``next_at`` skipped (the heap spares a scan of them all).
         self._unacked_due: list[tuple[float, int, tuple[str, str, int]]] = []
@@ -847,9 +862,7 @@ class CallController:
             request.invalidate()
             hop = Hop(trunk_realm.name, local, destination)
             try:
-                client, out = self.transactions.send_request(
-                    request, hop, now, reliable=is_reliable(destination.transport)
-                )
+                client, out = self._send_request(request, hop, now)
             except TransactionError as exc:
                 logger.warning("x probe %s: %s", gateway.key, exc)
                 continue
@@ -926,6 +939,10 @@ class CallController:
             return Step()
         if isinstance(event, StrayResponse):
             return self._orphan_response(event.response, now)
+        if isinstance(event, TransportError):
+            retried = self._retry_over_udp(event.transaction, now)
+            if retried is not None:
+                return retried
         if isinstance(event, TransactionTimeout | TransportError):
             tx = event.transaction
             if isinstance(tx, ClientInviteTransaction):
@@ -942,6 +959,7 @@ class CallController:
                 role = self._by_client.pop(tx, None)
                 self._routed.pop(tx, None)
                 self._register_relayed.pop(tx, None)
+                self._over_tcp.pop(tx, None)
                 if role is not None and role.role == "invite":
                     live = self._calls.get(role.call_ref)
                     if live is not None:
@@ -1058,9 +1076,7 @@ class CallController:
         upstream.headers.add("User-Agent", self.user_agent)
         self._outbound(upstream, hop.realm)
         try:
-            client, out = self.transactions.send_request(
-                upstream, hop, now, reliable=is_reliable(hop.destination.transport)
-            )
+            client, out = self._send_request(upstream, hop, now)
         except TransactionError as exc:
             logger.warning("x REGISTER relay to %s: %s", hop, exc)
             return self._send_response(tx, relay.upstream_failed(answer, request), now, realm.name)
@@ -1398,9 +1414,7 @@ class CallController:
         assert sdp is not None
         body, leg = rewrite_sdp(sdp, live.session, Side.B, leg)
         invite = self._b_invite(live, leg, target, body)
-        tx, out = self.transactions.send_request(
-            invite, hop, now, reliable=is_reliable(hop.destination.transport)
-        )
+        tx, out = self._send_request(invite, hop, now)
         assert isinstance(tx, ClientInviteTransaction)
         fork = _Fork(leg, target, invite, tx, DialogSet.for_request(invite))
         live.forks[tx] = fork
@@ -1551,9 +1565,7 @@ class CallController:
         if request.body:
             out.set_body(request.body, request.headers.get("Content-Type"))
         self._outbound(out, target_realm.name)
-        client, output = self.transactions.send_request(
-            out, hop, now, reliable=is_reliable(hop.destination.transport)
-        )
+        client, output = self._send_request(out, hop, now)
         live.subscribe = out
         self._calls[call.call_ref] = live
         self._by_server[tx] = call.call_ref
@@ -1644,9 +1656,7 @@ class CallController:
         if request.body:
             out.set_body(request.body, request.headers.get("Content-Type"))
         self._outbound(out, target_realm.name)
-        client, output = self.transactions.send_request(
-            out, hop, now, reliable=is_reliable(hop.destination.transport)
-        )
+        client, output = self._send_request(out, hop, now)
         self._routed[client] = _Routed(tx, request, realm.name)
         logger.info("> %s %s -> %s", request.method, request.raw_uri, hop)
         return Step(output)
@@ -1752,9 +1762,7 @@ class CallController:
         self._fix_via(out_request)
         self._outbound(out_request, leg.realm)
         hop = self._hop(leg)
-        client, out = self.transactions.send_request(
-            out_request, hop, now, reliable=is_reliable(hop.destination.transport)
-        )
+        client, out = self._send_request(out_request, hop, now)
         self._by_client[client] = _ByRole(live.call.call_ref, "relay", _Relayed(side, tx, request))
         if request.method == "INVITE":
             # RFC 3261 14.1: no second INVITE (a refresh) on that leg until this one ends.
@@ -2201,6 +2209,85 @@ class CallController:
                 step = step + self._send_on(live, bye_request, hop, "bye", now, realm=leg.realm)
         return step
 
+    # -- sending requests -----------------------------------------------------------------
+
+    def _send_request(
+        self, request: Request, hop: Hop, now: float
+    ) -> tuple[ClientTransaction, Output]:
+        """A new client transaction for ``request`` to ``hop``: over TCP instead of
+        UDP when it is too large for UDP and the realm's policy says so."""
+        tcp = self._tcp_for_size(request, hop, now)
+        if tcp is not None:
+            client, out = self.transactions.send_request(request, tcp, now, reliable=True)
+            self._over_tcp[client] = hop
+            return client, out
+        reliable = is_reliable(hop.destination.transport)
+        return self.transactions.send_request(request, hop, now, reliable=reliable)
+
+    def _tcp_for_size(self, request: Request, hop: Hop, now: float) -> Hop | None:
+        """RFC 3261 18.1.1: a request over UDP_SIZE_LIMIT bytes (the path MTU is not
+        known) goes over TCP, from the realm's TCP listener to the same address
+        and port, its Via saying so; None: it stays on ``hop``."""
+        destination = hop.destination
+        if destination.transport is not Transport.UDP:
+            return None
+        policy = self.policies.get(hop.realm)
+        if policy is None or not policy.large_requests_over_tcp:
+            return None
+        if len(bytes(request)) <= UDP_SIZE_LIMIT:
+            return None
+        peer = (destination.host, destination.port)
+        refused_until = self._no_tcp.get(peer)
+        if refused_until is not None:
+            if refused_until > now:
+                return None
+            del self._no_tcp[peer]
+        realm = self.realms.get(hop.realm)
+        listener = None if realm is None else realm.listener(Transport.TCP, hop.local.host)
+        if listener is None:
+            return None
+        _set_via(request, Transport.TCP, listener.port)
+        logger.debug("- %s: %d bytes, over TCP", request.method, len(bytes(request)))
+        return Hop(hop.realm, listener, evolve(destination, transport=Transport.TCP))
+
+    def _retry_over_udp(self, tx: Transaction, now: float) -> Step | None:
+        """The TCP connection for a request sent over TCP for its size failed: the
+        request goes over UDP after all, as a new transaction (RFC 3261 18.1.1),
+        and that peer gets UDP for a while. None: ``tx`` was not such a request."""
+        if not isinstance(tx, ClientTransaction):
+            return None
+        hop = self._over_tcp.pop(tx, None)
+        if hop is None:
+            return None
+        destination = hop.destination
+        if len(self._no_tcp) >= MAX_ORPHANS:
+            self._no_tcp = {p: t for p, t in self._no_tcp.items() if t > now}
+        self._no_tcp[(destination.host, destination.port)] = now + NO_TCP_MEMORY
+        old = tx.request
+        request = parse_message(bytes(old))
+        assert isinstance(request, Request)
+        _set_via(request, Transport.UDP, hop.local.port, branch=new_branch())
+        logger.info(
+            "- %s to %s:%d: TCP failed, over UDP", old.method, destination.host, destination.port
+        )
+        client, out = self.transactions.send_request(request, hop, now, reliable=False)
+        if tx in self._by_client:
+            self._by_client[client] = self._by_client.pop(tx)
+        if tx in self._routed:
+            self._routed[client] = self._routed.pop(tx)
+        if tx in self._register_relayed:
+            self._register_relayed[client] = self._register_relayed.pop(tx)
+        role = self._by_client.get(client)
+        live = None if role is None else self._calls.get(role.call_ref)
+        if live is not None:
+            fork = live.forks.pop(tx, None) if isinstance(tx, ClientInviteTransaction) else None
+            if fork is not None and isinstance(client, ClientInviteTransaction):
+                fork.tx, fork.request = client, request
+                live.forks[client] = fork
+            if live.subscribe is old:
+                live.subscribe = request
+        return Step(out)
+
     # -- late answers to B INVITEs let go of -------------------------------------------
 
     def _orphan_fork(self, tx: ClientInviteTransaction, now: float) -> None:
@@ -2265,9 +2352,7 @@ class CallController:
         self._fix_via(bye)
         bye.headers.add("User-Agent", self.user_agent)
         self._outbound(bye, leg.realm)
-        client, out = self.transactions.send_request(
-            bye, hop, now, reliable=is_reliable(hop.destination.transport)
-        )
+        client, out = self._send_request(bye, hop, now)
         self._by_client[client] = _ByRole(orphan.call_ref, "bye")
         return step + Step(out)
 
@@ -2285,9 +2370,7 @@ class CallController:
         self._fix_via(request)
         request.headers.add("User-Agent", self.user_agent)
         self._outbound(request, realm)
-        client, out = self.transactions.send_request(
-            request, hop, now, reliable=is_reliable(hop.destination.transport)
-        )
+        client, out = self._send_request(request, hop, now)
         self._by_client[client] = _ByRole(live.call.call_ref, role, side=side)
         return Step(out)
 
@@ -2566,6 +2649,20 @@ class CallController:
         if live.is_subscription:
             return Step()  # not a call attempt: no CDR
         return Step(ended=(live.call,))
+
+
+def _set_via(
+    request: Request, transport: Transport, port: int, *, branch: str | None = None
+) -> None:
+    """Rewrite the SBC's (only) Via for another transport of the same address
+    (RFC 3261 18.1.1: the top Via names the transport the request goes over)."""
+    value = request.headers.get("Via")
+    assert value is not None
+    via = evolve(Via.parse(value), transport=transport.name, port=port)
+    if branch is not None:
+        via = via.with_param("branch", branch)
+    request.headers.set("Via", str(via))
+    request.invalidate()
 
 
 def _better(candidate: Response, best: Response) -> bool:

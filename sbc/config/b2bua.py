@@ -231,6 +231,16 @@ class RealmConfig(Section):
         default=OptionsPolicy.LOCAL,
         metadata=spec("Out-of-dialog OPTIONS: answered locally or relayed by the routes."),
     )
+    large_requests_over_tcp: bool = field(
+        default=False,
+        metadata=spec(
+            "Send requests over 1300 bytes to UDP peers of this realm over TCP, from the"
+            " realm's TCP listener (RFC 3261 18.1.1: no IP fragmentation); when the peer's"
+            " TCP connection fails, the request goes over UDP and that peer gets UDP for"
+            " 10 minutes. Off by default: a peer that drops TCP SYNs delays such requests by"
+            " the connect timeout."
+        ),
+    )
 
     def check(self, path: str) -> Iterator[Issue]:
         for index, method in enumerate(self.authenticate):

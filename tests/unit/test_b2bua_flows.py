@@ -1167,3 +1167,95 @@ def test_late_2xx_is_forgotten_after_its_window_and_strangers_get_nothing() -> N
     # Long after the INVITE could be answered (the transaction gone too): ignored.
     c.handle(c.transactions.handle_timers(500.0), 500.0)
     assert sent(receive(c, answer(invite, 200, ANSWER), TRUNK, 500.0)) == []
+
+
+# -- large requests over TCP (RFC 3261 18.1.1) ---------------------------------------------
+
+IN_TCP = ListenAddress(Transport.TCP, "203.0.113.1", 5062)
+CORE_TCP = Destination(Transport.TCP, "203.0.113.5", 5070)
+BIG = "Subject: " + "x" * 1400 + "\r\n"
+
+
+def tcp_controller(*, enabled: bool = True) -> CallController:
+    realms = RealmTable(
+        [
+            Realm.build("outside", [OUT], "198.51.100.1"),
+            Realm.build("inside", [IN, IN_TCP], "203.0.113.1", keep_headers=["Subject"]),
+        ]
+    )
+    router = Router(
+        [RouteRule("core", RouteAction.TRUNK, "outside", realm="inside", destination=CORE)]
+    )
+    policies = {"inside": RealmPolicy(large_requests_over_tcp=enabled)}
+    return CallController(
+        TransactionLayer(), realms, router, LocalResponder(), timers=NO_TIMERS, policies=policies
+    )
+
+
+def outgoing_invite(step: Step) -> tuple[Request, Destination, object]:
+    for outgoing in step.output.messages:
+        message = outgoing.message
+        if isinstance(message, Request) and message.method == "INVITE":
+            assert isinstance(outgoing.destination, Hop)
+            return message, outgoing.destination.destination, outgoing.transaction
+    raise AssertionError("no INVITE sent")
+
+
+def b_invite_step(c: CallController, n: int, extra: str = BIG) -> Step:
+    step = receive(
+        c,
+        invite_text(call_id=f"big-{n}", via_branch=f"z9hG4bKbig{n}", extra=extra),
+        CALLER,
+        float(n),
+    )
+    (allocate,) = step.media
+    assert isinstance(allocate, AllocateMedia)
+    return c.media_allocated(allocate.call_ref, session(f"s{n}"), float(n))
+
+
+def test_a_large_invite_goes_over_tcp_and_falls_back_to_udp_when_tcp_fails() -> None:
+    c = tcp_controller()
+    step = b_invite_step(c, 1)
+    invite, destination, tx = outgoing_invite(step)
+    assert len(bytes(invite)) > 1300
+    assert destination == CORE_TCP
+    assert invite.via.transport == "TCP" and invite.via.port == 5062
+    assert invite.via.host == "203.0.113.1"
+    # Reliable: no Timer A retransmission, only Timer B.
+    deadline = c.transactions.next_deadline()
+    assert deadline is not None and deadline >= 1.0 + 64 * c.transactions.config.t1
+
+    # The peer has no TCP: the INVITE goes again over UDP as a new transaction.
+    assert tx is not None
+    step = c.handle(c.transactions.transport_error(tx, 1.5), 1.5)  # type: ignore[arg-type]
+    assert responses(step) == []  # the caller hears nothing of it
+    retry, destination, _ = outgoing_invite(step)
+    assert destination == CORE
+    assert retry.via.transport == "UDP" and retry.via.port == 5060
+    assert retry.via.branch != invite.via.branch
+    assert (retry.call_id, retry.cseq.seq, retry.from_.tag) == (
+        invite.call_id,
+        invite.cseq.seq,
+        invite.from_.tag,
+    )
+    assert retry.body == invite.body
+    step = receive(c, answer(retry, 180), TRUNK, 1.6)
+    assert statuses(step) == [180]
+    step = receive(c, answer(retry, 200, ANSWER), TRUNK, 1.7)
+    assert statuses(step) == [200]
+    assert [call.state for call in c.calls()] == [CallState.CONFIRMED]
+
+    # That peer now gets large requests over UDP straight away, for a while.
+    _, destination, _ = outgoing_invite(b_invite_step(c, 2))
+    assert destination == CORE
+    _, destination, _ = outgoing_invite(b_invite_step(c, 700))
+    assert destination == CORE_TCP
+
+
+def test_small_requests_and_realms_without_the_policy_stay_on_udp() -> None:
+    c = tcp_controller()
+    invite, destination, _ = outgoing_invite(b_invite_step(c, 1, extra=""))
+    assert destination == CORE and invite.via.transport == "UDP"
+    c = tcp_controller(enabled=False)
+    invite, destination, _ = outgoing_invite(b_invite_step(c, 1))
+    assert destination == CORE and invite.via.transport == "UDP" and len(bytes(invite)) > 1300
