@@ -2234,7 +2234,8 @@ class CallController:
         policy = self.policies.get(hop.realm)
         if policy is None or not policy.large_requests_over_tcp:
             return None
-        if len(bytes(request)) <= UDP_SIZE_LIMIT:
+        size = len(bytes(request))
+        if size <= UDP_SIZE_LIMIT:
             return None
         peer = (destination.host, destination.port)
         refused_until = self._no_tcp.get(peer)
@@ -2247,7 +2248,7 @@ class CallController:
         if listener is None:
             return None
         _set_via(request, Transport.TCP, listener.port)
-        logger.debug("- %s: %d bytes, over TCP", request.method, len(bytes(request)))
+        logger.debug("- %s: %d bytes, over TCP", request.method, size)
         return Hop(hop.realm, listener, evolve(destination, transport=Transport.TCP))
 
     def _retry_over_udp(self, tx: Transaction, now: float) -> Step | None:
@@ -2263,6 +2264,11 @@ class CallController:
         if len(self._no_tcp) >= MAX_ORPHANS:
             self._no_tcp = {p: t for p, t in self._no_tcp.items() if t > now}
         self._no_tcp[(destination.host, destination.port)] = now + NO_TCP_MEMORY
+        role = self._by_client.get(tx)
+        if role is not None and role.role == "invite":
+            live = self._calls.get(role.call_ref)
+            if live is None or not isinstance(tx, ClientInviteTransaction) or tx not in live.forks:
+                return None  # its call is over: nothing to retry for
         old = tx.request
         request = parse_message(bytes(old))
         assert isinstance(request, Request)
@@ -2277,7 +2283,6 @@ class CallController:
             self._routed[client] = self._routed.pop(tx)
         if tx in self._register_relayed:
             self._register_relayed[client] = self._register_relayed.pop(tx)
-        role = self._by_client.get(client)
         live = None if role is None else self._calls.get(role.call_ref)
         if live is not None:
             fork = live.forks.pop(tx, None) if isinstance(tx, ClientInviteTransaction) else None

@@ -1259,3 +1259,15 @@ def test_small_requests_and_realms_without_the_policy_stay_on_udp() -> None:
     c = tcp_controller(enabled=False)
     invite, destination, _ = outgoing_invite(b_invite_step(c, 1))
     assert destination == CORE and invite.via.transport == "UDP" and len(bytes(invite)) > 1300
+
+
+def test_no_udp_retry_for_a_call_that_ended_while_tcp_connected() -> None:
+    c = tcp_controller()
+    _, destination, tx = outgoing_invite(b_invite_step(c, 1))
+    assert destination == CORE_TCP and tx is not None
+    c.shutdown(1.2)
+    step = c.handle(c.transactions.transport_error(tx, 1.5), 1.5)  # type: ignore[arg-type]
+    assert requests(step, "INVITE") == [] and len(c) == 0
+    # The peer is remembered all the same.
+    _, destination, _ = outgoing_invite(b_invite_step(c, 2))
+    assert destination == CORE
