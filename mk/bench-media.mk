@@ -15,3 +15,9 @@ bench-media: bench-media-deps
 
 bench-media-quick: bench-media-deps
 	$(BIN)/python tests/bench/media_bench.py --quick
+
+# How the kernel path's nftables work scales with the calls in it: batched rounds
+# against one libnftables call per stream (root, a namespace of its own, < 1 min).
+.PHONY: bench-kernel-scale
+bench-kernel-scale: deps
+	$(BIN)/python tests/bench/kernel_batch_bench.py --forwards 10000 --calls 200

@@ -299,6 +299,8 @@ class SbcNode:
         self._media_queue: asyncio.Queue[MediaCommand] = asyncio.Queue()
         self._media_worker: asyncio.Task[None] | None = None
         self._sends: set[asyncio.Task[None]] = set()
+        #: Media deletions in flight: they run beside the queue (see _run_media).
+        self._media_deletes: set[asyncio.Task[None]] = set()
         self.monitor = LoopMonitor()
         self.transport: TransportLayer | None = None
         self._server_ssl: ServerTls | None = None
@@ -354,6 +356,8 @@ class SbcNode:
             # Deletions queued by the shutdown carry the CDRs' media counters.
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._media_queue.join(), 5.0)
+            if self._media_deletes:
+                await asyncio.wait(self._media_deletes, timeout=5.0)
             self._media_worker.cancel()
         if self.media is not None:
             await self.media.close()
@@ -805,11 +809,21 @@ class SbcNode:
             self._dispatch(self.transactions.transport_error(outgoing.transaction, now), now)
 
     async def _run_media(self) -> None:
-        """Run the B2BUA's media commands one at a time, in the order they were made."""
+        """Run the B2BUA's media commands one at a time, in the order they were made.
+
+        A deletion runs beside the queue: with calls in the kernel path it waits for
+        the relay's next nftables round (its final counters, then the removal), and
+        the calls being set up behind it need not. Nothing comes after a deletion
+        for the same session."""
         while True:
             command = await self._media_queue.get()
             try:
-                await self._media_command(command)
+                if isinstance(command, DeleteMedia):
+                    task = asyncio.create_task(self._media_command(command))
+                    self._media_deletes.add(task)
+                    task.add_done_callback(self._media_deletes.discard)
+                else:
+                    await self._media_command(command)
             finally:
                 self._media_queue.task_done()
 

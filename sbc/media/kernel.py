@@ -476,6 +476,19 @@ class KernelMediaTable:
         for forward in forwards:
             self._forwards[forward.name] = forward
 
+    def apply(self, remove: Sequence[str], install: Sequence[KernelForward]) -> None:
+        """Delete the named forwards, then add ``install``, in one transaction (all or
+        nothing): one libnftables call, one fetch of the table into its cache."""
+        gone = [self._forwards[n] for n in dict.fromkeys(remove) if n in self._forwards]
+        commands = render_remove(gone) + render_install(install)
+        if not commands:
+            return
+        self._run(commands)
+        for forward in gone:
+            del self._forwards[forward.name]
+        for forward in install:
+            self._forwards[forward.name] = forward
+
     def remove(self, names: Iterable[str]) -> None:
         """Delete the named forwards (elements, chains, counters) in one transaction."""
         forwards = [self._forwards[n] for n in dict.fromkeys(names) if n in self._forwards]
@@ -490,32 +503,6 @@ class KernelMediaTable:
             body = item.get("counter")
             if body and body["name"].startswith(PREFIX):
                 result[body["name"]] = KernelCounter(body["packets"], body["bytes"])
-        return result
-
-    def counters_of(self, names: Sequence[str]) -> dict[str, KernelCounter]:
-        """Packets and bytes of the named media counters only, read in one call.
-
-        One ``list counter`` per name (libnftables prints one JSON document per
-        command); a counter missing from the table (removed behind the SBC's back)
-        fails the whole call, and then every counter is read instead.
-        """
-        if not names:
-            return {}
-        what = "; ".join(f"list counter {TABLE_FAMILY} {TABLE} {name}" for name in names)
-        rc, output, error = self._nft.cmd(what)
-        if rc != 0:
-            if "No such file or directory" in error:
-                wanted = set(names)
-                return {n: c for n, c in self.counters().items() if n in wanted}
-            raise KernelPathUnavailable(f"nft 'list counter' failed: {error.strip()}")
-        result: dict[str, KernelCounter] = {}
-        for document in output.splitlines():
-            if not document.strip():
-                continue
-            for item in json.loads(document)["nftables"]:
-                body = item.get("counter")
-                if body:
-                    result[body["name"]] = KernelCounter(body["packets"], body["bytes"])
         return result
 
     @property

@@ -206,33 +206,38 @@ def test_sbc_run_without_firewall_leaves_no_table_after_sigterm(lab: Lab, tmp_pa
     assert ruleset(lab) == before
 
 
-COUNTERS_OF = """\
-import json, sys
-from sbc.media.kernel import KernelMediaTable
+APPLY = """\
+import json
+from ipaddress import IPv4Address as A
+from sbc.media.kernel import KernelForward, KernelMediaTable
+from sbc.media.values import Endpoint as E
+
+def forward(name, peer_port):
+    return KernelForward(name, E(A("198.51.100.10"), peer_port), E(A("198.51.100.1"), 30000),
+                         E(A("203.0.113.1"), 30002), E(A("203.0.113.20"), 40000))
+
 table = KernelMediaTable()
-print(json.dumps({n: [c.packets, c.bytes] for n, c in table.counters_of(sys.argv[1:]).items()}))
+table.open()
+table.install([forward("media_s1_0_a", 5000), forward("media_s2_0_a", 5002)])
+# One transaction: s1 out, s3 in, and s2 again with a new latched source (a re-latch).
+table.apply(["media_s1_0_a", "media_s2_0_a"], [forward("media_s3_0_a", 5004),
+                                               forward("media_s2_0_a", 5006)])
+table.apply([], [])  # nothing to do: no libnftables call at all
+print(json.dumps(sorted(table.installed)))
 """
 
 
-def test_a_sessions_counters_are_read_alone_and_a_missing_one_falls_back(lab: Lab) -> None:
-    """Deleting a call reads its own counters, not every counter of the table."""
-    lab.run("sbc", "nft", "-f", "-", input=(
-        "add table inet sbc\n"
-        "add counter inet sbc media_s1_0_a { packets 7 bytes 700 }\n"
-        "add counter inet sbc media_s1_0_b { packets 9 bytes 900 }\n"
-        "add counter inet sbc media_s2_0_a { packets 1 bytes 100 }\n"
-    ))  # fmt: skip
-
-    def read(*names: str) -> dict[str, list[int]]:
-        out = lab.run("sbc", sys.executable, "-c", COUNTERS_OF, *names).stdout
-        result: dict[str, list[int]] = json.loads(out)
-        return result
-
-    assert read("media_s1_0_a", "media_s1_0_b") == {
-        "media_s1_0_a": [7, 700],
-        "media_s1_0_b": [9, 900],
-    }
-    # A counter removed behind the relay's back: the others still come back.
-    assert read("media_s1_0_a", "media_gone_0_a") == {"media_s1_0_a": [7, 700]}
-    assert read() == {}
-    lab.run("sbc", "nft", "delete", "table", "inet", "sbc")
+def test_removals_and_installs_of_a_round_are_one_transaction(lab: Lab) -> None:
+    """The batcher's round: removals first, then installs, the same name in both."""
+    try:
+        out = lab.run("sbc", sys.executable, "-c", APPLY).stdout
+        assert json.loads(out) == ["media_s2_0_a", "media_s3_0_a"]
+        text = ruleset(lab)
+        assert "counter media_s1_0_a" not in text and "chain media_s1_0_a_pre" not in text
+        for name in ("media_s2_0_a", "media_s3_0_a"):
+            assert f"counter {name} " in text and f"chain {name}_pre " in text
+        # The dispatch map holds the new source of s2 and none of the old one.
+        assert "198.51.100.10 . 5006 . 198.51.100.1 . 30000 : goto media_s2_0_a_pre" in text
+        assert ". 5002 ." not in text and ". 5000 ." not in text
+    finally:
+        lab.run("sbc", "nft", "delete", "table", "inet", "sbc")
