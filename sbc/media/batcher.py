@@ -3,7 +3,7 @@
 Every libnftables call first fetches the table's objects into its cache (chains,
 counters, map elements): its cost grows with the forwards in the kernel, about
 50 ms for an install or removal and 0.5 s for a counter read at 10,000 forwards
-(2,500 calls) on the development machine. One call per stream set-up, call end
+(5,000 audio calls) on the development machine. One call per stream set-up, call end
 and counter read made the relay's nftables thread the ceiling of the kernel path:
 a few call ends a second at a few thousand calls.
 

@@ -23,7 +23,7 @@ import random
 import resource
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -512,7 +512,7 @@ class MediaRelay:
             except KernelPathUnavailable as exc:
                 logger.error("x session %s: kernel rules not removed: %s", session_id, exc)
             else:
-                self._take_counters(counters, also=session)
+                self._take_counters(counters, (session,))
         final = session.snapshot()
         self._teardown_sockets(session)
         self._stop_recording(session)
@@ -522,7 +522,7 @@ class MediaRelay:
     async def stats(self, session_id: str) -> MediaSession:
         session = self._session(session_id)
         if any(s.kernel for s in session.streams):
-            await self._refresh_kernel_counters()
+            await self._refresh_kernel_counters(only=session)
         return session.snapshot()
 
     async def events(self) -> AsyncIterator[MediaEvent]:
@@ -886,7 +886,7 @@ class MediaRelay:
         if self._batcher is None or not stream.kernel:
             return
         names = [stream.forward_name(s) for s in Side]
-        self._take_counters(await self._batcher.remove(names, counters=True))
+        self._take_counters(await self._batcher.remove(names, counters=True), (stream.session,))
         stream.kernel = False
 
     async def _rehome(self, stream: _Stream) -> None:
@@ -895,8 +895,9 @@ class MediaRelay:
         if stream.kernel_eligible() and not stream.session.deleted:
             await self._engage(stream)
 
-    async def _refresh_kernel_counters(self) -> None:
-        """Read every kernel counter (in the batcher's next round) into the legs."""
+    async def _refresh_kernel_counters(self, only: _Session | None = None) -> None:
+        """Read every kernel counter (in the batcher's next round) into the legs of
+        every session, or ``only`` that one's."""
         if self._batcher is None or not any(
             s.kernel for session in self._sessions.values() for s in session.streams
         ):
@@ -906,18 +907,17 @@ class MediaRelay:
         except KernelPathUnavailable as exc:
             logger.error("x kernel counters not read: %s", exc)
             return
-        self._take_counters(counters)
+        self._take_counters(counters, None if only is None else (only,))
 
     def _take_counters(
-        self, counters: dict[str, KernelCounter], also: _Session | None = None
+        self, counters: dict[str, KernelCounter], sessions: Iterable[_Session] | None = None
     ) -> None:
-        """Counters listed by the kernel into every kernel stream's legs (and those of
-        ``also``, a session being deleted); a count that grew is media activity."""
+        """Counters listed by the kernel into the kernel streams' legs of ``sessions``
+        (default: all; a session ending takes only its own, or deleting thousands
+        of calls would go over every session each time); a count that grew is
+        media activity."""
         now = self._now()
-        sessions = list(self._sessions.values())
-        if also is not None:
-            sessions.append(also)
-        for session in sessions:
+        for session in self._sessions.values() if sessions is None else sessions:
             for stream in session.streams:
                 if not stream.kernel:
                     continue
