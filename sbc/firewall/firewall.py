@@ -125,22 +125,30 @@ class Firewall:
 
     def open_pinholes(self, ports: Iterable[int]) -> None:
         """Let RTP/RTCP in on `ports` (the relay calls this when it allocates them)."""
-        items = ", ".join(str(p) for p in sorted(set(ports)))
-        if items:
-            self.kernel.run(f"add element {TABLE} {SET_PINHOLES} {{ {items} }}")
+        self.kernel.run(pinhole_commands([(True, ports)]))
 
     def close_pinholes(self, ports: Iterable[int]) -> None:
         """Close `ports` again; closing a port that is not open is not an error."""
-        items = ", ".join(str(p) for p in sorted(set(ports)))
-        if items:
-            # add-then-delete: `delete` of a missing element would fail the batch.
-            self.kernel.run(
-                f"add element {TABLE} {SET_PINHOLES} {{ {items} }}\n"
-                f"delete element {TABLE} {SET_PINHOLES} {{ {items} }}"
-            )
+        self.kernel.run(pinhole_commands([(False, ports)]))
 
     # --- operations ------------------------------------------------------------
 
     def stats(self) -> FirewallStats:
         counters = {n: v for n, v in self.kernel.counters().items() if is_owned(n)}
         return FirewallStats(counters, dict(self.guard.decisions), self.guard.trusted_events)
+
+
+def pinhole_commands(changes: Iterable[tuple[bool, Iterable[int]]]) -> str:
+    """One transaction opening (True) or closing (False) media ports, in order.
+
+    Closing adds, then deletes: `delete` of a missing element would fail the batch.
+    """
+    lines: list[str] = []
+    for open_, ports in changes:
+        items = ", ".join(str(p) for p in sorted(set(ports)))
+        if not items:
+            continue
+        lines.append(f"add element {TABLE} {SET_PINHOLES} {{ {items} }}")
+        if not open_:
+            lines.append(f"delete element {TABLE} {SET_PINHOLES} {{ {items} }}")
+    return "\n".join(lines)

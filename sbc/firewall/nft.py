@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -60,6 +61,9 @@ class NftBackend:
                 "import", "the nftables Python binding is missing (python3-nftables / pip-nftables)"
             ) from exc
         self._module = nftables
+        #: One libnftables context is not for two threads at once: the SBC opens
+        #: media pinholes from a worker thread while bans happen on the event loop.
+        self._lock = threading.Lock()
         try:
             self._nft = nftables.Nftables()
         except OSError as exc:  # pragma: no cover - depends on the host
@@ -94,18 +98,20 @@ class NftBackend:
         """Apply `text` as one transaction; with `check`, only validate it (`nft -c`)."""
         if not text.strip():
             return
-        self._nft.set_json_output(False)
         if check:
             self._cmd(text, "check", self._checker())
-        else:
+            return
+        with self._lock:
+            self._nft.set_json_output(False)
             self._cmd(text, "apply")
 
     def _list_json(self, what: str) -> dict[str, Any] | None:
-        self._nft.set_json_output(True)
-        try:
-            rc, output, error = self._nft.cmd(f"list {what}")
-        finally:
-            self._nft.set_json_output(False)
+        with self._lock:
+            self._nft.set_json_output(True)
+            try:
+                rc, output, error = self._nft.cmd(f"list {what}")
+            finally:
+                self._nft.set_json_output(False)
         if rc != 0:
             if "No such file or directory" in error:
                 return None

@@ -26,6 +26,7 @@ import csv
 import os
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -187,6 +188,18 @@ def run_step(
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=workdir,
             )  # fmt: skip
             time.sleep(0.5)  # calls already flowing when the flood starts
+            # The firewall's media pinholes, sampled while the calls run (each call
+            # opens its relay ports, and closes them when it ends).
+            pinholes_peak = [0]
+            sampling = threading.Event()
+
+            def sample_pinholes() -> None:
+                while not sampling.wait(0.5):
+                    open_now = len(lab.set_elements("fw_media_pinholes"))
+                    pinholes_peak[0] = max(pinholes_peak[0], open_now)
+
+            sampler = threading.Thread(target=sample_pinholes, daemon=True)
+            sampler.start()
             snmp0 = udp_snmp(lab)
             cpu0, (idle0, total0), t0 = proc_cpu_seconds(sbc.pid), cpu_times(), time.monotonic()
             if flood_pps < 0:  # baseline: calls only, same window
@@ -222,6 +235,13 @@ def run_step(
             except subprocess.TimeoutExpired:
                 uas.terminate()
                 uas.wait(timeout=5)
+            sampling.set()
+            sampler.join(10)
+            # Every call has ended: its pinholes go with it (within a round or two).
+            deadline = time.monotonic() + 5
+            while lab.set_elements("fw_media_pinholes") and time.monotonic() < deadline:
+                time.sleep(0.2)
+            pinholes_left = len(lab.set_elements("fw_media_pinholes"))
             counters = lab.counters()
             banned = lab.set_elements("blacklist_v4")
             health = fw_lab.sbc_health(lab, MGMT_PORT)
@@ -262,6 +282,9 @@ def run_step(
         "load1_at_start": load1,
         "sbc_exit": code,
         "sbc_tracebacks": log.count("Traceback"),
+        "pinholes_peak": pinholes_peak[0],
+        "pinholes_left": pinholes_left,
+        "pinhole_errors": log.count("x firewall pinholes"),
         "uac_stderr": (uac_err or "")[-500:],
         "step_seconds": round(time.monotonic() - started, 1),
     }

@@ -74,4 +74,7 @@ def test_real_sbc_drops_flood_in_kernel_while_calls_complete(
     assert figures["drop_blacklist_v4"] > 0, figures
     assert (figures["health_bans"] or 0) >= 50, figures  # /healthz sees them too
     assert not figures["trunk_banned"], figures
+    # Each call opened its media ports in the firewall and closed them again.
+    assert figures["pinholes_peak"] >= 4, figures
+    assert figures["pinholes_left"] == 0 and figures["pinhole_errors"] == 0, figures
     assert figures["test_seconds"] < 60, figures
