@@ -27,11 +27,12 @@ import signal
 import ssl
 import sys
 import time
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from ipaddress import ip_address
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -300,8 +301,9 @@ class SbcNode:
         self._media_queue: asyncio.Queue[MediaCommand] = asyncio.Queue()
         self._media_worker: asyncio.Task[None] | None = None
         self._sends: set[asyncio.Task[None]] = set()
-        #: Media deletions in flight: they run beside the queue (see _run_media).
-        self._media_deletes: set[asyncio.Task[None]] = set()
+        #: Media work running beside the queue: deletions, and allocations waiting
+        #: for their firewall pinholes (see _run_media).
+        self._media_tasks: set[asyncio.Task[None]] = set()
         #: Firewall pinhole changes waiting for the next round (see _pinholes).
         self._pinhole_queue: list[tuple[bool, set[int], asyncio.Future[None]]] = []
         self._pinhole_task: asyncio.Task[None] | None = None
@@ -361,8 +363,8 @@ class SbcNode:
             # Deletions queued by the shutdown carry the CDRs' media counters.
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._media_queue.join(), 5.0)
-            if self._media_deletes:
-                await asyncio.wait(self._media_deletes, timeout=5.0)
+            if self._media_tasks:
+                await asyncio.wait(self._media_tasks, timeout=5.0)
             self._media_worker.cancel()
         if self.media is not None:
             await self.media.close()
@@ -605,6 +607,7 @@ class SbcNode:
             "loop_lag_ms": round(self.monitor.lag * 1000, 1),
             "transactions": len(self.transactions),
             "calls": len(self.calls),
+            "media_sessions": 0 if self.media is None else len(self.media.sessions()),
             "firewall": {"enabled": self.firewall is not None, "bans": self._firewall_bans},
         }
 
@@ -837,18 +840,30 @@ class SbcNode:
         A deletion runs beside the queue: with calls in the kernel path it waits for
         the relay's next nftables round (its final counters, then the removal), and
         the calls being set up behind it need not. Nothing comes after a deletion
-        for the same session."""
+        for the same session. So does an allocation once its ports are bound, while
+        it waits for the firewall to open them: nothing comes for its session
+        before the B2BUA hears of it."""
         while True:
             command = await self._media_queue.get()
             try:
                 if isinstance(command, DeleteMedia):
-                    task = asyncio.create_task(self._media_command(command))
-                    self._media_deletes.add(task)
-                    task.add_done_callback(self._media_deletes.discard)
+                    self._beside_queue(self._media_command(command))
                 else:
                     await self._media_command(command)
             finally:
                 self._media_queue.task_done()
+
+    def _beside_queue(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._media_tasks.add(task)
+        task.add_done_callback(self._media_tasks.discard)
+
+    async def _allocated(self, command: AllocateMedia, session: MediaSession) -> None:
+        try:
+            await self._pinholes(session, open_=True)
+        finally:
+            now = time.monotonic()
+            self._execute(self.calls.media_allocated(command.call_ref, session, now), now)
 
     async def _media_command(self, command: MediaCommand) -> None:
         relay = self.media
@@ -867,8 +882,11 @@ class SbcNode:
                 except MediaError as exc:
                     logger.error("x call %s: no media: %s", command.call_ref, exc)
                     session = None
-                if session is not None:
-                    await self._pinholes(session, open_=True)
+                if session is not None and self.firewall is not None:
+                    # The offer leaves once the ports are open; the next commands
+                    # need not wait for that round (their pinholes join it).
+                    self._beside_queue(self._allocated(command, session))
+                    return
                 now = time.monotonic()
                 self._execute(self.calls.media_allocated(command.call_ref, session, now), now)
             elif isinstance(command, DeleteMedia):

@@ -242,6 +242,11 @@ def run_step(
             while lab.set_elements("fw_media_pinholes") and time.monotonic() < deadline:
                 time.sleep(0.2)
             pinholes_left = len(lab.set_elements("fw_media_pinholes"))
+            # A call can outlive SIPp's: under the flood an ACK and a BYE may be lost
+            # and SIPp take the SBC's retransmitted 2xx for the BYE's answer (it
+            # matches responses by status only); the SBC then ends that call when
+            # the ACK has not come for 64*T1. Its ports are still open meanwhile.
+            after_calls = fw_lab.sbc_health(lab, MGMT_PORT) or {}
             counters = lab.counters()
             banned = lab.set_elements("blacklist_v4")
             health = fw_lab.sbc_health(lab, MGMT_PORT)
@@ -284,6 +289,8 @@ def run_step(
         "sbc_tracebacks": log.count("Traceback"),
         "pinholes_peak": pinholes_peak[0],
         "pinholes_left": pinholes_left,
+        "calls_left": after_calls.get("calls"),
+        "media_sessions_left": after_calls.get("media_sessions"),
         "pinhole_errors": log.count("x firewall pinholes"),
         "uac_stderr": (uac_err or "")[-500:],
         "step_seconds": round(time.monotonic() - started, 1),

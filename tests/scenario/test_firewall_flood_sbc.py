@@ -76,5 +76,7 @@ def test_real_sbc_drops_flood_in_kernel_while_calls_complete(
     assert not figures["trunk_banned"], figures
     # Each call opened its media ports in the firewall and closed them again.
     assert figures["pinholes_peak"] >= 4, figures
-    assert figures["pinholes_left"] == 0 and figures["pinhole_errors"] == 0, figures
+    # Those of calls still up in the SBC (see sbc_flood) stay open: 4 ports a call.
+    assert figures["pinholes_left"] == 4 * figures["media_sessions_left"], figures
+    assert figures["pinhole_errors"] == 0, figures
     assert figures["test_seconds"] < 60, figures
