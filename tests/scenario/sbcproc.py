@@ -14,6 +14,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -255,3 +256,34 @@ def stream_exchange(
             if response.status >= 200:
                 return response, False
     return None, False
+
+
+_CONTENT_LENGTH = re.compile(rb"(?im)^(?:content-length|l)[ \t]*:[ \t]*(\d+)")
+
+
+def stream_messages(
+    conn: socket.socket, stop: threading.Event, seconds: float = 10.0
+) -> Iterator[bytes]:
+    """Each SIP message a peer sends on a TCP or TLS connection, framed by its
+    Content-Length, until the peer closes, ``stop`` is set or ``seconds`` pass."""
+    conn.settimeout(0.2)
+    buffer = b""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not stop.is_set():
+        try:
+            chunk = conn.recv(65535)
+        except TimeoutError:
+            continue
+        except OSError:  # ssl.SSLError included
+            return
+        if not chunk:
+            return
+        buffer += chunk
+        while b"\r\n\r\n" in buffer:
+            head, _, rest = buffer.partition(b"\r\n\r\n")
+            found = _CONTENT_LENGTH.search(head)
+            size = int(found.group(1)) if found else 0
+            if len(rest) < size:
+                break
+            buffer = rest[size:]
+            yield head + b"\r\n\r\n" + rest[:size]

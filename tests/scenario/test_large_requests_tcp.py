@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sbc.sip.message import Request, make_response
 from sbc.sip.parser import parse_message
-from tests.scenario.sbcproc import Ports, SbcProcess, free_port
-from tests.scenario.test_tls_trunk import _CALLS, _LENGTH, call
+from tests.scenario.sbcproc import Ports, SbcProcess, free_port, stream_messages
+from tests.scenario.test_tls_trunk import _CALLS, call
 
 #: Two outbound header rules add this (a rule's value is at most 1024 bytes): the
 #: B-leg INVITE is well over 1300 bytes.
@@ -89,29 +88,10 @@ class Gateway:
                 self._serve_connection(conn)
 
     def _serve_connection(self, conn: socket.socket) -> None:
-        conn.settimeout(0.2)
-        buffer = b""
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not self._stop.is_set():
-            try:
-                chunk = conn.recv(65535)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            if not chunk:
-                return
-            buffer += chunk
-            while b"\r\n\r\n" in buffer:
-                head, _, rest = buffer.partition(b"\r\n\r\n")
-                found = _LENGTH.search(head)
-                size = int(found.group(1)) if found else 0
-                if len(rest) < size:
-                    break
-                buffer = rest[size:]
-                answer = self._answer("TCP", head + b"\r\n\r\n" + rest[:size])
-                if answer is not None:
-                    conn.sendall(answer)
+        for data in stream_messages(conn, self._stop):
+            answer = self._answer("TCP", data)
+            if answer is not None:
+                conn.sendall(answer)
 
     def close(self) -> None:
         self._stop.set()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime
 import itertools
-import re
 import socket
 import ssl
 import threading
@@ -34,7 +33,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from sbc.sip.message import Request, make_response
 from sbc.sip.parser import parse_message
-from tests.scenario.sbcproc import Ports, SbcProcess, free_port, lenient_response
+from tests.scenario.sbcproc import (
+    Ports,
+    SbcProcess,
+    free_port,
+    lenient_response,
+    stream_messages,
+)
 from tests.tls_pki import Authority, Issued, write_pair
 
 #: Seconds the caller waits for the SBC's final answer (a TLS failure is one connect).
@@ -83,9 +88,6 @@ class TrunkLog:
     requests: list[Request] = field(default_factory=list)
 
 
-_LENGTH = re.compile(rb"(?im)^(?:content-length|l)[ \t]*:[ \t]*(\d+)")
-
-
 class TlsTrunk:
     """A TLS SIP server on 127.0.0.1 requiring a client certificate; INVITE -> 486."""
 
@@ -127,33 +129,14 @@ class TlsTrunk:
 
     def _serve(self, tls: ssl.SSLSocket) -> None:
         """Answer requests until the ACK, the peer closing, or 10 s."""
-        tls.settimeout(0.2)
-        buffer = b""
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not self._stop.is_set():
-            try:
-                chunk = tls.recv(65535)
-            except TimeoutError:
+        for data in stream_messages(tls, self._stop):
+            request = parse_message(data)
+            if not isinstance(request, Request):
                 continue
-            except (OSError, ssl.SSLError):
+            self.log.requests.append(request)
+            if request.method == "ACK":
                 return
-            if not chunk:
-                return
-            buffer += chunk
-            while b"\r\n\r\n" in buffer:
-                head, _, rest = buffer.partition(b"\r\n\r\n")
-                found = _LENGTH.search(head)
-                size = int(found.group(1)) if found else 0
-                if len(rest) < size:
-                    break
-                buffer = rest[size:]
-                request = parse_message(head + b"\r\n\r\n" + rest[:size])
-                if not isinstance(request, Request):
-                    continue
-                self.log.requests.append(request)
-                if request.method == "ACK":
-                    return
-                tls.sendall(bytes(make_response(request, 486, to_tag="trunk486")))
+            tls.sendall(bytes(make_response(request, 486, to_tag="trunk486")))
 
     def close(self) -> None:
         self._stop.set()
