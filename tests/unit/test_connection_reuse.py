@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import ssl
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,19 +32,11 @@ from sbc.transport.base import (
 from sbc.transport.certificates import CertificatePaths, ClientAuth, client_context, server_context
 from sbc.transport.layer import TransportLayer
 from tests.tls_pki import Authority, Issued
+from tests.unit.test_transport import async_test
 
 IO_TIMEOUT = 3.0
-TEST_TIMEOUT = 20.0
 V4 = "127.0.0.1"
 TLS, TCP = Transport.TLS, Transport.TCP
-
-
-def async_test(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        asyncio.run(asyncio.wait_for(fn(*args, **kwargs), TEST_TIMEOUT))
-
-    return wrapper
 
 
 @pytest.fixture(autouse=True)
