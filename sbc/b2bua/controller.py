@@ -1978,7 +1978,9 @@ class CallController:
         # The dialog set hands this dialog back on the next provisional and on the
         # 2xx: it must know the PRACK's CSeq, or that number is used again (12.2.1.1).
         fork.dialogs = fork.dialogs.with_dialog(dialog)
-        return self._send_on(live, prack, self._hop(leg), "prack", now, realm=leg.realm)
+        return self._send_on(
+            live.call.call_ref, prack, self._hop(leg), "prack", now, realm=leg.realm
+        )
 
     def _answered(
         self, live: _Live, fork: _Fork, response: Response, event: object, now: float
@@ -2204,9 +2206,7 @@ class CallController:
                 host=format_host(leg.local.host),
                 port=leg.local.port,
             )
-            live = self._calls.get(call_ref)
-            if live is not None:
-                step = step + self._send_on(live, bye_request, hop, "bye", now, realm=leg.realm)
+            step = step + self._send_on(call_ref, bye_request, hop, "bye", now, realm=leg.realm)
         return step
 
     # -- sending requests -----------------------------------------------------------------
@@ -2340,30 +2340,16 @@ class CallController:
         if not isinstance(event, DialogAnswered | ExtraForkAnswered | AnswerRetransmitted):
             return Step()
         dialog = event.dialog
-        leg = orphan.leg
-        transport = leg.local.transport.value
-        host, port = format_host(leg.local.host), leg.local.port
-        ack = dialog.create_ack(transport=transport, host=host, port=port)
-        self._fix_via(ack)
-        self._outbound(ack, leg.realm)
-        hop = self._hop(leg)
-        step = Step(Output((Outgoing(ack, bytes(ack), hop),)))
-        if dialog.remote_tag in orphan.byed:
-            return step
-        orphan.byed.add(dialog.remote_tag)
-        logger.info("- call %s: 2xx after the call let go of it, hanging up", orphan.call_ref)
-        self._count("late_answers_hung_up")
-        _, bye = dialog.create_request("BYE", transport=transport, host=host, port=port)
-        self._fix_via(bye)
-        bye.headers.add("User-Agent", self.user_agent)
-        self._outbound(bye, leg.realm)
-        client, out = self._send_request(bye, hop, now)
-        self._by_client[client] = _ByRole(orphan.call_ref, "bye")
-        return step + Step(out)
+        bye = dialog.remote_tag not in orphan.byed
+        if bye:
+            orphan.byed.add(dialog.remote_tag)
+            logger.info("- call %s: 2xx after the call let go of it, hanging up", orphan.call_ref)
+            self._count("late_answers_hung_up")
+        return self._ack_b(orphan.leg, dialog, now, bye=bye, call_ref=orphan.call_ref)
 
     def _send_on(
         self,
-        live: _Live,
+        call_ref: str,
         request: Request,
         hop: Hop,
         role: str,
@@ -2376,7 +2362,7 @@ class CallController:
         request.headers.add("User-Agent", self.user_agent)
         self._outbound(request, realm)
         client, out = self._send_request(request, hop, now)
-        self._by_client[client] = _ByRole(live.call.call_ref, role, side=side)
+        self._by_client[client] = _ByRole(call_ref, role, side=side)
         return Step(out)
 
     def _relayed_response(
@@ -2519,7 +2505,7 @@ class CallController:
         self._arm_refresh(live, side, now)
         logger.debug("> call %s: session refresh %s on %s", live.call.call_ref, method, side.value)
         return self._send_on(
-            live, request, self._hop(leg), "refresh", now, realm=leg.realm, side=side
+            live.call.call_ref, request, self._hop(leg), "refresh", now, realm=leg.realm, side=side
         )
 
     def _refresh_response(
@@ -2591,7 +2577,7 @@ class CallController:
             logger.info("x call %s: no BYE on %s: %s", live.call.call_ref, side.value, exc)
             return Step()
         live.call = live.call.with_leg(side, leg.with_dialog(dialog))
-        return self._send_on(live, bye, self._hop(leg), "bye", now, realm=leg.realm)
+        return self._send_on(live.call.call_ref, bye, self._hop(leg), "bye", now, realm=leg.realm)
 
     def _hang_up(
         self,

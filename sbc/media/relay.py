@@ -898,16 +898,15 @@ class MediaRelay:
     async def _refresh_kernel_counters(self, only: _Session | None = None) -> None:
         """Read every kernel counter (in the batcher's next round) into the legs of
         every session, or ``only`` that one's."""
-        if self._batcher is None or not any(
-            s.kernel for session in self._sessions.values() for s in session.streams
-        ):
+        sessions = self._sessions.values() if only is None else (only,)
+        if self._batcher is None or not any(s.kernel for x in sessions for s in x.streams):
             return
         try:
             counters = await self._batcher.counters()
         except KernelPathUnavailable as exc:
             logger.error("x kernel counters not read: %s", exc)
             return
-        self._take_counters(counters, None if only is None else (only,))
+        self._take_counters(counters, sessions)
 
     def _take_counters(
         self, counters: dict[str, KernelCounter], sessions: Iterable[_Session] | None = None
