@@ -27,9 +27,9 @@ import signal
 import ssl
 import sys
 import time
-from collections.abc import Coroutine
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Coroutine, Iterable
 from dataclasses import replace
+from functools import partial
 from ipaddress import ip_address
 from pathlib import Path
 from typing import Any, Final
@@ -40,6 +40,7 @@ from sbc import assembly
 from sbc.b2bua.call import Call
 from sbc.b2bua.controller import (
     AllocateMedia,
+    AuthFailure,
     CallController,
     DeleteMedia,
     MediaCommand,
@@ -60,9 +61,10 @@ from sbc.config.schema import Config, MutualTls, TlsConfig
 from sbc.firewall.bans import IPAddress
 from sbc.firewall.blacklist import TrustedTargetError
 from sbc.firewall.config import FirewallConfig, SipPorts
-from sbc.firewall.detectors import AuthFailed
-from sbc.firewall.firewall import Firewall, pinhole_commands
+from sbc.firewall.detectors import AuthFailed, Event
+from sbc.firewall.firewall import Firewall
 from sbc.firewall.nft import NftError
+from sbc.firewall.rounds import FirewallRounds
 from sbc.firewall.sip_events import malformed_event, request_event
 from sbc.media.config import MediaConfig, RealmMediaAddress
 from sbc.media.control import MediaError, MediaTimeout
@@ -304,10 +306,8 @@ class SbcNode:
         #: Media work running beside the queue: deletions, and allocations waiting
         #: for their firewall pinholes (see _run_media).
         self._media_tasks: set[asyncio.Task[None]] = set()
-        #: Firewall pinhole changes waiting for the next round (see _pinholes).
-        self._pinhole_queue: list[tuple[bool, set[int], asyncio.Future[None]]] = []
-        self._pinhole_task: asyncio.Task[None] | None = None
-        self._pinhole_thread = ThreadPoolExecutor(1, thread_name_prefix="sbc-pinholes")
+        #: The firewall's bans and pinholes, applied off the loop (see _pinholes).
+        self._nft_rounds = FirewallRounds()
         self.monitor = LoopMonitor()
         self.transport: TransportLayer | None = None
         self._server_ssl: ServerTls | None = None
@@ -371,7 +371,7 @@ class SbcNode:
         if self.cdr is not None:
             cdr, self.cdr = self.cdr, None
             await asyncio.get_running_loop().run_in_executor(None, cdr.close)
-        self._pinhole_thread.shutdown(wait=True)
+        self._nft_rounds.close()
         await self._stop_firewall()
         await self.monitor.stop()
         self.stopped.set()
@@ -631,13 +631,14 @@ class SbcNode:
                 exc,
             )
             return
-        self.firewall = firewall
+        self.firewall = self._nft_rounds.firewall = firewall
         self._count_bans()
         self._firewall_task = loop.create_task(self._run_firewall(), name="sbc-firewall-flush")
 
     async def _stop_firewall(self) -> None:
         """Persist the blacklist and remove the firewall's objects from the kernel."""
         firewall, self.firewall = self.firewall, None
+        self._nft_rounds.firewall = None
         if self._firewall_task is not None:
             self._firewall_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -661,13 +662,13 @@ class SbcNode:
             return
         # libnftables contexts are not thread-safe: while the executor reloads, the
         # loop feeds no events and touches no pinholes.
-        self._firewall_busy = True
+        self._firewall_busy = self._nft_rounds.paused = True
         try:
             await asyncio.get_running_loop().run_in_executor(None, self.firewall.reload, section)
         except (NftError, OSError, ValueError) as exc:
             logger.error("x firewall reload failed, the kernel keeps the previous rules: %s", exc)
         finally:
-            self._firewall_busy = False
+            self._firewall_busy = self._nft_rounds.paused = False
 
     async def _run_firewall(self) -> None:
         """Persist new bans about once a second (the kernel has them at once)."""
@@ -694,84 +695,74 @@ class SbcNode:
 
     def _firewall_observe_request(self, request: Request, flow: Flow) -> bool:
         """Feed a request to the detectors; True when it earned its source a ban
-        (it gets no answer; the kernel drops what follows)."""
+        (it gets no answer; what follows is dropped, here until the kernel has
+        the ban, then in the kernel)."""
         firewall = self.firewall
         if firewall is None or self._firewall_busy:
             return False
         source = _source_address(flow)
         if source is None:
             return False
-        try:
-            bans = firewall.observe(request_event(request, source))
-        except (NftError, TrustedTargetError) as exc:
-            logger.error("x firewall: ban failed: %s", exc)
-            return False
-        self._firewall_bans += len(bans)
-        return bool(bans)
+        return self._ban(firewall, request_event(request, source)) is not None
 
-    def _firewall_auth_failure(self, source_host: str, user: str | None) -> None:
+    def _firewall_auth_failures(
+        self, failures: Iterable[AuthFailure]
+    ) -> asyncio.Future[None] | None:
+        """Feed digest failures to the detectors; the round that puts the bans
+        they earn in the kernel, if any."""
         firewall = self.firewall
         if firewall is None or self._firewall_busy:
-            return
-        try:
-            source = ip_address(normalize_host(source_host))
-        except ValueError:
-            return
-        if source.version == 6 and source.ipv4_mapped is not None:
-            source = source.ipv4_mapped
-        try:
-            self._firewall_bans += len(firewall.observe(AuthFailed(source, user or "")))
-        except (NftError, TrustedTargetError) as exc:
-            logger.error("x firewall: ban failed: %s", exc)
+            return None
+        banned: asyncio.Future[None] | None = None
+        for failure in failures:
+            try:
+                source = ip_address(normalize_host(failure.source))
+            except ValueError:
+                continue
+            if source.version == 6 and source.ipv4_mapped is not None:
+                source = source.ipv4_mapped
+            banned = self._ban(firewall, AuthFailed(source, failure.user or "")) or banned
+        return banned
 
     def _on_parse_error(self, error: ParseError, flow: Flow) -> None:
         firewall = self.firewall
         if firewall is None or self._firewall_busy:
             return
         source = _source_address(flow)
-        if source is None:
-            return
+        if source is not None:
+            self._ban(firewall, malformed_event(error, source))
+
+    def _ban(self, firewall: Firewall, event: Event) -> asyncio.Future[None] | None:
+        """The detectors' bans for `event`, queued for the kernel: their round."""
         try:
-            self._firewall_bans += len(firewall.observe(malformed_event(error, source)))
-        except (NftError, TrustedTargetError) as exc:
+            bans = firewall.decide(event)
+        except TrustedTargetError as exc:
             logger.error("x firewall: ban failed: %s", exc)
+            return None
+        if not bans:
+            return None
+        self._firewall_bans += len(bans)
+        return self._nft_rounds.ban(bans)
+
+    def _from_banning(self, flow: Flow) -> bool:
+        source = _source_address(flow)
+        return source is not None and self._nft_rounds.banning(source)
 
     async def _pinholes(self, session: MediaSession, *, open_: bool) -> None:
         """Open (or close) a media session's ports in the firewall's closed RTP range.
 
-        Every libnftables call fetches the whole ruleset first, the media relay's
-        kernel forwards included (25-55 ms a call at 10,000 of them): the changes
-        of many sessions go in one transaction, on a thread of their own, while
-        the event loop goes on; this returns when its round is done."""
+        The changes of many sessions go in one transaction, on the firewall's
+        thread, while the event loop goes on (see sbc.firewall.rounds); this
+        returns when its round is done."""
         if self.firewall is None:
             return
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pinhole_queue.append((open_, _session_ports(session), done))
-        if self._pinhole_task is None or self._pinhole_task.done():
-            self._pinhole_task = asyncio.create_task(self._pinhole_rounds())
-        await done
-
-    async def _pinhole_rounds(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._pinhole_queue:
-            while self._firewall_busy:
-                await asyncio.sleep(0.05)
-            batch, self._pinhole_queue = self._pinhole_queue, []
-            firewall = self.firewall
-            try:
-                if firewall is not None:
-                    text = pinhole_commands((open_, ports) for open_, ports, _ in batch)
-                    await loop.run_in_executor(self._pinhole_thread, firewall.kernel.run, text)
-            except (NftError, RuntimeError) as exc:  # RuntimeError: stopping
-                logger.warning("x firewall pinholes (%d sessions): %s", len(batch), exc)
-            finally:
-                for _, _, done in batch:
-                    if not done.done():
-                        done.set_result(None)
+        await self._nft_rounds.pinholes(_session_ports(session), open_=open_)
 
     # -- signalling ---------------------------------------------------------------------
 
     def _on_message(self, message: Request | Response, flow: Flow) -> None:
+        if self._nft_rounds.banning_any and self._from_banning(flow):
+            return  # its ban is on the way to the kernel
         if isinstance(message, Request) and self._firewall_observe_request(message, flow):
             return
         now = time.monotonic()
@@ -782,10 +773,15 @@ class SbcNode:
         self._execute(self.calls.handle(out, now), now)
 
     def _execute(self, step: Step, now: float) -> None:
+        # A source banned by this step gets its answer once the kernel has the
+        # ban, so that what it sends next is dropped there.
+        banned = self._firewall_auth_failures(step.auth_failures) if step.auth_failures else None
         for outgoing in step.output.messages:
             message, destination = outgoing.message, outgoing.destination
             if isinstance(message, Response) and isinstance(destination, Flow):
-                if self.transport:
+                if banned is not None and self._from_banning(destination):
+                    banned.add_done_callback(partial(self._send_held, message, destination))
+                elif self.transport:
                     self.transport.send_response_nowait(message, destination)
             elif isinstance(message, Request) and isinstance(destination, Hop):
                 self._send_request(outgoing, destination, now)
@@ -793,9 +789,11 @@ class SbcNode:
             self._media_queue.put_nowait(command)
         for call in step.ended:
             self._write_cdr(call, None)
-        for failure in step.auth_failures:
-            self._firewall_auth_failure(failure.source, failure.user)
         self._arm_timer()
+
+    def _send_held(self, message: Response, flow: Flow, _: asyncio.Future[None]) -> None:
+        if self.transport:
+            self.transport.send_response_nowait(message, flow)
 
     def _send_request(self, outgoing: Outgoing, hop: Hop, now: float) -> None:
         """Send a B2BUA request from its realm's listener (UDP) or over a connection."""

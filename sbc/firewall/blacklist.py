@@ -108,22 +108,10 @@ class Blacklist:
     def _kernel_add(self, ban: Ban, now: float) -> bool:
         if self.kernel is None:
             return False
-        # `add` keeps an existing element (and its old timeout), and `delete` of a
-        # missing one fails the batch: add, delete, add again replaces it in one
-        # transaction whether or not it was there.
-        name = _set_of(ban.target)
-        address = ban.target.network_address
-        text = "\n".join(
-            [
-                f"add element {TABLE} {name} {{ {address} }}",
-                f"delete element {TABLE} {name} {{ {address} }}",
-                *render_bans([ban], now),
-            ]
-        )
         try:
-            self.kernel.run(text)
+            self.kernel.run(ban_commands([ban], now))
         except NftError as exc:
-            if "No such file or directory" in exc.detail:
+            if is_table_missing(exc):
                 return False  # table not installed: the file keeps the ban
             raise
         return True
@@ -139,11 +127,14 @@ class Blacklist:
         reason: str,
         *,
         duration: float | None = None,
+        kernel: bool = True,
     ) -> Ban | None:
         """Ban `target`; escalated duration unless given. None if already banned.
 
         A detector's repeat decision for a target that is still banned is ignored;
-        an operator's explicit `duration` replaces the running ban.
+        an operator's explicit `duration` replaces the running ban. With `kernel`
+        False the ban is only recorded: the caller puts `ban_commands` of it in the
+        kernel (the running SBC does, off its event loop).
         """
         if self.is_trusted(target):
             raise TrustedTargetError(f"{target} is (inside) a trusted network: not banned")
@@ -155,7 +146,7 @@ class Blacklist:
             offence = state.next_offence(target, now, self.policy.forget_after)
             seconds = duration if duration is not None else self.policy.duration(offence)
             ban = Ban(target, reason, now, now + seconds, offence)
-            in_kernel = self._kernel_add(ban, now)
+            in_kernel = self._kernel_add(ban, now) if kernel else True
             state.record(ban)
             if self.deferred:
                 self._pending.append(ban)
@@ -207,7 +198,7 @@ class Blacklist:
                     if in_kernel:
                         self.kernel.run(_delete_element(target))
                 except NftError as exc:
-                    if "No such file or directory" not in exc.detail:
+                    if not is_table_missing(exc):
                         raise
         if in_file or in_kernel:
             log.warning("- unban %s", target)
@@ -281,6 +272,26 @@ class Blacklist:
                         )
                     )
             state.prune(now, self.policy.forget_after)
+
+
+def ban_commands(bans: Iterable[Ban], now: float) -> str:
+    """One transaction putting `bans` in the kernel, replacing running ones.
+
+    `add` keeps an existing element (and its old timeout), and `delete` of a
+    missing one fails the batch: add, delete, add again replaces it whether or
+    not it was there.
+    """
+    bans = list(bans)
+    lines: list[str] = []
+    for ban in bans:
+        element = f"{TABLE} {_set_of(ban.target)} {{ {ban.target.network_address} }}"
+        lines += [f"add element {element}", f"delete element {element}"]
+    return "\n".join([*lines, *render_bans(bans, now)])
+
+
+def is_table_missing(error: NftError) -> bool:
+    """The firewall's table (or set) is not installed: bans can only go to the file."""
+    return "No such file or directory" in error.detail
 
 
 def _set_of(target: BanTarget) -> str:

@@ -3,8 +3,10 @@
 This is the I/O shell around the pure parts (`ruleset`, `detectors`): it reads the
 table, renders, checks (`nft -c` through libnftables' dry run), applies in one
 transaction, and on stop persists the blacklist and removes its own objects.
-Calls block on netlink (~1 ms for a ban, ~150 ms for a full apply); an asyncio
-caller runs `start`/`reload`/`stop` in an executor.
+Calls block on netlink (~1 ms for a ban on an idle table, tens of ms with many
+media forwards in it, ~150 ms for a full apply); an asyncio caller runs
+`start`/`reload`/`stop` in an executor and bans and pinholes through
+`sbc.firewall.rounds`, which `decide` and `apply_bans` split for it.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from sbc.firewall.bans import Ban
-from sbc.firewall.blacklist import Blacklist
+from sbc.firewall.blacklist import Blacklist, ban_commands, is_table_missing
 from sbc.firewall.config import FirewallConfig
 from sbc.firewall.detectors import BanReason, Event, Guard
-from sbc.firewall.nft import CounterValue, Kernel, NftBackend
+from sbc.firewall.nft import CounterValue, Kernel, NftBackend, NftError
 from sbc.firewall.ruleset import (
     SET_PINHOLES,
     TABLE,
@@ -113,13 +115,34 @@ class Firewall:
 
     def observe(self, event: Event, now: float | None = None) -> list[Ban]:
         """Feed one event to the detectors; ban what they decide. Returns new bans."""
+        bans = self.decide(event, now)
+        if bans:
+            self.apply_bans(bans)
+        return bans
+
+    def decide(self, event: Event, now: float | None = None) -> list[Ban]:
+        """Feed one event to the detectors and record the bans they decide, without
+        the kernel: the caller passes them to `apply_bans`, on its nft thread."""
         decisions = self.guard.observe(event, self.monotonic() if now is None else now)
         bans: list[Ban] = []
         for decision in decisions:
-            ban = self.blacklist.add(decision.target, decision.describe())
+            ban = self.blacklist.add(decision.target, decision.describe(), kernel=False)
             if ban is not None:
                 bans.append(ban)
         return bans
+
+    def apply_bans(self, bans: Iterable[Ban]) -> bool:
+        """Put bans in the kernel in one transaction (blocks on netlink). False when
+        the table is not installed: the state file keeps them, a restart restores."""
+        bans = list(bans)
+        try:
+            self.kernel.run(ban_commands(bans, self.clock()))
+        except NftError as exc:
+            if not is_table_missing(exc):
+                raise
+            log.warning("x %d bans in the state file only: table not installed", len(bans))
+            return False
+        return True
 
     # --- media pinholes --------------------------------------------------------
 

@@ -1,0 +1,143 @@
+"""The running firewall's kernel work, off the event loop, in rounds.
+
+Every libnftables call fetches the whole ruleset into its cache first, the media
+relay's kernel forwards included: 25-90 ms a call at 10,000 of them. Bans and
+media pinholes therefore go to one thread of their own, and what waits when a
+round starts goes in it: the bans of all waiting decisions in one transaction,
+then the pinhole changes of all waiting media sessions in another.
+
+A ban must hold from the moment it is decided, not from the moment the kernel
+has it: until its round is done the source is `banning`, and the SBC drops what
+that source sends in userspace and holds the answer that earned the ban (see
+`SbcNode._execute`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from sbc.firewall.bans import Ban, BanTarget, IPAddress, ban_target
+from sbc.firewall.firewall import Firewall, pinhole_commands
+from sbc.firewall.nft import NftError
+
+log = logging.getLogger(__name__)
+
+#: How often a round waiting for a paused firewall (a reload) looks again.
+PAUSE_POLL = 0.05
+
+
+@dataclass
+class _Waiting:
+    bans: list[Ban] = field(default_factory=list)
+    pinholes: list[tuple[bool, set[int]]] = field(default_factory=list)
+    done: list[asyncio.Future[None]] = field(default_factory=list)
+
+
+class FirewallRounds:
+    """Bans and pinholes of one `Firewall`, applied on a worker thread.
+
+    `firewall` is None while the SBC runs without one (nothing to do then);
+    `paused` is set while something else uses the firewall's libnftables context
+    from another thread (a reload): rounds wait for it.
+    """
+
+    def __init__(self) -> None:
+        self.firewall: Firewall | None = None
+        self.paused = False
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="sbc-nft")
+        self._waiting = _Waiting()
+        self._task: asyncio.Task[None] | None = None
+        #: Targets decided but not yet in the kernel, with how many rounds carry them.
+        self._banning: dict[BanTarget, int] = {}
+        self._ipv6_prefix = 64
+        self.rounds = 0
+
+    # --- callers ---------------------------------------------------------------
+
+    def ban(self, bans: Iterable[Ban]) -> asyncio.Future[None]:
+        """Queue bans for the kernel; done when their round is (failed or not)."""
+        bans = list(bans)
+        done = self._queue()
+        self._waiting.bans += bans
+        for ban in bans:
+            self._banning[ban.target] = self._banning.get(ban.target, 0) + 1
+        if self.firewall is not None:
+            self._ipv6_prefix = self.firewall.config.ipv6_prefix_length
+        return done
+
+    async def pinholes(self, ports: set[int], *, open_: bool) -> None:
+        """Open (or close) media ports; returns when their round is done."""
+        done = self._queue()
+        self._waiting.pinholes.append((open_, ports))
+        await done
+
+    def banning(self, address: IPAddress) -> bool:
+        """True while a ban covering `address` is on its way to the kernel."""
+        if not self._banning:
+            return False
+        return ban_target(address, self._ipv6_prefix) in self._banning
+
+    @property
+    def banning_any(self) -> bool:
+        """True while any ban is on its way (the cheap test before `banning`)."""
+        return bool(self._banning)
+
+    @property
+    def idle(self) -> bool:
+        return self._task is None or self._task.done()
+
+    def close(self) -> None:
+        """Wait for the round in progress on the thread, then stop the thread."""
+        self._thread.shutdown(wait=True)
+
+    # --- rounds ----------------------------------------------------------------
+
+    def _queue(self) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._waiting.done.append(done)
+        if self.idle:
+            self._task = loop.create_task(self._run(), name="sbc-nft-rounds")
+        return done
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._waiting.done:
+            while self.paused:
+                await asyncio.sleep(PAUSE_POLL)
+            batch, self._waiting = self._waiting, _Waiting()
+            try:
+                await loop.run_in_executor(self._thread, self._apply, self.firewall, batch)
+            except RuntimeError as exc:  # the thread is stopping
+                log.warning("x firewall round not run: %s", exc)
+            finally:
+                self.rounds += 1
+                for ban in batch.bans:
+                    left = self._banning.pop(ban.target, 1) - 1
+                    if left > 0:
+                        self._banning[ban.target] = left
+                for done in batch.done:
+                    if not done.done():
+                        done.set_result(None)
+
+    @staticmethod
+    def _apply(firewall: Firewall | None, batch: _Waiting) -> None:
+        """On the thread: the round's two transactions. Failures are logged; the
+        bans stay in the state file (the next start restores them)."""
+        if firewall is None:
+            return
+        if batch.bans:
+            try:
+                firewall.apply_bans(batch.bans)
+            except NftError as exc:
+                log.error("x firewall: %d bans not in the kernel: %s", len(batch.bans), exc)
+        text = pinhole_commands(batch.pinholes)
+        if text:
+            try:
+                firewall.kernel.run(text)
+            except NftError as exc:
+                log.warning("x firewall pinholes (%d changes): %s", len(batch.pinholes), exc)

@@ -1,0 +1,268 @@
+"""Bans and pinholes applied off the event loop, in rounds (sbc.firewall.rounds).
+
+A gated fake kernel holds a round on the worker thread, so the tests see what
+queues up behind it and what the round after carries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from ipaddress import ip_address
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sbc import app
+from sbc.app import SbcNode
+from sbc.b2bua.controller import AuthFailure, Step
+from sbc.config.loader import load_config_text
+from sbc.firewall.config import FirewallConfig
+from sbc.firewall.detectors import AuthFailed
+from sbc.firewall.firewall import Firewall
+from sbc.firewall.nft import CounterValue, NftError
+from sbc.firewall.rounds import FirewallRounds
+from sbc.sip.parser import parse_message
+from sbc.sip.transaction import Outgoing, Output
+from sbc.transport.base import Flow
+from sbc.transport.resolver import Transport
+
+GUESSER = ip_address("198.51.100.7")
+GUESSER_V6 = ip_address("2001:db8:1:2::7")
+
+
+class GatedKernel:
+    """Records nft texts; while `gate` is clear, a run waits for it (on the thread)."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.runs: list[str] = []
+        self.fail: NftError | None = None
+
+    def run(self, text: str, *, check: bool = False) -> None:
+        self.entered.set()
+        assert self.gate.wait(10)
+        if self.fail is not None:
+            raise self.fail
+        self.runs.append(text)
+
+    def list_table(self) -> dict[str, Any] | None:
+        return None
+
+    def list_set(self, name: str) -> list[dict[str, Any]] | None:
+        return []
+
+    def counters(self) -> dict[str, CounterValue]:
+        return {}
+
+
+def firewall(tmp_path: Path, kernel: GatedKernel) -> Firewall:
+    return Firewall(FirewallConfig(state_file=tmp_path / "bans.json"), kernel)
+
+
+def guess(fw: Firewall, source: Any, times: int) -> list[Any]:
+    bans = []
+    for _ in range(times):
+        bans += fw.decide(AuthFailed(source, "alice"))
+    return bans
+
+
+async def wait_entered(kernel: GatedKernel) -> None:
+    await asyncio.get_running_loop().run_in_executor(None, kernel.entered.wait, 5)
+
+
+def test_decide_records_without_the_kernel_observe_applies(tmp_path: Path) -> None:
+    kernel = GatedKernel()
+    fw = firewall(tmp_path, kernel)
+    (ban,) = guess(fw, GUESSER, 5)
+    assert str(ban.target) == "198.51.100.7/32"
+    assert kernel.runs == []
+    fw.flush()
+    assert "198.51.100.7/32" in (tmp_path / "bans.json").read_text()
+    # observe() is decide() plus the kernel, in one transaction.
+    (other,) = [b for _ in range(5) for b in fw.observe(AuthFailed(GUESSER_V6, "bob"))]
+    (text,) = kernel.runs
+    add, delete, replace = text.splitlines()
+    assert add == "add element inet sbc blacklist_v6 { 2001:db8:1:2:: }"
+    assert delete == "delete element inet sbc blacklist_v6 { 2001:db8:1:2:: }"
+    assert replace.startswith("add element inet sbc blacklist_v6 { 2001:db8:1:2:: timeout 300s ")
+    assert str(other.target) == "2001:db8:1:2::/64"
+
+
+def test_waiting_bans_and_pinholes_share_the_next_round(tmp_path: Path) -> None:
+    async def main() -> None:
+        kernel = GatedKernel()
+        rounds = FirewallRounds()
+        rounds.firewall = firewall(tmp_path, kernel)
+        kernel.gate.clear()
+        first = asyncio.ensure_future(rounds.pinholes({20000, 20001}, open_=True))
+        await wait_entered(kernel)  # round 1 is on the thread, held by the gate
+        bans = guess(rounds.firewall, GUESSER, 5) + guess(rounds.firewall, GUESSER_V6, 5)
+        assert len(bans) == 2
+        banned = rounds.ban(bans)
+        closing = asyncio.ensure_future(rounds.pinholes({20000, 20001}, open_=False))
+        opening = asyncio.ensure_future(rounds.pinholes({20002}, open_=True))
+        await asyncio.sleep(0.01)
+        # Decided, not yet in the kernel: the source and its whole /64 are banning.
+        assert rounds.banning_any
+        assert rounds.banning(GUESSER) and rounds.banning(ip_address("2001:db8:1:2:ffff::1"))
+        assert not rounds.banning(ip_address("198.51.100.8"))
+        assert not banned.done() and not first.done()
+        kernel.gate.set()
+        await asyncio.gather(first, banned, closing, opening)
+        assert not rounds.banning_any and not rounds.banning(GUESSER)
+        assert rounds.rounds == 2
+        assert kernel.runs[0] == "add element inet sbc fw_media_pinholes { 20000, 20001 }"
+        ban_text, pinholes = kernel.runs[1:]
+        # One transaction: both replaced (add, delete), then both added with timeouts.
+        lines = ban_text.splitlines()
+        assert [line.split()[0] for line in lines] == [
+            "add",
+            "delete",
+            "add",
+            "delete",
+            "add",
+            "add",
+        ]
+        assert "blacklist_v4 { 198.51.100.7 timeout 300s " in lines[4]
+        assert "blacklist_v6 { 2001:db8:1:2:: timeout 300s " in lines[5]
+        assert pinholes.splitlines() == [
+            "add element inet sbc fw_media_pinholes { 20000, 20001 }",
+            "delete element inet sbc fw_media_pinholes { 20000, 20001 }",
+            "add element inet sbc fw_media_pinholes { 20002 }",
+        ]
+        rounds.close()
+
+    asyncio.run(main())
+
+
+def test_failed_rounds_release_their_waiters(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        kernel = GatedKernel()
+        rounds = FirewallRounds()
+        rounds.firewall = firewall(tmp_path, kernel)
+        kernel.fail = NftError("apply", "Error: Could not process rule: Device or resource busy")
+        await rounds.ban(guess(rounds.firewall, GUESSER, 5))
+        assert not rounds.banning(GUESSER)
+        await rounds.pinholes({20000}, open_=True)
+        # Not installed: the bans stay in the state file (a start restores them).
+        kernel.fail = NftError("apply", "Error: Could not process rule: No such file or directory")
+        await rounds.ban(guess(rounds.firewall, GUESSER_V6, 5))
+        assert rounds.rounds == 3 and kernel.runs == []
+        rounds.close()
+
+    with caplog.at_level(logging.WARNING, logger="sbc.firewall"):
+        asyncio.run(main())
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("1 bans not in the kernel" in m and "busy" in m for m in messages)
+    assert any(m.startswith("x firewall pinholes (1 changes)") for m in messages)
+    assert "x 1 bans in the state file only: table not installed" in messages
+
+
+def test_rounds_wait_while_paused_and_do_nothing_without_a_firewall(tmp_path: Path) -> None:
+    async def main() -> None:
+        kernel = GatedKernel()
+        rounds = FirewallRounds()
+        fw = firewall(tmp_path, kernel)
+        rounds.firewall, rounds.paused = fw, True
+        banned = rounds.ban(guess(fw, GUESSER, 5))
+        await asyncio.sleep(0.2)
+        assert not banned.done() and kernel.runs == [] and rounds.banning(GUESSER)
+        rounds.paused = False
+        await asyncio.wait_for(banned, 5)
+        assert len(kernel.runs) == 1
+        rounds.firewall = None  # stopped: queued work is released, nothing runs
+        await rounds.pinholes({20000}, open_=True)
+        assert len(kernel.runs) == 1
+        rounds.close()
+
+    asyncio.run(main())
+
+
+class SentResponses:
+    """Stands in for the transport layer: records the responses the node sends."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, str]] = []
+
+    def send_response_nowait(self, response: Any, flow: Flow) -> None:
+        self.sent.append((response.status, flow.remote_host))
+
+
+class Received:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def receive(self, *args: Any, **kwargs: Any) -> Output:
+        self.count += 1
+        return Output()
+
+
+def challenge(flow: Flow) -> Outgoing:
+    text = (
+        "SIP/2.0 401 Unauthorized\r\n"
+        f"Via: SIP/2.0/UDP {flow.remote_host}:{flow.remote_port};branch=z9hG4bK1\r\n"
+        "From: <sip:alice@sbc.invalid>;tag=1\r\nTo: <sip:alice@sbc.invalid>;tag=2\r\n"
+        "Call-ID: c1\r\nCSeq: 1 REGISTER\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+    return Outgoing(parse_message(text), text, flow)
+
+
+def test_the_answer_that_earns_a_ban_leaves_once_the_kernel_has_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 5th wrong password's 401 waits for its ban's round, so that the guesser's
+    next request meets the kernel's drop; meanwhile the node drops what the guesser
+    sends, and answers others at once."""
+    kernel = GatedKernel()
+    monkeypatch.setattr(app, "_started_firewall", lambda section: firewall(tmp_path, kernel))
+    guesser = Flow(Transport.UDP, "203.0.113.1", 5060, str(GUESSER), 5060)
+    phone = Flow(Transport.UDP, "203.0.113.1", 5060, "198.51.100.20", 5060)
+    failure = AuthFailure(str(GUESSER), "alice")
+
+    async def main() -> None:
+        node = SbcNode(load_config_text("firewall: {enabled: true}\n", "sbc.yaml", tmp_path))
+        await node._start_firewall(node.config)
+        sent = SentResponses()
+        node.transport = sent  # type: ignore[assignment]
+        received = Received()
+        monkeypatch.setattr(node.transactions, "receive", received.receive)
+        for _ in range(4):
+            node._execute(Step(Output((challenge(guesser),)), auth_failures=(failure,)), 0.0)
+        assert sent.sent == [(401, str(GUESSER))] * 4 and kernel.runs == []
+        kernel.gate.clear()
+        both = Output((challenge(guesser), challenge(phone)))
+        node._execute(Step(both, auth_failures=(failure,)), 0.0)
+        await wait_entered(kernel)
+        assert sent.sent[4:] == [(401, "198.51.100.20")]
+        assert node._firewall_bans == 1
+        request = parse_message(
+            b"REGISTER sip:sbc.invalid SIP/2.0\r\n"
+            b"Via: SIP/2.0/UDP 198.51.100.7:5060;branch=z9hG4bK2\r\n"
+            b"From: <sip:alice@sbc.invalid>;tag=1\r\nTo: <sip:alice@sbc.invalid>\r\n"
+            b"Call-ID: c2\r\nCSeq: 2 REGISTER\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+        )
+        node._on_message(request, guesser)
+        assert received.count == 0  # dropped: its ban is on the way
+        node._on_message(request, phone)
+        assert received.count == 1
+        kernel.gate.set()
+        for _ in range(100):
+            if len(sent.sent) == 6:
+                break
+            await asyncio.sleep(0.01)
+        assert sent.sent[5] == (401, str(GUESSER))
+        (ban_text,) = kernel.runs
+        assert "blacklist_v4 { 198.51.100.7 timeout 300s " in ban_text
+        assert not node._nft_rounds.banning(GUESSER)
+        node.transport = None
+        await node._stop_firewall()
+        node._nft_rounds.close()
+
+    asyncio.run(main())
