@@ -1,36 +1,44 @@
 """The kernel fast path: stateless nftables rewrites in the SBC's table.
 
-Every media object lives in table ``inet sbc`` under a ``media_`` name:
+Every media object lives in table ``inet sbc`` under a ``media_`` name, and no object
+is made per forward: a forward is a handful of elements in sets and maps, keyed by
+UDP 4-tuples (saddr . sport . daddr . dport). Every libnftables call fetches the
+objects it touches into its cache first; with chains and named counters per
+forward that made each call cost O(forwards) (53 ms to install one at 10,000),
+where adding elements stays well under a millisecond (docs/performance.md).
 
-- chain ``media_prerouting`` (filter, hook prerouting, priority raw): one dispatch rule
-  per address family looks the packet's (saddr . sport . daddr . dport) up in the
-  verdict map ``media_pre_v4`` / ``media_pre_v6`` and jumps (``goto``) to the
-  forward's own chain. A hash lookup, so the cost per packet does not grow with the
-  number of streams (one rule per stream made every packet walk them all: 400 streams
-  cost 4x rtpengine's CPU per packet). The key is the latched peer's exact source, so
-  strict source stays enforced in the kernel: a packet from anywhere else misses the
-  map and goes on to user space, which drops or re-latches it.
-- chain ``media_<forward>_pre``: marks the packet ``notrack`` (no conntrack entry),
-  counts it in the forward's named counter and rewrites the destination to the other
-  side's latched address. The kernel routes it on (``ip_forward=1``); user space never
-  sees it.
-- chain ``media_postrouting`` (filter, hook postrouting, priority srcnat): the same
-  dispatch on the rewritten tuple through ``media_post_v4`` / ``media_post_v6`` into
-  ``media_<forward>_post``, which rewrites the source to the SBC's port on the other
-  side. The source is rewritten after routing so the reverse-path and martian-source
+Per address family (``_v4`` / ``_v6``):
+
+- set ``media_fwd``: the latched tuple as it arrives (peer -> SBC port on the
+  receiving side), with a counter per element: the forward's packets and bytes. The
+  key is the latched peer's exact source, so strict source stays enforced in the
+  kernel: a packet from anywhere else misses it and goes on to user space, which
+  drops or re-latches it.
+- set ``media_mux``: the tuples of forwards whose port carries rtcp-mux. RTCP on
+  them (RFC 5761: second octet 192..223) is left to user space, which parses it for
+  quality figures; RTCP on its own port is always relayed in user space.
+- maps ``media_daddr`` (latched tuple -> the other side's peer address) and
+  ``media_dport`` (the tuple once the address is rewritten -> that peer's port),
+  used in chain ``media_prerouting`` (filter, hook prerouting, priority raw), which
+  also marks the packet ``notrack``. The kernel routes it on (``ip_forward=1``);
+  user space never sees it.
+- maps ``media_saddr`` (the rewritten tuple -> the SBC's address on the other
+  side) and ``media_sport`` (the tuple once that is rewritten -> the SBC's port),
+  used in chain ``media_postrouting`` (filter, hook postrouting, priority srcnat):
+  the source is rewritten after routing so the reverse-path and martian-source
   checks see the peer's real address.
-- counters ``media_<session>_<stream>_<direction>``: packets and bytes per direction.
 
-Values are plain addresses and ports set by payload statements; no map with
-concatenated values is needed (libnftables 1.0.6 cannot declare those in JSON, and a
-concatenation cannot be written to two header fields in one statement anyway).
-
-With rtcp-mux the forward's prerouting chain leaves RTCP (RFC 5761: second octet
-192..223) to user space, which parses it for quality figures; RTCP on its own port is
-always relayed in user space (a few packets per five seconds).
+A concatenation cannot be written to two header fields in one statement, so each
+chain rewrites in two statements, the second keyed by the tuple the first left.
+A lookup that misses ends the rule: a packet of no forward passes untouched. The
+second keys drop one field of the first (the receiving port, or the peer's
+address), so two forwards could in principle need the same second key with
+different values (one peer source reaching the SBC on the same port number of two
+of its addresses, forwarded to one address); `KernelMediaTable` refuses such a
+forward (KernelPathUnavailable) and its stream stays in user space.
 
 On stop the relay removes every ``media_`` object in one transaction, and the table
-with it when nothing else is left in it: the SBC owns ``inet sbc`` and ``nft list
+with it when nothing else is in it: the SBC owns ``inet sbc`` and ``nft list
 ruleset`` after a stop reads as before the start. When the firewall is on, its objects
 keep the table alive and the firewall removes it on its own stop (after the relay's).
 
@@ -46,7 +54,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sbc.media.values import Endpoint
+from sbc.media.values import Endpoint, IPAddress, ip_address
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +63,15 @@ TABLE = "sbc"
 PREFIX = "media_"
 PREROUTING = "media_prerouting"
 POSTROUTING = "media_postrouting"
-#: Verdict maps of the dispatch rules: (hook chain, family) -> map name.
-DISPATCH_MAPS = {
-    (PREROUTING, 4): "media_pre_v4",
-    (PREROUTING, 6): "media_pre_v6",
-    (POSTROUTING, 4): "media_post_v4",
-    (POSTROUTING, 6): "media_post_v6",
-}
+#: The sets and maps of each family; the name ends in _v4 or _v6.
+FWD = "media_fwd"
+MUX = "media_mux"
+DADDR = "media_daddr"
+DPORT = "media_dport"
+SADDR = "media_saddr"
+SPORT = "media_sport"
+#: Map name -> what its values are ("addr" or the port type).
+_MAPS = {DADDR: "addr", DPORT: "inet_service", SADDR: "addr", SPORT: "inet_service"}
 #: NF_IP_PRI_RAW: before conntrack, so `notrack` takes effect.
 PRIO_RAW = -300
 #: NF_IP_PRI_NAT_SRC.
@@ -96,38 +106,50 @@ class KernelForward:
         families2 = {e.family for e in (self.local_out, self.destination)}
         if len(families) != 1 or len(families2) != 1:
             raise ValueError(f"{self.name}: mixed address families on one side")
+        if families != families2:
+            raise ValueError(f"{self.name}: the kernel path cannot change address family")
 
-    @property
-    def pre_chain(self) -> str:
-        """The forward's chain behind the prerouting dispatch (destination rewrite)."""
-        return f"{self.name}_pre"
+    def elements(self) -> list[tuple[str, Key, Any]]:
+        """(set or map, key, value) of every element the forward needs; the value is
+        None for a set. Sets and maps are named without their family suffix."""
+        src, inp, out, dst = self.source, self.local_in, self.local_out, self.destination
+        latched = _key(src.address, src.port, inp.address, inp.port)
+        rewritten = _key(src.address, src.port, dst.address, dst.port)
+        result: list[tuple[str, Key, Any]] = [(FWD, latched, None)]
+        if self.spare_rtcp:
+            result.append((MUX, latched, None))
+        result += [
+            (DADDR, latched, str(dst.address)),
+            (DPORT, _key(src.address, src.port, dst.address, inp.port), dst.port),
+            (SADDR, rewritten, str(out.address)),
+            (SPORT, _key(out.address, src.port, dst.address, dst.port), out.port),
+        ]
+        return result
 
-    @property
-    def post_chain(self) -> str:
-        """The forward's chain behind the postrouting dispatch (source rewrite)."""
-        return f"{self.name}_post"
 
-    def pre_key(self) -> dict[str, Any]:
-        """The latched tuple as it arrives: peer -> SBC port on the receiving side."""
-        return _tuple(self.source, self.local_in)
-
-    def post_key(self) -> dict[str, Any]:
-        """The tuple after the prerouting rewrite: peer -> other side's peer."""
-        return _tuple(self.source, self.destination)
+#: A UDP 4-tuple as the sets and maps hold it: saddr, sport, daddr, dport.
+Key = tuple[str, int, str, int]
 
 
-def _tuple(source: Endpoint, destination: Endpoint) -> dict[str, Any]:
-    return {
-        "concat": [str(source.address), source.port, str(destination.address), destination.port]
-    }
+def _key(saddr: IPAddress, sport: int, daddr: IPAddress, dport: int) -> Key:
+    return (str(saddr), sport, str(daddr), dport)
+
+
+def _listed_key(value: Any) -> Key | None:
+    """A tuple as ``list set`` shows it (addresses in nftables' spelling)."""
+    try:
+        saddr, sport, daddr, dport = value["concat"]
+        return _key(ip_address(saddr), int(sport), ip_address(daddr), int(dport))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _family_name(name: str, family: int) -> str:
+    return f"{name}_v{family}"
 
 
 def _payload(protocol: str, field: str) -> dict[str, Any]:
     return {"payload": {"protocol": protocol, "field": field}}
-
-
-def _ip(endpoint: Endpoint) -> str:
-    return "ip" if endpoint.family == 4 else "ip6"
 
 
 def _match(left: dict[str, Any], right: Any, op: str = "==") -> dict[str, Any]:
@@ -142,31 +164,64 @@ def _obj(kind: str, **fields: Any) -> dict[str, Any]:
     return {kind: {"family": TABLE_FAMILY, "table": TABLE, **fields}}
 
 
-def _dispatch_rule(chain: str, family: int) -> dict[str, Any]:
-    """``ip saddr . udp sport . ip daddr . udp dport vmap @media_pre_v4`` and kin."""
+def _tuple(family: int) -> dict[str, Any]:
+    """The packet's ``saddr . sport . daddr . dport``."""
     ip = "ip" if family == 4 else "ip6"
-    key = [
-        _payload(ip, "saddr"),
-        _payload("udp", "sport"),
-        _payload(ip, "daddr"),
-        _payload("udp", "dport"),
-    ]
-    expr = [
+    fields = [(ip, "saddr"), ("udp", "sport"), (ip, "daddr"), ("udp", "dport")]
+    return {"concat": [_payload(protocol, field) for protocol, field in fields]}
+
+
+def _udp_of(family: int) -> list[dict[str, Any]]:
+    return [
         _match({"meta": {"key": "nfproto"}}, _NFPROTO[family]),
         _match({"meta": {"key": "l4proto"}}, "udp"),
-        {"vmap": {"key": {"concat": key}, "data": f"@{DISPATCH_MAPS[chain, family]}"}},
     ]
-    return _obj("rule", chain=chain, expr=expr)
+
+
+def _rewrite(family: int, protocol: str, field: str, name: str) -> dict[str, Any]:
+    """``<field> set <the packet's tuple> map @<name>``: a miss ends the rule."""
+    lookup = {"map": {"key": _tuple(family), "data": f"@{_family_name(name, family)}"}}
+    return _mangle(_payload(protocol, field), lookup)
+
+
+def render_rules(family: int) -> list[dict[str, Any]]:
+    """The media rules of one family: two in prerouting, one in postrouting."""
+    ip = "ip" if family == 4 else "ip6"
+    # Second octet of the UDP payload: bit offset 8*8 + 8 from the transport header.
+    octet = {"payload": {"base": "th", "offset": 72, "len": 8}}
+    spare_rtcp = [
+        *_udp_of(family),
+        _match(_tuple(family), f"@{_family_name(MUX, family)}"),
+        _match(octet, {"range": list(RTCP_MUX_RANGE)}),
+        {"accept": None},
+    ]
+    forward = [
+        *_udp_of(family),
+        _match(_tuple(family), f"@{_family_name(FWD, family)}"),  # counts the element
+        {"notrack": None},
+        _rewrite(family, ip, "daddr", DADDR),
+        _rewrite(family, "udp", "dport", DPORT),
+    ]
+    source = [
+        *_udp_of(family),
+        _rewrite(family, ip, "saddr", SADDR),
+        _rewrite(family, "udp", "sport", SPORT),
+    ]
+    return [
+        _obj("rule", chain=PREROUTING, expr=spare_rtcp),
+        _obj("rule", chain=PREROUTING, expr=forward),
+        _obj("rule", chain=POSTROUTING, expr=source),
+    ]
 
 
 def render_base() -> list[dict[str, Any]]:
-    """Commands that create the table (if missing), the media base chains, the dispatch
-    maps and the dispatch rules.
+    """Commands that create the table (if missing), the media base chains, the sets
+    and maps of both families, and the rules.
 
     ``add`` leaves existing objects alone and the base chains hold nothing but the
-    dispatch rules (flushed and added again in the same transaction), so this is
+    media rules (flushed and added again in the same transaction), so this is
     idempotent and never disturbs the firewall's part of the table nor the forwards
-    already installed (they live in the maps and their own chains).
+    already installed (they are elements).
     """
     commands: list[dict[str, Any]] = [
         {"add": {"table": {"family": TABLE_FAMILY, "name": TABLE}}},
@@ -191,89 +246,48 @@ def render_base() -> list[dict[str, Any]]:
             )
         },
     ]
-    for (_, family), name in DISPATCH_MAPS.items():
+    for family in (4, 6):
         address = _ADDRESS_TYPE[family]
         key_type = [address, "inet_service", address, "inet_service"]
-        commands.append({"add": _obj("map", name=name, type=key_type, map="verdict")})
+        counted = {"stmt": [{"counter": None}]}
+        commands.append(
+            {"add": _obj("set", name=_family_name(FWD, family), type=key_type, **counted)}
+        )
+        commands.append({"add": _obj("set", name=_family_name(MUX, family), type=key_type)})
+        for name, value in _MAPS.items():
+            value_type = address if value == "addr" else value
+            map_name = _family_name(name, family)
+            commands.append({"add": _obj("map", name=map_name, type=key_type, map=value_type)})
     for chain in (PREROUTING, POSTROUTING):
         commands.append({"flush": _obj("chain", name=chain)})
-        commands += [{"add": _dispatch_rule(chain, family)} for family in (4, 6)]
+    commands += [{"add": rule} for family in (4, 6) for rule in render_rules(family)]
     return commands
 
 
-def render_prerouting_rule(forward: KernelForward) -> dict[str, Any]:
-    """The rule of the forward's prerouting chain: the dispatch map matched the tuple."""
-    dst = _ip(forward.destination)
-    expr: list[dict[str, Any]] = []
-    if forward.spare_rtcp:
-        # Second octet of the UDP payload: bit offset 8*8 + 8 from the transport header.
-        octet = {"payload": {"base": "th", "offset": 72, "len": 8}}
-        expr.append(_match(octet, {"range": list(RTCP_MUX_RANGE)}, op="!="))
-    expr += [
-        {"notrack": None},
-        {"counter": forward.name},
-        _mangle(_payload(dst, "daddr"), str(forward.destination.address)),
-        _mangle(_payload("udp", "dport"), forward.destination.port),
-    ]
-    return _obj("rule", chain=forward.pre_chain, expr=expr)
-
-
-def render_postrouting_rule(forward: KernelForward) -> dict[str, Any]:
-    """The rule of the forward's postrouting chain: the source rewrite."""
-    src, dst = _ip(forward.source), _ip(forward.destination)
-    if src != dst:
-        raise ValueError(f"{forward.name}: the kernel path cannot change address family")
-    expr = [
-        _mangle(_payload(dst, "saddr"), str(forward.local_out.address)),
-        _mangle(_payload("udp", "sport"), forward.local_out.port),
-    ]
-    return _obj("rule", chain=forward.post_chain, expr=expr)
-
-
-def _element(chain: str, forward: KernelForward, with_verdict: bool) -> dict[str, Any]:
-    family = forward.source.family
-    if chain == PREROUTING:
-        key, target = forward.pre_key(), forward.pre_chain
-    else:
-        key, target = forward.post_key(), forward.post_chain
-    elem: Any = [key, {"goto": {"target": target}}] if with_verdict else key
-    return _obj("element", name=DISPATCH_MAPS[chain, family], elem=[elem])
+def _element_commands(verb: str, forwards: Iterable[KernelForward]) -> list[dict[str, Any]]:
+    """One ``add``/``delete element`` per set or map touched, all forwards in it."""
+    by_name: dict[str, list[Any]] = {}
+    for forward in forwards:
+        family = forward.source.family
+        for name, key, value in forward.elements():
+            concat = {"concat": list(key)}
+            elem = concat if value is None or verb == "delete" else [concat, value]
+            by_name.setdefault(_family_name(name, family), []).append(elem)
+    return [{verb: _obj("element", name=name, elem=elems)} for name, elems in by_name.items()]
 
 
 def render_install(forwards: Iterable[KernelForward]) -> list[dict[str, Any]]:
-    """Counter, both chains with their rule and both dispatch elements of every forward:
-    one transaction. The elements come last, so no packet reaches a half-built chain."""
-    commands: list[dict[str, Any]] = []
-    for forward in forwards:
-        commands += [
-            {"add": _obj("counter", name=forward.name)},
-            # Flushed before the rule goes in: installing a forward again replaces it.
-            {"add": _obj("chain", name=forward.pre_chain)},
-            {"flush": _obj("chain", name=forward.pre_chain)},
-            {"add": render_prerouting_rule(forward)},
-            {"add": _obj("chain", name=forward.post_chain)},
-            {"flush": _obj("chain", name=forward.post_chain)},
-            {"add": render_postrouting_rule(forward)},
-            {"add": _element(PREROUTING, forward, with_verdict=True)},
-            {"add": _element(POSTROUTING, forward, with_verdict=True)},
-        ]
+    """The elements of every forward, in one transaction. The set that the rule
+    matches first comes last, so no packet finds a half-made forward."""
+    commands = _element_commands("add", forwards)
+    commands.sort(key=lambda c: c["add"]["element"]["name"].startswith(FWD))
     return commands
 
 
 def render_remove(forwards: Iterable[KernelForward]) -> list[dict[str, Any]]:
-    """Delete the dispatch elements, then the chains, then the counters of the forwards
-    (in that order: an element holds its chain, a rule its counter)."""
-    commands: list[dict[str, Any]] = []
-    for forward in forwards:
-        commands += [
-            {"delete": _element(PREROUTING, forward, with_verdict=False)},
-            {"delete": _element(POSTROUTING, forward, with_verdict=False)},
-            {"flush": _obj("chain", name=forward.pre_chain)},
-            {"delete": _obj("chain", name=forward.pre_chain)},
-            {"flush": _obj("chain", name=forward.post_chain)},
-            {"delete": _obj("chain", name=forward.post_chain)},
-            {"delete": _obj("counter", name=forward.name)},
-        ]
+    """Delete the elements of the forwards (the set the rule matches first, first)."""
+    commands = _element_commands("delete", forwards)
+    commands.sort(key=lambda c: not c["delete"]["element"]["name"].startswith(FWD))
     return commands
 
 
@@ -397,6 +411,8 @@ class KernelMediaTable:
         self._nft.set_handle_output(True)
         # forward name -> the forward as installed (its keys name the map elements)
         self._forwards: dict[str, KernelForward] = {}
+        #: (set or map, family, key) -> the forward whose element it is.
+        self._owners: dict[tuple[str, int, Key], str] = {}
 
     def _run(self, commands: list[dict[str, Any]], echo: bool = False) -> Any:
         if not commands:
@@ -443,7 +459,7 @@ class KernelMediaTable:
             return 0  # no table: nothing stale
         objects = table_objects(items)
         self._run(render_remove_objects(objects))
-        self._forwards.clear()
+        self._forget_all()
         return sum(o.media for o in objects)
 
     def teardown(self) -> MediaTeardown:
@@ -457,12 +473,12 @@ class KernelMediaTable:
         """
         items = self._list_table()
         if items is None:
-            self._forwards.clear()
+            self._forget_all()
             return MediaTeardown(removed=0, kept=0, table_deleted=False)
         objects = table_objects(items)
         commands = render_teardown(objects)
         self._run(commands)
-        self._forwards.clear()
+        self._forget_all()
         removed = sum(o.media for o in objects)
         return MediaTeardown(
             removed=removed,
@@ -470,39 +486,72 @@ class KernelMediaTable:
             table_deleted=any("table" in c.get("delete", {}) for c in commands),
         )
 
+    def _forget_all(self) -> None:
+        self._forwards.clear()
+        self._owners.clear()
+
+    def _check(self, gone: Sequence[KernelForward], install: Sequence[KernelForward]) -> None:
+        """KernelPathUnavailable if an element of ``install`` would be another
+        forward's (after ``gone`` left): that forward stays in user space."""
+        gone_names = {f.name for f in gone}
+        claimed: dict[tuple[str, int, Key], str] = {}
+        for forward in install:
+            for name, key, _ in forward.elements():
+                slot = (name, forward.source.family, key)
+                owner = self._owners.get(slot)
+                if owner is None or owner in gone_names:
+                    owner = claimed.setdefault(slot, forward.name)
+                if owner != forward.name:
+                    raise KernelPathUnavailable(
+                        f"{forward.name}: {name} element {key} is {owner}'s"
+                    )
+
     def install(self, forwards: Sequence[KernelForward]) -> None:
-        """Add the forwards in one transaction (all or nothing)."""
-        self._run(render_install(forwards))
-        for forward in forwards:
-            self._forwards[forward.name] = forward
+        """Add the forwards in one transaction (all or nothing); one already
+        installed under the same name is replaced."""
+        self.apply([f.name for f in forwards if f.name in self._forwards], forwards)
 
     def apply(self, remove: Sequence[str], install: Sequence[KernelForward]) -> None:
         """Delete the named forwards, then add ``install``, in one transaction (all or
-        nothing): one libnftables call, one fetch of the table into its cache."""
-        gone = [self._forwards[n] for n in dict.fromkeys(remove) if n in self._forwards]
+        nothing): one libnftables call, one fetch of what it touches into its cache.
+        A forward in ``install`` whose name is installed and not in ``remove``
+        replaces it."""
+        names = dict.fromkeys([*remove, *(f.name for f in install)])
+        gone = [self._forwards[n] for n in names if n in self._forwards]
+        self._check(gone, install)
         commands = render_remove(gone) + render_install(install)
         if not commands:
             return
         self._run(commands)
         for forward in gone:
             del self._forwards[forward.name]
+            for name, key, _ in forward.elements():
+                self._owners.pop((name, forward.source.family, key), None)
         for forward in install:
             self._forwards[forward.name] = forward
+            for name, key, _ in forward.elements():
+                self._owners[name, forward.source.family, key] = forward.name
 
     def remove(self, names: Iterable[str]) -> None:
-        """Delete the named forwards (elements, chains, counters) in one transaction."""
-        forwards = [self._forwards[n] for n in dict.fromkeys(names) if n in self._forwards]
-        self._run(render_remove(forwards))
-        for forward in forwards:
-            del self._forwards[forward.name]
+        """Delete the named forwards' elements in one transaction."""
+        self.apply(list(names), [])
 
     def counters(self) -> dict[str, KernelCounter]:
-        """Packets and bytes of every media counter, read in one call."""
+        """Packets and bytes of every installed forward (its ``media_fwd`` element),
+        read in one listing per family that has forwards."""
         result: dict[str, KernelCounter] = {}
-        for item in self._list(f"list counters table {TABLE_FAMILY} {TABLE}"):
-            body = item.get("counter")
-            if body and body["name"].startswith(PREFIX):
-                result[body["name"]] = KernelCounter(body["packets"], body["bytes"])
+        for family in sorted({f.source.family for f in self._forwards.values()}):
+            name = _family_name(FWD, family)
+            for item in self._list(f"list set {TABLE_FAMILY} {TABLE} {name}"):
+                for element in (item.get("set") or {}).get("elem", []):
+                    body = element.get("elem") if isinstance(element, dict) else None
+                    if not body or "counter" not in body:
+                        continue
+                    key = _listed_key(body["val"])
+                    forward = None if key is None else self._owners.get((FWD, family, key))
+                    if forward is not None:
+                        counter = body["counter"]
+                        result[forward] = KernelCounter(counter["packets"], counter["bytes"])
         return result
 
     @property

@@ -366,7 +366,7 @@ class MediaRelay:
                 await self._poller
             self._poller = None
         if self._kernel is not None:
-            # The base chains and dispatch maps (and the table, when the firewall is off)
+            # The base chains, sets and maps (and the table, when the firewall is off)
             # go too: after a stop `nft list ruleset` reads as before the start. The path
             # is off first, so an install still in flight queues no removal behind this.
             kernel, self._kernel = self._kernel, None

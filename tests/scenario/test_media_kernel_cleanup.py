@@ -104,9 +104,8 @@ def test_close_without_firewall_removes_the_table(lab: Lab, family: int) -> None
     before = ruleset(lab)
     r = latched_call_then_close(lab, family)
     after = ruleset(lab)
-    # The forward was in the kernel: its rules, counters and dispatch elements.
-    assert len(r["during"]["rules"]) == 4 and len(r["during"]["counters"]) == 2
-    assert len(r["during"]["elements"]) == 4
+    # The forwards were in the kernel: a counted tuple and four rewrites each way.
+    assert len(r["during"]["forwards"]) == 2 and len(r["during"]["elements"]) == 10
     assert {PREROUTING, POSTROUTING} <= set(r["during"]["chains"])
     assert "table inet sbc" in r["during_text"]
     # Stopped: no table inet sbc, the ruleset as before the start.
@@ -128,7 +127,7 @@ def test_close_beside_the_firewall_removes_only_media_objects(lab: Lab, when: st
     before = ruleset(lab)
     r = latched_call_then_close(lab, 4, on_start=FIREWALL if when == "after" else "")
     after = ruleset(lab)
-    assert len(r["during"]["rules"]) == 4 and len(r["during"]["elements"]) == 4
+    assert len(r["during"]["forwards"]) == 2 and len(r["during"]["elements"]) == 10
     assert "chain fw_input" in r["during_text"] and media_lines(r["during_text"])
     # Only the media objects went: the chain with its rule and the set with its
     # element stay, exactly as the firewall made them.
@@ -201,8 +200,9 @@ def test_sbc_run_without_firewall_leaves_no_table_after_sigterm(lab: Lab, tmp_pa
     code = proc.wait(timeout=15)
     text = log.read_text()
     assert code == 0, text
-    assert "chain media_prerouting" in during and "map media_pre_v4" in during
-    assert "- kernel fast path off (6 media objects removed, table deleted)" in text
+    assert "chain media_prerouting" in during and "map media_daddr_v4" in during
+    # 2 chains, and per family a counted set, an rtcp-mux set and four maps.
+    assert "- kernel fast path off (14 media objects removed, table deleted)" in text
     assert ruleset(lab) == before
 
 
@@ -233,11 +233,10 @@ def test_removals_and_installs_of_a_round_are_one_transaction(lab: Lab) -> None:
         out = lab.run("sbc", sys.executable, "-c", APPLY).stdout
         assert json.loads(out) == ["media_s2_0_a", "media_s3_0_a"]
         text = ruleset(lab)
-        assert "counter media_s1_0_a" not in text and "chain media_s1_0_a_pre" not in text
-        for name in ("media_s2_0_a", "media_s3_0_a"):
-            assert f"counter {name} " in text and f"chain {name}_pre " in text
-        # The dispatch map holds the new source of s2 and none of the old one.
-        assert "198.51.100.10 . 5006 . 198.51.100.1 . 30000 : goto media_s2_0_a_pre" in text
+        # The counted set holds s3 and the new source of s2, not s1 nor s2's old one.
+        for port in (5004, 5006):
+            assert f"198.51.100.10 . {port} . 198.51.100.1 . 30000 counter packets 0" in text
+            assert f"198.51.100.10 . {port} . 198.51.100.1 . 30000 : 203.0.113.20" in text
         assert ". 5002 ." not in text and ". 5000 ." not in text
     finally:
         lab.run("sbc", "nft", "delete", "table", "inet", "sbc")

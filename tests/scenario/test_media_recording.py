@@ -97,7 +97,7 @@ def test_recorded_call_writes_pcap_and_wav_of_both_directions(
     assert (r["got_callee"], r["got_caller"]) == (PACKETS, PACKETS)
     # Recording keeps the stream in user space: no kernel rules, every packet seen.
     assert not r["stats"].streams[0].kernel and r["stats"].recording
-    assert r["during"]["rules"] == []
+    assert r["during"]["forwards"] == []
     assert r["stats"].streams[0].a.counters.packets == PACKETS
 
     finished: RecordingFinished = r["finished"]

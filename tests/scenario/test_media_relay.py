@@ -174,24 +174,22 @@ def run(lab: Lab, coro_fn: Any) -> Any:
 
 
 def nft_media_objects(lab: Lab) -> dict[str, list[Any]]:
-    """The per-forward media objects now in table inet sbc of the sbc namespace: rules
-    (the dispatch rules of the base chains left out), counters, chains and the
-    elements of the dispatch maps."""
+    """The media forwards now in table inet sbc of the sbc namespace: the elements of
+    the counted sets (one per forward, with its counter), every element of the media
+    sets and maps, and the media chains."""
     result = lab.run("sbc", "nft", "-j", "list", "table", "inet", "sbc", check=False)
-    found: dict[str, list[Any]] = {"rules": [], "counters": [], "chains": [], "elements": []}
+    found: dict[str, list[Any]] = {"forwards": [], "chains": [], "elements": []}
     if result.returncode != 0:
         return found
-    base_chains = (PREROUTING, POSTROUTING)
     for item in json.loads(result.stdout)["nftables"]:
-        if "rule" in item and item["rule"]["chain"].startswith("media_"):
-            if item["rule"]["chain"] not in base_chains:
-                found["rules"].append(item["rule"])
-        elif "counter" in item and item["counter"]["name"].startswith("media_"):
-            found["counters"].append(item["counter"])
-        elif "chain" in item and item["chain"]["name"].startswith("media_"):
+        if "chain" in item and item["chain"]["name"].startswith("media_"):
             found["chains"].append(item["chain"]["name"])
-        elif "map" in item and item["map"]["name"].startswith("media_"):
-            found["elements"] += item["map"].get("elem", [])
+        for kind in ("set", "map"):
+            body = item.get(kind)
+            if body and body["name"].startswith("media_"):
+                found["elements"] += body.get("elem", [])
+                if body["name"].startswith("media_fwd_"):
+                    found["forwards"] += body.get("elem", [])
     return found
 
 
@@ -300,11 +298,11 @@ def test_kernel_path_carries_the_stream_after_latching(lab: Lab, family: int) ->
     # Topology hiding holds on both paths: each peer only ever sees the SBC's port.
     assert {src for _, src in r["call"].callee.received} == {r["call"].b_local}
     assert {src for _, src in r["call"].caller.received} == {r["call"].a_local}
-    assert len(r["during"]["rules"]) == 4 and len(r["during"]["counters"]) == 2
-    # One element per direction in each of the prerouting and postrouting maps.
-    assert len(r["during"]["elements"]) == 4
-    assert r["after"]["rules"] == [] and r["after"]["counters"] == []
-    assert r["after"]["elements"] == [] and r["after"]["chains"] == [PREROUTING, POSTROUTING]
+    # One counted tuple per direction, and its four rewrite map entries.
+    assert len(r["during"]["forwards"]) == 2 and len(r["during"]["elements"]) == 10
+    assert all("counter" in f["elem"] for f in r["during"]["forwards"])
+    assert r["after"]["forwards"] == [] and r["after"]["elements"] == []
+    assert r["after"]["chains"] == [PREROUTING, POSTROUTING]
     assert r["final"].streams[0].a.counters.kernel_packets == BULK
     assert r["late"] == 0
     assert r["nxt"].streams[0].a.local.port != r["call"].a_local.port
@@ -549,7 +547,7 @@ def test_unprivileged_relay_falls_back_to_userspace(lab: Lab) -> None:
     assert "Operation not permitted" in status["reason"]
     assert got == (20, 20)  # both ways, all in user space
     assert log.count("kernel fast path unavailable") == 1
-    assert nft_media_objects(lab) == {"rules": [], "counters": [], "chains": [], "elements": []}
+    assert nft_media_objects(lab) == {"forwards": [], "chains": [], "elements": []}
 
 
 def test_crash_restart_leaves_no_stale_rules_and_takeover_reinstalls(lab: Lab) -> None:
@@ -595,14 +593,13 @@ def test_crash_restart_leaves_no_stale_rules_and_takeover_reinstalls(lab: Lab) -
         return locals()
 
     r = run(lab, restart)
-    assert len(stale["rules"]) == 4 and len(stale["counters"]) == 2  # the crash left them
-    assert r["after_start"]["rules"] == [] and r["after_start"]["counters"] == []
-    assert r["after_start"]["elements"] == []
-    assert len(r["reinstalled"]["rules"]) == 4 and len(r["reinstalled"]["elements"]) == 4
+    assert len(stale["forwards"]) == 2 and len(stale["elements"]) == 10  # the crash left them
+    assert r["after_start"]["forwards"] == [] and r["after_start"]["elements"] == []
+    assert len(r["reinstalled"]["forwards"]) == 2 and len(r["reinstalled"]["elements"]) == 10
     assert r["got"] == (50, 50)
     a = r["stats"].streams[0].a.counters
     assert a.kernel_packets == 50  # straight through the kernel, no re-latching
-    assert nft_media_objects(lab)["rules"] == []
+    assert nft_media_objects(lab)["forwards"] == []
 
 
 def test_rtcp_mux_dtmf_and_quality_through_the_kernel_path(lab: Lab) -> None:

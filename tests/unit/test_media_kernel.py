@@ -1,13 +1,20 @@
-"""Rendering of the kernel fast-path objects (pure; no nftables needed)."""
+"""Rendering of the kernel fast-path objects (pure), and `KernelMediaTable`'s
+bookkeeping over a recording binding (no nftables needed)."""
 
 from __future__ import annotations
+
+import json
+from typing import Any
 
 import pytest
 
 from sbc.media.kernel import (
     POSTROUTING,
     PREROUTING,
+    KernelCounter,
     KernelForward,
+    KernelMediaTable,
+    KernelPathUnavailable,
     render_base,
     render_install,
     render_remove,
@@ -21,21 +28,29 @@ FORWARD = KernelForward(
     local_out=Endpoint.of("203.0.113.1", 20002),
     destination=Endpoint.of("203.0.113.20", 5000),
 )
-
-
-def _obj(kind: str, **fields: object) -> dict[str, object]:
-    return {kind: {"family": "inet", "table": "sbc", **fields}}
+V4 = ["ipv4_addr", "inet_service", "ipv4_addr", "inet_service"]
+V6 = ["ipv6_addr", "inet_service", "ipv6_addr", "inet_service"]
 
 
 def _payload(protocol: str, field: str) -> dict[str, object]:
     return {"payload": {"protocol": protocol, "field": field}}
 
 
-def _mangle(protocol: str, field: str, value: object) -> dict[str, object]:
+def _tuple(ip: str) -> dict[str, object]:
+    fields = [(ip, "saddr"), ("udp", "sport"), (ip, "daddr"), ("udp", "dport")]
+    return {"concat": [_payload(p, f) for p, f in fields]}
+
+
+def _rewrite(protocol: str, field: str, ip: str, data: str) -> dict[str, object]:
+    value = {"map": {"key": _tuple(ip), "data": data}}
     return {"mangle": {"key": _payload(protocol, field), "value": value}}
 
 
-def test_base_adds_table_chains_maps_and_one_dispatch_rule_per_family() -> None:
+def _elements(commands: list[dict[str, Any]], verb: str = "add") -> dict[str, list[Any]]:
+    return {c[verb]["element"]["name"]: c[verb]["element"]["elem"] for c in commands}
+
+
+def test_base_adds_table_chains_sets_maps_and_three_rules_per_family() -> None:
     commands = render_base()
     assert commands[0] == {"add": {"table": {"family": "inet", "name": "sbc"}}}
     added = [next(iter(c["add"].items())) for c in commands if "add" in c]
@@ -44,160 +59,204 @@ def test_base_adds_table_chains_maps_and_one_dispatch_rule_per_family() -> None:
         ("media_prerouting", "prerouting", -300, "filter"),
         ("media_postrouting", "postrouting", 100, "filter"),
     ]
-    maps = [body for kind, body in added if kind == "map"]
-    v4 = ["ipv4_addr", "inet_service", "ipv4_addr", "inet_service"]
-    v6 = ["ipv6_addr", "inet_service", "ipv6_addr", "inet_service"]
-    assert [(m["name"], m["type"], m["map"]) for m in maps] == [
-        ("media_pre_v4", v4, "verdict"),
-        ("media_pre_v6", v6, "verdict"),
-        ("media_post_v4", v4, "verdict"),
-        ("media_post_v6", v6, "verdict"),
-    ]
-    # The base chains hold only the dispatch rules: flushed and refilled in the same
-    # transaction, so opening twice leaves one rule per family, not two.
+    sets = {b["name"]: b for kind, b in added if kind == "set"}
+    assert sets["media_fwd_v4"]["type"] == V4 and sets["media_mux_v6"]["type"] == V6
+    # Only the forwards' set counts: one counter per element, no named counters.
+    assert sets["media_fwd_v4"]["stmt"] == [{"counter": None}]
+    assert "stmt" not in sets["media_mux_v4"]
+    maps = {b["name"]: (b["type"], b["map"]) for kind, b in added if kind == "map"}
+    assert maps == {
+        "media_daddr_v4": (V4, "ipv4_addr"),
+        "media_dport_v4": (V4, "inet_service"),
+        "media_saddr_v4": (V4, "ipv4_addr"),
+        "media_sport_v4": (V4, "inet_service"),
+        "media_daddr_v6": (V6, "ipv6_addr"),
+        "media_dport_v6": (V6, "inet_service"),
+        "media_saddr_v6": (V6, "ipv6_addr"),
+        "media_sport_v6": (V6, "inet_service"),
+    }
+    # The base chains hold only the media rules: flushed and refilled in the same
+    # transaction, so opening twice leaves three rules per family, not six.
+    flushed = [c["flush"]["chain"]["name"] for c in commands if "flush" in c]
+    assert flushed == [PREROUTING, POSTROUTING]
     rules = [body for kind, body in added if kind == "rule"]
-    assert [(r["chain"], r["expr"][-1]["vmap"]["data"]) for r in rules] == [
-        (PREROUTING, "@media_pre_v4"),
-        (PREROUTING, "@media_pre_v6"),
-        (POSTROUTING, "@media_post_v4"),
-        (POSTROUTING, "@media_post_v6"),
-    ]
-    flushes = [c["flush"]["chain"]["name"] for c in commands if "flush" in c]
-    assert flushes == [PREROUTING, POSTROUTING]
-    # Never a flush or delete of the table, never another table.
-    assert all(list(c) in (["add"], ["flush"]) for c in commands)
-    bodies = [body for c in commands[1:] for verb in c.values() for body in verb.values()]
-    assert {(b["family"], b["table"]) for b in bodies} == {("inet", "sbc")}
+    assert [r["chain"] for r in rules] == [PREROUTING, PREROUTING, POSTROUTING] * 2
+    assert all(not any("counter" in e for e in r["expr"]) for r in rules)
+    assert not any(kind == "counter" for kind, _ in added)
 
 
-def test_dispatch_rule_looks_up_the_full_latched_tuple() -> None:
-    rule = next(
-        c["add"]["rule"] for c in render_base() if "rule" in c.get("add", {})
-    )  # prerouting, IPv4
-    assert rule["expr"] == [
+def test_prerouting_counts_the_latched_tuple_then_rewrites_the_destination() -> None:
+    rules = [c["add"]["rule"] for c in render_base() if "rule" in c.get("add", {})]
+    spare, forward, source = rules[:3]
+    udp_v4 = [
         {"match": {"op": "==", "left": {"meta": {"key": "nfproto"}}, "right": "ipv4"}},
         {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "udp"}},
+    ]
+    # RTCP on an rtcp-mux port (second octet 192..223) goes on to user space.
+    assert spare["expr"] == [
+        *udp_v4,
+        {"match": {"op": "==", "left": _tuple("ip"), "right": "@media_mux_v4"}},
         {
-            "vmap": {
-                "key": {
-                    "concat": [
-                        _payload("ip", "saddr"),
-                        _payload("udp", "sport"),
-                        _payload("ip", "daddr"),
-                        _payload("udp", "dport"),
-                    ]
-                },
-                "data": "@media_pre_v4",
+            "match": {
+                "op": "==",
+                "left": {"payload": {"base": "th", "offset": 72, "len": 8}},
+                "right": {"range": [192, 223]},
             }
         },
+        {"accept": None},
     ]
-
-
-def test_install_renders_counter_chains_then_dispatch_elements() -> None:
-    commands = render_install([FORWARD])
-    assert [(verb, kind) for c in commands for verb, body in c.items() for kind in body] == [
-        ("add", "counter"),
-        ("add", "chain"),
-        ("flush", "chain"),
-        ("add", "rule"),
-        ("add", "chain"),
-        ("flush", "chain"),
-        ("add", "rule"),
-        ("add", "element"),
-        ("add", "element"),
-    ]
-    counter, pre_chain, _, pre, post_chain, _, post, pre_elem, post_elem = (
-        next(iter(c.values()))[next(iter(next(iter(c.values()))))] for c in commands
-    )
-    assert counter == {"family": "inet", "table": "sbc", "name": FORWARD.name}
-    assert pre_chain["name"] == pre["chain"] == "media_0123456789ab_0_a_pre"
-    assert post_chain["name"] == post["chain"] == "media_0123456789ab_0_a_post"
-    # Regular chains: reached only through the dispatch maps.
-    assert "hook" not in pre_chain and "hook" not in post_chain
-    assert pre["expr"] == [
+    # The exact latched source, or nothing: strict source in the kernel.
+    assert forward["expr"] == [
+        *udp_v4,
+        {"match": {"op": "==", "left": _tuple("ip"), "right": "@media_fwd_v4"}},
         {"notrack": None},
-        {"counter": FORWARD.name},
-        _mangle("ip", "daddr", "203.0.113.20"),
-        _mangle("udp", "dport", 5000),
+        _rewrite("ip", "daddr", "ip", "@media_daddr_v4"),
+        _rewrite("udp", "dport", "ip", "@media_dport_v4"),
     ]
-    assert post["expr"] == [_mangle("ip", "saddr", "203.0.113.1"), _mangle("udp", "sport", 20002)]
-    # Strict source: the key is the latched peer's exact address and port.
-    assert pre_elem == {
-        "family": "inet",
-        "table": "sbc",
-        "name": "media_pre_v4",
-        "elem": [
-            [
-                {"concat": ["198.51.100.10", 34000, "198.51.100.1", 20000]},
-                {"goto": {"target": "media_0123456789ab_0_a_pre"}},
-            ]
+    assert source["expr"] == [
+        *udp_v4,
+        _rewrite("ip", "saddr", "ip", "@media_saddr_v4"),
+        _rewrite("udp", "sport", "ip", "@media_sport_v4"),
+    ]
+    v6 = [c["add"]["rule"] for c in render_base() if "rule" in c.get("add", {})][3:]
+    assert v6[1]["expr"][-1] == _rewrite("udp", "dport", "ip6", "@media_dport_v6")
+    assert v6[2]["expr"][-2] == _rewrite("ip6", "saddr", "ip6", "@media_saddr_v6")
+
+
+def test_install_keys_each_rewrite_by_the_tuple_the_one_before_left() -> None:
+    commands = render_install([FORWARD])
+    latched = {"concat": ["198.51.100.10", 34000, "198.51.100.1", 20000]}
+    assert _elements(commands) == {
+        # peer -> SBC port: to the other peer's address ...
+        "media_daddr_v4": [[latched, "203.0.113.20"]],
+        # ... then, with that address, to its port.
+        "media_dport_v4": [[{"concat": ["198.51.100.10", 34000, "203.0.113.20", 20000]}, 5000]],
+        # After routing: the SBC's address on the other side ...
+        "media_saddr_v4": [
+            [{"concat": ["198.51.100.10", 34000, "203.0.113.20", 5000]}, "203.0.113.1"]
         ],
+        # ... then its port.
+        "media_sport_v4": [[{"concat": ["203.0.113.1", 34000, "203.0.113.20", 5000]}, 20002]],
+        "media_fwd_v4": [latched],
     }
-    # After the prerouting rewrite the packet runs peer -> other peer.
-    assert post_elem["name"] == "media_post_v4"
-    assert post_elem["elem"] == [
-        [
-            {"concat": ["198.51.100.10", 34000, "203.0.113.20", 5000]},
-            {"goto": {"target": "media_0123456789ab_0_a_post"}},
-        ]
-    ]
+    # The set the prerouting rule matches first is filled last: no packet finds a
+    # half-made forward.
+    assert commands[-1]["add"]["element"]["name"] == "media_fwd_v4"
 
 
-def test_rtcp_mux_leaves_rtcp_to_user_space() -> None:
+def test_rtcp_mux_puts_the_tuple_in_the_mux_set() -> None:
     forward = KernelForward(**{**FORWARD.__dict__, "spare_rtcp": True})
-    pre = render_install([forward])[3]["add"]["rule"]
-    assert pre["expr"][0] == {
-        "match": {
-            "op": "!=",
-            "left": {"payload": {"base": "th", "offset": 72, "len": 8}},
-            "right": {"range": [192, 223]},
-        }
-    }
-    assert pre["expr"][1:3] == [{"notrack": None}, {"counter": forward.name}]
+    elements = _elements(render_install([forward]))
+    assert elements["media_mux_v4"] == elements["media_fwd_v4"]
+    assert "media_mux_v4" not in _elements(render_install([FORWARD]))
 
 
-def test_ipv6_uses_ip6_payloads_and_v6_maps() -> None:
-    forward = KernelForward(
+def test_forwards_share_one_command_per_set_and_ipv6_goes_to_v6() -> None:
+    other = KernelForward(
         "media_x_0_b",
         Endpoint.of("2001:db8:2::20", 5000),
         Endpoint.of("2001:db8:2::1", 20002),
         Endpoint.of("2001:db8:1::1", 20000),
         Endpoint.of("2001:db8:1::10", 34000),
     )
-    commands = render_install([forward])
-    pre, post = commands[3]["add"]["rule"], commands[6]["add"]["rule"]
-    assert pre["expr"][-2] == _mangle("ip6", "daddr", "2001:db8:1::10")
-    assert post["expr"][0] == _mangle("ip6", "saddr", "2001:db8:1::1")
-    pre_elem, post_elem = commands[7]["add"]["element"], commands[8]["add"]["element"]
-    assert pre_elem["name"] == "media_pre_v6"
-    assert pre_elem["elem"][0][0] == {"concat": ["2001:db8:2::20", 5000, "2001:db8:2::1", 20002]}
-    assert post_elem["name"] == "media_post_v6"
-    assert post_elem["elem"][0][0] == {"concat": ["2001:db8:2::20", 5000, "2001:db8:1::10", 34000]}
+    second = KernelForward(**{**FORWARD.__dict__, "name": "media_y_0_a"})
+    elements = _elements(render_install([FORWARD, other, second]))
+    assert len(elements["media_fwd_v4"]) == 2
+    assert elements["media_fwd_v6"] == [
+        {"concat": ["2001:db8:2::20", 5000, "2001:db8:2::1", 20002]}
+    ]
+    assert elements["media_saddr_v6"] == [
+        [{"concat": ["2001:db8:2::20", 5000, "2001:db8:1::10", 34000]}, "2001:db8:1::1"]
+    ]
 
 
 def test_names_must_be_media_prefixed_and_families_consistent() -> None:
+    ends = (FORWARD.source, FORWARD.local_in, FORWARD.local_out, FORWARD.destination)
     with pytest.raises(ValueError, match="lacks the 'media_' prefix"):
-        KernelForward(
-            "fw_x", *(FORWARD.source, FORWARD.local_in, FORWARD.local_out, FORWARD.destination)
-        )
+        KernelForward("fw_x", *ends)
     with pytest.raises(ValueError, match="mixed address families"):
+        KernelForward("media_x", Endpoint.of("2001:db8::1", 1), *ends[1:])
+    with pytest.raises(ValueError, match="cannot change address family"):
         KernelForward(
             "media_x",
+            *ends[:2],
             Endpoint.of("2001:db8::1", 1),
-            FORWARD.local_in,
-            FORWARD.local_out,
-            FORWARD.destination,
+            Endpoint.of("2001:db8::2", 2),
         )
 
 
-def test_remove_deletes_elements_then_chains_then_the_counter() -> None:
-    assert render_remove([FORWARD]) == [
-        {"delete": _obj("element", name="media_pre_v4", elem=[FORWARD.pre_key()])},
-        {"delete": _obj("element", name="media_post_v4", elem=[FORWARD.post_key()])},
-        {"flush": _obj("chain", name="media_0123456789ab_0_a_pre")},
-        {"delete": _obj("chain", name="media_0123456789ab_0_a_pre")},
-        {"flush": _obj("chain", name="media_0123456789ab_0_a_post")},
-        {"delete": _obj("chain", name="media_0123456789ab_0_a_post")},
-        {"delete": _obj("counter", name=FORWARD.name)},
+def test_remove_deletes_the_counted_tuple_first_keys_only() -> None:
+    commands = render_remove([FORWARD])
+    assert commands[0]["delete"]["element"]["name"] == "media_fwd_v4"
+    deleted = _elements(commands, "delete")
+    assert deleted["media_daddr_v4"] == [
+        {"concat": ["198.51.100.10", 34000, "198.51.100.1", 20000]}
     ]
-    assert FORWARD.pre_key() == {"concat": ["198.51.100.10", 34000, "198.51.100.1", 20000]}
+    assert sorted(deleted) == sorted(_elements(render_install([FORWARD])))
+
+
+class RecordingBinding:
+    """Stands in for libnftables: records JSON batches, answers `list set`."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[dict[str, Any]]] = []
+        self.listed: list[str] = []
+        self.sets: dict[str, list[Any]] = {}
+
+    def set_json_output(self, value: bool) -> None: ...
+    def set_echo_output(self, value: bool) -> None: ...
+    def set_handle_output(self, value: bool) -> None: ...
+
+    def json_cmd(self, json_root: dict[str, Any]) -> tuple[int, Any, str]:
+        self.batches.append(json_root["nftables"])
+        return 0, None, ""
+
+    def cmd(self, cmdline: str) -> tuple[int, str, str]:
+        self.listed.append(cmdline)
+        name = cmdline.split()[-1]
+        body = {"family": "inet", "table": "sbc", "name": name, "elem": self.sets.get(name, [])}
+        return 0, json.dumps({"nftables": [{"metainfo": {}}, {"set": body}]}), ""
+
+
+def _forward(name: str, port: int, local_in: str = "198.51.100.1") -> KernelForward:
+    return KernelForward(
+        name,
+        Endpoint.of("198.51.100.10", port),
+        Endpoint.of(local_in, 20000),
+        Endpoint.of("203.0.113.1", 20002),
+        Endpoint.of("203.0.113.20", 5000),
+    )
+
+
+def test_a_forward_needing_another_forwards_element_is_refused() -> None:
+    """Second keys drop one field: one peer source reaching two SBC addresses on the
+    same port, forwarded to one address, would share the port rewrite."""
+    nft = RecordingBinding()
+    table = KernelMediaTable(nft)
+    table.install([_forward("media_s1_0_a", 34000)])
+    with pytest.raises(KernelPathUnavailable, match=r"media_dport element .* is media_s1_0_a.s"):
+        table.install([_forward("media_s2_0_a", 34000, local_in="198.51.100.2")])
+    assert len(nft.batches) == 1 and table.installed == {"media_s1_0_a"}
+    # Once the first is gone (in the same transaction too) the second fits.
+    table.apply(["media_s1_0_a"], [_forward("media_s2_0_a", 34000, local_in="198.51.100.2")])
+    assert table.installed == {"media_s2_0_a"}
+    # Installing a name again replaces it: its old elements go in the same batch.
+    table.install([_forward("media_s2_0_a", 34002, local_in="198.51.100.2")])
+    verbs = [next(iter(c)) for c in nft.batches[-1]]
+    assert verbs == ["delete"] * 5 + ["add"] * 5
+
+
+def test_counters_come_from_the_counted_set_by_latched_tuple() -> None:
+    nft = RecordingBinding()
+    table = KernelMediaTable(nft)
+    assert table.counters() == {} and nft.listed == []  # nothing installed: no listing
+    table.install([_forward("media_s1_0_a", 34000), _forward("media_s2_0_a", 34002)])
+    nft.sets["media_fwd_v4"] = [
+        {"elem": {"val": {"concat": ["198.51.100.10", 34000, "198.51.100.1", 20000]},
+                  "counter": {"packets": 7, "bytes": 1400}}},
+        # Someone else's element (a previous run's, say): not a forward of ours.
+        {"elem": {"val": {"concat": ["198.51.100.99", 1, "198.51.100.1", 20000]},
+                  "counter": {"packets": 1, "bytes": 1}}},
+    ]  # fmt: skip
+    assert table.counters() == {"media_s1_0_a": KernelCounter(7, 1400)}
+    assert nft.listed == ["list set inet sbc media_fwd_v4"]
