@@ -320,7 +320,6 @@ class SbcNode:
         self._stopping = False
         self.stopped = asyncio.Event()
         self.firewall: Firewall | None = None
-        self._firewall_busy = False
         self._firewall_bans = 0
         self._firewall_task: asyncio.Task[None] | None = None
 
@@ -631,6 +630,7 @@ class SbcNode:
                 exc,
             )
             return
+        self._nft_rounds.forget_pinholes()
         self.firewall = self._nft_rounds.firewall = firewall
         self._count_bans()
         self._firewall_task = loop.create_task(self._run_firewall(), name="sbc-firewall-flush")
@@ -660,22 +660,20 @@ class SbcNode:
         if not section.enabled:
             await self._stop_firewall()
             return
-        # libnftables contexts are not thread-safe: while the executor reloads, the
-        # loop feeds no events and touches no pinholes.
-        self._firewall_busy = self._nft_rounds.paused = True
+        # The detectors go on; the new ruleset goes in on the firewall's thread,
+        # between two rounds of bans and pinholes.
         try:
-            await asyncio.get_running_loop().run_in_executor(None, self.firewall.reload, section)
+            restore = self.firewall.reconfigure(section)
+            await self._nft_rounds.exclusive(self.firewall.apply_ruleset, restore)
         except (NftError, OSError, ValueError) as exc:
             logger.error("x firewall reload failed, the kernel keeps the previous rules: %s", exc)
-        finally:
-            self._firewall_busy = self._nft_rounds.paused = False
 
     async def _run_firewall(self) -> None:
         """Persist new bans about once a second (the kernel has them at once)."""
         while True:
             await asyncio.sleep(FIREWALL_FLUSH_INTERVAL)
             firewall = self.firewall
-            if firewall is None or self._firewall_busy:
+            if firewall is None:
                 continue
             try:
                 firewall.flush()
@@ -698,7 +696,7 @@ class SbcNode:
         (it gets no answer; what follows is dropped, here until the kernel has
         the ban, then in the kernel)."""
         firewall = self.firewall
-        if firewall is None or self._firewall_busy:
+        if firewall is None:
             return False
         source = _source_address(flow)
         if source is None:
@@ -711,7 +709,7 @@ class SbcNode:
         """Feed digest failures to the detectors; the round that puts the bans
         they earn in the kernel, if any."""
         firewall = self.firewall
-        if firewall is None or self._firewall_busy:
+        if firewall is None:
             return None
         banned: asyncio.Future[None] | None = None
         for failure in failures:
@@ -726,7 +724,7 @@ class SbcNode:
 
     def _on_parse_error(self, error: ParseError, flow: Flow) -> None:
         firewall = self.firewall
-        if firewall is None or self._firewall_busy:
+        if firewall is None:
             return
         source = _source_address(flow)
         if source is not None:
@@ -756,7 +754,7 @@ class SbcNode:
         returns when its round is done."""
         if self.firewall is None:
             return
-        await self._nft_rounds.pinholes(_session_ports(session), open_=open_)
+        await self._nft_rounds.pinholes(session.session_id, _session_ports(session), open_=open_)
 
     # -- signalling ---------------------------------------------------------------------
 

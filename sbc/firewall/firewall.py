@@ -91,6 +91,12 @@ class Firewall:
 
     def reload(self, config: FirewallConfig) -> None:
         """Replace rules, meters and trusted sets; bans and pinholes stay."""
+        self.apply_ruleset(self.reconfigure(config))
+
+    def reconfigure(self, config: FirewallConfig) -> list[Ban]:
+        """The userspace half of a reload: the new detectors and blacklist policy
+        (counts kept), the pending bans saved. Returns the bans to restore, for
+        `apply_ruleset`; the detectors may go on deciding in between."""
         self.config = config
         self.blacklist.flush()
         self.blacklist = self._blacklist(config)
@@ -98,7 +104,12 @@ class Firewall:
         self.guard = Guard(config.detectors, config.trusted, config.ipv6_prefix_length)
         self.guard.decisions = previous.decisions
         self.guard.trusted_events = previous.trusted_events
-        self._apply(self.blacklist.restorable())
+        return self.blacklist.restorable()
+
+    def apply_ruleset(self, restore: Iterable[Ban]) -> None:
+        """The kernel half of a reload (blocks on netlink): the ruleset of the
+        current configuration, with `restore` in the blacklist sets."""
+        self._apply(restore)
         log.info("- firewall reloaded")
 
     def stop(self) -> None:

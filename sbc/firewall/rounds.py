@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from sbc.firewall.bans import Ban, BanTarget, IPAddress, ban_target
 from sbc.firewall.firewall import Firewall, pinhole_commands
@@ -26,8 +27,7 @@ from sbc.firewall.nft import NftError
 
 log = logging.getLogger(__name__)
 
-#: How often a round waiting for a paused firewall (a reload) looks again.
-PAUSE_POLL = 0.05
+T = TypeVar("T")
 
 
 @dataclass
@@ -40,19 +40,20 @@ class _Waiting:
 class FirewallRounds:
     """Bans and pinholes of one `Firewall`, applied on a worker thread.
 
-    `firewall` is None while the SBC runs without one (nothing to do then);
-    `paused` is set while something else uses the firewall's libnftables context
-    from another thread (a reload): rounds wait for it.
+    `firewall` is None while the SBC runs without one (nothing to do then).
+    Other kernel work of the firewall while it runs (a reload) goes through
+    `exclusive`, on the same thread, so it never interleaves with a round.
     """
 
     def __init__(self) -> None:
         self.firewall: Firewall | None = None
-        self.paused = False
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sbc-nft")
         self._waiting = _Waiting()
         self._task: asyncio.Task[None] | None = None
         #: Targets decided but not yet in the kernel, with how many rounds carry them.
         self._banning: dict[BanTarget, int] = {}
+        #: Open media ports -> the sessions holding them.
+        self._holders: dict[int, set[str]] = {}
         self._ipv6_prefix = 64
         self.rounds = 0
 
@@ -69,11 +70,42 @@ class FirewallRounds:
             self._ipv6_prefix = self.firewall.config.ipv6_prefix_length
         return done
 
-    async def pinholes(self, ports: set[int], *, open_: bool) -> None:
-        """Open (or close) media ports; returns when their round is done."""
+    async def pinholes(self, holder: str, ports: set[int], *, open_: bool) -> None:
+        """Open (or close) media ports for `holder` (a media session); returns when
+        their round is done.
+
+        A pinhole is a port number, and the relay's addresses (one per realm)
+        each have their own ports: two sessions can hold one number at once. A
+        port opens when its first holder comes and closes when its last goes."""
+        changed: set[int] = set()
+        for port in ports:
+            holders = self._holders.get(port)
+            if open_:
+                if holders is None:
+                    holders = self._holders[port] = set()
+                if not holders:
+                    changed.add(port)
+                holders.add(holder)
+            elif holders is None:
+                changed.add(port)  # held by nobody we know: closing it harms none
+            else:
+                holders.discard(holder)
+                if not holders:
+                    del self._holders[port]
+                    changed.add(port)
+        if not changed:
+            return
         done = self._queue()
-        self._waiting.pinholes.append((open_, ports))
+        self._waiting.pinholes.append((open_, changed))
         await done
+
+    def forget_pinholes(self) -> None:
+        """A new ruleset starts with every media port closed."""
+        self._holders.clear()
+
+    async def exclusive(self, work: Callable[..., T], *args: Any) -> T:
+        """Run blocking kernel work on the rounds' thread, between rounds."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, work, *args)
 
     def banning(self, address: IPAddress) -> bool:
         """True while a ban covering `address` is on its way to the kernel."""
@@ -107,8 +139,6 @@ class FirewallRounds:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while self._waiting.done:
-            while self.paused:
-                await asyncio.sleep(PAUSE_POLL)
             batch, self._waiting = self._waiting, _Waiting()
             try:
                 await loop.run_in_executor(self._thread, self._apply, self.firewall, batch)

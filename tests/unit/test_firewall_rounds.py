@@ -99,13 +99,13 @@ def test_waiting_bans_and_pinholes_share_the_next_round(tmp_path: Path) -> None:
         rounds = FirewallRounds()
         rounds.firewall = firewall(tmp_path, kernel)
         kernel.gate.clear()
-        first = asyncio.ensure_future(rounds.pinholes({20000, 20001}, open_=True))
+        first = asyncio.ensure_future(rounds.pinholes("s1", {20000, 20001}, open_=True))
         await wait_entered(kernel)  # round 1 is on the thread, held by the gate
         bans = guess(rounds.firewall, GUESSER, 5) + guess(rounds.firewall, GUESSER_V6, 5)
         assert len(bans) == 2
         banned = rounds.ban(bans)
-        closing = asyncio.ensure_future(rounds.pinholes({20000, 20001}, open_=False))
-        opening = asyncio.ensure_future(rounds.pinholes({20002}, open_=True))
+        closing = asyncio.ensure_future(rounds.pinholes("s1", {20000, 20001}, open_=False))
+        opening = asyncio.ensure_future(rounds.pinholes("s2", {20002}, open_=True))
         await asyncio.sleep(0.01)
         # Decided, not yet in the kernel: the source and its whole /64 are banning.
         assert rounds.banning_any
@@ -140,6 +140,36 @@ def test_waiting_bans_and_pinholes_share_the_next_round(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+def test_a_port_number_held_by_two_sessions_closes_with_the_last(tmp_path: Path) -> None:
+    """Each relay address (one per realm) has its own ports: port 20000 on one and
+    on the other can be two live sessions' at once, and one pinhole serves both."""
+
+    async def main() -> None:
+        kernel = GatedKernel()
+        rounds = FirewallRounds()
+        rounds.firewall = firewall(tmp_path, kernel)
+        await rounds.pinholes("s1", {20000, 20001}, open_=True)
+        await rounds.pinholes("s2", {20000, 20002}, open_=True)
+        await rounds.pinholes("s2", {20000, 20002}, open_=True)  # a re-offer: no change
+        await rounds.pinholes("s1", {20000, 20001}, open_=False)
+        await rounds.pinholes("s2", {20000, 20002}, open_=False)
+        await rounds.pinholes("s3", {20009}, open_=False)  # unknown: closed anyway
+        assert kernel.runs == [
+            "add element inet sbc fw_media_pinholes { 20000, 20001 }",
+            "add element inet sbc fw_media_pinholes { 20002 }",
+            "add element inet sbc fw_media_pinholes { 20001 }\n"
+            "delete element inet sbc fw_media_pinholes { 20001 }",
+            "add element inet sbc fw_media_pinholes { 20000, 20002 }\n"
+            "delete element inet sbc fw_media_pinholes { 20000, 20002 }",
+            "add element inet sbc fw_media_pinholes { 20009 }\n"
+            "delete element inet sbc fw_media_pinholes { 20009 }",
+        ]
+        assert rounds.rounds == 5
+        rounds.close()
+
+    asyncio.run(main())
+
+
 def test_failed_rounds_release_their_waiters(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -150,7 +180,7 @@ def test_failed_rounds_release_their_waiters(
         kernel.fail = NftError("apply", "Error: Could not process rule: Device or resource busy")
         await rounds.ban(guess(rounds.firewall, GUESSER, 5))
         assert not rounds.banning(GUESSER)
-        await rounds.pinholes({20000}, open_=True)
+        await rounds.pinholes("s1", {20000}, open_=True)
         # Not installed: the bans stay in the state file (a start restores them).
         kernel.fail = NftError("apply", "Error: Could not process rule: No such file or directory")
         await rounds.ban(guess(rounds.firewall, GUESSER_V6, 5))
@@ -165,21 +195,27 @@ def test_failed_rounds_release_their_waiters(
     assert "x 1 bans in the state file only: table not installed" in messages
 
 
-def test_rounds_wait_while_paused_and_do_nothing_without_a_firewall(tmp_path: Path) -> None:
+def test_exclusive_work_runs_between_rounds_and_none_without_a_firewall(
+    tmp_path: Path,
+) -> None:
     async def main() -> None:
         kernel = GatedKernel()
         rounds = FirewallRounds()
         fw = firewall(tmp_path, kernel)
-        rounds.firewall, rounds.paused = fw, True
+        rounds.firewall = fw
+        kernel.gate.clear()
+        # A reload's ruleset on the rounds' thread: the detectors go on meanwhile.
+        reload = asyncio.ensure_future(rounds.exclusive(kernel.run, "the new ruleset"))
+        await wait_entered(kernel)
         banned = rounds.ban(guess(fw, GUESSER, 5))
         await asyncio.sleep(0.2)
-        assert not banned.done() and kernel.runs == [] and rounds.banning(GUESSER)
-        rounds.paused = False
-        await asyncio.wait_for(banned, 5)
-        assert len(kernel.runs) == 1
+        assert not banned.done() and rounds.banning(GUESSER)
+        kernel.gate.set()
+        await asyncio.wait_for(asyncio.gather(reload, banned), 5)
+        assert kernel.runs[0] == "the new ruleset" and "blacklist_v4" in kernel.runs[1]
         rounds.firewall = None  # stopped: queued work is released, nothing runs
-        await rounds.pinholes({20000}, open_=True)
-        assert len(kernel.runs) == 1
+        await rounds.pinholes("s1", {20000}, open_=True)
+        assert len(kernel.runs) == 2
         rounds.close()
 
     asyncio.run(main())
