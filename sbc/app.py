@@ -747,14 +747,18 @@ class SbcNode:
         return source is not None and self._nft_rounds.banning(source)
 
     async def _pinholes(self, session: MediaSession, *, open_: bool) -> None:
-        """Open (or close) a media session's ports in the firewall's closed RTP range.
+        """Open a media session's ports in the firewall's closed RTP range (and
+        close those it gave up), or close them all when it ended.
 
         The changes of many sessions go in one transaction, on the firewall's
         thread, while the event loop goes on (see sbc.firewall.rounds); this
         returns when its round is done."""
         if self.firewall is None:
             return
-        await self._nft_rounds.pinholes(session.session_id, _session_ports(session), open_=open_)
+        if open_:
+            await self._nft_rounds.hold(session.session_id, _session_ports(session))
+        else:
+            await self._nft_rounds.release(session.session_id)
 
     # -- signalling ---------------------------------------------------------------------
 

@@ -54,6 +54,8 @@ class FirewallRounds:
         self._banning: dict[BanTarget, int] = {}
         #: Open media ports -> the sessions holding them.
         self._holders: dict[int, set[str]] = {}
+        #: Sessions -> the ports they hold.
+        self._held: dict[str, set[int]] = {}
         self._ipv6_prefix = 64
         self.rounds = 0
 
@@ -70,38 +72,44 @@ class FirewallRounds:
             self._ipv6_prefix = self.firewall.config.ipv6_prefix_length
         return done
 
-    async def pinholes(self, holder: str, ports: set[int], *, open_: bool) -> None:
-        """Open (or close) media ports for `holder` (a media session); returns when
-        their round is done.
+    async def hold(self, holder: str, ports: Iterable[int]) -> None:
+        """`holder` (a media session) needs exactly `ports` open now: the new ones
+        open, those it no longer has close. Returns when their round is done.
 
         A pinhole is a port number, and the relay's addresses (one per realm)
         each have their own ports: two sessions can hold one number at once. A
-        port opens when its first holder comes and closes when its last goes."""
-        changed: set[int] = set()
-        for port in ports:
-            holders = self._holders.get(port)
-            if open_:
-                if holders is None:
-                    holders = self._holders[port] = set()
-                if not holders:
-                    changed.add(port)
-                holders.add(holder)
-            elif holders is None:
-                changed.add(port)  # held by nobody we know: closing it harms none
-            else:
-                holders.discard(holder)
-                if not holders:
-                    del self._holders[port]
-                    changed.add(port)
-        if not changed:
+        port opens with its first holder and closes with its last."""
+        before = self._held.pop(holder, set())
+        after = set(ports)
+        if after:
+            self._held[holder] = after
+        opened: set[int] = set()
+        for port in after - before:
+            holders = self._holders.setdefault(port, set())
+            if not holders:
+                opened.add(port)
+            holders.add(holder)
+        closed: set[int] = set()
+        for port in before - after:
+            holders = self._holders.get(port, set())
+            holders.discard(holder)
+            if not holders:
+                self._holders.pop(port, None)
+                closed.add(port)
+        if not opened and not closed:
             return
         done = self._queue()
-        self._waiting.pinholes.append((open_, changed))
+        self._waiting.pinholes += [(False, closed), (True, opened)]
         await done
+
+    async def release(self, holder: str) -> None:
+        """`holder` ended: close the ports nobody else holds."""
+        await self.hold(holder, ())
 
     def forget_pinholes(self) -> None:
         """A new ruleset starts with every media port closed."""
         self._holders.clear()
+        self._held.clear()
 
     async def exclusive(self, work: Callable[..., T], *args: Any) -> T:
         """Run blocking kernel work on the rounds' thread, between rounds."""
@@ -170,4 +178,5 @@ class FirewallRounds:
             try:
                 firewall.kernel.run(text)
             except NftError as exc:
-                log.warning("x firewall pinholes (%d changes): %s", len(batch.pinholes), exc)
+                ports = sum(len(p) for _, p in batch.pinholes)
+                log.warning("x firewall pinholes not changed (%d ports): %s", ports, exc)

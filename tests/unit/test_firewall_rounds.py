@@ -99,13 +99,13 @@ def test_waiting_bans_and_pinholes_share_the_next_round(tmp_path: Path) -> None:
         rounds = FirewallRounds()
         rounds.firewall = firewall(tmp_path, kernel)
         kernel.gate.clear()
-        first = asyncio.ensure_future(rounds.pinholes("s1", {20000, 20001}, open_=True))
+        first = asyncio.ensure_future(rounds.hold("s1", {20000, 20001}))
         await wait_entered(kernel)  # round 1 is on the thread, held by the gate
         bans = guess(rounds.firewall, GUESSER, 5) + guess(rounds.firewall, GUESSER_V6, 5)
         assert len(bans) == 2
         banned = rounds.ban(bans)
-        closing = asyncio.ensure_future(rounds.pinholes("s1", {20000, 20001}, open_=False))
-        opening = asyncio.ensure_future(rounds.pinholes("s2", {20002}, open_=True))
+        closing = asyncio.ensure_future(rounds.release("s1"))
+        opening = asyncio.ensure_future(rounds.hold("s2", {20002}))
         await asyncio.sleep(0.01)
         # Decided, not yet in the kernel: the source and its whole /64 are banning.
         assert rounds.banning_any
@@ -148,21 +148,23 @@ def test_a_port_number_held_by_two_sessions_closes_with_the_last(tmp_path: Path)
         kernel = GatedKernel()
         rounds = FirewallRounds()
         rounds.firewall = firewall(tmp_path, kernel)
-        await rounds.pinholes("s1", {20000, 20001}, open_=True)
-        await rounds.pinholes("s2", {20000, 20002}, open_=True)
-        await rounds.pinholes("s2", {20000, 20002}, open_=True)  # a re-offer: no change
-        await rounds.pinholes("s1", {20000, 20001}, open_=False)
-        await rounds.pinholes("s2", {20000, 20002}, open_=False)
-        await rounds.pinholes("s3", {20009}, open_=False)  # unknown: closed anyway
+        await rounds.hold("s1", {20000, 20001})
+        await rounds.hold("s2", {20000, 20002})
+        await rounds.hold("s2", {20000, 20002})  # the same offer again: no change
+        await rounds.hold("s2", {20000, 20003})  # a re-offer moved a port
+        await rounds.release("s1")
+        await rounds.release("s2")
+        await rounds.release("s3")  # never held anything: nothing to do
         assert kernel.runs == [
             "add element inet sbc fw_media_pinholes { 20000, 20001 }",
             "add element inet sbc fw_media_pinholes { 20002 }",
+            "add element inet sbc fw_media_pinholes { 20002 }\n"
+            "delete element inet sbc fw_media_pinholes { 20002 }\n"
+            "add element inet sbc fw_media_pinholes { 20003 }",
             "add element inet sbc fw_media_pinholes { 20001 }\n"
             "delete element inet sbc fw_media_pinholes { 20001 }",
-            "add element inet sbc fw_media_pinholes { 20000, 20002 }\n"
-            "delete element inet sbc fw_media_pinholes { 20000, 20002 }",
-            "add element inet sbc fw_media_pinholes { 20009 }\n"
-            "delete element inet sbc fw_media_pinholes { 20009 }",
+            "add element inet sbc fw_media_pinholes { 20000, 20003 }\n"
+            "delete element inet sbc fw_media_pinholes { 20000, 20003 }",
         ]
         assert rounds.rounds == 5
         rounds.close()
@@ -180,7 +182,7 @@ def test_failed_rounds_release_their_waiters(
         kernel.fail = NftError("apply", "Error: Could not process rule: Device or resource busy")
         await rounds.ban(guess(rounds.firewall, GUESSER, 5))
         assert not rounds.banning(GUESSER)
-        await rounds.pinholes("s1", {20000}, open_=True)
+        await rounds.hold("s1", {20000})
         # Not installed: the bans stay in the state file (a start restores them).
         kernel.fail = NftError("apply", "Error: Could not process rule: No such file or directory")
         await rounds.ban(guess(rounds.firewall, GUESSER_V6, 5))
@@ -191,7 +193,7 @@ def test_failed_rounds_release_their_waiters(
         asyncio.run(main())
     messages = [r.getMessage() for r in caplog.records]
     assert any("1 bans not in the kernel" in m and "busy" in m for m in messages)
-    assert any(m.startswith("x firewall pinholes (1 changes)") for m in messages)
+    assert any(m.startswith("x firewall pinholes not changed (1 ports)") for m in messages)
     assert "x 1 bans in the state file only: table not installed" in messages
 
 
@@ -214,7 +216,7 @@ def test_exclusive_work_runs_between_rounds_and_none_without_a_firewall(
         await asyncio.wait_for(asyncio.gather(reload, banned), 5)
         assert kernel.runs[0] == "the new ruleset" and "blacklist_v4" in kernel.runs[1]
         rounds.firewall = None  # stopped: queued work is released, nothing runs
-        await rounds.pinholes("s1", {20000}, open_=True)
+        await rounds.hold("s1", {20000})
         assert len(kernel.runs) == 2
         rounds.close()
 
