@@ -3,10 +3,10 @@
 This is the I/O shell around the pure parts (`ruleset`, `detectors`): it reads the
 table, renders, checks (`nft -c` through libnftables' dry run), applies in one
 transaction, and on stop persists the blacklist and removes its own objects.
-Calls block on netlink (~1 ms for a ban on an idle table, tens of ms with many
-media forwards in it, ~150 ms for a full apply); an asyncio caller runs
-`start`/`reload`/`stop` in an executor and bans and pinholes through
-`sbc.firewall.rounds`, which `decide` and `apply_bans` split for it.
+Calls block on netlink (~1 ms for a ban, ~150 ms for a full apply, more as the
+table grows); an asyncio caller runs `start`/`stop` in an executor, and bans,
+pinholes and the kernel half of a reload through `sbc.firewall.rounds`, for
+which `decide`/`apply_bans` and `reconfigure`/`apply_ruleset` split the work.
 """
 
 from __future__ import annotations
