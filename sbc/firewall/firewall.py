@@ -89,13 +89,10 @@ class Firewall:
             (time.monotonic() - started) * 1000,
         )
 
-    def reload(self, config: FirewallConfig) -> None:
-        """Replace rules, meters and trusted sets; bans and pinholes stay."""
-        self.apply_ruleset(self.reconfigure(config))
-
     def reconfigure(self, config: FirewallConfig) -> list[Ban]:
-        """The userspace half of a reload: the new detectors and blacklist policy
-        (counts kept), the pending bans saved. Returns the bans to restore, for
+        """The userspace half of a reload (rules, meters and trusted sets replaced;
+        bans and pinholes stay): the new detectors and blacklist policy (counts
+        kept), the pending bans saved. Returns the bans to restore, for
         `apply_ruleset`; the detectors may go on deciding in between."""
         self.config = config
         self.blacklist.flush()

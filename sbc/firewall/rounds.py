@@ -58,7 +58,6 @@ class FirewallRounds:
         self._holders: dict[int, set[str]] = {}
         #: Sessions -> the ports they hold.
         self._held: dict[str, set[int]] = {}
-        self._ipv6_prefix = 64
         self.rounds = 0
 
     # --- callers ---------------------------------------------------------------
@@ -70,8 +69,6 @@ class FirewallRounds:
         self._waiting.bans += bans
         for ban in bans:
             self._banning[ban.target] = self._banning.get(ban.target, 0) + 1
-        if self.firewall is not None:
-            self._ipv6_prefix = self.firewall.config.ipv6_prefix_length
         return done
 
     async def hold(self, holder: str, ports: Iterable[int]) -> None:
@@ -121,7 +118,8 @@ class FirewallRounds:
         """True while a ban covering `address` is on its way to the kernel."""
         if not self._banning:
             return False
-        return ban_target(address, self._ipv6_prefix) in self._banning
+        prefix = 64 if self.firewall is None else self.firewall.config.ipv6_prefix_length
+        return ban_target(address, prefix) in self._banning
 
     @property
     def banning_any(self) -> bool:
