@@ -630,8 +630,8 @@ class SbcNode:
                 exc,
             )
             return
-        self._nft_rounds.forget_pinholes()
         self.firewall = self._nft_rounds.firewall = firewall
+        self._nft_rounds.kernel_reset()  # the live sessions' pinholes go in again
         self._count_bans()
         self._firewall_task = loop.create_task(self._run_firewall(), name="sbc-firewall-flush")
 
@@ -639,6 +639,7 @@ class SbcNode:
         """Persist the blacklist and remove the firewall's objects from the kernel."""
         firewall, self.firewall = self.firewall, None
         self._nft_rounds.firewall = None
+        self._nft_rounds.kernel_reset()
         if self._firewall_task is not None:
             self._firewall_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

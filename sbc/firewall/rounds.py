@@ -12,6 +12,11 @@ A ban must hold from the moment it is decided, not from the moment the kernel
 has it: until its round is done the source is `banning`, and the SBC drops what
 that source sends in userspace and holds the answer that earned the ban (see
 `SbcNode._execute`).
+
+Pinholes are reconciled, not replayed: the sessions say which ports they hold,
+each round brings the kernel's set from what it is known to have to what they
+hold, and a round that fails leaves the kernel's side as it was, so a later
+round (the next change, or a retry a few seconds on) does it again.
 """
 
 from __future__ import annotations
@@ -31,11 +36,17 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: Seconds after a failed pinhole change before a round tries it again (while
+#: nothing else starts one).
+PINHOLE_RETRY = 5.0
+
 
 @dataclass
 class _Waiting:
     bans: list[Ban] = field(default_factory=list)
-    pinholes: list[tuple[bool, set[int]]] = field(default_factory=list)
+    #: Pinholes to close, then to open: filled when the round starts.
+    closing: set[int] = field(default_factory=set)
+    opening: set[int] = field(default_factory=set)
     done: list[asyncio.Future[None]] = field(default_factory=list)
 
 
@@ -54,10 +65,13 @@ class FirewallRounds:
         self._task: asyncio.Task[None] | None = None
         #: Targets decided but not yet in the kernel, with how many rounds carry them.
         self._banning: dict[BanTarget, int] = {}
-        #: Open media ports -> the sessions holding them.
+        #: Media ports held open -> the sessions holding them.
         self._holders: dict[int, set[str]] = {}
         #: Sessions -> the ports they hold.
         self._held: dict[str, set[int]] = {}
+        #: The ports the kernel's pinhole set is known to have.
+        self._open: set[int] = set()
+        self._retry: asyncio.TimerHandle | None = None
         self.rounds = 0
 
     # --- callers ---------------------------------------------------------------
@@ -77,38 +91,40 @@ class FirewallRounds:
 
         A pinhole is a port number, and the relay's addresses (one per realm)
         each have their own ports: two sessions can hold one number at once. A
-        port opens with its first holder and closes with its last."""
+        port is open while anybody holds it."""
         before = self._held.pop(holder, set())
         after = set(ports)
         if after:
             self._held[holder] = after
-        opened: set[int] = set()
+        changed = False
         for port in after - before:
             holders = self._holders.setdefault(port, set())
-            if not holders:
-                opened.add(port)
+            changed |= not holders
             holders.add(holder)
-        closed: set[int] = set()
         for port in before - after:
             holders = self._holders.get(port, set())
             holders.discard(holder)
             if not holders:
                 self._holders.pop(port, None)
-                closed.add(port)
-        if not opened and not closed:
-            return
-        done = self._queue()
-        self._waiting.pinholes += [(False, closed), (True, opened)]
-        await done
+                changed = True
+        if changed:
+            await self._queue()
 
     async def release(self, holder: str) -> None:
         """`holder` ended: close the ports nobody else holds."""
         await self.hold(holder, ())
 
-    def forget_pinholes(self) -> None:
-        """A new ruleset starts with every media port closed."""
-        self._holders.clear()
-        self._held.clear()
+    def kernel_reset(self) -> None:
+        """The kernel's pinhole set starts empty (a new firewall): what the
+        sessions hold goes in with the next round, queued here when any."""
+        self._open.clear()
+        if self._holders and self.firewall is not None:
+            self._queue()
+
+    @property
+    def pinholes(self) -> frozenset[int]:
+        """The ports the kernel's pinhole set is known to have."""
+        return frozenset(self._open)
 
     async def exclusive(self, work: Callable[..., T], *args: Any) -> T:
         """Run blocking kernel work on the rounds' thread, between rounds."""
@@ -132,6 +148,8 @@ class FirewallRounds:
 
     def close(self) -> None:
         """Wait for the round in progress on the thread, then stop the thread."""
+        if self._retry is not None:
+            self._retry.cancel()
         self._thread.shutdown(wait=True)
 
     # --- rounds ----------------------------------------------------------------
@@ -148,12 +166,24 @@ class FirewallRounds:
         loop = asyncio.get_running_loop()
         while self._waiting.done:
             batch, self._waiting = self._waiting, _Waiting()
+            # Rounds run one after the other: what the last one did is known here.
+            wanted = self._holders.keys()
+            batch.closing = self._open - wanted
+            batch.opening = wanted - self._open
+            pinholes_done = False
             try:
-                await loop.run_in_executor(self._thread, self._apply, self.firewall, batch)
+                pinholes_done = await loop.run_in_executor(
+                    self._thread, self._apply, self.firewall, batch
+                )
             except RuntimeError as exc:  # the thread is stopping
                 log.warning("x firewall round not run: %s", exc)
             finally:
                 self.rounds += 1
+                if pinholes_done:
+                    self._open -= batch.closing
+                    self._open |= batch.opening
+                elif batch.closing or batch.opening:
+                    self._retry_later(loop)
                 for ban in batch.bans:
                     left = self._banning.pop(ban.target, 1) - 1
                     if left > 0:
@@ -162,21 +192,38 @@ class FirewallRounds:
                     if not done.done():
                         done.set_result(None)
 
+    def _retry_later(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._retry is None:
+            self._retry = loop.call_later(PINHOLE_RETRY, self._retry_now)
+
+    def _retry_now(self) -> None:
+        self._retry = None
+        if self.firewall is not None and self._open != self._holders.keys():
+            self._queue()
+
     @staticmethod
-    def _apply(firewall: Firewall | None, batch: _Waiting) -> None:
+    def _apply(firewall: Firewall | None, batch: _Waiting) -> bool:
         """On the thread: the round's two transactions. Failures are logged; the
-        bans stay in the state file (the next start restores them)."""
+        bans stay in the state file (the next start restores them). True when
+        the pinhole set is as the round wanted it."""
         if firewall is None:
-            return
+            return False
         if batch.bans:
             try:
                 firewall.apply_bans(batch.bans)
             except NftError as exc:
                 log.error("x firewall: %d bans not in the kernel: %s", len(batch.bans), exc)
-        text = pinhole_commands(batch.pinholes)
+        text = pinhole_commands([(False, batch.closing), (True, batch.opening)])
         if text:
             try:
                 firewall.kernel.run(text)
             except NftError as exc:
-                ports = sum(len(p) for _, p in batch.pinholes)
-                log.warning("x firewall pinholes not changed (%d ports): %s", ports, exc)
+                ports = len(batch.closing) + len(batch.opening)
+                log.warning(
+                    "x firewall pinholes not changed (%d ports), retried in %.0f s: %s",
+                    ports,
+                    PINHOLE_RETRY,
+                    exc,
+                )
+                return False
+        return True

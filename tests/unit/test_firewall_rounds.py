@@ -197,6 +197,71 @@ def test_failed_rounds_release_their_waiters(
     assert "x 1 bans in the state file only: table not installed" in messages
 
 
+def test_a_failed_pinhole_change_is_done_again_by_a_later_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel did not take a change: the next round carries it again, and
+    with nothing else to start one, a retry does."""
+    monkeypatch.setattr("sbc.firewall.rounds.PINHOLE_RETRY", 0.05)
+
+    async def main() -> None:
+        kernel = GatedKernel()
+        rounds = FirewallRounds()
+        rounds.firewall = firewall(tmp_path, kernel)
+        kernel.fail = NftError("apply", "Error: Could not process rule: Device or resource busy")
+        await rounds.hold("s1", {20000, 20001})
+        assert rounds.pinholes == frozenset()
+        kernel.fail = None
+        # s2's round opens s1's ports too: they were not in the kernel.
+        await rounds.hold("s2", {20002})
+        assert kernel.runs == ["add element inet sbc fw_media_pinholes { 20000, 20001, 20002 }"]
+        assert rounds.pinholes == {20000, 20001, 20002}
+        # A close that failed: nothing else happens, the retry closes them.
+        kernel.fail = NftError("apply", "Error: Could not process rule: Device or resource busy")
+        await rounds.release("s1")
+        assert rounds.pinholes == {20000, 20001, 20002}
+        kernel.fail = None
+        for _ in range(100):
+            if rounds.pinholes == {20002}:
+                break
+            await asyncio.sleep(0.01)
+        assert kernel.runs[1:] == [
+            "add element inet sbc fw_media_pinholes { 20000, 20001 }\n"
+            "delete element inet sbc fw_media_pinholes { 20000, 20001 }"
+        ]
+        assert rounds.pinholes == {20002}
+        # Nothing left to retry: no more rounds.
+        done = rounds.rounds
+        await asyncio.sleep(0.2)
+        assert rounds.rounds == done
+        rounds.close()
+
+    asyncio.run(main())
+
+
+def test_a_new_firewall_gets_the_live_sessions_pinholes(tmp_path: Path) -> None:
+    """Firewall stopped and started again (a reload turned it off and on): the
+    sessions still up hold their ports, and the new table gets them."""
+
+    async def main() -> None:
+        kernel = GatedKernel()
+        rounds = FirewallRounds()
+        rounds.firewall = firewall(tmp_path, kernel)
+        await rounds.hold("s1", {20000, 20001})
+        rounds.firewall = None
+        rounds.kernel_reset()
+        assert rounds.pinholes == frozenset()
+        fresh = GatedKernel()
+        rounds.firewall = firewall(tmp_path, fresh)
+        rounds.kernel_reset()
+        while rounds.pinholes != {20000, 20001}:
+            await asyncio.sleep(0.01)
+        assert fresh.runs == ["add element inet sbc fw_media_pinholes { 20000, 20001 }"]
+        rounds.close()
+
+    asyncio.run(asyncio.wait_for(main(), 5))
+
+
 def test_exclusive_work_runs_between_rounds_and_none_without_a_firewall(
     tmp_path: Path,
 ) -> None:
