@@ -48,6 +48,7 @@ applies them in batches through the nftables Python binding (libnftables).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Iterable, Sequence
@@ -109,9 +110,11 @@ class KernelForward:
         if families != families2:
             raise ValueError(f"{self.name}: the kernel path cannot change address family")
 
-    def elements(self) -> list[tuple[str, Key, Any]]:
+    @functools.cached_property
+    def elements(self) -> tuple[tuple[str, Key, Any], ...]:
         """(set or map, key, value) of every element the forward needs; the value is
-        None for a set. Sets and maps are named without their family suffix."""
+        None for a set. Sets and maps are named without their family suffix.
+        Worked out once (an install, its ownership check and its removal use it)."""
         src, inp, out, dst = self.source, self.local_in, self.local_out, self.destination
         latched = _key(src.address, src.port, inp.address, inp.port)
         rewritten = _key(src.address, src.port, dst.address, dst.port)
@@ -124,7 +127,7 @@ class KernelForward:
             (SADDR, rewritten, str(out.address)),
             (SPORT, _key(out.address, src.port, dst.address, dst.port), out.port),
         ]
-        return result
+        return tuple(result)
 
 
 #: A UDP 4-tuple as the sets and maps hold it: saddr, sport, daddr, dport.
@@ -139,8 +142,17 @@ def _listed_key(value: Any) -> Key | None:
     """A tuple as ``list set`` shows it (addresses in nftables' spelling)."""
     try:
         saddr, sport, daddr, dport = value["concat"]
-        return _key(ip_address(saddr), int(sport), ip_address(daddr), int(dport))
+        return (str(saddr), int(sport), str(daddr), int(dport))
     except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _canonical(key: Key) -> Key | None:
+    """``key`` with its addresses in Python's spelling (nftables' spelling of an
+    IPv6 address can differ: an IPv4-mapped one, say)."""
+    try:
+        return _key(ip_address(key[0]), key[1], ip_address(key[2]), key[3])
+    except ValueError:
         return None
 
 
@@ -269,7 +281,7 @@ def _element_commands(verb: str, forwards: Iterable[KernelForward]) -> list[dict
     by_name: dict[str, list[Any]] = {}
     for forward in forwards:
         family = forward.source.family
-        for name, key, value in forward.elements():
+        for name, key, value in forward.elements:
             concat = {"concat": list(key)}
             elem = concat if value is None or verb == "delete" else [concat, value]
             by_name.setdefault(_family_name(name, family), []).append(elem)
@@ -463,7 +475,7 @@ class KernelMediaTable:
         return sum(o.media for o in objects)
 
     def teardown(self) -> MediaTeardown:
-        """Remove every media object (base chains, dispatch maps and any forward left)
+        """Remove every media object (base chains, sets, maps and any forward left)
         in one transaction, and the table too when nothing else is left in it.
 
         Idempotent: a missing table or missing objects are not an error. The table is
@@ -496,7 +508,7 @@ class KernelMediaTable:
         gone_names = {f.name for f in gone}
         claimed: dict[tuple[str, int, Key], str] = {}
         for forward in install:
-            for name, key, _ in forward.elements():
+            for name, key, _ in forward.elements:
                 slot = (name, forward.source.family, key)
                 owner = self._owners.get(slot)
                 if owner is None or owner in gone_names:
@@ -525,11 +537,11 @@ class KernelMediaTable:
         self._run(commands)
         for forward in gone:
             del self._forwards[forward.name]
-            for name, key, _ in forward.elements():
+            for name, key, _ in forward.elements:
                 self._owners.pop((name, forward.source.family, key), None)
         for forward in install:
             self._forwards[forward.name] = forward
-            for name, key, _ in forward.elements():
+            for name, key, _ in forward.elements:
                 self._owners[name, forward.source.family, key] = forward.name
 
     def remove(self, names: Iterable[str]) -> None:
@@ -548,7 +560,13 @@ class KernelMediaTable:
                     if not body or "counter" not in body:
                         continue
                     key = _listed_key(body["val"])
-                    forward = None if key is None else self._owners.get((FWD, family, key))
+                    if key is None:
+                        continue
+                    # Most addresses are spelled alike by both: look up as listed
+                    # first (40,000 elements would thrash any address cache).
+                    forward = self._owners.get((FWD, family, key))
+                    if forward is None and (canonical := _canonical(key)) is not None:
+                        forward = self._owners.get((FWD, family, canonical))
                     if forward is not None:
                         counter = body["counter"]
                         result[forward] = KernelCounter(counter["packets"], counter["bytes"])

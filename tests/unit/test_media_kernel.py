@@ -4,6 +4,7 @@ bookkeeping over a recording binding (no nftables needed)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -145,7 +146,7 @@ def test_install_keys_each_rewrite_by_the_tuple_the_one_before_left() -> None:
 
 
 def test_rtcp_mux_puts_the_tuple_in_the_mux_set() -> None:
-    forward = KernelForward(**{**FORWARD.__dict__, "spare_rtcp": True})
+    forward = replace(FORWARD, spare_rtcp=True)
     elements = _elements(render_install([forward]))
     assert elements["media_mux_v4"] == elements["media_fwd_v4"]
     assert "media_mux_v4" not in _elements(render_install([FORWARD]))
@@ -159,7 +160,7 @@ def test_forwards_share_one_command_per_set_and_ipv6_goes_to_v6() -> None:
         Endpoint.of("2001:db8:1::1", 20000),
         Endpoint.of("2001:db8:1::10", 34000),
     )
-    second = KernelForward(**{**FORWARD.__dict__, "name": "media_y_0_a"})
+    second = replace(FORWARD, name="media_y_0_a")
     elements = _elements(render_install([FORWARD, other, second]))
     assert len(elements["media_fwd_v4"]) == 2
     assert elements["media_fwd_v6"] == [
@@ -260,3 +261,23 @@ def test_counters_come_from_the_counted_set_by_latched_tuple() -> None:
     ]  # fmt: skip
     assert table.counters() == {"media_s1_0_a": KernelCounter(7, 1400)}
     assert nft.listed == ["list set inet sbc media_fwd_v4"]
+
+
+def test_counters_match_an_ipv6_tuple_whatever_its_spelling() -> None:
+    """nftables prints addresses with inet_ntop: an IPv4-mapped IPv6 address (or
+    any other spelling of one) still finds its forward."""
+    nft = RecordingBinding()
+    table = KernelMediaTable(nft)
+    forward = KernelForward(
+        "media_s6_0_a",
+        Endpoint.of("::ffff:198.51.100.10", 34000),
+        Endpoint.of("2001:db8:2::1", 20002),
+        Endpoint.of("2001:db8:1::1", 20000),
+        Endpoint.of("2001:db8:1::10", 5000),
+    )
+    table.install([forward])
+    nft.sets["media_fwd_v6"] = [
+        {"elem": {"val": {"concat": ["::FFFF:C633:640A", 34000, "2001:DB8:2:0:0:0:0:1", 20002]},
+                  "counter": {"packets": 3, "bytes": 516}}},
+    ]  # fmt: skip
+    assert table.counters() == {"media_s6_0_a": KernelCounter(3, 516)}
