@@ -753,9 +753,8 @@ class SbcNode:
 
         The changes of many sessions go in one transaction, on the firewall's
         thread, while the event loop goes on (see sbc.firewall.rounds); this
-        returns when its round is done."""
-        if self.firewall is None:
-            return
+        returns when its round is done. Without a firewall the holds are only
+        noted: one started later opens what the live sessions hold."""
         if open_:
             await self._nft_rounds.hold(session.session_id, _session_ports(session))
         else:

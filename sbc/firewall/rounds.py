@@ -91,7 +91,8 @@ class FirewallRounds:
 
         A pinhole is a port number, and the relay's addresses (one per realm)
         each have their own ports: two sessions can hold one number at once. A
-        port is open while anybody holds it."""
+        port is open while anybody holds it. Kept without a firewall too: one
+        started later opens what the sessions then hold (`kernel_reset`)."""
         before = self._held.pop(holder, set())
         after = set(ports)
         if after:
@@ -107,7 +108,7 @@ class FirewallRounds:
             if not holders:
                 self._holders.pop(port, None)
                 changed = True
-        if changed:
+        if changed and self.firewall is not None:
             await self._queue()
 
     async def release(self, holder: str) -> None:

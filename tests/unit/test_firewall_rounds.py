@@ -241,22 +241,30 @@ def test_a_failed_pinhole_change_is_done_again_by_a_later_round(
 
 def test_a_new_firewall_gets_the_live_sessions_pinholes(tmp_path: Path) -> None:
     """Firewall stopped and started again (a reload turned it off and on): the
-    sessions still up hold their ports, and the new table gets them."""
+    sessions up then hold their ports, and the new table gets those (not the
+    ports of a session that ended while it was off)."""
 
     async def main() -> None:
         kernel = GatedKernel()
         rounds = FirewallRounds()
         rounds.firewall = firewall(tmp_path, kernel)
         await rounds.hold("s1", {20000, 20001})
+        await rounds.hold("s2", {20002, 20003})
         rounds.firewall = None
         rounds.kernel_reset()
         assert rounds.pinholes == frozenset()
+        # Without a firewall the holds are noted, nothing runs.
+        await rounds.release("s1")
+        await rounds.hold("s3", {20004, 20005})
+        assert len(kernel.runs) == 2
         fresh = GatedKernel()
         rounds.firewall = firewall(tmp_path, fresh)
         rounds.kernel_reset()
-        while rounds.pinholes != {20000, 20001}:
+        while rounds.pinholes != {20002, 20003, 20004, 20005}:
             await asyncio.sleep(0.01)
-        assert fresh.runs == ["add element inet sbc fw_media_pinholes { 20000, 20001 }"]
+        assert fresh.runs == [
+            "add element inet sbc fw_media_pinholes { 20002, 20003, 20004, 20005 }"
+        ]
         rounds.close()
 
     asyncio.run(asyncio.wait_for(main(), 5))
