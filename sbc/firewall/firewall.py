@@ -71,17 +71,21 @@ class Firewall:
 
     # --- lifecycle -----------------------------------------------------------
 
-    def _apply(self, restore: Iterable[Ban]) -> None:
+    def _apply(self, restore: Iterable[Ban], *, close_pinholes: bool = False) -> None:
         inventory = TableInventory.from_json(self.kernel.list_table())
-        text = render_apply(self.config, inventory, restore, self.clock())
+        text = render_apply(
+            self.config, inventory, restore, self.clock(), close_pinholes=close_pinholes
+        )
         self.kernel.run(text, check=True)
         self.kernel.run(text)
 
     def start(self) -> None:
-        """Install the ruleset and restore the persisted bans, in one transaction."""
+        """Install the ruleset and restore the persisted bans, in one transaction.
+        Media pinholes left by an earlier process (a crash) are closed: the
+        sessions of this one open theirs (`FirewallRounds.kernel_reset`)."""
         restore = self.blacklist.restorable()
         started = time.monotonic()
-        self._apply(restore)
+        self._apply(restore, close_pinholes=True)
         log.info(
             "- firewall installed in table %s (%d bans restored, %.0f ms)",
             TABLE,

@@ -323,12 +323,19 @@ def render_apply(
     inventory: TableInventory,
     restore: Iterable[Ban] = (),
     now: float = 0.0,
+    *,
+    close_pinholes: bool = False,
 ) -> str:
-    """The whole transaction that installs `config` over what `inventory` describes."""
+    """The whole transaction that installs `config` over what `inventory` describes.
+
+    `close_pinholes`: empty the pinhole set too (a start: no media session of this
+    process holds a port yet, and a crashed one's pinholes must not stay open)."""
     lines = [f"add table {TABLE}"]
     lines += _delete_owned(inventory, keep_persistent=True)
     for name, definition in PERSISTENT_SETS.items():
         lines.append(f"add set {TABLE} {name} {{ {definition} }}")
+    if close_pinholes:
+        lines.append(f"flush set {TABLE} {SET_PINHOLES}")
     lines += [f"add counter {TABLE} {name}" for name in COUNTERS]
     trusted_v4 = _elements(str(n) for n in config.trusted_v4)
     trusted_v6 = _elements(str(n) for n in config.trusted_v6)

@@ -3,6 +3,7 @@
 A scanner (sipvicious svmap, User-Agent friendly-scanner) from an untrusted source is
 banned and dropped in the kernel; the trusted trunk sending the same is answered;
 malformed messages ban an IPv6 /64; SIGHUP reloads the rules and keeps the bans;
+media pinholes a crashed SBC left open are closed at the start;
 `sbc ban list` shows them; on stop the host's tables are as they were and table inet
 sbc is gone.
 """
@@ -35,6 +36,16 @@ table inet filter {
 table ip nat {
  chain postrouting {
   type nat hook postrouting priority 100; policy accept;
+ }
+}
+"""
+
+#: What a crashed SBC can leave: media ports open in the pinhole set.
+CRASHED_PINHOLES = """\
+table inet sbc {
+ set fw_media_pinholes {
+  type inet_service
+  elements = { 20000, 20001 }
  }
 }
 """
@@ -100,6 +111,13 @@ def test_sbc_bans_a_scanner_not_the_trunk_and_leaves_the_host_ruleset(
 ) -> None:
     subprocess.run(lab.ns(lab.sbc, "nft", "-f", "-"), input=HOST_RULESET, text=True, check=True)
     host_before = lab.ruleset_outside_sbc()
+    # A crashed SBC's media pinholes, still open: the start closes them.
+    subprocess.run(
+        lab.ns(lab.sbc, "nft", "-f", "-"),
+        input=CRASHED_PINHOLES,
+        text=True,
+        check=True,
+    )
     state_file = tmp_path / "blacklist.json"
     config = tmp_path / "sbc.yaml"
     config.write_text(config_text(tmp_path / "state", state_file))
@@ -113,6 +131,7 @@ def test_sbc_bans_a_scanner_not_the_trunk_and_leaves_the_host_ruleset(
         assert "fw_meter_udp_v4" in table and "fw_meter_tcp_v4" in table
         assert "fw_meter_tls_v4" not in table
         assert lab.ruleset_outside_sbc() == host_before
+        assert lab.set_elements("fw_media_pinholes") == []
 
         # An ordinary phone at the untrusted address is answered.
         assert _send(lab, source=fw_lab.PEER_V4, target=fw_lab.SBC_V4, count=2) == 2

@@ -39,6 +39,16 @@ def test_fresh_apply_starts_with_the_table_and_never_touches_anything_else() -> 
     assert not any(line.startswith("delete") or line.startswith("flush") for line in out)
 
 
+def test_a_start_closes_pinholes_left_open_a_reload_keeps_them() -> None:
+    """A crashed process left pinholes in the set: a start empties it (after the
+    `add`, in the same transaction); a reload keeps what live sessions opened."""
+    started = lines(render_apply(CONFIG, TableInventory(exists=True), close_pinholes=True))
+    ensure = started.index("add set inet sbc fw_media_pinholes { type inet_service; }")
+    assert started.index("flush set inet sbc fw_media_pinholes") == ensure + 1
+    reloaded = lines(render_apply(CONFIG, TableInventory(exists=True)))
+    assert not any(line.startswith("flush") for line in reloaded)
+
+
 def test_base_chains_and_their_priorities() -> None:
     out = lines(render_apply(CONFIG, TableInventory(exists=False)))
     assert (
