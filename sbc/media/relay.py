@@ -947,8 +947,13 @@ class MediaRelay:
                 )
                 now = self._now()
                 for session in list(self._sessions.values()):
+                    timer = session.timer
+                    # Most sessions carry media: skip them before working out
+                    # whether they are on hold (a walk over streams and legs).
+                    if timer.fired or now - timer.last_activity < timer.shortest:
+                        continue
                     on_hold = session.on_hold
-                    idle = session.timer.check(now, on_hold)
+                    idle = timer.check(now, on_hold)
                     if idle is not None:
                         logger.info(
                             "- session %s: media timeout after %.1f s%s",

@@ -23,6 +23,11 @@ class InactivityTimer:
             self.last_activity = now
         self.fired = False
 
+    @property
+    def shortest(self) -> float:
+        """The smaller of the two limits: no check can fire before it."""
+        return min(self.timeout, self.hold_timeout)
+
     def limit(self, on_hold: bool) -> float:
         return self.hold_timeout if on_hold else self.timeout
 
