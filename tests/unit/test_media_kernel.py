@@ -3,7 +3,6 @@ bookkeeping over a recording binding (no nftables needed)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from typing import Any
 
@@ -197,14 +196,19 @@ def test_remove_deletes_the_counted_tuple_first_keys_only() -> None:
 
 
 class RecordingBinding:
-    """Stands in for libnftables: records JSON batches, answers `list set`."""
+    """Stands in for libnftables: records JSON batches, answers `list set` with
+    nft's text (as the real one prints a counted set; `sets` holds each
+    element's tuple and counts)."""
 
     def __init__(self) -> None:
         self.batches: list[list[dict[str, Any]]] = []
         self.listed: list[str] = []
-        self.sets: dict[str, list[Any]] = {}
+        self.sets: dict[str, list[tuple[tuple[str, int, str, int], int, int]]] = {}
+        self.json_output = False
 
-    def set_json_output(self, value: bool) -> None: ...
+    def set_json_output(self, value: bool) -> None:
+        self.json_output = value
+
     def set_echo_output(self, value: bool) -> None: ...
     def set_handle_output(self, value: bool) -> None: ...
 
@@ -213,10 +217,21 @@ class RecordingBinding:
         return 0, None, ""
 
     def cmd(self, cmdline: str) -> tuple[int, str, str]:
+        assert not self.json_output, "counters are read from the text listing"
         self.listed.append(cmdline)
         name = cmdline.split()[-1]
-        body = {"family": "inet", "table": "sbc", "name": name, "elem": self.sets.get(name, [])}
-        return 0, json.dumps({"nftables": [{"metainfo": {}}, {"set": body}]}), ""
+        elements = ",\n\t\t\t     ".join(
+            f"{a} . {ap} . {b} . {bp} counter packets {packets} bytes {octets}"
+            for (a, ap, b, bp), packets, octets in self.sets.get(name, [])
+        )
+        family = "ipv6_addr" if name.endswith("v6") else "ipv4_addr"
+        text = (
+            f"table inet sbc {{\n\tset {name} {{\n"
+            f"\t\ttype {family} . inet_service . {family} . inet_service\n\t\tcounter\n"
+            + (f"\t\telements = {{ {elements} }}\n" if elements else "")
+            + "\t}\n}\n"
+        )
+        return 0, text, ""
 
 
 def _forward(name: str, port: int, local_in: str = "198.51.100.1") -> KernelForward:
@@ -253,19 +268,22 @@ def test_counters_come_from_the_counted_set_by_latched_tuple() -> None:
     assert table.counters() == {} and nft.listed == []  # nothing installed: no listing
     table.install([_forward("media_s1_0_a", 34000), _forward("media_s2_0_a", 34002)])
     nft.sets["media_fwd_v4"] = [
-        {"elem": {"val": {"concat": ["198.51.100.10", 34000, "198.51.100.1", 20000]},
-                  "counter": {"packets": 7, "bytes": 1400}}},
+        (("198.51.100.10", 34000, "198.51.100.1", 20000), 7, 1400),
         # Someone else's element (a previous run's, say): not a forward of ours.
-        {"elem": {"val": {"concat": ["198.51.100.99", 1, "198.51.100.1", 20000]},
-                  "counter": {"packets": 1, "bytes": 1}}},
-    ]  # fmt: skip
-    assert table.counters() == {"media_s1_0_a": KernelCounter(7, 1400)}
+        (("198.51.100.99", 1, "198.51.100.1", 20000), 1, 1),
+        (("198.51.100.10", 34002, "198.51.100.1", 20000), 0, 0),
+    ]
+    assert table.counters() == {
+        "media_s1_0_a": KernelCounter(7, 1400),
+        "media_s2_0_a": KernelCounter(0, 0),
+    }
     assert nft.listed == ["list set inet sbc media_fwd_v4"]
+    assert nft.json_output  # the batches go on in JSON
 
 
 def test_counters_match_an_ipv6_tuple_whatever_its_spelling() -> None:
-    """nftables prints addresses with inet_ntop: an IPv4-mapped IPv6 address (or
-    any other spelling of one) still finds its forward."""
+    """nftables prints addresses with inet_ntop: an IPv4-mapped IPv6 address,
+    spelled otherwise by Python, still finds its forward."""
     nft = RecordingBinding()
     table = KernelMediaTable(nft)
     forward = KernelForward(
@@ -276,8 +294,8 @@ def test_counters_match_an_ipv6_tuple_whatever_its_spelling() -> None:
         Endpoint.of("2001:db8:1::10", 5000),
     )
     table.install([forward])
+    # As nft prints it (inet_ntop): Python spells the source ::ffff:c633:640a.
     nft.sets["media_fwd_v6"] = [
-        {"elem": {"val": {"concat": ["::FFFF:C633:640A", 34000, "2001:DB8:2:0:0:0:0:1", 20002]},
-                  "counter": {"packets": 3, "bytes": 516}}},
-    ]  # fmt: skip
+        (("::ffff:198.51.100.10", 34000, "2001:db8:2::1", 20002), 3, 516),
+    ]
     assert table.counters() == {"media_s6_0_a": KernelCounter(3, 516)}
