@@ -648,7 +648,8 @@ class SbcNode:
         if firewall is None:
             return
         try:
-            await asyncio.get_running_loop().run_in_executor(None, firewall.stop)
+            # After the round in flight, if any (it may still use the table).
+            await self._nft_rounds.exclusive(firewall.stop)
         except (NftError, OSError, ValueError) as exc:
             logger.error("x firewall not removed cleanly: %s", exc)
 

@@ -72,6 +72,7 @@ class FirewallRounds:
         #: The ports the kernel's pinhole set is known to have.
         self._open: set[int] = set()
         self._retry: asyncio.TimerHandle | None = None
+        self._closed = False
         self.rounds = 0
 
     # --- callers ---------------------------------------------------------------
@@ -128,8 +129,12 @@ class FirewallRounds:
         return frozenset(self._open)
 
     async def exclusive(self, work: Callable[..., T], *args: Any) -> T:
-        """Run blocking kernel work on the rounds' thread, between rounds."""
-        return await asyncio.get_running_loop().run_in_executor(self._thread, work, *args)
+        """Run blocking kernel work on the rounds' thread, between rounds (on
+        another thread once `close` stopped it: no round runs then)."""
+        loop = asyncio.get_running_loop()
+        if self._closed:
+            return await loop.run_in_executor(None, work, *args)
+        return await loop.run_in_executor(self._thread, work, *args)
 
     def banning(self, address: IPAddress) -> bool:
         """True while a ban covering `address` is on its way to the kernel."""
@@ -151,6 +156,7 @@ class FirewallRounds:
         """Wait for the round in progress on the thread, then stop the thread."""
         if self._retry is not None:
             self._retry.cancel()
+        self._closed = True
         self._thread.shutdown(wait=True)
 
     # --- rounds ----------------------------------------------------------------

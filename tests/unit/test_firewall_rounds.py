@@ -291,7 +291,26 @@ def test_exclusive_work_runs_between_rounds_and_none_without_a_firewall(
         rounds.firewall = None  # stopped: queued work is released, nothing runs
         await rounds.hold("s1", {20000})
         assert len(kernel.runs) == 2
+        # A firewall stopped while a round is on the thread waits for it.
+        rounds.firewall = fw
+        kernel.gate.clear()
+        kernel.entered.clear()
+        pinholes = asyncio.ensure_future(rounds.hold("s2", {20002}))
+        await asyncio.get_running_loop().run_in_executor(None, kernel.entered.wait, 5)
+        rounds.firewall = None
+        stop = asyncio.ensure_future(rounds.exclusive(kernel.run, "the teardown"))
+        await asyncio.sleep(0.1)
+        assert not stop.done()
+        kernel.gate.set()
+        await asyncio.wait_for(asyncio.gather(pinholes, stop), 5)
+        assert kernel.runs[2:] == [
+            "add element inet sbc fw_media_pinholes { 20000, 20002 }",
+            "the teardown",
+        ]
         rounds.close()
+        # Shut down (the SBC's stop): exclusive work still runs, on another thread.
+        await asyncio.wait_for(rounds.exclusive(kernel.run, "the last teardown"), 5)
+        assert kernel.runs[-1] == "the last teardown"
 
     asyncio.run(main())
 
@@ -377,3 +396,38 @@ def test_the_answer_that_earns_a_ban_leaves_once_the_kernel_has_it(
         node._nft_rounds.close()
 
     asyncio.run(main())
+
+
+def test_a_reload_turning_the_firewall_off_and_on_reopens_live_pinholes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the node: sessions keep their holds while the firewall is off, the
+    one that ended meanwhile is forgotten, and the new table gets the rest."""
+    kernels = [GatedKernel(), GatedKernel()]
+    made = iter(kernels)
+    monkeypatch.setattr(app, "_started_firewall", lambda section: firewall(tmp_path, next(made)))
+    on = load_config_text("firewall: {enabled: true}\n", "sbc.yaml", tmp_path)
+    off = load_config_text("firewall: {enabled: false}\n", "sbc.yaml", tmp_path)
+
+    async def main() -> None:
+        node = SbcNode(on)
+        await node._start_firewall(node.config)
+        rounds = node._nft_rounds
+        await rounds.hold("s1", {20000, 20001})
+        await rounds.hold("s2", {20002, 20003})
+        await node._reload_firewall(off)
+        assert node.firewall is None and rounds.pinholes == frozenset()
+        await rounds.release("s2")  # ended while the firewall was off
+        await rounds.hold("s3", {20004, 20005})
+        await node._reload_firewall(on)
+        for _ in range(100):
+            if rounds.pinholes:
+                break
+            await asyncio.sleep(0.01)
+        assert kernels[1].runs == [
+            "add element inet sbc fw_media_pinholes { 20000, 20001, 20004, 20005 }"
+        ]
+        await node._stop_firewall()
+        rounds.close()
+
+    asyncio.run(asyncio.wait_for(main(), 10))
