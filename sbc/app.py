@@ -631,7 +631,8 @@ class SbcNode:
             )
             return
         self.firewall = self._nft_rounds.firewall = firewall
-        self._nft_rounds.kernel_reset()  # the live sessions' pinholes go in again
+        # Calls up already (a reload turned the firewall on): their ports open.
+        self._nft_rounds.restart({} if self.media is None else self.media.held_ports())
         self._count_bans()
         self._firewall_task = loop.create_task(self._run_firewall(), name="sbc-firewall-flush")
 
@@ -639,7 +640,7 @@ class SbcNode:
         """Persist the blacklist and remove the firewall's objects from the kernel."""
         firewall, self.firewall = self.firewall, None
         self._nft_rounds.firewall = None
-        self._nft_rounds.kernel_reset()
+        self._nft_rounds.forget_pinholes()
         if self._firewall_task is not None:
             self._firewall_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -754,8 +755,10 @@ class SbcNode:
 
         The changes of many sessions go in one transaction, on the firewall's
         thread, while the event loop goes on (see sbc.firewall.rounds); this
-        returns when its round is done. Without a firewall the holds are only
-        noted: one started later opens what the live sessions hold."""
+        returns when its round is done. Without a firewall nothing is noted: one
+        started later asks the relay what the live sessions hold."""
+        if self.firewall is None:
+            return
         if open_:
             await self._nft_rounds.hold(session.session_id, _session_ports(session))
         else:

@@ -82,7 +82,7 @@ class Firewall:
     def start(self) -> None:
         """Install the ruleset and restore the persisted bans, in one transaction.
         Media pinholes left by an earlier process (a crash) are closed: the
-        sessions of this one open theirs (`FirewallRounds.kernel_reset`)."""
+        sessions of this one open theirs (`FirewallRounds.restart`)."""
         restore = self.blacklist.restorable()
         started = time.monotonic()
         self._apply(restore, close_pinholes=True)

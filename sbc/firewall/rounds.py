@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -65,10 +65,10 @@ class FirewallRounds:
         self._task: asyncio.Task[None] | None = None
         #: Targets decided but not yet in the kernel, with how many rounds carry them.
         self._banning: dict[BanTarget, int] = {}
-        #: Media ports held open -> the sessions holding them.
-        self._holders: dict[int, set[str]] = {}
+        #: Media ports held open -> how many sessions hold them.
+        self._holders: dict[int, int] = {}
         #: Sessions -> the ports they hold.
-        self._held: dict[str, set[int]] = {}
+        self._held: dict[str, frozenset[int]] = {}
         #: The ports the kernel's pinhole set is known to have.
         self._open: set[int] = set()
         self._retry: asyncio.TimerHandle | None = None
@@ -92,36 +92,48 @@ class FirewallRounds:
 
         A pinhole is a port number, and the relay's addresses (one per realm)
         each have their own ports: two sessions can hold one number at once. A
-        port is open while anybody holds it. Kept without a firewall too: one
-        started later opens what the sessions then hold (`kernel_reset`)."""
-        before = self._held.pop(holder, set())
-        after = set(ports)
-        if after:
-            self._held[holder] = after
-        changed = False
-        for port in after - before:
-            holders = self._holders.setdefault(port, set())
-            changed |= not holders
-            holders.add(holder)
-        for port in before - after:
-            holders = self._holders.get(port, set())
-            holders.discard(holder)
-            if not holders:
-                self._holders.pop(port, None)
-                changed = True
-        if changed and self.firewall is not None:
+        port is open while anybody holds it."""
+        if self._note(holder, ports) and self.firewall is not None:
             await self._queue()
 
     async def release(self, holder: str) -> None:
         """`holder` ended: close the ports nobody else holds."""
         await self.hold(holder, ())
 
-    def kernel_reset(self) -> None:
-        """The kernel's pinhole set starts empty (a new firewall): what the
-        sessions hold goes in with the next round, queued here when any."""
-        self._open.clear()
+    def restart(self, holds: Mapping[str, Iterable[int]]) -> None:
+        """A new firewall, its pinhole set empty: the holds are `holds` (the live
+        media sessions' ports), opened by a round queued here when any."""
+        self.forget_pinholes()
+        for holder, ports in holds.items():
+            self._note(holder, ports)
         if self._holders and self.firewall is not None:
             self._queue()
+
+    def forget_pinholes(self) -> None:
+        """No firewall any more: nothing is held, nothing is open."""
+        self._holders.clear()
+        self._held.clear()
+        self._open.clear()
+
+    def _note(self, holder: str, ports: Iterable[int]) -> bool:
+        """Record `holder`'s ports; True when the set of held ports changed."""
+        before = self._held.pop(holder, frozenset())
+        after = frozenset(ports)
+        if after:
+            self._held[holder] = after
+        changed = False
+        holders = self._holders
+        for port in after - before:
+            count = holders.get(port, 0)
+            holders[port] = count + 1
+            changed |= not count
+        for port in before - after:
+            count = holders.pop(port, 1) - 1
+            if count > 0:
+                holders[port] = count
+            else:
+                changed = True
+        return changed
 
     @property
     def pinholes(self) -> frozenset[int]:

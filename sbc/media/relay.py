@@ -536,6 +536,19 @@ class MediaRelay:
     def sessions(self) -> tuple[str, ...]:
         return tuple(self._sessions)
 
+    def held_ports(self) -> dict[str, set[int]]:
+        """Each live session's local RTP and RTCP ports, both legs: what a
+        firewall's media pinholes must let in."""
+        return {
+            session_id: {
+                port
+                for stream in session.streams
+                for leg in stream.legs.values()
+                for port in (leg.state.local.port, leg.state.local_rtcp.port)
+            }
+            for session_id, session in self._sessions.items()
+        }
+
     async def restore(self, state: MediaSession) -> MediaSession:
         """Rebuild a session replicated from the peer node (HA takeover).
 

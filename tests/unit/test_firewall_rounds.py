@@ -24,6 +24,9 @@ from sbc.firewall.detectors import AuthFailed
 from sbc.firewall.firewall import Firewall
 from sbc.firewall.nft import CounterValue, NftError
 from sbc.firewall.rounds import FirewallRounds
+from sbc.media.config import MediaConfig, RealmMediaAddress
+from sbc.media.relay import MediaRelay
+from sbc.media.session import LegOffer, StreamOffer
 from sbc.sip.parser import parse_message
 from sbc.sip.transaction import Outgoing, Output
 from sbc.transport.base import Flow
@@ -239,32 +242,31 @@ def test_a_failed_pinhole_change_is_done_again_by_a_later_round(
     asyncio.run(main())
 
 
-def test_a_new_firewall_gets_the_live_sessions_pinholes(tmp_path: Path) -> None:
+def test_a_new_firewall_opens_the_live_sessions_ports(tmp_path: Path) -> None:
     """Firewall stopped and started again (a reload turned it off and on): the
-    sessions up then hold their ports, and the new table gets those (not the
-    ports of a session that ended while it was off)."""
+    holds are forgotten with it, and the new one opens what the live sessions
+    hold then (the relay tells)."""
 
     async def main() -> None:
         kernel = GatedKernel()
         rounds = FirewallRounds()
         rounds.firewall = firewall(tmp_path, kernel)
         await rounds.hold("s1", {20000, 20001})
-        await rounds.hold("s2", {20002, 20003})
         rounds.firewall = None
-        rounds.kernel_reset()
+        rounds.forget_pinholes()
         assert rounds.pinholes == frozenset()
-        # Without a firewall the holds are noted, nothing runs.
-        await rounds.release("s1")
-        await rounds.hold("s3", {20004, 20005})
-        assert len(kernel.runs) == 2
+        await rounds.hold("s2", {20002})  # no firewall: nothing noted, nothing runs
+        assert len(kernel.runs) == 1
         fresh = GatedKernel()
         rounds.firewall = firewall(tmp_path, fresh)
-        rounds.kernel_reset()
-        while rounds.pinholes != {20002, 20003, 20004, 20005}:
+        rounds.restart({"s1": {20000, 20001}, "s3": {20004, 20005}})
+        while rounds.pinholes != {20000, 20001, 20004, 20005}:
             await asyncio.sleep(0.01)
         assert fresh.runs == [
-            "add element inet sbc fw_media_pinholes { 20002, 20003, 20004, 20005 }"
+            "add element inet sbc fw_media_pinholes { 20000, 20001, 20004, 20005 }"
         ]
+        await rounds.release("s1")
+        assert fresh.runs[-1].endswith("delete element inet sbc fw_media_pinholes { 20000, 20001 }")
         rounds.close()
 
     asyncio.run(asyncio.wait_for(main(), 5))
@@ -401,33 +403,60 @@ def test_the_answer_that_earns_a_ban_leaves_once_the_kernel_has_it(
 def test_a_reload_turning_the_firewall_off_and_on_reopens_live_pinholes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Through the node: sessions keep their holds while the firewall is off, the
-    one that ended meanwhile is forgotten, and the new table gets the rest."""
+    """Through the node, with a real relay on loopback: calls set up while the
+    firewall was off get their ports opened when a reload turns it on, the one
+    that ended meanwhile does not."""
     kernels = [GatedKernel(), GatedKernel()]
     made = iter(kernels)
     monkeypatch.setattr(app, "_started_firewall", lambda section: firewall(tmp_path, next(made)))
     on = load_config_text("firewall: {enabled: true}\n", "sbc.yaml", tmp_path)
     off = load_config_text("firewall: {enabled: false}\n", "sbc.yaml", tmp_path)
+    loopback = ip_address("127.0.0.1")
+    offer = (StreamOffer(LegOffer("outside", 4), LegOffer("inside", 4)),)
 
     async def main() -> None:
         node = SbcNode(on)
-        await node._start_firewall(node.config)
-        rounds = node._nft_rounds
-        await rounds.hold("s1", {20000, 20001})
-        await rounds.hold("s2", {20002, 20003})
-        await node._reload_firewall(off)
-        assert node.firewall is None and rounds.pinholes == frozenset()
-        await rounds.release("s2")  # ended while the firewall was off
-        await rounds.hold("s3", {20004, 20005})
-        await node._reload_firewall(on)
-        for _ in range(100):
-            if rounds.pinholes:
-                break
-            await asyncio.sleep(0.01)
-        assert kernels[1].runs == [
-            "add element inet sbc fw_media_pinholes { 20000, 20001, 20004, 20005 }"
-        ]
-        await node._stop_firewall()
-        rounds.close()
+        relay = MediaRelay(
+            MediaConfig(
+                realms=(
+                    RealmMediaAddress("outside", ipv4=loopback),
+                    RealmMediaAddress("inside", ipv4=loopback),
+                ),
+                kernel_path=False,
+            )
+        )
+        await relay.start()
+        node.media = relay
+        try:
+            await node._start_firewall(node.config)
+            rounds = node._nft_rounds
+            first = await relay.allocate("c1", offer)
+            await node._pinholes(first, open_=True)
+            assert kernels[0].runs == [
+                f"add element inet sbc fw_media_pinholes {{ {_ports(first)} }}"
+            ]
+            await node._reload_firewall(off)
+            assert node.firewall is None and rounds.pinholes == frozenset()
+            second = await relay.allocate("c2", offer)
+            await node._pinholes(second, open_=True)  # no firewall: nothing to do
+            ended = await relay.allocate("c3", offer)
+            await relay.delete(ended.session_id)
+            await node._reload_firewall(on)
+            for _ in range(100):
+                if rounds.pinholes:
+                    break
+                await asyncio.sleep(0.01)
+            both = sorted(app._session_ports(first) | app._session_ports(second))
+            assert kernels[1].runs == [
+                f"add element inet sbc fw_media_pinholes {{ {', '.join(map(str, both))} }}"
+            ]
+            await node._stop_firewall()
+        finally:
+            await relay.close()
+            node._nft_rounds.close()
 
     asyncio.run(asyncio.wait_for(main(), 10))
+
+
+def _ports(session: Any) -> str:
+    return ", ".join(str(p) for p in sorted(app._session_ports(session)))
