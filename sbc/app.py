@@ -318,6 +318,7 @@ class SbcNode:
         self._udp_listeners: dict[tuple[str, int], UdpListener] = {}
         self._udp_listeners_of: TransportLayer | None = None
         self._stopping = False
+        self._stop_task: asyncio.Task[None] | None = None
         self.stopped = asyncio.Event()
         self.firewall: Firewall | None = None
         self._firewall_bans = 0
@@ -341,15 +342,51 @@ class SbcNode:
         logger.info("- sbc started: %s", ", ".join(self._describe_listeners()))
 
     async def stop(self) -> None:
+        """Stop gracefully; the process ends once ``stopped`` is set.
+
+        Each step runs even when one before it failed (logged): a shutdown that
+        raised used to leave the process up, idle, ignoring every later SIGTERM,
+        and a step skipped could lose the CDRs still queued.
+        """
         if self._stopping:
             return
         self._stopping = True
         logger.info("- stopping")
+        try:
+            for step in (
+                self._end_calls,
+                self._stop_listening,
+                self._stop_media,
+                self._close_cdr,
+                self._close_firewall,
+                self.monitor.stop,
+            ):
+                try:
+                    await step()
+                except Exception:
+                    logger.exception("x stop: %s failed, going on", step.__name__)
+        finally:
+            self.stopped.set()
+        logger.info("- stopped")
+
+    def signal_stop(self) -> None:
+        """SIGTERM/SIGINT: the first stops gracefully; a second one while that runs
+        ends the process at once."""
+        if self._stopping:
+            logger.warning("x stop requested again: exiting without finishing the stop")
+            self.stopped.set()
+            return
+        # Kept: the loop holds only a weak reference to a task.
+        self._stop_task = asyncio.get_running_loop().create_task(self.stop(), name="sbc-stop")
+
+    async def _end_calls(self) -> None:
         if len(self.calls):
             # Every call ends with a BYE (or 503 and CANCEL while ringing) and a CDR.
             now = time.monotonic()
             self._execute(self.calls.shutdown(now), now)
             await asyncio.sleep(0.2)
+
+    async def _stop_listening(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
         for task in self._tasks:
@@ -358,6 +395,8 @@ class SbcNode:
             await self._runner.cleanup()
         if self.transport is not None:
             await self.transport.stop()
+
+    async def _stop_media(self) -> None:
         if self._media_worker is not None:
             # Deletions queued by the shutdown carry the CDRs' media counters.
             with contextlib.suppress(asyncio.TimeoutError):
@@ -367,14 +406,15 @@ class SbcNode:
             self._media_worker.cancel()
         if self.media is not None:
             await self.media.close()
+
+    async def _close_cdr(self) -> None:
         if self.cdr is not None:
             cdr, self.cdr = self.cdr, None
             await asyncio.get_running_loop().run_in_executor(None, cdr.close)
+
+    async def _close_firewall(self) -> None:
         self._nft_rounds.close()
         await self._stop_firewall()
-        await self.monitor.stop()
-        self.stopped.set()
-        logger.info("- stopped")
 
     def _describe_listeners(self) -> list[str]:
         out = []
@@ -1081,7 +1121,7 @@ async def serve(config: Config, config_path: Path | None) -> int:
         return 1
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: loop.create_task(node.stop()))
+        loop.add_signal_handler(sig, node.signal_stop)
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(node.reload()))
     # After the handlers: "sbc started" is logged already, and a SIGTERM during the
     # collection must stop the SBC cleanly, not kill it.
