@@ -232,16 +232,6 @@ def _source_address(flow: Flow) -> IPAddress | None:
     return address
 
 
-def _session_ports(session: MediaSession) -> set[int]:
-    """The relay's RTP and RTCP ports of a session, both legs."""
-    return {
-        port
-        for stream in session.streams
-        for leg in (stream.a, stream.b)
-        for port in (leg.local.port, leg.local_rtcp.port)
-    }
-
-
 def certificate_paths(config: Config) -> CertificatePaths:
     tls = config.sip.tls
     if tls.certificate is not None and tls.private_key is not None:
@@ -800,7 +790,7 @@ class SbcNode:
         if self.firewall is None:
             return
         if open_:
-            await self._nft_rounds.hold(session.session_id, _session_ports(session))
+            await self._nft_rounds.hold(session.session_id, session.relay_ports())
         else:
             await self._nft_rounds.release(session.session_id)
 

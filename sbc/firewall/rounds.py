@@ -92,8 +92,11 @@ class FirewallRounds:
 
         A pinhole is a port number, and the relay's addresses (one per realm)
         each have their own ports: two sessions can hold one number at once. A
-        port is open while anybody holds it."""
-        if self._note(holder, ports) and self.firewall is not None:
+        port is open while anybody holds it.
+
+        With no firewall nothing is noted: a firewall started later asks the relay
+        for what its live sessions hold (`restart`)."""
+        if self.firewall is not None and self._note(holder, ports):
             await self._queue()
 
     async def release(self, holder: str) -> None:

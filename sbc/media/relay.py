@@ -59,6 +59,7 @@ from sbc.media.session import (
     MediaStream,
     Side,
     StreamOffer,
+    relay_ports,
 )
 from sbc.media.srtp import SdesCrypto, SrtpAuthError, SrtpTransform
 from sbc.media.timeout import InactivityTimer
@@ -540,12 +541,9 @@ class MediaRelay:
         """Each live session's local RTP and RTCP ports, both legs: what a
         firewall's media pinholes must let in."""
         return {
-            session_id: {
-                port
-                for stream in session.streams
-                for leg in stream.legs.values()
-                for port in (leg.state.local.port, leg.state.local_rtcp.port)
-            }
+            session_id: relay_ports(
+                leg.state for stream in session.streams for leg in stream.legs.values()
+            )
             for session_id, session in self._sessions.items()
         }
 

@@ -12,6 +12,7 @@ leaves from b's local port towards b's peer, and the reverse.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,6 +117,11 @@ class LegState:
         return Endpoint(self.local.address, self.local.port + 1)
 
     @property
+    def relay_ports(self) -> tuple[int, int]:
+        """The relay's RTP and RTCP ports on this side: what a firewall must let in."""
+        return self.local.port, self.local.port + 1
+
+    @property
     def rtp_destination(self) -> Endpoint | None:
         """Where this leg's peer gets RTP: its latched source, else the SDP hint."""
         return self.rtp_latch.source or self.remote_hint
@@ -214,6 +220,10 @@ class MediaSession:
     def on_hold(self) -> bool:
         return any(s.a.direction.on_hold or s.b.direction.on_hold for s in self.streams)
 
+    def relay_ports(self) -> set[int]:
+        """The relay's RTP and RTCP ports of every stream, both legs."""
+        return relay_ports(leg for stream in self.streams for leg in (stream.a, stream.b))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "session_id": self.session_id,
@@ -232,3 +242,8 @@ class MediaSession:
             created=float(data["created"]),
             recording=bool(data.get("recording", False)),
         )
+
+
+def relay_ports(legs: Iterable[LegState]) -> set[int]:
+    """The relay's RTP and RTCP ports of these legs."""
+    return {port for leg in legs for port in leg.relay_ports}
