@@ -268,7 +268,6 @@ class _Session:
     recording: bool = False
     recorder: CallRecorder | None = None
 
-    @property
     def on_hold(self) -> bool:
         return any(leg.state.direction.on_hold for s in self.streams for leg in s.legs.values())
 
@@ -958,14 +957,9 @@ class MediaRelay:
                 )
                 now = self._now()
                 for session in list(self._sessions.values()):
-                    timer = session.timer
-                    # Most sessions carry media: skip them before working out
-                    # whether they are on hold (a walk over streams and legs).
-                    if timer.fired or now - timer.last_activity < timer.shortest:
-                        continue
-                    on_hold = session.on_hold
-                    idle = timer.check(now, on_hold)
+                    idle = session.timer.check(now, session.on_hold)
                     if idle is not None:
+                        on_hold = session.on_hold()
                         logger.info(
                             "- session %s: media timeout after %.1f s%s",
                             session.session_id,

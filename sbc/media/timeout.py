@@ -5,6 +5,7 @@ Pure: the caller feeds activity and asks with the current time.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -31,10 +32,15 @@ class InactivityTimer:
     def limit(self, on_hold: bool) -> float:
         return self.hold_timeout if on_hold else self.timeout
 
-    def check(self, now: float, on_hold: bool) -> float | None:
-        """Idle seconds when the timeout is due now (once per silent period), else None."""
+    def check(self, now: float, on_hold: Callable[[], bool]) -> float | None:
+        """Idle seconds when the timeout is due now (once per silent period), else None.
+
+        ``on_hold`` is asked only once the silence outlasts the shorter limit: the
+        relay works it out by walking a session's streams, and most sessions are
+        not silent.
+        """
         idle = now - self.last_activity
-        if self.fired or idle < self.limit(on_hold):
+        if self.fired or idle < self.shortest or idle < self.limit(on_hold()):
             return None
         self.fired = True
         return idle

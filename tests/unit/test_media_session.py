@@ -61,16 +61,30 @@ def test_config_rejects_bad_ranges_and_duplicate_realms() -> None:
 
 def test_timer_fires_once_per_silent_period() -> None:
     timer = InactivityTimer(timeout=30, hold_timeout=600, last_activity=0.0)
-    assert timer.check(29.9, on_hold=False) is None
-    assert timer.check(30.0, on_hold=False) == 30.0
-    assert timer.check(45.0, on_hold=False) is None  # once
+    assert timer.check(29.9, on_hold=lambda: False) is None
+    assert timer.check(30.0, on_hold=lambda: False) == 30.0
+    assert timer.check(45.0, on_hold=lambda: False) is None  # once
     timer.activity(50.0)
-    assert timer.check(79.0, on_hold=False) is None
-    assert timer.check(80.5, on_hold=False) == 30.5
+    assert timer.check(79.0, on_hold=lambda: False) is None
+    assert timer.check(80.5, on_hold=lambda: False) == 30.5
 
 
 def test_timer_waits_longer_on_hold() -> None:
     timer = InactivityTimer(timeout=30, hold_timeout=600, last_activity=0.0)
-    assert timer.check(100.0, on_hold=True) is None
+    assert timer.check(100.0, on_hold=lambda: True) is None
     assert timer.deadline(on_hold=True) == 600.0
-    assert timer.check(600.0, on_hold=True) == 600.0
+    assert timer.check(600.0, on_hold=lambda: True) == 600.0
+
+
+def test_timer_asks_for_hold_only_after_the_shorter_limit() -> None:
+    asked: list[float] = []
+
+    def on_hold() -> bool:
+        asked.append(1)
+        return True
+
+    timer = InactivityTimer(timeout=30, hold_timeout=600, last_activity=0.0)
+    assert timer.check(29.9, on_hold) is None
+    assert asked == []
+    assert timer.check(30.0, on_hold) is None  # on hold: 600 s
+    assert asked == [1]
