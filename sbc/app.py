@@ -670,7 +670,7 @@ class SbcNode:
         """Persist the blacklist and remove the firewall's objects from the kernel."""
         firewall, self.firewall = self.firewall, None
         self._nft_rounds.firewall = None
-        self._nft_rounds.forget_pinholes()
+        self._nft_rounds.forget()
         if self._firewall_task is not None:
             self._firewall_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -181,6 +181,11 @@ class Blacklist:
             state.prune(self.clock(), self.policy.forget_after)
             self._cache = StoreState(dict(state.bans), dict(state.offences))
 
+    def has(self, ban: Ban) -> bool:
+        """True while `ban` is its target's ban on record: not lifted, not replaced."""
+        state = self._cache if self._cache is not None else self.store.read()
+        return state.bans.get(ban.target) == ban
+
     def remove(self, target: BanTarget) -> bool:
         """Lift a ban. True if it existed in the kernel or in the file."""
         now = self.clock()

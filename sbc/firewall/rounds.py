@@ -17,6 +17,10 @@ Pinholes are reconciled, not replayed: the sessions say which ports they hold,
 each round brings the kernel's set from what it is known to have to what they
 hold, and a round that fails leaves the kernel's side as it was, so a later
 round (the next change, or a retry a few seconds on) does it again.
+
+Bans the kernel refused are carried by the rounds after the same way, for as
+long as they run and stay in the blacklist (an operator may lift one meanwhile);
+their sources stay `banning` until then, so the SBC goes on dropping them.
 """
 
 from __future__ import annotations
@@ -36,9 +40,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Seconds after a failed pinhole change before a round tries it again (while
-#: nothing else starts one).
-PINHOLE_RETRY = 5.0
+#: Seconds after a failed pinhole change or ban before a round tries it again
+#: (while nothing else starts one).
+RETRY = 5.0
 
 
 @dataclass
@@ -71,6 +75,8 @@ class FirewallRounds:
         self._held: dict[str, frozenset[int]] = {}
         #: The ports the kernel's pinhole set is known to have.
         self._open: set[int] = set()
+        #: Bans the kernel refused, for the next round (still counted in `_banning`).
+        self._refused: list[Ban] = []
         self._retry: asyncio.TimerHandle | None = None
         self._closed = False
         self.rounds = 0
@@ -106,17 +112,21 @@ class FirewallRounds:
     def restart(self, holds: Mapping[str, Iterable[int]]) -> None:
         """A new firewall, its pinhole set empty: the holds are `holds` (the live
         media sessions' ports), opened by a round queued here when any."""
-        self.forget_pinholes()
+        self.forget()
         for holder, ports in holds.items():
             self._note(holder, ports)
         if self._holders and self.firewall is not None:
             self._queue()
 
-    def forget_pinholes(self) -> None:
-        """No firewall any more: nothing is held, nothing is open."""
+    def forget(self) -> None:
+        """No firewall any more: nothing is held, nothing is open, no refused ban
+        waits (a new firewall restores the bans from its state file)."""
         self._holders.clear()
         self._held.clear()
         self._open.clear()
+        for ban in self._refused:
+            self._done_banning(ban)
+        self._refused.clear()
 
     def _note(self, holder: str, ports: Iterable[int]) -> bool:
         """Record `holder`'s ports; True when the set of held ports changed."""
@@ -176,6 +186,25 @@ class FirewallRounds:
 
     # --- rounds ----------------------------------------------------------------
 
+    def _refused_bans(self) -> list[Ban]:
+        """The refused bans to try again: those still running and still in the
+        blacklist as they were. The others stop being `banning`."""
+        refused, self._refused = self._refused, []
+        firewall = self.firewall
+        again: list[Ban] = []
+        now = 0.0 if firewall is None else firewall.clock()
+        for ban in refused:
+            if firewall is not None and ban.remaining(now) > 0 and firewall.blacklist.has(ban):
+                again.append(ban)
+            else:
+                self._done_banning(ban)
+        return again
+
+    def _done_banning(self, ban: Ban) -> None:
+        left = self._banning.pop(ban.target, 1) - 1
+        if left > 0:
+            self._banning[ban.target] = left
+
     def _queue(self) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
@@ -188,13 +217,15 @@ class FirewallRounds:
         loop = asyncio.get_running_loop()
         while self._waiting.done:
             batch, self._waiting = self._waiting, _Waiting()
+            if self._refused:
+                batch.bans[:0] = self._refused_bans()
             # Rounds run one after the other: what the last one did is known here.
             wanted = self._holders.keys()
             batch.closing = self._open - wanted
             batch.opening = wanted - self._open
-            pinholes_done = False
+            bans_done = pinholes_done = False
             try:
-                pinholes_done = await loop.run_in_executor(
+                bans_done, pinholes_done = await loop.run_in_executor(
                     self._thread, self._apply, self.firewall, batch
                 )
             except RuntimeError as exc:  # the thread is stopping
@@ -206,35 +237,45 @@ class FirewallRounds:
                     self._open |= batch.opening
                 elif batch.closing or batch.opening:
                     self._retry_later(loop)
-                for ban in batch.bans:
-                    left = self._banning.pop(ban.target, 1) - 1
-                    if left > 0:
-                        self._banning[ban.target] = left
+                if bans_done or self.firewall is None or self._closed:
+                    for ban in batch.bans:
+                        self._done_banning(ban)
+                elif batch.bans:
+                    self._refused += batch.bans
+                    self._retry_later(loop)
                 for done in batch.done:
                     if not done.done():
                         done.set_result(None)
 
     def _retry_later(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._retry is None:
-            self._retry = loop.call_later(PINHOLE_RETRY, self._retry_now)
+            self._retry = loop.call_later(RETRY, self._retry_now)
 
     def _retry_now(self) -> None:
         self._retry = None
-        if self.firewall is not None and self._open != self._holders.keys():
+        if self.firewall is not None and (self._refused or self._open != self._holders.keys()):
             self._queue()
 
     @staticmethod
-    def _apply(firewall: Firewall | None, batch: _Waiting) -> bool:
-        """On the thread: the round's two transactions. Failures are logged; the
-        bans stay in the state file (the next start restores them). True when
-        the pinhole set is as the round wanted it."""
+    def _apply(firewall: Firewall | None, batch: _Waiting) -> tuple[bool, bool]:
+        """On the thread: the round's two transactions, failures logged. Whether
+        the bans are done (in the kernel, or only in the state file when the
+        table is not installed: the next start restores them), and whether the
+        pinhole set is as the round wanted it."""
         if firewall is None:
-            return False
+            return False, False
+        bans_done = True
         if batch.bans:
             try:
                 firewall.apply_bans(batch.bans)
             except NftError as exc:
-                log.error("x firewall: %d bans not in the kernel: %s", len(batch.bans), exc)
+                bans_done = False
+                log.error(
+                    "x firewall: %d bans not in the kernel, retried in %.0f s: %s",
+                    len(batch.bans),
+                    RETRY,
+                    exc,
+                )
         text = pinhole_commands([(False, batch.closing), (True, batch.opening)])
         if text:
             try:
@@ -244,8 +285,8 @@ class FirewallRounds:
                 log.warning(
                     "x firewall pinholes not changed (%d ports), retried in %.0f s: %s",
                     ports,
-                    PINHOLE_RETRY,
+                    RETRY,
                     exc,
                 )
-                return False
-        return True
+                return bans_done, False
+        return bans_done, True

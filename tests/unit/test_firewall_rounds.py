@@ -184,20 +184,73 @@ def test_failed_rounds_release_their_waiters(
         rounds.firewall = firewall(tmp_path, kernel)
         kernel.fail = NftError("apply", "Error: Could not process rule: Device or resource busy")
         await rounds.ban(guess(rounds.firewall, GUESSER, 5))
-        assert not rounds.banning(GUESSER)
+        assert rounds.banning(GUESSER)  # refused: the next round carries it
         await rounds.hold("s1", {20000})
+        assert rounds.banning(GUESSER)
         # Not installed: the bans stay in the state file (a start restores them).
         kernel.fail = NftError("apply", "Error: Could not process rule: No such file or directory")
         await rounds.ban(guess(rounds.firewall, GUESSER_V6, 5))
         assert rounds.rounds == 3 and kernel.runs == []
+        assert not rounds.banning_any
         rounds.close()
 
     with caplog.at_level(logging.WARNING, logger="sbc.firewall"):
         asyncio.run(main())
     messages = [r.getMessage() for r in caplog.records]
-    assert any("1 bans not in the kernel" in m and "busy" in m for m in messages)
+    assert any("1 bans not in the kernel, retried in 5 s" in m and "busy" in m for m in messages)
     assert any(m.startswith("x firewall pinholes not changed (1 ports)") for m in messages)
-    assert "x 1 bans in the state file only: table not installed" in messages
+    assert "x 2 bans in the state file only: table not installed" in messages
+
+
+def test_a_refused_ban_is_applied_by_a_later_round_unless_lifted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel refused a ban: the source stays `banning` (the SBC drops what it
+    sends) and a retry puts the ban in; a ban lifted meanwhile is not retried."""
+    monkeypatch.setattr("sbc.firewall.rounds.RETRY", 0.05)
+
+    async def until(condition: Any) -> None:
+        for _ in range(200):
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("condition not reached")
+
+    async def main() -> None:
+        kernel = GatedKernel()
+        rounds = FirewallRounds()
+        fw = rounds.firewall = firewall(tmp_path, kernel)
+        busy = NftError("apply", "Error: Could not process rule: Device or resource busy")
+        kernel.fail = busy
+        await rounds.ban(guess(fw, GUESSER, 5))
+        assert rounds.banning(GUESSER) and kernel.runs == []
+        kernel.fail = None
+        await until(lambda: not rounds.banning_any)
+        (text,) = kernel.runs
+        assert "add element inet sbc blacklist_v4 { 198.51.100.7 timeout 300s" in text
+        # Refused again, and lifted by the operator before the retry: not retried.
+        kernel.fail = busy
+        (ban,) = guess(fw, GUESSER_V6, 5)
+        await rounds.ban([ban])
+        assert rounds.banning(GUESSER_V6)
+        kernel.fail = None
+        assert fw.blacklist.remove(ban.target)
+        await until(lambda: not rounds.banning_any)
+        assert not any("blacklist_v6 { 2001:db8:1:2:: timeout" in t for t in kernel.runs)
+        # Nothing left to retry: no more rounds.
+        done = rounds.rounds
+        await asyncio.sleep(0.2)
+        assert rounds.rounds == done
+        # Refused, then the firewall stops: the source is no longer `banning`.
+        kernel.fail = busy
+        await rounds.ban(guess(fw, ip_address("198.51.100.8"), 5))
+        assert rounds.banning_any
+        rounds.firewall = None
+        rounds.forget()
+        assert not rounds.banning_any
+        rounds.close()
+
+    asyncio.run(asyncio.wait_for(main(), 10))
 
 
 def test_a_failed_pinhole_change_is_done_again_by_a_later_round(
@@ -205,7 +258,7 @@ def test_a_failed_pinhole_change_is_done_again_by_a_later_round(
 ) -> None:
     """The kernel did not take a change: the next round carries it again, and
     with nothing else to start one, a retry does."""
-    monkeypatch.setattr("sbc.firewall.rounds.PINHOLE_RETRY", 0.05)
+    monkeypatch.setattr("sbc.firewall.rounds.RETRY", 0.05)
 
     async def main() -> None:
         kernel = GatedKernel()
@@ -253,7 +306,7 @@ def test_a_new_firewall_opens_the_live_sessions_ports(tmp_path: Path) -> None:
         rounds.firewall = firewall(tmp_path, kernel)
         await rounds.hold("s1", {20000, 20001})
         rounds.firewall = None
-        rounds.forget_pinholes()
+        rounds.forget()
         assert rounds.pinholes == frozenset()
         await rounds.hold("s2", {20002})  # no firewall: nothing noted, nothing runs
         assert not rounds._holders
