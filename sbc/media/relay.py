@@ -359,7 +359,9 @@ class MediaRelay:
             for stream in streams:
                 stream.kernel = False
         for session_id in list(self._sessions):
-            await self.delete(session_id)
+            # A deletion still running beside the stop may take one meanwhile.
+            with contextlib.suppress(UnknownSession):
+                await self.delete(session_id)
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):

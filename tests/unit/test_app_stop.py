@@ -1,4 +1,4 @@
-"""`SbcNode.stop` on loopback: a failing step does not keep the process up.
+"""Stopping on loopback: a failing step does not keep the process up.
 
 Real listeners (UDP and the management HTTP server on ephemeral loopback ports),
 a real CDR store in a temporary directory; one step is made to fail.
@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
 
 from sbc.app import SbcNode
 from sbc.config.loader import load_config
+from sbc.media.config import MediaConfig, RealmMediaAddress
+from sbc.media.relay import MediaRelay
+from sbc.media.session import LegOffer, MediaSession, StreamOffer
 
 CONFIG = """\
 state_dir: {state}
@@ -84,3 +88,40 @@ def test_a_second_signal_ends_a_stop_that_hangs(
     with caplog.at_level(logging.INFO):
         assert asyncio.run(run()), "the first signal's stop should still be waiting"
     assert "x stop requested again" in caplog.text
+
+
+def test_relay_close_skips_a_session_deleted_beside_it() -> None:
+    """A deletion task still running when the stop closes the relay takes a session
+    out of the relay's list mid-close: close carries on (it used to raise and
+    leave the stop half done)."""
+    loopback = ip_address("127.0.0.1")
+    relay = MediaRelay(
+        MediaConfig(
+            realms=(
+                RealmMediaAddress("outside", ipv4=loopback),
+                RealmMediaAddress("inside", ipv4=loopback),
+            ),
+            port_min=42000,
+            port_max=42999,
+            kernel_path=False,
+        )
+    )
+    offer = (StreamOffer(LegOffer("outside", 4), LegOffer("inside", 4)),)
+
+    async def run() -> None:
+        await relay.start()
+        first = await relay.allocate("call-1", offer)
+        second = await relay.allocate("call-2", offer)
+        delete = relay.delete
+
+        async def delete_and_another(session_id: str) -> MediaSession:
+            if session_id == first.session_id:
+                # The task beside the stop deletes the other session meanwhile.
+                await delete(second.session_id)
+            return await delete(session_id)
+
+        relay.delete = delete_and_another  # type: ignore[method-assign]
+        await relay.close()
+        assert relay.sessions() == ()
+
+    asyncio.run(asyncio.wait_for(run(), 10))
