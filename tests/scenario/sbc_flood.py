@@ -242,10 +242,11 @@ def run_step(
             while lab.set_elements("fw_media_pinholes") and time.monotonic() < deadline:
                 time.sleep(0.2)
             pinholes_left = len(lab.set_elements("fw_media_pinholes"))
-            # A call can outlive SIPp's: under the flood an ACK and a BYE may be lost
-            # and SIPp take the SBC's retransmitted 2xx for the BYE's answer (it
-            # matches responses by status only); the SBC then ends that call when
-            # the ACK has not come for 64*T1. Its ports are still open meanwhile.
+            # A call can outlive SIPp's: under the flood the SBC's datagrams to SIPp
+            # may be lost too, and SIPp give up on a call the SBC still has until
+            # its own timers end it (no ACK for 64*T1). Its ports are still open
+            # meanwhile. (uac_basic.xml matches responses to their transaction: a
+            # retransmitted 2xx is no longer taken for the BYE's answer.)
             after_calls = fw_lab.sbc_health(lab, MGMT_PORT) or {}
             counters = lab.counters()
             banned = lab.set_elements("blacklist_v4")
