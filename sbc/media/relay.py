@@ -182,6 +182,13 @@ class _Leg:
         self.inbound = None if remote is None else SrtpTransform(remote, outbound=False)
         self.outbound = None if local is None else SrtpTransform(local, outbound=True)
 
+    def fold_kernel_counters(self) -> None:
+        """The kernel's figures into the user counters, before its forwards go:
+        new ones count from zero, and the totals must keep what the old counted."""
+        self.packets += self.kernel_packets
+        self.bytes += self.kernel_bytes
+        self.kernel_packets = self.kernel_bytes = 0
+
     def load_counters(self, counters: LegCounters) -> None:
         for name in LegCounters.__dataclass_fields__:
             setattr(self, name, getattr(counters, name))
@@ -577,8 +584,6 @@ class MediaRelay:
                     leg.load_counters(leg_state.counters)
                     leg.monitor.quality = leg_state.quality
                     leg.set_keys()
-                    # The kernel counters restart at zero on this node.
-                    leg.kernel_packets = leg.kernel_bytes = 0
                     stream.legs[side] = leg
                     await self._bind(leg)
                 session.streams.append(stream)
@@ -588,13 +593,10 @@ class MediaRelay:
             raise
         self._sessions[session.session_id] = session
         for stream, stream_state in zip(session.streams, state.streams, strict=True):
-            stream_state_counters = {s: stream_state.leg(s).counters for s in Side}
-            for side in Side:
-                # Kernel figures of the old node become userspace-invisible history:
-                # keep them in the totals by folding them into the user counters.
-                leg = stream.legs[side]
-                leg.packets += stream_state_counters[side].kernel_packets
-                leg.bytes += stream_state_counters[side].kernel_bytes
+            for leg in stream.legs.values():
+                # Kernel figures of the old node (loaded with the counters) become
+                # history here: the kernel counters restart at zero on this node.
+                leg.fold_kernel_counters()
             if stream_state.kernel and stream.kernel_eligible():
                 await self._engage(stream)
         logger.info("- session %s restored", session.session_id)
@@ -900,6 +902,8 @@ class MediaRelay:
         names = [stream.forward_name(s) for s in Side]
         self._take_counters(await self._batcher.remove(names, counters=True), (stream.session,))
         stream.kernel = False
+        for leg in stream.legs.values():
+            leg.fold_kernel_counters()
 
     async def _rehome(self, stream: _Stream) -> None:
         """A side re-latched while in the kernel path: rules for the new source."""

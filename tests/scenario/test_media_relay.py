@@ -727,3 +727,34 @@ def test_srtp_to_rtp_both_directions(
     logged = caplog.text
     for key in (r["caller_key"], r["relay_key"]):
         assert str(key).split("inline:")[1] not in logged
+
+
+def test_a_relatch_in_the_kernel_path_keeps_the_counts(lab: Lab) -> None:
+    """A source that moves while its stream is in the kernel path (new port and
+    SSRC, relatch_on_new_ssrc) gets new forwards, whose counters start at zero:
+    what the old ones counted stays in the leg's totals."""
+
+    async def scenario() -> dict[str, Any]:
+        async with MediaRelay(media_config(relatch_on_new_ssrc=True)) as relay:
+            call = await setup_call(lab, relay, 4)
+            await warm_up(call, 4)
+            await event_of(relay, KernelPathEngaged)
+            await call.caller.send([rtp(WARMUP + i, 0xA) for i in range(BULK)], call.a_local)
+            assert await call.callee.wait_count(WARMUP + BULK) == WARMUP + BULK
+            await relay.stats(call.session_id)  # the kernel's count read once
+            moved = await Peer.open(lab, "caller", ADDR[4]["caller"], 34002)
+            await moved.send([rtp(i, 0xC) for i in range(3)], call.a_local)
+            await event_of(relay, KernelPathEngaged)
+            await moved.send([rtp(3 + i, 0xC) for i in range(100)], call.a_local)
+            got = await call.callee.wait_count(WARMUP + BULK + 103)
+            stats = await relay.stats(call.session_id)
+            moved.close()
+            call.caller.close()
+            call.callee.close()
+            return locals()
+
+    r = run(lab, scenario)
+    assert r["got"] == WARMUP + BULK + 103
+    a = r["stats"].streams[0].a.counters
+    assert a.packets + a.kernel_packets == WARMUP + BULK + 103, a
+    assert a.kernel_packets == 100, a
