@@ -214,6 +214,10 @@ class FirewallUnavailableError(RuntimeError):
 #: Seconds between blacklist flushes to the state file (bans are in the kernel at once).
 FIREWALL_FLUSH_INTERVAL = 1.0
 
+#: Seconds between checks that table inet sbc is still in the kernel: `nft flush
+#: ruleset` (what a restart of nftables.service runs) removes it under the SBC.
+TABLE_CHECK_INTERVAL = 5.0
+
 
 def _started_firewall(section: FirewallConfig) -> Firewall:
     """A Firewall with its ruleset installed (blocks on netlink: run in an executor)."""
@@ -328,6 +332,7 @@ class SbcNode:
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._run_keepalives(), name="sbc-nat-keepalive"))
         self._tasks.append(loop.create_task(self._run_resolver(), name="sbc-trunk-dns"))
+        self._tasks.append(loop.create_task(self._watch_table(), name="sbc-nft-table-watch"))
         self._arm_timer()
         logger.info("- sbc started: %s", ", ".join(self._describe_listeners()))
 
@@ -700,6 +705,50 @@ class SbcNode:
             await self._nft_rounds.exclusive(self.firewall.apply_ruleset, restore)
         except (NftError, OSError, ValueError) as exc:
             logger.error("x firewall reload failed, the kernel keeps the previous rules: %s", exc)
+
+    async def _watch_table(self) -> None:
+        """Put table inet sbc back when it vanished (see `_restore_table`)."""
+        while True:
+            await asyncio.sleep(TABLE_CHECK_INTERVAL)
+            try:
+                await self._restore_table()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the watch must survive one bad check
+                logger.exception("x nftables table check failed")
+
+    async def _restore_table(self) -> bool:
+        """When the firewall or the media kernel path is on and table inet sbc is
+        gone (`nft flush ruleset`, nftables.service restarted): the firewall's
+        ruleset again with the bans of its state file and the live calls'
+        pinholes, then the media base objects and the kernel streams' forwards.
+        Until then the host has no rate limits, blacklist or fast path. True when
+        the table was put back."""
+        firewall = self.firewall
+        media = self.media if self.media is not None and self.media.kernel_enabled else None
+        if firewall is not None:
+            present = await self._nft_rounds.exclusive(firewall.kernel.table_present)
+        elif media is not None:
+            present = bool(await media.kernel_table_present())
+        else:
+            return False
+        if present:
+            return False
+        logger.error(
+            "x nftables table inet sbc is gone (nft flush ruleset? nftables.service "
+            "restarted?): putting it back"
+        )
+        if firewall is not None and firewall is self.firewall:
+            try:
+                firewall.flush()  # the bans decided so far: `start` restores the file's
+            except (OSError, ValueError) as exc:
+                logger.warning("x firewall blacklist not saved: %s", exc)
+            await self._nft_rounds.exclusive(firewall.start)
+            self._nft_rounds.restart({} if self.media is None else self.media.held_ports())
+        if media is not None and media is self.media:
+            streams = await media.reopen_kernel()
+            logger.info("- media kernel path back (%d streams in it again)", streams)
+        return True
 
     async def _run_firewall(self) -> None:
         """Persist new bans about once a second (the kernel has them at once)."""

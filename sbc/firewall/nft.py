@@ -49,6 +49,8 @@ class Kernel(Protocol):
 
     def counters(self) -> dict[str, CounterValue]: ...
 
+    def table_present(self) -> bool: ...
+
 
 class NftBackend:
     """libnftables through its Python binding (Debian python3-nftables or PyPI pip-nftables)."""
@@ -122,6 +124,12 @@ class NftBackend:
     def list_table(self) -> dict[str, Any] | None:
         """`list table inet sbc` as JSON, or None when the table does not exist."""
         return self._list_json(f"table {TABLE}")
+
+    def table_present(self) -> bool:
+        """Whether table inet sbc exists: `list tables`, which fetches no set
+        elements (a table listing does, and grows with the blacklist)."""
+        data = self._list_json("tables inet") or {}
+        return any(item.get("table", {}).get("name") == TABLE for item in data.get("nftables", []))
 
     def list_set(self, name: str) -> list[dict[str, Any]] | None:
         """The elements of one set of the table (JSON `elem` items), None if missing."""

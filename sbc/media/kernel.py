@@ -451,6 +451,20 @@ class KernelMediaTable:
         if nftables cannot be used."""
         self._run(render_base())
 
+    def table_present(self) -> bool:
+        """Whether the table exists: `list tables`, which fetches no elements."""
+        rc, output, error = self._nft.cmd(f"list tables {TABLE_FAMILY}")
+        if rc != 0:
+            raise KernelPathUnavailable(f"nft 'list tables' failed: {error.strip()}")
+        items: list[dict[str, Any]] = json.loads(output)["nftables"] if output else []
+        return any(item.get("table", {}).get("name") == TABLE for item in items)
+
+    def reopen(self) -> None:
+        """The table vanished (``nft flush ruleset``): forget the forwards it had and
+        create the base objects again."""
+        self._forget_all()
+        self.open()
+
     def remove_all_media_objects(self) -> int:
         """Delete every ``media_`` chain, map, set and counter of the table (stale state
         of a previous run); the firewall's objects stay. Returns how many were removed."""

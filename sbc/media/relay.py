@@ -408,6 +408,33 @@ class MediaRelay:
     def kernel_enabled(self) -> bool:
         return self._kernel is not None
 
+    async def kernel_table_present(self) -> bool | None:
+        """Whether table inet sbc is there; None while the kernel path is off."""
+        kernel = self._kernel
+        if kernel is None:
+            return None
+        return await self._nft(kernel.table_present)
+
+    async def reopen_kernel(self) -> int:
+        """The table vanished under the relay (``nft flush ruleset``, a restart of
+        nftables.service): its base objects again, and the forwards of the streams
+        that were in the kernel path (their RTP reached user space meanwhile).
+        Returns how many streams went back in."""
+        kernel, batcher = self._kernel, self._batcher
+        if kernel is None or batcher is None:
+            return 0
+        await batcher.drain()
+        await self._nft(kernel.reopen)
+        streams = [s for session in self._sessions.values() for s in session.streams if s.kernel]
+        for stream in streams:
+            # What the lost forwards counted since the last poll is lost with them.
+            stream.kernel = False
+            for leg in stream.legs.values():
+                leg.fold_kernel_counters()
+        again = [s for s in streams if s.kernel_eligible() and not s.session.deleted]
+        await asyncio.gather(*(self._engage(s) for s in again))
+        return sum(s.kernel for s in again)
+
     async def _nft(self, call: Callable[..., T], *args: Any) -> T:
         assert self._executor is not None
         return await asyncio.get_running_loop().run_in_executor(self._executor, call, *args)

@@ -227,3 +227,51 @@ def test_sbc_bans_a_scanner_not_the_trunk_and_leaves_the_host_ruleset(
     saved = json.loads(state_file.read_text())
     assert sorted(b["target"] for b in saved["bans"]) == sorted(by_target)
     assert "x ban 198.51.100.3/32" in log.read_text()
+
+
+def test_sbc_puts_its_table_back_after_a_ruleset_flush(lab: fw_lab.Lab, tmp_path: Path) -> None:
+    """`nft flush ruleset` (what restarting nftables.service does) under a running
+    SBC: within a check interval its table is back, the bans restored from the
+    state file and the media kernel path's base objects with them."""
+    state_file = tmp_path / "blacklist.json"
+    config = tmp_path / "sbc.yaml"
+    config.write_text(config_text(tmp_path / "state", state_file))
+    log = tmp_path / "sbc.log"
+    proc = _start_sbc(lab, config, log)
+    try:
+        scanner = "friendly-scanner"
+        _send(lab, source=fw_lab.PEER_V4, target=fw_lab.SBC_V4, count=2, user_agent=scanner)
+        assert lab.set_elements("blacklist_v4") == [fw_lab.PEER_V4]
+        before = lab.run(lab.sbc, "nft", "list", "table", "inet", "sbc")
+        media = "media_prerouting" in before
+
+        lab.run(lab.sbc, "nft", "flush", "ruleset")
+        assert lab.run(lab.sbc, "nft", "list", "table", "inet", "sbc", check=False) == ""
+        deadline = time.monotonic() + 15
+        table = ""
+        while time.monotonic() < deadline:
+            table = lab.run(lab.sbc, "nft", "list", "table", "inet", "sbc", check=False)
+            if "fw_meter_udp_v4" in table and lab.set_elements("blacklist_v4"):
+                break
+            time.sleep(0.2)
+        assert "fw_meter_udp_v4" in table, log.read_text()
+        assert ("media_prerouting" in table) == media
+        assert lab.set_elements("blacklist_v4") == [fw_lab.PEER_V4]
+        # The ban holds in the kernel again; others are answered.
+        dropped = lab.counters()["fw_drop_blacklist_v4"]
+        assert _send(lab, source=fw_lab.PEER_V4, target=fw_lab.SBC_V4, count=3, wait=0.2) == 0
+        assert lab.counters()["fw_drop_blacklist_v4"] >= dropped + 3
+        assert _send(lab, source=fw_lab.TRUNK_V4, target=fw_lab.SBC_V4, count=1) == 1
+        text = log.read_text()
+        assert "x nftables table inet sbc is gone" in text
+        assert "firewall installed in table inet sbc (1 bans restored" in text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+            raise
+    assert code == 0, log.read_text()
+    assert lab.run(lab.sbc, "nft", "list", "table", "inet", "sbc", check=False) == ""

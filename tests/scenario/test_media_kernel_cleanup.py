@@ -196,11 +196,19 @@ def test_sbc_run_without_firewall_leaves_no_table_after_sigterm(lab: Lab, tmp_pa
     started = _wait_for(lambda: "- kernel fast path on" in log.read_text(), 20)
     assert started, log.read_text()
     during = ruleset(lab)
+    # `nft flush ruleset` (nftables.service restarted) under the running SBC: its
+    # table check puts the media objects back.
+    lab.run("sbc", "nft", "flush", "ruleset")
+    back = _wait_for(lambda: "- media kernel path back" in log.read_text(), 15)
+    again = ruleset(lab)
     proc.send_signal(signal.SIGTERM)
     code = proc.wait(timeout=15)
     text = log.read_text()
     assert code == 0, text
+    assert back, text
+    assert "x nftables table inet sbc is gone" in text
     assert "chain media_prerouting" in during and "map media_daddr_v4" in during
+    assert "chain media_prerouting" in again and "map media_daddr_v4" in again
     # 2 chains, and per family a counted set, an rtcp-mux set and four maps.
     assert "- kernel fast path off (14 media objects removed, table deleted)" in text
     assert ruleset(lab) == before

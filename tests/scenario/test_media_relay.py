@@ -729,6 +729,50 @@ def test_srtp_to_rtp_both_directions(
         assert str(key).split("inline:")[1] not in logged
 
 
+def test_kernel_path_comes_back_after_a_ruleset_flush(lab: Lab) -> None:
+    """`nft flush ruleset` takes the relay's table with its forwards: the stream's
+    RTP reaches user space, which relays it; `reopen_kernel` (what `sbc run` does
+    when its table check finds the table gone) puts the base objects and the
+    stream's forwards back, and the kernel carries the stream again."""
+
+    async def scenario() -> dict[str, Any]:
+        async with MediaRelay(media_config()) as relay:
+            call = await setup_call(lab, relay, 4)
+            await warm_up(call, 4)
+            await event_of(relay, KernelPathEngaged)
+            present_before = await relay.kernel_table_present()
+            lab.run("sbc", "nft", "flush", "ruleset")
+            present_after_flush = await relay.kernel_table_present()
+            # Meanwhile: no rules, the packets reach the relay's sockets.
+            await call.caller.send([rtp(WARMUP + i, 0xA) for i in range(5)], call.a_local)
+            got_meanwhile = await call.callee.wait_count(WARMUP + 5)
+            streams = await relay.reopen_kernel()
+            present_again = await relay.kernel_table_present()
+            objects = nft_media_objects(lab)
+            await call.caller.send([rtp(100 + i, 0xA) for i in range(BULK)], call.a_local)
+            got = await call.callee.wait_count(WARMUP + 5 + BULK)
+            stats = await relay.stats(call.session_id)
+            call.caller.close()
+            call.callee.close()
+            return locals()
+
+    r = run(lab, scenario)
+    assert (r["present_before"], r["present_after_flush"], r["present_again"]) == (
+        True,
+        False,
+        True,
+    )
+    assert r["got_meanwhile"] == WARMUP + 5
+    assert r["streams"] == 1
+    assert r["objects"]["chains"] == [PREROUTING, POSTROUTING]
+    assert len(r["objects"]["forwards"]) == 2
+    assert r["got"] == WARMUP + 5 + BULK
+    a = r["stats"].streams[0].a
+    assert r["stats"].streams[0].kernel
+    # The kernel counted the stream's packets after the reopen; user space the rest.
+    assert a.counters.kernel_packets == BULK, a.counters
+
+
 def test_a_relatch_in_the_kernel_path_keeps_the_counts(lab: Lab) -> None:
     """A source that moves while its stream is in the kernel path (new port and
     SSRC, relatch_on_new_ssrc) gets new forwards, whose counters start at zero:
