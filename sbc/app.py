@@ -732,20 +732,23 @@ class SbcNode:
             present = bool(await media.kernel_table_present())
         else:
             return False
-        if present:
+        # A reload may have stopped either meanwhile (and removed the table itself).
+        firewall = firewall if firewall is not None and firewall is self.firewall else None
+        media = media if media is not None and media is self.media else None
+        if present or (firewall is None and (media is None or not media.kernel_enabled)):
             return False
         logger.error(
             "x nftables table inet sbc is gone (nft flush ruleset? nftables.service "
             "restarted?): putting it back"
         )
-        if firewall is not None and firewall is self.firewall:
+        if firewall is not None:
             try:
                 firewall.flush()  # the bans decided so far: `start` restores the file's
             except (OSError, ValueError) as exc:
                 logger.warning("x firewall blacklist not saved: %s", exc)
             await self._nft_rounds.exclusive(firewall.start)
             self._nft_rounds.restart({} if self.media is None else self.media.held_ports())
-        if media is not None and media is self.media:
+        if media is not None:
             streams = await media.reopen_kernel()
             logger.info("- media kernel path back (%d streams in it again)", streams)
         return True

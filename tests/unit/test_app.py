@@ -95,3 +95,44 @@ def test_firewall_that_cannot_be_installed_is_skipped_unless_required(
     assert "x firewall not installed (needs CAP_NET_ADMIN and libnftables)" in caplog.text
     with pytest.raises(FirewallUnavailableError, match="Operation not permitted"):
         asyncio.run(start(required=True))
+
+
+class _TableGone:
+    """A firewall stand-in whose kernel has lost table inet sbc."""
+
+    def __init__(self, node: SbcNode, reload_meanwhile: bool) -> None:
+        self.kernel = self
+        self.node = node
+        self.reload_meanwhile = reload_meanwhile
+        self.started = 0
+        self.flushed = 0
+
+    def table_present(self) -> bool:
+        if self.reload_meanwhile:
+            self.node.firewall = None  # a reload turned the firewall off meanwhile
+        return False
+
+    def flush(self) -> None:
+        self.flushed += 1
+
+    def start(self) -> None:
+        self.started += 1
+
+
+@pytest.mark.parametrize("reload_meanwhile", [False, True])
+def test_a_vanished_table_is_put_back_unless_a_reload_stopped_the_firewall(
+    reload_meanwhile: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    node = SbcNode(load("firewall: {enabled: true}"))
+    gone = _TableGone(node, reload_meanwhile)
+    node.firewall = node._nft_rounds.firewall = gone  # type: ignore[assignment]
+
+    async def check() -> bool:
+        try:
+            return await node._restore_table()
+        finally:
+            node._nft_rounds.close()
+
+    assert asyncio.run(check()) is not reload_meanwhile
+    assert (gone.flushed, gone.started) == ((0, 0) if reload_meanwhile else (1, 1))
+    assert ("table inet sbc is gone" in caplog.text) is not reload_meanwhile
