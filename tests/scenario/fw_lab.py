@@ -645,6 +645,18 @@ def spawn_sbc(
     raise AssertionError(f"sbc not healthy in {timeout} s:\n{log.read_text()}")
 
 
+def stop_sbc(proc: subprocess.Popen[Any], timeout: float = 10) -> int:
+    """SIGTERM to a `spawn_sbc` process, its exit status; killed (and an error)
+    when it has not stopped within `timeout`."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+        raise
+
+
 # --- digest clients against the real SBC -------------------------------------------
 
 

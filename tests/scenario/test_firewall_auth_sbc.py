@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -116,13 +115,7 @@ def running_sbc(
     try:
         yield RunningSbc(proc, log, state_file)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-            raise
+        code = fw_lab.stop_sbc(proc)
     assert code == 0, log.read_text()[-3000:]
 
 

@@ -213,13 +213,7 @@ def test_sbc_bans_a_scanner_not_the_trunk_and_leaves_the_host_ruleset(
         health = fw_lab.sbc_health(lab, MGMT_PORT)
         assert health is not None and health["firewall"] == {"enabled": True, "bans": 2}
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-            raise
+        code = fw_lab.stop_sbc(proc)
     assert code == 0, log.read_text()
     gone = lab.run(lab.sbc, "nft", "list", "table", "inet", "sbc", check=False)
     assert gone == ""
@@ -266,12 +260,6 @@ def test_sbc_puts_its_table_back_after_a_ruleset_flush(lab: fw_lab.Lab, tmp_path
         assert "x nftables table inet sbc is gone" in text
         assert "firewall installed in table inet sbc (1 bans restored" in text
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-            raise
+        code = fw_lab.stop_sbc(proc)
     assert code == 0, log.read_text()
     assert lab.run(lab.sbc, "nft", "list", "table", "inet", "sbc", check=False) == ""
