@@ -419,18 +419,24 @@ class MediaRelay:
         """The table vanished under the relay (``nft flush ruleset``, a restart of
         nftables.service): its base objects again, and the forwards of the streams
         that were in the kernel path (their RTP reached user space meanwhile).
-        Returns how many streams went back in."""
+        Returns how many streams went back in. When the base objects cannot be made
+        again the kernel path is off, as at a start without nftables: every stream
+        in user space."""
         kernel, batcher = self._kernel, self._batcher
         if kernel is None or batcher is None:
             return 0
         await batcher.drain()
-        await self._nft(kernel.reopen)
         streams = [s for session in self._sessions.values() for s in session.streams if s.kernel]
         for stream in streams:
             # What the lost forwards counted since the last poll is lost with them.
             stream.kernel = False
             for leg in stream.legs.values():
                 leg.fold_kernel_counters()
+        try:
+            await self._nft(kernel.reopen)
+        except KernelPathUnavailable as exc:
+            self._disable_kernel(f"table not made again: {exc}")
+            return 0
         again = [s for s in streams if s.kernel_eligible() and not s.session.deleted]
         await asyncio.gather(*(self._engage(s) for s in again))
         return sum(s.kernel for s in again)

@@ -219,3 +219,27 @@ def test_relay_close_logs_a_refused_teardown_and_stops(caplog: pytest.LogCapture
         "Error: Could not process rule: Operation not permitted"
     ]
     assert nft.batches[-1] == MEDIA_REMOVAL
+
+
+def test_relay_reopen_that_fails_turns_the_kernel_path_off(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The table vanished and nftables refuses the base objects now: the relay goes
+    on in user space, as at a start without nftables, instead of retrying."""
+    nft = FakeNft(_media_only(LISTING))
+
+    async def scenario() -> tuple[int, bool, str | None]:
+        relay = _relay(nft)
+        await relay.start()
+        assert relay.kernel_enabled
+        nft.refuse = "Error: Could not process rule: Operation not permitted\n"
+        streams = await relay.reopen_kernel()
+        enabled, why = relay.kernel_enabled, relay.kernel_unavailable
+        await relay.close()
+        return streams, enabled, why
+
+    with caplog.at_level(logging.WARNING, logger="sbc.media.relay"):
+        streams, enabled, why = asyncio.run(scenario())
+    assert (streams, enabled) == (0, False)
+    assert why is not None and why.startswith("table not made again: nftables refused")
+    assert "relaying media in user space" in caplog.text
