@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from sbc.burst import BurstLog
 from sbc.firewall.bans import Ban, BanTarget, IPAddress, ban_target
 from sbc.firewall.firewall import Firewall, pinhole_commands
 from sbc.firewall.nft import NftError
@@ -43,6 +45,10 @@ T = TypeVar("T")
 #: Seconds after a failed pinhole change or ban before a round tries it again
 #: (while nothing else starts one).
 RETRY = 5.0
+
+#: While the kernel keeps refusing, one log line per kind of failure in this many
+#: seconds (with the count of those not logged).
+FAILURE_LOG_INTERVAL = 60.0
 
 
 @dataclass
@@ -78,6 +84,9 @@ class FirewallRounds:
         #: Bans the kernel refused, for the next round (still counted in `_banning`).
         self._refused: list[Ban] = []
         self._retry: asyncio.TimerHandle | None = None
+        #: Used on the rounds' thread only.
+        self._ban_failures = BurstLog(FAILURE_LOG_INTERVAL)
+        self._pinhole_failures = BurstLog(FAILURE_LOG_INTERVAL)
         self._closed = False
         self.rounds = 0
 
@@ -256,8 +265,7 @@ class FirewallRounds:
         if self.firewall is not None and (self._refused or self._open != self._holders.keys()):
             self._queue()
 
-    @staticmethod
-    def _apply(firewall: Firewall | None, batch: _Waiting) -> tuple[bool, bool]:
+    def _apply(self, firewall: Firewall | None, batch: _Waiting) -> tuple[bool, bool]:
         """On the thread: the round's two transactions, failures logged. Whether
         the bans are done (in the kernel, or only in the state file when the
         table is not installed: the next start restores them), and whether the
@@ -270,23 +278,32 @@ class FirewallRounds:
                 firewall.apply_bans(batch.bans)
             except NftError as exc:
                 bans_done = False
-                log.error(
-                    "x firewall: %d bans not in the kernel, retried in %.0f s: %s",
-                    len(batch.bans),
-                    RETRY,
-                    exc,
-                )
+                quiet = self._ban_failures.hit(time.monotonic())
+                if quiet is not None:
+                    log.error(
+                        "x firewall: %d bans not in the kernel, retried in %.0f s: %s%s",
+                        len(batch.bans),
+                        RETRY,
+                        exc,
+                        _not_logged(quiet),
+                    )
         text = pinhole_commands([(False, batch.closing), (True, batch.opening)])
         if text:
             try:
                 firewall.kernel.run(text)
             except NftError as exc:
-                ports = len(batch.closing) + len(batch.opening)
-                log.warning(
-                    "x firewall pinholes not changed (%d ports), retried in %.0f s: %s",
-                    ports,
-                    RETRY,
-                    exc,
-                )
+                quiet = self._pinhole_failures.hit(time.monotonic())
+                if quiet is not None:
+                    log.warning(
+                        "x firewall pinholes not changed (%d ports), retried in %.0f s: %s%s",
+                        len(batch.closing) + len(batch.opening),
+                        RETRY,
+                        exc,
+                        _not_logged(quiet),
+                    )
                 return bans_done, False
         return bans_done, True
+
+
+def _not_logged(quiet: int) -> str:
+    return f" ({quiet} more failures since the last line)" if quiet else ""

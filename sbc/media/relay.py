@@ -18,7 +18,6 @@ import contextlib
 import errno
 import functools
 import logging
-import math
 import random
 import resource
 import socket
@@ -28,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from sbc.burst import BurstLog
 from sbc.evolve import evolve
 from sbc.media.batcher import KernelBatcher
 from sbc.media.config import MediaConfig
@@ -94,29 +94,6 @@ T = TypeVar("T")
 class DescriptorsExhausted(MediaError):
     """No file descriptor for a session's sockets (EMFILE, ENFILE, or the reserve
     the relay leaves to the rest of the process): the call is refused (503)."""
-
-
-class BurstLog:
-    """Rate limit for a failure that comes in bursts: ``hit(now)`` says when to log.
-
-    The first hit logs at once; the ones within ``interval`` seconds after are only
-    counted, and the next line after the interval reports how many there were.
-    """
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self._next = -math.inf
-        self._quiet = 0
-
-    def hit(self, now: float) -> int | None:
-        """None: stay quiet. Otherwise log now; the int is how many hits since the
-        last line were not logged."""
-        if now < self._next:
-            self._quiet += 1
-            return None
-        quiet, self._quiet = self._quiet, 0
-        self._next = now + self.interval
-        return quiet
 
 
 def descriptor_budget(reserve: int = DESCRIPTOR_RESERVE) -> int | None:

@@ -516,3 +516,24 @@ def test_a_reload_turning_the_firewall_off_and_on_reopens_live_pinholes(
 
 def _ports(session: Any) -> str:
     return ", ".join(str(p) for p in sorted(session.relay_ports()))
+
+
+def test_a_kernel_that_keeps_refusing_is_logged_once_an_interval(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        kernel = GatedKernel()
+        rounds = FirewallRounds()
+        fw = rounds.firewall = firewall(tmp_path, kernel)
+        kernel.fail = NftError("apply", "Error: Could not process rule: Device or resource busy")
+        for i in range(3):
+            await rounds.hold(f"s{i}", {20000 + 2 * i})
+            await rounds.ban(guess(fw, ip_address(f"198.51.100.{20 + i}"), 5))
+        assert rounds.rounds == 6
+        rounds.close()
+
+    with caplog.at_level(logging.WARNING, logger="sbc.firewall.rounds"):
+        asyncio.run(main())
+    messages = [r.getMessage() for r in caplog.records if r.name == "sbc.firewall.rounds"]
+    assert len([m for m in messages if "pinholes not changed" in m]) == 1, messages
+    assert len([m for m in messages if "bans not in the kernel" in m]) == 1, messages

@@ -20,6 +20,7 @@ import pytest
 
 from sbc.app import SbcNode
 from sbc.b2bua.controller import AllocateMedia
+from sbc.burst import BurstLog
 from sbc.config.loader import load_config
 from sbc.media import relay as relay_module
 from sbc.media.config import MediaConfig, RealmMediaAddress
@@ -27,7 +28,6 @@ from sbc.media.control import MediaError
 from sbc.media.relay import (
     BIND_ATTEMPTS,
     DESCRIPTOR_LOG_INTERVAL,
-    BurstLog,
     DescriptorsExhausted,
     MediaRelay,
     descriptor_budget,
