@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sbc.firewall.ruleset import TABLE, TABLE_NAME
+from sbc.nft_table import TABLE, TABLES, table_listed
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +128,7 @@ class NftBackend:
     def table_present(self) -> bool:
         """Whether table inet sbc exists: `list tables`, which fetches no set
         elements (a table listing does, and grows with the blacklist)."""
-        data = self._list_json("tables inet") or {}
-        return any(
-            item.get("table", {}).get("name") == TABLE_NAME for item in data.get("nftables", [])
-        )
+        return table_listed(self._list_json(TABLES))
 
     def list_set(self, name: str) -> list[dict[str, Any]] | None:
         """The elements of one set of the table (JSON `elem` items), None if missing."""

@@ -36,10 +36,7 @@ from typing import Any, Final
 
 from sbc.firewall.bans import Ban, kernel_comment
 from sbc.firewall.config import FirewallConfig, PacketMeter, StreamLimits
-
-TABLE_FAMILY: Final = "inet"
-TABLE_NAME: Final = "sbc"
-TABLE: Final = f"{TABLE_FAMILY} {TABLE_NAME}"
+from sbc.nft_table import TABLE
 
 CHAIN_PREROUTING: Final = "fw_prerouting"
 CHAIN_INPUT: Final = "fw_input"

@@ -57,11 +57,10 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from sbc.media.values import Endpoint, IPAddress, ip_address
+from sbc.nft_table import TABLE, TABLE_FAMILY, TABLE_NAME, TABLES, table_listed
 
 logger = logging.getLogger(__name__)
 
-TABLE_FAMILY = "inet"
-TABLE = "sbc"
 PREFIX = "media_"
 PREROUTING = "media_prerouting"
 POSTROUTING = "media_postrouting"
@@ -171,7 +170,7 @@ def _mangle(key: dict[str, Any], value: Any) -> dict[str, Any]:
 
 
 def _obj(kind: str, **fields: Any) -> dict[str, Any]:
-    return {kind: {"family": TABLE_FAMILY, "table": TABLE, **fields}}
+    return {kind: {"family": TABLE_FAMILY, "table": TABLE_NAME, **fields}}
 
 
 def _tuple(family: int) -> dict[str, Any]:
@@ -234,7 +233,7 @@ def render_base() -> list[dict[str, Any]]:
     already installed (they are elements).
     """
     commands: list[dict[str, Any]] = [
-        {"add": {"table": {"family": TABLE_FAMILY, "name": TABLE}}},
+        {"add": {"table": {"family": TABLE_FAMILY, "name": TABLE_NAME}}},
         {
             "add": _obj(
                 "chain",
@@ -365,7 +364,7 @@ def render_teardown(objects: Iterable[TableObject]) -> list[dict[str, Any]]:
     objects = tuple(objects)
     commands = render_remove_objects(objects)
     if all(o.media for o in objects):
-        commands.append({"delete": {"table": {"family": TABLE_FAMILY, "name": TABLE}}})
+        commands.append({"delete": {"table": {"family": TABLE_FAMILY, "name": TABLE_NAME}}})
     return commands
 
 
@@ -438,7 +437,7 @@ class KernelMediaTable:
 
     def _list_table(self) -> list[dict[str, Any]] | None:
         """The table's listing, None when the table does not exist."""
-        rc, output, error = self._nft.cmd(f"list table {TABLE_FAMILY} {TABLE}")
+        rc, output, error = self._nft.cmd(f"list table {TABLE}")
         if rc != 0:
             if "No such file or directory" in error:
                 return None
@@ -453,11 +452,10 @@ class KernelMediaTable:
 
     def table_present(self) -> bool:
         """Whether the table exists: `list tables`, which fetches no elements."""
-        rc, output, error = self._nft.cmd(f"list tables {TABLE_FAMILY}")
+        rc, output, error = self._nft.cmd(f"list {TABLES}")
         if rc != 0:
-            raise KernelPathUnavailable(f"nft 'list tables' failed: {error.strip()}")
-        items: list[dict[str, Any]] = json.loads(output)["nftables"] if output else []
-        return any(item.get("table", {}).get("name") == TABLE for item in items)
+            raise KernelPathUnavailable(f"nft 'list {TABLES}' failed: {error.strip()}")
+        return table_listed(json.loads(output) if output else None)
 
     def reopen(self) -> None:
         """The table vanished (``nft flush ruleset``): forget the forwards it had and
@@ -564,7 +562,7 @@ class KernelMediaTable:
         result: dict[str, KernelCounter] = {}
         for family in sorted({f.source.family for f in self._forwards.values()}):
             name = _family_name(FWD, family)
-            what = f"list set {TABLE_FAMILY} {TABLE} {name}"
+            what = f"list set {TABLE} {name}"
             self._nft.set_json_output(False)
             try:
                 rc, output, error = self._nft.cmd(what)
