@@ -119,7 +119,7 @@ class LegState:
     @property
     def relay_ports(self) -> tuple[int, int]:
         """The relay's RTP and RTCP ports on this side: what a firewall must let in."""
-        return self.local.port, self.local.port + 1
+        return self.local.port, self.local_rtcp.port
 
     @property
     def rtp_destination(self) -> Endpoint | None:
