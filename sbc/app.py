@@ -717,6 +717,12 @@ class SbcNode:
             except Exception:  # the watch must survive one bad check
                 logger.exception("x nftables table check failed")
 
+    def _table_users(self) -> tuple[Firewall | None, MediaRelay | None]:
+        """The firewall and the media relay when they keep objects in table inet sbc
+        (the relay only with its kernel path on)."""
+        media = self.media
+        return self.firewall, media if media is not None and media.kernel_enabled else None
+
     async def _restore_table(self) -> bool:
         """When the firewall or the media kernel path is on and table inet sbc is
         gone (`nft flush ruleset`, nftables.service restarted): the firewall's
@@ -724,8 +730,7 @@ class SbcNode:
         pinholes, then the media base objects and the kernel streams' forwards.
         Until then the host has no rate limits, blacklist or fast path. True when
         the table was put back."""
-        firewall = self.firewall
-        media = self.media if self.media is not None and self.media.kernel_enabled else None
+        firewall, media = self._table_users()
         if firewall is not None:
             present = await self._nft_rounds.exclusive(firewall.kernel.table_present)
         elif media is not None:
@@ -733,9 +738,10 @@ class SbcNode:
         else:
             return False
         # A reload may have stopped either meanwhile (and removed the table itself).
-        firewall = firewall if firewall is not None and firewall is self.firewall else None
-        media = media if media is not None and media is self.media else None
-        if present or (firewall is None and (media is None or not media.kernel_enabled)):
+        still = self._table_users()
+        firewall = firewall if firewall is still[0] else None
+        media = media if media is still[1] else None
+        if present or (firewall is None and media is None):
             return False
         logger.error(
             "x nftables table inet sbc is gone (nft flush ruleset? nftables.service "
