@@ -316,6 +316,9 @@ class SbcNode:
         self.stopped = asyncio.Event()
         self.firewall: Firewall | None = None
         self._firewall_bans = 0
+        #: When the table check last listed the tables, and how often it put ours back.
+        self._table_checked: float | None = None
+        self._table_restores = 0
         self._firewall_task: asyncio.Task[None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -643,6 +646,17 @@ class SbcNode:
             "calls": len(self.calls),
             "media_sessions": 0 if self.media is None else len(self.media.sessions()),
             "firewall": {"enabled": self.firewall is not None, "bans": self._firewall_bans},
+            # Polled, not watched: a flush shows at the next check (`_restore_table`),
+            # up to TABLE_CHECK_INTERVAL later. None: no check yet (or nothing of the
+            # SBC's in nftables to check).
+            "nft_table": {
+                "checked_s_ago": (
+                    None
+                    if self._table_checked is None
+                    else round(time.monotonic() - self._table_checked, 1)
+                ),
+                "restores": self._table_restores,
+            },
         }
 
     # -- firewall -----------------------------------------------------------------------
@@ -737,6 +751,7 @@ class SbcNode:
             present = bool(await media.kernel_table_present())
         else:
             return False
+        self._table_checked = time.monotonic()
         # A reload may have stopped either meanwhile (and removed the table itself).
         still = self._table_users()
         firewall = firewall if firewall is still[0] else None
@@ -747,6 +762,7 @@ class SbcNode:
             "x nftables table inet sbc is gone (nft flush ruleset? nftables.service "
             "restarted?): putting it back"
         )
+        self._table_restores += 1
         if firewall is not None:
             try:
                 firewall.flush()  # the bans decided so far: `start` restores the file's

@@ -265,6 +265,9 @@ def test_sbc_puts_its_table_back_after_a_ruleset_flush(lab: fw_lab.Lab, tmp_path
         text = log.read_text()
         assert text.count("x nftables table inet sbc is gone") == 1, text
         assert text.count("firewall installed in table inet sbc (1 bans restored") == 1, text
+        health = fw_lab.sbc_health(lab, MGMT_PORT)
+        assert health is not None and health["nft_table"]["restores"] == 1, health
+        assert health["nft_table"]["checked_s_ago"] <= TABLE_CHECK_INTERVAL + 1, health
     finally:
         code = fw_lab.stop_sbc(proc)
     assert code == 0, log.read_text()

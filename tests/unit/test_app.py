@@ -136,3 +136,11 @@ def test_a_vanished_table_is_put_back_unless_a_reload_stopped_the_firewall(
     assert asyncio.run(check()) is not reload_meanwhile
     assert (gone.flushed, gone.started) == ((0, 0) if reload_meanwhile else (1, 1))
     assert ("table inet sbc is gone" in caplog.text) is not reload_meanwhile
+    table = node.health()["nft_table"]
+    assert table["restores"] == (0 if reload_meanwhile else 1)  # type: ignore[index]
+    assert 0 <= table["checked_s_ago"] < 5  # type: ignore[index,operator]
+
+
+def test_health_says_no_table_check_before_the_first() -> None:
+    node = SbcNode(load("{}"))
+    assert node.health()["nft_table"] == {"checked_s_ago": None, "restores": 0}
