@@ -13,7 +13,7 @@ APT_PACKAGES := python3-venv python3-dev gcc make openssl ca-certificates procps
 STAMP := $(VENV)/.installed
 FUZZ_SECONDS ?= 300
 
-.PHONY: all deps apt-deps venv run test test-fast test-slow lint fuzz bench clean
+.PHONY: all deps apt-deps venv run test test-fast test-slow soak lint fuzz bench clean
 
 all: test
 
@@ -48,6 +48,13 @@ test-fast: deps
 
 test-slow: deps
 	$(BIN)/python -m pytest -q -m slow tests
+
+# Only the call soak (UDP, then TCP): SOAK_SECONDS a round, SOAK_RATE calls/s a flow.
+SOAK_SECONDS ?= 30
+SOAK_RATE ?= 20
+soak: deps
+	SBC_SOAK_SECONDS=$(SOAK_SECONDS) SBC_SOAK_RATE=$(SOAK_RATE) \
+	  $(BIN)/python -m pytest -q -m slow tests/scenario/test_soak_calls.py
 
 lint: deps
 	$(BIN)/ruff check sbc tests
