@@ -596,7 +596,11 @@ class Transaction:
     ) -> None:
         if action is Action.REPORT_TIMEOUT:
             assert isinstance(stimulus, Timer)
-            logger.info("x %r timed out (Timer %s)", self, stimulus.value)
+            # Timer H: a peer never ACKed our final answer, as scanners and floods
+            # never do: a line each would let them fill the log. B and F are a peer
+            # of ours that does not answer: worth one.
+            level = logging.DEBUG if stimulus is Timer.H else logging.INFO
+            logger.log(level, "x %r timed out (Timer %s)", self, stimulus.value)
             effects.events.append(TransactionTimeout(self, stimulus))
         elif action is Action.REPORT_TRANSPORT_ERROR:
             logger.info("x %r transport error", self)

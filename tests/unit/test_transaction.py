@@ -6,6 +6,7 @@ deadlines the transactions announce.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -485,6 +486,22 @@ def test_server_invite_without_automatic_100() -> None:
     tx = ServerInviteTransaction(invite(), PEER, reliable=False, send_trying=False)
     assert tx.start(0.0) == Output()
     assert tx.receive(invite(), 0.5) == Output()
+
+
+def test_an_unacknowledged_answer_is_logged_at_debug_a_silent_peer_at_info(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="sbc.sip.transaction")
+    request = invite()
+    server = ServerInviteTransaction(request, PEER, reliable=False)
+    server.start(0.0)
+    server.send_response(make_response(request, 404, to_tag="srv1"), 0.0)
+    run_timers(server, 100.0)
+    client = ClientInviteTransaction(invite(), PEER, reliable=False)
+    client.start(0.0)
+    run_timers(client, 100.0)
+    levels = {r.getMessage()[-9:]: r.levelno for r in caplog.records if "timed out" in r.message}
+    assert levels == {"(Timer H)": logging.DEBUG, "(Timer B)": logging.INFO}
 
 
 def test_server_invite_timer_g_doubles_to_t2_until_timer_h() -> None:
