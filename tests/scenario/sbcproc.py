@@ -72,6 +72,44 @@ management:
 """
 
 
+def routed_config(
+    workdir: Path,
+    plain: int,
+    outside: int,
+    inside: int,
+    mgmt: int,
+    callees: dict[str, int],
+    transport: str = "udp",
+) -> str:
+    """Realms outside and inside on loopback (``transport``), calls from outside to
+    the callee of their Request-URI user (route ``flow-<user>``), the userspace relay."""
+    routes = "".join(
+        f"  - {{name: flow-{user}, from_realm: outside, user_prefix: '{user}', action: trunk,"
+        f" realm: inside, host: 127.0.0.1, port: {port}, transport: {transport}}}\n"
+        for user, port in callees.items()
+    )
+    return f"""\
+state_dir: {workdir / "state"}
+log:
+  level: info
+sip:
+  listen:
+    - {{transport: udp, address: 127.0.0.1, port: {plain}}}
+management:
+  listen: {{address: 127.0.0.1, port: {mgmt}}}
+# The userspace relay: no nftables in the host's namespace from a loopback test.
+media: {{kernel_path: false}}
+realms:
+  - name: outside
+    listen: [{{transport: {transport}, address: 127.0.0.1, port: {outside}}}]
+    media_address: 127.0.0.1
+  - name: inside
+    listen: [{{transport: {transport}, address: 127.0.0.1, port: {inside}}}]
+    media_address: 127.0.0.1
+routes:
+{routes}"""
+
+
 class SbcProcess:
     """`python -m sbc run` in a subprocess; stopped (and reaped) by ``stop``."""
 

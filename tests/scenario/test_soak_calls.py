@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.scenario.sbcproc import Ports, SbcProcess, free_port
+from tests.scenario.sbcproc import Ports, SbcProcess, free_port, routed_config
 
 SIPP = shutil.which("sipp")
 SCENARIOS = Path(__file__).parent / "sipp"
@@ -72,42 +72,6 @@ class Lab:
     transport: str
 
 
-def _config(
-    workdir: Path,
-    plain: int,
-    outside: int,
-    inside: int,
-    mgmt: int,
-    callees: dict[str, int],
-    transport: str,
-) -> str:
-    routes = "".join(
-        f"  - {{name: flow-{user}, from_realm: outside, user_prefix: '{user}', action: trunk,"
-        f" realm: inside, host: 127.0.0.1, port: {port}, transport: {transport}}}\n"
-        for user, port in callees.items()
-    )
-    return f"""\
-state_dir: {workdir / "state"}
-log:
-  level: info
-sip:
-  listen:
-    - {{transport: udp, address: 127.0.0.1, port: {plain}}}
-management:
-  listen: {{address: 127.0.0.1, port: {mgmt}}}
-# The userspace relay: no nftables in the host's namespace from a loopback test.
-media: {{kernel_path: false}}
-realms:
-  - name: outside
-    listen: [{{transport: {transport}, address: 127.0.0.1, port: {outside}}}]
-    media_address: 127.0.0.1
-  - name: inside
-    listen: [{{transport: {transport}, address: 127.0.0.1, port: {inside}}}]
-    media_address: 127.0.0.1
-routes:
-{routes}"""
-
-
 @pytest.fixture(params=["udp", "tcp"])
 def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     """Both realms on UDP, or both on TCP: then every caller opens a connection of
@@ -118,7 +82,7 @@ def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     callees = {flow.user: free_port(also_udp=True) for flow in FLOWS}
     mgmt = free_port()
     config = workdir / "sbc.yaml"
-    config.write_text(_config(workdir, plain, outside, inside, mgmt, callees, transport))
+    config.write_text(routed_config(workdir, plain, outside, inside, mgmt, callees, transport))
     sbc = SbcProcess(workdir, config, Ports(plain, 0, mgmt)).start()
     try:
         yield Lab(sbc, workdir, outside, callees, transport)
