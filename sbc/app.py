@@ -218,6 +218,12 @@ FIREWALL_FLUSH_INTERVAL = 1.0
 #: ruleset` (what a restart of nftables.service runs) removes it under the SBC.
 TABLE_CHECK_INTERVAL = 5.0
 
+#: Media commands waiting for the relay at which new calls are refused (503 with
+#: Retry-After, admission scope ``node``). Each call waits for the set-ups queued
+#: before its own (a few ms each on one core): beyond this, a call offered more
+#: load than the SBC carries would wait seconds and its caller give up.
+MAX_MEDIA_BACKLOG = 100
+
 
 def _started_firewall(section: FirewallConfig) -> Firewall:
     """A Firewall with its ruleset installed (blocks on netlink: run in an executor)."""
@@ -295,6 +301,7 @@ class SbcNode:
         self._tasks: list[asyncio.Task[None]] = []
         self.media: MediaRelay | None = None
         self._media_queue: asyncio.Queue[MediaCommand] = asyncio.Queue()
+        self.admission.busy = self._media_backlogged
         self._media_worker: asyncio.Task[None] | None = None
         self._sends: set[asyncio.Task[None]] = set()
         #: Media work running beside the queue: deletions, and allocations waiting
@@ -645,6 +652,7 @@ class SbcNode:
             "transactions": len(self.transactions),
             "calls": len(self.calls),
             "media_sessions": 0 if self.media is None else len(self.media.sessions()),
+            "media_backlog": self._media_queue.qsize(),
             "firewall": {"enabled": self.firewall is not None, "bans": self._firewall_bans},
             # Polled, not watched: a flush shows at the next check (`_restore_table`),
             # up to TABLE_CHECK_INTERVAL later. None: no check yet (or nothing of the
@@ -941,6 +949,10 @@ class SbcNode:
         if outgoing.transaction is not None:
             now = time.monotonic()
             self._dispatch(self.transactions.transport_error(outgoing.transaction, now), now)
+
+    def _media_backlogged(self) -> bool:
+        """Whether new calls must wait too long for their media (MAX_MEDIA_BACKLOG)."""
+        return self._media_queue.qsize() >= MAX_MEDIA_BACKLOG
 
     async def _run_media(self) -> None:
         """Run the B2BUA's media commands one at a time, in the order they were made.

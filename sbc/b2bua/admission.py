@@ -14,6 +14,13 @@ A refused call is answered ``503 Service Unavailable`` (RFC 3261 21.5.4) with a
 has a token again; for a concurrency refusal, the configured value (when a call
 ends cannot be known).
 
+Before any scope, the node itself: while its ``busy`` check says it cannot set up
+more calls in time (the SBC's media set-up queue is full), every new call is
+refused the same way, scope ``node``. Offered more calls than it can carry, the
+SBC then sets up the calls it takes in a fraction of a second; without the check
+each call waited behind all the others, for seconds, and many callers gave up
+(docs/performance.md, "Overload").
+
 Scope names come from configuration (realm and trunk names), never from the wire,
 so the per-scope tables are bounded by the configuration the node has had.
 """
@@ -24,12 +31,13 @@ import enum
 import itertools
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
 __all__ = [
     "DEFAULT_RETRY_AFTER",
+    "NODE",
     "REFUSAL_STATUS",
     "AdmissionControl",
     "AdmissionScope",
@@ -61,6 +69,8 @@ class AdmissionScope(enum.StrEnum):
 
     REALM = "realm"
     TRUNK = "trunk"
+    #: The SBC as a whole (its one name is ``NODE``).
+    NODE = "node"
 
 
 class RefusalReason(enum.Enum):
@@ -70,6 +80,8 @@ class RefusalReason(enum.Enum):
     CONCURRENT = "concurrent"
     #: The scope's token bucket is empty (``calls_per_second`` exceeded).
     RATE = "rate"
+    #: The node cannot set up more calls in time (its ``busy`` check).
+    BUSY = "busy"
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +187,7 @@ class _ScopeState:
     admitted: int = 0
     refused_concurrent: int = 0
     refused_rate: int = 0
+    refused_busy: int = 0
     #: Token bucket: tokens left at ``updated``; None before the first rate check.
     tokens: float = 0.0
     updated: float | None = None
@@ -198,6 +211,8 @@ class AdmissionControl:
         self._retry_after = DEFAULT_RETRY_AFTER
         self._states: dict[tuple[AdmissionScope, str], _ScopeState] = {}
         self._outstanding: set[AdmissionTicket] = set()
+        #: True while the node cannot take another call in time; set by the node.
+        self.busy: Callable[[], bool] | None = None
         self._configure(realms, trunks, retry_after)
 
     # -- decisions ---------------------------------------------------------------------
@@ -210,6 +225,9 @@ class AdmissionControl:
         every scope agrees, each holds one more call and spends one rate token.
         """
         ticket = self._ticket(realms, trunk)
+        if self.busy is not None and self.busy():
+            self._state(_NODE).refused_busy += 1
+            return Refused(AdmissionScope.NODE, NODE, RefusalReason.BUSY, self._retry_after)
         keys = ticket.scopes
         for key in keys:
             refusal = self._check(key, now)
@@ -327,6 +345,7 @@ class AdmissionControl:
                 "admitted": state.admitted,
                 "refused_concurrent": state.refused_concurrent,
                 "refused_rate": state.refused_rate,
+                "refused_busy": state.refused_busy,
                 "active": state.active,
             }
         return out
@@ -372,3 +391,6 @@ class AdmissionControl:
 
 
 _UNLIMITED: Final = Limits()
+#: The name of the one ``node`` scope.
+NODE: Final = "sbc"
+_NODE: Final = (AdmissionScope.NODE, NODE)

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
-from sbc.b2bua.admission import AdmissionControl, AdmissionTicket, Refused
+from sbc.b2bua.admission import AdmissionControl, AdmissionTicket, RefusalReason, Refused
 from sbc.b2bua.call import Call, CallLeg, CallState, EndReason, LegSide
 from sbc.b2bua.local import LocalResponder
 from sbc.b2bua.realm import Hop, Realm, RealmTable
@@ -61,6 +61,7 @@ from sbc.b2bua.topology import (
     via_for,
 )
 from sbc.b2bua.trunks import Gateway, probe_request
+from sbc.burst import BurstLog
 from sbc.evolve import evolve
 from sbc.media.session import LegOffer, MediaSession, Side, StreamOffer
 from sbc.sip.dialog import (
@@ -147,6 +148,9 @@ FAILOVER_STATUSES: Final = frozenset({408, 500, 502, 503, 504})
 #: Most parallel forks of one call (contacts of one user) and serial attempts.
 MAX_FORKS: Final = 10
 MAX_ATTEMPTS: Final = 16
+
+#: Seconds between the log lines of calls refused because the node is busy.
+BUSY_LOG_INTERVAL: Final = 10.0
 
 #: B-leg INVITEs let go of while they could still be answered, kept so that a late
 #: 2xx is ACKed and hung up; the oldest are forgotten beyond this many.
@@ -678,6 +682,7 @@ class CallController:
         self._routed: dict[ClientTransaction, _Routed] = {}
         #: (Call-ID, the SBC's To tag, CSeq number) of a 2xx not yet ACKed.
         self._unacked: dict[tuple[str, str, int], _Unacked] = {}
+        self._busy_log = BurstLog(BUSY_LOG_INTERVAL)
         #: (Call-ID, the SBC's From tag) of B INVITEs let go of unanswered, oldest first.
         self._orphans: OrderedDict[tuple[str, str], _Orphan] = OrderedDict()
         #: Requests sent over TCP for their size: the UDP hop they fall back to.
@@ -1268,14 +1273,23 @@ class CallController:
         if self.admission is not None:
             verdict = self.admission.admit((realm.name, target_realm.name), trunk, now)
             if isinstance(verdict, Refused):
-                logger.info(
-                    "x %s from %s: not admitted (%s %s: %s)",
-                    request.raw_uri,
-                    realm.name,
-                    verdict.scope,
-                    verdict.name,
-                    verdict.reason.name.lower(),
-                )
+                if verdict.reason is RefusalReason.BUSY:
+                    # A line a call would add to the load that causes them.
+                    quiet = self._busy_log.hit(now)
+                    if quiet is not None:
+                        logger.warning(
+                            "x sbc busy (media set-up backlog): new calls get 503%s",
+                            f"; {quiet} more refused since the last report" if quiet else "",
+                        )
+                else:
+                    logger.info(
+                        "x %s from %s: not admitted (%s %s: %s)",
+                        request.raw_uri,
+                        realm.name,
+                        verdict.scope,
+                        verdict.name,
+                        verdict.reason.name.lower(),
+                    )
                 return self._reject_attempt(
                     tx,
                     request,

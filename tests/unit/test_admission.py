@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from sbc.b2bua.admission import (
     DEFAULT_RETRY_AFTER,
+    NODE,
     AdmissionControl,
     AdmissionScope,
     AdmissionTicket,
@@ -368,16 +369,39 @@ def test_counters() -> None:
     refused(control.admit(["core"], "carrier", 0.0))
     admitted(control.admit(["core"], None, 0.0))
     control.release(first)
+    counts = {"admitted": 0, "refused_concurrent": 0, "refused_rate": 0, "refused_busy": 0}
     assert control.counters() == {
         "realm": {
-            "core": {"admitted": 1, "refused_concurrent": 0, "refused_rate": 0, "active": 1},
-            "idle": {"admitted": 0, "refused_concurrent": 0, "refused_rate": 0, "active": 0},
-            "public": {"admitted": 1, "refused_concurrent": 1, "refused_rate": 0, "active": 0},
+            "core": {**counts, "admitted": 1, "active": 1},
+            "idle": {**counts, "active": 0},
+            "public": {**counts, "admitted": 1, "refused_concurrent": 1, "active": 0},
         },
-        "trunk": {
-            "carrier": {"admitted": 1, "refused_concurrent": 0, "refused_rate": 1, "active": 0},
-        },
+        "trunk": {"carrier": {**counts, "admitted": 1, "refused_rate": 1, "active": 0}},
+        "node": {},
     }
+
+
+def test_a_busy_node_refuses_every_call_and_charges_no_scope() -> None:
+    control = AdmissionControl({"public": Limits(max_calls=5)}, {}, retry_after=7)
+    busy = [True]
+    control.busy = lambda: busy[0]
+    refusal = refused(control.admit(["public"], "carrier", 0.0))
+    assert (refusal.scope, refusal.name, refusal.reason) == (
+        AdmissionScope.NODE,
+        NODE,
+        RefusalReason.BUSY,
+    )
+    assert refusal.status == 503 and refusal.headers == (("Retry-After", "7"),)
+    refused(control.admit(["other"], None, 0.0))
+    assert control.active("realm", "public") == 0
+    busy[0] = False
+    admitted(control.admit(["public"], "carrier", 0.0))
+    counters = control.counters()
+    assert counters["node"] == {
+        NODE: {"admitted": 0, "refused_concurrent": 0, "refused_rate": 0, "refused_busy": 2,
+               "active": 0}
+    }  # fmt: skip
+    assert counters["realm"]["public"]["admitted"] == 1
 
 
 def test_refused_gives_the_503_and_retry_after() -> None:
