@@ -218,12 +218,6 @@ FIREWALL_FLUSH_INTERVAL = 1.0
 #: ruleset` (what a restart of nftables.service runs) removes it under the SBC.
 TABLE_CHECK_INTERVAL = 5.0
 
-#: Media commands waiting for the relay at which new calls are refused (503 with
-#: Retry-After, admission scope ``node``). Each call waits for the set-ups queued
-#: before its own (a few ms each on one core): beyond this, a call offered more
-#: load than the SBC carries would wait seconds and its caller give up.
-MAX_MEDIA_BACKLOG = 100
-
 
 def _started_firewall(section: FirewallConfig) -> Firewall:
     """A Firewall with its ruleset installed (blocks on netlink: run in an executor)."""
@@ -951,8 +945,12 @@ class SbcNode:
             self._dispatch(self.transactions.transport_error(outgoing.transaction, now), now)
 
     def _media_backlogged(self) -> bool:
-        """Whether new calls must wait too long for their media (MAX_MEDIA_BACKLOG)."""
-        return self._media_queue.qsize() >= MAX_MEDIA_BACKLOG
+        """Whether new calls would wait too long for their media: refused (503 with
+        Retry-After, admission scope ``node``) while ``calls.max_setup_backlog``
+        media commands wait. Each call waits for the set-ups queued before its own
+        (a few ms apiece on one core); with no limit, offered more calls than it
+        carries, the SBC made every call wait seconds and callers gave up."""
+        return self._media_queue.qsize() >= self.config.calls.max_setup_backlog
 
     async def _run_media(self) -> None:
         """Run the B2BUA's media commands one at a time, in the order they were made.

@@ -454,6 +454,15 @@ class CallsConfig(Section):
         default=5,
         metadata=spec("Retry-After of 503 answers of admission control.", min=1, max=3600),
     )
+    max_setup_backlog: int = field(
+        default=100,
+        metadata=spec(
+            "Media set-ups waiting at which new calls get 503 (overload); each waits"
+            " for those before it, a few ms apiece.",
+            min=1,
+            max=100000,
+        ),
+    )
 
     def check(self, path: str) -> Iterator[Issue]:
         if self.session_expires and self.session_expires < self.min_se:

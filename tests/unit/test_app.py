@@ -11,6 +11,8 @@ import pytest
 
 from sbc import app
 from sbc.app import FirewallUnavailableError, SbcNode, firewall_config
+from sbc.b2bua.admission import RefusalReason, Refused
+from sbc.b2bua.controller import DeleteMedia
 from sbc.config.loader import load_config_text
 from sbc.firewall.config import SipPorts
 from sbc.firewall.nft import NftError
@@ -144,3 +146,17 @@ def test_a_vanished_table_is_put_back_unless_a_reload_stopped_the_firewall(
 def test_health_says_no_table_check_before_the_first() -> None:
     node = SbcNode(load("{}"))
     assert node.health()["nft_table"] == {"checked_s_ago": None, "restores": 0}
+
+
+def test_new_calls_are_refused_while_the_media_backlog_is_full() -> None:
+    node = SbcNode(load("calls: {max_setup_backlog: 2}"))
+    busy = node.admission.busy
+    assert busy is not None and not busy()
+    node._media_queue.put_nowait(DeleteMedia("c1", "s1"))
+    assert not busy() and node.health()["media_backlog"] == 1
+    node._media_queue.put_nowait(DeleteMedia("c2", "s2"))
+    assert busy()
+    refusal = node.admission.admit(["outside"], None, 0.0)
+    assert isinstance(refusal, Refused) and refusal.reason is RefusalReason.BUSY
+    node._media_queue.get_nowait()
+    assert not busy()
