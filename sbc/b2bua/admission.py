@@ -211,7 +211,8 @@ class AdmissionControl:
         self._retry_after = DEFAULT_RETRY_AFTER
         self._states: dict[tuple[AdmissionScope, str], _ScopeState] = {}
         self._outstanding: set[AdmissionTicket] = set()
-        #: True while the node cannot take another call in time; set by the node.
+        #: Asked before any scope: True while the node can take no call in time
+        #: (the SBC sets it to its media set-up backlog check).
         self.busy: Callable[[], bool] | None = None
         self._configure(realms, trunks, retry_after)
 
@@ -220,8 +221,9 @@ class AdmissionControl:
     def admit(self, realms: Iterable[str], trunk: str | None, now: float) -> Decision:
         """Admit a new call touching ``realms`` (both legs') and ``trunk`` at ``now``.
 
-        Scopes are checked in order (realms as given, then the trunk), concurrency
-        before rate; the first refusal is returned and nothing is charged. When
+        The node's ``busy`` check comes first, then the scopes in order (realms as
+        given, then the trunk), concurrency before rate; the first refusal is
+        returned and nothing is charged. When
         every scope agrees, each holds one more call and spends one rate token.
         """
         ticket = self._ticket(realms, trunk)
