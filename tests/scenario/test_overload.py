@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from sbc.config.b2bua import CallsConfig
-from tests.scenario.sbcproc import Ports, SbcProcess, free_port, routed_config
+from tests.scenario.sbcproc import Ports, SbcProcess, free_port, routed_config, wait_until
 
 SIPP = shutil.which("sipp")
 SCENARIOS = Path(__file__).parent / "sipp"
@@ -67,15 +67,6 @@ def _rows(workdir: Path, query: str) -> list[tuple[object, ...]]:
         return db.execute(query).fetchall()
 
 
-def _wait(check: object, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
-            return True
-        time.sleep(0.25)
-    return bool(check())  # type: ignore[operator]
-
-
 def test_excess_calls_get_503_at_once_and_the_rest_set_up_quickly(
     sbc: tuple[SbcProcess, int, int], tmp_path: Path
 ) -> None:
@@ -92,23 +83,23 @@ def test_excess_calls_get_503_at_once_and_the_rest_set_up_quickly(
     try:
         deadline = time.monotonic() + 120
         while caller.poll() is None and time.monotonic() < deadline:
-            backlog = max(backlog, int(process.health()[1].get("media_backlog") or 0))  # type: ignore[call-overload]
+            backlog = max(backlog, int(str(process.health()[1].get("media_backlog") or 0)))
             time.sleep(0.1)
     finally:
         for proc in (caller, callee):
             if proc.poll() is None:
                 proc.kill()
             proc.communicate(timeout=10)
-    assert _wait(lambda: process.health()[1].get("calls") == 0, 30), process.health()
+    assert wait_until(lambda: process.health()[1].get("calls") == 0, 30), process.health()
 
     def count(where: str) -> int:
-        return int(_rows(tmp_path, f"SELECT count(*) FROM cdr WHERE {where}")[0][0])  # type: ignore[call-overload]
+        return int(str(_rows(tmp_path, f"SELECT count(*) FROM cdr WHERE {where}")[0][0]))
 
-    assert _wait(lambda: count("1") >= calls * 0.9, 15), count("1")
+    assert wait_until(lambda: count("1") >= calls * 0.9, 15), count("1")
     refused = count("end_reason = 'admission' AND final_status = 503")
     answered = count("disposition = 'answered'")
     setups = sorted(
-        float(t)  # type: ignore[arg-type]
+        float(str(t))
         for (t,) in _rows(tmp_path, "SELECT setup_time FROM cdr WHERE disposition = 'answered'")
     )
     p95 = setups[int(len(setups) * 0.95)] if setups else None

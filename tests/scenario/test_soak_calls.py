@@ -23,13 +23,13 @@ import shutil
 import sqlite3
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.scenario.sbcproc import Ports, SbcProcess, free_port, routed_config
+from tests.scenario.sbcproc import Ports, SbcProcess, free_port, routed_config, wait_until
 
 SIPP = shutil.which("sipp")
 SCENARIOS = Path(__file__).parent / "sipp"
@@ -117,15 +117,6 @@ def _sipp(
     )  # fmt: skip
 
 
-def _wait(what: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if what():
-            return True
-        time.sleep(0.25)
-    return what()
-
-
 def _open_files(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -167,12 +158,12 @@ def _round(lab: Lab, tag: str, expected: dict[tuple[str, str], int]) -> int:
     def health() -> dict[str, object]:
         return lab.sbc.health()[1]
 
-    assert _wait(lambda: health().get("calls") == 0 and health().get("media_sessions") == 0, 15), (
-        health()
-    )
+    assert wait_until(
+        lambda: health().get("calls") == 0 and health().get("media_sessions") == 0, 15
+    ), health()
     # Server transactions linger for their retransmissions (Timers J and K, 32 s).
-    assert _wait(lambda: health().get("transactions") == 0, 45), health()
-    assert _wait(lambda: _cdr_counts(lab) == expected, 15), (_cdr_counts(lab), expected)
+    assert wait_until(lambda: health().get("transactions") == 0, 45), health()
+    assert wait_until(lambda: _cdr_counts(lab) == expected, 15), (_cdr_counts(lab), expected)
     assert "Traceback" not in lab.sbc.log()
     return lab.sbc.rss_kib()
 
