@@ -226,10 +226,10 @@ class AdmissionControl:
         returned and nothing is charged. When
         every scope agrees, each holds one more call and spends one rate token.
         """
-        ticket = self._ticket(realms, trunk)
         if self.busy is not None and self.busy():
             self._state(_NODE).refused_busy += 1
             return Refused(AdmissionScope.NODE, NODE, RefusalReason.BUSY, self._retry_after)
+        ticket = self._ticket(realms, trunk)
         keys = ticket.scopes
         for key in keys:
             refusal = self._check(key, now)
