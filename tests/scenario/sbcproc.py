@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -53,6 +54,27 @@ def wait_until(check: Callable[[], bool], timeout: float, interval: float = 0.25
             return True
         time.sleep(interval)
     return check()
+
+
+SIPP = shutil.which("sipp")
+SIPP_SCENARIOS = Path(__file__).parent / "sipp"
+
+
+def sipp_popen(workdir: Path, scenario: str, name: str, *args: str) -> subprocess.Popen[bytes]:
+    """SIPp running ``scenario`` (from ``sipp/``) on 127.0.0.1 in ``workdir``.
+
+    Errors go to ``<name>.err`` there and stderr is piped; ``args`` add the
+    ports, rate, limits and target. Without keyboard input, so it ends by itself.
+    """
+    assert SIPP is not None, "sipp (Debian package sip-tester) is not installed"
+    command = [
+        SIPP, "-sf", str(SIPP_SCENARIOS / scenario), "-i", "127.0.0.1", "-nostdin",
+        "-trace_err", "-error_file", str(workdir / f"{name}.err"), *args,
+    ]  # fmt: skip
+    return subprocess.Popen(
+        command, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
 
 
 @dataclass

@@ -13,7 +13,6 @@ logged in a line per burst, and it serves normally afterwards.
 
 from __future__ import annotations
 
-import shutil
 import sqlite3
 import subprocess
 import time
@@ -23,10 +22,16 @@ from pathlib import Path
 import pytest
 
 from sbc.config.b2bua import CallsConfig
-from tests.scenario.sbcproc import Ports, SbcProcess, free_port, routed_config, wait_until
+from tests.scenario.sbcproc import (
+    SIPP,
+    Ports,
+    SbcProcess,
+    free_port,
+    routed_config,
+    sipp_popen,
+    wait_until,
+)
 
-SIPP = shutil.which("sipp")
-SCENARIOS = Path(__file__).parent / "sipp"
 RATE = 1000
 SECONDS = 4
 USER = "1001"
@@ -50,16 +55,10 @@ def sbc(tmp_path: Path) -> Iterator[tuple[SbcProcess, int, int]]:
 def _sipp(
     workdir: Path, scenario: str, name: str, port: int, *extra: str
 ) -> subprocess.Popen[bytes]:
-    assert SIPP is not None
-    args = [
-        SIPP, "-sf", str(SCENARIOS / scenario), "-i", "127.0.0.1", "-p", str(port),
-        "-mp", str(31000 if "uac" in scenario else 31500), "-nostdin",
-        "-timeout", "90s", "-trace_err", "-error_file", str(workdir / f"{name}.err"), *extra,
-    ]  # fmt: skip
-    return subprocess.Popen(
-        args, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+    media = "31000" if "uac" in scenario else "31500"
+    return sipp_popen(
+        workdir, scenario, name, "-p", str(port), "-mp", media, "-timeout", "90s", *extra
+    )
 
 
 def _rows(workdir: Path, query: str) -> list[tuple[object, ...]]:

@@ -19,7 +19,6 @@ Marked slow (`make test-slow`): about 2 minutes a transport.
 from __future__ import annotations
 
 import os
-import shutil
 import sqlite3
 import subprocess
 import time
@@ -29,10 +28,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.scenario.sbcproc import Ports, SbcProcess, free_port, routed_config, wait_until
+from tests.scenario.sbcproc import (
+    SIPP,
+    Ports,
+    SbcProcess,
+    free_port,
+    routed_config,
+    sipp_popen,
+    wait_until,
+)
 
-SIPP = shutil.which("sipp")
-SCENARIOS = Path(__file__).parent / "sipp"
 SECONDS = float(os.environ.get("SBC_SOAK_SECONDS", "30"))
 RATE = int(os.environ.get("SBC_SOAK_RATE", "20"))
 #: SIPp's own media ports, between the relay's range (20000-29999) and the kernel's
@@ -93,13 +98,9 @@ def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 def _sipp(
     lab: Lab, flow: Flow, role: str, index: int, calls: int, tag: str
 ) -> subprocess.Popen[bytes]:
-    assert SIPP is not None
-    name = f"{tag}-{flow.user}-{role}"
     args = [
-        SIPP, "-sf", str(SCENARIOS / (flow.caller if role == "uac" else flow.callee)),
-        "-i", "127.0.0.1", "-m", str(calls), "-mp", str(MEDIA_BASE + 20 * index),
-        "-timeout", f"{int(SECONDS) + 60}s", "-timeout_error", "-nostdin",
-        "-trace_err", "-error_file", str(lab.workdir / f"{name}.err"),
+        "-m", str(calls), "-mp", str(MEDIA_BASE + 20 * index),
+        "-timeout", f"{int(SECONDS) + 60}s", "-timeout_error",
     ]  # fmt: skip
     if lab.transport == "tcp":
         # SIPp refuses to start when its socket cap (50,000) is above the open-files limit.
@@ -111,10 +112,8 @@ def _sipp(
             "-p", str(free_port(also_udp=True)), "-s", flow.user, "-r", str(RATE),
             "-l", str(RATE * 5), f"127.0.0.1:{lab.outside}",
         ]  # fmt: skip
-    return subprocess.Popen(
-        args, cwd=lab.workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+    scenario = flow.caller if role == "uac" else flow.callee
+    return sipp_popen(lab.workdir, scenario, f"{tag}-{flow.user}-{role}", *args)
 
 
 def _open_files(pid: int) -> int:
