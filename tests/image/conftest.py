@@ -35,13 +35,6 @@ image_tests = [
 FIGURES = IMAGE_DIR / "figures.txt"
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers",
-        "image: builds and boots the appliance image (minutes, root, QEMU); `make test-image`",
-    )
-
-
 def record(name: str, value: object) -> None:
     """Append a measured figure to build/image/TARGET/figures.txt (for the release note)."""
     IMAGE_DIR.mkdir(parents=True, exist_ok=True)
