@@ -139,6 +139,12 @@ ROUTED_REQUESTS: Final = frozenset({"MESSAGE", "PUBLISH", "NOTIFY"})
 #: Headers of a SUBSCRIBE/NOTIFY that carry the event package, not topology (RFC 6665).
 EVENT_HEADERS: Final = ("Event", "Expires", "Accept", "Allow-Events", "Subscription-State")
 
+#: Headers of an answer that say what its sender supports (RFC 3261 20.5, 20.1, 20.2,
+#: 20.37, 20.40): capability tokens, never an address. They cross on error answers,
+#: which they explain (405 must name Allow, 415 Accept, 420 Unsupported), and on
+#: answers to a relayed OPTIONS, which exist to carry them.
+CAPABILITY_HEADERS: Final = ("Allow", "Accept", "Accept-Encoding", "Supported", "Unsupported")
+
 #: Seconds a subscription outlives its Expires without a refresh before it is dropped.
 SUBSCRIPTION_GRACE: Final = 32.0
 
@@ -1683,10 +1689,11 @@ class CallController:
         headers: list[tuple[str, str]] = []
         for name in ("SIP-ETag", "Expires", "Min-Expires"):
             headers.extend((name, value) for value in response.headers.fields(name))
+        realm = self.realms.get(routed.a_realm)
+        headers.extend(_capabilities(routed.request.method, response, realm))
         out = make_response(
             routed.request, response.status, response.reason, to_tag=new_tag(), headers=headers
         )
-        realm = self.realms.get(routed.a_realm)
         if realm is not None:
             copy_kept_headers(response, out, realm)
         return self._send_response(routed.server, out, now, routed.a_realm)
@@ -2406,8 +2413,9 @@ class CallController:
             headers.append(("Contact", contact_for(live.call.leg(side).local)))
         if status == 491 or status == 503:
             headers.extend(("Retry-After", v) for v in response.headers.fields("Retry-After"))
-        out = make_response(relayed.request, status, response.reason, headers=headers)
         realm = self.realms.get(live.call.leg(side).realm)
+        headers.extend(_capabilities(relayed.request.method, response, realm))
+        out = make_response(relayed.request, status, response.reason, headers=headers)
         if realm is not None:
             copy_kept_headers(response, out, realm)
         try:
@@ -2654,6 +2662,19 @@ class CallController:
         if live.is_subscription:
             return Step()  # not a call attempt: no CDR
         return Step(ended=(live.call,))
+
+
+def _capabilities(method: str, response: Response, realm: Realm | None) -> list[tuple[str, str]]:
+    """The CAPABILITY_HEADERS of ``response`` (to a ``method`` request) to relay:
+    on an error answer or any answer to OPTIONS; none its realm's keep-list copies."""
+    if response.status < 300 and method != "OPTIONS":
+        return []
+    out: list[tuple[str, str]] = []
+    for name in CAPABILITY_HEADERS:
+        if realm is not None and realm.keeps(name):
+            continue
+        out.extend((name, value) for value in response.headers.fields(name))
+    return out
 
 
 def _set_via(

@@ -200,7 +200,10 @@ class RealmConfig(Section):
     keep_headers: tuple[str, ...] = field(
         default=DEFAULT_KEEP_HEADERS,
         metadata=spec(
-            "Headers copied into this realm from the other leg; all others are dropped.",
+            "Headers copied into this realm from the other leg; all others are dropped,"
+            " except those a method needs (Event, Subscription-State, SIP-ETag ...) and"
+            " the capability lists (Allow, Accept, Supported ...) of error answers and"
+            " relayed OPTIONS answers.",
             pattern=HEADER_NAME_PATTERN,
         ),
     )

@@ -703,6 +703,29 @@ def test_update_and_info_are_relayed_both_ways_with_bodies() -> None:
     assert statuses(step) == [200]
 
 
+def test_an_error_answer_to_a_relayed_request_keeps_its_capabilities() -> None:
+    """405 must name Allow (RFC 3261 21.4.6), 415 Accept: the far end's own lists
+    cross with the error; a success answer carries none of them."""
+    c = controller()
+    _, _, a_tag = confirmed_call(c)
+    step = receive(c, from_a("INFO", a_tag, 2, body="x", content_type="text/plain"), CALLER, 1)
+    (info,) = requests(step, "INFO")
+    lists = "Allow: INVITE, ACK, BYE\r\nAccept: application/sdp\r\nSupported: timer\r\n"
+    step = receive(c, answer(info, 405, extra=lists), TRUNK, 1.1)
+    (refused,) = responses(step)
+    assert refused.status == 405 and refused.cseq.method == "INFO"
+    assert refused.headers.fields("Allow") == ["INVITE, ACK, BYE"]
+    assert refused.headers.fields("Accept") == ["application/sdp"]
+    assert refused.headers.fields("Supported") == ["timer"]
+    assert b"203.0.113" not in bytes(refused)
+
+    step = receive(c, from_a("INFO", a_tag, 3, body="y", content_type="text/plain"), CALLER, 2)
+    (info,) = requests(step, "INFO")
+    step = receive(c, answer(info, 200, extra=lists), TRUNK, 2.1)
+    (ok,) = responses(step)
+    assert ok.status == 200 and "Allow" not in ok.headers and "Accept" not in ok.headers
+
+
 def test_early_update_and_info_keep_each_leg_s_cseq_rising_after_the_answer() -> None:
     c = controller()
     (invite,), _ = start_call(c)
