@@ -533,6 +533,17 @@ def test_refer_relayed_with_refer_to_at_the_sbc(lab: FlowLab) -> None:
     # Referred-By named the caller's address: it is not let through.
     assert not header(refer, "Referred-By")
     assert "<SIP/2.0 202" in "\n".join(starts(caller))
+    # The transfer's progress (RFC 3515 2.4.4) reaches the transferor in its dialog.
+    notifies = [m for m in caller.received if m.startswith("<NOTIFY")]
+    assert len(notifies) == 2, starts(caller)
+    for notify, frag, state in zip(
+        notifies, ("SIP/2.0 100 Trying", "SIP/2.0 200 OK"), ("active", "terminated"), strict=True
+    ):
+        assert header(notify, "Event") == ["refer"]
+        assert header(notify, "Subscription-State")[0].startswith(state)
+        assert header(notify, "Content-Type") == ["message/sipfrag;version=2.0"]
+        assert notify.rstrip().endswith(frag)
+        assert header(notify, "Call-ID") == header(first(caller, ">INVITE"), "Call-ID")
     assert_hidden(caller, callee, caller_sipp, callee_sipp)
     lab.cdrs.append(answered("2003", "to-uas", "xfer", "inside", lab.uas))
 
