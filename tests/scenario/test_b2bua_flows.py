@@ -1,12 +1,12 @@
 """Call flows through the real SBC, driven by SIPp: registration, PRACK, mid-call
-requests, REFER, MESSAGE, admission, trunk failover and probing, header rules, CDRs
-and the maximum call duration.
+requests, REFER with its NOTIFYs, MESSAGE, admission, trunk failover and probing,
+header rules, CDRs, the maximum call duration and the media timeout.
 
 One `sbc run` serves most flows: each flow enters through its own realm (its own
 UDP port on loopback) so that per-realm policy (registrar, REFER, limits) can be
 told apart, and calls its own number so that its CDR can be found. Probing, header
-rules and the call duration limit get an SBC of their own: their timers and rules
-would disturb the other flows. Every SIPp side records what it sent and received
+rules, the call duration limit and the media timeout get an SBC of their own: their
+timers and rules would disturb the other flows. Every SIPp side records what it sent and received
 (``-trace_msg``); each test asserts what crossed the SBC and what did not: neither
 side ever sees the other's Call-ID, tags, branches, SIP or media ports.
 """
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.scenario.sbcproc import Ports, SbcProcess, free_port
+from tests.scenario.sbcproc import Ports, SbcProcess, free_port, wait_until
 from tests.scenario.test_b2bua_sipp import (
     SCENARIOS,
     SIPP,
@@ -911,3 +911,84 @@ def test_max_duration_ends_the_call_with_bye_on_both_legs(tmp_path: Path) -> Non
         f"127.0.0.1:{uas}",
     ).check(rows)  # fmt: skip
     assert row["duration"] == pytest.approx(2.0, abs=0.5)
+
+
+# -- 10. media timeout ---------------------------------------------------------------------
+
+
+def relay_rtp_ports(pid: int) -> list[int]:
+    """The even UDP ports process ``pid`` has bound on 127.0.0.1 in the relay's range
+    (20000-29999): its RTP ports, one per leg of each call."""
+    out = subprocess.run(
+        ["ss", "-H", "-u", "-a", "-n", "-p"], capture_output=True, text=True, timeout=10, check=True
+    ).stdout
+    ports = set()
+    for line in out.splitlines():
+        if f"pid={pid}," not in line:
+            continue
+        found = re.search(r"127\.0\.0\.1:(\d+)\s", line)
+        if found and 20000 <= int(found.group(1)) <= 29999 and int(found.group(1)) % 2 == 0:
+            ports.add(int(found.group(1)))
+    return sorted(ports)
+
+
+def rtp_packet(seq: int) -> bytes:
+    """An RTP packet (RFC 3550): PCMU, 20 ms of silence."""
+    return (
+        bytes([0x80, 0x00])
+        + seq.to_bytes(2, "big")
+        + (seq * 160).to_bytes(4, "big")
+        + (b"\x12\x34\x56\x78" + b"\xff" * 160)
+    )
+
+
+def test_media_timeout_ends_a_silent_call_not_a_talking_one(tmp_path: Path) -> None:
+    outside, inside, uas = udp_port(), udp_port(), udp_port()
+    body = (
+        "realms:\n"
+        + realm_yaml("outside", outside)
+        + realm_yaml("inside", inside)
+        + "routes:\n"
+        + f"  - {{name: to-uas, action: trunk, realm: inside, host: 127.0.0.1, port: {uas}}}\n"
+    )
+    # The body follows the config's "media:" section: its first line joins it.
+    sbc = start_sbc(tmp_path, "  timeout: 2\n" + body)
+    talkers = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+    try:
+        # Neither side hangs up: both wait for the SBC's BYE and answer it.
+        callee_sipp = start_sipp(tmp_path, "uas", "uas_basic.xml", port=uas)
+        time.sleep(0.1)
+        caller_sipp = start_sipp(
+            tmp_path, "uac", "uac_callee_bye.xml", remote=outside, service="2091"
+        )
+        assert wait_for_calls(sbc, 1), sbc.log()[-3000:]
+        assert wait_until(lambda: len(relay_rtp_ports(sbc.pid)) == 2, 5.0, 0.1)
+        ports = relay_rtp_ports(sbc.pid)
+        # RTP into both legs for 4 s, twice the media timeout: the call stays up.
+        talked = time.monotonic()
+        seq = 0
+        while time.monotonic() - talked < 4.0:
+            for talker, port in zip(talkers, ports, strict=True):
+                talker.sendto(rtp_packet(seq), ("127.0.0.1", port))
+            seq += 1
+            time.sleep(0.05)
+        status, health = sbc.health()
+        assert status == 200 and health.get("calls") == 1, (health, sbc.log()[-3000:])
+        silent_from = time.time()
+        caller, callee = caller_sipp.finish(), callee_sipp.finish()
+        assert caller.returncode == 0, explain(sbc, caller, callee)
+        assert callee.returncode == 0, explain(sbc, caller, callee)
+    finally:
+        for talker in talkers:
+            talker.close()
+        assert sbc.stop() == 0
+    # Silent from then on: both legs get the SBC's BYE about the timeout later.
+    for sipp in (caller_sipp, callee_sipp):
+        bye = next(t for t, line in stamped(sipp.trace) if line.startswith("<BYE "))
+        assert 1.5 <= bye - silent_from <= 4.0, bye - silent_from
+    assert_hidden(caller, callee, caller_sipp, callee_sipp)
+    row = ExpectedCdr(
+        "2091", "to-uas", "answered", 200, "media_timeout", "sbc", "outside", "inside",
+        f"127.0.0.1:{uas}",
+    ).check(read_cdrs(tmp_path / "state" / "cdr.sqlite"))  # fmt: skip
+    assert row["duration"] >= 5.5
