@@ -416,6 +416,8 @@ class Flow:
     call_id_host: str | None = None
     #: The caller plays leak_rtp.pcap and the callee echoes it (SIPp -rtp_echo).
     media: bool = False
+    #: SIPp calls the callee takes (each PUBLISH reaches it as its own call).
+    callee_calls: int = 1
 
 
 @dataclass(frozen=True)
@@ -441,7 +443,8 @@ def _sipp(lab: Lab, flow: Flow, side: Side) -> tuple[subprocess.Popen[bytes], Pa
     trace.unlink(missing_ok=True)
     args = [
         SIPP, "-sf", str(SCENARIOS / (flow.caller if caller else flow.callee)),
-        "-i", side.peer, "-p", str(port), "-mp", str(media), "-m", "1",
+        "-i", side.peer, "-p", str(port), "-mp", str(media),
+        "-m", str(1 if caller else flow.callee_calls),
         "-timeout", SIPP_TIMEOUT, "-timeout_error", "-nostdin",
         "-trace_msg", "-message_file", str(trace),
         "-trace_err", "-error_file", str(lab.workdir / f"{name}.err"),
@@ -548,6 +551,12 @@ FLOWS = [
         call_id_host=INSIDE_HOST,
         media=True,
     ),
+    Flow("early-prack", "flow_uac_early.xml", "flow_uas_100rel.xml"),
+    Flow("midcall", "flow_uac_midcall.xml", "flow_uas_midcall.xml"),
+    Flow("glare", "flow_uac_glare.xml", "flow_uas_glare.xml"),
+    Flow("cancel-race", "uac_cancel.xml", "flow_uas_cancel_race.xml"),
+    Flow("subscribe", "flow_uac_subscribe.xml", "flow_uas_subscribe.xml"),
+    Flow("publish", "flow_uac_publish.xml", "flow_uas_publish.xml", callee_calls=3),
 ]
 
 
