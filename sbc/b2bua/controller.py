@@ -111,7 +111,7 @@ from sbc.sip.transaction import (
     TransportError,
 )
 from sbc.sip.uas import UasPolicy, check_request
-from sbc.sip.uri import SipUri, Uri, format_host, parse_uri
+from sbc.sip.uri import SipUri, Uri, escape_user, format_host, parse_uri
 from sbc.transport.base import Destination, Flow, ListenAddress, Transport, is_reliable
 
 logger = logging.getLogger(__name__)
@@ -1212,7 +1212,7 @@ class CallController:
     @staticmethod
     def _static_uri(request: Request, destination: Destination) -> str:
         user, _ = uri_user_host(request.uri)
-        userinfo = f"{user}@" if user else ""
+        userinfo = f"{escape_user(user)}@" if user else ""
         params = (
             ""
             if destination.transport is Transport.UDP
@@ -1454,7 +1454,7 @@ class CallController:
         headers.add("Via", via_for(leg.local, new_branch()))
         max_forwards = a_request.max_forwards
         headers.add("Max-Forwards", str(min(MAX_FORWARDS, (max_forwards or MAX_FORWARDS + 1) - 1)))
-        own = sip_uri_for(leg.local, caller).split(";", 1)[0]
+        own = sip_uri_for(leg.local, caller, params=False)
         display = a_request.from_.display_name
         from_ = f"<{own}>;tag={leg.local_tag}"
         if display:
@@ -1570,7 +1570,7 @@ class CallController:
         headers.add("Via", via_for(hop.local, new_branch()))
         max_forwards = request.max_forwards
         headers.add("Max-Forwards", str(min(MAX_FORWARDS, (max_forwards or MAX_FORWARDS + 1) - 1)))
-        own = sip_uri_for(hop.local, caller).split(";", 1)[0]
+        own = sip_uri_for(hop.local, caller, params=False)
         headers.add("From", f"<{own}>;tag={call.b.local_tag}")
         headers.add("To", f"<{self._to_uri(target)}>")
         headers.add("Call-ID", call.b.call_id)
@@ -1662,7 +1662,7 @@ class CallController:
         headers.add("Via", via_for(hop.local, new_branch()))
         max_forwards = request.max_forwards
         headers.add("Max-Forwards", str(min(MAX_FORWARDS, (max_forwards or MAX_FORWARDS + 1) - 1)))
-        own = sip_uri_for(hop.local, caller).split(";", 1)[0]
+        own = sip_uri_for(hop.local, caller, params=False)
         headers.add("From", f"<{own}>;tag={new_tag()}")
         headers.add("To", f"<{self._to_uri(target)}>")
         headers.add("Call-ID", random_hex(16))

@@ -23,7 +23,7 @@ from sbc.b2bua.controller import Target, TrunkPlan
 from sbc.b2bua.routing import uri_user_host
 from sbc.b2bua.trunks import Gateway, HealthChange, TrunkTable
 from sbc.registrar.location import LocationService
-from sbc.sip.uri import Uri, format_host
+from sbc.sip.uri import Uri, escape_user, format_host
 from sbc.transport.base import Destination, Transport, normalize_host
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ DEFAULT_ATTEMPTS: Final = 3
 def gateway_uri(gateway: Gateway, user: str | None) -> str:
     """``sip:user@host:port;transport=x`` of a gateway for a call to ``user``."""
     scheme = "sips" if gateway.transport is Transport.TLS else "sip"
-    userinfo = f"{user}@" if user else ""
+    userinfo = f"{escape_user(user)}@" if user else ""
     port = "" if gateway.port is None else f":{gateway.port}"
     param = ";transport=tcp" if gateway.transport is Transport.TCP else ""
     return f"{scheme}:{userinfo}{format_host(gateway.host)}{port}{param}"

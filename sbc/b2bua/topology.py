@@ -33,7 +33,7 @@ from sbc.sip.sdp import (
     SessionDescription,
 )
 from sbc.sip.sdp import Direction as SdpDirection
-from sbc.sip.uri import format_host
+from sbc.sip.uri import escape_user, format_host
 from sbc.transport.base import ListenAddress, Transport
 
 #: Headers the B2BUA always builds itself on each leg: a keep-list cannot let the
@@ -90,10 +90,15 @@ def copy_kept_headers(source: Message, target: Message, realm: Realm) -> int:
     return copied
 
 
-def sip_uri_for(listen: ListenAddress, user: str | None = None) -> str:
-    """``sip:[user@]host:port[;transport=x]`` of a listener of the SBC."""
-    userinfo = f"{user}@" if user else ""
-    param = "" if listen.transport is Transport.UDP else f";transport={listen.transport.value}"
+def sip_uri_for(listen: ListenAddress, user: str | None = None, *, params: bool = True) -> str:
+    """``sip:[user@]host:port[;transport=x]`` of a listener of the SBC (without the
+    transport parameter when ``params`` is false, as a From or To URI)."""
+    userinfo = f"{escape_user(user)}@" if user else ""
+    param = (
+        ""
+        if listen.transport is Transport.UDP or not params
+        else f";transport={listen.transport.value}"
+    )
     scheme = "sips" if listen.transport is Transport.TLS else "sip"
     return f"{scheme}:{userinfo}{format_host(listen.host)}:{listen.port}{param}"
 

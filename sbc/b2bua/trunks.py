@@ -559,7 +559,7 @@ def probe_request(
             f"{destination.transport.value}, listener {local.transport.value}"
         )
     uri = gateway.uri
-    own = sip_uri_for(local).split(";", 1)[0]
+    own = sip_uri_for(local, params=False)
     headers = Headers()
     headers.add("Via", via_for(local, branch))
     headers.add("Max-Forwards", str(PROBE_MAX_FORWARDS))

@@ -11,7 +11,7 @@ import functools
 import ipaddress
 import re
 from dataclasses import dataclass, replace
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from sbc.sip.errors import ParseError
 from sbc.sip.limits import MAX_PARAMS, MAX_PARAMS_STATUS
@@ -31,6 +31,22 @@ _IPV6_CHARS = re.compile(r"[0-9A-Fa-f:.]+")
 # never appear unescaped in a URI.
 _URIC = re.compile(r"[A-Za-z0-9\-_.!~*'()%&=+$,;?/:\[\]@]*")
 _TEL_NUMBER = re.compile(r"\+?[0-9A-Fa-f*#\-.()pw]+")
+
+
+#: What `escape_user` leaves as it is: RFC 3261 25.1 unreserved and user-unreserved
+#: (";" included: a telephone-subscriber user such as "+4930123;phone-context=+49").
+_USER_SAFE = "!*'()&=+$,;?/"
+
+
+def escape_user(user: str) -> str:
+    """``user`` (as `SipUri.user_unescaped` gives it) escaped again for a new URI.
+
+    A peer can write any byte in a user part as %HH, CR and LF included; put back
+    unescaped into a URI the SBC builds (its own From, a Refer-To or a gateway's
+    Request-URI) that would end the header line and inject headers of the peer's
+    choosing. Bytes that were not UTF-8 (kept as surrogates) come back as they were.
+    """
+    return quote(user, safe=_USER_SAFE, errors="surrogateescape")
 
 
 def _bad(message: str) -> ParseError:

@@ -757,6 +757,36 @@ def test_early_update_and_info_keep_each_leg_s_cseq_rising_after_the_answer() ->
 REFER_TO = "Refer-To: <sip:carol@198.51.100.20:5060>\r\nReferred-By: <sip:alice@198.51.100.9>\r\n"
 
 
+def test_escaped_crlf_in_a_user_part_injects_no_header() -> None:
+    """A peer may write CR LF as %0D%0A in a user part. The SBC builds its own From,
+    Request-URI and Refer-To from those users: escaped again, not decoded into the
+    message (that was a header injection, and a From that broke the B-leg INVITE)."""
+    c = controller(policies={"outside": RealmPolicy(refer_relay=True)})
+    text = invite_text(uri="sip:10%0D%0AX-Ruri:%201@198.51.100.1").replace(
+        "From: <sip:alice@198.51.100.9>", "From: <sip:al%0D%0AX-From:%201@198.51.100.9>"
+    )
+    step = receive(c, text, CALLER, 0.0)
+    (allocate,) = step.media
+    assert isinstance(allocate, AllocateMedia)
+    (invite,) = requests(c.media_allocated(allocate.call_ref, session("s"), 0.0), "INVITE")
+    data = bytes(invite)
+    again = parse_message(data)
+    assert "X-From" not in again.headers and "X-Ruri" not in again.headers
+    assert data.startswith(b"INVITE sip:10%0D%0AX-Ruri@")
+    assert invite.from_.uri.user_unescaped == "al\r\nX-From"  # type: ignore[union-attr]
+
+    step = receive(c, answer(invite, 200, ANSWER), TRUNK, 0.1)
+    (ok,) = responses(step)
+    assert ok.to.tag
+    ack_from_a(c, ok.to.tag, 0.2)
+    evil = "Refer-To: <sip:ev%0D%0AX-Evil:%201@198.51.100.9>\r\n"
+    step = receive(c, from_a("REFER", ok.to.tag, 2, extra=evil), CALLER, 1.0)
+    (refer,) = requests(step, "REFER")
+    again = parse_message(bytes(refer))
+    assert "X-Evil" not in again.headers
+    assert again.headers.get("Refer-To") == "<sip:ev%0D%0AX-Evil@203.0.113.1:5060>"
+
+
 def test_refer_is_refused_by_default() -> None:
     c = controller()
     _, _, a_tag = confirmed_call(c)

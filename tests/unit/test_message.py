@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sbc.sip.errors import ParseError
 from sbc.sip.headers import Address, Via, canonical_name, header_key, split_list
 from sbc.sip.message import Headers, Request, Response, make_response
 from sbc.sip.parser import FramingError, Keepalive, StreamFramer, parse_message
-from sbc.sip.uri import SipUri, TelUri, parse_uri
+from sbc.sip.uri import SipUri, TelUri, escape_user, parse_uri
 
 MESSAGES = Path(__file__).parent.parent / "vectors" / "messages"
 FILES = sorted(p.name for p in MESSAGES.glob("*.sip"))
@@ -225,3 +227,25 @@ def test_framer_waits_for_the_body() -> None:
     assert list(framer.feed(data[:-10])) == []
     (item,) = framer.feed(data[-10:])
     assert isinstance(item, Response) and bytes(item) == data
+
+
+@given(st.text(min_size=1, max_size=40))
+def test_an_escaped_user_makes_a_valid_uri_with_the_same_user(user: str) -> None:
+    """Whatever a peer's user part unescapes to (CR, LF, '>', '@' ...), escaped again
+    it stays one user part of one URI (no header or parameter injection)."""
+    escaped = escape_user(user)
+    assert not set(escaped) & set("\r\n <>@:\"")
+    uri = parse_uri(f"<sip:{escaped}@192.0.2.1:5060>"[1:-1])
+    assert isinstance(uri, SipUri) and uri.host == "192.0.2.1" and uri.params == ()
+    assert uri.user_unescaped == user
+
+
+def test_escape_user_keeps_ordinary_users_as_they_are() -> None:
+    assert escape_user("+4930123456") == "+4930123456"
+    assert escape_user("alice.smith-1") == "alice.smith-1"
+    assert escape_user("+4930123;phone-context=+49") == "+4930123;phone-context=+49"
+    assert escape_user("a\r\nVia: x") == "a%0D%0AVia%3A%20x"
+    # Bytes that were not UTF-8 come back as they came.
+    uri = parse_uri("sip:%FF%FEx@192.0.2.1")
+    assert isinstance(uri, SipUri) and uri.user_unescaped is not None
+    assert escape_user(uri.user_unescaped) == "%FF%FEx"
