@@ -968,6 +968,12 @@ class SbcNode:
                     self._beside_queue(self._media_command(command))
                 else:
                     await self._media_command(command)
+            except Exception:
+                # A bug in one command must not end the queue: every call after it
+                # would wait for its media for ever.
+                logger.exception(
+                    "x call %s: media %s failed", command.call_ref, type(command).__name__
+                )
             finally:
                 self._media_queue.task_done()
 
@@ -1033,7 +1039,11 @@ class SbcNode:
             event = await relay.next_event()
             if isinstance(event, MediaTimeout):
                 now = time.monotonic()
-                self._execute(self.calls.media_timeout(event.session_id, now), now)
+                try:
+                    self._execute(self.calls.media_timeout(event.session_id, now), now)
+                except Exception:
+                    # As in _run_media: one bad event must not end media timeouts.
+                    logger.exception("x media timeout of session %s failed", event.session_id)
 
     def _arm_timer(self) -> None:
         deadline = self.transactions.next_deadline()

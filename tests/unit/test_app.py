@@ -12,7 +12,7 @@ import pytest
 from sbc import app
 from sbc.app import FirewallUnavailableError, SbcNode, firewall_config
 from sbc.b2bua.admission import RefusalReason, Refused
-from sbc.b2bua.controller import DeleteMedia
+from sbc.b2bua.controller import DeleteMedia, UpdateMedia
 from sbc.config.loader import load_config_text
 from sbc.firewall.config import SipPorts
 from sbc.firewall.nft import NftError
@@ -160,3 +160,31 @@ def test_new_calls_are_refused_while_the_media_backlog_is_full() -> None:
     assert isinstance(refusal, Refused) and refusal.reason is RefusalReason.BUSY
     node._media_queue.get_nowait()
     assert not busy()
+
+
+def test_a_failing_media_command_does_not_stop_the_queue(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bug raised by one command is logged; the commands after it still run (before,
+    the queue's task ended and every later call waited for its media for ever)."""
+    node = SbcNode(load("{}"))
+    ran: list[str] = []
+
+    async def command(cmd: UpdateMedia) -> None:
+        ran.append(cmd.call_ref)
+        if cmd.call_ref == "bad":
+            raise ValueError("a bug")
+
+    node._media_command = command  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        runner = asyncio.create_task(node._run_media())
+        for ref in ("bad", "good"):
+            node._media_queue.put_nowait(UpdateMedia(ref, f"s-{ref}", ()))
+        await asyncio.wait_for(node._media_queue.join(), 5)
+        assert not runner.done()
+        runner.cancel()
+
+    asyncio.run(scenario())
+    assert ran == ["bad", "good"]
+    assert "x call bad: media UpdateMedia failed" in caplog.text
