@@ -2176,6 +2176,8 @@ class CallController:
             headers.extend(("Min-SE", v) for v in response.headers.fields("Min-SE"))
         if status == 503 or status == 486 or status == 480:
             headers.extend(("Retry-After", v) for v in response.headers.fields("Retry-After"))
+        if 300 <= status < 400:
+            headers.extend(("Contact", c) for c in _redirect_contacts(response, live.call.a.local))
         out = make_response(
             live.a_request,
             status,
@@ -2662,6 +2664,25 @@ class CallController:
         if live.is_subscription:
             return Step()  # not a call attempt: no CDR
         return Step(ended=(live.call,))
+
+
+def _redirect_contacts(response: Response, local: ListenAddress) -> list[str]:
+    """The Contacts of a 3xx relayed to the caller: each names the SBC's own address in
+    the caller's realm with the user part of a Contact the callee gave, so that the
+    caller's new INVITE comes back through the SBC and is routed like any call (as
+    Refer-To is). The callee's hosts, of the other realm, never cross."""
+    try:
+        contacts = response.contacts
+    except ParseError:
+        return []
+    out: list[str] = []
+    for address in contacts[:MAX_FORKS]:
+        user, _ = uri_user_host(address.uri)
+        if user:
+            contact = contact_for(local, user)
+            if contact not in out:
+                out.append(contact)
+    return out
 
 
 def _capabilities(method: str, response: Response, realm: Realm | None) -> list[tuple[str, str]]:

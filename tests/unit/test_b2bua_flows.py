@@ -1071,7 +1071,17 @@ def test_3xx_is_relayed_without_follow_redirects() -> None:
     (moved,) = responses(step)
     assert moved.status == 302 and moved.call_id == A_CALL_ID
     assert b"203.0.113" not in bytes(moved)
+    # Where to go, at the SBC: the caller's new INVITE is routed like any call.
+    assert moved.headers.fields("Contact") == ["<sip:bob@198.51.100.1:5060>"]
     assert step.media == (DeleteMedia(ref, "sess"),)
+
+
+def test_a_relayed_3xx_without_a_usable_contact_has_none() -> None:
+    c = controller()
+    (invite,), _ = start_call(c)
+    step = receive(c, answer(invite, 302, contact="sip:203.0.113.7:5080"), TRUNK, 0.1)
+    (moved,) = responses(step)
+    assert moved.status == 302 and moved.headers.fields("Contact") == []
 
 
 # -- what an ended call records -----------------------------------------------------------
