@@ -1,7 +1,7 @@
 """More flows through the real SBC, driven by SIPp: subscriptions (SUBSCRIBE/NOTIFY,
 message waiting), PUBLISH (presence), OPTIONS answered locally or relayed per
-realm, re-INVITE glare (491 and the back-off) with a MESSAGE in the dialog, and the
-CANCEL/200 race.
+realm, re-INVITE glare (491 and the back-off) with a MESSAGE in the dialog, the
+CANCEL/200 race, and 3xx followed or relayed per route.
 
 One `sbc run` serves them all; each flow calls its own number so that its CDR can
 be found. Every SIPp side records what it sent and received; each test checks
@@ -48,8 +48,10 @@ class EventLab:
     #: The SBC's UDP port of each realm: "outside" answers OPTIONS itself,
     #: "relaying" routes them like calls.
     realm: dict[str, int]
-    #: The SIPp UAS of every route.
+    #: The SIPp UAS of every route but "target".
     uas: int
+    #: The SIPp UAS of route "target" (user 4002), where redirects point.
+    target: int
     #: The CDR each flow so far must have left, by callee user: (disposition,
     #: final status, side that hung up).
     cdrs: dict[str, tuple[str, int, str | None]] = field(default_factory=dict)
@@ -59,18 +61,22 @@ class EventLab:
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EventLab]:
     workdir = tmp_path_factory.mktemp("events")
     realm = {name: udp_port() for name in ("outside", "relaying", "inside")}
-    uas = udp_port()
+    uas, target = udp_port(), udp_port()
+    peer = "action: trunk, realm: inside, host: 127.0.0.1"
     body = (
         "realms:\n"
         + realm_yaml("outside", realm["outside"])
         + realm_yaml("relaying", realm["relaying"], "    options: relay\n")
         + realm_yaml("inside", realm["inside"])
         + "routes:\n"
-        + f"  - {{name: to-uas, action: trunk, realm: inside, host: 127.0.0.1, port: {uas}}}\n"
+        + f"  - {{name: following, user_prefix: '4003', {peer}, port: {uas},"
+        " follow_redirects: true}\n"
+        + f"  - {{name: target, user_prefix: '4002', {peer}, port: {target}}}\n"
+        + f"  - {{name: to-uas, {peer}, port: {uas}}}\n"
     )
     sbc = start_sbc(workdir, body)
     try:
-        yield EventLab(sbc, workdir, realm, uas)
+        yield EventLab(sbc, workdir, realm, uas, target)
     finally:
         sbc.stop()
 
@@ -261,6 +267,60 @@ def test_answer_crossing_the_cancel_is_acked_and_hung_up(lab: EventLab) -> None:
     assert_hidden(caller, callee, caller_sipp, callee_sipp)
     assert idle(lab), lab.sbc.log()[-3000:]
     lab.cdrs["3006"] = ("cancelled", 487, None)
+
+
+# -- 3xx -----------------------------------------------------------------------------------
+
+
+def test_a_3xx_is_followed_where_the_route_says_so(lab: EventLab) -> None:
+    redirector = start_sipp(
+        lab.workdir, "uas-3xx-follow", "flow_uas_redirect.xml", port=lab.uas,
+        extra=("-key", "target_port", str(lab.target)),
+    )  # fmt: skip
+    target_sipp = start_sipp(lab.workdir, "uas-3xx-target", "uas_basic.xml", port=lab.target)
+    time.sleep(0.1)
+    caller_sipp = start_sipp(
+        lab.workdir, "uac-3xx-follow", "flow_uac_call.xml", remote=lab.realm["outside"],
+        service="4003", extra=("-d", "200"),
+    )  # fmt: skip
+    caller, moved, target = caller_sipp.finish(), redirector.finish(), target_sipp.finish()
+    for run in (caller, moved, target):
+        assert run.returncode == 0, explain(lab.sbc, caller, moved, target)
+    # The SBC took the 302 itself and called its Contact: the caller saw none of it.
+    assert first(moved, "<INVITE").startswith(f"<INVITE sip:4003@127.0.0.1:{lab.uas} ")
+    assert first(target, "<INVITE").startswith(f"<INVITE sip:4002@127.0.0.1:{lab.target} ")
+    assert finals(caller) == [200, 200], starts(caller)
+    assert_hidden(caller, target, caller_sipp, target_sipp)
+    assert_hidden(caller, moved, caller_sipp, redirector)
+    assert idle(lab), lab.sbc.log()[-3000:]
+    lab.cdrs["4003"] = ("answered", 200, "caller")
+
+
+def test_a_3xx_is_relayed_pointing_at_the_sbc(lab: EventLab) -> None:
+    redirector = start_sipp(
+        lab.workdir, "uas-3xx-relay", "flow_uas_redirect.xml", port=lab.uas,
+        extra=("-key", "target_port", str(lab.target)),
+    )  # fmt: skip
+    target_sipp = start_sipp(lab.workdir, "uas-3xx-moved", "uas_basic.xml", port=lab.target)
+    time.sleep(0.1)
+    caller_sipp = start_sipp(
+        lab.workdir, "uac-3xx-relay", "flow_uac_redirected.xml", remote=lab.realm["outside"],
+        service="4001",
+    )  # fmt: skip
+    caller, moved, target = caller_sipp.finish(), redirector.finish(), target_sipp.finish()
+    for run in (caller, moved, target):
+        assert run.returncode == 0, explain(lab.sbc, caller, moved, target)
+    # The caller got the 302 with the SBC's own address in its realm and the user
+    # the callee named; its new INVITE there was routed to that user.
+    redirect = first(caller, "<SIP/2.0 302")
+    assert header(redirect, "Contact") == [f"<sip:4002@127.0.0.1:{lab.realm['outside']}>"]
+    assert first(target, "<INVITE").startswith(f"<INVITE sip:4002@127.0.0.1:{lab.target} ")
+    assert finals(caller) == [302, 200, 200], starts(caller)
+    assert_hidden(caller, target, caller_sipp, target_sipp)
+    assert_hidden(caller, moved, caller_sipp, redirector)
+    assert idle(lab), lab.sbc.log()[-3000:]
+    lab.cdrs["4001"] = ("rejected", 302, None)  # docs/cdr.md: a 3xx is "rejected"
+    lab.cdrs["4002"] = ("answered", 200, "caller")
 
 
 # -- CDRs ----------------------------------------------------------------------------------
