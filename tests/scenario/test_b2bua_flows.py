@@ -48,6 +48,7 @@ MEDIA_PORTS = range(30000, 30960, 4)
 #: Registrar users and their passwords (digest realm "sbc").
 ALICE = ("alice", "alice-secret-1")
 BOB = ("bob", "bob-secret-2")
+CAROL = ("carol", "carol-secret-3")
 
 #: SIPp's own bound on one run, and ours on waiting for it.
 SIPP_TIMEOUT = "12s"
@@ -350,7 +351,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlowLab]:
     workdir = tmp_path_factory.mktemp("flows")
     realm = {name: udp_port() for name in ("phones", "outside", "xfer", "limited", "inside")}
     uas, gateways = udp_port(), (udp_port(), udp_port())
-    for user, password in (ALICE, BOB):
+    for user, password in (ALICE, BOB, CAROL):
         add_user(workdir / "state", user, password)
     sbc = start_sbc(workdir, flow_config(realm, uas, gateways))
     lab = FlowLab(sbc, workdir, realm, uas, udp_port(), gateways)
@@ -459,6 +460,45 @@ def test_register_with_digest_then_call_the_registered_phone(lab: FlowLab) -> No
     assert "Authorization" not in received_text(callee)
     assert_hidden(caller, callee, caller_sipp, phone)
     lab.cdrs.append(answered("bob", "users", "phones", "phones", lab.phone))
+
+
+def test_a_call_to_a_user_with_two_phones_rings_both_and_the_answer_wins(
+    lab: FlowLab,
+) -> None:
+    """Parallel forking (RFC 3261 16.7 as a B2BUA does it): one B leg per registered
+    contact; the first 2xx wins and the other phone gets a CANCEL."""
+    user, password = CAROL
+    registrar = lab.realm["phones"]
+    desk, mobile = udp_port(), udp_port()
+    for name, port in (("reg-desk", desk), ("reg-mobile", mobile)):
+        run = start_sipp(
+            lab.workdir, name, "flow_register.xml", port=port, remote=registrar, service=user,
+            extra=("-au", user, "-ap", password),
+        ).finish()  # fmt: skip
+        assert run.returncode == 0, explain(lab.sbc, run)
+    answering = start_sipp(lab.workdir, "fork-desk", "uas_basic.xml", port=desk)
+    ringing = start_sipp(lab.workdir, "fork-mobile", "uas_ring.xml", port=mobile)
+    time.sleep(0.1)
+    caller_sipp = start_sipp(
+        lab.workdir, "fork-alice", "flow_uac_auth.xml", remote=registrar, service=user,
+        extra=("-au", ALICE[0], "-ap", ALICE[1], "-auth_uri", f"{user}@127.0.0.1:{registrar}"),
+    )  # fmt: skip
+    caller, desk_run, mobile_run = caller_sipp.finish(), answering.finish(), ringing.finish()
+    for run in (caller, desk_run, mobile_run):
+        assert run.returncode == 0, explain(lab.sbc, caller, desk_run, mobile_run)
+    assert finals(caller) == [407, 200, 200], starts(caller)
+    # Both phones got the call, each as its own B leg (its own Call-ID).
+    to_desk, to_mobile = first(desk_run, "<INVITE"), first(mobile_run, "<INVITE")
+    assert to_desk.startswith(f"<INVITE sip:{user}@127.0.0.1:{desk} SIP/2.0")
+    assert to_mobile.startswith(f"<INVITE sip:{user}@127.0.0.1:{mobile} SIP/2.0")
+    assert header(to_desk, "Call-ID") != header(to_mobile, "Call-ID")
+    # The phone that did not answer was cancelled (and its 487 stayed at the SBC).
+    got = [s.split()[0] for s in starts(mobile_run) if s.startswith("<")]
+    assert got == ["<INVITE", "<CANCEL", "<ACK"], starts(mobile_run)
+    assert 487 not in finals(caller)
+    assert_hidden(caller, desk_run, caller_sipp, answering)
+    assert_hidden(caller, mobile_run, caller_sipp, ringing)
+    lab.cdrs.append(answered(user, "users", "phones", "phones", desk))
 
 
 # -- 2. PRACK / 100rel ---------------------------------------------------------------------
