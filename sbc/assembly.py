@@ -74,6 +74,9 @@ def realm_policies(config: Config) -> dict[str, RealmPolicy]:
             refer_relay=realm.refer is ReferPolicy.RELAY,
             options_relay=realm.options is OptionsPolicy.RELAY,
             large_requests_over_tcp=realm.large_requests_over_tcp,
+            from_host=realm.from_host,
+            to_host=realm.to_host,
+            request_uri_host=realm.request_uri_host,
         )
         for realm in config.realms
     }

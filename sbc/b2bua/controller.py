@@ -332,6 +332,11 @@ class RealmPolicy:
     options_relay: bool = False
     #: Requests above UDP_SIZE_LIMIT bytes to UDP peers go over TCP (RFC 3261 18.1.1).
     large_requests_over_tcp: bool = False
+    #: Hosts written into the From, To and Request-URI of the requests the B2BUA
+    #: starts into this realm (masking); None: its own address, the destination's.
+    from_host: str | None = None
+    to_host: str | None = None
+    request_uri_host: str | None = None
 
 
 # -- what the controller asks of the world ----------------------------------------------
@@ -1454,13 +1459,13 @@ class CallController:
         headers.add("Via", via_for(leg.local, new_branch()))
         max_forwards = a_request.max_forwards
         headers.add("Max-Forwards", str(min(MAX_FORWARDS, (max_forwards or MAX_FORWARDS + 1) - 1)))
-        own = sip_uri_for(leg.local, caller, params=False)
+        own, to, request_uri = self._addressing(leg.realm, leg.local, caller, target)
         display = a_request.from_.display_name
         from_ = f"<{own}>;tag={leg.local_tag}"
         if display:
             from_ = f"{quote_string(display)} {from_}"
         headers.add("From", from_)
-        headers.add("To", f"<{self._to_uri(target)}>")
+        headers.add("To", f"<{to}>")
         headers.add("Call-ID", leg.call_id)
         headers.add("CSeq", "1 INVITE")
         headers.add("Contact", contact_for(leg.local))
@@ -1470,13 +1475,31 @@ class CallController:
             headers.add("Session-Expires", f"{int(self.timers.session_expires)};refresher=uac")
             headers.add("Min-SE", str(int(self.timers.min_se)))
         headers.add("User-Agent", self.user_agent)
-        invite = Request("INVITE", target.uri, headers)
+        invite = Request("INVITE", request_uri, headers)
         realm = self.realms.get(leg.realm)
         if realm is not None:
             copy_kept_headers(a_request, invite, realm)
         invite.set_body(body, SDP_CONTENT_TYPE)
         self._outbound(invite, leg.realm)
         return invite
+
+    def _addressing(
+        self, realm: str, local: ListenAddress, caller: str | None, target: Target
+    ) -> tuple[str, str, str]:
+        """The From URI, To URI and Request-URI of a request the B2BUA starts into
+        ``realm`` towards ``target``: the SBC's own address (``local``) with the
+        caller's user in From, the target in To and Request-URI; each host replaced
+        by the realm's mask where it has one. The request still goes to the target."""
+        policy = self._policy(realm)
+        own = sip_uri_for(local, caller, params=False)
+        to, request_uri = self._to_uri(target), target.uri
+        if policy.from_host:
+            own = _with_host(own, policy.from_host)
+        if policy.to_host:
+            to = _with_host(to, policy.to_host)
+        if policy.request_uri_host:
+            request_uri = _with_host(request_uri, policy.request_uri_host)
+        return own, to, request_uri
 
     @staticmethod
     def _to_uri(target: Target) -> str:
@@ -1570,9 +1593,9 @@ class CallController:
         headers.add("Via", via_for(hop.local, new_branch()))
         max_forwards = request.max_forwards
         headers.add("Max-Forwards", str(min(MAX_FORWARDS, (max_forwards or MAX_FORWARDS + 1) - 1)))
-        own = sip_uri_for(hop.local, caller, params=False)
+        own, to, request_uri = self._addressing(target_realm.name, hop.local, caller, target)
         headers.add("From", f"<{own}>;tag={call.b.local_tag}")
-        headers.add("To", f"<{self._to_uri(target)}>")
+        headers.add("To", f"<{to}>")
         headers.add("Call-ID", call.b.call_id)
         headers.add("CSeq", "1 SUBSCRIBE")
         headers.add("Contact", contact_for(hop.local))
@@ -1580,7 +1603,7 @@ class CallController:
         for name in EVENT_HEADERS:
             for value in request.headers.fields(name):
                 headers.add(name, value)
-        out = Request("SUBSCRIBE", target.uri, headers)
+        out = Request("SUBSCRIBE", request_uri, headers)
         copy_kept_headers(request, out, target_realm)
         if request.body:
             out.set_body(request.body, request.headers.get("Content-Type"))
@@ -1662,16 +1685,16 @@ class CallController:
         headers.add("Via", via_for(hop.local, new_branch()))
         max_forwards = request.max_forwards
         headers.add("Max-Forwards", str(min(MAX_FORWARDS, (max_forwards or MAX_FORWARDS + 1) - 1)))
-        own = sip_uri_for(hop.local, caller, params=False)
+        own, to, request_uri = self._addressing(target_realm.name, hop.local, caller, target)
         headers.add("From", f"<{own}>;tag={new_tag()}")
-        headers.add("To", f"<{self._to_uri(target)}>")
+        headers.add("To", f"<{to}>")
         headers.add("Call-ID", random_hex(16))
         headers.add("CSeq", f"1 {request.method}")
         headers.add("User-Agent", self.user_agent)
         for name in ("Event", "Expires", "SIP-If-Match"):
             for value in request.headers.fields(name):
                 headers.add(name, value)
-        out = Request(request.method, target.uri, headers)
+        out = Request(request.method, request_uri, headers)
         copy_kept_headers(request, out, target_realm)
         if request.body:
             out.set_body(request.body, request.headers.get("Content-Type"))
@@ -2664,6 +2687,18 @@ class CallController:
         if live.is_subscription:
             return Step()  # not a call attempt: no CDR
         return Step(ended=(live.call,))
+
+
+def _with_host(uri_text: str, host: str) -> str:
+    """``uri_text`` (a SIP or SIPS URI) with ``host`` for its host and no port; any
+    other URI (tel:) as it is."""
+    try:
+        uri = parse_uri(uri_text)
+    except ParseError:
+        return uri_text
+    if not isinstance(uri, SipUri):
+        return uri_text
+    return str(evolve(uri, host=format_host(host), port=None))
 
 
 def _redirect_contacts(response: Response, local: ListenAddress) -> list[str]:

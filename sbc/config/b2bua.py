@@ -234,6 +234,29 @@ class RealmConfig(Section):
         default=OptionsPolicy.LOCAL,
         metadata=spec("Out-of-dialog OPTIONS: answered locally or relayed by the routes."),
     )
+    from_host: str | None = field(
+        default=None,
+        metadata=spec(
+            "Host of the From URI of requests the SBC starts into this realm (masking);"
+            " null = the SBC's own address here.",
+            pattern=HOST_PATTERN,
+        ),
+    )
+    to_host: str | None = field(
+        default=None,
+        metadata=spec(
+            "Host of the To URI of those requests; null = the destination's.",
+            pattern=HOST_PATTERN,
+        ),
+    )
+    request_uri_host: str | None = field(
+        default=None,
+        metadata=spec(
+            "Host of their Request-URI (they still go to the route's destination);"
+            " null = the destination's address.",
+            pattern=HOST_PATTERN,
+        ),
+    )
     large_requests_over_tcp: bool = field(
         default=False,
         metadata=spec(

@@ -323,6 +323,46 @@ def test_a_3xx_is_relayed_pointing_at_the_sbc(lab: EventLab) -> None:
     lab.cdrs["4002"] = ("answered", 200, "caller")
 
 
+# -- host masking --------------------------------------------------------------------------
+
+
+def test_masked_hosts_in_the_requests_into_a_realm(tmp_path: Path) -> None:
+    """A realm with from_host, to_host and request_uri_host: the callee sees those names
+    in From, To and Request-URI (in the dialog too), the INVITE still reaches it."""
+    outside, inside, uas = udp_port(), udp_port(), udp_port()
+    masks = (
+        "    from_host: sbc.example.net\n"
+        "    to_host: carrier.example\n"
+        "    request_uri_host: carrier.example\n"
+    )
+    body = (
+        "realms:\n"
+        + realm_yaml("outside", outside)
+        + realm_yaml("inside", inside, masks)
+        + "routes:\n"
+        + f"  - {{name: to-uas, action: trunk, realm: inside, host: 127.0.0.1, port: {uas}}}\n"
+    )
+    sbc = start_sbc(tmp_path, body)
+    try:
+        callee_sipp = start_sipp(tmp_path, "uas-mask", "uas_basic.xml", port=uas)
+        time.sleep(0.1)
+        caller_sipp = start_sipp(
+            tmp_path, "uac-mask", "flow_uac_call.xml", remote=outside, service="3007",
+            extra=("-d", "200"),
+        )  # fmt: skip
+        caller, callee = caller_sipp.finish(), callee_sipp.finish()
+        assert caller.returncode == 0, explain(sbc, caller, callee)
+        assert callee.returncode == 0, explain(sbc, caller, callee)
+    finally:
+        sbc.stop()
+    invite, bye = first(callee, "<INVITE"), first(callee, "<BYE")
+    assert invite.startswith("<INVITE sip:3007@carrier.example SIP/2.0")
+    for message in (invite, bye):
+        assert re.search(r"<sip:alice@sbc\.example\.net>;tag=", header(message, "From")[0])
+        assert re.match(r"<sip:3007@carrier\.example>", header(message, "To")[0])
+    assert_hidden(caller, callee, caller_sipp, callee_sipp)
+
+
 # -- CDRs ----------------------------------------------------------------------------------
 
 

@@ -42,7 +42,7 @@ from sbc.sip.message import Request, Response, make_response
 from sbc.sip.parser import parse_message
 from sbc.sip.sdp import SessionDescription
 from sbc.sip.transaction import TransactionLayer
-from sbc.sip.uri import Uri
+from sbc.sip.uri import Uri, parse_uri
 from sbc.transport.base import Destination, Flow, ListenAddress, Transport
 
 OUT = ListenAddress(Transport.UDP, "198.51.100.1", 5060)
@@ -755,6 +755,36 @@ def test_early_update_and_info_keep_each_leg_s_cseq_rising_after_the_answer() ->
 
 
 REFER_TO = "Refer-To: <sip:carol@198.51.100.20:5060>\r\nReferred-By: <sip:alice@198.51.100.9>\r\n"
+
+
+def test_masked_hosts_in_from_to_and_request_uri_of_the_b_leg() -> None:
+    masks = RealmPolicy(
+        from_host="sbc.example.net", to_host="carrier.example", request_uri_host="carrier.example"
+    )
+    c = controller(policies={"inside": masks})
+    step = receive(c, invite_text(), CALLER, 0.0)
+    (allocate,) = step.media
+    assert isinstance(allocate, AllocateMedia)
+    allocated = c.media_allocated(allocate.call_ref, session("s"), 0.0)
+    (out,) = allocated.output.messages
+    invite = out.message
+    assert isinstance(invite, Request)
+    assert invite.raw_uri == "sip:1000@carrier.example"
+    assert invite.from_.uri == parse_uri("sip:alice@sbc.example.net")
+    assert invite.to.uri == parse_uri("sip:1000@carrier.example")
+    # Masking names hosts only: the INVITE still goes to the route's peer.
+    assert out.destination.destination.host == "203.0.113.5"  # type: ignore[union-attr]
+
+    # In the dialog the masked From and To stay; the Request-URI is the peer's Contact.
+    step = receive(c, answer(invite, 200, ANSWER), TRUNK, 0.1)
+    (ok,) = responses(step)
+    assert ok.to.tag
+    ack_from_a(c, ok.to.tag, 0.2)
+    step = receive(c, from_a("BYE", ok.to.tag, 2), CALLER, 1.0)
+    (bye,) = requests(step, "BYE")
+    assert bye.raw_uri == "sip:bob@203.0.113.5:5070"
+    assert bye.from_.uri == parse_uri("sip:alice@sbc.example.net")
+    assert bye.to.uri == parse_uri("sip:1000@carrier.example")
 
 
 def test_escaped_crlf_in_a_user_part_injects_no_header() -> None:
