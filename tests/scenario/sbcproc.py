@@ -112,9 +112,14 @@ def routed_config(
     mgmt: int,
     callees: dict[str, int],
     transport: str = "udp",
+    *,
+    media: str = "",
+    extra: str = "",
 ) -> str:
     """Realms outside and inside on loopback (``transport``), calls from outside to
-    the callee of their Request-URI user (route ``flow-<user>``), the userspace relay."""
+    the callee of their Request-URI user (route ``flow-<user>``), the userspace relay
+    (``media`` adds keys to its section, e.g. ``"timeout: 300"``); ``extra`` is YAML
+    appended (e.g. a ``calls:`` section)."""
     routes = "".join(
         f"  - {{name: flow-{user}, from_realm: outside, user_prefix: '{user}', action: trunk,"
         f" realm: inside, host: 127.0.0.1, port: {port}, transport: {transport}}}\n"
@@ -130,7 +135,7 @@ sip:
 management:
   listen: {{address: 127.0.0.1, port: {mgmt}}}
 # The userspace relay: no nftables in the host's namespace from a loopback test.
-media: {{kernel_path: false}}
+media: {{kernel_path: false{", " + media if media else ""}}}
 realms:
   - name: outside
     listen: [{{transport: {transport}, address: 127.0.0.1, port: {outside}}}]
@@ -139,7 +144,27 @@ realms:
     listen: [{{transport: {transport}, address: 127.0.0.1, port: {inside}}}]
     media_address: 127.0.0.1
 routes:
-{routes}"""
+{routes}{extra}"""
+
+
+def start_routed(
+    workdir: Path,
+    callees: dict[str, int],
+    transport: str = "udp",
+    *,
+    media: str = "",
+    extra: str = "",
+) -> tuple[SbcProcess, int]:
+    """`sbc run` on a `routed_config` in ``workdir``, healthy; it and its outside port."""
+    plain, outside, inside = (free_port(also_udp=True) for _ in range(3))
+    mgmt = free_port()
+    config = workdir / "sbc.yaml"
+    config.write_text(
+        routed_config(
+            workdir, plain, outside, inside, mgmt, callees, transport, media=media, extra=extra
+        )
+    )
+    return SbcProcess(workdir, config, Ports(plain, 0, mgmt)).start(), outside
 
 
 class SbcProcess:

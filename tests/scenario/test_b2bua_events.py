@@ -25,6 +25,7 @@ from tests.scenario.test_b2bua_flows import (
     SIPP,
     Sipp,
     assert_hidden,
+    call_through_core,
     explain,
     finals,
     first,
@@ -272,20 +273,32 @@ def test_answer_crossing_the_cancel_is_acked_and_hung_up(lab: EventLab) -> None:
 # -- 3xx -----------------------------------------------------------------------------------
 
 
-def test_a_3xx_is_followed_where_the_route_says_so(lab: EventLab) -> None:
+def redirected_call(
+    lab: EventLab, name: str, uac: str, service: str, *extra: str
+) -> tuple[SippRun, SippRun, SippRun, Sipp, Sipp, Sipp]:
+    """``uac`` calls ``service`` routed to a redirect server whose 302 names user 4002
+    at ``lab.target``, where a SIPp UAS answers: caller, redirector and target runs,
+    then their SIPps."""
     redirector = start_sipp(
-        lab.workdir, "uas-3xx-follow", "flow_uas_redirect.xml", port=lab.uas,
+        lab.workdir, f"uas-{name}", "flow_uas_redirect.xml", port=lab.uas,
         extra=("-key", "target_port", str(lab.target)),
     )  # fmt: skip
-    target_sipp = start_sipp(lab.workdir, "uas-3xx-target", "uas_basic.xml", port=lab.target)
+    target_sipp = start_sipp(lab.workdir, f"uas-{name}-target", "uas_basic.xml", port=lab.target)
     time.sleep(0.1)
     caller_sipp = start_sipp(
-        lab.workdir, "uac-3xx-follow", "flow_uac_call.xml", remote=lab.realm["outside"],
-        service="4003", extra=("-d", "200"),
+        lab.workdir, f"uac-{name}", uac, remote=lab.realm["outside"], service=service,
+        extra=extra,
     )  # fmt: skip
     caller, moved, target = caller_sipp.finish(), redirector.finish(), target_sipp.finish()
     for run in (caller, moved, target):
         assert run.returncode == 0, explain(lab.sbc, caller, moved, target)
+    return caller, moved, target, caller_sipp, redirector, target_sipp
+
+
+def test_a_3xx_is_followed_where_the_route_says_so(lab: EventLab) -> None:
+    caller, moved, target, caller_sipp, redirector, target_sipp = redirected_call(
+        lab, "3xx-follow", "flow_uac_call.xml", "4003", "-d", "200"
+    )
     # The SBC took the 302 itself and called its Contact: the caller saw none of it.
     assert first(moved, "<INVITE").startswith(f"<INVITE sip:4003@127.0.0.1:{lab.uas} ")
     assert first(target, "<INVITE").startswith(f"<INVITE sip:4002@127.0.0.1:{lab.target} ")
@@ -297,19 +310,9 @@ def test_a_3xx_is_followed_where_the_route_says_so(lab: EventLab) -> None:
 
 
 def test_a_3xx_is_relayed_pointing_at_the_sbc(lab: EventLab) -> None:
-    redirector = start_sipp(
-        lab.workdir, "uas-3xx-relay", "flow_uas_redirect.xml", port=lab.uas,
-        extra=("-key", "target_port", str(lab.target)),
-    )  # fmt: skip
-    target_sipp = start_sipp(lab.workdir, "uas-3xx-moved", "uas_basic.xml", port=lab.target)
-    time.sleep(0.1)
-    caller_sipp = start_sipp(
-        lab.workdir, "uac-3xx-relay", "flow_uac_redirected.xml", remote=lab.realm["outside"],
-        service="4001",
-    )  # fmt: skip
-    caller, moved, target = caller_sipp.finish(), redirector.finish(), target_sipp.finish()
-    for run in (caller, moved, target):
-        assert run.returncode == 0, explain(lab.sbc, caller, moved, target)
+    caller, moved, target, caller_sipp, redirector, target_sipp = redirected_call(
+        lab, "3xx-relay", "flow_uac_redirected.xml", "4001"
+    )
     # The caller got the 302 with the SBC's own address in its realm and the user
     # the callee named; its new INVITE there was routed to that user.
     redirect = first(caller, "<SIP/2.0 302")
@@ -329,38 +332,17 @@ def test_a_3xx_is_relayed_pointing_at_the_sbc(lab: EventLab) -> None:
 def test_masked_hosts_in_the_requests_into_a_realm(tmp_path: Path) -> None:
     """A realm with from_host, to_host and request_uri_host: the callee sees those names
     in From, To and Request-URI (in the dialog too), the INVITE still reaches it."""
-    outside, inside, uas = udp_port(), udp_port(), udp_port()
-    masks = (
+    done = call_through_core(
+        tmp_path,
         "    from_host: sbc.example.net\n"
         "    to_host: carrier.example\n"
-        "    request_uri_host: carrier.example\n"
+        "    request_uri_host: carrier.example\n",
     )
-    body = (
-        "realms:\n"
-        + realm_yaml("outside", outside)
-        + realm_yaml("inside", inside, masks)
-        + "routes:\n"
-        + f"  - {{name: to-uas, action: trunk, realm: inside, host: 127.0.0.1, port: {uas}}}\n"
-    )
-    sbc = start_sbc(tmp_path, body)
-    try:
-        callee_sipp = start_sipp(tmp_path, "uas-mask", "uas_basic.xml", port=uas)
-        time.sleep(0.1)
-        caller_sipp = start_sipp(
-            tmp_path, "uac-mask", "flow_uac_call.xml", remote=outside, service="3007",
-            extra=("-d", "200"),
-        )  # fmt: skip
-        caller, callee = caller_sipp.finish(), callee_sipp.finish()
-        assert caller.returncode == 0, explain(sbc, caller, callee)
-        assert callee.returncode == 0, explain(sbc, caller, callee)
-    finally:
-        sbc.stop()
-    invite, bye = first(callee, "<INVITE"), first(callee, "<BYE")
-    assert invite.startswith("<INVITE sip:3007@carrier.example SIP/2.0")
+    invite, bye = done.invite, first(done.callee, "<BYE")
+    assert invite.startswith("<INVITE sip:+4930123456@carrier.example SIP/2.0")
     for message in (invite, bye):
         assert re.search(r"<sip:alice@sbc\.example\.net>;tag=", header(message, "From")[0])
-        assert re.match(r"<sip:3007@carrier\.example>", header(message, "To")[0])
-    assert_hidden(caller, callee, caller_sipp, callee_sipp)
+        assert re.match(r"<sip:\+4930123456@carrier\.example>", header(message, "To")[0])
 
 
 # -- CDRs ----------------------------------------------------------------------------------

@@ -797,13 +797,18 @@ class RulesCall:
 
 
 def call_through_rules(workdir: Path, rules: str) -> RulesCall:
+    """`call_through_core` with ``rules`` as the core realm's header_rules."""
+    return call_through_core(workdir, "    header_rules:\n" + rules)
+
+
+def call_through_core(workdir: Path, core_extra: str) -> RulesCall:
     """A call from the outside realm to +4930123456 on a SIPp UAS in the core realm,
-    whose header_rules are ``rules``; on an SBC of its own."""
+    whose YAML ends with ``core_extra``; on an SBC of its own."""
     outside, core, uas = udp_port(), udp_port(), udp_port()
     body = (
         "realms:\n"
         + realm_yaml("outside", outside)
-        + realm_yaml("core", core, "    header_rules:\n" + rules)
+        + realm_yaml("core", core, core_extra)
         + "routes:\n"
         + f"  - {{name: to-core, action: trunk, realm: core, host: 127.0.0.1, port: {uas}}}\n"
     )

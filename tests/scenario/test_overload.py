@@ -24,11 +24,10 @@ import pytest
 from sbc.config.b2bua import CallsConfig
 from tests.scenario.sbcproc import (
     SIPP,
-    Ports,
     SbcProcess,
     free_port,
-    routed_config,
     sipp_popen,
+    start_routed,
     wait_until,
 )
 
@@ -41,11 +40,8 @@ pytestmark = pytest.mark.skipif(SIPP is None, reason="sipp (Debian sip-tester) n
 
 @pytest.fixture
 def sbc(tmp_path: Path) -> Iterator[tuple[SbcProcess, int, int]]:
-    plain, outside, inside, callee = (free_port(also_udp=True) for _ in range(4))
-    mgmt = free_port()
-    config = tmp_path / "sbc.yaml"
-    config.write_text(routed_config(tmp_path, plain, outside, inside, mgmt, {USER: callee}))
-    process = SbcProcess(tmp_path, config, Ports(plain, 0, mgmt)).start()
+    callee = free_port(also_udp=True)
+    process, outside = start_routed(tmp_path, {USER: callee})
     try:
         yield process, outside, callee
     finally:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.scenario.sbcproc import Ports, SbcProcess, free_port, routed_config, wait_until
+from tests.scenario.sbcproc import SbcProcess, start_routed, wait_until
 from tests.scenario.test_b2bua_flows import (
     SIPP,
     assert_hidden,
@@ -46,18 +46,14 @@ WAIT = 90.0
 
 @pytest.fixture
 def sbc(tmp_path: Path) -> Iterator[tuple[SbcProcess, int, dict[str, int]]]:
-    plain, outside, inside = (free_port(also_udp=True) for _ in range(3))
-    mgmt = free_port()
     callees = {ALIVE: udp_port(), DEAD: udp_port()}
-    text = routed_config(tmp_path, plain, outside, inside, mgmt, callees)
-    # No RTP flows here: the media timeout must not end the calls before the refresh.
-    media = "media: {kernel_path: false}"
-    assert media in text
-    text = text.replace(media, "media: {kernel_path: false, timeout: 300}")
-    text += f"calls: {{session_expires: {SESSION_EXPIRES}, min_se: 90}}\n"
-    config = tmp_path / "sbc.yaml"
-    config.write_text(text)
-    process = SbcProcess(tmp_path, config, Ports(plain, 0, mgmt)).start()
+    process, outside = start_routed(
+        tmp_path,
+        callees,
+        # No RTP flows here: the media timeout must not end the calls before the refresh.
+        media="timeout: 300",
+        extra=f"calls: {{session_expires: {SESSION_EXPIRES}, min_se: 90}}\n",
+    )
     try:
         yield process, outside, callees
     finally:

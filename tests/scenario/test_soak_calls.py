@@ -30,11 +30,10 @@ import pytest
 
 from tests.scenario.sbcproc import (
     SIPP,
-    Ports,
     SbcProcess,
     free_port,
-    routed_config,
     sipp_popen,
+    start_routed,
     wait_until,
 )
 
@@ -83,12 +82,8 @@ def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     its own (SIPp ``-t tn``), and the SBC one to each callee."""
     transport = str(request.param)
     workdir = tmp_path_factory.mktemp(f"soak-{transport}")
-    plain, outside, inside = (free_port(also_udp=True) for _ in range(3))
     callees = {flow.user: free_port(also_udp=True) for flow in FLOWS}
-    mgmt = free_port()
-    config = workdir / "sbc.yaml"
-    config.write_text(routed_config(workdir, plain, outside, inside, mgmt, callees, transport))
-    sbc = SbcProcess(workdir, config, Ports(plain, 0, mgmt)).start()
+    sbc, outside = start_routed(workdir, callees, transport)
     try:
         yield Lab(sbc, workdir, outside, callees, transport)
     finally:
