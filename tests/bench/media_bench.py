@@ -157,7 +157,7 @@ class SbcRelay(Relay):
 
     def allocate(self, calls: list[tuple[int, int]]) -> list[tuple[int, int]]:
         answer = self.request({"op": "allocate", "calls": calls})
-        return [tuple(p) for p in answer["ports"]]  # type: ignore[misc]
+        return [(int(p[0]), int(p[1])) for p in answer["ports"]]
 
     def settle(self, calls: int) -> None:
         if self.kernel:

@@ -126,8 +126,8 @@ def ours(data: bytes) -> bytes:
 def load_sippy() -> Codec:
     """sippy's parse + serialize, or exit 2 with a clear message if it is missing."""
     try:
-        from sippy.SipRequest import SipRequest
-        from sippy.SipResponse import SipResponse
+        from sippy.SipRequest import SipRequest  # type: ignore[import-untyped]
+        from sippy.SipResponse import SipResponse  # type: ignore[import-untyped]
     except ImportError as exc:
         sys.exit(
             f"x sippy is not importable ({exc}); the benchmark compares against it.\n"

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -87,7 +88,7 @@ def lab(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def describe(lab: Path, node: str) -> object:
+def describe(lab: Path, node: str) -> Any:
     return flash.describe_disk(node, sys_root=lab / "sys")
 
 

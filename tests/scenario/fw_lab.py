@@ -58,7 +58,7 @@ def available() -> str | None:
         if shutil.which(tool) is None:
             return f"{tool} not installed"
     try:
-        import nftables  # noqa: F401
+        import nftables  # type: ignore[import-untyped]  # noqa: F401
     except ImportError:
         return "nftables Python binding missing (pip-nftables)"
     return None

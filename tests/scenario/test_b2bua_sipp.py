@@ -13,7 +13,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,7 +80,7 @@ routes:
 """
 
 
-def _lab(workdir: Path, inside_transport: str) -> Iterator[Lab]:
+def _lab(workdir: Path, inside_transport: str) -> Generator[Lab, None, None]:
     plain, outside, inside, uas, uac = (free_port(also_udp=True) for _ in range(5))
     mgmt = free_port()
     config = workdir / "sbc.yaml"

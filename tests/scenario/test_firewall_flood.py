@@ -1,4 +1,3 @@
-
 """A spoofed flood of INVITE/REGISTER/garbage while SIPp calls from a trusted trunk.
 
 The flood (>= 50,000 packets/s from ~440 spoofed sources, bounded to 1.5 M packets
@@ -14,6 +13,7 @@ import csv
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -53,7 +53,7 @@ def _sipp_stats(path: Path) -> tuple[int, int]:
 
 @pytest.mark.timeout(90)
 def test_flood_dropped_in_kernel_while_trusted_calls_complete(
-    reason: None, tmp_path: Path, record_property: pytest.RecordProperty
+    reason: None, tmp_path: Path, record_property: Callable[[str, object], None]
 ) -> None:
     flooder = fw_lab.build_flooder(tmp_path)
     assert flooder is not None

@@ -12,6 +12,7 @@ benchmark stepping the flood rate is tests/bench/flood_bench.py.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,7 @@ def reason() -> None:
 
 @pytest.mark.timeout(90)
 def test_real_sbc_drops_flood_in_kernel_while_calls_complete(
-    reason: None, tmp_path: Path, record_property: pytest.RecordProperty
+    reason: None, tmp_path: Path, record_property: Callable[[str, object], None]
 ) -> None:
     flooder = fw_lab.build_flooder(tmp_path)
     assert flooder is not None

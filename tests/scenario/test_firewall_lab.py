@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -57,10 +58,10 @@ def _ban(lab: fw_lab.Lab, state: Path, *args: str) -> subprocess.CompletedProces
     return subprocess.run(
         lab.ns(
             lab.sbc,
-            os.sys.executable,
+            sys.executable,
             "-m",
             "tests.scenario.fw_lab",
-            "ban",  # type: ignore[attr-defined]
+            "ban",
             "--state-file",
             str(state),
             *args,
@@ -139,10 +140,10 @@ def test_media_range_closed_except_pinholes(lab: fw_lab.Lab, tmp_path: Path) -> 
         subprocess.run(
             lab.ns(
                 lab.sbc,
-                os.sys.executable,
+                sys.executable,
                 "-c",
                 script,
-                action,  # type: ignore[attr-defined]
+                action,
                 str(tmp_path / "bl.json"),
             ),
             cwd=root,
@@ -150,14 +151,14 @@ def test_media_range_closed_except_pinholes(lab: fw_lab.Lab, tmp_path: Path) -> 
             timeout=30,
         )
 
-    lab.run(lab.ext, os.sys.executable, "-c", code)  # type: ignore[attr-defined]
+    lab.run(lab.ext, sys.executable, "-c", code)
     closed = lab.counters()["fw_drop_media_closed"]
     pinhole("open")
     assert lab.set_elements("fw_media_pinholes") == [20000]
-    lab.run(lab.ext, os.sys.executable, "-c", code)  # type: ignore[attr-defined]
+    lab.run(lab.ext, sys.executable, "-c", code)
     opened = lab.counters()["fw_drop_media_closed"]
     pinhole("close")
-    lab.run(lab.ext, os.sys.executable, "-c", code)  # type: ignore[attr-defined]
+    lab.run(lab.ext, sys.executable, "-c", code)
     closed_again = lab.counters()["fw_drop_media_closed"]
     fw_lab.stop_node(node)
     assert (closed, opened, closed_again) == (3, 4, 7)

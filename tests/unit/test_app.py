@@ -12,7 +12,7 @@ import pytest
 from sbc import app
 from sbc.app import FirewallUnavailableError, SbcNode, firewall_config
 from sbc.b2bua.admission import RefusalReason, Refused
-from sbc.b2bua.controller import DeleteMedia, UpdateMedia
+from sbc.b2bua.controller import DeleteMedia, MediaCommand, UpdateMedia
 from sbc.config.loader import load_config_text
 from sbc.firewall.config import SipPorts
 from sbc.firewall.nft import NftError
@@ -140,7 +140,7 @@ def test_a_vanished_table_is_put_back_unless_a_reload_stopped_the_firewall(
     assert ("table inet sbc is gone" in caplog.text) is not reload_meanwhile
     table = node.health()["nft_table"]
     assert table["restores"] == (0 if reload_meanwhile else 1)  # type: ignore[index]
-    assert 0 <= table["checked_s_ago"] < 5  # type: ignore[index,operator]
+    assert 0 <= table["checked_s_ago"] < 5  # type: ignore[index]
 
 
 def test_health_says_no_table_check_before_the_first() -> None:
@@ -170,12 +170,12 @@ def test_a_failing_media_command_does_not_stop_the_queue(
     node = SbcNode(load("{}"))
     ran: list[str] = []
 
-    async def command(cmd: UpdateMedia) -> None:
+    async def command(cmd: MediaCommand) -> None:
         ran.append(cmd.call_ref)
         if cmd.call_ref == "bad":
             raise ValueError("a bug")
 
-    node._media_command = command  # type: ignore[method-assign]
+    node._media_command = command  # type: ignore[method-assign,assignment]
 
     async def scenario() -> None:
         runner = asyncio.create_task(node._run_media())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from ipaddress import ip_address
+from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
@@ -94,7 +94,7 @@ def test_relay_close_skips_a_session_deleted_beside_it() -> None:
     """A deletion task still running when the stop closes the relay takes a session
     out of the relay's list mid-close: close carries on (it used to raise and
     leave the stop half done)."""
-    loopback = ip_address("127.0.0.1")
+    loopback = IPv4Address("127.0.0.1")
     relay = MediaRelay(
         MediaConfig(
             realms=(

@@ -123,6 +123,7 @@ def test_duration_is_derived_from_answer_and_end() -> None:
     # A duration in the dict is output only: it cannot disagree with the times.
     assert CdrRecord.from_dict({**ANSWERED.to_dict(), "duration": 999.0}).duration == 60.25
     # A wall clock stepped back during the call does not give a negative duration.
+    assert ANSWERED.answer_time is not None
     assert replace(ANSWERED, end_time=ANSWERED.answer_time - 1).duration == 0.0
 
 

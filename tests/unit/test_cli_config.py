@@ -384,7 +384,12 @@ def test_sbc_run_reads_the_config_named_by_the_environment(
     import sbc.app
 
     seen: list[Path | None] = []
-    monkeypatch.setattr(sbc.app, "run", lambda path: seen.append(path) or 0)
+
+    def run(path: Path | None) -> int:
+        seen.append(path)
+        return 0
+
+    monkeypatch.setattr(sbc.app, "run", run)
     assert main(["run"]) == 0
     monkeypatch.setenv(CONFIG_ENV, str(config_file))
     assert main(["run"]) == 0

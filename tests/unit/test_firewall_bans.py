@@ -52,6 +52,9 @@ class FakeKernel:
     def counters(self) -> dict[str, CounterValue]:
         return {}
 
+    def table_present(self) -> bool:
+        return self.installed
+
 
 class Clock:
     def __init__(self) -> None:

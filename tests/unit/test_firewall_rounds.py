@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from ipaddress import ip_address
+from ipaddress import IPv4Address, ip_address
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,9 @@ class GatedKernel:
 
     def counters(self) -> dict[str, CounterValue]:
         return {}
+
+    def table_present(self) -> bool:
+        return True
 
 
 def firewall(tmp_path: Path, kernel: GatedKernel) -> Firewall:
@@ -467,7 +470,7 @@ def test_a_reload_turning_the_firewall_off_and_on_reopens_live_pinholes(
     monkeypatch.setattr(app, "_started_firewall", lambda section: firewall(tmp_path, next(made)))
     on = load_config_text("firewall: {enabled: true}\n", "sbc.yaml", tmp_path)
     off = load_config_text("firewall: {enabled: false}\n", "sbc.yaml", tmp_path)
-    loopback = ip_address("127.0.0.1")
+    loopback = IPv4Address("127.0.0.1")
     offer = (StreamOffer(LegOffer("outside", 4), LegOffer("inside", 4)),)
 
     async def main() -> None:

@@ -218,7 +218,7 @@ def test_a_crash_of_the_thread_reaches_every_waiter() -> None:
     def boom(*_: object) -> None:
         raise RuntimeError("thread gone")
 
-    table.apply = boom  # type: ignore[method-assign]
+    table.apply = boom  # type: ignore[method-assign,assignment]
 
     async def scenario(batcher: KernelBatcher) -> None:
         with pytest.raises(RuntimeError, match="thread gone"):

@@ -13,7 +13,7 @@ import asyncio
 import errno
 import logging
 from collections.abc import Iterator
-from ipaddress import ip_address
+from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
@@ -37,7 +37,7 @@ from sbc.sip.message import Response
 from sbc.sip.parser import parse_message
 from sbc.transport.base import Flow, Transport
 
-OUTSIDE = ip_address("198.51.100.1")
+OUTSIDE = IPv4Address("198.51.100.1")
 OFFER = (StreamOffer(LegOffer("outside", 4), LegOffer("inside", 4)),)
 LOGGER = "sbc.media.relay"
 
@@ -56,7 +56,7 @@ def relay_failing_with(code: int) -> tuple[MediaRelay, list[int], Clock]:
         MediaConfig(
             realms=(
                 RealmMediaAddress("outside", ipv4=OUTSIDE),
-                RealmMediaAddress("inside", ipv4=ip_address("203.0.113.1")),
+                RealmMediaAddress("inside", ipv4=IPv4Address("203.0.113.1")),
             ),
             port_min=20000,
             port_max=20999,

@@ -234,8 +234,8 @@ def test_an_escaped_user_makes_a_valid_uri_with_the_same_user(user: str) -> None
     """Whatever a peer's user part unescapes to (CR, LF, '>', '@' ...), escaped again
     it stays one user part of one URI (no header or parameter injection)."""
     escaped = escape_user(user)
-    assert not set(escaped) & set("\r\n <>@:\"")
-    uri = parse_uri(f"<sip:{escaped}@192.0.2.1:5060>"[1:-1])
+    assert not set(escaped) & set('\r\n <>@:"')
+    uri = parse_uri(f"sip:{escaped}@192.0.2.1:5060")
     assert isinstance(uri, SipUri) and uri.host == "192.0.2.1" and uri.params == ()
     assert uri.user_unescaped == user
 
