@@ -218,6 +218,9 @@ FIREWALL_FLUSH_INTERVAL = 1.0
 #: ruleset` (what a restart of nftables.service runs) removes it under the SBC.
 TABLE_CHECK_INTERVAL = 5.0
 
+#: Seconds before the B2BUA's and transactions' timers run again after they failed.
+TIMER_RETRY = 1.0
+
 
 def _started_firewall(section: FirewallConfig) -> Firewall:
     """A Firewall with its ruleset installed (blocks on netlink: run in an executor)."""
@@ -1070,8 +1073,17 @@ class SbcNode:
         self._timer = None
         self._timer_at = None
         now = time.monotonic()
-        step = self.calls.handle_timers(now)
-        self._execute(step + self.calls.handle(self.transactions.handle_timers(now), now), now)
+        try:
+            step = self.calls.handle_timers(now)
+            self._execute(step + self.calls.handle(self.transactions.handle_timers(now), now), now)
+        except Exception:
+            # A bug in one timer must not stop the others: nothing would arm them again
+            # until the next message, and an idle SBC gets none. Log it, try again soon.
+            logger.exception("x timers failed; trying again in %.0f s", TIMER_RETRY)
+            if not self._stopping:
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_later(TIMER_RETRY, self._on_timer)
+                self._timer_at = now + TIMER_RETRY
 
     # -- reload -------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import pytest
 from sbc import app
 from sbc.app import FirewallUnavailableError, SbcNode, firewall_config
 from sbc.b2bua.admission import RefusalReason, Refused
-from sbc.b2bua.controller import DeleteMedia, MediaCommand, UpdateMedia
+from sbc.b2bua.controller import DeleteMedia, MediaCommand, Step, UpdateMedia
 from sbc.config.loader import load_config_text
 from sbc.firewall.config import SipPorts
 from sbc.firewall.nft import NftError
@@ -188,3 +188,32 @@ def test_a_failing_media_command_does_not_stop_the_queue(
     asyncio.run(scenario())
     assert ran == ["bad", "good"]
     assert "x call bad: media UpdateMedia failed" in caplog.text
+
+
+def test_timers_run_again_after_a_failure(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug raised while timers run is logged and the timers are tried again a
+    moment later (before, nothing armed them until the next message came)."""
+    monkeypatch.setattr(app, "TIMER_RETRY", 0.05)
+    node = SbcNode(load("{}"))
+    runs: list[float] = []
+    handle = node.calls.handle_timers
+
+    def flaky(now: float) -> Step:
+        runs.append(now)
+        if len(runs) == 1:
+            raise ValueError("a bug")
+        return handle(now)
+
+    node.calls.handle_timers = flaky  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        node._on_timer()
+        await asyncio.sleep(0.3)
+        if node._timer is not None:
+            node._timer.cancel()
+
+    asyncio.run(scenario())
+    assert len(runs) == 2
+    assert "x timers failed; trying again in 0 s" in caplog.text
