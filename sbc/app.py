@@ -470,17 +470,25 @@ class SbcNode:
         """NAT keepalives (CRLFCRLF, RFC 5626 4.4.1) to phones registered over UDP."""
         while True:
             await asyncio.sleep(1.0)
-            for relay in self._register_relays.values():
-                relay.expire()
-            registrar = self.registrar
-            if registrar is None or self.transport is None:
+            try:
+                self._keepalive_round()
+            except Exception:
+                # As in _run_media: a bug in one round must not end the task (and with
+                # it keepalives and the registration relay's expiry) for good.
+                logger.exception("x NAT keepalive round failed")
+
+    def _keepalive_round(self) -> None:
+        for relay in self._register_relays.values():
+            relay.expire()
+        registrar = self.registrar
+        if registrar is None or self.transport is None:
+            return
+        for binding in registrar.registrar.keepalive_targets(time.time()):
+            listener = self._udp_listener(binding.local.host, binding.local.port)
+            if listener is None:
                 continue
-            for binding in registrar.registrar.keepalive_targets(time.time()):
-                listener = self._udp_listener(binding.local.host, binding.local.port)
-                if listener is None:
-                    continue
-                with contextlib.suppress(OSError):
-                    listener.send(b"\r\n\r\n", binding.received.host, binding.received.port)
+            with contextlib.suppress(OSError):
+                listener.send(b"\r\n\r\n", binding.received.host, binding.received.port)
 
     async def _run_resolver(self) -> None:
         """RFC 3263 for trunk gateways given by name; refreshed every minute."""
@@ -791,6 +799,8 @@ class SbcNode:
                 firewall.flush()
             except (OSError, ValueError) as exc:
                 logger.warning("x firewall blacklist not saved: %s", exc)
+            except Exception:
+                logger.exception("x firewall blacklist flush failed")
             self._count_bans()
 
     def _count_bans(self) -> None:

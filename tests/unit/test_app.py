@@ -217,3 +217,29 @@ def test_timers_run_again_after_a_failure(
     asyncio.run(scenario())
     assert len(runs) == 2
     assert "x timers failed; trying again in 0 s" in caplog.text
+
+
+def test_a_failing_keepalive_round_does_not_end_the_task(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """NAT keepalives and the registration relay's expiry run once a second; a bug in
+    one round is logged and the next round runs (two rounds: about 2 s)."""
+    node = SbcNode(load("{}"))
+    rounds: list[int] = []
+
+    def round_() -> None:
+        rounds.append(len(rounds))
+        if len(rounds) == 1:
+            raise ValueError("a bug")
+
+    node._keepalive_round = round_  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        task = asyncio.create_task(node._run_keepalives())
+        await asyncio.sleep(2.4)
+        assert not task.done()
+        task.cancel()
+
+    asyncio.run(scenario())
+    assert len(rounds) == 2
+    assert "x NAT keepalive round failed" in caplog.text
