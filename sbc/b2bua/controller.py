@@ -30,6 +30,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import re
 import secrets
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -2701,6 +2702,10 @@ def _with_host(uri_text: str, host: str) -> str:
     return str(evolve(uri, host=format_host(host), port=None))
 
 
+#: A q or expires value of a 3xx Contact that may cross (RFC 3261 25.1 qvalue, delta).
+_REDIRECT_PARAM: Final = re.compile(r"[0-9]{1,10}(?:\.[0-9]{1,3})?")
+
+
 def _redirect_contacts(response: Response, local: ListenAddress) -> list[str]:
     """The Contacts of a 3xx relayed to the caller: each names the SBC's own address in
     the caller's realm with the user part of a Contact the callee gave, so that the
@@ -2713,10 +2718,17 @@ def _redirect_contacts(response: Response, local: ListenAddress) -> list[str]:
     out: list[str] = []
     for address in contacts[:MAX_FORKS]:
         user, _ = uri_user_host(address.uri)
-        if user:
-            contact = contact_for(local, user)
-            if contact not in out:
-                out.append(contact)
+        if not user:
+            continue
+        contact = contact_for(local, user)
+        # The caller tries Contacts by q and may cache them for expires (RFC 3261
+        # 8.1.3.4, 20.10): both cross, checked, as numbers.
+        for name in ("q", "expires"):
+            value = address.param(name)
+            if value and _REDIRECT_PARAM.fullmatch(value):
+                contact += f";{name}={value}"
+        if contact not in out:
+            out.append(contact)
     return out
 
 

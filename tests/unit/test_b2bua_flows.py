@@ -1107,6 +1107,25 @@ def test_3xx_is_relayed_without_follow_redirects() -> None:
     assert step.media == (DeleteMedia(ref, "sess"),)
 
 
+def test_a_relayed_3xx_keeps_its_contacts_q_and_expires() -> None:
+    c = controller()
+    (invite,), _ = start_call(c)
+    contacts = (
+        "Contact: <sip:desk@203.0.113.7:5080>;q=0.7;expires=300,"
+        " <sip:mobile@203.0.113.8>;q=1;expires=3600;x=203.0.113.8,"
+        " <sip:odd@203.0.113.9>;q=high\r\n"
+    )
+    step = receive(c, answer(invite, 300, extra=contacts, contact="sip:x@203.0.113.6"), TRUNK, 0.1)
+    (moved,) = responses(step)
+    assert moved.status == 300 and b"203.0.113" not in bytes(moved)
+    assert moved.headers.values("Contact") == [
+        "<sip:x@198.51.100.1:5060>",
+        "<sip:desk@198.51.100.1:5060>;q=0.7;expires=300",
+        "<sip:mobile@198.51.100.1:5060>;q=1;expires=3600",
+        "<sip:odd@198.51.100.1:5060>",
+    ]
+
+
 def test_a_relayed_3xx_without_a_usable_contact_has_none() -> None:
     c = controller()
     (invite,), _ = start_call(c)
