@@ -1027,10 +1027,11 @@ def test_media_timeout_ends_a_silent_call_not_a_talking_one(tmp_path: Path) -> N
         for talker in talkers:
             talker.close()
         assert sbc.stop() == 0
-    # Silent from then on: both legs get the SBC's BYE about the timeout later.
+    # Silent from then on: both legs get the SBC's BYE about the timeout later (the
+    # relay checks once a second; the rest is slack for a busy CI machine).
     for sipp in (caller_sipp, callee_sipp):
         bye = next(t for t, line in stamped(sipp.trace) if line.startswith("<BYE "))
-        assert 1.5 <= bye - silent_from <= 4.0, bye - silent_from
+        assert 1.5 <= bye - silent_from <= 5.0, bye - silent_from
     assert_hidden(caller, callee, caller_sipp, callee_sipp)
     row = ExpectedCdr(
         "2091", "to-uas", "answered", 200, "media_timeout", "sbc", "outside", "inside",
