@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.scenario.sbcproc import SbcProcess, wait_until
+from tests.scenario.sbcproc import SbcProcess
 from tests.scenario.test_b2bua_flows import (
     SIPP,
     Sipp,
@@ -36,6 +36,7 @@ from tests.scenario.test_b2bua_flows import (
     starts,
     udp_port,
     user_of,
+    wait_for_calls,
 )
 from tests.scenario.test_b2bua_sipp import SippRun, header, tag_of
 
@@ -80,16 +81,6 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EventLab]:
         yield EventLab(sbc, workdir, realm, uas, target)
     finally:
         sbc.stop()
-
-
-def idle(lab: EventLab) -> bool:
-    """Whether the SBC holds no call or subscription any more."""
-
-    def check() -> bool:
-        status, health = lab.sbc.health()
-        return status == 200 and health.get("calls") == 0
-
-    return wait_until(check, 5.0, 0.05)
 
 
 def run_pair(
@@ -147,7 +138,7 @@ def test_message_waiting_subscription_and_its_notifies(lab: EventLab) -> None:
     assert header(terminated, "Subscription-State")[0].startswith("terminated")
     assert [int(s.split()[1]) for s in starts(caller) if s.startswith("<SIP/2.0")] == [200, 200]
     assert_hidden(caller, callee, caller_sipp, callee_sipp)
-    assert idle(lab), lab.sbc.log()[-3000:]
+    assert wait_for_calls(lab.sbc, 0), lab.sbc.log()[-3000:]
 
 
 # -- PUBLISH -------------------------------------------------------------------------------
@@ -173,7 +164,7 @@ def test_presence_publish_refresh_and_removal(lab: EventLab) -> None:
     assert header(removal, "SIP-If-Match") == ["etag-2"]
     assert header(refresh, "Expires") == ["3600"] and header(removal, "Expires") == ["0"]
     assert_hidden(caller, callee, caller_sipp, callee_sipp)
-    assert idle(lab), lab.sbc.log()[-3000:]
+    assert wait_for_calls(lab.sbc, 0), lab.sbc.log()[-3000:]
 
 
 # -- OPTIONS -------------------------------------------------------------------------------
@@ -245,7 +236,7 @@ def test_reinvite_glare_gets_491_then_the_retry_succeeds(lab: EventLab) -> None:
     assert "on hold, back soon" in message
     assert header(message, "Call-ID") == header(invites[0], "Call-ID")
     assert_hidden(caller, callee, caller_sipp, callee_sipp)
-    assert idle(lab), lab.sbc.log()[-3000:]
+    assert wait_for_calls(lab.sbc, 0), lab.sbc.log()[-3000:]
     lab.cdrs["3005"] = ("answered", 200, "caller")
 
 
@@ -266,7 +257,7 @@ def test_answer_crossing_the_cancel_is_acked_and_hung_up(lab: EventLab) -> None:
     assert callee_tag and tag_of(header(ack, "To")[0]) == callee_tag
     assert tag_of(header(bye, "To")[0]) == callee_tag
     assert_hidden(caller, callee, caller_sipp, callee_sipp)
-    assert idle(lab), lab.sbc.log()[-3000:]
+    assert wait_for_calls(lab.sbc, 0), lab.sbc.log()[-3000:]
     lab.cdrs["3006"] = ("cancelled", 487, None)
 
 
@@ -305,7 +296,7 @@ def test_a_3xx_is_followed_where_the_route_says_so(lab: EventLab) -> None:
     assert finals(caller) == [200, 200], starts(caller)
     assert_hidden(caller, target, caller_sipp, target_sipp)
     assert_hidden(caller, moved, caller_sipp, redirector)
-    assert idle(lab), lab.sbc.log()[-3000:]
+    assert wait_for_calls(lab.sbc, 0), lab.sbc.log()[-3000:]
     lab.cdrs["4003"] = ("answered", 200, "caller")
 
 
@@ -321,7 +312,7 @@ def test_a_3xx_is_relayed_pointing_at_the_sbc(lab: EventLab) -> None:
     assert finals(caller) == [302, 200, 200], starts(caller)
     assert_hidden(caller, target, caller_sipp, target_sipp)
     assert_hidden(caller, moved, caller_sipp, redirector)
-    assert idle(lab), lab.sbc.log()[-3000:]
+    assert wait_for_calls(lab.sbc, 0), lab.sbc.log()[-3000:]
     lab.cdrs["4001"] = ("rejected", 302, None)  # docs/cdr.md: a 3xx is "rejected"
     lab.cdrs["4002"] = ("answered", 200, "caller")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.scenario.sbcproc import SbcProcess, start_routed, wait_until
+from tests.scenario.sbcproc import SbcProcess, start_routed
 from tests.scenario.test_b2bua_flows import (
     SIPP,
     assert_hidden,
@@ -32,6 +32,7 @@ from tests.scenario.test_b2bua_flows import (
     starts,
     udp_port,
     user_of,
+    wait_for_calls,
 )
 from tests.scenario.test_b2bua_sipp import header
 
@@ -113,11 +114,7 @@ def test_the_sbc_refreshes_both_legs_and_ends_a_dead_dialog(
     assert "<BYE" not in "\n".join(starts(b_dead)), starts(b_dead)
     assert_hidden(a_dead, b_dead, caller_dead, callee_dead)
 
-    def idle() -> bool:
-        status, health = process.health()
-        return status == 200 and health.get("calls") == 0
-
-    assert wait_until(idle, 5.0, 0.1), process.log()[-3000:]
+    assert wait_for_calls(process, 0), process.log()[-3000:]
     assert process.stop() == 0
     rows = {user_of(r["callee"]): r for r in read_cdrs(tmp_path / "state" / "cdr.sqlite")}
     assert rows[ALIVE]["disposition"] == "answered" and rows[ALIVE]["end_reason"] == "bye"
