@@ -2567,6 +2567,17 @@ class CallController:
         leg = live.call.leg(side)
         if tx.request.method == "INVITE":
             live.reinvite_pending = live.reinvite_pending - {side}
+        if status in DEAD_DIALOG_STATUSES:
+            # RFC 4028 10: a refresh that times out or gets 408/481 ends the session
+            # with a BYE on that leg too, sent on the dialog as it was (the dialog
+            # layer would end it on this answer and leave nothing to send it on).
+            logger.info(
+                "x call %s: session refresh on %s got %d, the dialog is gone",
+                live.call.call_ref,
+                side.value,
+                status,
+            )
+            return self._hang_up_both(live, EndReason.SESSION_TIMER, now, status=status)
         if leg.dialog is not None:
             dialog = leg.dialog.receive_response(response)
             live.call = live.call.with_leg(side, leg.with_dialog(dialog))
@@ -2591,15 +2602,6 @@ class CallController:
             live.refresh_at[side] = when
             timer = _Timer.REFRESH_A if side is LegSide.A else _Timer.REFRESH_B
             self._schedule(when, live.call.call_ref, timer)
-            return step
-        if status in DEAD_DIALOG_STATUSES:
-            logger.info(
-                "x call %s: session refresh on %s got %d, the dialog is gone",
-                live.call.call_ref,
-                side.value,
-                status,
-            )
-            return step + self._hang_up_both(live, EndReason.SESSION_TIMER, now, status=status)
         return step
 
     # -- ending --------------------------------------------------------------------------

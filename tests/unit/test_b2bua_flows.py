@@ -914,18 +914,48 @@ def test_session_refresh_is_a_re_invite_where_update_is_not_allowed() -> None:
     assert ack.call_id == A_CALL_ID and ack.cseq.seq == reinvite.cseq.seq
 
 
-def test_a_481_to_a_refresh_ends_the_call_with_bye_on_the_other_leg() -> None:
+def test_a_481_to_a_refresh_ends_the_call_with_bye_on_both_legs() -> None:
     c = controller(SESSION_TIMERS)
-    _, ref, _ = confirmed_call(c, 0.0, a_extra=A_ALLOWS_UPDATE)
+    invite, ref, _ = confirmed_call(c, 0.0, a_extra=A_ALLOWS_UPDATE)
     update, reinvite = refreshes(c.handle_timers(45.0))
     receive(c, answer(update, 200), CALLER, 45.1)
     step = receive(c, answer(reinvite, 481), TRUNK, 45.2)
-    (bye,) = requests(step, "BYE")
-    assert bye.call_id == A_CALL_ID
-    assert [r.method for r in requests(step)] == ["ACK", "BYE"]  # the 481 ACKed hop by hop
+    # The 481 ACKed hop by hop, then RFC 4028 10's BYE on each leg: the one whose
+    # refresh failed gets it on the dialog as it was (next CSeq, same tags).
+    assert [r.method for r in requests(step)] == ["ACK", "BYE", "BYE"]
+    a_bye, b_bye = requests(step, "BYE")
+    assert a_bye.call_id == A_CALL_ID
+    assert b_bye.call_id == invite.call_id and b_bye.cseq.seq == reinvite.cseq.seq + 1
+    assert b_bye.to.tag == reinvite.to.tag and b_bye.from_.tag == reinvite.from_.tag
     assert step.media == (DeleteMedia(ref, "sess"),)
     (call,) = ended_calls(step)
     assert call.end_reason is EndReason.SESSION_TIMER and call.hangup is None
+    assert len(c) == 0
+
+
+def test_a_refresh_that_times_out_ends_the_call_with_bye_on_both_legs() -> None:
+    c = controller(SESSION_TIMERS)
+    invite, ref, _ = confirmed_call(c, 0.0, a_extra=A_ALLOWS_UPDATE)
+    update, reinvite = refreshes(c.handle_timers(45.0))
+    receive(c, answer(update, 200), CALLER, 45.1)
+    # The callee never answers the re-INVITE: Timer B (64*T1) ends its transaction.
+    byes: list[Request] = []
+    now = 45.0
+    for _ in range(50):
+        deadline = c.transactions.next_deadline()
+        assert deadline is not None
+        now = deadline
+        step = c.handle(c.transactions.handle_timers(now), now)
+        byes = requests(step, "BYE")
+        if byes:
+            break
+    assert now >= 45.0 + 64 * c.transactions.config.t1
+    a_bye, b_bye = byes
+    assert a_bye.call_id == A_CALL_ID
+    assert b_bye.call_id == invite.call_id and b_bye.cseq.seq == reinvite.cseq.seq + 1
+    assert step.media == (DeleteMedia(ref, "sess"),)
+    (call,) = ended_calls(step)
+    assert call.end_reason is EndReason.SESSION_TIMER and call.end_status == 408
     assert len(c) == 0
 
 
