@@ -127,6 +127,16 @@ ALLOW: Final = "INVITE, ACK, BYE, CANCEL, OPTIONS, INFO, UPDATE, PRACK, REFER, N
 #: B2BUA (RFC 3262), session timers are run by it (RFC 4028).
 SUPPORTED: Final = "100rel, timer"
 
+#: The same without 100rel, for an INVITE without an offer: a reliable provisional
+#: would then carry the offer, and the answer in its PRACK is the caller's to give,
+#: which the B2BUA (PRACKing at once) cannot wait for.
+SUPPORTED_NO_OFFER: Final = "timer"
+
+#: Relay streams reserved for a call whose INVITE has no offer (the callee's offer in
+#: its 2xx comes later): audio and one more, video say. m= lines beyond them are
+#: rejected (port 0) in the offer the caller gets.
+LATE_OFFER_STREAMS: Final = 2
+
 _MEDIA_SIDE: Final = {LegSide.A: Side.A, LegSide.B: Side.B}
 
 #: What a new call may require: session timers (the B2BUA refreshes both legs
@@ -419,6 +429,23 @@ class _Relayed:
 
 
 @dataclass(eq=False, slots=True)
+class _HeldAck:
+    """The ACK for a 2xx that carried the offer, to an INVITE sent without one: it
+    must carry the answer (RFC 3261 13.2.2.4), and the answer comes in the other
+    side's ACK for the 2xx the B2BUA relayed to it."""
+
+    #: The leg whose 2xx this ACKs, its dialog and the INVITE's CSeq number.
+    side: LegSide
+    dialog: Dialog
+    seq: int
+    tx: ClientInviteTransaction
+    #: The server transaction whose 2xx's ACK brings the answer.
+    server: ServerTransaction
+    #: The offer, for an answer rejecting every stream when no answer comes.
+    offer: SessionDescription
+
+
+@dataclass(eq=False, slots=True)
 class _Fork:
     """One B-leg INVITE of a call: a contact of a forked call, or one gateway attempt."""
 
@@ -470,6 +497,8 @@ class _Live:
     early_notifies: list[tuple[ServerTransaction, Request]] = field(default_factory=list)
     #: The ACK for the A leg's 2xx arrived (RFC 3261 13.3.1.4).
     a_acked: bool = False
+    #: An ACK waiting for the answer in the other side's ACK (late offer).
+    held_ack: _HeldAck | None = None
     is_subscription: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -694,6 +723,10 @@ class CallController:
         self._routed: dict[ClientTransaction, _Routed] = {}
         #: (Call-ID, the SBC's To tag, CSeq number) of a 2xx not yet ACKed.
         self._unacked: dict[tuple[str, str, int], _Unacked] = {}
+        #: The ACK sent for the 2xx of an in-dialog INVITE or of a late-offer INVITE,
+        #: sent again for each retransmission of that 2xx (RFC 3261 13.2.2.4) until
+        #: its transaction ends; None while it waits for the answer (``_HeldAck``).
+        self._acks: dict[ClientInviteTransaction, Outgoing | None] = {}
         self._busy_log = BurstLog(BUSY_LOG_INTERVAL)
         #: (Call-ID, the SBC's From tag) of B INVITEs let go of unanswered, oldest first.
         self._orphans: OrderedDict[tuple[str, str], _Orphan] = OrderedDict()
@@ -952,8 +985,7 @@ class CallController:
                 self.manipulation.inbound(event.response, destination.realm)
             return self._response(event.transaction, event.response, now)
         if isinstance(event, AckReceived):
-            self._ack(event.request)
-            return Step()
+            return self._ack(event.request, now)
         if isinstance(event, StrayResponse):
             return self._orphan_response(event.response, now)
         if isinstance(event, TransportError):
@@ -977,6 +1009,8 @@ class CallController:
                 self._routed.pop(tx, None)
                 self._register_relayed.pop(tx, None)
                 self._over_tcp.pop(tx, None)
+                if isinstance(tx, ClientInviteTransaction):
+                    self._acks.pop(tx, None)
                 if role is not None and role.role == "invite":
                     live = self._calls.get(role.call_ref)
                     if live is not None:
@@ -1277,9 +1311,8 @@ class CallController:
             return self._send_response(
                 tx, make_response(request, exc.status, to_tag=new_tag()), now
             )
-        if sdp is None or not sdp.media:
-            # Late offer (SDP in the 2xx and ACK) is not relayed.
-            response = make_response(request, 488, "Offer Required", to_tag=new_tag())
+        if sdp is not None and not sdp.media:
+            response = make_response(request, 488, "No Media Offered", to_tag=new_tag())
             return self._send_response(tx, response, now)
         ticket = None
         if self.admission is not None:
@@ -1343,8 +1376,13 @@ class CallController:
         )
         live = _Live(call, tx, request, decision, pending=groups, ticket=ticket)
         live.allows[LegSide.A] = _allowed(request)
-        live.offers[LegSide.A] = leg_offers(sdp, realm)
-        live.offers[LegSide.B] = blank_offers(len(sdp.media), target_realm)
+        if sdp is None:
+            # Late offer: the callee's 2xx brings the offer, the caller's ACK the answer.
+            live.offers[LegSide.A] = blank_offers(LATE_OFFER_STREAMS, realm)
+            live.offers[LegSide.B] = blank_offers(LATE_OFFER_STREAMS, target_realm)
+        else:
+            live.offers[LegSide.A] = leg_offers(sdp, realm)
+            live.offers[LegSide.B] = blank_offers(len(sdp.media), target_realm)
         self._calls[call.call_ref] = live
         self._by_server[tx] = call.call_ref
         self._by_dialog[(call.a.call_id, call.a.local_tag)] = (call.call_ref, LegSide.A)
@@ -1437,14 +1475,16 @@ class CallController:
             )
         )
         sdp = parse_sdp(live.a_request)
-        assert sdp is not None
-        body, leg = rewrite_sdp(sdp, live.session, Side.B, leg)
+        body = b""
+        if sdp is not None:
+            body, leg = rewrite_sdp(sdp, live.session, Side.B, leg)
         invite = self._b_invite(live, leg, target, body)
         tx, out = self._send_request(invite, hop, now)
         assert isinstance(tx, ClientInviteTransaction)
         fork = _Fork(leg, target, invite, tx, DialogSet.for_request(invite))
         live.forks[tx] = fork
-        live.sdp_sent[LegSide.B] = body
+        if body:
+            live.sdp_sent[LegSide.B] = body
         if first or live.winner is None:
             live.call = evolve(live.call, b=leg, gateway=target.gateway)
         self._by_client[tx] = _ByRole(call.call_ref, "invite")
@@ -1471,7 +1511,7 @@ class CallController:
         headers.add("CSeq", "1 INVITE")
         headers.add("Contact", contact_for(leg.local))
         headers.add("Allow", ALLOW)
-        headers.add("Supported", SUPPORTED)
+        headers.add("Supported", SUPPORTED if body else SUPPORTED_NO_OFFER)
         if self.timers.session_expires:
             headers.add("Session-Expires", f"{int(self.timers.session_expires)};refresher=uac")
             headers.add("Min-SE", str(int(self.timers.min_se)))
@@ -1480,7 +1520,7 @@ class CallController:
         realm = self.realms.get(leg.realm)
         if realm is not None:
             copy_kept_headers(a_request, invite, realm)
-        invite.set_body(body, SDP_CONTENT_TYPE)
+        invite.set_body(body, SDP_CONTENT_TYPE if body else None)
         self._outbound(invite, leg.realm)
         return invite
 
@@ -1880,22 +1920,63 @@ class CallController:
         self._by_client[client] = _ByRole(live.call.call_ref, "cancel")
         return Step(out)
 
-    def _ack(self, request: Request) -> None:
+    def _ack(self, request: Request, now: float) -> Step:
         # The ACK for a 2xx ends at the B2BUA: each leg's 2xx is ACKed by the B2BUA
-        # itself (RFC 3261 13.2.2.4), so there is nothing to relay.
+        # itself (RFC 3261 13.2.2.4), so there is nothing to relay, except the answer
+        # it may carry to an offer in that 2xx (late offer).
         try:
             key = (request.call_id, request.to.tag or "")
             seq = request.cseq.seq
         except ParseError:
-            return
+            return Step()
         unacked = self._unacked.pop((*key, seq), None)
         if unacked is None:
-            return
+            return Step()
         logger.debug("< ACK for call %s", unacked.call_ref)
         live = self._calls.get(unacked.call_ref)
-        if live is not None and live.invite_tx is not None and unacked.server is live.invite_tx:
+        if live is None:
+            return Step()
+        step = Step()
+        if live.held_ack is not None and unacked.server is live.held_ack.server:
+            step = self._release_ack(live, request, now)
+        if live.invite_tx is not None and unacked.server is live.invite_tx:
             live.a_acked = True
             self._settle(live)
+        return step
+
+    def _release_ack(self, live: _Live, ack: Request | None, now: float) -> Step:
+        """Send the held ACK with the answer in ``ack`` (the other side's ACK), or, with
+        no usable answer, one rejecting every stream of the offer and then end the
+        call (RFC 3261 13.2.2.4: a valid answer in the ACK, then BYE)."""
+        held = live.held_ack
+        assert held is not None
+        live.held_ack = None
+        live.reinvite_pending = live.reinvite_pending - {held.side}
+        answer_side = held.side.other
+        try:
+            sdp = None if ack is None else parse_sdp(ack)
+        except SdpError as exc:
+            logger.info("x call %s: bad SDP answer in the ACK: %s", live.call.call_ref, exc)
+            sdp = None
+        realm = self.realms.get(live.call.leg(answer_side).realm)
+        usable = sdp is not None and bool(sdp.media) and realm is not None
+        step = Step()
+        if sdp is not None and realm is not None and usable:
+            live.offers[answer_side] = leg_offers(sdp, realm)
+            step = self._update_media(live)
+        else:
+            sdp = evolve(held.offer, media=tuple(m.rejected() for m in held.offer.media))
+        leg = live.call.leg(held.side)
+        body = b""
+        if live.session is not None:
+            body, leg = rewrite_sdp(sdp, live.session, _MEDIA_SIDE[held.side], leg)
+            live.call = live.call.with_leg(held.side, leg)
+            live.sdp_sent[held.side] = body
+        step = step + self._ack_leg(live, held.side, held.dialog, held.seq, held.tx, body)
+        if ack is not None and not usable:
+            logger.info("x call %s: no answer in the ACK, hanging up", live.call.call_ref)
+            step = step + self._hang_up_both(live, EndReason.REJECTED, now, status=488)
+        return step
 
     def _settle(self, live: _Live) -> None:
         """Let go of what only the call's set-up reads, once it is over: the call is
@@ -1934,6 +2015,10 @@ class CallController:
             return self._relayed_register_response(tx, response, now)
         role = self._by_client.get(tx)
         if role is None:
+            if isinstance(tx, ClientInviteTransaction) and tx in self._acks:
+                # A retransmitted 2xx: its ACK again (RFC 3261 13.2.2.4).
+                ack = self._acks[tx]
+                return Step() if ack is None else Step(Output((ack,)))
             return Step()
         if role.probe is not None:
             if response.status >= 200:
@@ -1971,6 +2056,9 @@ class CallController:
             return Step()
         dialog_set, event = fork.dialogs.receive_response(response)
         fork.dialogs = dialog_set
+        if isinstance(event, AnswerRetransmitted) and fork.tx in self._acks:
+            held = self._acks[fork.tx]
+            return Step() if held is None else Step(Output((held,)))
         if isinstance(event, AnswerRetransmitted | ExtraForkAnswered):
             bye = isinstance(event, ExtraForkAnswered) or (
                 live.winner is not None and live.winner is not fork
@@ -2042,7 +2130,20 @@ class CallController:
             return self._ack_b(fork.leg, event.dialog, now, bye=True, call_ref=call.call_ref)
         live.winner = fork
         live.call = evolve(call, b=fork.leg, gateway=fork.target.gateway)
-        step = self._ack_b(fork.leg, event.dialog, now, bye=False, call_ref=call.call_ref)
+        try:
+            b_sdp = parse_sdp(response)
+        except SdpError:
+            b_sdp = None
+        late = parse_sdp(live.a_request) is None
+        if late and b_sdp is not None and b_sdp.media:
+            # Late offer: the ACK carries the answer, which the caller's ACK brings.
+            self._acks[fork.tx] = None
+            live.held_ack = _HeldAck(
+                LegSide.B, event.dialog, response.cseq.seq, fork.tx, live.a_invite, b_sdp
+            )
+            step = Step()
+        else:
+            step = self._ack_b(fork.leg, event.dialog, now, bye=False, call_ref=call.call_ref)
         step = step + self._cancel_forks(live, now, keep=fork)
         for other in live.forks.values():
             if other is not fork:
@@ -2051,11 +2152,12 @@ class CallController:
             # RFC 3261 9.1: the 2xx crossed our CANCEL; the call is over.
             logger.info("- call %s: answered after CANCEL, hanging up b", call.call_ref)
             return step + self._hang_up(live, LegSide.B, 487, EndReason.CANCEL, LegSide.A, now)
+        if late and live.held_ack is None:
+            # RFC 3261 13.2.1: a 2xx to an INVITE without an offer must carry one.
+            logger.info("x call %s: the 2xx to an INVITE without offer has none", call.call_ref)
+            step = step + self._bye(live, LegSide.B, now)
+            return step + self._fail_a(live, 502, EndReason.REJECTED, now)
         live.allows[LegSide.B] = _allowed(response)
-        try:
-            b_sdp = parse_sdp(response)
-        except SdpError:
-            b_sdp = None
         b_codecs = codecs_of(b_sdp)
         if b_codecs and b_codecs != live.call.b_codecs:
             live.call = evolve(live.call, b_codecs=b_codecs)
@@ -2429,11 +2531,30 @@ class CallController:
             live.reinvite_pending = live.reinvite_pending - {other}
         step = Step()
         leg = live.call.leg(other)
+        try:
+            sdp = parse_sdp(response)
+        except SdpError:
+            sdp = None
         if leg.dialog is not None:
             dialog = leg.dialog.receive_response(response)
             live.call = live.call.with_leg(other, leg.with_dialog(dialog))
             if relayed.request.method == "INVITE" and status < 300:
-                step = step + self._ack_leg(live, other, dialog, response.cseq.seq)
+                offerless = parse_sdp(relayed.request) is None
+                if (
+                    offerless
+                    and sdp is not None
+                    and sdp.media
+                    and isinstance(tx, ClientInviteTransaction)
+                    and live.held_ack is None
+                ):
+                    # The 2xx carries the offer; the ACK waits for the answer.
+                    self._acks[tx] = None
+                    live.held_ack = _HeldAck(
+                        other, dialog, response.cseq.seq, tx, relayed.server, sdp
+                    )
+                    live.reinvite_pending = live.reinvite_pending | {other}
+                else:
+                    step = step + self._ack_leg(live, other, dialog, response.cseq.seq, tx)
         headers: list[tuple[str, str]] = []
         if relayed.request.method == "INVITE" and status < 300:
             headers.append(("Contact", contact_for(live.call.leg(side).local)))
@@ -2444,10 +2565,6 @@ class CallController:
         out = make_response(relayed.request, status, response.reason, headers=headers)
         if realm is not None:
             copy_kept_headers(response, out, realm)
-        try:
-            sdp = parse_sdp(response)
-        except SdpError:
-            sdp = None
         if sdp is not None and live.session is not None and status < 300:
             realm_other = self.realms.get(leg.realm)
             if realm_other is not None:
@@ -2491,17 +2608,32 @@ class CallController:
             return self._end(live, 481, EndReason.BYE, None, now)
         return Step()
 
-    def _ack_leg(self, live: _Live, side: LegSide, dialog: Dialog, seq: int) -> Step:
+    def _ack_leg(
+        self,
+        live: _Live,
+        side: LegSide,
+        dialog: Dialog,
+        seq: int,
+        tx: ClientTransaction,
+        body: bytes = b"",
+    ) -> Step:
+        """ACK a 2xx to the B2BUA's INVITE ``tx`` on ``side``; the same ACK answers
+        each retransmission of that 2xx (``_acks``)."""
         leg = live.call.leg(side)
         ack = dialog.create_ack(
             transport=leg.local.transport.value,
             host=format_host(leg.local.host),
             port=leg.local.port,
             invite_seq=seq,
+            body=body,
+            content_type=SDP_CONTENT_TYPE if body else None,
         )
         self._fix_via(ack)
         self._outbound(ack, leg.realm)
-        return Step(Output((Outgoing(ack, bytes(ack), self._hop(leg)),)))
+        outgoing = Outgoing(ack, bytes(ack), self._hop(leg))
+        if isinstance(tx, ClientInviteTransaction) and not tx.terminated:
+            self._acks[tx] = outgoing
+        return Step(Output((outgoing,)))
 
     # -- session timers (RFC 4028) --------------------------------------------------------
 
@@ -2582,7 +2714,7 @@ class CallController:
             dialog = leg.dialog.receive_response(response)
             live.call = live.call.with_leg(side, leg.with_dialog(dialog))
             if tx.request.method == "INVITE" and status < 300:
-                step = step + self._ack_leg(live, side, dialog, response.cseq.seq)
+                step = step + self._ack_leg(live, side, dialog, response.cseq.seq, tx)
         if tx.request.method == "INVITE" and 200 <= status < 300:
             # The peer may answer the refresh with other media (a new port): the
             # relay follows it.
@@ -2616,6 +2748,12 @@ class CallController:
         leg = live.call.leg(side)
         if leg.dialog is None:
             return Step()
+        held = live.held_ack
+        if held is not None and held.side is side:
+            # The 2xx waits for its ACK, which must answer its offer (13.2.2.4): an
+            # answer rejecting every stream goes first.
+            step = self._release_ack(live, None, now)
+            return step + self._bye(live, side, now)
         try:
             dialog, bye = leg.dialog.create_request(
                 "BYE",
@@ -2660,6 +2798,11 @@ class CallController:
         call = live.call
         if call.state is CallState.TERMINATED:
             return Step()
+        if live.held_ack is not None:
+            # A 2xx still waits for the ACK with the answer (the callee hung up
+            # first, say): it gets one rejecting the offer, or it is resent for 32 s.
+            step = self._release_ack(live, None, now)
+            return step + self._end(live, status, reason, hangup, now)
         live.call = evolve(
             call,
             state=CallState.TERMINATED,

@@ -7,7 +7,7 @@
 One load generator (SIPp, Debian sip-tester) drives every system under test the
 same way, on loopback, over UDP:
 
-- Call rate. A call is INVITE (with an SDP offer; the SBC answers 488 without one),
+- Call rate. A call is INVITE (with an SDP offer),
   100/180/200 (SDP answer), ACK, BYE, 200; no media. For each system the rate steps
   up (100, 200, 400 ... calls/s, doubling up to a cap) and is then bisected between
   the last passing and the first failing rate. A step is ``rate x seconds`` calls

@@ -339,6 +339,40 @@ def test_masked_hosts_in_the_requests_into_a_realm(tmp_path: Path) -> None:
 # -- CDRs ----------------------------------------------------------------------------------
 
 
+# -- late offer ---------------------------------------------------------------------------
+
+
+def sdp_of(message: str) -> str:
+    """The body of a message as SIPp logged it."""
+    return message.split("\n\n", 1)[1] if "\n\n" in message else ""
+
+
+def test_late_offer_call_and_offerless_re_invite(lab: EventLab) -> None:
+    caller, callee, caller_sipp, callee_sipp = run_pair(
+        lab, "late", "flow_uac_late.xml", "flow_uas_late.xml", "3007"
+    )
+    # The callee's INVITE and re-INVITE come without SDP, as the caller sent them.
+    invites = [m for m in callee.received if m.startswith("<INVITE")]
+    assert len(invites) == 2, starts(callee)
+    assert all("m=audio" not in sdp_of(m) for m in invites)
+    # Its offer reaches the caller in each 200, on the relay's address and port.
+    offers = [m for m in caller.received if m.startswith("<SIP/2.0 200") and "INVITE" in m]
+    assert len(offers) == 2, starts(caller)
+    for offer in offers:
+        assert re.search(r"(?m)^m=audio \d+ RTP/AVP 0 8", sdp_of(offer)), offer
+        assert f"m=audio {callee_sipp.media} " not in offer
+    # The caller's answers, from its ACKs, reach the callee in the SBC's ACKs.
+    acks = [m for m in callee.received if m.startswith("<ACK")]
+    assert len(acks) == 2, starts(callee)
+    for ack in acks:
+        assert header(ack, "Content-Type") == ["application/sdp"], ack
+        assert re.search(r"(?m)^m=audio \d+ RTP/AVP 0", sdp_of(ack)), ack
+        assert f"m=audio {caller_sipp.media} " not in ack
+    assert_hidden(caller, callee, caller_sipp, callee_sipp)
+    assert wait_for_calls(lab.sbc, 0), lab.sbc.log()[-3000:]
+    lab.cdrs["3007"] = ("answered", 200, "caller")
+
+
 def test_cdrs_of_these_flows(lab: EventLab) -> None:
     """A record per call attempt; none for subscriptions and PUBLISH or OPTIONS
     transactions (docs/cdr.md). Runs last here: it checks what the flows before it
