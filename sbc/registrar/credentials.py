@@ -179,6 +179,10 @@ class SqliteCredentials:
                 " WHERE username = ? AND realm = ? AND disabled = 0",
                 (username, realm),
             ).fetchone()
+        except UnicodeEncodeError:
+            # A lone surrogate (an undecodable byte the parser kept): not UTF-8, so
+            # no stored name; the username is whatever the peer sent.
+            return None
         except sqlite3.Error as exc:
             raise CredentialStoreError(f"{self.path}: {exc}") from None
         if row is None:

@@ -300,7 +300,7 @@ class Registrar:
         if aor is None:
             raise _Reject(404, "Not Found: domain not served")
         state.aor = aor
-        call_id = request.call_id
+        call_id = _stored_call_id(request)
         cseq = request.cseq.seq
         # Step 6: wildcard.
         raw_contacts = request.headers.values("Contact")
@@ -341,9 +341,10 @@ class Registrar:
         reg_text = contact.param("reg-id")
         # RFC 5626 6: reg-id without +sip.instance is ignored.
         if reg_text is not None and instance is not None:
-            if not _DELTA.fullmatch(reg_text) or not 1 <= int(reg_text) <= MAX_REG_ID:
+            value = _bounded_int(reg_text, MAX_REG_ID + 1)
+            if value is None or not 1 <= value <= MAX_REG_ID:
                 raise _Reject(400, "Bad Request: bad reg-id in Contact")
-            reg_id = int(reg_text)
+            reg_id = value
         return _ContactRequest(contact.uri, expires, q, instance, reg_id)
 
     def _update(
@@ -357,7 +358,7 @@ class Registrar:
         now: float,
         state: _Progress,
     ) -> RegisterResult:
-        call_id = request.call_id
+        call_id = _stored_call_id(request)
         cseq = request.cseq.seq
         current = self.location.lookup(aor, now)
         tentative = list(current)
@@ -391,7 +392,7 @@ class Registrar:
                     aor=aor,
                     contact=text,
                     expires_at=now + item.expires,
-                    call_id=call_id[:MAX_STORED_TEXT],
+                    call_id=call_id,
                     cseq=cseq,
                     received=received,
                     local=listen,
@@ -627,12 +628,26 @@ def _wants_keepalive(binding: Binding) -> bool:
     return binding.received.transport is Transport.UDP
 
 
+def _stored_call_id(request: Request) -> str:
+    """The Call-ID as bindings keep it (cut to MAX_STORED_TEXT), for the step 7 check."""
+    return request.call_id[:MAX_STORED_TEXT]
+
+
+def _bounded_int(text: str, limit: int) -> int | None:
+    """1*DIGIT as an int capped at ``limit``; None if not digits. Never hands int()
+    more than its 4,300-digit limit (a header line may hold 8,192)."""
+    if not _DELTA.fullmatch(text):
+        return None
+    digits = text.lstrip("0")
+    if len(digits) > len(str(limit)):
+        return limit
+    return min(int(digits or "0"), limit)
+
+
 def _delta_seconds(text: str) -> int:
     """A delta-seconds value; malformed -> 3600, too big -> 2**32-1 (RFC 3261 20.10)."""
-    text = text.strip()
-    if not _DELTA.fullmatch(text):
-        return MALFORMED_EXPIRES
-    return min(int(text), MAX_DELTA_SECONDS)
+    value = _bounded_int(text.strip(), MAX_DELTA_SECONDS)
+    return MALFORMED_EXPIRES if value is None else value
 
 
 def _header_expires(request: Request) -> int | None:

@@ -13,10 +13,14 @@ same for outbound).
 
 Caching and throttling: the SBC asks the upstream for ``upstream_expires`` (long)
 and grants the phone at most ``phone_expires`` (short, so NAT mappings stay warm).
-A re-REGISTER of the same contact while the upstream binding still has more than
-the phone's interval left (plus a margin) is answered locally with 200; the
-upstream sees one refresh per ``upstream_expires / 2`` however often phones
-refresh. A de-registration (expires 0 or ``*``) always goes upstream.
+A re-REGISTER of the same contact, without credentials and from the address the
+upstream last accepted it from, while the upstream binding still has more than the
+phone's interval left (plus a margin) is answered locally with 200; the upstream
+sees one refresh per ``upstream_expires / 2`` however often phones refresh. The
+cache authenticates no one, so a REGISTER from anywhere else goes upstream (and
+is challenged there), and a binding moves only when the upstream accepts. A
+de-registration (expires 0 or ``*``) always goes upstream; ``*`` takes every
+contact of the user with it.
 
 Authentication stays the upstream's: its 401/407 challenge is relayed to the phone
 and the phone's credentials are copied into the next upstream REGISTER (the digest
@@ -51,6 +55,9 @@ DEFAULT_EXPIRES: Final = 3600
 
 #: Most relayed bindings at once (each costs an upstream registration).
 MAX_BINDINGS: Final = 100_000
+
+#: RFC 3261 20.19: delta-seconds top out at 2**32-1.
+MAX_DELTA_SECONDS: Final = 2**32 - 1
 
 #: Auth headers the phone sends that the upstream must see (its own challenge).
 _AUTH_HEADERS: Final = ("Authorization", "Proxy-Authorization")
@@ -127,11 +134,18 @@ class RelayedBinding:
 
 @dataclass(frozen=True, slots=True)
 class Forward:
-    """Send ``request`` to the upstream; report its answer with ``upstream_response``."""
+    """Send ``request`` to the upstream; report its answer with ``upstream_response``.
+
+    ``received``, ``local`` and ``realm`` say where the phone's REGISTER came from:
+    its binding moves there only once the upstream accepts.
+    """
 
     request: Request
     key: tuple[str, str]
     expires: int
+    received: Destination | None = None
+    local: ListenAddress | None = None
+    realm: str | None = None
 
 
 @dataclass
@@ -141,6 +155,18 @@ class RelayStats:
     rejected: int = 0
 
 
+def _delta(text: str) -> int | None:
+    """A delta-seconds value capped at 2**32-1, None if not ASCII digits ("²" is a
+    digit to str.isdigit, not to int); never more than int()'s 4,300 digits."""
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()):
+        return None
+    digits = text.lstrip("0")
+    if len(digits) > len(str(MAX_DELTA_SECONDS)):
+        return MAX_DELTA_SECONDS
+    return min(int(digits or "0"), MAX_DELTA_SECONDS)
+
+
 def _expires_of(request: Request) -> int | None:
     try:
         contacts = request.contacts
@@ -148,12 +174,10 @@ def _expires_of(request: Request) -> int | None:
         contacts = []
     for contact in contacts[:1]:
         value = dict(contact.params).get("expires")
-        if value is not None and value.strip().isdigit():
-            return int(value)
+        if value is not None and (seconds := _delta(value)) is not None:
+            return seconds
     header = request.headers.get("Expires")
-    if header is not None and header.strip().isdigit():
-        return int(header.strip())
-    return None
+    return None if header is None else _delta(header)
 
 
 def _granted(response: Response, token: str) -> int | None:
@@ -166,12 +190,10 @@ def _granted(response: Response, token: str) -> int | None:
         uri = contact.uri
         if isinstance(uri, SipUri) and uri.user == token:
             value = dict(contact.params).get("expires")
-            if value is not None and value.strip().isdigit():
-                return int(value)
+            if value is not None and (seconds := _delta(value)) is not None:
+                return seconds
     header = response.headers.get("Expires")
-    if header is not None and header.strip().isdigit():
-        return int(header.strip())
-    return None
+    return None if header is None else _delta(header)
 
 
 @dataclass
@@ -203,13 +225,36 @@ class RegistrationRelay:
         user = to_uri.user
         raw = request.headers.values("Contact")
         if not raw:
-            # A query: what this SBC holds for the user.
-            return self._ok(request, [b for b in self._bindings.values() if b.user == user], now)
+            # A query: what this SBC holds for the user (refused or run out: nothing).
+            current = [
+                b for b in self._bindings.values() if b.user == user and b.phone_expires_at > now
+            ]
+            return self._ok(request, current, now)
         if any(value.strip() == "*" for value in raw):
+            # RFC 3261 10.3 step 6: "*" only alone and with Expires: 0.
+            expires = request.headers.get("Expires")
+            if len(raw) != 1 or expires is None or _delta(expires) != 0:
+                self.stats.rejected += 1
+                return make_response(
+                    request,
+                    400,
+                    "Bad Request: '*' needs to be alone and Expires: 0",
+                    to_tag=new_tag(),
+                )
             targets = [b for b in self._bindings.values() if b.user == user]
             if not targets:
                 return self._ok(request, [], now)
-            return self._forward(request, targets[0], 0, flow, listen, realm, now, wildcard=True)
+            return self._forward(
+                request,
+                targets[0],
+                0,
+                flow,
+                listen,
+                realm,
+                now,
+                wildcard=True,
+                also=tuple(targets[1:]),
+            )
         contacts = request.contacts
         if len(contacts) != 1 or not isinstance(contacts[0].uri, SipUri):
             self.stats.rejected += 1
@@ -226,13 +271,18 @@ class RegistrationRelay:
                 return self._ok(request, [], now)
             return self._forward(request, binding, 0, flow, listen, realm, now)
         granted = min(requested, self.policy.phone_expires)
-        if binding is not None and not any(request.headers.fields(h) for h in _AUTH_HEADERS):
+        source = Destination(flow.transport, flow.remote_host, flow.remote_port)
+        # The cache answers without authentication: only from where the phone registered.
+        if (
+            binding is not None
+            and binding.received == source
+            and not any(request.headers.fields(h) for h in _AUTH_HEADERS)
+        ):
             left = binding.upstream_expires_at - now
             if left > granted + CACHE_MARGIN:
                 # Cached: the upstream registration outlives this refresh (throttling).
                 binding = replace(
                     binding,
-                    received=Destination(flow.transport, flow.remote_host, flow.remote_port),
                     local=listen,
                     realm=realm,
                     phone_expires_at=now + granted,
@@ -268,15 +318,14 @@ class RegistrationRelay:
         now: float,
         *,
         wildcard: bool = False,
+        also: tuple[RelayedBinding, ...] = (),
     ) -> Forward:
+        """The upstream REGISTER for ``binding``; ``also``: more of the user's bindings
+        to remove with it (a wildcard de-registration)."""
         policy = self.policy
-        binding = replace(
-            binding,
-            cseq=binding.cseq + 1,
-            received=Destination(flow.transport, flow.remote_host, flow.remote_port),
-            local=listen,
-            realm=realm,
-        )
+        # Where the phone is changes only when the upstream accepts (upstream_response):
+        # a REGISTER the upstream refuses must not move the binding (nor the cache).
+        binding = replace(binding, cseq=binding.cseq + 1)
         self._bindings[(binding.user, binding.contact)] = binding
         domain = policy.upstream_domain or format_host(policy.upstream.host)
         local = policy.local
@@ -293,11 +342,12 @@ class RegistrationRelay:
         headers.add("CSeq", f"{binding.cseq} REGISTER")
         expires = 0 if granted == 0 else policy.upstream_expires
         param = "" if local.transport is Transport.UDP else f";transport={local.transport.value}"
-        headers.add(
-            "Contact",
-            f"<sip:{binding.token}@{format_host(local.host)}:{local.port}{param}>"
-            f";expires={expires}",
-        )
+        for item in (binding, *also):
+            headers.add(
+                "Contact",
+                f"<sip:{item.token}@{format_host(local.host)}:{local.port}{param}>"
+                f";expires={expires}",
+            )
         headers.add("Expires", str(expires))
         for name in _AUTH_HEADERS:
             for value in request.headers.fields(name):
@@ -305,7 +355,8 @@ class RegistrationRelay:
         upstream = Request("REGISTER", f"sip:{domain}", headers)
         self.stats.forwarded += 1
         key = ("*" if wildcard else binding.user, binding.contact)
-        return Forward(upstream, key, granted)
+        received = Destination(flow.transport, flow.remote_host, flow.remote_port)
+        return Forward(upstream, key, granted, received, listen, realm)
 
     # -- from the upstream ---------------------------------------------------------------
 
@@ -349,6 +400,9 @@ class RegistrationRelay:
         phone_for = max(1, min(forward.expires, upstream_for))
         binding = replace(
             binding,
+            received=forward.received or binding.received,
+            local=forward.local or binding.local,
+            realm=forward.realm or binding.realm,
             upstream_expires_at=now + upstream_for,
             phone_expires_at=now + phone_for,
         )

@@ -165,6 +165,17 @@ def test_realms_are_separate_tables_in_one_file(tmp_path: Path) -> None:
         assert one.lookup("alice", "other") is None
 
 
+def test_a_user_name_that_is_not_utf8_is_unknown_not_a_crash(
+    store: SqliteCredentials,
+) -> None:
+    # The parser keeps undecodable bytes as lone surrogates (surrogateescape); SQLite
+    # cannot encode those, and the Authorization username is the peer's choice.
+    store.add("alice", PASSWORD)
+    assert store.lookup("\udcffalice", REALM) is None
+    assert store.lookup("alice", "\udcff") is None
+    assert store.lookup("alice", REALM) is not None
+
+
 def test_a_corrupt_file_is_a_store_error(tmp_path: Path) -> None:
     path = tmp_path / "users.sqlite"
     path.write_bytes(b"this is not a database at all, not even close" * 40)

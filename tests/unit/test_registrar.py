@@ -8,10 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 
 import pytest
 
-from sbc.registrar.credentials import CredentialStoreError, StaticCredentials
+from sbc.registrar.credentials import (
+    CredentialStoreError,
+    SqliteCredentials,
+    StaticCredentials,
+)
 from sbc.registrar.location import LocationService
 from sbc.registrar.registrar import AuthFailure, RegisterResult, Registrar, RegistrarPolicy
 from sbc.sip.auth import (
@@ -69,7 +74,7 @@ def register(
         *extra,
         "Content-Length: 0",
     ]
-    message = parse_message(("\r\n".join(lines) + "\r\n\r\n").encode())
+    message = parse_message(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape"))
     assert isinstance(message, Request)
     return message
 
@@ -204,6 +209,22 @@ def test_a_broken_credential_store_is_a_500() -> None:
     digest = DigestServer(DigestServerConfig(realm=REALM, key=b"k" * 32))
     registrar = Registrar(policy, Broken(), policy.new_location(), digest)
     assert Phone(registrar).send(T0).response.status == 500
+
+
+def test_a_username_that_is_not_utf8_is_an_unknown_user_not_a_crash(tmp_path: Path) -> None:
+    policy = RegistrarPolicy(realm=REALM)
+    digest = DigestServer(DigestServerConfig(realm=REALM, key=b"k" * 32))
+    with SqliteCredentials(tmp_path / "users.sqlite", REALM) as store:
+        registrar = Registrar(policy, store, policy.new_location(), digest)
+        first = registrar.register(register(), FLOW, "access", LISTEN, T0)
+        # Byte 0xff in the username: the parser keeps it as a lone surrogate.
+        authorization = DigestClient("\udcffalice", "whatever-it-is").respond(
+            first.response.headers.fields("WWW-Authenticate"), method="REGISTER", uri=RURI
+        )
+        request = register(authorization=authorization, cseq=2)
+        result = registrar.register(request, FLOW, "access", LISTEN, T0)
+    assert result.response.status == 401
+    assert result.auth_failure == AuthFailure("\udcffalice", AuthOutcome.UNKNOWN_USER)
 
 
 # --------------------------------------------------------------------------- step 4: authorization
@@ -384,6 +405,40 @@ def test_bad_q_is_400_and_q_orders_lookups() -> None:
     assert order == ["sip:alice@192.0.2.11", "sip:alice@192.0.2.12", "sip:alice@192.0.2.10"]
 
 
+def test_huge_intervals_are_the_longest_not_a_crash() -> None:
+    # RFC 3261 20.19: delta-seconds past 2**32-1 count as 2**32-1; int() refuses
+    # strings of more than 4,300 digits, and a header line may hold 8,192.
+    registrar = make_registrar(auth_required=False)
+    digits = "9" * 5000
+    result = registrar.register(register(expires=digits), FLOW, "access", LISTEN, T0)
+    assert result.response.status == 200
+    assert contacts_of(result.response) == ["<sip:alice@192.0.2.10:5062>;expires=3600"]
+    param = register(contacts=(f"<sip:alice@192.0.2.10>;expires=0{digits}",), cseq=2)
+    result = registrar.register(param, FLOW, "access", LISTEN, T0)
+    assert result.response.status == 200
+    assert "<sip:alice@192.0.2.10>;expires=3600" in contacts_of(result.response)
+    zeros = register(contacts=("<sip:alice@192.0.2.10>;expires=" + "0" * 5000,), cseq=3)
+    result = registrar.register(zeros, FLOW, "access", LISTEN, T0)
+    assert [b.contact for b in result.removed] == ["sip:alice@192.0.2.10"]
+    wildcard = register(contacts=("*",), expires="0" * 5000, cseq=4)
+    assert registrar.register(wildcard, FLOW, "access", LISTEN, T0).response.status == 200
+    assert len(registrar.location) == 0
+
+
+def test_a_huge_reg_id_is_400_not_a_crash() -> None:
+    registrar = make_registrar(auth_required=False)
+    contact = f'<sip:alice@192.0.2.10>;+sip.instance="{INSTANCE}";reg-id=' + "1" * 5000
+    result = registrar.register(register(contacts=(contact,)), FLOW, "access", LISTEN, T0)
+    assert result.response.status == 400
+    too_big = f'<sip:alice@192.0.2.10>;+sip.instance="{INSTANCE}";reg-id=2147483648'
+    result = registrar.register(register(contacts=(too_big,)), FLOW, "access", LISTEN, T0)
+    assert result.response.status == 400
+    leading_zeros = f'<sip:alice@192.0.2.10>;+sip.instance="{INSTANCE}";reg-id=' + "0" * 20 + "7"
+    result = registrar.register(register(contacts=(leading_zeros,)), FLOW, "access", LISTEN, T0)
+    assert result.response.status == 200
+    assert result.added[0].reg_id == 7
+
+
 # --------------------------------------------------------------------------- step 7: ordering
 
 
@@ -412,6 +467,23 @@ def test_an_out_of_order_contact_fails_the_whole_request() -> None:
     assert [b.contact for b in registrar.location.lookup("alice", T0)] == [
         "sip:alice@192.0.2.10:5062"
     ]
+
+
+def test_a_long_call_id_still_needs_a_higher_cseq() -> None:
+    # Bindings keep the first 256 characters of the Call-ID; the ordering check of
+    # RFC 3261 10.3 step 7 must still see the same Call-ID.
+    registrar = make_registrar(auth_required=False)
+    call_id = "c" * 300 + "@phone"
+    first = registrar.register(register(call_id=call_id, cseq=10), FLOW, "access", LISTEN, T0)
+    assert first.response.status == 200
+    late = register(call_id=call_id, cseq=9, expires="0")
+    assert registrar.register(late, FLOW, "access", LISTEN, T0).response.status == 500
+    wildcard = register(call_id=call_id, cseq=10, contacts=("*",), expires="0")
+    assert registrar.register(wildcard, FLOW, "access", LISTEN, T0).response.status == 500
+    assert len(registrar.location) == 1
+    newer = register(call_id=call_id, cseq=11, expires="0")
+    assert registrar.register(newer, FLOW, "access", LISTEN, T0).response.status == 200
+    assert len(registrar.location) == 0
 
 
 def test_a_refresh_updates_the_source_and_keeps_registered_at() -> None:

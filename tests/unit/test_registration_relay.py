@@ -141,3 +141,120 @@ def test_deregistration_always_goes_upstream_and_forgets_the_phone() -> None:
     assert isinstance(bye, Forward) and b"expires=0" in bytes(bye.request)
     r.upstream_response(bye, register(2, expires=0), upstream_ok(bye, 0), 1010.0)
     assert len(r) == 0 and len(r.location) == 0
+
+
+def registered(r: RegistrationRelay, contact: str = "<sip:alice@10.0.0.7:5060>") -> None:
+    request = register(1)
+    request.headers.set("Contact", contact)
+    request.invalidate()
+    forward = r.register(request, PHONE, "outside", OUTSIDE, 1000.0)
+    assert isinstance(forward, Forward)
+    r.upstream_response(forward, request, upstream_ok(forward, 3600), 1000.0)
+
+
+def test_a_wildcard_needs_expires_0_and_to_be_alone() -> None:
+    # RFC 3261 10.3 step 6: "*" with an Expires other than 0, or beside another
+    # Contact, is a 400; it must not de-register the phone upstream.
+    r = relay()
+    registered(r)
+    for contact, expires in (("*", 120), ("*, <sip:alice@10.0.0.7:5060>", 0)):
+        request = register(2, expires=expires)
+        request.headers.set("Contact", contact)
+        request.invalidate()
+        answer = r.register(request, PHONE, "outside", OUTSIDE, 1010.0)
+        assert isinstance(answer, Response) and answer.status == 400
+    without = register(2)
+    without.headers.set("Contact", "*")
+    without.headers.remove("Expires")
+    without.invalidate()
+    answer = r.register(without, PHONE, "outside", OUTSIDE, 1010.0)
+    assert isinstance(answer, Response) and answer.status == 400
+    assert len(r) == 1 and r.stats.forwarded == 1
+
+
+def test_a_wildcard_deregisters_every_contact_of_the_user_upstream() -> None:
+    r = relay()
+    registered(r, "<sip:alice@10.0.0.7:5060>")
+    registered(r, "<sip:alice@10.0.0.8:5060>")
+    tokens = {b.token for b in r.bindings()}
+    request = register(3, expires=0)
+    request.headers.set("Contact", "*")
+    request.invalidate()
+    bye = r.register(request, PHONE, "outside", OUTSIDE, 1010.0)
+    assert isinstance(bye, Forward)
+    contacts = bye.request.headers.values("Contact")
+    assert {c.split("@", 1)[0].removeprefix("<sip:") for c in contacts} == tokens
+    assert all(c.endswith(";expires=0") for c in contacts)
+    r.upstream_response(bye, request, upstream_ok(bye, 0), 1010.0)
+    assert len(r) == 0 and len(r.location) == 0
+
+
+def test_odd_expires_values_are_no_crash() -> None:
+    # "²".isdigit() is True but int("²") fails; int() refuses over 4,300 digits.
+    for value in ("\u00b2", "9" * 5000):
+        r = relay()
+        request = register(1)
+        request.headers.set("Expires", value)
+        request.invalidate()
+        answer = r.register(request, PHONE, "outside", OUTSIDE, 1000.0)
+        assert isinstance(answer, Forward) and answer.expires == 60
+        granted = upstream_ok(answer, 3600)
+        granted.headers.set("Contact", f"<sip:{r.bindings()[0].token}@x>;expires={value}")
+        granted.headers.set("Expires", value)
+        granted.invalidate()
+        phone = r.upstream_response(answer, request, granted, 1000.0)
+        assert phone.status == 200
+
+
+#: Where ``PHONE`` sends from, as a binding records it.
+PHONE_SOURCE = Destination(Transport.UDP, "198.51.100.77", 40123)
+
+
+def test_a_refresh_from_elsewhere_is_not_answered_from_the_cache() -> None:
+    # The cache answers without authentication: only the address the phone
+    # registered from may refresh there; anyone else's REGISTER goes upstream (and
+    # is challenged), and calls keep going to the phone meanwhile.
+    r = relay()
+    registered(r)
+    other = Flow(Transport.UDP, "198.51.100.1", 5060, "192.0.2.66", 5060)
+    for cseq in (2, 3):  # refused upstream, twice: neither is answered locally
+        answer = r.register(register(cseq), other, "outside", OUTSIDE, 1050.0)
+        assert isinstance(answer, Forward)
+        refused = upstream_ok(answer, 3600)
+        refused.status, refused.reason = 401, "Unauthorized"
+        assert r.upstream_response(answer, register(cseq), refused, 1050.0).status == 401
+    (binding,) = r.bindings()
+    assert binding.received == PHONE_SOURCE
+    (found,) = r.location.lookup(binding.token, 1051.0)
+    assert found.received == PHONE_SOURCE
+    # A phone that really moved is accepted upstream, and then found at its new address.
+    moved = r.register(register(4), other, "outside", OUTSIDE, 1060.0)
+    assert isinstance(moved, Forward)
+    r.upstream_response(moved, register(4), upstream_ok(moved, 3600), 1060.0)
+    (found,) = r.location.lookup(binding.token, 1061.0)
+    assert found.received == Destination(Transport.UDP, "192.0.2.66", 5060)
+    cached = r.register(register(5), other, "outside", OUTSIDE, 1070.0)
+    assert isinstance(cached, Response) and cached.status == 200
+
+
+def test_a_query_lists_only_current_bindings() -> None:
+    # RFC 3261 10.3 step 8: the 200 lists the current bindings; one the upstream
+    # refused (or that ran out, not yet swept) is none.
+    r = relay()
+    registered(r)
+    other = register(2)
+    other.headers.set("Contact", "<sip:alice@10.0.0.9:5060>")
+    other.invalidate()
+    attempt = r.register(other, PHONE, "outside", OUTSIDE, 1001.0)
+    assert isinstance(attempt, Forward)
+    refused = upstream_ok(attempt, 3600)
+    refused.status, refused.reason = 401, "Unauthorized"
+    r.upstream_response(attempt, other, refused, 1001.0)
+    query = register(3)
+    query.headers.remove("Contact")
+    query.invalidate()
+    answer = r.register(query, PHONE, "outside", OUTSIDE, 1002.0)
+    assert isinstance(answer, Response)
+    assert answer.headers.values("Contact") == ["<sip:alice@10.0.0.7:5060>;expires=58"]
+    later = r.register(query, PHONE, "outside", OUTSIDE, 1100.0)
+    assert isinstance(later, Response) and later.headers.values("Contact") == []
