@@ -660,11 +660,10 @@ class AuthOutcome(Enum):
     """Why credentials were accepted or refused."""
 
     OK = "ok"
-    #: Right password, but the nonce is too old: challenge again with stale=true
-    #: (RFC 7616 3.3) so the client retries without asking its user.
+    #: Right password, but the nonce is too old or not issued with our key (from
+    #: before a restart, say): challenge again with stale=true (RFC 7616 3.3) so
+    #: the client retries without asking its user.
     STALE = "stale"
-    #: The nonce was not issued with our key (forged, or from before a key change).
-    INVALID_NONCE = "invalid-nonce"
     BAD_RESPONSE = "bad-response"
     UNKNOWN_USER = "unknown-user"
     #: The nonce-count did not increase (RFC 7616 3.4): a replayed request.
@@ -942,9 +941,11 @@ class DigestServer:
             return self._fail(AuthOutcome.OPAQUE_MISMATCH, user, algorithm, "opaque differs")
         if creds.userhash:
             return self._fail(AuthOutcome.MALFORMED, user, algorithm, "userhash not offered")
+        # A nonce not issued with our key: forged, or from before a restart or a
+        # failover (the key is the node's). Judged once the digest is: right
+        # credentials on it get stale=true, so phones retry without asking their
+        # user (RFC 7616 3.3); a wrong digest is a failure like any other.
         issued_at = self.nonce_issued_at(creds.nonce)
-        if issued_at is None:
-            return self._fail(AuthOutcome.INVALID_NONCE, user, algorithm, "nonce not ours")
         # RFC 2617 3.2.2.5: the digest-uri must be the Request-URI.
         if creds.uri != request_uri:
             return self._fail(AuthOutcome.URI_MISMATCH, user, algorithm, "uri differs")
@@ -977,7 +978,10 @@ class DigestServer:
             body=body,
         )
         if not hmac.compare_digest(expected, response.lower()):
+            # A failure on any nonce: a foreign one must not make a free guess.
             return self._fail(AuthOutcome.BAD_RESPONSE, user, algorithm, "digest mismatch")
+        if issued_at is None:
+            return self._fail(AuthOutcome.STALE, user, algorithm, "nonce not ours")
         # RFC 7616 3.3: stale only once the digest is known to be right.
         if self._expired(issued_at, now):
             return self._fail(AuthOutcome.STALE, user, algorithm, "nonce expired")

@@ -181,6 +181,24 @@ def test_a_stale_nonce_gets_stale_true_and_is_no_failure() -> None:
     assert result.auth_failure is None
 
 
+def test_credentials_from_before_a_restart_get_stale_true_and_are_no_failure() -> None:
+    before = make_registrar()  # the same users; each start draws its own nonce key
+    first = before.register(register(), FLOW, "access", LISTEN, T0)
+    authorization = DigestClient("alice", PASSWORDS["alice"]).respond(
+        first.response.headers.fields("WWW-Authenticate"), method="REGISTER", uri=RURI
+    )
+    policy = RegistrarPolicy(realm=REALM)
+    digest = DigestServer(DigestServerConfig(realm=REALM, key=b"n" * 32))
+    after = Registrar(policy, StaticCredentials(PASSWORDS), policy.new_location(), digest)
+    result = after.register(register(authorization=authorization), FLOW, "access", LISTEN, T0)
+    assert result.response.status == 401
+    challenges = [
+        DigestChallenge.parse(v) for v in result.response.headers.fields("WWW-Authenticate")
+    ]
+    assert challenges and all(c.stale for c in challenges)
+    assert result.auth_failure is None
+
+
 def test_malformed_credentials_are_a_400() -> None:
     registrar = make_registrar()
     request = register(authorization='Digest username="alice", realm="sbc"')
