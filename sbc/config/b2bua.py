@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Final
 
@@ -24,6 +25,8 @@ from sbc.config.schema import (
     key_path,
     spec,
 )
+from sbc.sip.errors import ParseError
+from sbc.sip.uri import format_host, parse_host
 
 #: A header name as written in a keep-list or a rule (RFC 3261 25.1 token).
 HEADER_NAME_PATTERN: Final = r"[A-Za-z0-9\-.!%*_+`'~]{1,64}"
@@ -37,6 +40,8 @@ METHOD_PATTERN: Final = r"[A-Z][A-Z\-]{0,31}"
 #: A host name or IP literal (brackets allowed for IPv6).
 HOST_PATTERN: Final = r"[A-Za-z0-9.:\-\[\]]{1,253}"
 
+_BROADCAST: Final = IPv4Address("255.255.255.255")
+
 #: Headers a realm lets through by default: end-to-end information that names no host.
 DEFAULT_KEEP_HEADERS: Final = ("Subject", "Priority", "Accept-Language", "Alert-Info")
 
@@ -44,6 +49,46 @@ DEFAULT_KEEP_HEADERS: Final = ("Subject", "Priority", "Accept-Language", "Alert-
 AUTH_METHODS: Final = frozenset(
     {"REGISTER", "INVITE", "MESSAGE", "SUBSCRIBE", "PUBLISH", "OPTIONS", "REFER"}
 )
+
+
+def regex_problem(pattern: str) -> str | None:
+    """Why `pattern` does not compile, or None when it does.
+
+    Besides re.error, re raises OverflowError (a{99999999999}) and RecursionError
+    (a few hundred nested groups); all three are a bad pattern, not a crash.
+    """
+    try:
+        re.compile(pattern)
+    except (re.error, OverflowError) as exc:
+        return f"bad regular expression: {exc}"
+    except RecursionError:
+        return "bad regular expression: nested too deeply"
+    return None
+
+
+def unicast_problem(address: IPAddress) -> str | None:
+    """Why `address` cannot be a media address or a peer, or None when it can: the
+    transport sends nothing to these, and SDP c=0.0.0.0 means hold."""
+    if address.is_unspecified or address.is_multicast or address == _BROADCAST:
+        return f"{address} is not a unicast address"
+    return None
+
+
+def host_problem(host: str) -> str | None:
+    """Why `host` is no SIP host (RFC 3261 25.1: a name, an IPv4 address or an IPv6
+    reference; a bare IPv6 address too), or None when it is one."""
+    try:
+        parse_host(format_host(host))
+    except ParseError:
+        return f"expected a host name or IP address, got {host!r}"
+    return None
+
+
+def _host_issues(path: str, hosts: Iterable[tuple[str, str | None]]) -> Iterator[Issue]:
+    for key, host in hosts:
+        problem = None if host is None else host_problem(host)
+        if problem is not None:
+            yield key_path(path, key), problem
 
 
 class DigestAlgorithmName(enum.StrEnum):
@@ -135,6 +180,10 @@ class HeaderRuleConfig(Section):
         if self.action is HeaderAction.REWRITE and self.pattern is None:
             yield key_path(path, "pattern"), "rewrite needs a pattern"
             return
+        problem = None if self.pattern is None else regex_problem(self.pattern)
+        if problem is not None:
+            yield key_path(path, "pattern"), problem
+            return
         # The rule as the B2BUA will run it: protected headers, regex and template
         # errors are refused here, with the file and line, not when the SBC starts.
         from sbc.b2bua.manipulation import HeaderRule
@@ -184,6 +233,12 @@ class RegisterRelayConfig(Section):
             "Most a phone is granted; its refreshes are answered here.", min=30, max=86400
         ),
     )
+
+    def check(self, path: str) -> Iterator[Issue]:
+        problem = unicast_problem(self.host)
+        if problem is not None:
+            yield key_path(path, "host"), problem
+        yield from _host_issues(path, [("domain", self.domain)])
 
 
 @dataclass(frozen=True)
@@ -269,6 +324,17 @@ class RealmConfig(Section):
     )
 
     def check(self, path: str) -> Iterator[Issue]:
+        problem = unicast_problem(self.media_address)
+        if problem is not None:
+            yield key_path(path, "media_address"), problem
+        yield from _host_issues(
+            path,
+            [
+                ("from_host", self.from_host),
+                ("to_host", self.to_host),
+                ("request_uri_host", self.request_uri_host),
+            ],
+        )
         for index, method in enumerate(self.authenticate):
             if method not in AUTH_METHODS:
                 yield (
@@ -344,15 +410,17 @@ class RouteConfig(Section):
                 yield path, "a trunk route needs trunk, or realm and host"
             if self.trunk is not None and self.host is not None:
                 yield path, "a trunk route takes trunk or host, not both"
+        problem = None if self.host is None else unicast_problem(self.host)
+        if problem is not None:
+            yield key_path(path, "host"), problem
+        yield from _host_issues(path, [("domain", self.domain)])
         for key, pattern in (
             ("from_user", self.from_user),
             ("header_pattern", self.header_pattern),
         ):
-            if pattern is not None:
-                try:
-                    re.compile(pattern)
-                except re.error as exc:
-                    yield key_path(path, key), f"bad regular expression: {exc}"
+            problem = None if pattern is None else regex_problem(pattern)
+            if problem is not None:
+                yield key_path(path, key), problem
         if (self.header is None) != (self.header_pattern is None):
             yield path, "header and header_pattern go together"
 
@@ -388,6 +456,9 @@ class GatewayConfig(Section):
     weight: int = field(
         default=1, metadata=spec("Share of calls within a priority.", min=0, max=65535)
     )
+
+    def check(self, path: str) -> Iterator[Issue]:
+        yield from _host_issues(path, [("host", self.host)])
 
 
 @dataclass(frozen=True)
@@ -454,6 +525,7 @@ class RegistrarConfig(Section):
     )
 
     def check(self, path: str) -> Iterator[Issue]:
+        yield from _host_issues(path, [(f"domains[{i}]", d) for i, d in enumerate(self.domains)])
         if not self.min_expires <= self.default_expires <= self.max_expires:
             yield path, "expected min_expires <= default_expires <= max_expires"
 

@@ -18,7 +18,9 @@ Rules beyond the schema's types:
   line under it commented out) takes all its defaults;
 - a bool is not an integer, and integers are decimal only (YAML 1.1 reads `05060`
   as octal 2608);
-- relative paths resolve against the configuration file's directory.
+- relative paths resolve against the configuration file's directory;
+- aliases may not be recursive nor expand the file beyond `MAX_NODES` values, and
+  IP addresses and networks take no IPv6 zone id (`fe80::1%eth0`).
 
 Each problem renders as `path:line: key.path: reason`, e.g.
 `sbc.yaml:7: sip.listen[1].port: expected an integer 1..65535, got 'abc'`.
@@ -52,6 +54,10 @@ from sbc.config.schema import SPEC_KEY, Config, FieldSpec, IPAddress, IPNetwork,
 MAX_CONFIG_BYTES: Final = 1 << 20
 #: Deepest nesting of YAML collections; the composer recurses once per level.
 MAX_NESTING: Final = 64
+#: Most values (nodes) a file may stand for once its aliases are expanded: more than
+#: a file of MAX_CONFIG_BYTES can hold without aliases, so only an alias bomb (each
+#: alias repeating a collection full of aliases) reaches it.
+MAX_NODES: Final = MAX_CONFIG_BYTES
 #: Longest value quoted back in an error message.
 MAX_QUOTED: Final = 40
 
@@ -181,8 +187,12 @@ class _NodeLoader(yaml.SafeLoader):
     def __init__(self, text: str) -> None:
         super().__init__(text)
         self._depth = 0
+        #: Whether the document uses aliases (its nodes may then be shared).
+        self.aliases = False
 
     def compose_node(self, parent: Node | None, index: int) -> Node | None:
+        if self.check_event(yaml.AliasEvent):
+            self.aliases = True
         self._depth += 1
         try:
             if self._depth > MAX_NESTING:
@@ -204,7 +214,12 @@ def _compose(text: str, filename: str) -> tuple[Node | None, list[ConfigProblem]
     except yaml.reader.ReaderError as exc:
         return None, [_reader_problem(exc, text, filename)]
     try:
-        return loader.get_single_node(), []
+        root = loader.get_single_node()
+        if root is not None and loader.aliases:
+            problem = _expansion_problem(root, filename)
+            if problem is not None:
+                return None, [problem]
+        return root, []
     except yaml.MarkedYAMLError as exc:
         return None, [_yaml_problem(exc, filename)]
     except yaml.reader.ReaderError as exc:
@@ -213,6 +228,45 @@ def _compose(text: str, filename: str) -> tuple[Node | None, list[ConfigProblem]
         return None, [ConfigProblem(filename, None, "", f"invalid YAML: {exc}")]
     finally:
         loader.dispose()
+
+
+def _expansion_problem(root: Node, filename: str) -> ConfigProblem | None:
+    """A problem when aliases make the node graph recursive or expand it beyond
+    `MAX_NODES` values; the validation walks every copy an alias stands for."""
+    sizes: dict[int, int] = {}  # id(node) -> values it stands for, once expanded
+    open_ids: set[int] = set()  # the node being expanded and its ancestors
+    stack: list[tuple[Node, bool]] = [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        children = _children(node)
+        if expanded:
+            open_ids.discard(id(node))
+            size = sizes[id(node)] = 1 + sum(sizes[id(child)] for child in children)
+            if size > MAX_NODES:
+                reason = f"invalid YAML: aliases expand the file to more than {MAX_NODES} values"
+                return ConfigProblem(filename, _line(node), "", reason)
+            continue
+        if id(node) in sizes:
+            continue
+        open_ids.add(id(node))
+        stack.append((node, True))
+        for child in children:
+            if id(child) in open_ids:
+                reason = (
+                    "invalid YAML: an alias refers to the collection it is in"
+                    f" (line {_line(child)})"
+                )
+                return ConfigProblem(filename, _line(node), "", reason)
+            stack.append((child, False))
+    return None
+
+
+def _children(node: Node) -> list[Node]:
+    if isinstance(node, SequenceNode):
+        return list(node.value)
+    if isinstance(node, MappingNode):
+        return [item for pair in node.value for item in pair]
+    return []
 
 
 def _reader_problem(exc: yaml.reader.ReaderError, text: str, filename: str) -> ConfigProblem:
@@ -245,7 +299,8 @@ _INVALID: Final = _Invalid.INVALID
 
 
 class _Mismatch(Exception):
-    """A scalar does not fit its field's type or range."""
+    """A scalar does not fit its field's type or range; an argument says why, when the
+    expected type alone does not."""
 
 
 @dataclass(frozen=True)
@@ -469,9 +524,10 @@ class _SchemaReader:
             if not isinstance(node, ScalarNode):
                 raise _Mismatch
             return self.scalar(tp, spec, node)
-        except _Mismatch:
+        except _Mismatch as exc:
             expected = _expectation(tp, spec) + (" or null" if optional else "")
-            self.report(_line(node), path, f"expected {expected}, got {_describe(node, spec)}")
+            why = f" ({exc})" if exc.args else ""
+            self.report(_line(node), path, f"expected {expected}, got {_describe(node, spec)}{why}")
             return _INVALID
 
     def sequence(self, item_tp: Any, spec: FieldSpec | None, node: Node, path: str) -> Any:
@@ -532,6 +588,10 @@ class _SchemaReader:
             # as base-60 integers, but the text as written is still the address.
             if tag not in (_TAG_STR, _TAG_INT, _TAG_FLOAT):
                 raise _Mismatch
+            if "%" in text:
+                # ipaddress takes fe80::1%eth0, but a zone id is no part of a SIP host,
+                # an SDP address or an nftables set.
+                raise _Mismatch("IPv6 zone ids are not supported")
             try:
                 return ip_address(text) if tp == IPAddress else ip_network(text)
             except ValueError:

@@ -128,6 +128,16 @@ PORT_SPEC_EXPECT: Final = "an integer 1..65535"
 USER_AGENT_PATTERN: Final = r"[!-~](?:[ -~]{0,126}[!-~])?"
 
 
+def _file_problem(path: Path) -> str | None:
+    """Why `path` is not a regular file, or None when it is."""
+    try:
+        if path.is_file():
+            return None
+    except OSError as exc:  # is_file() raises for ENAMETOOLONG, EACCES ...
+        return f"cannot look up {path}: {exc.strerror or exc}"
+    return f"no such file: {path}"
+
+
 def _endpoint(address: IPAddress, port: int) -> str:
     host = f"[{address}]" if address.version == 6 else str(address)
     return f"{host}:{port}"
@@ -275,15 +285,20 @@ class TlsConfig(Section):
 
     def check(self, path: str) -> Iterator[Issue]:
         # Refused here, not at the first call: `sbc check-config` and a reload see it.
-        if self.server_ca is not None and not self.server_ca.is_file():
-            yield key_path(path, "server_ca"), f"no such file: {self.server_ca}"
+        if self.server_ca is not None:
+            problem = _file_problem(self.server_ca)
+            if problem is not None:
+                yield key_path(path, "server_ca"), problem
         if self.mtls is not MutualTls.NONE and self.client_ca is None:
             yield key_path(path, "client_ca"), f"mtls {self.mtls} needs client_ca"
         if self.trusted_clients and self.mtls is MutualTls.NONE:
             yield key_path(path, "trusted_clients"), "trusted_clients need mtls optional or require"
-        prints = [c.fingerprint.replace(":", "").upper() for c in self.trusted_clients]
-        for index, value in enumerate(prints):
-            if value in prints[:index]:
+        prints: set[str] = set()
+        for index, client in enumerate(self.trusted_clients):
+            value = client.fingerprint.replace(":", "").upper()
+            if value not in prints:
+                prints.add(value)
+            else:
                 yield (
                     key_path(path, f"trusted_clients[{index}].fingerprint"),
                     "duplicate fingerprint",
@@ -435,7 +450,10 @@ class Config(Section):
         mgmt = self.management.listen
         if mgmt.port == 0:
             return
-        for index, listener in enumerate(self.sip.listen):
+        listeners = [(f"sip.listen[{i}]", s) for i, s in enumerate(self.sip.listen)]
+        for index, realm in enumerate(self.realms):
+            listeners += [(f"realms[{index}].listen[{j}]", s) for j, s in enumerate(realm.listen)]
+        for where, listener in listeners:
             if (
                 listener.transport.stream
                 and listener.address == mgmt.address
@@ -443,16 +461,17 @@ class Config(Section):
             ):
                 yield (
                     key_path(path, "management.listen"),
-                    f"{mgmt} is already used by {key_path(path, f'sip.listen[{index}]')} "
-                    f"({listener})",
+                    f"{mgmt} is already used by {key_path(path, where)} ({listener})",
                 )
                 return
 
     def _check_realms(self, path: str) -> Iterator[Issue]:
-        names = [realm.name for realm in self.realms]
-        for index, name in enumerate(names):
-            if name in names[:index]:
-                yield key_path(path, f"realms[{index}].name"), f"duplicate realm {name!r}"
+        # Sets, not list scans: aliases can make the lists long (up to loader.MAX_NODES).
+        names: set[str] = set()
+        for index, realm in enumerate(self.realms):
+            if realm.name in names:
+                yield key_path(path, f"realms[{index}].name"), f"duplicate realm {realm.name!r}"
+            names.add(realm.name)
         sockets = {(s.transport.stream, s.address, s.port) for s in self.sip.listen if s.port}
         for index, realm in enumerate(self.realms):
             for j, listener in enumerate(realm.listen):
@@ -472,10 +491,11 @@ class Config(Section):
                 )
         if not self.sip.listen and not any(realm.listen for realm in self.realms):
             yield key_path(path, "sip.listen"), "no SIP listener at all (here or in a realm)"
-        trunks = [trunk.name for trunk in self.trunks]
-        for index, name in enumerate(trunks):
-            if name in trunks[:index]:
-                yield key_path(path, f"trunks[{index}].name"), f"duplicate trunk {name!r}"
+        trunks: set[str] = set()
+        for index, trunk in enumerate(self.trunks):
+            if trunk.name in trunks:
+                yield key_path(path, f"trunks[{index}].name"), f"duplicate trunk {trunk.name!r}"
+            trunks.add(trunk.name)
         for index, trunk in enumerate(self.trunks):
             if trunk.realm not in names:
                 yield key_path(path, f"trunks[{index}].realm"), f"unknown realm {trunk.realm!r}"

@@ -90,3 +90,76 @@ def test_unquoted_digit_prefix_and_bad_status_are_type_errors() -> None:
     found = problems(GOOD.replace('user_prefix: "900"', "user_prefix: 900").replace("486", "200"))
     assert "routes[0].user_prefix: expected" in found
     assert "routes[0].status: expected an integer 400..699, got 200" in found
+
+
+@pytest.mark.parametrize(
+    ("pattern", "reason"),
+    [
+        ("a{99999999999}", "the repetition number is too large"),
+        ("(" * 500 + ")" * 500, "nested too deeply"),
+    ],
+)
+def test_regexes_python_cannot_compile_are_config_errors(pattern: str, reason: str) -> None:
+    # re raises OverflowError / RecursionError for these, not re.error.
+    rule = f"{{action: rewrite, header: Subject, pattern: '{pattern}', replacement: x}}"
+    text = GOOD.replace(
+        "keep_headers: [Subject, X-Account]",
+        f"keep_headers: [Subject, X-Account]\n    header_rules: [{rule}]",
+    ).replace(
+        'user_prefix: "900"',
+        f"user_prefix: \"900\", from_user: '{pattern}', header: Subject,"
+        f" header_pattern: '{pattern}'",
+    )
+    found = problems(text)
+    assert f"sbc.yaml:13: realms[1].header_rules[0].pattern: bad regular expression: {reason}" in (
+        found
+    )
+    assert f"sbc.yaml:15: routes[0].from_user: bad regular expression: {reason}" in found
+    assert f"sbc.yaml:15: routes[0].header_pattern: bad regular expression: {reason}" in found
+
+
+def test_management_port_clashes_with_a_realm_listener() -> None:
+    management = "management:\n  listen: {address: 203.0.113.1, port: 5060}\n"
+    load(GOOD + management)  # a UDP listener leaves the TCP port free
+    text = GOOD.replace(
+        "{transport: udp, address: 203.0.113.1", "{transport: tcp, address: 203.0.113.1"
+    )
+    assert problems(text + management) == (
+        "sbc.yaml:18: management.listen: 203.0.113.1:5060 is already used by"
+        " realms[1].listen[0] (tcp 203.0.113.1:5060)"
+    )
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "'::'", "224.0.0.1", "'ff02::1'"])
+def test_unspecified_or_multicast_media_and_peer_addresses_are_refused(address: str) -> None:
+    # Valid bind addresses, but SDP c= 0.0.0.0 puts a call on hold and the transport
+    # drops anything sent to them: meaningless as a media address or a peer.
+    text = GOOD.replace("media_address: 198.51.100.1", f"media_address: {address}").replace(
+        "host: 203.0.113.5", f"host: {address}"
+    )
+    found = problems(text).splitlines()
+    assert found == [
+        f"sbc.yaml:6: realms[0].media_address: {address.strip(chr(39))} is not a unicast address",
+        f"sbc.yaml:16: routes[1].host: {address.strip(chr(39))} is not a unicast address",
+    ]
+
+
+@pytest.mark.parametrize("host", ["'[['", "'...'", "'-'", "'1:2'", "a..b", "'[::1'", "999.1.1.1"])
+def test_hosts_must_be_sip_hosts(host: str) -> None:
+    # The character set alone let these through, into From/To/Request-URI and DNS.
+    text = GOOD.replace(
+        "media_address: 198.51.100.1", f"media_address: 198.51.100.1\n    from_host: {host}"
+    )
+    text = text.replace("status: 486}", f"status: 486, domain: {host}}}")
+    text += f"trunks:\n  - {{name: t, realm: inside, gateways: [{{host: {host}}}]}}\n"
+    shown = repr(host.strip("'"))
+    assert problems(text).splitlines() == [
+        f"sbc.yaml:7: realms[0].from_host: expected a host name or IP address, got {shown}",
+        f"sbc.yaml:15: routes[0].domain: expected a host name or IP address, got {shown}",
+        f"sbc.yaml:19: trunks[0].gateways[0].host: expected a host name or IP address, got {shown}",
+    ]
+
+
+def test_ip_hosts_may_be_bare_or_bracketed() -> None:
+    for host in ("'2001:db8::1'", "'[2001:db8::1]'", "192.0.2.1", "sip.example.com."):
+        load(GOOD.replace("status: 486}", f"status: 486, domain: {host}}}"))

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from sbc.config.loader import (
     MAX_CONFIG_BYTES,
     MAX_NESTING,
+    MAX_NODES,
     ConfigError,
     ConfigProblem,
     check_config,
@@ -350,6 +351,32 @@ def test_too_deep_nesting_is_a_config_error() -> None:
     ]
 
 
+def test_alias_expansion_is_bounded() -> None:
+    # 2 kB that the validation would walk as 1.3 million values (realms x rules x
+    # methods); a 1 MB file of the same shape is 10**15 and never finishes loading.
+    many = 110
+    text = "\n".join(
+        [
+            "sip: {listen: []}",
+            "x: &m [" + ", ".join(["INVITE"] * many) + "]",
+            "y: &h [" + ", ".join(["{action: strip, header: X-A, methods: *m}"] * many) + "]",
+            "w: &r {name: a, listen: [{transport: udp, address: 127.0.0.1, port: 0}],"
+            " media_address: 127.0.0.1, header_rules: *h}",
+            "realms: [" + ", ".join(["*r"] * many) + "]",
+            "",
+        ]
+    )
+    assert errors(text) == [
+        f"sbc.yaml:5: invalid YAML: aliases expand the file to more than {MAX_NODES} values"
+    ]
+
+
+def test_recursive_alias() -> None:
+    assert errors("log: {}\nsip: &s\n  tls: {}\n  listen: [*s]\n") == [
+        "sbc.yaml:4: invalid YAML: an alias refers to the collection it is in (line 2)"
+    ]
+
+
 def test_duplicate_keys() -> None:
     assert errors(
         """\
@@ -402,6 +429,24 @@ def test_bad_transport_address_and_missing_key() -> None:
         "sbc.yaml:3: sip.listen[0]: missing required key 'port'",
         "sbc.yaml:4: sip.listen[0].address: expected an IPv4 or IPv6 address, got 'localhost'",
         "sbc.yaml:5: sip.listen[1].address: expected an IPv4 or IPv6 address, got '10.0.0.300'",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "key", "value"),
+    [
+        ("sip:\n  listen:\n    - {transport: udp, address: 'fe80::1%eth0', port: 5060}\n",
+         3, "sip.listen[0].address: expected an IPv4 or IPv6 address", "'fe80::1%eth0'"),
+        ("firewall:\n  trusted: ['fe80::%2/64']\n",
+         2, "firewall.trusted[0]: expected an IPv4 or IPv6 network (address/prefix)",
+         "'fe80::%2/64'"),
+    ],
+)  # fmt: skip
+def test_ipv6_zone_ids_are_refused(text: str, line: int, key: str, value: str) -> None:
+    # Python's ipaddress takes them, but a zone id is no part of a SIP host, an SDP
+    # address or an nftables set: it would go out verbatim in Via and Contact.
+    assert errors(text) == [
+        f"sbc.yaml:{line}: {key}, got {value} (IPv6 zone ids are not supported)"
     ]
 
 
@@ -567,6 +612,14 @@ def test_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(tmp_path)
     assert info.value.problems[0].line is None
+
+
+def test_a_tls_file_that_cannot_be_looked_up_is_a_config_error() -> None:
+    # stat() fails with ENAMETOOLONG (or EACCES), not "no such file".
+    name = "/" + "x" * 300 + "/ca.pem"
+    assert errors(f"sip:\n  tls:\n    server_ca: {name}\n") == [
+        f"sbc.yaml:3: sip.tls.server_ca: cannot look up {name}: File name too long"
+    ]
 
 
 def test_invalid_utf8_has_its_line(tmp_path: Path) -> None:
