@@ -284,11 +284,21 @@ class TlsConfig(Section):
     )
 
     def check(self, path: str) -> Iterator[Issue]:
-        # Refused here, not at the first call: `sbc check-config` and a reload see it.
-        if self.server_ca is not None:
-            problem = _file_problem(self.server_ca)
+        # Refused here, not at start-up or the first call: `sbc check-config` and a
+        # reload see it, and name the key (the TLS library's error names no file).
+        files: list[tuple[str, Path | None]] = [
+            ("certificate", self.certificate),
+            ("private_key", self.private_key),
+            ("client_ca", self.client_ca),
+            ("server_ca", self.server_ca),
+        ]
+        for index, sni in enumerate(self.sni):
+            files.append((f"sni[{index}].certificate", sni.certificate))
+            files.append((f"sni[{index}].private_key", sni.private_key))
+        for key, file in files:
+            problem = None if file is None else _file_problem(file)
             if problem is not None:
-                yield key_path(path, "server_ca"), problem
+                yield key_path(path, key), problem
         if self.mtls is not MutualTls.NONE and self.client_ca is None:
             yield key_path(path, "client_ca"), f"mtls {self.mtls} needs client_ca"
         if self.trusted_clients and self.mtls is MutualTls.NONE:

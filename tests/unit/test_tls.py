@@ -507,6 +507,8 @@ def _tls_yaml(body: str) -> str:
 
 def test_config_tls_knobs_load(tmp_path: Path) -> None:
     digest = "ab" * 32
+    for name in ("ca.pem", "a.crt", "a.key"):
+        (tmp_path / name).write_text("x")  # only their being there is checked here
     config = load_config_text(
         _tls_yaml(
             f"mtls: require\nclient_ca: ca.pem\n"
