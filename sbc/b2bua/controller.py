@@ -32,6 +32,7 @@ import itertools
 import logging
 import re
 import secrets
+import urllib.parse
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -140,8 +141,13 @@ LATE_OFFER_STREAMS: Final = 2
 _MEDIA_SIDE: Final = {LegSide.A: Side.A, LegSide.B: Side.B}
 
 #: What a new call may require: session timers (the B2BUA refreshes both legs
-#: itself); 100rel towards the caller is not offered, so Require: 100rel gets 420.
-INVITE_POLICY: Final = UasPolicy(supported=("timer",))
+#: itself) and Replaces (mapped to the far side, ``_replaces_across``); 100rel
+#: towards the caller is not offered, so Require: 100rel gets 420.
+INVITE_POLICY: Final = UasPolicy(supported=("timer", "replaces"))
+
+#: Characters of a Replaces value that stay as they are in a URI header (RFC 3261
+#: 25.1 hvalue: hnv-unreserved and unreserved); the rest (";", "=", "@") escaped.
+_HVALUE_SAFE: Final = "[]/?:+$-_.!~*'()"
 
 #: Requests routed like calls, without media or dialog (RFC 3428, RFC 3903; an
 #: unsolicited NOTIFY, as message-waiting indications are often sent).
@@ -499,6 +505,8 @@ class _Live:
     a_acked: bool = False
     #: An ACK waiting for the answer in the other side's ACK (late offer).
     held_ack: _HeldAck | None = None
+    #: The Replaces of the B-leg INVITE (RFC 3891), as the far side knows the dialog.
+    replaces: str | None = None
     is_subscription: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -1271,6 +1279,14 @@ class CallController:
         refused = self._authenticate(tx, request, flow, realm, now)
         if refused is not None:
             return refused
+        replaces = None
+        replaces_text = request.headers.get("Replaces")
+        if replaces_text is not None:
+            replaces = self._replaces_across(replaces_text)
+            if replaces is None:
+                # RFC 3891 3: no dialog of ours matches.
+                response = make_response(request, 481, to_tag=new_tag())
+                return self._send_response(tx, response, now)
         decision = self.router.route(realm.name, request.uri, request, flow.remote_host)
         if decision is None or isinstance(decision, RejectRoute):
             return self._refuse_route(tx, request, realm, decision, now)
@@ -1375,6 +1391,7 @@ class CallController:
             trunk=trunk,
         )
         live = _Live(call, tx, request, decision, pending=groups, ticket=ticket)
+        live.replaces = replaces
         live.allows[LegSide.A] = _allowed(request)
         if sdp is None:
             # Late offer: the callee's 2xx brings the offer, the caller's ACK the answer.
@@ -1512,6 +1529,8 @@ class CallController:
         headers.add("Contact", contact_for(leg.local))
         headers.add("Allow", ALLOW)
         headers.add("Supported", SUPPORTED if body else SUPPORTED_NO_OFFER)
+        if live.replaces is not None:
+            headers.add("Replaces", live.replaces)
         if self.timers.session_expires:
             headers.add("Session-Expires", f"{int(self.timers.session_expires)};refresher=uac")
             headers.add("Min-SE", str(int(self.timers.min_se)))
@@ -1867,8 +1886,45 @@ class CallController:
         out: list[tuple[str, str]] = []
         for address in request.addresses("Refer-To"):
             user, _ = uri_user_host(address.uri)
-            out.append(("Refer-To", contact_for(leg.local, user)))
+            replaces = None
+            if isinstance(address.uri, SipUri):
+                for name, value in address.uri.headers:
+                    if name.lower() == "replaces":
+                        replaces = self._replaces_across(urllib.parse.unquote(value))
+            if replaces is None:
+                out.append(("Refer-To", contact_for(leg.local, user)))
+            else:
+                # Attended transfer: the dialog to replace, as the far side knows it.
+                escaped = urllib.parse.quote(replaces, safe=_HVALUE_SAFE)
+                uri = sip_uri_for(leg.local, user)
+                out.append(("Refer-To", f"<{uri}?Replaces={escaped}>"))
         return out
+
+    def _replaces_across(self, value: str) -> str | None:
+        """A Replaces value (RFC 3891) naming one of the SBC's dialogs as its peer
+        knows it (``call-id;to-tag=<the SBC's tag>;from-tag=<the peer's>``), rewritten
+        as the far side of that call knows its own leg; None if it names none."""
+        call_id, _, rest = value.strip().partition(";")
+        params: dict[str, str] = {}
+        for item in rest.split(";"):
+            name, _, text = item.strip().partition("=")
+            params[name.strip().lower()] = text.strip()
+        to_tag, from_tag = params.get("to-tag"), params.get("from-tag")
+        if not call_id.strip() or not to_tag or not from_tag:
+            return None
+        found = self._by_dialog.get((call_id.strip(), to_tag))
+        live = None if found is None else self._calls.get(found[0])
+        if found is None or live is None or live.is_subscription:
+            return None
+        side = found[1]
+        dialog = live.call.leg(side).dialog
+        if dialog is None or dialog.remote_tag != from_tag:
+            return None
+        other = live.call.leg(side.other)
+        if other.dialog is None or not other.dialog.remote_tag:
+            return None
+        early = ";early-only" if "early-only" in params else ""
+        return f"{other.call_id};to-tag={other.dialog.remote_tag};from-tag={other.local_tag}{early}"
 
     @staticmethod
     def _fix_via(request: Request) -> None:

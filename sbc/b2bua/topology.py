@@ -58,6 +58,8 @@ GENERATED_HEADERS: Final = frozenset(
         "proxy-authorization",
         "www-authenticate",
         "proxy-authenticate",
+        "refer-to",
+        "replaces",
     }
 )
 

@@ -1,0 +1,110 @@
+"""Attended transfer across the B2BUA: Replaces (RFC 3891) in an INVITE and in a
+REFER's Refer-To names one of the SBC's dialogs as its peer knows it; on the far
+side it must name that call's other leg as the far peer knows it, or the far side
+finds no dialog to replace.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+
+from sbc.b2bua.controller import CallController, RealmPolicy
+from sbc.sip.message import Request
+from tests.unit.test_b2bua_flows import (
+    ANSWER,
+    CALLER,
+    TRUNK,
+    ack_from_a,
+    answer,
+    controller,
+    from_a,
+    invite_text,
+    receive,
+    requests,
+    responses,
+    session,
+    start_call,
+    statuses,
+)
+
+FIRST_CALL_ID = "first-call@198.51.100.9"
+
+
+def first_call(c: CallController) -> tuple[Request, str]:
+    """Alice's call to carol, answered (carol's tag "carolside"): the B-leg INVITE
+    and the SBC's tag on alice's leg."""
+    (invite,), _ = start_call(
+        c, 0.0, call_id=FIRST_CALL_ID, via_branch="z9hG4bKfirst", session_id="s1"
+    )
+    (ok,) = responses(receive(c, answer(invite, 200, ANSWER, tag="carolside"), TRUNK, 0.0))
+    assert ok.to.tag is not None
+    ack_from_a(c, ok.to.tag, 0.0, call_id=FIRST_CALL_ID)
+    return invite, ok.to.tag
+
+
+def replaces(call_id: str, to_tag: str, from_tag: str) -> str:
+    return f"{call_id};to-tag={to_tag};from-tag={from_tag}"
+
+
+def test_an_invite_with_replaces_names_the_far_leg_of_that_call() -> None:
+    c = controller()
+    carol_invite, sbc_tag = first_call(c)
+    extra = f"Replaces: {replaces(FIRST_CALL_ID, sbc_tag, 'alicetag')}\r\nRequire: replaces\r\n"
+    step = receive(c, invite_text(via_branch="z9hG4bKsecond", extra=extra), CALLER, 1.0)
+    assert statuses(step) == [100]  # Require: replaces is understood (no 420)
+    (allocate,) = step.media
+    (invite,) = requests(c.media_allocated(allocate.call_ref, session("s2"), 1.0), "INVITE")
+    assert invite.headers.get("Replaces") == replaces(
+        carol_invite.call_id, "carolside", carol_invite.from_.tag or ""
+    )
+    assert FIRST_CALL_ID not in bytes(invite).decode()
+
+
+def test_an_invite_replacing_no_dialog_of_ours_gets_481() -> None:
+    c = controller()
+    _, sbc_tag = first_call(c)
+    for value in (
+        replaces("no-such-call", sbc_tag, "alicetag"),
+        replaces(FIRST_CALL_ID, sbc_tag, "someone-else"),  # RFC 3891 3: both tags match
+        replaces(FIRST_CALL_ID, "alicetag", sbc_tag),
+        FIRST_CALL_ID,
+    ):
+        extra = f"Replaces: {value}\r\n"
+        step = receive(c, invite_text(via_branch="z9hG4bK" + value[:6], extra=extra), CALLER, 1.0)
+        assert [s for s in statuses(step) if s != 100] == [481], value
+        assert step.media == ()
+    assert len(c) == 1
+
+
+def test_a_refer_for_an_attended_transfer_names_the_far_leg_in_refer_to() -> None:
+    c = controller(policies={"outside": RealmPolicy(refer_relay=True)})
+    carol_invite, sbc_tag = first_call(c)
+    (bob_invite,), _ = start_call(c, 1.0)
+    (ok,) = responses(receive(c, answer(bob_invite, 200, ANSWER), TRUNK, 1.0))
+    assert ok.to.tag is not None
+    ack_from_a(c, ok.to.tag, 1.0)
+    value = urllib.parse.quote(replaces(FIRST_CALL_ID, sbc_tag, "alicetag"), safe="")
+    refer_to = f"Refer-To: <sip:carol@198.51.100.1?Replaces={value}>\r\n"
+    step = receive(c, from_a("REFER", ok.to.tag, 2, extra=refer_to), CALLER, 2.0)
+    (refer,) = requests(step, "REFER")
+    assert refer.call_id == bob_invite.call_id
+    text = refer.headers.get("Refer-To") or ""
+    uri, _, header = text.strip("<>").partition("?Replaces=")
+    assert uri == "sip:carol@203.0.113.1:5060"
+    assert urllib.parse.unquote(header) == replaces(
+        carol_invite.call_id, "carolside", carol_invite.from_.tag or ""
+    )
+    assert "@" not in header and ";" not in header  # escaped as a URI header value
+    assert "198.51.100" not in bytes(refer).decode()
+
+
+def test_a_refer_whose_replaces_names_nothing_loses_it() -> None:
+    c = controller(policies={"outside": RealmPolicy(refer_relay=True)})
+    (bob_invite,), _ = start_call(c, 1.0)
+    (ok,) = responses(receive(c, answer(bob_invite, 200, ANSWER), TRUNK, 1.0))
+    assert ok.to.tag is not None
+    ack_from_a(c, ok.to.tag, 1.0)
+    value = urllib.parse.quote(replaces("elsewhere@198.51.100.9", "x", "y"), safe="")
+    refer_to = f"Refer-To: <sip:carol@198.51.100.1?Replaces={value}>\r\n"
+    (refer,) = requests(receive(c, from_a("REFER", ok.to.tag, 2, extra=refer_to), CALLER, 2.0))
+    assert refer.headers.get("Refer-To") == "<sip:carol@203.0.113.1:5060>"
