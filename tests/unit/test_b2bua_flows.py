@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Callable
 
 import pytest
 
@@ -307,6 +308,18 @@ class StubTargets(NoTargets):
         return None if self.plan is None else self.plan.realm
 
 
+def until_timers(c: CallController, done: Callable[[Step], bool]) -> tuple[float, Step]:
+    """Fire the transaction layer's timers, one deadline at a time, until ``done``
+    says yes to what they led to: that time and step."""
+    for _ in range(50):
+        deadline = c.transactions.next_deadline()
+        assert deadline is not None
+        step = c.handle(c.transactions.handle_timers(deadline), deadline)
+        if done(step):
+            return deadline, step
+    raise AssertionError("the timers never led there")
+
+
 def hop_of(step: Step, method: str) -> Destination:
     for outgoing in step.output.messages:
         message = outgoing.message
@@ -452,20 +465,14 @@ def test_trunk_fails_over_on_503_and_timeout_then_answers() -> None:
     assert second.from_.tag != first.from_.tag
 
     # The second gateway never answers: Timer B (64*T1) fires, the third is tried.
-    third: Request | None = None
-    now = 0.1
-    for _ in range(50):
-        deadline = c.transactions.next_deadline()
-        assert deadline is not None
-        now = deadline
-        step = c.handle(c.transactions.handle_timers(now), now)
+    def third_tried(step: Step) -> bool:
         assert responses(step) == []
-        invites = [r for r in requests(step, "INVITE") if r.call_id != second.call_id]
-        if invites:
-            (third,) = invites
-            assert hop_of(step, "INVITE") == GW[2]
-            break
-    assert third is not None and third.call_id not in (first.call_id, second.call_id)
+        return any(r.call_id != second.call_id for r in requests(step, "INVITE"))
+
+    now, step = until_timers(c, third_tried)
+    (third,) = [r for r in requests(step, "INVITE") if r.call_id != second.call_id]
+    assert hop_of(step, "INVITE") == GW[2]
+    assert third.call_id not in (first.call_id, second.call_id)
     assert now >= 64 * c.transactions.config.t1
 
     step = receive(c, answer(third, 200, ANSWER), gw_flow(GW[2]), now + 1)
@@ -939,18 +946,9 @@ def test_a_refresh_that_times_out_ends_the_call_with_bye_on_both_legs() -> None:
     update, reinvite = refreshes(c.handle_timers(45.0))
     receive(c, answer(update, 200), CALLER, 45.1)
     # The callee never answers the re-INVITE: Timer B (64*T1) ends its transaction.
-    byes: list[Request] = []
-    now = 45.0
-    for _ in range(50):
-        deadline = c.transactions.next_deadline()
-        assert deadline is not None
-        now = deadline
-        step = c.handle(c.transactions.handle_timers(now), now)
-        byes = requests(step, "BYE")
-        if byes:
-            break
+    now, step = until_timers(c, lambda step: bool(requests(step, "BYE")))
     assert now >= 45.0 + 64 * c.transactions.config.t1
-    a_bye, b_bye = byes
+    a_bye, b_bye = requests(step, "BYE")
     assert a_bye.call_id == A_CALL_ID
     assert b_bye.call_id == invite.call_id and b_bye.cseq.seq == reinvite.cseq.seq + 1
     assert step.media == (DeleteMedia(ref, "sess"),)

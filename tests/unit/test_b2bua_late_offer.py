@@ -39,6 +39,7 @@ from tests.unit.test_b2bua_flows import (
     sdp,
     session,
     statuses,
+    until_timers,
 )
 
 #: The callee's offer in its 2xx: its media address must not reach the caller.
@@ -241,12 +242,7 @@ def test_the_acks_kept_for_retransmissions_go_with_their_transactions() -> None:
     (reinvite,) = requests(receive(c, from_a("INVITE", a_tag, 2, body=offer), CALLER, 1.0))
     receive(c, answer(reinvite, 200, ANSWER), TRUNK, 1.1)
     assert len(c._acks) == 1
-    now = 1.1
-    while c._acks:
-        deadline = c.transactions.next_deadline()
-        assert deadline is not None and deadline < 100
-        now = deadline
-        c.handle(c.transactions.handle_timers(now), now)
+    now, _ = until_timers(c, lambda _: not c._acks)
     assert now >= 1.1 + 64 * c.transactions.config.t1
 
 
