@@ -441,6 +441,10 @@ class ProbeConfig(Section):
         default=2, metadata=spec("Answered probes in a row that mark it up again.", min=1, max=100)
     )
 
+    def check(self, path: str) -> Iterator[Issue]:
+        if self.timeout >= self.interval:
+            yield key_path(path, "timeout"), "must be shorter than interval (one probe at a time)"
+
 
 @dataclass(frozen=True)
 class GatewayConfig(Section):

@@ -509,7 +509,12 @@ class Config(Section):
         for index, trunk in enumerate(self.trunks):
             if trunk.realm not in names:
                 yield key_path(path, f"trunks[{index}].realm"), f"unknown realm {trunk.realm!r}"
+        routes: set[str] = set()
         for index, route in enumerate(self.routes):
+            # The name is what CDRs, logs and metrics say a call took.
+            if route.name in routes:
+                yield key_path(path, f"routes[{index}].name"), f"duplicate route {route.name!r}"
+            routes.add(route.name)
             for key in ("from_realm", "realm"):
                 value = getattr(route, key)
                 if value is not None and value not in names:

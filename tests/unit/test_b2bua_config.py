@@ -86,6 +86,20 @@ def test_duplicate_realm_names_and_sockets_are_refused() -> None:
     assert "realms[1].listen[0]: udp 198.51.100.1:5060 is already used by another listener" in found
 
 
+def test_duplicate_route_names_are_refused() -> None:
+    # CDRs, logs and metrics name the route a call took.
+    found = problems(GOOD.replace("name: core", "name: busy"))
+    assert "routes[1].name: duplicate route 'busy'" in found
+
+
+def test_a_probe_timeout_not_shorter_than_its_interval_is_refused() -> None:
+    text = GOOD + (
+        "trunks:\n  - {name: t, realm: inside, gateways: [{host: 203.0.113.9}],"
+        " probe: {interval: 5, timeout: 5}}\n"
+    )
+    assert "trunks[0].probe.timeout: must be shorter than interval" in problems(text)
+
+
 def test_unquoted_digit_prefix_and_bad_status_are_type_errors() -> None:
     found = problems(GOOD.replace('user_prefix: "900"', "user_prefix: 900").replace("486", "200"))
     assert "routes[0].user_prefix: expected" in found
