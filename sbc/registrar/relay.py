@@ -56,6 +56,15 @@ DEFAULT_EXPIRES: Final = 3600
 #: Most relayed bindings at once (each costs an upstream registration).
 MAX_BINDINGS: Final = 100_000
 
+#: Seconds a new binding waits for the upstream's answer before expiry may take it:
+#: its REGISTER transaction lasts at most 64*T1 (RFC 3261 17.1.2.2).
+PENDING_SECONDS: Final = 32.0
+
+#: Seconds a new binding the upstream refused (401/407) waits for the phone's retry
+#: with credentials, which then keeps the upstream Call-ID and the next CSeq
+#: (RFC 3261 10.2.1); unauthenticated REGISTERs cannot fill the table for longer.
+CHALLENGE_SECONDS: Final = 5.0
+
 #: RFC 3261 20.19: delta-seconds top out at 2**32-1.
 MAX_DELTA_SECONDS: Final = 2**32 - 1
 
@@ -227,7 +236,9 @@ class RegistrationRelay:
         if not raw:
             # A query: what this SBC holds for the user (refused or run out: nothing).
             current = [
-                b for b in self._bindings.values() if b.user == user and b.phone_expires_at > now
+                b
+                for b in self._bindings.values()
+                if b.user == user and b.phone_expires_at > now and b.upstream_expires_at
             ]
             return self._ok(request, current, now)
         if any(value.strip() == "*" for value in raw):
@@ -326,6 +337,10 @@ class RegistrationRelay:
         # Where the phone is changes only when the upstream accepts (upstream_response):
         # a REGISTER the upstream refuses must not move the binding (nor the cache).
         binding = replace(binding, cseq=binding.cseq + 1)
+        if binding.upstream_expires_at == 0.0:
+            # Pending (never accepted upstream) until the upstream answers: the
+            # once-a-second expiry must not take it before.
+            binding = replace(binding, phone_expires_at=now + PENDING_SECONDS)
         self._bindings[(binding.user, binding.contact)] = binding
         domain = policy.upstream_domain or format_host(policy.upstream.host)
         local = policy.local
@@ -374,6 +389,12 @@ class RegistrationRelay:
             targets = [] if found is None else [found]
         status = response.status
         if not 200 <= status < 300:
+            for binding in targets:
+                if binding.upstream_expires_at == 0.0 and not wildcard:
+                    # Never accepted: kept only for the phone's retry.
+                    self._bindings[(binding.user, binding.contact)] = replace(
+                        binding, phone_expires_at=now + CHALLENGE_SECONDS
+                    )
             headers = [
                 (name, value)
                 for name in _CHALLENGE_HEADERS

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sbc.registrar.relay import Forward, RegistrationRelay, RelayPolicy
+from sbc.registrar.relay import CHALLENGE_SECONDS, Forward, RegistrationRelay, RelayPolicy
 from sbc.sip.message import Request, Response
 from sbc.sip.parser import parse_message
 from sbc.transport.base import Destination, Flow, ListenAddress, Transport
@@ -258,3 +258,59 @@ def test_a_query_lists_only_current_bindings() -> None:
     assert answer.headers.values("Contact") == ["<sip:alice@10.0.0.7:5060>;expires=58"]
     later = r.register(query, PHONE, "outside", OUTSIDE, 1100.0)
     assert isinstance(later, Response) and later.headers.values("Contact") == []
+
+
+def test_the_once_a_second_expiry_spares_a_register_waiting_for_the_upstream() -> None:
+    # The app calls expire() every second; a new phone's binding waits for the
+    # upstream's answer (tens of ms, up to 64*T1) and must still be there for it.
+    r = relay()
+    forward = r.register(register(1), PHONE, "outside", OUTSIDE, 1000.0)
+    assert isinstance(forward, Forward)
+    assert r.expire(1001.0) == []
+    answer = r.upstream_response(forward, register(1), upstream_ok(forward, 3600), 1001.5)
+    assert answer.status == 200 and answer.headers.values("Contact")
+    (binding,) = r.bindings()
+    assert r.location.lookup(binding.token, 1002.0)
+
+
+def test_a_new_binding_the_upstream_refuses_waits_briefly_for_the_retry() -> None:
+    r = relay()
+    forward = r.register(register(1), PHONE, "outside", OUTSIDE, 1000.0)
+    assert isinstance(forward, Forward)
+    refused = upstream_ok(forward, 3600)
+    refused.status, refused.reason = 401, "Unauthorized"
+    assert r.upstream_response(forward, register(1), refused, 1000.1).status == 401
+    # The phone's retry with credentials goes up in the same Call-ID, next CSeq
+    # (RFC 3261 10.2.1), even with an expiry round between, and registers it.
+    assert r.expire(1001.0) == []
+    retry = r.register(register(2, extra="Authorization: Digest x\r\n"), PHONE, "outside",
+                       OUTSIDE, 1001.2)  # fmt: skip
+    assert isinstance(retry, Forward)
+    assert retry.request.call_id == forward.request.call_id and retry.request.cseq.seq == 2
+    r.upstream_response(retry, register(2), upstream_ok(retry, 3600), 1001.3)
+    assert len(r) == 1 and len(r.location) == 1
+
+
+def test_refused_registers_do_not_stay_in_the_table() -> None:
+    # Unauthenticated REGISTERs (no retry follows) must not fill it (MAX_BINDINGS).
+    r = relay()
+    forward = r.register(register(1), PHONE, "outside", OUTSIDE, 1000.0)
+    assert isinstance(forward, Forward)
+    refused = upstream_ok(forward, 3600)
+    refused.status, refused.reason = 401, "Unauthorized"
+    r.upstream_response(forward, register(1), refused, 1000.1)
+    assert len(r.expire(1000.1 + CHALLENGE_SECONDS)) == 1
+    assert len(r) == 0
+
+
+def test_a_registered_phone_whose_refresh_is_refused_keeps_its_binding() -> None:
+    r = relay(phone_expires=60, upstream_expires=120)
+    first = r.register(register(1), PHONE, "outside", OUTSIDE, 1000.0)
+    assert isinstance(first, Forward)
+    r.upstream_response(first, register(1), upstream_ok(first, 120), 1000.0)
+    again = r.register(register(2), PHONE, "outside", OUTSIDE, 1055.0)  # not cacheable
+    assert isinstance(again, Forward)
+    refused = upstream_ok(again, 120)
+    refused.status, refused.reason = 401, "Unauthorized"
+    r.upstream_response(again, register(2), refused, 1055.1)
+    assert len(r) == 1  # still registered upstream until its own expiry
