@@ -38,7 +38,7 @@ from tests.scenario.test_b2bua_flows import (
     user_of,
     wait_for_calls,
 )
-from tests.scenario.test_b2bua_sipp import SippRun, header, tag_of
+from tests.scenario.test_b2bua_sipp import SippRun, _messages, header, tag_of
 
 pytestmark = pytest.mark.skipif(SIPP is None, reason="sipp (Debian sip-tester) not installed")
 
@@ -371,6 +371,60 @@ def test_late_offer_call_and_offerless_re_invite(lab: EventLab) -> None:
     assert_hidden(caller, callee, caller_sipp, callee_sipp)
     assert wait_for_calls(lab.sbc, 0), lab.sbc.log()[-3000:]
     lab.cdrs["3007"] = ("answered", 200, "caller")
+
+
+# -- attended transfer ----------------------------------------------------------------------
+
+
+def answered(sipp: Sipp, wait: float = 5.0) -> str:
+    """The 200 a running SIPp caller received, from its message trace."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        found = [m for m in _messages(sipp.trace) if m.startswith("<SIP/2.0 200")]
+        if found:
+            return found[0]
+        time.sleep(0.05)
+    raise AssertionError("no 200 in " + str(sipp.trace))
+
+
+def test_replaces_names_the_far_leg_of_the_call_it_replaces(lab: EventLab) -> None:
+    """The last step of an attended transfer: an INVITE with Replaces naming the
+    caller's dialog with the SBC reaches the callee naming the callee's own
+    dialog of that call (RFC 3891)."""
+    callee_sipp = start_sipp(lab.workdir, "uas-replaces", "uas_basic.xml", port=lab.uas, calls=2)
+    time.sleep(0.1)
+    held_sipp = start_sipp(
+        lab.workdir, "uac-replaced", "flow_uac_call.xml", remote=lab.realm["outside"],
+        service="3008", extra=("-d", "2000"),
+    )  # fmt: skip
+    ok = answered(held_sipp)
+    replaces = (
+        f"{header(ok, 'Call-ID')[0]};to-tag={tag_of(header(ok, 'To')[0])}"
+        f";from-tag={tag_of(header(ok, 'From')[0])}"
+    )
+    caller_sipp = start_sipp(
+        lab.workdir, "uac-replaces", "flow_uac_replaces.xml", remote=lab.realm["outside"],
+        service="3009", extra=("-key", "replaces", replaces, "-d", "200"),
+    )  # fmt: skip
+    caller, held, callee = caller_sipp.finish(), held_sipp.finish(), callee_sipp.finish()
+    for run in (caller, held, callee):
+        assert run.returncode == 0, explain(lab.sbc, caller, held, callee)
+    first_invite, second_invite = [m for m in callee.received if m.startswith("<INVITE")]
+    call_id = header(first_invite, "Call-ID")[0]
+    callee_tag = next(
+        tag_of(header(m, "To")[0])
+        for m in callee.messages
+        if m.startswith(">SIP/2.0 200") and header(m, "Call-ID") == [call_id]
+    )
+    sbc_tag = tag_of(header(first_invite, "From")[0])
+    assert header(second_invite, "Replaces") == [
+        f"{call_id};to-tag={callee_tag};from-tag={sbc_tag}"
+    ]
+    assert header(ok, "Call-ID")[0] not in "\n".join(callee.received)
+    assert_hidden(caller, callee, caller_sipp, callee_sipp)
+    assert wait_for_calls(lab.sbc, 0), lab.sbc.log()[-3000:]
+    lab.cdrs["3008"] = ("answered", 200, "caller")
+    lab.cdrs["3009"] = ("answered", 200, "caller")
 
 
 def test_cdrs_of_these_flows(lab: EventLab) -> None:
