@@ -557,6 +557,7 @@ FLOWS = [
     Flow("cancel-race", "uac_cancel.xml", "flow_uas_cancel_race.xml"),
     Flow("subscribe", "flow_uac_subscribe.xml", "flow_uas_subscribe.xml"),
     Flow("publish", "flow_uac_publish.xml", "flow_uas_publish.xml", callee_calls=3),
+    Flow("late-offer", "flow_uac_late.xml", "flow_uas_late.xml"),
 ]
 
 
