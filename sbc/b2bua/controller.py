@@ -168,6 +168,9 @@ SUBSCRIPTION_GRACE: Final = 32.0
 #: Statuses of a non-2xx final answer after which the next gateway is tried.
 FAILOVER_STATUSES: Final = frozenset({408, 500, 502, 503, 504})
 
+#: Longest session interval a callee's 422 can make the B2BUA ask for (RFC 4028 7.4).
+MAX_SESSION_INTERVAL: Final = 86400
+
 #: Most parallel forks of one call (contacts of one user) and serial attempts.
 MAX_FORKS: Final = 10
 MAX_ATTEMPTS: Final = 16
@@ -462,8 +465,10 @@ class _Fork:
     dialogs: DialogSet
     final: int = 0
     cancel_pending: bool = False
-    #: RSeq of the last reliable provisional PRACKed (RFC 3262 4).
-    rseq: int = 0
+    cancel_sent: bool = False
+    #: RSeq of the last reliable provisional PRACKed, per early dialog (To tag):
+    #: each fork of the request numbers its own (RFC 3262 3, errata 4600).
+    rseqs: dict[str, int] | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -507,6 +512,11 @@ class _Live:
     held_ack: _HeldAck | None = None
     #: The Replaces of the B-leg INVITE (RFC 3891), as the far side knows the dialog.
     replaces: str | None = None
+    #: In-dialog requests relayed and not answered yet (None: none so far).
+    relayed: list[ClientTransaction] | None = None
+    #: Session intervals (RFC 4028) shorter than the configured one: what the caller
+    #: asked for, what the callee's 2xx said (None: the configured one on both).
+    intervals: dict[LegSide, float] | None = None
     is_subscription: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -735,6 +745,9 @@ class CallController:
         #: sent again for each retransmission of that 2xx (RFC 3261 13.2.2.4) until
         #: its transaction ends; None while it waits for the answer (``_HeldAck``).
         self._acks: dict[ClientInviteTransaction, Outgoing | None] = {}
+        #: INVITEs of calls that ended while their transaction lives on (a 2xx may
+        #: still come, or come again): what to build their ACK from, if one does.
+        self._ack_later: dict[ClientInviteTransaction, tuple[CallLeg, Dialog, int]] = {}
         self._busy_log = BurstLog(BUSY_LOG_INTERVAL)
         #: (Call-ID, the SBC's From tag) of B INVITEs let go of unanswered, oldest first.
         self._orphans: OrderedDict[tuple[str, str], _Orphan] = OrderedDict()
@@ -1019,6 +1032,7 @@ class CallController:
                 self._over_tcp.pop(tx, None)
                 if isinstance(tx, ClientInviteTransaction):
                     self._acks.pop(tx, None)
+                    self._ack_later.pop(tx, None)
                 if role is not None and role.role == "invite":
                     live = self._calls.get(role.call_ref)
                     if live is not None:
@@ -1392,6 +1406,8 @@ class CallController:
         )
         live = _Live(call, tx, request, decision, pending=groups, ticket=ticket)
         live.replaces = replaces
+        if self.timers.session_expires:
+            self._shorter_interval(live, LegSide.A, request)
         live.allows[LegSide.A] = _allowed(request)
         if sdp is None:
             # Late offer: the callee's 2xx brings the offer, the caller's ACK the answer.
@@ -1532,8 +1548,11 @@ class CallController:
         if live.replaces is not None:
             headers.add("Replaces", live.replaces)
         if self.timers.session_expires:
-            headers.add("Session-Expires", f"{int(self.timers.session_expires)};refresher=uac")
-            headers.add("Min-SE", str(int(self.timers.min_se)))
+            interval = self._interval(live, LegSide.B)
+            headers.add("Session-Expires", f"{int(interval)};refresher=uac")
+            # RFC 4028 7.4: after a 422, Min-SE is the interval it asked for.
+            min_se = interval if interval > self.timers.session_expires else self.timers.min_se
+            headers.add("Min-SE", str(int(min_se)))
         headers.add("User-Agent", self.user_agent)
         invite = Request("INVITE", request_uri, headers)
         realm = self.realms.get(leg.realm)
@@ -1802,6 +1821,11 @@ class CallController:
             response = make_response(request, 403, "Transfer Not Allowed")
             return self._send_response(tx, response, now, leg.realm)
         if request.method == "INVITE" and live.reinvite_pending & {side, side.other}:
+            if self._relaying_invite_from(live, side):
+                # RFC 3261 14.2: its own INVITE still unanswered: 500, Retry-After 0-10 s.
+                retry = str(secrets.randbelow(11))
+                response = make_response(request, 500, headers=[("Retry-After", retry)])
+                return self._send_response(tx, response, now, leg.realm)
             # RFC 3261 14.2: our own re-INVITE is pending on this dialog (glare), or
             # on the other leg, where this one would be relayed.
             return self._send_response(tx, make_response(request, 491), now, leg.realm)
@@ -1809,6 +1833,18 @@ class CallController:
             # A peer's own refresh restarts that leg's session interval (RFC 4028 10).
             self._arm_refresh(live, side, now)
         return self._relay(live, side, tx, request, now)
+
+    def _relaying_invite_from(self, live: _Live, side: LegSide) -> bool:
+        """Whether an INVITE from ``side`` is relayed and not answered yet."""
+        for client in live.relayed or ():
+            role = self._by_client.get(client)
+            relayed = None if role is None else role.relayed
+            if relayed is not None and (relayed.from_side, relayed.request.method) == (
+                side,
+                "INVITE",
+            ):
+                return True
+        return False
 
     def _relay(
         self, live: _Live, side: LegSide, tx: ServerTransaction, request: Request, now: float
@@ -1822,7 +1858,17 @@ class CallController:
             return self._send_response(tx, response, now)
         step = Step()
         body, content_type = request.body, request.headers.get("Content-Type")
-        sdp = parse_sdp(request)
+        try:
+            sdp = parse_sdp(request)
+        except SdpError as exc:
+            logger.info("x call %s: bad SDP in %s: %s", live.call.call_ref, request.method, exc)
+            return self._send_response(tx, make_response(request, exc.status), now)
+        if early_ok and sdp is not None and side is LegSide.B:
+            # RFC 3311 5.1: the caller may get an early offer only once its own offer
+            # was answered reliably, and the B2BUA answers it unreliably (no 100rel on
+            # A). After the 2xx the UPDATE goes through: Retry-After.
+            response = make_response(request, 500, headers=[("Retry-After", "1")])
+            return self._send_response(tx, response, now, leg.realm)
         if sdp is not None and live.session is not None:
             realm = self.realms.get(live.call.leg(side).realm)
             if realm is not None:
@@ -1868,6 +1914,9 @@ class CallController:
         hop = self._hop(leg)
         client, out = self._send_request(out_request, hop, now)
         self._by_client[client] = _ByRole(live.call.call_ref, "relay", _Relayed(side, tx, request))
+        if live.relayed is None:
+            live.relayed = []
+        live.relayed.append(client)
         if request.method == "INVITE":
             # RFC 3261 14.1: no second INVITE (a refresh) on that leg until this one ends.
             live.reinvite_pending = live.reinvite_pending | {other}
@@ -1961,7 +2010,7 @@ class CallController:
     def _cancel_forks(self, live: _Live, now: float, *, keep: _Fork | None = None) -> Step:
         step = Step()
         for fork in live.forks.values():
-            if fork is keep or fork.final:
+            if fork is keep or fork.final or fork.cancel_sent:
                 continue
             step = step + self._cancel_fork(live, fork, now)
         return step
@@ -1972,6 +2021,7 @@ class CallController:
             fork.cancel_pending = True
             return Step()
         fork.cancel_pending = False
+        fork.cancel_sent = True
         client, out = self.transactions.send_cancel(fork.tx, now)
         self._by_client[client] = _ByRole(live.call.call_ref, "cancel")
         return Step(out)
@@ -2071,11 +2121,7 @@ class CallController:
             return self._relayed_register_response(tx, response, now)
         role = self._by_client.get(tx)
         if role is None:
-            if isinstance(tx, ClientInviteTransaction) and tx in self._acks:
-                # A retransmitted 2xx: its ACK again (RFC 3261 13.2.2.4).
-                ack = self._acks[tx]
-                return Step() if ack is None else Step(Output((ack,)))
-            return Step()
+            return self._ack_again(tx, response) or Step()
         if role.probe is not None:
             if response.status >= 200:
                 self._by_client.pop(tx, None)
@@ -2085,6 +2131,9 @@ class CallController:
             return Step()
         live = self._calls.get(role.call_ref)
         if live is None:
+            again = self._ack_again(tx, response)
+            if again is not None:
+                return again
             if role.role == "invite":
                 return self._orphan_response(response, now)
             return Step()
@@ -2104,6 +2153,30 @@ class CallController:
         if response.status >= 200:
             self._by_client.pop(tx, None)
         return Step()
+
+    def _ack_again(self, tx: ClientTransaction, response: Response) -> Step | None:
+        """The ACK for a 2xx to an INVITE whose first 2xx was ACKed already, or whose
+        call ended before (RFC 3261 13.2.2.4: every 2xx is ACKed); None: not ours."""
+        if not isinstance(tx, ClientInviteTransaction) or not 200 <= response.status < 300:
+            return None
+        if tx in self._acks:
+            sent = self._acks[tx]
+            return Step() if sent is None else Step(Output((sent,)))
+        later = self._ack_later.pop(tx, None)
+        if later is None:
+            return None
+        leg, dialog, seq = later
+        ack = dialog.create_ack(
+            transport=leg.local.transport.value,
+            host=format_host(leg.local.host),
+            port=leg.local.port,
+            invite_seq=seq,
+        )
+        self._fix_via(ack)
+        self._outbound(ack, leg.realm)
+        outgoing = Outgoing(ack, bytes(ack), self._hop(leg))
+        self._acks[tx] = outgoing
+        return Step(Output((outgoing,)))
 
     def _invite_response(self, live: _Live, fork: _Fork, response: Response, now: float) -> Step:
         status = response.status
@@ -2151,9 +2224,15 @@ class CallController:
         if rseq_text is None or not rseq_text.strip().isdigit():
             return Step()
         rseq = int(rseq_text.strip())
-        if rseq <= fork.rseq or fork.leg.dialog is None:
-            return Step()  # a retransmission, already PRACKed
-        fork.rseq = rseq
+        tag = response.to.tag or ""
+        last = 0 if fork.rseqs is None else fork.rseqs.get(tag, 0)
+        if (last and rseq != last + 1) or fork.leg.dialog is None:
+            # A retransmission (already PRACKed), or out of order: RFC 3262 4 says not
+            # to PRACK that one (the callee sends it again after the one missing).
+            return Step()
+        if fork.rseqs is None:
+            fork.rseqs = {}
+        fork.rseqs[tag] = rseq
         leg = fork.leg
         assert leg.dialog is not None
         dialog, prack = leg.dialog.create_request(
@@ -2188,8 +2267,13 @@ class CallController:
         live.call = evolve(call, b=fork.leg, gateway=fork.target.gateway)
         try:
             b_sdp = parse_sdp(response)
-        except SdpError:
-            b_sdp = None
+        except SdpError as exc:
+            # Nothing to answer the caller with: the 2xx is ACKed, and the call ends.
+            logger.info("x call %s: bad SDP in the 2xx: %s", call.call_ref, exc)
+            step = self._ack_b(fork.leg, event.dialog, now, bye=False, call_ref=call.call_ref)
+            step = step + self._cancel_forks(live, now, keep=fork)
+            step = step + self._bye(live, LegSide.B, now)
+            return step + self._fail_a(live, 502, EndReason.REJECTED, now)
         late = parse_sdp(live.a_request) is None
         if late and b_sdp is not None and b_sdp.media:
             # Late offer: the ACK carries the answer, which the caller's ACK brings.
@@ -2214,6 +2298,8 @@ class CallController:
             step = step + self._bye(live, LegSide.B, now)
             return step + self._fail_a(live, 502, EndReason.REJECTED, now)
         live.allows[LegSide.B] = _allowed(response)
+        if self.timers.session_expires:
+            self._shorter_interval(live, LegSide.B, response)
         b_codecs = codecs_of(b_sdp)
         if b_codecs and b_codecs != live.call.b_codecs:
             live.call = evolve(live.call, b_codecs=b_codecs)
@@ -2271,6 +2357,15 @@ class CallController:
             if redirected:
                 live.pending.insert(0, redirected)
                 live.redirects += 1
+                return self._retry(live, now)
+        if best.status == 422 and self.timers.session_expires:
+            # RFC 4028 7.4: the callee wants a longer session interval: the B2BUA, which
+            # chose it, asks again with the 422's Min-SE (once it grows, so no loop).
+            text = (best.headers.get("Min-SE") or "").split(";", 1)[0].strip()
+            wanted = int(text) if text.isascii() and text.isdigit() and len(text) < 10 else 0
+            if self._interval(live, LegSide.B) < wanted <= MAX_SESSION_INTERVAL:
+                live.intervals = {**(live.intervals or {}), LegSide.B: float(wanted)}
+                live.pending.insert(0, tuple(f.target for f in live.forks.values()))
                 return self._retry(live, now)
         if live.pending and (best.status in FAILOVER_STATUSES or best.status == 0):
             logger.info("- call %s: %d, trying the next gateway", call.call_ref, best.status)
@@ -2352,8 +2447,10 @@ class CallController:
             headers.append(("Contact", contact_for(live.call.a.local)))
             headers.append(("Allow", ALLOW))
         if 200 <= status < 300 and self.timers.session_expires:
-            # RFC 4028 9: the B2BUA refreshes; it asks nothing of the caller.
-            headers.append(("Session-Expires", f"{int(self.timers.session_expires)};refresher=uas"))
+            # RFC 4028 9: the B2BUA refreshes; it asks nothing of the caller, and never
+            # more than the caller asked for.
+            interval = int(self._interval(live, LegSide.A))
+            headers.append(("Session-Expires", f"{interval};refresher=uas"))
         if status in (423, 422):
             headers.extend(("Min-SE", v) for v in response.headers.fields("Min-SE"))
         if status == 503 or status == 486 or status == 480:
@@ -2582,15 +2679,19 @@ class CallController:
         if status < 200:
             return Step()
         self._by_client.pop(tx, None)
+        if live.relayed is not None and tx in live.relayed:
+            live.relayed.remove(tx)
         side, other = relayed.from_side, relayed.from_side.other
         if relayed.request.method == "INVITE":
             live.reinvite_pending = live.reinvite_pending - {other}
         step = Step()
         leg = live.call.leg(other)
+        bad_sdp = False
         try:
             sdp = parse_sdp(response)
-        except SdpError:
-            sdp = None
+        except SdpError as exc:
+            logger.info("x call %s: bad SDP in a %d: %s", live.call.call_ref, status, exc)
+            sdp, bad_sdp = None, status < 300
         if leg.dialog is not None:
             dialog = leg.dialog.receive_response(response)
             live.call = live.call.with_leg(other, leg.with_dialog(dialog))
@@ -2611,6 +2712,10 @@ class CallController:
                     live.reinvite_pending = live.reinvite_pending | {other}
                 else:
                     step = step + self._ack_leg(live, other, dialog, response.cseq.seq, tx)
+        if bad_sdp:
+            # ACKed above; the requester learns that the far side's answer was unusable.
+            out = make_response(relayed.request, 502)
+            return step + self._send_response(relayed.server, out, now, live.call.leg(side).realm)
         headers: list[tuple[str, str]] = []
         if relayed.request.method == "INVITE" and status < 300:
             headers.append(("Contact", contact_for(live.call.leg(side).local)))
@@ -2693,9 +2798,26 @@ class CallController:
 
     # -- session timers (RFC 4028) --------------------------------------------------------
 
+    def _interval(self, live: _Live, side: LegSide) -> float:
+        """The session interval on ``side`` (RFC 4028): the configured one, or less
+        where the caller asked for less or the callee's 2xx said less."""
+        if live.intervals is not None and side in live.intervals:
+            return live.intervals[side]
+        return self.timers.session_expires
+
+    def _shorter_interval(self, live: _Live, side: LegSide, message: Message) -> None:
+        """Note a Session-Expires in ``message`` shorter than the configured interval."""
+        value = message.headers.get("Session-Expires")
+        text = "" if value is None else value.split(";", 1)[0].strip()
+        if not (text.isascii() and text.isdigit() and 0 < len(text) < 10):
+            return
+        seconds = float(text)
+        if 0 < seconds < self.timers.session_expires:
+            live.intervals = {**(live.intervals or {}), side: max(seconds, self.timers.min_se)}
+
     def _arm_refresh(self, live: _Live, side: LegSide, now: float) -> None:
         """The B2BUA refreshes ``side`` at half the session interval (RFC 4028 10)."""
-        interval = self.timers.session_expires
+        interval = self._interval(live, side)
         if not interval:
             return
         when = now + interval / 2
@@ -2716,7 +2838,7 @@ class CallController:
         method = "UPDATE" if "UPDATE" in live.allows.get(side, frozenset()) else "INVITE"
         body = b"" if method == "UPDATE" else live.sdp_sent.get(side, b"")
         headers = [
-            ("Session-Expires", f"{int(self.timers.session_expires)};refresher=uac"),
+            ("Session-Expires", f"{int(self._interval(live, side))};refresher=uac"),
             ("Supported", "timer"),
         ]
         if method == "INVITE":
@@ -2802,7 +2924,9 @@ class CallController:
 
     def _bye(self, live: _Live, side: LegSide, now: float) -> Step:
         leg = live.call.leg(side)
-        if leg.dialog is None:
+        if leg.dialog is None or leg.dialog.state is DialogState.EARLY:
+            # An early dialog ends with the INVITE: its final response on A, CANCEL
+            # on B (``_end``).
             return Step()
         held = live.held_ack
         if held is not None and held.side is side:
@@ -2859,6 +2983,7 @@ class CallController:
             # first, say): it gets one rejecting the offer, or it is resent for 32 s.
             step = self._release_ack(live, None, now)
             return step + self._end(live, status, reason, hangup, now)
+        step = self._end_pending(live, status, hangup, now)
         live.call = evolve(
             call,
             state=CallState.TERMINATED,
@@ -2885,10 +3010,42 @@ class CallController:
         logger.info("- call %s ended (%d, %s)", call.call_ref, status, reason.value)
         if live.session is not None:
             self._by_session.pop(live.session.session_id, None)
-            return Step(media=(DeleteMedia(call.call_ref, live.session.session_id, live.call),))
+            return step + Step(
+                media=(DeleteMedia(call.call_ref, live.session.session_id, live.call),)
+            )
         if live.is_subscription:
-            return Step()  # not a call attempt: no CDR
-        return Step(ended=(live.call,))
+            return step  # not a call attempt: no CDR
+        return step + Step(ended=(live.call,))
+
+    def _end_pending(self, live: _Live, status: int, hangup: LegSide | None, now: float) -> Step:
+        """What an ending call still owes (RFC 3261 15.1.2): a final response to the
+        caller's INVITE and to each relayed request, CANCEL to unanswered forks, and
+        ACKs for 2xx that may still come (``_ack_later``)."""
+        step = Step()
+        if not live.a_final and live.invite_tx is not None:
+            final = status if status >= 300 else 487 if hangup is LegSide.A else 480
+            response = make_response(live.a_request, final, to_tag=live.call.a.local_tag)
+            step = step + self._answer_a(live, response, now)
+        if live.winner is None and live.forks:
+            step = step + self._cancel_forks(live, now)
+        winner = live.winner
+        if winner is not None and not winner.tx.terminated and winner.tx not in self._acks:
+            dialog = winner.leg.dialog
+            if dialog is not None:
+                self._ack_later[winner.tx] = (winner.leg, dialog, winner.request.cseq.seq)
+        for client in live.relayed or ():
+            role = self._by_client.get(client)
+            if role is None or role.relayed is None:
+                continue
+            relayed = role.relayed
+            realm = live.call.leg(relayed.from_side).realm
+            response = make_response(relayed.request, 487)
+            step = step + self._send_response(relayed.server, response, now, realm)
+            leg = live.call.leg(relayed.from_side.other)
+            if isinstance(client, ClientInviteTransaction) and leg.dialog is not None:
+                self._ack_later[client] = (leg, leg.dialog, client.request.cseq.seq)
+        live.relayed = None
+        return step
 
 
 def _with_host(uri_text: str, host: str) -> str:

@@ -140,7 +140,12 @@ def is_sdp(message: Message) -> bool:
 def _sdp_of(body: bytes, content_type: str) -> SessionDescription | None:
     if not body or not content_type or MediaType.parse(content_type).essence != SDP_CONTENT_TYPE:
         return None
-    return SessionDescription.parse(body)
+    sdp = SessionDescription.parse(body)
+    for media in sdp.media:
+        # a=rtcp is rewritten to the relay's port (``rewrite_sdp``): a malformed one
+        # is refused here, where every caller handles SdpError, not half-way there.
+        media.rtcp  # noqa: B018
+    return sdp
 
 
 def parse_sdp(message: Message) -> SessionDescription | None:
