@@ -1293,6 +1293,9 @@ class CallController:
         refused = self._authenticate(tx, request, flow, realm, now)
         if refused is not None:
             return refused
+        too_brief = self._too_brief(request)
+        if too_brief is not None:
+            return self._send_response(tx, too_brief, now)
         replaces = None
         replaces_text = request.headers.get("Replaces")
         if replaces_text is not None:
@@ -2804,6 +2807,19 @@ class CallController:
         if live.intervals is not None and side in live.intervals:
             return live.intervals[side]
         return self.timers.session_expires
+
+    def _too_brief(self, request: Request) -> Response | None:
+        """RFC 4028 8.1: 422 with our Min-SE for a Session-Expires below it."""
+        value = request.headers.get("Session-Expires")
+        if value is None or not self.timers.session_expires:
+            return None
+        text = value.split(";", 1)[0].strip()
+        if not (text.isascii() and text.isdigit()) or len(text) >= 10:
+            return None
+        if int(text) >= self.timers.min_se:
+            return None
+        min_se = ("Min-SE", str(int(self.timers.min_se)))
+        return make_response(request, 422, to_tag=new_tag(), headers=[min_se])
 
     def _shorter_interval(self, live: _Live, side: LegSide, message: Message) -> None:
         """Note a Session-Expires in ``message`` shorter than the configured interval."""

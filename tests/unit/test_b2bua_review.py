@@ -254,6 +254,16 @@ def test_the_2xx_to_the_caller_does_not_increase_its_session_expires() -> None:
     assert c._calls[ref].refresh_at[LegSide.A] < 0.1 + 120
 
 
+def test_a_session_expires_below_our_min_se_gets_422() -> None:
+    # RFC 4028 8.1: the UAS answers 422 with its Min-SE rather than raise the interval.
+    c = controller(SESSION_TIMERS)
+    extra = "Supported: timer\r\nSession-Expires: 60\r\n"
+    step = receive(c, invite_text(extra=extra), CALLER, 0.0)
+    (refused,) = [r for r in responses(step) if r.status >= 300]
+    assert refused.status == 422 and refused.headers.get("Min-SE") == "90"
+    assert step.media == () and len(c) == 0
+
+
 def test_the_session_interval_of_the_callees_2xx_is_the_one_refreshed() -> None:
     # RFC 4028 7.2: the session interval is the Session-Expires of the 2xx (the UAS
     # may lower what the request proposed, 9); with refresher=uac the UAC refreshes
