@@ -1296,18 +1296,24 @@ class CallController:
         too_brief = self._too_brief(request)
         if too_brief is not None:
             return self._send_response(tx, too_brief, now)
-        replaces = None
+        replaces, replaced = None, None
         replaces_text = request.headers.get("Replaces")
         if replaces_text is not None:
-            replaces = self._replaces_across(replaces_text)
-            if replaces is None:
+            found = self._replaced(replaces_text)
+            if found is None:
                 # RFC 3891 3: no dialog of ours matches.
                 response = make_response(request, 481, to_tag=new_tag())
                 return self._send_response(tx, response, now)
+            replaces, replaced = found
         decision = self.router.route(realm.name, request.uri, request, flow.remote_host)
         if decision is None or isinstance(decision, RejectRoute):
             return self._refuse_route(tx, request, realm, decision, now)
         groups, trunk, status = self._targets(decision, request, now)
+        if replaced is not None and replaced.dialog is not None:
+            # The dialog to replace is at the far peer of that call: there, whatever
+            # the route says of the Request-URI.
+            target = Target(replaced.realm, replaced.peer, replaced.dialog.remote_target)
+            groups, trunk = [(target,)], None
         if not groups:
             logger.info("x %s from %s: no target (%d)", request.raw_uri, realm.name, status)
             return self._reject_attempt(
@@ -1956,6 +1962,11 @@ class CallController:
         """A Replaces value (RFC 3891) naming one of the SBC's dialogs as its peer
         knows it (``call-id;to-tag=<the SBC's tag>;from-tag=<the peer's>``), rewritten
         as the far side of that call knows its own leg; None if it names none."""
+        replaced = self._replaced(value)
+        return None if replaced is None else replaced[0]
+
+    def _replaced(self, value: str) -> tuple[str, CallLeg] | None:
+        """``_replaces_across``'s value and the far leg of the call it names."""
         call_id, _, rest = value.strip().partition(";")
         params: dict[str, str] = {}
         for item in rest.split(";"):
@@ -1976,7 +1987,8 @@ class CallController:
         if other.dialog is None or not other.dialog.remote_tag:
             return None
         early = ";early-only" if "early-only" in params else ""
-        return f"{other.call_id};to-tag={other.dialog.remote_tag};from-tag={other.local_tag}{early}"
+        mapped = f"{other.call_id};to-tag={other.dialog.remote_tag};from-tag={other.local_tag}"
+        return mapped + early, other
 
     @staticmethod
     def _fix_via(request: Request) -> None:

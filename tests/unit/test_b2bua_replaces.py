@@ -9,15 +9,19 @@ from __future__ import annotations
 import urllib.parse
 
 from sbc.b2bua.controller import CallController, RealmPolicy
+from sbc.b2bua.routing import RouteAction, RouteRule
 from sbc.sip.message import Request
+from sbc.transport.base import Destination, Transport
 from tests.unit.test_b2bua_flows import (
     ANSWER,
     CALLER,
+    CORE,
     TRUNK,
     ack_from_a,
     answer,
     controller,
     from_a,
+    hop_of,
     invite_text,
     receive,
     requests,
@@ -58,6 +62,25 @@ def test_an_invite_with_replaces_names_the_far_leg_of_that_call() -> None:
         carol_invite.call_id, "carolside", carol_invite.from_.tag or ""
     )
     assert FIRST_CALL_ID not in bytes(invite).decode()
+
+
+def test_an_invite_with_replaces_goes_to_the_peer_of_the_dialog_it_replaces() -> None:
+    elsewhere = Destination(Transport.UDP, "203.0.113.77", 5060)
+    rules = [
+        RouteRule("other", RouteAction.TRUNK, "outside", realm="inside", destination=elsewhere,
+                  user_prefix="2000"),
+        RouteRule("core", RouteAction.TRUNK, "outside", realm="inside", destination=CORE),
+    ]  # fmt: skip
+    c = controller(rules=rules)
+    _, sbc_tag = first_call(c)
+    extra = f"Replaces: {replaces(FIRST_CALL_ID, sbc_tag, 'alicetag')}\r\n"
+    text = invite_text(via_branch="z9hG4bKsecond", uri="sip:2000@198.51.100.1", extra=extra)
+    (allocate,) = receive(c, text, CALLER, 1.0).media
+    step = c.media_allocated(allocate.call_ref, session("s2"), 1.0)
+    (invite,) = requests(step, "INVITE")
+    assert hop_of(step, "INVITE") == CORE  # not where route "other" would send 2000
+    assert invite.raw_uri == "sip:bob@203.0.113.5:5070"  # carol's Contact on call 1
+    assert invite.headers.get("Replaces") is not None
 
 
 def test_an_invite_replacing_no_dialog_of_ours_gets_481() -> None:
