@@ -435,6 +435,8 @@ class _Relayed:
     from_side: LegSide
     server: ServerTransaction
     request: Request
+    #: A CANCEL ended it on the side it came from (487 sent there, CANCEL relayed).
+    cancelled: bool = False
 
 
 @dataclass(eq=False, slots=True)
@@ -1927,6 +1929,8 @@ class CallController:
             live.relayed = []
         live.relayed.append(client)
         if request.method == "INVITE":
+            self._by_server[tx] = live.call.call_ref  # a CANCEL finds it (``_cancel``)
+        if request.method == "INVITE":
             # RFC 3261 14.1: no second INVITE (a refresh) on that leg until this one ends.
             live.reinvite_pending = live.reinvite_pending | {other}
         logger.debug(
@@ -2006,6 +2010,8 @@ class CallController:
         response = make_response(event.request, status, to_tag=None)
         step = self._send_response(event.transaction, response, now)
         live = None if call_ref is None else self._calls.get(call_ref)
+        if live is not None and invite is not live.invite_tx:
+            return step + self._cancel_relayed(live, event, now)
         if live is None or live.a_final:
             return step
         logger.info("- call %s: CANCEL from a", live.call.call_ref)
@@ -2021,6 +2027,26 @@ class CallController:
         if all(f.final for f in live.forks.values()):
             step = step + self._end(live, 487, EndReason.CANCEL, LegSide.A, now)
         return step
+
+    def _cancel_relayed(self, live: _Live, event: CancelReceived, now: float) -> Step:
+        """RFC 3261 9.2: a CANCEL of a re-INVITE still relayed: 487 for it at once,
+        and a CANCEL for its copy on the other leg. Should that copy be answered 2xx
+        anyway, it is ACKed and not relayed (the canceller got its 487)."""
+        for client in live.relayed or ():
+            role = self._by_client.get(client)
+            relayed = None if role is None else role.relayed
+            if relayed is None or relayed.server is not event.invite or relayed.cancelled:
+                continue
+            relayed.cancelled = True
+            realm = live.call.leg(relayed.from_side).realm
+            response = make_response(relayed.request, 487)
+            step = self._send_response(relayed.server, response, now, realm)
+            if isinstance(client, ClientInviteTransaction) and client.can_cancel:
+                cancel, out = self.transactions.send_cancel(client, now)
+                self._by_client[cancel] = _ByRole(live.call.call_ref, "cancel")
+                step = step + Step(out)
+            return step
+        return Step()
 
     def _cancel_forks(self, live: _Live, now: float, *, keep: _Fork | None = None) -> Step:
         step = Step()
@@ -2727,6 +2753,8 @@ class CallController:
                     live.reinvite_pending = live.reinvite_pending | {other}
                 else:
                     step = step + self._ack_leg(live, other, dialog, response.cseq.seq, tx)
+        if relayed.cancelled:
+            return step  # the requester has its 487; a 2xx was ACKed above
         if bad_sdp:
             # ACKed above; the requester learns that the far side's answer was unusable.
             out = make_response(relayed.request, 502)
@@ -3066,9 +3094,10 @@ class CallController:
             if role is None or role.relayed is None:
                 continue
             relayed = role.relayed
-            realm = live.call.leg(relayed.from_side).realm
-            response = make_response(relayed.request, 487)
-            step = step + self._send_response(relayed.server, response, now, realm)
+            if not relayed.cancelled:
+                realm = live.call.leg(relayed.from_side).realm
+                response = make_response(relayed.request, 487)
+                step = step + self._send_response(relayed.server, response, now, realm)
             leg = live.call.leg(relayed.from_side.other)
             if isinstance(client, ClientInviteTransaction) and leg.dialog is not None:
                 self._ack_later[client] = (leg, leg.dialog, client.request.cseq.seq)

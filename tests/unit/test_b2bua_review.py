@@ -1,7 +1,6 @@
 """The call controller against the RFCs, from a review: each test names the rule and
-what is expected. Most failed when written and were fixed; the two marked xfail
-(strict) are known gaps: a CANCEL of a re-INVITE (a SHOULD of RFC 3261 9.2) and a
-REFER subscription outliving its dialog's BYE.
+what is expected. Most failed when written and were fixed; the one marked xfail
+(strict) is a known gap: a REFER subscription outliving its dialog's BYE.
 """
 
 from __future__ import annotations
@@ -145,7 +144,6 @@ def test_a_second_reinvite_while_the_first_is_pending_gets_500_with_retry_after(
     assert refused.headers.get("Retry-After") is not None
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: a CANCEL of a re-INVITE is answered 200 only")
 def test_cancel_of_a_pending_reinvite_ends_it_with_487_and_cancels_the_relayed_one() -> None:
     # RFC 3261 9.2: a CANCEL matching an INVITE not yet finally answered: "the UAS
     # SHOULD immediately respond to the INVITE with a 487". The B2BUA answers the
@@ -163,6 +161,25 @@ def test_cancel_of_a_pending_reinvite_ends_it_with_487_and_cancels_the_relayed_o
     ]
     (cancel,) = requests(step, "CANCEL")
     assert cancel.call_id == reinvite.call_id and cancel.via.branch == reinvite.via.branch
+
+
+def test_a_2xx_crossing_the_relayed_cancel_is_acked_and_not_relayed() -> None:
+    c = controller()
+    _, _, a_tag = confirmed_call(c)
+    text = from_a("INVITE", a_tag, 2, body=OFFER_2)
+    (reinvite,) = requests(receive(c, text, CALLER, 1.0), "INVITE")
+    receive(c, answer(reinvite, 180), TRUNK, 1.05)
+    receive(c, cancel_for(text), CALLER, 1.1)
+    step = receive(c, answer(reinvite, 200, ANSWER), TRUNK, 1.2)
+    assert [(a.call_id, a.cseq.seq) for a in requests(step)] == [
+        (reinvite.call_id, reinvite.cseq.seq)
+    ]  # only the ACK: the caller had its 487
+    assert responses(step) == []
+    (live,) = c._calls.values()
+    assert live.reinvite_pending == frozenset() and not live.relayed
+    # The call goes on: the next re-INVITE is relayed.
+    step = receive(c, from_a("INVITE", a_tag, 3, body=OFFER_2), CALLER, 2.0)
+    assert len(requests(step, "INVITE")) == 1
 
 
 # -- PRACK (RFC 3262) ---------------------------------------------------------------------
