@@ -7,10 +7,14 @@ read at the moment the call ended.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from sbc.b2bua.call import Call, LegSide
 from sbc.b2bua.call import EndReason as CallEndReason
 from sbc.cdr.record import CdrRecord, EndReason, HangupSide, disposition_for
 from sbc.media.session import MediaSession, Side
+from sbc.sip.errors import ParseError
+from sbc.sip.uri import SipUri, parse_uri
 from sbc.transport.base import format_hostport
 
 #: RTP clock of the codecs whose jitter we report (G.711 and most narrowband ones).
@@ -21,6 +25,28 @@ def _clock_rate(codecs: str) -> int:
     first = codecs.split(",", 1)[0]
     _, _, rate = first.partition("/")
     return int(rate) if rate.isdigit() and int(rate) > 0 else DEFAULT_CLOCK_RATE
+
+
+def _without_password(text: str) -> str:
+    """A SIP URI without the password RFC 3261 19.1.1 lets its userinfo carry.
+
+    CDRs are read by people and billing systems: no secret of the caller goes there.
+    Text that does not parse as a URI keeps only what precedes a password-like
+    ``user:...@``.
+    """
+    if "@" not in text:
+        return text
+    try:
+        uri = parse_uri(text)
+    except ParseError:
+        scheme, colon, rest = text.partition(":")
+        userinfo, at, host = rest.partition("@")
+        if not colon or not at:
+            return text
+        return f"{scheme}:{userinfo.split(':', 1)[0]}@{host}"
+    if not isinstance(uri, SipUri) or uri.password is None:
+        return text
+    return str(replace(uri, password=None))
 
 
 def cdr_record(call: Call, session: MediaSession | None, wall_offset: float) -> CdrRecord:
@@ -66,8 +92,8 @@ def cdr_record(call: Call, session: MediaSession | None, wall_offset: float) -> 
         route=call.route,
         a_realm=call.a.realm,
         b_realm=call.b.realm,
-        caller=call.caller,
-        callee=call.callee,
+        caller=_without_password(call.caller),
+        callee=_without_password(call.callee),
         source=format_hostport(call.a.peer.host, call.a.peer.port),
         destination=(format_hostport(call.b.peer.host, call.b.peer.port) if call.b.realm else ""),
         start_time=call.created + wall_offset,

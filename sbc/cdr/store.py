@@ -162,6 +162,22 @@ def record_from_row(row: Sequence[Any]) -> CdrRecord:
     return CdrRecord.from_dict({"version": CDR_DICT_VERSION, **dict(zip(_NAMES, row, strict=True))})
 
 
+def _storable(text: str) -> str:
+    """``text`` as valid UTF-8: escaped octets that are not UTF-8 become U+FFFD, other
+    lone surrogates ``?``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogateescape" if _escapes_only(text) else "replace")
+        return raw.decode("utf-8", "replace")
+    return text
+
+
+def _escapes_only(text: str) -> bool:
+    """Whether every surrogate in ``text`` is a surrogateescape'd octet (U+DC80..DCFF)."""
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
+
+
 class _SchemaMismatch(Exception):
     """The database was written by a different schema version."""
 
@@ -450,7 +466,12 @@ class CdrStore(_QueuedSink):
             raise
 
     def _encode(self, record: CdrRecord) -> tuple[Any, ...]:
-        return record_to_row(record)
+        # SQLite takes UTF-8 only: text from the wire may hold octets that are not
+        # (surrogateescape), and one such value would fail the whole batch.
+        return tuple(
+            value if not isinstance(value, str) else _storable(value)
+            for value in record_to_row(record)
+        )
 
     def _write_batch(self, rows: list[Any]) -> None:
         conn = self._conn

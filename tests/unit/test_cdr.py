@@ -462,3 +462,54 @@ def test_json_lines_store_appends_one_object_per_line(tmp_path: Path) -> None:
     assert json.loads(lines[0])["duration"] == 60.25
     stats = store.stats()
     assert (stats.written, stats.dropped, stats.queued, stats.errors) == (2, 0, 0, 0)
+
+
+# --- review findings ---------------------------------------------------------------------
+
+
+def test_text_that_is_not_utf8_costs_only_its_own_characters(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Codec names come from the caller's SDP, decoded with surrogateescape: an octet
+    # that is not UTF-8 must neither fail the batch (and the CDRs of other calls in
+    # it) nor lose this call's record.
+    path = tmp_path / "cdr.sqlite"
+    odd = replace(BUSY, a_codecs="\udcff\udcfe/8000,PCMU/8000")
+    with caplog.at_level(logging.ERROR, logger=LOGGER), stalled_writer(path):
+        store = CdrStore(path)
+        store.write(ANSWERED)
+        store.write(odd)
+    store.close(timeout=10)
+    stats = store.stats()
+    assert (stats.written, stats.dropped, stats.errors) == (2, 0, 0)
+    assert failures(caplog, "") == []
+    (row,) = [r for r in store.recent() if r.call_ref == odd.call_ref]
+    assert row.a_codecs.endswith("/8000,PCMU/8000")
+
+
+def test_cdrs_carry_no_uri_passwords() -> None:
+    # RFC 3261 19.1.1 lets a SIP URI carry user:password; a CDR is no place for it.
+    from sbc.b2bua.call import Call, CallLeg, CallState
+    from sbc.b2bua.call import EndReason as CallEndReason
+    from sbc.cdr.from_call import cdr_record
+    from sbc.transport.base import Destination, ListenAddress, Transport
+
+    local = ListenAddress(Transport.UDP, "198.51.100.1", 5060)
+    leg = CallLeg("outside", "cid", "tag", local, Destination(Transport.UDP, "198.51.100.9", 5099))
+    call = Call(
+        call_ref="pw",
+        state=CallState.TERMINATED,
+        a=leg,
+        b=replace(leg, realm=""),
+        route="r",
+        created=10.0,
+        end_status=404,
+        caller="sip:alice:hunter2@198.51.100.9;transport=tcp",
+        callee="sips:bob:s3cret@sbc.example.net:5061",
+        ended_at=11.0,
+        end_reason=CallEndReason.NO_ROUTE,
+    )
+    record = cdr_record(call, None, 1_700_000_000.0)
+    assert record.caller == "sip:alice@198.51.100.9;transport=tcp"
+    assert record.callee == "sips:bob@sbc.example.net:5061"
+    assert "hunter2" not in json.dumps(record.to_dict())
