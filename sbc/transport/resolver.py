@@ -541,6 +541,19 @@ def _ip_literal(host: str) -> str | None:
         return None
 
 
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+
+
+def _nowhere(address: str) -> bool:
+    """True for an address no request can be sent to (RFC 3261 18.2.2: no multicast
+    here; unspecified and limited broadcast mean no host)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return True
+    return ip.is_unspecified or ip.is_multicast or ip == _BROADCAST
+
+
 @dataclass(frozen=True)
 class _Hop:
     """A host to contact on a port with a transport; addresses may be known already."""
@@ -735,6 +748,10 @@ class SipResolver:
                 if record.target == ".":
                     # RFC 2782: "." means the service is decidedly not available.
                     continue
+                if record.port == 0:
+                    # Nothing listens on port 0, and the transport never sends there.
+                    logger.warning("x %s: SRV %s port 0 skipped", domain, record.target)
+                    continue
                 hops.append(
                     _Hop(record.target, record.port, transport, self._additional(extra, record))
                 )
@@ -757,7 +774,21 @@ class SipResolver:
         return tuple(addresses) or None
 
     async def _hop_addresses(self, hop: _Hop) -> tuple[list[str], list[str]]:
-        """Addresses of `hop` in family-policy order, and why lookups failed."""
+        """Addresses of `hop` in family-policy order, and why lookups failed.
+
+        Addresses no request can go to (unspecified, multicast, broadcast: what DNS
+        filters answer for blocked names) are left out, each named as a failure.
+        """
+        addresses, failures = await self._hop_lookups(hop)
+        usable = []
+        for address in addresses:
+            if _nowhere(address):
+                failures.append(f"{hop.host} points to {address}, not a unicast address")
+            else:
+                usable.append(address)
+        return usable, failures
+
+    async def _hop_lookups(self, hop: _Hop) -> tuple[list[str], list[str]]:
         if hop.addresses is not None:
             return list(hop.addresses), []
         answers = await asyncio.gather(

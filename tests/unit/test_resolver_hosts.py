@@ -457,3 +457,30 @@ def test_dnspython_resolver_reads_the_file_before_asking_the_server(tmp_path: Pa
             ]
 
     asyncio.run(main())
+
+
+# -- review findings -------------------------------------------------------------------
+
+
+def test_dns_answers_that_point_nowhere_are_skipped() -> None:
+    # DNS filters answer blocked names with 0.0.0.0 or ::; an SRV record may say
+    # port 0. None of these is somewhere a request can go (the transport refuses
+    # them): they must not be handed out as hops, least of all as the first one.
+    dns = FakeDns(
+        {
+            ("_sip._udp.sinkhole.example", SRV): (
+                SrvRecord(10, 0, 0, "zero-port.sinkhole.example"),
+                SrvRecord(20, 0, 5060, "gw.sinkhole.example"),
+            ),
+            ("zero-port.sinkhole.example", A): ("192.0.2.7",),
+            ("gw.sinkhole.example", A): ("0.0.0.0", "224.0.0.1", "255.255.255.255", "192.0.2.8"),
+            ("gw.sinkhole.example", AAAA): ("::", "ff02::1"),
+            ("blocked.example", A): ("0.0.0.0",),
+            ("blocked.example", AAAA): ("::",),
+        }
+    )
+    resolver = make_resolver(dns)
+    target = SipTarget("sinkhole.example", transport=UDP)
+    assert resolve(resolver, target) == [ResolvedTarget("192.0.2.8", 5060, UDP)]
+    with pytest.raises(ResolutionError, match="no usable address"):
+        resolve(resolver, SipTarget("blocked.example", port=5060))
