@@ -216,6 +216,8 @@ class TrunkPlan:
     realm: str
     targets: tuple[Target, ...]
     max_attempts: int = 3
+    #: Final statuses of one gateway that send the call to the next (the trunk's).
+    failover_statuses: frozenset[int] = FAILOVER_STATUSES
 
 
 class TargetSource(Protocol):
@@ -516,6 +518,8 @@ class _Live:
     replaces: str | None = None
     #: In-dialog requests relayed and not answered yet (None: none so far).
     relayed: list[ClientTransaction] | None = None
+    #: Final statuses of one target that send the call to the next (a trunk's own).
+    failover: frozenset[int] = FAILOVER_STATUSES
     #: Session intervals (RFC 4028) shorter than the configured one: what the caller
     #: asked for, what the callee's 2xx said (None: the configured one on both).
     intervals: dict[LegSide, float] | None = None
@@ -1250,28 +1254,27 @@ class CallController:
 
     def _targets(
         self, decision: TrunkRoute | RegisteredRoute, request: Request, now: float
-    ) -> tuple[list[tuple[Target, ...]], str | None, int]:
-        """Target groups of a decision (forked within, tried in series), the trunk name
-        and the status when there are none."""
+    ) -> tuple[list[tuple[Target, ...]], str | None, int, frozenset[int]]:
+        """Target groups of a decision (forked within, tried in series), the trunk name,
+        the status when there are none, and the statuses that fail over."""
         if isinstance(decision, RegisteredRoute):
             contacts = self.targets.registered(request.uri, decision.realm, now)[:MAX_FORKS]
             if not contacts:
                 known = self.targets.user_known(request.uri)
-                return [], None, 480 if known else 404
-            return [tuple(contacts)], None, 0
+                return [], None, 480 if known else 404, FAILOVER_STATUSES
+            return [tuple(contacts)], None, 0, FAILOVER_STATUSES
         if decision.trunk is not None:
             plan = self.targets.trunk(decision.trunk, request.uri, now)
             if plan is None or not plan.targets:
-                return [], decision.trunk, 503
+                return [], decision.trunk, 503, FAILOVER_STATUSES
             attempts = min(plan.max_attempts, MAX_ATTEMPTS)
-            return [(t,) for t in plan.targets[:attempts]], decision.trunk, 0
+            groups: list[tuple[Target, ...]] = [(t,) for t in plan.targets[:attempts]]
+            return groups, decision.trunk, 0, plan.failover_statuses
         assert decision.realm is not None and decision.destination is not None
         destination = decision.destination
-        return (
-            [(Target(decision.realm, destination, self._static_uri(request, destination)),)],
-            (None),
-            0,
-        )
+        target = Target(decision.realm, destination, self._static_uri(request, destination))
+        single: list[tuple[Target, ...]] = [(target,)]
+        return single, None, 0, FAILOVER_STATUSES
 
     @staticmethod
     def _static_uri(request: Request, destination: Destination) -> str:
@@ -1310,7 +1313,7 @@ class CallController:
         decision = self.router.route(realm.name, request.uri, request, flow.remote_host)
         if decision is None or isinstance(decision, RejectRoute):
             return self._refuse_route(tx, request, realm, decision, now)
-        groups, trunk, status = self._targets(decision, request, now)
+        groups, trunk, status, failover = self._targets(decision, request, now)
         if replaced is not None and replaced.dialog is not None:
             # The dialog to replace is at the far peer of that call: there, whatever
             # the route says of the Request-URI.
@@ -1417,6 +1420,7 @@ class CallController:
         )
         live = _Live(call, tx, request, decision, pending=groups, ticket=ticket)
         live.replaces = replaces
+        live.failover = failover
         if self.timers.session_expires:
             self._shorter_interval(live, LegSide.A, request)
         live.allows[LegSide.A] = _allowed(request)
@@ -1626,7 +1630,7 @@ class CallController:
         if decision is None or isinstance(decision, RejectRoute):
             status = 404 if decision is None else decision.status
             return self._send_response(tx, make_response(request, status, to_tag=new_tag()), now)
-        groups, trunk, status = self._targets(decision, request, now)
+        groups, trunk, status, _ = self._targets(decision, request, now)
         if not groups:
             return self._send_response(tx, make_response(request, status, to_tag=new_tag()), now)
         target = groups[0][0]
@@ -2408,7 +2412,7 @@ class CallController:
                 live.intervals = {**(live.intervals or {}), LegSide.B: float(wanted)}
                 live.pending.insert(0, tuple(f.target for f in live.forks.values()))
                 return self._retry(live, now)
-        if live.pending and (best.status in FAILOVER_STATUSES or best.status == 0):
+        if live.pending and (best.status in live.failover or best.status == 0):
             logger.info("- call %s: %d, trying the next gateway", call.call_ref, best.status)
             return self._retry(live, now)
         step = self._answer_a(live, self._to_a(live, best), now)

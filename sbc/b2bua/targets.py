@@ -21,7 +21,7 @@ from typing import Final
 
 from sbc.b2bua.controller import Target, TrunkPlan
 from sbc.b2bua.routing import uri_user_host
-from sbc.b2bua.trunks import Gateway, HealthChange, TrunkTable
+from sbc.b2bua.trunks import Gateway, HealthChange, TrunkState, TrunkTable
 from sbc.registrar.location import LocationService
 from sbc.sip.uri import Uri, escape_user, format_host
 from sbc.transport.base import Destination, Transport, normalize_host
@@ -106,20 +106,24 @@ class Directory:
         if state is None:
             return None
         user, _ = uri_user_host(uri)
+        attempts = state.trunk.max_attempts or DEFAULT_ATTEMPTS
         targets = []
-        for gateway in state.candidates(self.rng):
+        # Every usable gateway in order, unresolved ones left out before the plan is
+        # cut to max_attempts: a name DNS has not answered yet uses up no attempt.
+        for gateway in state.ordered(self.rng):
             destination = self.destination(gateway)
             if destination is None:
                 continue
             targets.append(
                 Target(state.trunk.realm, destination, gateway_uri(gateway, user), gateway.key)
             )
-        attempts = state.trunk.max_attempts or DEFAULT_ATTEMPTS
-        return TrunkPlan(state.trunk.realm, tuple(targets), attempts)
+            if len(targets) >= attempts:
+                break
+        return TrunkPlan(state.trunk.realm, tuple(targets), attempts, state.trunk.failover_statuses)
 
     def call_result(self, trunk: str, gateway: str, status: int | None, now: float) -> None:
         """Passive health: how a gateway answered a call (None: it never did)."""
-        state = self.trunks.get(trunk)
+        state = self._state_of(trunk, gateway)
         if state is not None:
             self._log(state.call_result(gateway, status, now))
 
@@ -138,14 +142,22 @@ class Directory:
         return out
 
     def probe_sent(self, trunk: str, gateway: str, now: float) -> None:
-        state = self.trunks.get(trunk)
+        state = self._state_of(trunk, gateway)
         if state is not None:
             state.probe_sent(gateway, now)
 
     def probe_result(self, trunk: str, gateway: str, status: int | None, now: float) -> None:
-        state = self.trunks.get(trunk)
+        state = self._state_of(trunk, gateway)
         if state is not None:
             self._log(state.probe_result(gateway, status, now))
+
+    def _state_of(self, trunk: str, gateway: str) -> TrunkState | None:
+        """The trunk's state if it still has ``gateway``: a reload may have removed
+        either while a call or probe to it was in flight (its outcome is then moot)."""
+        state = self.trunks.get(trunk)
+        if state is None or not state.has_gateway(gateway):
+            return None
+        return state
 
     def next_probe(self) -> float | None:
         return self.trunks.next_deadline()

@@ -283,6 +283,10 @@ class TrunkState:
         """The health of the gateway with ``key`` (KeyError if the trunk has none)."""
         return self._record(key).health
 
+    def has_gateway(self, key: str) -> bool:
+        """Whether the trunk (as configured now) has a gateway with ``key``."""
+        return key in self._records
+
     def candidates(self, rng: random.Random) -> list[Gateway]:
         """The gateways to try for one call, in order, at most ``max_attempts``.
 
@@ -290,6 +294,12 @@ class TrunkState:
         every gateway down: none (fail fast), or with ``try_when_all_down`` all of
         them in the same order.
         """
+        limit = self._trunk.max_attempts
+        ordered = self.ordered(rng)
+        return ordered if limit is None else ordered[:limit]
+
+    def ordered(self, rng: random.Random) -> list[Gateway]:
+        """Every gateway ``candidates`` would choose from, in order, not truncated."""
         usable = [r.gateway for r in self._records.values() if r.health.usable]
         if not usable and self._trunk.try_when_all_down:
             usable = [r.gateway for r in self._records.values()]
@@ -297,8 +307,7 @@ class TrunkState:
         ordered: list[Gateway] = []
         for _, group in groupby(usable, key=lambda gateway: gateway.priority):
             ordered.extend(_weighted_order(list(group), rng))
-        limit = self._trunk.max_attempts
-        return ordered if limit is None else ordered[:limit]
+        return ordered
 
     # -- probing --------------------------------------------------------------------
 
@@ -410,7 +419,13 @@ class TrunkState:
     # -- reconfiguration and replication ---------------------------------------------
 
     def adopt(self, previous: TrunkState) -> None:
-        """Take over ``previous``'s records for every gateway whose key is unchanged."""
+        """Take over ``previous``'s records for every gateway whose key is unchanged.
+
+        Not while this trunk does not probe: nothing would ever change a health
+        carried over (a DOWN gateway would stay down for good), so it is UNKNOWN.
+        """
+        if not self._trunk.probe.enabled:
+            return
         for key, record in self._records.items():
             old = previous._records.get(key)
             if old is None:
@@ -441,6 +456,7 @@ class TrunkState:
         """The state of ``trunk`` as ``to_dict`` left it; gateways it lacks are UNKNOWN.
 
         Keys of gateways no longer in ``trunk`` are ignored; every probe is due at once.
+        A trunk that does not probe keeps every gateway UNKNOWN (see ``adopt``).
         """
         if data.get("version") != TRUNK_STATE_DICT_VERSION:
             raise TrunkStateError(f"unsupported trunk state version: {data.get('version')!r}")
@@ -452,9 +468,11 @@ class TrunkState:
                 record = state._records.get(key)
                 if record is None:
                     continue
-                record.health = Health(entry["health"])
-                record.failures = int(entry["failures"])
-                record.successes = int(entry["successes"])
+                health = Health(entry["health"])
+                failures = int(entry["failures"])
+                successes = int(entry["successes"])
+                if trunk.probe.enabled:
+                    record.health, record.failures, record.successes = health, failures, successes
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise TrunkStateError(f"bad trunk state of {trunk.name}: {exc!r}") from exc
         return state

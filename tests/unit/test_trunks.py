@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from sbc.b2bua.targets import Directory
 from sbc.b2bua.trunks import (
     Gateway,
     Health,
@@ -22,8 +23,8 @@ from sbc.b2bua.trunks import (
     probe_request,
 )
 from sbc.sip.parser import parse_message
-from sbc.sip.uri import SipUri
-from sbc.transport.base import Destination, ListenAddress, Transport
+from sbc.sip.uri import SipUri, parse_uri
+from sbc.transport.base import Destination, Flow, ListenAddress, Transport
 
 A = Gateway("a", "198.51.100.1", 5060, priority=1, weight=60)
 B = Gateway("b", "198.51.100.2", 5060, priority=1, weight=30)
@@ -484,3 +485,77 @@ def test_probe_request_refuses_mismatches() -> None:
     with pytest.raises(ValueError, match="lacks the RFC 3261 magic cookie"):
         probe_request(A, replace(destination, transport=Transport.UDP), LOCAL,
                       user_agent="sbc", call_id="c", branch="x", tag="t", now=0.0)  # fmt: skip
+
+
+# -- review findings -------------------------------------------------------------------
+
+
+def test_turning_probing_off_does_not_leave_a_down_gateway_down_for_good() -> None:
+    # With probing off nothing (no probe, no passive result) can bring a gateway back:
+    # the health it had must not outlive the reload that turned probing off.
+    table = TrunkTable([trunk(A, BACKUP)])
+    fail(table["carrier"], A, 3)
+    fail(table["carrier"], BACKUP, 3)
+    assert table["carrier"].candidates(random.Random(0)) == []
+    table.reconfigure([trunk(A, BACKUP, probe=ProbePolicy(enabled=False))])
+    state = table["carrier"]
+    assert state.gateway_health(A.key) is Health.UNKNOWN
+    assert state.candidates(random.Random(0)) == [A, BACKUP]
+    # Nor may a peer's DOWN, restored into a trunk that does not probe.
+    probing = TrunkState(trunk(A, BACKUP))
+    fail(probing, A, 3)
+    off = TrunkState.from_dict(trunk(A, BACKUP, probe=ProbePolicy(enabled=False)),
+                               probing.to_dict())  # fmt: skip
+    assert off.gateway_health(A.key) is Health.UNKNOWN
+
+
+def _directory(*gateways: Gateway, **kwargs: Any) -> Directory:
+    return Directory(TrunkTable([trunk(*gateways, **kwargs)]), rng=random.Random(0))
+
+
+def test_results_for_a_gateway_removed_by_a_reload_are_ignored() -> None:
+    # A call (or a probe) to A is in flight when a reload drops A from the trunk:
+    # its outcome must not raise into the controller.
+    directory = _directory(A, B)
+    directory.probe_sent("carrier", A.key, 0.0)
+    directory.trunks.reconfigure([trunk(B)])
+    directory.call_result("carrier", A.key, None, 1.0)
+    directory.call_result("carrier", A.key, 503, 1.0)
+    directory.probe_result("carrier", A.key, 200, 1.0)
+    directory.probe_sent("carrier", A.key, 1.0)
+    assert directory.trunks["carrier"].gateway_health(B.key) is Health.UNKNOWN
+
+
+def test_unresolved_gateways_do_not_use_up_max_attempts() -> None:
+    named = Gateway("named", "gw.example.net", 5060, priority=0)
+    directory = _directory(named, A, max_attempts=1)
+    # gw.example.net is not resolved (yet): the call goes to A rather than nowhere.
+    plan = directory.trunk("carrier", parse_uri("sip:1000@sbc.example.org"), 0.0)
+    assert plan is not None
+    assert [t.gateway for t in plan.targets] == [A.key]
+
+
+@pytest.mark.parametrize("status", [501, 513, 580])
+def test_a_trunk_call_fails_over_on_every_5xx_the_trunk_lists(status: int) -> None:
+    from tests.unit.test_b2bua_flows import (
+        PSTN,
+        answer,
+        controller,
+        hop_of,
+        receive,
+        requests,
+        responses,
+        start_call,
+    )
+
+    first_gw = Gateway("first", "203.0.113.21", 5060, priority=0)
+    second_gw = Gateway("second", "203.0.113.22", 5060, priority=1)
+    config = Trunk("pstn", "inside", (first_gw, second_gw), POLICY)
+    assert config.should_failover(status)
+    c = controller(rules=PSTN, targets=Directory(TrunkTable([config]), rng=random.Random(0)))
+    (invite,), _ = start_call(c)
+    flow = Flow(Transport.UDP, "203.0.113.1", 5060, "203.0.113.21", 5060)
+    step = receive(c, answer(invite, status), flow, 0.1)
+    assert responses(step) == []  # the caller hears nothing of the failed gateway
+    assert [r.method for r in requests(step, "INVITE")] == ["INVITE"]
+    assert hop_of(step, "INVITE") == second_gw.static_destination
