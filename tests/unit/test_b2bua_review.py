@@ -10,7 +10,8 @@ import re
 import pytest
 
 from sbc.b2bua.call import CallState, LegSide
-from sbc.b2bua.controller import AllocateMedia, CallTimers, RealmPolicy
+from sbc.b2bua.controller import AllocateMedia, CallController, CallTimers, RealmPolicy, Step
+from sbc.sip.message import Request
 from tests.unit.test_b2bua_flows import (
     A_CALL_ID,
     ANSWER,
@@ -144,17 +145,23 @@ def test_a_second_reinvite_while_the_first_is_pending_gets_500_with_retry_after(
     assert refused.headers.get("Retry-After") is not None
 
 
-def test_cancel_of_a_pending_reinvite_ends_it_with_487_and_cancels_the_relayed_one() -> None:
-    # RFC 3261 9.2: a CANCEL matching an INVITE not yet finally answered: "the UAS
-    # SHOULD immediately respond to the INVITE with a 487". The B2BUA answers the
-    # CANCEL 200 (CancelReceived matched the re-INVITE) but does nothing else: no
-    # 487 for the re-INVITE and no CANCEL for its relayed copy on the B leg.
-    c = controller()
+def cancelled_reinvite(c: CallController) -> tuple[Request, str, Step]:
+    """A confirmed call whose caller re-INVITEs, gets 180 from the callee, then
+    CANCELs: the relayed re-INVITE, the caller's tag and the CANCEL's step."""
     _, _, a_tag = confirmed_call(c)
     text = from_a("INVITE", a_tag, 2, body=OFFER_2)
     (reinvite,) = requests(receive(c, text, CALLER, 1.0), "INVITE")
     receive(c, answer(reinvite, 180), TRUNK, 1.05)
-    step = receive(c, cancel_for(text), CALLER, 1.1)
+    return reinvite, a_tag, receive(c, cancel_for(text), CALLER, 1.1)
+
+
+def test_cancel_of_a_pending_reinvite_ends_it_with_487_and_cancels_the_relayed_one() -> None:
+    # RFC 3261 9.2: a CANCEL matching an INVITE not yet finally answered: "the UAS
+    # SHOULD immediately respond to the INVITE with a 487". Before the fix the B2BUA
+    # answered the CANCEL 200 and did nothing else: no 487 for the re-INVITE and no
+    # CANCEL for its relayed copy on the B leg.
+    c = controller()
+    reinvite, _, step = cancelled_reinvite(c)
     assert [(r.status, r.cseq.method) for r in responses(step) if r.status >= 200] == [
         (200, "CANCEL"),
         (487, "INVITE"),
@@ -165,11 +172,7 @@ def test_cancel_of_a_pending_reinvite_ends_it_with_487_and_cancels_the_relayed_o
 
 def test_a_2xx_crossing_the_relayed_cancel_is_acked_and_not_relayed() -> None:
     c = controller()
-    _, _, a_tag = confirmed_call(c)
-    text = from_a("INVITE", a_tag, 2, body=OFFER_2)
-    (reinvite,) = requests(receive(c, text, CALLER, 1.0), "INVITE")
-    receive(c, answer(reinvite, 180), TRUNK, 1.05)
-    receive(c, cancel_for(text), CALLER, 1.1)
+    reinvite, a_tag, _ = cancelled_reinvite(c)
     step = receive(c, answer(reinvite, 200, ANSWER), TRUNK, 1.2)
     assert [(a.call_id, a.cseq.seq) for a in requests(step)] == [
         (reinvite.call_id, reinvite.cseq.seq)

@@ -273,13 +273,19 @@ def test_the_once_a_second_expiry_spares_a_register_waiting_for_the_upstream() -
     assert r.location.lookup(binding.token, 1002.0)
 
 
-def test_a_new_binding_the_upstream_refuses_waits_briefly_for_the_retry() -> None:
-    r = relay()
+def refused_first(r: RegistrationRelay) -> Forward:
+    """A new phone's first REGISTER, relayed and challenged 401 by the upstream."""
     forward = r.register(register(1), PHONE, "outside", OUTSIDE, 1000.0)
     assert isinstance(forward, Forward)
     refused = upstream_ok(forward, 3600)
     refused.status, refused.reason = 401, "Unauthorized"
     assert r.upstream_response(forward, register(1), refused, 1000.1).status == 401
+    return forward
+
+
+def test_a_new_binding_the_upstream_refuses_waits_briefly_for_the_retry() -> None:
+    r = relay()
+    forward = refused_first(r)
     # The phone's retry with credentials goes up in the same Call-ID, next CSeq
     # (RFC 3261 10.2.1), even with an expiry round between, and registers it.
     assert r.expire(1001.0) == []
@@ -294,11 +300,7 @@ def test_a_new_binding_the_upstream_refuses_waits_briefly_for_the_retry() -> Non
 def test_refused_registers_do_not_stay_in_the_table() -> None:
     # Unauthenticated REGISTERs (no retry follows) must not fill it (MAX_BINDINGS).
     r = relay()
-    forward = r.register(register(1), PHONE, "outside", OUTSIDE, 1000.0)
-    assert isinstance(forward, Forward)
-    refused = upstream_ok(forward, 3600)
-    refused.status, refused.reason = 401, "Unauthorized"
-    r.upstream_response(forward, register(1), refused, 1000.1)
+    refused_first(r)
     assert len(r.expire(1000.1 + CHALLENGE_SECONDS)) == 1
     assert len(r) == 0
 
