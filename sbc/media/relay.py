@@ -50,7 +50,7 @@ from sbc.media.latching import Latch, LatchPolicy, LatchVerdict
 from sbc.media.ports import PortAllocator, PortPair, PortsExhausted
 from sbc.media.recording import CallRecorder
 from sbc.media.rtcp import RtcpError, RtcpMonitor, hide_sdes, parse_compound
-from sbc.media.rtp import is_rtcp, packet_ssrc
+from sbc.media.rtp import is_rtcp, packet_ssrc, rtp_fits
 from sbc.media.session import (
     LegCounters,
     LegOffer,
@@ -61,7 +61,7 @@ from sbc.media.session import (
     StreamOffer,
     relay_ports,
 )
-from sbc.media.srtp import SdesCrypto, SrtpAuthError, SrtpTransform
+from sbc.media.srtp import SdesCrypto, SrtpAuthError, SrtpProtectError, SrtpTransform
 from sbc.media.timeout import InactivityTimer
 from sbc.media.values import Endpoint
 from sbc.sip.message import random_hex
@@ -153,11 +153,15 @@ class _Leg:
     inbound: SrtpTransform | None = None
     outbound: SrtpTransform | None = None
 
-    def set_keys(self) -> None:
-        """(Re)build the SRTP transforms from the state's keys."""
+    def set_keys(self, inbound_only: bool = False) -> None:
+        """(Re)build the SRTP transforms from the state's keys; ``inbound_only`` when
+        just the peer's key changed (a re-offer): the relay's own key and its outbound
+        context stay, since a new context would restart the rollover counter and the
+        keystream of that key (RFC 3711 3.3.1, 9.1)."""
         remote, local = self.state.remote_crypto, self.state.local_crypto
         self.inbound = None if remote is None else SrtpTransform(remote, outbound=False)
-        self.outbound = None if local is None else SrtpTransform(local, outbound=True)
+        if not inbound_only:
+            self.outbound = None if local is None else SrtpTransform(local, outbound=True)
 
     def fold_kernel_counters(self) -> None:
         """The kernel's figures into the user counters, before its forwards go:
@@ -505,7 +509,7 @@ class MediaRelay:
                         unlatch.append(stream)
                 leg.state = evolve(state, remote_hint=leg_offer.remote or state.remote_hint)
                 if rekey:
-                    leg.set_keys()
+                    leg.set_keys(inbound_only=True)
             if stream not in unlatch and any(
                 stream.legs[side].state.rtcp_mux != was_mux[side] for side in Side
             ):
@@ -586,6 +590,9 @@ class MediaRelay:
                 self._start_recording(session)
             for stream_state in state.streams:
                 stream = _Stream(session, stream_state.index)
+                # In the session before its first bind: a failure on side b must
+                # close side a's sockets and give its ports back too.
+                session.streams.append(stream)
                 for side in Side:
                     leg_state = stream_state.leg(side)
                     pair = PortPair(leg_state.local.address, leg_state.local.port)
@@ -596,7 +603,6 @@ class MediaRelay:
                     leg.set_keys()
                     stream.legs[side] = leg
                     await self._bind(leg)
-                session.streams.append(stream)
         except BaseException:
             self._teardown_sockets(session)
             self._stop_recording(session)
@@ -631,10 +637,19 @@ class MediaRelay:
         self._events.put_nowait(event)
 
     async def _add_stream(self, session: _Session, offer: StreamOffer) -> None:
+        """A stream with both legs bound, or none: a failure (ports exhausted on side
+        b, say) or a deletion meanwhile gives back what was bound, so no half stream
+        is left in the session for packets, snapshots and the deletion to trip on."""
         stream = _Stream(session, len(session.streams))
+        try:
+            for side, leg_offer in ((Side.A, offer.a), (Side.B, offer.b)):
+                stream.legs[side] = await self._new_leg(stream, side, leg_offer)
+            if session.deleted:
+                raise UnknownSession(session.session_id)
+        except BaseException:
+            self._teardown_legs(stream.legs.values())
+            raise
         session.streams.append(stream)
-        for side, leg_offer in ((Side.A, offer.a), (Side.B, offer.b)):
-            stream.legs[side] = await self._new_leg(stream, side, leg_offer)
 
     async def _new_leg(self, stream: _Stream, side: Side, offer: LegOffer) -> _Leg:
         try:
@@ -749,12 +764,14 @@ class MediaRelay:
         )
 
     def _teardown_sockets(self, session: _Session) -> None:
+        self._teardown_legs(leg for stream in session.streams for leg in stream.legs.values())
+
+    def _teardown_legs(self, legs: Iterable[_Leg]) -> None:
         now = self._now() if self._loop is not None else 0.0
-        for stream in session.streams:
-            for leg in stream.legs.values():
-                self._close_leg(leg)
-                with contextlib.suppress(ValueError):
-                    self._ports.release(leg.pair, now)
+        for leg in legs:
+            self._close_leg(leg)
+            with contextlib.suppress(ValueError):
+                self._ports.release(leg.pair, now)
 
     def _packet(self, leg: _Leg, rtcp_port: bool, data: bytes, addr: tuple[Any, ...]) -> None:
         """One datagram on a leg's port: latch, count, relay to the other side."""
@@ -780,6 +797,21 @@ class MediaRelay:
                 return
         ssrc = packet_ssrc(data)
         if ssrc is None:
+            leg.dropped_other += 1
+            return
+        # Checked before latching: a malformed packet must not win the latch.
+        if control:
+            try:
+                packets = parse_compound(data)
+                # Topology hiding: SDES CNAMEs name the sender (user@host).
+                out = hide_sdes(data)
+            except RtcpError as exc:
+                logger.debug("x session %s: RTCP dropped: %s", session.session_id, exc)
+                leg.dropped_other += 1
+                return
+        elif rtp_fits(data):
+            out = data
+        else:
             leg.dropped_other += 1
             return
         on_rtcp_latch = rtcp_port
@@ -824,25 +856,22 @@ class MediaRelay:
         if destination is None or transport is None:
             leg.dropped_other += 1
             return
+        if other.outbound is not None:
+            try:
+                out = other.outbound.protect(out, control)
+            except SrtpProtectError as exc:
+                logger.debug("x session %s: not protected: %s", session.session_id, exc)
+                leg.dropped_other += 1
+                return
         if control:
             leg.rtcp_packets += 1
             leg.rtcp_bytes += len(data)
-            try:
-                packets = parse_compound(data)
-                # Topology hiding: SDES CNAMEs name the sender (user@host).
-                data = hide_sdes(data)
-            except RtcpError as exc:
-                logger.debug("x session %s: RTCP dropped: %s", session.session_id, exc)
-                leg.dropped_other += 1
-                return
             leg.monitor.received(packets, now)
             other.monitor.sender_report_forwarded(packets, now)
         else:
             leg.packets += 1
             leg.bytes += len(data)
-        if other.outbound is not None:
-            data = other.outbound.protect(data, control)
-        transport.sendto(data, destination.sockaddr())
+        transport.sendto(out, destination.sockaddr())
         if (
             verdict in (LatchVerdict.LATCHED, LatchVerdict.RELATCHED)
             and not on_rtcp_latch
@@ -917,7 +946,18 @@ class MediaRelay:
 
     async def _rehome(self, stream: _Stream) -> None:
         """A side re-latched while in the kernel path: rules for the new source."""
-        await self._disengage(stream)
+        try:
+            await self._disengage(stream)
+        except KernelPathUnavailable as exc:
+            # Runs in update() and in a task of the packet path: neither may raise. The
+            # old rules stay (the stream is still marked kernel): the deletion retries.
+            logger.error(
+                "x session %s stream %d: kernel rules not removed: %s",
+                stream.session.session_id,
+                stream.index,
+                exc,
+            )
+            return
         if stream.kernel_eligible() and not stream.session.deleted:
             await self._engage(stream)
 

@@ -327,7 +327,11 @@ def hide_sdes(data: bytes) -> bytes:
         if packet_type == PT_SDES and not first & 0x20:
             out += _hidden_sdes(chunk)
         elif packet_type == PT_SDES:
-            out += _hidden_sdes(chunk[: len(chunk) - chunk[-1]] if chunk[-1] else chunk)
+            padding = chunk[-1]
+            if padding > len(chunk) - 4:
+                # RFC 3550 6.4.1: the count covers padding only, never the header.
+                raise RtcpError(f"RTCP padding of {padding} bytes overruns the packet")
+            out += _hidden_sdes(chunk[: len(chunk) - padding] if padding else chunk)
         else:
             out += chunk
         offset = end

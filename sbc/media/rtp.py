@@ -66,10 +66,30 @@ def rtp_payload(data: bytes) -> bytes:
         offset += 4 + 4 * int.from_bytes(data[offset + 2 : offset + 4], "big")
     end = len(data)
     if header.padding:
-        end -= data[-1] if data else 0
+        if data[-1] == 0:
+            # The count includes itself (RFC 3550 5.1): zero is no padding at all.
+            raise RtpError("RTP padding count of 0")
+        end -= data[-1]
     if offset > end:
         raise RtpError(f"RTP header ({offset} bytes) longer than the packet ({end})")
     return data[offset:end]
+
+
+def rtp_fits(data: bytes) -> bool:
+    """Whether an RTP packet (version and length >= 12 already checked) holds its
+    CSRCs, header extension and padding (RFC 3550 5.1, 5.3.1, A.1): what `rtp_payload`
+    checks, without building a header (it runs for every relayed packet)."""
+    first = data[0]
+    size = len(data)
+    offset = RTP_HEADER_SIZE + 4 * (first & 0x0F)
+    if first & 0x10:
+        if size < offset + 4:
+            return False
+        offset += 4 + 4 * (data[offset + 2] << 8 | data[offset + 3])
+    if first & 0x20:
+        padding = data[-1]
+        return padding != 0 and offset + padding <= size
+    return offset <= size
 
 
 def is_rtcp(data: bytes) -> bool:

@@ -104,6 +104,10 @@ class SrtpAuthError(Exception):
     """A packet failed SRTP/SRTCP authentication or replay check."""
 
 
+class SrtpProtectError(Exception):
+    """A packet SRTP/SRTCP cannot protect (its header does not parse)."""
+
+
 class SrtpTransform:
     """Inbound (unprotect) or outbound (protect) SRTP for one leg and one key."""
 
@@ -132,9 +136,12 @@ class SrtpTransform:
         self._session = pylibsrtp.Session(policy)
 
     def protect(self, packet: bytes, rtcp: bool) -> bytes:
-        if rtcp:
-            return bytes(self._session.protect_rtcp(packet))
-        return bytes(self._session.protect(packet))
+        try:
+            if rtcp:
+                return bytes(self._session.protect_rtcp(packet))
+            return bytes(self._session.protect(packet))
+        except self._error as exc:
+            raise SrtpProtectError(str(exc)) from None
 
     def unprotect(self, packet: bytes, rtcp: bool) -> bytes:
         try:

@@ -13,7 +13,7 @@ from sbc.media.rtcp import (
     SenderReport,
     parse_compound,
 )
-from sbc.media.rtp import RtpError, RtpHeader, is_rtcp, packet_ssrc
+from sbc.media.rtp import RtpError, RtpHeader, is_rtcp, packet_ssrc, rtp_fits, rtp_payload
 
 # An SR with one report block followed by an SDES CNAME, as a softphone sends it
 # (header fields written out: V=2 RC=1 PT=200 length=12 words).
@@ -110,3 +110,25 @@ def test_rtp_header_and_rtcp_mux_demultiplexing() -> None:
     assert packet_ssrc(b"\x00" * 12) is None
     with pytest.raises(RtpError, match="RTP packet too short: 3 bytes"):
         RtpHeader.parse(b"\x80\x00\x00")
+
+
+@pytest.mark.parametrize(
+    ("data", "payload"),
+    [
+        (bytes(RtpHeader(0, 1, 2, 3)) + b"ab", b"ab"),
+        (b"\x81" + bytes(RtpHeader(0, 1, 2, 3))[1:] + b"\0\0\0\1" + b"ab", b"ab"),
+        (b"\x90" + bytes(RtpHeader(0, 1, 2, 3))[1:] + b"\xbe\xde\0\1xxxx" + b"ab", b"ab"),
+        (b"\xa0" + bytes(RtpHeader(0, 1, 2, 3))[1:] + b"ab\0\2", b"ab"),
+        (b"\x81" + bytes(RtpHeader(0, 1, 2, 3))[1:] + b"\0\0\0", None),  # CSRC cut
+        (b"\x90" + bytes(RtpHeader(0, 1, 2, 3))[1:] + b"\xbe\xde\0\2xxxx", None),
+        (b"\xa0" + bytes(RtpHeader(0, 1, 2, 3))[1:] + b"ab\0\7", None),  # padding > size
+        (b"\xa0" + bytes(RtpHeader(0, 1, 2, 3))[1:] + b"ab\1\0", None),  # padding count 0
+    ],
+)
+def test_rtp_lengths_csrcs_extension_and_padding(data: bytes, payload: bytes | None) -> None:
+    assert rtp_fits(data) is (payload is not None)
+    if payload is None:
+        with pytest.raises(RtpError):
+            rtp_payload(data)
+    else:
+        assert rtp_payload(data) == payload

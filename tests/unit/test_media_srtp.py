@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from sbc.media.rtp import RtpHeader
-from sbc.media.srtp import SdesCrypto, SrtpAuthError, SrtpError, SrtpSuite, SrtpTransform
+from sbc.media.srtp import (
+    SdesCrypto,
+    SrtpAuthError,
+    SrtpError,
+    SrtpProtectError,
+    SrtpSuite,
+    SrtpTransform,
+)
 
 # RFC 4568 9.1 example key.
 RFC_4568 = "1 AES_CM_128_HMAC_SHA1_80 inline:PS1uQCVeeCFCanVmcjkpPywjNWhcYD0mXXtxaVBR|2^20|1:32"
@@ -58,3 +65,10 @@ def test_protect_unprotect_and_tamper(suite: SrtpSuite) -> None:
         other.unprotect(
             tx.protect(bytes(RtpHeader(0, 3, 480, 0xA)) + b"x" * 10, rtcp=False), rtcp=False
         )
+
+
+def test_a_packet_srtp_cannot_protect_raises_a_relay_error() -> None:
+    tx = SrtpTransform(SdesCrypto.generate(SrtpSuite.AES_CM_128_HMAC_SHA1_80), outbound=True)
+    # 15 CSRCs announced in a 12-byte packet: libsrtp refuses it.
+    with pytest.raises(SrtpProtectError):
+        tx.protect(b"\x8f\x00" + b"\x00" * 10, rtcp=False)

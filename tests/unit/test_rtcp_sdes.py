@@ -70,3 +70,13 @@ def test_padding_and_reports_only() -> None:
 def test_malformed_sdes_is_refused(bad: bytes) -> None:
     with pytest.raises(RtcpError):
         hide_sdes(bad)
+
+
+@pytest.mark.parametrize("padding", [5, 8, 255])
+def test_padding_longer_than_the_sdes_body_is_refused(padding: int) -> None:
+    # A padded SDES whose count reaches into (or past) its header parses as an opaque
+    # packet: hiding it must refuse it, not fail on an empty slice.
+    bad = struct.pack("!BBHI", 0xA0 | 1, PT_SDES, 1, padding)
+    parse_compound(bad)
+    with pytest.raises(RtcpError, match="padding"):
+        hide_sdes(bad)
