@@ -269,6 +269,19 @@ class _Session:
         )
 
 
+def _refusal(leg: _Leg, offer: LegOffer) -> str | None:
+    """Why a re-offer cannot apply to ``leg``, or None."""
+    state = leg.state
+    if offer.realm != state.realm or offer.family != state.local.family:
+        return (
+            f"realm/family cannot change ({state.realm}/IPv{state.local.family} -> "
+            f"{offer.realm}/IPv{offer.family})"
+        )
+    if (offer.srtp is None) != (state.local_crypto is None):
+        return "RTP/SRTP cannot change in a re-offer"
+    return None
+
+
 class MediaRelay:
     """`MediaControl` in this process. ``await start()`` before use, ``close()`` after."""
 
@@ -472,6 +485,12 @@ class MediaRelay:
 
     async def update(self, session_id: str, streams: Sequence[StreamOffer]) -> MediaSession:
         session = self._session(session_id)
+        # All or nothing: every stream and side is checked before any is changed.
+        for index, offer in enumerate(streams[: len(session.streams)]):
+            for side, leg_offer in ((Side.A, offer.a), (Side.B, offer.b)):
+                refusal = _refusal(session.streams[index].legs[side], leg_offer)
+                if refusal is not None:
+                    raise MediaError(f"stream {index} side {side.value}: {refusal}")
         unlatch: list[_Stream] = []
         for index, offer in enumerate(streams):
             if index >= len(session.streams):
@@ -481,16 +500,6 @@ class MediaRelay:
             was_mux = {side: stream.legs[side].state.rtcp_mux for side in Side}
             for side, leg_offer in ((Side.A, offer.a), (Side.B, offer.b)):
                 leg = stream.legs[side]
-                if leg_offer.realm != leg.state.realm or leg_offer.family != leg.state.local.family:
-                    raise MediaError(
-                        f"stream {index} side {side.value}: realm/family cannot change "
-                        f"({leg.state.realm}/IPv{leg.state.local.family} -> "
-                        f"{leg_offer.realm}/IPv{leg_offer.family})"
-                    )
-                if (leg_offer.srtp is None) != (leg.state.local_crypto is None):
-                    raise MediaError(
-                        f"stream {index} side {side.value}: RTP/SRTP cannot change in a re-offer"
-                    )
                 state = evolve(
                     leg.state,
                     rtcp_mux=leg_offer.rtcp_mux,

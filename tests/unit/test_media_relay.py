@@ -223,3 +223,14 @@ def test_a_re_offer_whose_kernel_rules_cannot_go_still_answers() -> None:
     )
     assert updated.streams[0].a.remote_hint == moved
     assert not updated.streams[0].a.rtp_latch.latched
+
+
+def test_a_re_offer_refused_on_side_b_changes_nothing_on_side_a() -> None:
+    relay = make_relay()
+    session = asyncio.run(relay.allocate("call", offer()))
+    a = leg(relay, session, Side.A)
+    before = a.state
+    moved = LegOffer("outside", remote=Endpoint.of("198.51.100.11", 34002), rtcp_mux=True)
+    with pytest.raises(MediaError, match="stream 0 side b: realm/family cannot change"):
+        asyncio.run(relay.update(session.session_id, offer(a=moved, b=LegOffer("third"))))
+    assert leg(relay, session, Side.A).state == before
