@@ -77,7 +77,7 @@ from sbc.sip.dialog import (
     ExtraForkAnswered,
 )
 from sbc.sip.errors import ParseError
-from sbc.sip.headers import Via, quote_string
+from sbc.sip.headers import Via, parse_delta, quote_string
 from sbc.sip.message import (
     Headers,
     Message,
@@ -141,7 +141,7 @@ LATE_OFFER_STREAMS: Final = 2
 _MEDIA_SIDE: Final = {LegSide.A: Side.A, LegSide.B: Side.B}
 
 #: What a new call may require: session timers (the B2BUA refreshes both legs
-#: itself) and Replaces (mapped to the far side, ``_replaces_across``); 100rel
+#: itself) and Replaces (mapped to the far side, ``_replaced``); 100rel
 #: towards the caller is not offered, so Require: 100rel gets 420.
 INVITE_POLICY: Final = UasPolicy(supported=("timer", "replaces"))
 
@@ -1934,7 +1934,6 @@ class CallController:
         live.relayed.append(client)
         if request.method == "INVITE":
             self._by_server[tx] = live.call.call_ref  # a CANCEL finds it (``_cancel``)
-        if request.method == "INVITE":
             # RFC 3261 14.1: no second INVITE (a refresh) on that leg until this one ends.
             live.reinvite_pending = live.reinvite_pending | {other}
         logger.debug(
@@ -1952,11 +1951,10 @@ class CallController:
         out: list[tuple[str, str]] = []
         for address in request.addresses("Refer-To"):
             user, _ = uri_user_host(address.uri)
-            replaces = None
-            if isinstance(address.uri, SipUri):
-                for name, value in address.uri.headers:
-                    if name.lower() == "replaces":
-                        replaces = self._replaces_across(urllib.parse.unquote(value))
+            headers = address.uri.headers if isinstance(address.uri, SipUri) else ()
+            values = [v for n, v in headers if n.lower() == "replaces"]
+            found = self._replaced(urllib.parse.unquote(values[-1])) if values else None
+            replaces = None if found is None else found[0]
             if replaces is None:
                 out.append(("Refer-To", contact_for(leg.local, user)))
             else:
@@ -1966,15 +1964,11 @@ class CallController:
                 out.append(("Refer-To", f"<{uri}?Replaces={escaped}>"))
         return out
 
-    def _replaces_across(self, value: str) -> str | None:
+    def _replaced(self, value: str) -> tuple[str, CallLeg] | None:
         """A Replaces value (RFC 3891) naming one of the SBC's dialogs as its peer
         knows it (``call-id;to-tag=<the SBC's tag>;from-tag=<the peer's>``), rewritten
-        as the far side of that call knows its own leg; None if it names none."""
-        replaced = self._replaced(value)
-        return None if replaced is None else replaced[0]
-
-    def _replaced(self, value: str) -> tuple[str, CallLeg] | None:
-        """``_replaces_across``'s value and the far leg of the call it names."""
+        as the far side of that call knows its own leg, and that leg; None if it
+        names none."""
         call_id, _, rest = value.strip().partition(";")
         params: dict[str, str] = {}
         for item in rest.split(";"):
@@ -2210,18 +2204,7 @@ class CallController:
         later = self._ack_later.pop(tx, None)
         if later is None:
             return None
-        leg, dialog, seq = later
-        ack = dialog.create_ack(
-            transport=leg.local.transport.value,
-            host=format_host(leg.local.host),
-            port=leg.local.port,
-            invite_seq=seq,
-        )
-        self._fix_via(ack)
-        self._outbound(ack, leg.realm)
-        outgoing = Outgoing(ack, bytes(ack), self._hop(leg))
-        self._acks[tx] = outgoing
-        return Step(Output((outgoing,)))
+        return self._send_ack(*later, tx)
 
     def _invite_response(self, live: _Live, fork: _Fork, response: Response, now: float) -> Step:
         status = response.status
@@ -2230,9 +2213,10 @@ class CallController:
             return Step()
         dialog_set, event = fork.dialogs.receive_response(response)
         fork.dialogs = dialog_set
-        if isinstance(event, AnswerRetransmitted) and fork.tx in self._acks:
-            held = self._acks[fork.tx]
-            return Step() if held is None else Step(Output((held,)))
+        if isinstance(event, AnswerRetransmitted):
+            again = self._ack_again(fork.tx, response)
+            if again is not None:
+                return again
         if isinstance(event, AnswerRetransmitted | ExtraForkAnswered):
             bye = isinstance(event, ExtraForkAnswered) or (
                 live.winner is not None and live.winner is not fork
@@ -2406,8 +2390,7 @@ class CallController:
         if best.status == 422 and self.timers.session_expires:
             # RFC 4028 7.4: the callee wants a longer session interval: the B2BUA, which
             # chose it, asks again with the 422's Min-SE (once it grows, so no loop).
-            text = (best.headers.get("Min-SE") or "").split(";", 1)[0].strip()
-            wanted = int(text) if text.isascii() and text.isdigit() and len(text) < 10 else 0
+            wanted = _delta_of(best.headers.get("Min-SE")) or 0
             if self._interval(live, LegSide.B) < wanted <= MAX_SESSION_INTERVAL:
                 live.intervals = {**(live.intervals or {}), LegSide.B: float(wanted)}
                 live.pending.insert(0, tuple(f.target for f in live.forks.values()))
@@ -2825,9 +2808,14 @@ class CallController:
         tx: ClientTransaction,
         body: bytes = b"",
     ) -> Step:
-        """ACK a 2xx to the B2BUA's INVITE ``tx`` on ``side``; the same ACK answers
-        each retransmission of that 2xx (``_acks``)."""
-        leg = live.call.leg(side)
+        """ACK a 2xx to the B2BUA's INVITE ``tx`` on ``side``."""
+        return self._send_ack(live.call.leg(side), dialog, seq, tx, body)
+
+    def _send_ack(
+        self, leg: CallLeg, dialog: Dialog, seq: int, tx: ClientTransaction, body: bytes = b""
+    ) -> Step:
+        """The ACK for the 2xx to INVITE ``tx`` (CSeq ``seq``) on ``leg``; the same ACK
+        answers each retransmission of that 2xx (``_acks``)."""
         ack = dialog.create_ack(
             transport=leg.local.transport.value,
             host=format_host(leg.local.host),
@@ -2854,25 +2842,16 @@ class CallController:
 
     def _too_brief(self, request: Request) -> Response | None:
         """RFC 4028 8.1: 422 with our Min-SE for a Session-Expires below it."""
-        value = request.headers.get("Session-Expires")
-        if value is None or not self.timers.session_expires:
-            return None
-        text = value.split(";", 1)[0].strip()
-        if not (text.isascii() and text.isdigit()) or len(text) >= 10:
-            return None
-        if int(text) >= self.timers.min_se:
+        asked = _delta_of(request.headers.get("Session-Expires"))
+        if asked is None or not self.timers.session_expires or asked >= self.timers.min_se:
             return None
         min_se = ("Min-SE", str(int(self.timers.min_se)))
         return make_response(request, 422, to_tag=new_tag(), headers=[min_se])
 
     def _shorter_interval(self, live: _Live, side: LegSide, message: Message) -> None:
         """Note a Session-Expires in ``message`` shorter than the configured interval."""
-        value = message.headers.get("Session-Expires")
-        text = "" if value is None else value.split(";", 1)[0].strip()
-        if not (text.isascii() and text.isdigit() and 0 < len(text) < 10):
-            return
-        seconds = float(text)
-        if 0 < seconds < self.timers.session_expires:
+        seconds = _delta_of(message.headers.get("Session-Expires"))
+        if seconds is not None and 0 < seconds < self.timers.session_expires:
             live.intervals = {**(live.intervals or {}), side: max(seconds, self.timers.min_se)}
 
     def _arm_refresh(self, live: _Live, side: LegSide, now: float) -> None:
@@ -3107,6 +3086,12 @@ class CallController:
                 self._ack_later[client] = (leg, leg.dialog, client.request.cseq.seq)
         live.relayed = None
         return step
+
+
+def _delta_of(value: str | None) -> int | None:
+    """The delta-seconds that starts a header value (Session-Expires, Min-SE: RFC
+    4028 params may follow), or None."""
+    return None if value is None else parse_delta(value.split(";", 1)[0].strip())
 
 
 def _with_host(uri_text: str, host: str) -> str:

@@ -70,7 +70,13 @@ from sbc.sip.auth import (
     parse_credentials,
 )
 from sbc.sip.errors import ParseError
-from sbc.sip.headers import Address, quote_string, unquote_string
+from sbc.sip.headers import (
+    MAX_DELTA_SECONDS,
+    Address,
+    parse_delta,
+    quote_string,
+    unquote_string,
+)
 from sbc.sip.message import Request, Response, make_response, new_tag
 from sbc.sip.uri import SipUri
 from sbc.transport.base import Destination, Flow, ListenAddress, ip_literal
@@ -84,8 +90,6 @@ SUPPORTED_EXTENSIONS: Final = ("outbound", "path")
 MALFORMED_EXPIRES: Final = 3600
 #: RFC 3261 10.3 step 7: 423 only for intervals shorter than an hour.
 INTERVAL_TOO_BRIEF_CEILING: Final = 3600
-#: RFC 3261 20.19: delta-seconds top out at 2**32-1.
-MAX_DELTA_SECONDS: Final = 2**32 - 1
 #: RFC 5626 4.1: reg-id is 1 to 2**31-1.
 MAX_REG_ID: Final = 2**31 - 1
 #: Longest Call-ID / User-Agent stored in a binding (they are replicated and logged).
@@ -93,7 +97,6 @@ MAX_STORED_TEXT: Final = 256
 
 # RFC 3261 25.1: qvalue = ( "0" [ "." 0*3DIGIT ] ) / ( "1" [ "." 0*3("0") ] )
 _QVALUE: Final = re.compile(r"0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?")
-_DELTA: Final = re.compile(r"[0-9]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,7 +344,7 @@ class Registrar:
         reg_text = contact.param("reg-id")
         # RFC 5626 6: reg-id without +sip.instance is ignored.
         if reg_text is not None and instance is not None:
-            value = _bounded_int(reg_text, MAX_REG_ID + 1)
+            value = parse_delta(reg_text, MAX_REG_ID + 1)
             if value is None or not 1 <= value <= MAX_REG_ID:
                 raise _Reject(400, "Bad Request: bad reg-id in Contact")
             reg_id = value
@@ -633,20 +636,9 @@ def _stored_call_id(request: Request) -> str:
     return request.call_id[:MAX_STORED_TEXT]
 
 
-def _bounded_int(text: str, limit: int) -> int | None:
-    """1*DIGIT as an int capped at ``limit``; None if not digits. Never hands int()
-    more than its 4,300-digit limit (a header line may hold 8,192)."""
-    if not _DELTA.fullmatch(text):
-        return None
-    digits = text.lstrip("0")
-    if len(digits) > len(str(limit)):
-        return limit
-    return min(int(digits or "0"), limit)
-
-
 def _delta_seconds(text: str) -> int:
     """A delta-seconds value; malformed -> 3600, too big -> 2**32-1 (RFC 3261 20.10)."""
-    value = _bounded_int(text.strip(), MAX_DELTA_SECONDS)
+    value = parse_delta(text.strip(), MAX_DELTA_SECONDS)
     return MALFORMED_EXPIRES if value is None else value
 
 

@@ -41,6 +41,7 @@ from typing import Any, Final
 
 from sbc.registrar.location import Binding, LocationService
 from sbc.sip.errors import ParseError
+from sbc.sip.headers import parse_delta
 from sbc.sip.message import Headers, Request, Response, make_response, new_branch, new_tag
 from sbc.sip.uri import SipUri, format_host
 from sbc.transport.base import Destination, Flow, ListenAddress, Transport
@@ -64,9 +65,6 @@ PENDING_SECONDS: Final = 32.0
 #: with credentials, which then keeps the upstream Call-ID and the next CSeq
 #: (RFC 3261 10.2.1); unauthenticated REGISTERs cannot fill the table for longer.
 CHALLENGE_SECONDS: Final = 5.0
-
-#: RFC 3261 20.19: delta-seconds top out at 2**32-1.
-MAX_DELTA_SECONDS: Final = 2**32 - 1
 
 #: Auth headers the phone sends that the upstream must see (its own challenge).
 _AUTH_HEADERS: Final = ("Authorization", "Proxy-Authorization")
@@ -166,14 +164,8 @@ class RelayStats:
 
 def _delta(text: str) -> int | None:
     """A delta-seconds value capped at 2**32-1, None if not ASCII digits ("²" is a
-    digit to str.isdigit, not to int); never more than int()'s 4,300 digits."""
-    text = text.strip()
-    if not (text.isascii() and text.isdigit()):
-        return None
-    digits = text.lstrip("0")
-    if len(digits) > len(str(MAX_DELTA_SECONDS)):
-        return MAX_DELTA_SECONDS
-    return min(int(digits or "0"), MAX_DELTA_SECONDS)
+    digit to str.isdigit, not to int)."""
+    return parse_delta(text.strip())
 
 
 def _expires_of(request: Request) -> int | None:

@@ -554,6 +554,22 @@ def parse_uint(text: str, what: str, maximum: int) -> int:
     return int(text)
 
 
+#: RFC 3261 20.19: delta-seconds beyond 2**32-1 count as 2**32-1.
+MAX_DELTA_SECONDS: Final = 2**32 - 1
+
+
+def parse_delta(text: str, cap: int = MAX_DELTA_SECONDS) -> int | None:
+    """1*DIGIT (ASCII, as written: no space) as an int capped at ``cap``; None when it
+    is not. A peer may write thousands of digits (a header line holds 8,192): no more
+    than the cap's length reaches int(), whose limit is 4,300."""
+    if not (text.isascii() and text.isdigit()):
+        return None
+    digits = text.lstrip("0")
+    if len(digits) > len(str(cap)):
+        return cap
+    return min(int(digits or "0"), cap)
+
+
 def parse_token_list(text: str, what: str) -> tuple[str, ...]:
     """A comma-separated list of tokens (Require, Supported, Allow ...)."""
     items = []
