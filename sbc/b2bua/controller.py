@@ -182,6 +182,11 @@ BUSY_LOG_INTERVAL: Final = 10.0
 #: 2xx is ACKed and hung up; the oldest are forgotten beyond this many.
 MAX_ORPHANS: Final = 10_000
 
+#: Seconds a REFER's subscription (RFC 3515) outlives the BYE of its call at most,
+#: waiting for the NOTIFY with the transfer's outcome: the transfer target may ring
+#: for a while. RFC 3515 leaves the duration to the notifier.
+REFER_LINGER: Final = 180.0
+
 #: RFC 3261 18.1.1: a request larger than this, the path MTU unknown, goes over a
 #: congestion-controlled transport (TCP) when the realm's policy asks for it.
 UDP_SIZE_LIMIT: Final = 1300
@@ -523,6 +528,9 @@ class _Live:
     #: Session intervals (RFC 4028) shorter than the configured one: what the caller
     #: asked for, what the callee's 2xx said (None: the configured one on both).
     intervals: dict[LegSide, float] | None = None
+    #: Sides that accepted a relayed REFER and have not sent its terminating NOTIFY:
+    #: the REFER's subscription outlives the call's BYE (``_Referral``).
+    notifiers: frozenset[LegSide] = frozenset()
     is_subscription: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -587,6 +595,19 @@ class _Orphan:
     expires: float
     #: Remote tags of the dialogs already hung up: a retransmitted 2xx gets the ACK again.
     byed: set[str] = field(default_factory=set)
+
+
+@dataclass(eq=False, slots=True)
+class _Referral:
+    """A REFER's implicit subscription still open when its call ended. The BYE ends
+    the dialog's INVITE usage only (RFC 5057 5.5, RFC 6665 4.4.1): the transfer's
+    NOTIFYs from the ``notifier`` leg are still relayed to the ``referrer`` leg, until a
+    terminating one or ``expires``."""
+
+    call_ref: str
+    notifier: CallLeg
+    referrer: CallLeg
+    expires: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -757,6 +778,8 @@ class CallController:
         self._busy_log = BurstLog(BUSY_LOG_INTERVAL)
         #: (Call-ID, the SBC's From tag) of B INVITEs let go of unanswered, oldest first.
         self._orphans: OrderedDict[tuple[str, str], _Orphan] = OrderedDict()
+        #: Keyed by the notifier leg's Call-ID and the B2BUA's tag on it.
+        self._referrals: OrderedDict[tuple[str, str], _Referral] = OrderedDict()
         #: Requests sent over TCP for their size: the UDP hop they fall back to.
         self._over_tcp: dict[ClientTransaction, Hop] = {}
         #: (host, port) of peers whose TCP connection failed -> until when UDP only.
@@ -1083,6 +1106,9 @@ class CallController:
         if request.to.tag is not None:
             found = self._by_dialog.get((request.call_id, request.to.tag))
             if found is None:
+                referral = self._referrals.get((request.call_id, request.to.tag))
+                if referral is not None and referral.expires > now:
+                    return self._referral_notify(referral, tx, request, now)
                 return self._local(tx, request, now)
             call_ref, side = found
             live = self._calls[call_ref]
@@ -1902,6 +1928,10 @@ class CallController:
             extra.extend((name, value) for value in request.headers.fields(name))
         if request.method == "REFER":
             extra.extend(self._refer_headers(request, leg))
+        elif request.method == "NOTIFY" and _refer_event(request):
+            body = _sipfrag_status(body)
+            if _terminated(request):
+                live.notifiers = live.notifiers - {side}
         if request.method == "INVITE":
             extra.append(("Allow", ALLOW))
             extra.append(("Supported", SUPPORTED))
@@ -2623,6 +2653,73 @@ class CallController:
                 live.subscribe = request
         return Step(out)
 
+    # -- REFER subscriptions outliving their call ----------------------------------------
+
+    def _linger(self, call: Call, notifier: LegSide, now: float) -> None:
+        """Keep the legs of an ended call for its open REFER subscription (``_Referral``)."""
+        legs = call.leg(notifier), call.leg(notifier.other)
+        if any(leg.dialog is None or leg.dialog.state is DialogState.EARLY for leg in legs):
+            return
+        referrals = self._referrals
+        while referrals:
+            oldest = next(iter(referrals.values()))
+            if oldest.expires > now and len(referrals) < MAX_ORPHANS:
+                break
+            referrals.popitem(last=False)
+        # The BYE terminated the dialogs as the INVITE usage knows them; the
+        # subscription usage goes on in them (RFC 5057 5.5).
+        on, to = (
+            leg.with_dialog(evolve(leg.dialog, state=DialogState.CONFIRMED))
+            for leg in legs
+            if leg.dialog is not None
+        )
+        key = (on.call_id, on.local_tag)
+        referrals[key] = _Referral(call.call_ref, on, to, now + REFER_LINGER)
+
+    def _referral_notify(
+        self, referral: _Referral, tx: ServerTransaction, request: Request, now: float
+    ) -> Step:
+        """A request in the dialog of an ended call with an open REFER subscription: its
+        NOTIFYs are answered and relayed; anything else gets 481 (``_local``)."""
+        on = referral.notifier
+        if request.method != "NOTIFY" or not _refer_event(request) or on.dialog is None:
+            return self._local(tx, request, now)
+        checked = on.dialog.receive_request(request)
+        if not isinstance(checked, Dialog):
+            return self._send_response(tx, checked.response_to(request), now, on.realm)
+        referral.notifier = on.with_dialog(checked)
+        step = self._send_response(tx, make_response(request, 200), now, on.realm)
+        if _terminated(request):
+            self._referrals.pop((on.call_id, on.local_tag), None)
+        to = referral.referrer
+        if to.dialog is None:
+            return step
+        headers = [
+            (name, value)
+            for name in ("Event", "Subscription-State")
+            for value in request.headers.fields(name)
+        ]
+        body = _sipfrag_status(request.body)
+        try:
+            dialog, notify = to.dialog.create_request(
+                "NOTIFY",
+                transport=to.local.transport.value,
+                host=format_host(to.local.host),
+                port=to.local.port,
+                contact=contact_for(to.local),
+                headers=headers,
+                body=body,
+                content_type=request.headers.get("Content-Type") if body else None,
+            )
+        except DialogError as exc:
+            logger.info("x call %s: REFER NOTIFY not relayed: %s", referral.call_ref, exc)
+            return step
+        referral.referrer = to.with_dialog(dialog)
+        logger.debug("- call %s: REFER NOTIFY relayed after the BYE", referral.call_ref)
+        return step + self._send_on(
+            referral.call_ref, notify, self._hop(to), "notify", now, realm=to.realm
+        )
+
     # -- late answers to B INVITEs let go of -------------------------------------------
 
     def _orphan_fork(self, tx: ClientInviteTransaction, now: float) -> None:
@@ -2712,6 +2809,10 @@ class CallController:
         side, other = relayed.from_side, relayed.from_side.other
         if relayed.request.method == "INVITE":
             live.reinvite_pending = live.reinvite_pending - {other}
+        elif relayed.request.method == "REFER" and status < 300:
+            refer_sub = (response.headers.get("Refer-Sub") or "").strip().lower()
+            if refer_sub != "false":  # RFC 4488 4: no subscription if "false"
+                live.notifiers = live.notifiers | {other}
         step = Step()
         leg = live.call.leg(other)
         bad_sdp = False
@@ -3039,6 +3140,8 @@ class CallController:
         keys.extend((f.leg.call_id, f.leg.local_tag) for f in live.forks.values())
         for key in keys:
             self._by_dialog.pop(key, None)
+        for notifier in live.notifiers:
+            self._linger(live.call, notifier, now)
         for pending, unacked in list(self._unacked.items()):
             if unacked.call_ref == call.call_ref:
                 del self._unacked[pending]
@@ -3086,6 +3189,27 @@ class CallController:
                 self._ack_later[client] = (leg, leg.dialog, client.request.cseq.seq)
         live.relayed = None
         return step
+
+
+def _refer_event(request: Request) -> bool:
+    """Whether ``request`` (a NOTIFY) is about a REFER (RFC 3515 2.4.4: Event: refer)."""
+    event = request.headers.get("Event") or ""
+    return event.split(";", 1)[0].strip().lower() == "refer"
+
+
+def _terminated(request: Request) -> bool:
+    """Whether a NOTIFY ends its subscription (RFC 6665 4.1.3)."""
+    state = request.headers.get("Subscription-State") or ""
+    return state.split(";", 1)[0].strip().lower() == "terminated"
+
+
+def _sipfrag_status(body: bytes) -> bytes:
+    """The status line of a REFER NOTIFY's message/sipfrag body (RFC 3515 2.4.5: the
+    body must hold at least that). Headers the fragment may also carry are the
+    transfer target's (Contact, Via ...), of the other realm: they do not cross."""
+    line, _, _ = body.partition(b"\n")
+    line = line.rstrip(b"\r")
+    return line + b"\r\n" if line else b""
 
 
 def _delta_of(value: str | None) -> int | None:

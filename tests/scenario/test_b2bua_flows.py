@@ -588,6 +588,26 @@ def test_refer_relayed_with_refer_to_at_the_sbc(lab: FlowLab) -> None:
     lab.cdrs.append(answered("2003", "to-uas", "xfer", "inside", lab.uas))
 
 
+def test_refer_notifies_reach_a_transferor_that_hung_up(lab: FlowLab) -> None:
+    # Blind transfer: the transferor hangs up right after the 202. The REFER's
+    # subscription outlives the BYE (RFC 5057 5.5): both NOTIFYs reach it, in its
+    # dialog, and the SBC answers the transferee's NOTIFYs 200, not 481.
+    caller, callee, caller_sipp, callee_sipp = call(
+        lab, "flow_uac_refer_bye.xml", "flow_uas_refer_bye.xml", realm="xfer", service="2005"
+    )
+    assert caller.returncode == 0, explain(lab.sbc, caller, callee)
+    assert callee.returncode == 0, explain(lab.sbc, caller, callee)
+    notifies = [m for m in caller.received if m.startswith("<NOTIFY")]
+    assert len(notifies) == 2, starts(caller)
+    for notify, state in zip(notifies, ("active", "terminated"), strict=True):
+        assert header(notify, "Event") == ["refer"]
+        assert header(notify, "Subscription-State")[0].startswith(state)
+        assert header(notify, "Call-ID") == header(first(caller, ">INVITE"), "Call-ID")
+    assert finals(callee) == [200, 200], starts(callee)  # its two NOTIFYs
+    assert_hidden(caller, callee, caller_sipp, callee_sipp)
+    lab.cdrs.append(answered("2005", "to-uas", "xfer", "inside", lab.uas))
+
+
 # -- 4. MESSAGE ----------------------------------------------------------------------------
 
 

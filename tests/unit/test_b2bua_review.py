@@ -1,6 +1,5 @@
 """The call controller against the RFCs, from a review: each test names the rule and
-what is expected. Most failed when written and were fixed; the one marked xfail
-(strict) is a known gap: a REFER subscription outliving its dialog's BYE.
+what is expected. They failed when written and were fixed.
 """
 
 from __future__ import annotations
@@ -376,14 +375,12 @@ def test_a_2xx_to_a_relayed_reinvite_with_a_malformed_rtcp_attribute_is_acked_an
 # -- REFER subscription usage (RFC 3515, RFC 6665, RFC 5057) --------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: the REFER subscription ends with the BYE")
 def test_a_refer_notify_after_the_invite_usage_ended_is_not_refused_481() -> None:
     # RFC 3515 2.4.4 / RFC 6665 4.4.1 / RFC 5057 5: the REFER's implicit subscription is
     # a dialog usage of its own; the BYE ends only the INVITE usage, and the final
     # NOTIFY (the transfer's outcome) still belongs to the dialog. A blind-transfer
     # transferor often hangs up right after the 202: the transferee's NOTIFY
-    # gets 481 from the B2BUA and the transferor never learns the outcome.
-    # (Lower severity: a design choice of ending everything on BYE.)
+    # got 481 from the B2BUA and the transferor never learned the outcome.
     c = controller(policies={"outside": RealmPolicy(refer_relay=True)})
     invite, _, a_tag = confirmed_call(c)
     refer_to = "Refer-To: <sip:carol@198.51.100.1>\r\n"
@@ -394,12 +391,22 @@ def test_a_refer_notify_after_the_invite_usage_ended_is_not_refused_481() -> Non
         invite,
         "NOTIFY",
         1,
-        body="SIP/2.0 200 OK\r\n",
+        body="SIP/2.0 200 OK\r\nContact: <sip:carol@10.0.0.7>\r\n",
         content_type="message/sipfrag",
         extra="Event: refer\r\nSubscription-State: terminated;reason=noresource\r\n",
     )
     step = receive(c, notify, TRUNK, 1.3)
-    assert 481 not in statuses(step)
+    assert statuses(step) == [200]
+    (relayed,) = requests(step)
+    assert relayed.method == "NOTIFY"
+    assert relayed.call_id == A_CALL_ID
+    assert relayed.headers.get("Event") == "refer"
+    assert (relayed.headers.get("Subscription-State") or "").startswith("terminated")
+    # Only the status line of the fragment crosses: its headers are the inside's.
+    assert relayed.body == b"SIP/2.0 200 OK\r\n"
+    # The terminating NOTIFY ended the subscription: the dialog is gone for good.
+    again = from_b(invite, "NOTIFY", 2, extra="Event: refer\r\n")
+    assert statuses(receive(c, again, TRUNK, 1.4)) == [481]
 
 
 # -- passing: behaviour worth pinning ----------------------------------------------------------
