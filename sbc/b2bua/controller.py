@@ -444,6 +444,21 @@ class _Relayed:
     request: Request
     #: A CANCEL ended it on the side it came from (487 sent there, CANCEL relayed).
     cancelled: bool = False
+    #: The session as it was before the offer it carries: restored if it fails.
+    before: _Before | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Before:
+    """What a relayed offer changed, as it was (RFC 3261 14.1, RFC 3311 5.1: a failed
+    offer leaves the session as if it had not been made): the offerer's media for the
+    relay, the last SDP sent to the answerer (session refreshes re-send it), and the
+    answerer leg's o= version."""
+
+    offers: tuple[LegOffer, ...] | None
+    sdp_sent: bytes | None
+    sdp_version: int
+    sdp_digest: str
 
 
 @dataclass(eq=False, slots=True)
@@ -1910,7 +1925,11 @@ class CallController:
             # A). After the 2xx the UPDATE goes through: Retry-After.
             response = make_response(request, 500, headers=[("Retry-After", "1")])
             return self._send_response(tx, response, now, leg.realm)
+        before = None
         if sdp is not None and live.session is not None:
+            before = _Before(
+                live.offers.get(side), live.sdp_sent.get(other), leg.sdp_version, leg.sdp_digest
+            )
             realm = self.realms.get(live.call.leg(side).realm)
             if realm is not None:
                 live.offers[side] = leg_offers(sdp, realm)
@@ -1958,7 +1977,8 @@ class CallController:
         self._outbound(out_request, leg.realm)
         hop = self._hop(leg)
         client, out = self._send_request(out_request, hop, now)
-        self._by_client[client] = _ByRole(live.call.call_ref, "relay", _Relayed(side, tx, request))
+        relayed = _Relayed(side, tx, request, before=before)
+        self._by_client[client] = _ByRole(live.call.call_ref, "relay", relayed)
         if live.relayed is None:
             live.relayed = []
         live.relayed.append(client)
@@ -2814,6 +2834,8 @@ class CallController:
             if refer_sub != "false":  # RFC 4488 4: no subscription if "false"
                 live.notifiers = live.notifiers | {other}
         step = Step()
+        if status >= 300 and relayed.before is not None:
+            step = self._restore(live, side, relayed.before)
         leg = live.call.leg(other)
         bad_sdp = False
         try:
@@ -2882,6 +2904,22 @@ class CallController:
         if live.is_subscription:
             step = step + self._subscription_progress(live, relayed.request, response, now)
         return step
+
+    def _restore(self, live: _Live, offerer: LegSide, before: _Before) -> Step:
+        """The session as it was before a relayed offer from ``offerer`` that failed."""
+        answerer = offerer.other
+        if before.sdp_sent is None:
+            live.sdp_sent.pop(answerer, None)
+        else:
+            live.sdp_sent[answerer] = before.sdp_sent
+        leg = live.call.leg(answerer)
+        leg = evolve(leg, sdp_version=before.sdp_version, sdp_digest=before.sdp_digest)
+        live.call = live.call.with_leg(answerer, leg)
+        if before.offers is None or live.offers.get(offerer) == before.offers:
+            return Step()
+        live.offers[offerer] = before.offers
+        logger.debug("- call %s: offer refused, session as it was", live.call.call_ref)
+        return self._update_media(live)
 
     def _subscription_progress(
         self, live: _Live, request: Request, response: Response, now: float
