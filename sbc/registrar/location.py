@@ -327,7 +327,9 @@ class LocationService:
         return aor_key(user, uri.host, self.domains)
 
     def normalize(self, aor: str | Uri) -> str | None:
-        """The key for ``aor``: a URI, or ``user`` / ``user@domain`` text."""
+        """The key for ``aor``: a URI (its user unescaped, RFC 3261 19.1.4), or ``user``
+        / ``user@domain`` text taken as already unescaped (a key, as ``aor_key``:
+        decoding it again would turn a user ``a%41`` into ``aA``)."""
         if not isinstance(aor, str):
             return self.aor_of(aor)
         user, at, domain = aor.rpartition("@")
@@ -354,7 +356,10 @@ class LocationService:
 
     def lookup(self, aor: str | Uri, now: float) -> list[Binding]:
         """The unexpired bindings of ``aor``, highest q first (no q counts as 1.0),
-        then the most recently registered; [] for unknown or unserved AORs."""
+        then the most recently registered; [] for unknown or unserved AORs.
+
+        Route calls with the Request-URI itself: ``sip:%61lice@...`` finds ``alice``
+        (``normalize``), whatever octets its escapes decode to."""
         key = self.normalize(aor)
         if key is None:
             return []

@@ -27,6 +27,11 @@ and the phone's credentials are copied into the next upstream REGISTER (the dige
 ``uri`` is the phone's Request-URI; registrars that insist on it matching their
 own Request-URI need ``upstream_domain`` set to what the phones are told to use).
 
+Users are keyed by the To user with its escapes decoded (RFC 3261 19.1.4 compares
+userinfo unescaped): ``sip:%61lice@...`` and ``sip:alice@...`` are one user, and
+the upstream's AOR is written escaped again (``escape_user``), whatever octets the
+phone's escapes decoded to.
+
 Everything here is a plain value or pure; ``now`` is a wall-clock epoch float.
 """
 
@@ -43,7 +48,7 @@ from sbc.registrar.location import Binding, LocationService
 from sbc.sip.errors import ParseError
 from sbc.sip.headers import parse_delta
 from sbc.sip.message import Headers, Request, Response, make_response, new_branch, new_tag
-from sbc.sip.uri import SipUri, format_host
+from sbc.sip.uri import SipUri, escape_user, format_host
 from sbc.transport.base import Destination, Flow, ListenAddress, Transport
 
 logger = logging.getLogger(__name__)
@@ -93,7 +98,11 @@ class RelayPolicy:
 
 @dataclass(frozen=True, slots=True)
 class RelayedBinding:
-    """One phone contact registered upstream through the SBC."""
+    """One phone contact registered upstream through the SBC.
+
+    ``user`` is the To user unescaped (it may hold any character, and surrogates for
+    octets that were not UTF-8): escape it before it goes into a URI.
+    """
 
     user: str
     contact: str
@@ -144,7 +153,8 @@ class Forward:
     """Send ``request`` to the upstream; report its answer with ``upstream_response``.
 
     ``received``, ``local`` and ``realm`` say where the phone's REGISTER came from:
-    its binding moves there only once the upstream accepts.
+    its binding moves there only once the upstream accepts. ``wildcard``: a
+    ``Contact: *`` de-registration of every binding of the user ``key[0]``.
     """
 
     request: Request
@@ -153,6 +163,7 @@ class Forward:
     received: Destination | None = None
     local: ListenAddress | None = None
     realm: str | None = None
+    wildcard: bool = False
 
 
 @dataclass
@@ -181,6 +192,14 @@ def _expires_of(request: Request) -> int | None:
     return None if header is None else _delta(header)
 
 
+def _to_user(request: Request) -> str | None:
+    """The To user with its escapes decoded (RFC 3261 19.1.4), None if there is none."""
+    uri = request.to.uri
+    if not isinstance(uri, SipUri) or not uri.user:
+        return None
+    return uri.user_unescaped
+
+
 def _granted(response: Response, token: str) -> int | None:
     """The interval the upstream granted our Contact (its expires, or Expires)."""
     try:
@@ -189,7 +208,7 @@ def _granted(response: Response, token: str) -> int | None:
         contacts = []
     for contact in contacts:
         uri = contact.uri
-        if isinstance(uri, SipUri) and uri.user == token:
+        if isinstance(uri, SipUri) and uri.user_unescaped == token:
             value = dict(contact.params).get("expires")
             if value is not None and (seconds := _delta(value)) is not None:
                 return seconds
@@ -219,11 +238,10 @@ class RegistrationRelay:
         self, request: Request, flow: Flow, realm: str, listen: ListenAddress, now: float
     ) -> Response | Forward:
         """A phone's REGISTER: answered here (cached, or refused) or forwarded upstream."""
-        to_uri = request.to.uri
-        if not isinstance(to_uri, SipUri) or not to_uri.user:
+        user = _to_user(request)
+        if user is None:
             self.stats.rejected += 1
             return make_response(request, 400, "Bad Request: no user in To", to_tag=new_tag())
-        user = to_uri.user
         raw = request.headers.values("Contact")
         if not raw:
             # A query: what this SBC holds for the user (refused or run out: nothing).
@@ -343,8 +361,10 @@ class RegistrationRelay:
             f";branch={new_branch()};rport",
         )
         headers.add("Max-Forwards", "70")
-        headers.add("From", f"<sip:{binding.user}@{domain}>;tag={new_tag()}")
-        headers.add("To", f"<sip:{binding.user}@{domain}>")
+        # Escaped again: a decoded CR LF would end the header line (header injection).
+        aor = f"sip:{escape_user(binding.user)}@{domain}"
+        headers.add("From", f"<{aor}>;tag={new_tag()}")
+        headers.add("To", f"<{aor}>")
         headers.add("Call-ID", binding.call_id)
         headers.add("CSeq", f"{binding.cseq} REGISTER")
         expires = 0 if granted == 0 else policy.upstream_expires
@@ -361,9 +381,10 @@ class RegistrationRelay:
                 headers.add(name, value)
         upstream = Request("REGISTER", f"sip:{domain}", headers)
         self.stats.forwarded += 1
-        key = ("*" if wildcard else binding.user, binding.contact)
+        # A flag, not a "*" user in the key: "*" (or %2A) is a valid user of its own.
+        key = (binding.user, binding.contact)
         received = Destination(flow.transport, flow.remote_host, flow.remote_port)
-        return Forward(upstream, key, granted, received, listen, realm)
+        return Forward(upstream, key, granted, received, listen, realm, wildcard)
 
     # -- from the upstream ---------------------------------------------------------------
 
@@ -371,11 +392,10 @@ class RegistrationRelay:
         self, forward: Forward, phone_request: Request, response: Response, now: float
     ) -> Response:
         """The phone's answer for the upstream's final ``response`` to ``forward``."""
-        wildcard = forward.key[0] == "*"
+        wildcard = forward.wildcard
         key = forward.key
         if wildcard:
-            user = phone_request.to.uri.user if isinstance(phone_request.to.uri, SipUri) else ""
-            targets = [b for b in self._bindings.values() if b.user == user]
+            targets = [b for b in self._bindings.values() if b.user == key[0]]
         else:
             found = self._bindings.get(key)
             targets = [] if found is None else [found]
