@@ -539,6 +539,9 @@ class CdrStore(_QueuedSink):
 class JsonLinesCdrStore(_QueuedSink):
     """CDRs appended to a text file, one ``to_dict`` JSON object per line.
 
+    Text is written as the SQLite store stores it: valid UTF-8, with octets that
+    were not UTF-8 as U+FFFD and other lone surrogates as ``?``.
+
     Each batch is flushed to the file; ``close`` also fsyncs it. After a failed write
     the file is reopened, so a partial last line (disk full) may precede the next
     record: readers should skip lines that do not parse.
@@ -560,7 +563,14 @@ class JsonLinesCdrStore(_QueuedSink):
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held open
 
     def _encode(self, record: CdrRecord) -> str:
-        return json.dumps(record.to_dict(), separators=(",", ":"), allow_nan=False) + "\n"
+        # RFC 8259 8.1: JSON text is UTF-8. A lone surrogate (an octet that was not
+        # UTF-8, kept by surrogateescape) would be written as a "\udcff" escape that
+        # strict readers refuse: the same replacement as the SQLite store's.
+        data = {
+            key: _storable(value) if isinstance(value, str) else value
+            for key, value in record.to_dict().items()
+        }
+        return json.dumps(data, separators=(",", ":"), allow_nan=False) + "\n"
 
     def _write_batch(self, rows: list[Any]) -> None:
         assert self._file is not None
