@@ -1138,6 +1138,9 @@ class SbcNode:
         if new.management != old.management and not await self._replace_management(new, old):
             return False
         self.config = new
+        # New timers may be due sooner (a shorter probe interval): arm for them now,
+        # not when the timer armed for the old ones fires.
+        self._arm_timer()
         logger.info("- configuration reloaded from %s", self.config_path)
         return True
 

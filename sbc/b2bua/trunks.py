@@ -421,11 +421,18 @@ class TrunkState:
     def adopt(self, previous: TrunkState) -> None:
         """Take over ``previous``'s records for every gateway whose key is unchanged.
 
+        Timers follow the new policy: the next probe is due one new ``interval``
+        after the last one was sent (never later than it was already due), and a
+        probe in flight times out one new ``timeout`` after it was sent (never
+        later than before). A gateway never probed stays due at once.
+
         Not while this trunk does not probe: nothing would ever change a health
         carried over (a DOWN gateway would stay down for good), so it is UNKNOWN.
         """
-        if not self._trunk.probe.enabled:
+        policy = self._trunk.probe
+        if not policy.enabled:
             return
+        before = previous._trunk.probe
         for key, record in self._records.items():
             old = previous._records.get(key)
             if old is None:
@@ -434,7 +441,15 @@ class TrunkState:
             record.failures = old.failures
             record.successes = old.successes
             record.next_probe = old.next_probe
+            if old.next_probe != _DUE_AT_ONCE:
+                # probe_sent set next_probe to sent + interval: the send time is known
+                # without a clock, and sent + the new interval is no later than now + it.
+                sent = old.next_probe - before.interval
+                record.next_probe = min(old.next_probe, sent + policy.interval)
             record.probe_deadline = old.probe_deadline
+            if old.probe_deadline is not None:
+                sent = old.probe_deadline - before.timeout
+                record.probe_deadline = min(old.probe_deadline, sent + policy.timeout)
 
     def to_dict(self) -> dict[str, Any]:
         """Health and counters by gateway key, as JSON types."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import textwrap
+import time
 from ipaddress import ip_network
 from pathlib import Path
 
@@ -243,3 +244,43 @@ def test_a_failing_keepalive_round_does_not_end_the_task(
     asyncio.run(scenario())
     assert len(rounds) == 2
     assert "x NAT keepalive round failed" in caplog.text
+
+
+def test_a_reload_arms_the_timer_for_a_sooner_probe(tmp_path: Path) -> None:
+    """A reload that shortens a trunk's probe interval brings the next probe forward:
+    the timer is armed for it at once, not when the old (later) one fires."""
+    realms = """\
+        state_dir: {state}
+        realms:
+          - name: inside
+            media_address: 203.0.113.1
+            listen: [{{transport: udp, address: 127.0.0.1, port: 5999}}]
+        trunks:
+          - name: pstn
+            realm: inside
+            gateways: [{{host: 127.0.0.1, port: 5998}}]
+            probe: {{interval: {interval}, timeout: 5}}
+        """
+    path = tmp_path / "sbc.yaml"
+    path.write_text(textwrap.dedent(realms.format(state=tmp_path, interval=3600)))
+    node = SbcNode(load_config_text(path.read_text(), str(path), tmp_path), path)
+
+    async def scenario() -> float | None:
+        now = time.monotonic()
+        targets = node.directory
+        state = node.trunks.get("pstn")
+        assert state is not None
+        key = state.trunk.gateways[0].key
+        targets.probe_sent("pstn", key, now)
+        targets.probe_result("pstn", key, 200, now)  # alive: next probe in an hour
+        node._arm_timer()
+        assert node._timer_at is not None and node._timer_at > now + 3000
+        path.write_text(textwrap.dedent(realms.format(state=tmp_path, interval=10)))
+        try:
+            assert await node.reload()
+            return node._timer_at
+        finally:
+            await node.stop()
+
+    armed = asyncio.run(scenario())
+    assert armed is not None and armed < time.monotonic() + 11
