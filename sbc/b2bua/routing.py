@@ -4,6 +4,24 @@ Pure: ``Router.route(realm, uri, ...)`` returns the first matching rule's decisi
 A rule matches when each of its match fields is unset or agrees: the realm the
 request entered, its source address, a prefix of the Request-URI user, the
 Request-URI host, the From user (a regular expression) and a header pattern.
+
+What the match fields see:
+
+``user_prefix``
+    The Request-URI user with its escapes decoded (a tel URI's number) starts with
+    the prefix. For a telephone number (an optional ``+``, then digits, ``*`` and
+    ``#``, up to a ``;`` that starts its RFC 3966 parameters) the visual separators
+    ``-``, ``.``, ``(`` and ``)`` (RFC 3966 5.1.1), and spaces, are ignored on both
+    sides: ``+1-212`` matches ``+1 (212) 555.0100`` and ``+12125550100``. The ``+``
+    counts: ``1212`` does not match ``+1-212-555-0100``. Users that are not numbers
+    (``john.doe``) are compared as they are written.
+``from_user``
+    A full match of the From user, escapes decoded. A From without a user
+    (``sip:example.com``) has the empty user: ``(anonymous)?`` or ``.*`` match it.
+``header_pattern``
+    Searched in each value of ``header``; one match is enough. An absent header
+    has no value to match: ``.*`` means "the header is there". Requests without
+    it are routed by a later rule, after the one that takes those with it.
 """
 
 from __future__ import annotations
@@ -13,11 +31,17 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
+from typing import Final
 
 from sbc.sip.errors import ParseError
 from sbc.sip.message import Request
 from sbc.sip.uri import SipUri, TelUri, Uri
 from sbc.transport.base import Destination, Transport, normalize_host
+
+#: RFC 3966 5.1.1 visual-separator, plus the space of numbers as people write them.
+_VISUAL_SEPARATORS: Final = str.maketrans("", "", "-.() ")
+#: A telephone number once its separators are gone: global (+) or local digits.
+_DIAL_STRING: Final = re.compile(r"\+?[0-9*#]+")
 
 
 class RouteAction(enum.Enum):
@@ -49,8 +73,12 @@ class RouteRule:
     header_pattern: re.Pattern[str] | None = None
     #: 3xx of the callee: follow its contacts instead of relaying it.
     follow_redirects: bool = field(default=False)
+    #: ``user_prefix`` without visual separators if it is a number, else None.
+    _number_prefix: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # Computed once: matching runs for every rule on every INVITE.
+        object.__setattr__(self, "_number_prefix", dial_string(self.user_prefix))
         if (
             self.action is RouteAction.TRUNK
             and self.trunk is None
@@ -72,7 +100,7 @@ class RouteRule:
         if self.source and (source is None or not any(source in net for net in self.source)):
             return False
         user, host = uri_user_host(uri)
-        if self.user_prefix and not (user or "").startswith(self.user_prefix):
+        if self.user_prefix and not self._user_has_prefix(user or ""):
             return False
         if self.domain is not None:
             wanted = normalize_host(self.domain).lower()
@@ -85,7 +113,8 @@ class RouteRule:
                 from_user, _ = uri_user_host(request.from_.uri)
             except ParseError:
                 return False
-            if from_user is None or not self.from_user.fullmatch(from_user):
+            # No user (sip:example.com) is the empty user, for patterns such as ".*".
+            if not self.from_user.fullmatch(from_user or ""):
                 return False
         if self.header is not None and self.header_pattern is not None:
             if request is None:
@@ -94,6 +123,16 @@ class RouteRule:
             if not any(pattern.search(v) for v in request.headers.fields(self.header)):
                 return False
         return True
+
+    def _user_has_prefix(self, user: str) -> bool:
+        """``user`` starts with ``user_prefix``, separators in numbers ignored."""
+        if user.startswith(self.user_prefix):
+            return True
+        wanted = self._number_prefix
+        if wanted is None:
+            return False
+        number = dial_string(user.partition(";")[0])
+        return number is not None and number.startswith(wanted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +164,15 @@ class RejectRoute:
 
 
 RouteDecision = TrunkRoute | RegisteredRoute | RejectRoute
+
+
+def dial_string(text: str) -> str | None:
+    """``text`` without its visual separators if it is a telephone number, else None.
+
+    ``+1 (212) 555-0100`` gives ``+12125550100``; ``john.doe`` and ``-`` give None.
+    """
+    stripped = text.translate(_VISUAL_SEPARATORS)
+    return stripped if _DIAL_STRING.fullmatch(stripped) else None
 
 
 def uri_user_host(uri: Uri) -> tuple[str | None, str | None]:
