@@ -93,5 +93,17 @@ class Latch:
         return cls(
             LatchState(data["state"]),
             None if source is None else Endpoint.from_dict(source),
-            data.get("ssrc"),
+            _ssrc(data.get("ssrc")),
         )
+
+
+def _ssrc(value: Any) -> int | None:
+    """An SSRC as JSON or a Redis hash (text) gives it back; None for anything but
+    a 32-bit number, as for a latch that has seen no SSRC (it learns the next one)."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        return None
+    try:
+        ssrc = int(value)
+    except ValueError:
+        return None
+    return ssrc if 0 <= ssrc <= 0xFFFFFFFF else None

@@ -22,7 +22,7 @@ import random
 import resource
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -310,6 +310,9 @@ class MediaRelay:
         self._descriptor_log = BurstLog(DESCRIPTOR_LOG_INTERVAL)
         self._events: asyncio.Queue[MediaEvent] = asyncio.Queue()
         self._poller: asyncio.Task[None] | None = None
+        #: Kernel installs and moves started by the packet path: the loop keeps only
+        #: weak references to tasks, and one collected mid-flight would strand a stream.
+        self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Why the kernel path is off (None while it is on).
         self.kernel_unavailable: str | None = "not started"
@@ -363,6 +366,10 @@ class MediaRelay:
             # A deletion still running beside the stop may take one meanwhile.
             with contextlib.suppress(UnknownSession):
                 await self.delete(session_id)
+        # Installs in flight see their session deleted and take their rules out again,
+        # through the batcher, which must still be there.
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -799,6 +806,16 @@ class MediaRelay:
             if leg.inbound is None:
                 leg.dropped_other += 1  # the peer's key is not known yet
                 return
+            latch = state.rtcp_latch if rtcp_port else state.rtp_latch
+            if latch.source is not None and source != latch.source:
+                # A stranger to a latched port: when the source check refuses it
+                # whatever its authentication says, it is dropped undecrypted (a flood
+                # costs no SRTP work). The verdict is the one given after unprotect:
+                # the SSRC is in the clear and unprotect leaves it (RFC 3711 3.1, 3.4).
+                _, verdict = latch.on_packet(source, packet_ssrc(data), self._policy)
+                if verdict is LatchVerdict.DROP:
+                    leg.dropped_source += 1
+                    return
             try:
                 data = leg.inbound.unprotect(data, control)
             except SrtpAuthError:
@@ -875,7 +892,8 @@ class MediaRelay:
         if control:
             leg.rtcp_packets += 1
             leg.rtcp_bytes += len(data)
-            leg.monitor.received(packets, now)
+            # The peer reports on what it hears from the relay: the other side's RTP.
+            leg.monitor.received(packets, now, other.state.rtp_latch.ssrc)
             other.monitor.sender_report_forwarded(packets, now)
         else:
             leg.packets += 1
@@ -887,9 +905,20 @@ class MediaRelay:
             and self._kernel is not None
         ):
             if stream.kernel:
-                asyncio.get_running_loop().create_task(self._rehome(stream))
+                self._spawn(self._rehome(stream))
             elif stream.kernel_eligible() and not stream.engaging:
-                asyncio.get_running_loop().create_task(self._engage(stream))
+                self._spawn(self._engage(stream))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` in a task the relay holds until it is done (awaited by close)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            logger.error("x kernel path task failed", exc_info=exc)
 
     def _record(
         self,

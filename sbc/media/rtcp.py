@@ -13,9 +13,11 @@ measured from the relay rather than from the SR's sender).
 
 from __future__ import annotations
 
+import math
 import struct
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 PT_SR = 200
 PT_RR = 201
@@ -29,6 +31,8 @@ MAX_PENDING_SR = 16
 _HEADER = struct.Struct("!BBH")
 _SENDER_INFO = struct.Struct("!IIIII")
 _BLOCK = struct.Struct("!IB3sIIII")
+
+N = TypeVar("N", int, float)
 
 
 class RtcpError(ValueError):
@@ -205,14 +209,32 @@ class RtcpQuality:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RtcpQuality:
+    def from_dict(cls, data: Mapping[str, Any] | None) -> RtcpQuality:
+        """From `to_dict` output, as JSON or a Redis hash (strings) gives it back.
+
+        Quality is only what the endpoints said: a field that does not read as a
+        number is left at its default rather than fail the restore of the call."""
+        if not isinstance(data, Mapping):
+            return cls()
+        rtt = _number(float, data.get("rtt"))
         return cls(
-            reports=int(data.get("reports", 0)),
-            fraction_lost=float(data.get("fraction_lost", 0.0)),
-            cumulative_lost=int(data.get("cumulative_lost", 0)),
-            jitter=int(data.get("jitter", 0)),
-            rtt=data.get("rtt"),
+            reports=_number(int, data.get("reports")) or 0,
+            fraction_lost=_number(float, data.get("fraction_lost")) or 0.0,
+            cumulative_lost=_number(int, data.get("cumulative_lost")) or 0,
+            jitter=_number(int, data.get("jitter")) or 0,
+            rtt=rtt,
         )
+
+
+def _number(kind: Callable[[Any], N], value: Any) -> N | None:
+    """``kind(value)`` for a finite number or its text; None for anything else."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return None
+    try:
+        number = kind(value)
+        return number if math.isfinite(number) else None
+    except (ValueError, OverflowError):
+        return None
 
 
 @dataclass
@@ -225,6 +247,8 @@ class RtcpMonitor:
     quality: RtcpQuality = field(default_factory=RtcpQuality)
     #: LSR value (NTP middle 32 bits) -> when the relay forwarded that SR to the leg.
     _forwarded: dict[int, float] = field(default_factory=dict)
+    #: The sender SSRC of the last SR forwarded to the leg: a source it hears.
+    _sender: int | None = None
 
     def sender_report_forwarded(self, packets: tuple[Rtcp, ...], now: float) -> None:
         """Note the SRs of a compound packet the relay just sent towards this leg."""
@@ -233,14 +257,29 @@ class RtcpMonitor:
                 if len(self._forwarded) >= MAX_PENDING_SR:
                     self._forwarded.pop(next(iter(self._forwarded)))
                 self._forwarded[packet.ntp_middle] = now
+                self._sender = packet.ssrc
 
-    def received(self, packets: tuple[Rtcp, ...], now: float) -> RtcpQuality:
-        """Account the reports in a compound packet the leg sent; the new quality."""
+    def received(
+        self, packets: tuple[Rtcp, ...], now: float, media_ssrc: int | None = None
+    ) -> RtcpQuality:
+        """Account the reports in a compound packet the leg sent; the new quality.
+
+        Only a report block about the media the relay forwards to the leg counts:
+        the one whose SSRC is ``media_ssrc`` (the SSRC latched on the other side's
+        RTP) or the sender of the last SR forwarded to the leg (which still names
+        the source when the RTP goes through the kernel, unseen). A report whose
+        blocks are all about other sources (RFC 3550 6.4.1: one block per source
+        heard, in any order) leaves the quality as it was."""
         quality = self.quality
+        sender = self._sender
         for packet in packets:
-            if not isinstance(packet, SenderReport | ReceiverReport) or not packet.reports:
+            if not isinstance(packet, SenderReport | ReceiverReport):
                 continue
-            block = packet.reports[0]
+            for block in packet.reports:
+                if block.ssrc == media_ssrc or block.ssrc == sender:
+                    break
+            else:
+                continue
             rtt = quality.rtt
             sent = self._forwarded.get(block.lsr) if block.lsr else None
             if sent is not None:
