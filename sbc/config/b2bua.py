@@ -45,6 +45,13 @@ _BROADCAST: Final = IPv4Address("255.255.255.255")
 #: Headers a realm lets through by default: end-to-end information that names no host.
 DEFAULT_KEEP_HEADERS: Final = ("Subject", "Priority", "Accept-Language", "Alert-Info")
 
+#: Highest admission limits of a realm or trunk, checked at load time: concurrent
+#: calls (as many as sip.max_connections allows connections), new calls per second
+#: (more than one SBC sets up), and calls at once above the rate.
+MAX_ADMISSION_CALLS: Final = 1_000_000
+MAX_CALLS_PER_SECOND: Final = 100_000
+MAX_ADMISSION_BURST: Final = 1_000_000
+
 #: Methods that may require digest authentication in a realm.
 AUTH_METHODS: Final = frozenset(
     {"REGISTER", "INVITE", "MESSAGE", "SUBSCRIBE", "PUBLISH", "OPTIONS", "REFER"}
@@ -123,15 +130,26 @@ class AdmissionLimits(Section):
     """Concurrent calls and calls per second; null = no limit."""
 
     max_calls: int | None = field(
-        default=None, metadata=spec("Concurrent calls at most; null = no limit.", min=1)
+        default=None,
+        metadata=spec("Concurrent calls at most; null = no limit.", min=1, max=MAX_ADMISSION_CALLS),
     )
     calls_per_second: float | None = field(
-        default=None, metadata=spec("New calls per second; null = no limit.", min=0.01)
+        default=None,
+        metadata=spec("New calls per second; null = no limit.", min=0.01, max=MAX_CALLS_PER_SECOND),
     )
     burst: int | None = field(
         default=None,
-        metadata=spec("New calls at once above the rate; null = the rate rounded up.", min=1),
+        metadata=spec(
+            "New calls at once above the rate; null = the rate rounded up.",
+            min=1,
+            max=MAX_ADMISSION_BURST,
+        ),
     )
+
+    def check(self, path: str) -> Iterator[Issue]:
+        # The admission control refuses a burst without a rate when the SBC starts.
+        if self.burst is not None and self.calls_per_second is None:
+            yield key_path(path, "burst"), "needs calls_per_second"
 
 
 class HeaderAction(enum.StrEnum):

@@ -23,20 +23,27 @@ Rules beyond the schema's types:
   IP addresses and networks take no IPv6 zone id (`fe80::1%eth0`).
 
 Each problem renders as `path:line: key.path: reason`, e.g.
-`sbc.yaml:7: sip.listen[1].port: expected an integer 1..65535, got 'abc'`.
+`sbc.yaml:7: sip.listen[1].port: expected an integer 1..65535, got 'abc'`. A problem
+in what an alias repeats is placed at the alias, and says where it is written:
+`sbc.yaml:12: realms[1].limits.max_calls: expected ..., got 0 (from line 7 via alias
+*lim)`. The first `MAX_REPORTED_PROBLEMS` problems (by line) are reported, then
+`sbc.yaml: ... and N more problems`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import difflib
 import enum
 import functools
+import heapq
 import math
 import operator
 import re
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import MISSING, dataclass, fields, replace
 from importlib import resources
 from ipaddress import ip_address, ip_network
@@ -60,6 +67,9 @@ MAX_NESTING: Final = 64
 MAX_NODES: Final = MAX_CONFIG_BYTES
 #: Longest value quoted back in an error message.
 MAX_QUOTED: Final = 40
+#: Most problems reported; a last line says how many more there were. A file of
+#: MAX_CONFIG_BYTES with aliases can hold a million problems (MAX_NODES).
+MAX_REPORTED_PROBLEMS: Final = 50
 
 DEFAULT_CONFIG_RESOURCE: Final = "default.yaml"
 DEFAULT_CONFIG_NAME: Final = "<embedded default.yaml>"
@@ -101,12 +111,23 @@ class ConfigProblem:
 
 
 class ConfigError(Exception):
-    """The configuration is invalid; `problems` lists everything found, by line."""
+    """The configuration is invalid; `problems` is what is reported, by line.
 
-    def __init__(self, problems: Sequence[ConfigProblem]) -> None:
-        self.problems: tuple[ConfigProblem, ...] = tuple(
-            sorted(problems, key=lambda p: p.line or 0)
-        )
+    That is the first `MAX_REPORTED_PROBLEMS` problems by line and, when there were
+    more (`found` in all, when `problems` holds only some), a last one without a line
+    that says how many: `file: ... and N more problems`. Every caller that prints
+    the problems (`sbc check-config`, `sbc run`, a reload) prints that line too.
+    """
+
+    def __init__(self, problems: Sequence[ConfigProblem], found: int | None = None) -> None:
+        ordered = sorted(problems, key=lambda p: p.line or 0)
+        shown = ordered[:MAX_REPORTED_PROBLEMS]
+        #: How many problems found are left out (the last line of `problems` says so).
+        self.more = max(len(ordered), found or 0) - len(shown)
+        if self.more:
+            noun = "problem" if self.more == 1 else "problems"
+            shown.append(ConfigProblem(shown[0].file, None, "", f"... and {self.more} more {noun}"))
+        self.problems: tuple[ConfigProblem, ...] = tuple(shown)
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
@@ -151,8 +172,8 @@ def load_config_text(text: str, filename: str, base_dir: Path) -> Config:
         raise ConfigError([_too_large(filename)])
     reader = _SchemaReader(filename, base_dir.absolute())
     config = reader.read(text)
-    if reader.problems or not isinstance(config, Config):
-        raise ConfigError(reader.problems)
+    if reader.problems.found or not isinstance(config, Config):
+        raise ConfigError(reader.problems.first(), reader.problems.found)
     return config
 
 
@@ -169,7 +190,8 @@ def default_config() -> Config:
 
 def check_config(path: Path) -> CheckResult:
     """Validate the file at `path` for `sbc check-config`: status 0 and an OK line,
-    or status 1 and one `file:line: reason` message per problem."""
+    or status 1 and one `file:line: reason` message per problem (the first
+    `MAX_REPORTED_PROBLEMS`, then `file: ... and N more problems`)."""
     try:
         load_config(path)
     except ConfigError as exc:
@@ -181,18 +203,34 @@ def _too_large(filename: str) -> ConfigProblem:
     return ConfigProblem(filename, None, "", f"larger than {MAX_CONFIG_BYTES} bytes")
 
 
+class _AliasUse(NamedTuple):
+    """An alias (`*name`) and the anchored node it repeats."""
+
+    name: str
+    target: Node
+
+
 class _NodeLoader(yaml.SafeLoader):
-    """A SafeLoader that refuses nesting deep enough to exhaust the Python stack."""
+    """A SafeLoader that refuses nesting deep enough to exhaust the Python stack, and
+    marks where each alias is written."""
 
     def __init__(self, text: str) -> None:
         super().__init__(text)
         self._depth = 0
-        #: Whether the document uses aliases (its nodes may then be shared).
-        self.aliases = False
+        #: The node of each alias, by id: a shallow copy of the anchored node (the
+        #: children stay shared) marked where the alias is written, so that problems
+        #: in it can be placed there. PyYAML returns the anchored node itself.
+        self.aliases: dict[int, _AliasUse] = {}
 
     def compose_node(self, parent: Node | None, index: int) -> Node | None:
         if self.check_event(yaml.AliasEvent):
-            self.aliases = True
+            event = self.peek_event()
+            target = super().compose_node(parent, index)
+            assert isinstance(event, yaml.AliasEvent) and target is not None
+            use = copy.copy(target)
+            use.start_mark, use.end_mark = event.start_mark, event.end_mark
+            self.aliases[id(use)] = _AliasUse(str(event.anchor), target)
+            return use
         self._depth += 1
         try:
             if self._depth > MAX_NESTING:
@@ -207,30 +245,40 @@ class _NodeLoader(yaml.SafeLoader):
             self._depth -= 1
 
 
-def _compose(text: str, filename: str) -> tuple[Node | None, list[ConfigProblem]]:
+class _Document(NamedTuple):
+    """A composed document: its root node, and the nodes that stand for aliases."""
+
+    root: Node | None
+    aliases: dict[int, _AliasUse]
+
+
+def _compose(text: str, filename: str) -> tuple[_Document, list[ConfigProblem]]:
+    nothing = _Document(None, {})
     try:
         # The reader checks every character up front, in the constructor.
         loader = _NodeLoader(text)
     except yaml.reader.ReaderError as exc:
-        return None, [_reader_problem(exc, text, filename)]
+        return nothing, [_reader_problem(exc, text, filename)]
     try:
         root = loader.get_single_node()
         if root is not None and loader.aliases:
-            problem = _expansion_problem(root, filename)
+            problem = _expansion_problem(root, filename, loader.aliases)
             if problem is not None:
-                return None, [problem]
-        return root, []
+                return nothing, [problem]
+        return _Document(root, loader.aliases), []
     except yaml.MarkedYAMLError as exc:
-        return None, [_yaml_problem(exc, filename)]
+        return nothing, [_yaml_problem(exc, filename)]
     except yaml.reader.ReaderError as exc:
-        return None, [_reader_problem(exc, text, filename)]
+        return nothing, [_reader_problem(exc, text, filename)]
     except yaml.YAMLError as exc:
-        return None, [ConfigProblem(filename, None, "", f"invalid YAML: {exc}")]
+        return nothing, [ConfigProblem(filename, None, "", f"invalid YAML: {exc}")]
     finally:
         loader.dispose()
 
 
-def _expansion_problem(root: Node, filename: str) -> ConfigProblem | None:
+def _expansion_problem(
+    root: Node, filename: str, aliases: dict[int, _AliasUse]
+) -> ConfigProblem | None:
     """A problem when aliases make the node graph recursive or expand it beyond
     `MAX_NODES` values; the validation walks every copy an alias stands for."""
     sizes: dict[int, int] = {}  # id(node) -> values it stands for, once expanded
@@ -238,7 +286,11 @@ def _expansion_problem(root: Node, filename: str) -> ConfigProblem | None:
     stack: list[tuple[Node, bool]] = [(root, False)]
     while stack:
         node, expanded = stack.pop()
-        children = _children(node)
+        # An alias's node is the anchored node's: the same children, expanded once.
+        children = [
+            aliases[id(child)].target if id(child) in aliases else child
+            for child in _children(node)
+        ]
         if expanded:
             open_ids.discard(id(node))
             size = sizes[id(node)] = 1 + sum(sizes[id(child)] for child in children)
@@ -418,36 +470,107 @@ def _in_range(value: float, spec: FieldSpec | None) -> bool:
     return (spec.min is None or value >= spec.min) and (spec.max is None or value <= spec.max)
 
 
+class _Problems:
+    """The problems found: how many, and the first `MAX_REPORTED_PROBLEMS` by line
+    (in the order found within a line), whatever order they are found in."""
+
+    def __init__(self) -> None:
+        self.found = 0
+        # A max-heap on (line, order found) by negating both: the root is the one
+        # to drop when a problem on an earlier line comes.
+        self._heap: list[tuple[int, int, ConfigProblem]] = []
+
+    def add(self, problem: ConfigProblem) -> None:
+        self.found += 1
+        entry = (-(problem.line or 0), -self.found, problem)
+        if len(self._heap) < MAX_REPORTED_PROBLEMS:
+            heapq.heappush(self._heap, entry)
+        else:
+            heapq.heappushpop(self._heap, entry)
+
+    def first(self) -> list[ConfigProblem]:
+        return [problem for _, _, problem in sorted(self._heap, reverse=True)]
+
+
+#: Where a problem is reported: the line, and a note for the reason (empty, or where
+#: the value is written when the line is that of an alias repeating it).
+_Place = tuple[int, str]
+
+
+def _via_note(written: int, alias: str) -> str:
+    return f" (from line {written} via alias *{alias})"
+
+
 class _SchemaReader:
     """One validation pass: converts nodes to schema values, collecting problems."""
 
     def __init__(self, filename: str, base_dir: Path) -> None:
         self.filename = filename
         self.base_dir = base_dir
-        self.problems: list[ConfigProblem] = []
-        # Line of every key path seen, to place problems found by Section.check().
-        self.lines: dict[str, int] = {}
+        self.problems = _Problems()
+        # Place of every key path seen, to place problems found by Section.check().
+        self.lines: dict[str, _Place] = {}
+        self.aliases: dict[int, _AliasUse] = {}
+        # While reading what an alias repeats: the alias's line and the alias. Only
+        # the outermost alias counts: its line is where the key path is in the file.
+        self._via: tuple[int, _AliasUse] | None = None
 
     def read(self, text: str) -> Config | _Invalid:
-        root, problems = _compose(text, self.filename)
+        document, problems = _compose(text, self.filename)
+        for problem in problems:
+            self.problems.add(problem)
         if problems:
-            self.problems.extend(problems)
             return _INVALID
+        root, self.aliases = document
         if not isinstance(root, MappingNode):
             self.report(1 if root is None else _line(root), "", "top level must be a mapping")
             return _INVALID
-        self.lines[""] = _line(root)
+        self.lines[""] = (_line(root), "")
         config = self.section(Config, root, "", null_is_empty=False)
         return config if isinstance(config, Config) else _INVALID
 
-    def report(self, line: int, key: str, reason: str) -> None:
-        self.problems.append(ConfigProblem(self.filename, line, key, reason))
+    def place(self, line: int) -> _Place:
+        """Where a problem found at `line` is reported."""
+        if self._via is None:
+            return line, ""
+        at, alias = self._via
+        # At the alias's own node: what it repeats is written at the anchor.
+        written = _line(alias.target) if line == at else line
+        return at, _via_note(written, alias.name)
 
-    def line_of(self, path: str) -> int:
-        """The line of `path`, or of its nearest ancestor seen in the file."""
+    def report(self, line: int, key: str, reason: str) -> None:
+        at, note = self.place(line)
+        self.problems.add(ConfigProblem(self.filename, at, key, reason + note))
+
+    def record(self, path: str, line: int, node: Node) -> None:
+        """Remember where `path` (whose value is `node`) is, for Section.check()."""
+        alias = self.aliases.get(id(node)) if self._via is None else None
+        if alias is not None:
+            self.lines[path] = (line, _via_note(_line(alias.target), alias.name))
+        else:
+            self.lines[path] = self.place(line)
+
+    def through(self, node: Node) -> contextlib.AbstractContextManager[None]:
+        """Read `node` inside this: when it is an alias, the problems found in what
+        it repeats are placed at it."""
+        alias = self.aliases.get(id(node)) if self._via is None else None
+        if alias is None:
+            return contextlib.nullcontext()
+        return self._reading_alias(_line(node), alias)
+
+    @contextlib.contextmanager
+    def _reading_alias(self, line: int, alias: _AliasUse) -> Iterator[None]:
+        self._via = (line, alias)
+        try:
+            yield
+        finally:
+            self._via = None
+
+    def line_of(self, path: str) -> _Place:
+        """The place of `path`, or of its nearest ancestor seen in the file."""
         while path not in self.lines and path:
             path = path[: max(path.rfind("."), path.rfind("["), 0)]
-        return self.lines.get(path, 1)
+        return self.lines.get(path, (1, ""))
 
     def section(self, cls: type[Section], node: Node, path: str, *, null_is_empty: bool) -> Any:
         if null_is_empty and _is_null(node):
@@ -478,7 +601,10 @@ class _SchemaReader:
             return _INVALID
         instance = cls(**values)
         for issue_path, reason in instance.check(path):
-            self.report(self.line_of(issue_path), issue_path, reason)
+            # Placed when recorded: the alias being read now may not be the one
+            # the issue's key path went through.
+            at, note = self.line_of(issue_path)
+            self.problems.add(ConfigProblem(self.filename, at, issue_path, reason + note))
         return instance
 
     def keys(
@@ -507,12 +633,18 @@ class _SchemaReader:
                 continue
             given[key] = value_node
             # A section or list is best placed at its key; a scalar where it is written.
-            self.lines[key_path(path, key)] = (
-                line if isinstance(value_node, CollectionNode) else _line(value_node)
+            self.record(
+                key_path(path, key),
+                line if isinstance(value_node, CollectionNode) else _line(value_node),
+                value_node,
             )
         return given
 
     def value(self, tp: Any, spec: FieldSpec | None, node: Node, path: str) -> Any:
+        with self.through(node):
+            return self._value(tp, spec, node, path)
+
+    def _value(self, tp: Any, spec: FieldSpec | None, node: Node, path: str) -> Any:
         optional, tp = _split_optional(tp)
         if optional and _is_null(node):
             return None
@@ -543,9 +675,11 @@ class _SchemaReader:
         items = []
         for index, item_node in enumerate(node.value):
             item_path = f"{path}[{index}]"
-            self.lines[item_path] = _line(item_node)
+            self.record(item_path, _line(item_node), item_node)
             if _is_section(item_tp):
-                items.append(self.section(item_tp, item_node, item_path, null_is_empty=False))
+                with self.through(item_node):
+                    item = self.section(item_tp, item_node, item_path, null_is_empty=False)
+                items.append(item)
             else:
                 items.append(self.value(item_tp, spec, item_node, item_path))
         return _INVALID if _INVALID in items else tuple(items)

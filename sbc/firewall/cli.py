@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from sbc.cli import add_config_option, command_config, report_config_error
 from sbc.config.loader import ConfigError
 from sbc.firewall.bans import Ban, BanTargetError
 from sbc.firewall.blacklist import BanListing, Blacklist, TrustedTargetError
+from sbc.firewall.config import MAX_BAN_SECONDS
 from sbc.firewall.detectors import BanReason
 from sbc.firewall.nft import Kernel, NftError
 from sbc.firewall.ruleset import SET_TRUSTED_V4, SET_TRUSTED_V6
@@ -32,6 +34,18 @@ from sbc.firewall.ruleset import SET_TRUSTED_V4, SET_TRUSTED_V6
 
 def _when(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
+def _ban_seconds(text: str) -> float:
+    """`--duration`: the bound of `firewall.bans.durations` (the kernel refuses longer
+    element timeouts, and the expiry must be a date)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 1 <= seconds <= MAX_BAN_SECONDS:  # NaN too
+        raise argparse.ArgumentTypeError(f"expected seconds 1..{MAX_BAN_SECONDS}, got {text!r}")
+    return seconds
 
 
 def ban_list(blacklist: Blacklist) -> list[BanListing]:
@@ -177,7 +191,11 @@ def add_ban_subcommands(
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     add = sub.add_parser("add", parents=[config], help="ban an address (IPv6: its /64)")
     add.add_argument("address")
-    add.add_argument("--duration", type=float, help="seconds (default: escalating policy)")
+    add.add_argument(
+        "--duration",
+        type=_ban_seconds,
+        help=f"seconds, 1..{MAX_BAN_SECONDS} (default: escalating policy)",
+    )
     add.add_argument("--reason", default="", help="free text, logged and listed")
     remove = sub.add_parser("remove", parents=[config], help="lift a ban")
     remove.add_argument("address")

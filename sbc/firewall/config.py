@@ -33,6 +33,31 @@ DEFAULT_SCANNER_USER_AGENTS: Final = (
     "siparmyknife",
 )
 
+# Upper bounds. Each is checked at load time, so a value nftables would refuse (and
+# with it the whole ruleset) or silently change, or one that makes a detector
+# pointless, is a `file:line: key: reason` error of `sbc check-config` instead.
+
+#: Highest packet rate of a meter, per second: more than one host takes in as SIP.
+#: nftables charges a packet 10**9 / rate ns, which rounds to nothing above 10**9.
+MAX_PACKET_RATE: Final = 1_000_000
+#: Highest burst of a meter, in packets. nftables keeps a burst in 32 bits: 2**32
+#: would become 0 without an error.
+MAX_PACKET_BURST: Final = 1_000_000
+#: Longest a source stays in a meter set while idle, in seconds: a day. nftables
+#: 1.0.6 refuses set timeouts of 10**8 s and more, failing the whole apply.
+MAX_METER_IDLE_TIMEOUT: Final = 86_400
+#: Longest ban, and longest an offence is remembered, in seconds: a year. A ban is a
+#: kernel element timeout (nftables refuses 10**8 s and more) and an expiry logged
+#: as a date (datetime ends at year 9999).
+MAX_BAN_SECONDS: Final = 365 * 86_400
+#: Longest window of a detector, in seconds: a day.
+MAX_DETECTOR_WINDOW: Final = 86_400
+#: Highest threshold of a detector (requests, failures, messages per window).
+MAX_DETECTOR_THRESHOLD: Final = 1_000_000
+#: Most distinct users the sweep detector remembers per source (and sources per user
+#: the auth detector remembers); a higher `sweep_users` could never be reached.
+MAX_USERS_PER_SOURCE: Final = 1_024
+
 
 @dataclass(frozen=True)
 class SipPorts(Section):
@@ -59,8 +84,13 @@ class SipPorts(Section):
 class PacketMeter(Section):
     """A per-source packet rate: `rate` per second sustained, `burst` packets at once."""
 
-    rate: int = field(default=100, metadata=spec("Packets per second per source.", min=1))
-    burst: int = field(default=200, metadata=spec("Packets allowed in a burst.", min=1))
+    rate: int = field(
+        default=100,
+        metadata=spec("Packets per second per source.", min=1, max=MAX_PACKET_RATE),
+    )
+    burst: int = field(
+        default=200, metadata=spec("Packets allowed in a burst.", min=1, max=MAX_PACKET_BURST)
+    )
 
 
 @dataclass(frozen=True)
@@ -104,17 +134,23 @@ class BanPolicy(Section):
 
     durations: tuple[int, ...] = field(
         default=(300, 3600, 86400, 604800),
-        metadata=spec("Ban seconds for the 1st, 2nd, ... offence (the last repeats).", min_items=1),
+        metadata=spec(
+            "Ban seconds for the 1st, 2nd, ... offence (the last repeats).",
+            min=1,
+            max=MAX_BAN_SECONDS,
+            min_items=1,
+        ),
     )
     forget_after: int = field(
         default=30 * 86400,
-        metadata=spec("Seconds without offence after which a source starts over.", min=1),
+        metadata=spec(
+            "Seconds without offence after which a source starts over.",
+            min=1,
+            max=MAX_BAN_SECONDS,
+        ),
     )
 
     def check(self, path: str) -> Iterator[Issue]:
-        for index, seconds in enumerate(self.durations):
-            if seconds < 1:
-                yield key_path(path, f"durations[{index}]"), "expected a positive integer"
         if list(self.durations) != sorted(self.durations):
             yield key_path(path, "durations"), "durations must not decrease"
 
@@ -128,8 +164,13 @@ class RatePeakDetector(Section):
     """Request-rate peaks per source (Kamailio's pike): too many requests in a window."""
 
     enabled: bool = field(default=True, metadata=spec("Run this detector."))
-    window: float = field(default=2.0, metadata=spec("Window in seconds.", min=0.1))
-    max_requests: int = field(default=60, metadata=spec("Requests allowed per window.", min=1))
+    window: float = field(
+        default=2.0, metadata=spec("Window in seconds.", min=0.1, max=MAX_DETECTOR_WINDOW)
+    )
+    max_requests: int = field(
+        default=60,
+        metadata=spec("Requests allowed per window.", min=1, max=MAX_DETECTOR_THRESHOLD),
+    )
 
 
 @dataclass(frozen=True)
@@ -137,11 +178,20 @@ class AuthFailureDetector(Section):
     """Digest-authentication failures, per source and per user."""
 
     enabled: bool = field(default=True, metadata=spec("Run this detector."))
-    window: float = field(default=60.0, metadata=spec("Window in seconds.", min=1))
-    per_source: int = field(default=5, metadata=spec("Failures per source per window.", min=1))
+    window: float = field(
+        default=60.0, metadata=spec("Window in seconds.", min=1, max=MAX_DETECTOR_WINDOW)
+    )
+    per_source: int = field(
+        default=5,
+        metadata=spec("Failures per source per window.", min=1, max=MAX_DETECTOR_THRESHOLD),
+    )
     per_user: int = field(
         default=20,
-        metadata=spec("Failures per user per window; bans every source involved.", min=1),
+        metadata=spec(
+            "Failures per user per window; bans every source involved.",
+            min=1,
+            max=MAX_DETECTOR_THRESHOLD,
+        ),
     )
 
 
@@ -154,10 +204,16 @@ class ScannerDetector(Section):
         default=DEFAULT_SCANNER_USER_AGENTS,
         metadata=spec("User-Agent substrings (case-insensitive) banned at first sight."),
     )
-    sweep_window: float = field(default=60.0, metadata=spec("Sweep window in seconds.", min=1))
+    sweep_window: float = field(
+        default=60.0, metadata=spec("Sweep window in seconds.", min=1, max=MAX_DETECTOR_WINDOW)
+    )
     sweep_users: int = field(
         default=10,
-        metadata=spec("Distinct users probed (OPTIONS/REGISTER/INVITE) per window.", min=2),
+        metadata=spec(
+            "Distinct users probed (OPTIONS/REGISTER/INVITE) per window.",
+            min=2,
+            max=MAX_USERS_PER_SOURCE,
+        ),
     )
 
 
@@ -166,8 +222,13 @@ class MalformedDetector(Section):
     """Messages that fail to parse, per source."""
 
     enabled: bool = field(default=True, metadata=spec("Run this detector."))
-    window: float = field(default=60.0, metadata=spec("Window in seconds.", min=1))
-    max_messages: int = field(default=10, metadata=spec("Malformed messages per window.", min=1))
+    window: float = field(
+        default=60.0, metadata=spec("Window in seconds.", min=1, max=MAX_DETECTOR_WINDOW)
+    )
+    max_messages: int = field(
+        default=10,
+        metadata=spec("Malformed messages per window.", min=1, max=MAX_DETECTOR_THRESHOLD),
+    )
 
 
 @dataclass(frozen=True)
@@ -223,7 +284,10 @@ class FirewallConfig(Section):
         default=65536, metadata=spec("Sources tracked per meter set.", min=16, max=1 << 20)
     )
     meter_idle_timeout: int = field(
-        default=60, metadata=spec("Seconds an idle source stays in a meter set.", min=1)
+        default=60,
+        metadata=spec(
+            "Seconds an idle source stays in a meter set.", min=1, max=MAX_METER_IDLE_TIMEOUT
+        ),
     )
     trusted: tuple[IPNetwork, ...] = field(
         default=(),

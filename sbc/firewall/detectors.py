@@ -22,6 +22,7 @@ from typing import Final, Generic, Protocol, TypeVar
 
 from sbc.firewall.bans import BanTarget, IPAddress, ban_target
 from sbc.firewall.config import (
+    MAX_USERS_PER_SOURCE,
     AuthFailureDetector,
     Detectors,
     MalformedDetector,
@@ -31,8 +32,6 @@ from sbc.firewall.config import (
 
 #: Most keys (sources, users) any one detector table remembers.
 MAX_TRACKED: Final = 65_536
-#: Most distinct users remembered per source by the sweep detector.
-MAX_USERS_PER_SOURCE: Final = 1_024
 #: Seconds during which `Guard` does not repeat a decision for the same target.
 DECISION_HOLDOFF: Final = 5.0
 
@@ -367,6 +366,7 @@ class Guard:
 
 
 __all__ = [
+    "MAX_USERS_PER_SOURCE",
     "AuthFailed",
     "AuthFailures",
     "BanDecision",
