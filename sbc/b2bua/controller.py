@@ -2864,7 +2864,11 @@ class CallController:
                 else:
                     step = step + self._ack_leg(live, other, dialog, response.cseq.seq, tx)
         if relayed.cancelled:
-            return step  # the requester has its 487; a 2xx was ACKed above
+            # The requester has its 487; a 2xx was ACKed above, and took an offer
+            # the requester withdrew.
+            if status < 300 and relayed.before is not None:
+                step = step + self._roll_back(live, side, relayed.before, sdp, now)
+            return step
         if bad_sdp:
             # ACKed above; the requester learns that the far side's answer was unusable.
             out = make_response(relayed.request, 502)
@@ -2920,6 +2924,39 @@ class CallController:
         live.offers[offerer] = before.offers
         logger.debug("- call %s: offer refused, session as it was", live.call.call_ref)
         return self._update_media(live)
+
+    def _roll_back(
+        self,
+        live: _Live,
+        offerer: LegSide,
+        before: _Before,
+        answer: SessionDescription | None,
+        now: float,
+    ) -> Step:
+        """A 2xx crossed the CANCEL of a relayed offer: the answerer took an offer its
+        sender withdrew (RFC 3261 9.2), so the two sides no longer have one session.
+        The relay goes back to the offerer's media as it was and follows the
+        answerer's answer, and the answerer is offered the old session again in a
+        re-INVITE, with the next o= version (RFC 3264 8)."""
+        answerer = offerer.other
+        leg = live.call.leg(answerer)
+        if before.sdp_sent is None or leg.sdp_digest == before.sdp_digest:
+            return self._restore(live, offerer, before)  # the offer changed nothing
+        version = leg.sdp_version + 1
+        live.sdp_sent[answerer] = _with_version(before.sdp_sent, version)
+        leg = evolve(leg, sdp_version=version, sdp_digest=before.sdp_digest)
+        live.call = live.call.with_leg(answerer, leg)
+        if before.offers is not None:
+            live.offers[offerer] = before.offers
+        realm = self.realms.get(leg.realm)
+        if answer is not None and realm is not None:
+            live.offers[answerer] = leg_offers(answer, realm)
+        logger.info(
+            "- call %s: answer to a withdrawn offer, offering %s the session again",
+            live.call.call_ref,
+            answerer.value,
+        )
+        return self._update_media(live) + self._refresh(live, answerer, now, offer=True)
 
     def _subscription_progress(
         self, live: _Live, request: Request, response: Response, now: float
@@ -3004,16 +3041,18 @@ class CallController:
             when, live.call.call_ref, _Timer.REFRESH_A if side is LegSide.A else _Timer.REFRESH_B
         )
 
-    def _refresh(self, live: _Live, side: LegSide, now: float) -> Step:
+    def _refresh(self, live: _Live, side: LegSide, now: float, *, offer: bool = False) -> Step:
         """Refresh ``side``: UPDATE without a body where the peer allows it, else a
-        re-INVITE with the SDP last sent on that leg (unchanged version)."""
+        re-INVITE with the SDP last sent on that leg (unchanged version). ``offer``:
+        a re-INVITE with that SDP in any case (it changed: ``_roll_back``)."""
         leg = live.call.leg(side)
         if leg.dialog is None:
             return Step()
         if side in live.reinvite_pending:
             self._arm_refresh(live, side, now)
             return Step()
-        method = "UPDATE" if "UPDATE" in live.allows.get(side, frozenset()) else "INVITE"
+        allows_update = "UPDATE" in live.allows.get(side, frozenset())
+        method = "UPDATE" if allows_update and not offer else "INVITE"
         body = b"" if method == "UPDATE" else live.sdp_sent.get(side, b"")
         headers = [
             ("Session-Expires", f"{int(self._interval(live, side))};refresher=uac"),
@@ -3227,6 +3266,17 @@ class CallController:
                 self._ack_later[client] = (leg, leg.dialog, client.request.cseq.seq)
         live.relayed = None
         return step
+
+
+def _with_version(body: bytes, version: int) -> bytes:
+    """An SDP body the B2BUA wrote (``rewrite_sdp``: v= first, then its o=) with
+    ``version`` for the o= line's sess-version."""
+    start = body.index(b"\no=") + 1
+    end = body.index(b"\n", start)
+    line = body[start:end].rstrip(b"\r")
+    fields = line.split(b" ")
+    fields[2] = b"%d" % version
+    return body[:start] + b" ".join(fields) + body[start + len(line) :]
 
 
 def _refer_event(request: Request) -> bool:

@@ -36,6 +36,8 @@ T38 = (
 )
 #: The caller moves its audio to another port.
 MOVED = T38.replace("m=image 40100 udptl t38\r\na=T38FaxVersion:0", "m=audio 40200 RTP/AVP 0")
+#: ... and puts the callee on hold.
+MOVED_ON_HOLD = MOVED + "a=sendonly\r\n"
 
 
 def updates(step: object) -> list[tuple[StreamOffer, ...]]:
@@ -107,3 +109,60 @@ def test_an_accepted_re_invite_is_kept() -> None:
     # The answer updates the relay; nothing goes back to the old session.
     for streams in updates(step):
         assert [s.a.remote.port for s in streams if s.a.remote is not None] == [40200]
+
+
+def cancel_for(text: str) -> str:
+    head = text.split("\r\n\r\n", 1)[0]
+    head = head.replace("INVITE sip:", "CANCEL sip:", 1).replace(" INVITE\r\n", " CANCEL\r\n")
+    lines = [
+        line
+        for line in head.split("\r\n")
+        if not line.startswith(("Content-Type:", "Content-Length:"))
+    ]
+    return "\r\n".join(lines) + "\r\nContent-Length: 0\r\n\r\n"
+
+
+def test_a_2xx_to_a_withdrawn_offer_is_rolled_back_with_a_re_invite() -> None:
+    # RFC 3261 9.2: the callee answered 2xx before the CANCEL reached it; the caller,
+    # with its 487, keeps the old session. The callee gets the old one offered again.
+    c = controller()
+    invite, _, a_tag = confirmed_call(c)
+    text = from_a("INVITE", a_tag, 2, body=MOVED_ON_HOLD)
+    step = receive(c, text, CALLER, 1.0)
+    (reinvite,) = requests(step, "INVITE")
+    assert b"a=sendonly" in reinvite.body
+    moved_streams = updates(step)[-1]
+    receive(c, answer(reinvite, 180), TRUNK, 1.05)
+    assert 487 in statuses(receive(c, cancel_for(text), CALLER, 1.1))
+    step = receive(c, answer(reinvite, 200, ANSWER), TRUNK, 1.2)
+    (again,) = requests(step, "INVITE")
+    old = SessionDescription.parse(invite.body)
+    offered = SessionDescription.parse(again.body)
+    assert (
+        offered.origin.sess_version
+        == SessionDescription.parse(reinvite.body).origin.sess_version + 1
+    )
+    assert offered.origin.sess_id == old.origin.sess_id
+    assert [m.formats for m in offered.media] == [m.formats for m in old.media]
+    assert b"a=sendonly" not in again.body
+    assert again.body.replace(b" 3 IN IP4", b" 1 IN IP4") == invite.body
+    # The relay sends the caller's media where it was before the withdrawn offer.
+    (restored,) = updates(step)
+    assert restored != moved_streams
+    assert [s.a.remote.port for s in restored if s.a.remote is not None] == [40000]
+    assert [r.method for r in requests(receive(c, answer(again, 200, ANSWER), TRUNK, 1.3))] == [
+        "ACK"
+    ]
+
+
+def test_a_2xx_to_a_withdrawn_offer_that_changed_nothing_needs_no_re_invite() -> None:
+    # A new port of the caller's is the relay's business only: the callee's offer
+    # was the session it had.
+    c = controller()
+    invite, _, a_tag = confirmed_call(c)
+    text = from_a("INVITE", a_tag, 2, body=MOVED)
+    (reinvite,) = requests(receive(c, text, CALLER, 1.0), "INVITE")
+    assert reinvite.body == invite.body  # the same session: o= version unchanged
+    receive(c, cancel_for(text), CALLER, 1.1)
+    step = receive(c, answer(reinvite, 200, ANSWER), TRUNK, 1.2)
+    assert [r.method for r in requests(step)] == ["ACK"]
