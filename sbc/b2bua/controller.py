@@ -36,7 +36,7 @@ import urllib.parse
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Final, Protocol, TypeVar
 
 from sbc.b2bua.admission import AdmissionControl, AdmissionTicket, RefusalReason, Refused
 from sbc.b2bua.call import Call, CallLeg, CallState, EndReason, LegSide
@@ -2681,11 +2681,7 @@ class CallController:
         if any(leg.dialog is None or leg.dialog.state is DialogState.EARLY for leg in legs):
             return
         referrals = self._referrals
-        while referrals:
-            oldest = next(iter(referrals.values()))
-            if oldest.expires > now and len(referrals) < MAX_ORPHANS:
-                break
-            referrals.popitem(last=False)
+        _make_room(referrals, now)
         # The BYE terminated the dialogs as the INVITE usage knows them; the
         # subscription usage goes on in them (RFC 5057 5.5).
         on, to = (
@@ -2753,11 +2749,7 @@ class CallController:
 
     def _adopt(self, call_ref: str, fork: _Fork, now: float) -> None:
         orphans = self._orphans
-        while orphans:
-            oldest = next(iter(orphans.values()))
-            if oldest.expires > now and len(orphans) < MAX_ORPHANS:
-                break
-            orphans.popitem(last=False)
+        _make_room(orphans, now)
         key = (fork.leg.call_id, fork.leg.local_tag)
         if key not in orphans:
             # A 2xx can come as long as the callee retransmits it (64*T1) after
@@ -3266,6 +3258,24 @@ class CallController:
                 self._ack_later[client] = (leg, leg.dialog, client.request.cseq.seq)
         live.relayed = None
         return step
+
+
+class _Expiring(Protocol):
+    @property
+    def expires(self) -> float: ...
+
+
+_E = TypeVar("_E", bound=_Expiring)
+
+
+def _make_room(kept: OrderedDict[tuple[str, str], _E], now: float) -> None:
+    """Forget entries of ``kept`` from the oldest on, while the oldest has expired or
+    ``kept`` is full (``MAX_ORPHANS``): room for one more."""
+    while kept:
+        oldest = next(iter(kept.values()))
+        if oldest.expires > now and len(kept) < MAX_ORPHANS:
+            break
+        kept.popitem(last=False)
 
 
 def _with_version(body: bytes, version: int) -> bytes:

@@ -12,7 +12,7 @@ import pytest
 from sbc.b2bua.routing import RouteAction, Router, RouteRule, TrunkRoute
 from sbc.b2bua.targets import Directory
 from sbc.b2bua.trunks import Gateway, ProbePolicy, Trunk, TrunkTable
-from sbc.cdr import CdrRecord, Disposition, EndReason, JsonLinesCdrStore
+from sbc.cdr import JsonLinesCdrStore
 from sbc.registrar.credentials import StaticCredentials
 from sbc.registrar.location import LocationService
 from sbc.registrar.registrar import Registrar, RegistrarPolicy
@@ -22,6 +22,7 @@ from sbc.sip.message import Request, Response
 from sbc.sip.parser import parse_message
 from sbc.sip.uri import SipUri, parse_uri
 from sbc.transport.base import Destination, Flow, ListenAddress, Transport
+from tests.unit.test_cdr import BUSY
 
 # --- 1. registrations keyed by the unescaped To user (RFC 3261 19.1.4) ----------------------
 
@@ -204,23 +205,6 @@ def test_location_lookup_of_odd_users_does_not_raise(uri: str) -> None:
 
 
 # --- 2. JSON-lines CDRs are valid UTF-8 JSON -------------------------------------------------
-
-BUSY = CdrRecord(
-    call_ref="busy-1",
-    route="to-carrier",
-    a_realm="outside",
-    b_realm="carrier",
-    caller="sip:bob@198.51.100.10",
-    callee="sip:1000@sbc.example.net",
-    source="198.51.100.10:5060",
-    destination="203.0.113.5:5060",
-    start_time=1_700_000_100.0,
-    end_time=1_700_000_102.0,
-    setup_time=2.0,
-    disposition=Disposition.BUSY,
-    final_status=486,
-    end_reason=EndReason.REJECTED,
-)
 
 
 def test_json_lines_cdr_has_no_lone_surrogates(tmp_path: Path) -> None:
