@@ -32,7 +32,8 @@ Events:
   a 2xx, which belongs to the dialog (RFC 3261 17.2.3, RFC 6026 7.1).
 * :class:`StrayResponse` - a response that matches no client transaction
   (RFC 3261 17.1.3 / 18.1.2: a proxy would forward it; a UA drops it).
-* :class:`TransactionTimeout` - Timer B, F or H fired.
+* :class:`TransactionTimeout` - Timer B, F or H fired (B also 64*T1 after the TU's
+  CANCEL of an INVITE that got no final response, RFC 3261 9.1).
 * :class:`TransportError` - the transport reported a failure to send.
 * :class:`TransactionTerminated` - the transaction reached Terminated.
 * :class:`RequestRefused` - the layer is full; a stateless 503 was sent.
@@ -73,6 +74,8 @@ MAX_TRANSACTIONS: Final = 50_000
 OVERLOAD_STATUS: Final = 503
 #: Seconds in the Retry-After of that 503 (RFC 3261 20.33).
 OVERLOAD_RETRY_AFTER: Final = 5
+#: Seconds between two warnings that the layer is full: a flood must not flood the log.
+OVERLOAD_LOG_INTERVAL: Final = 10.0
 #: RFC 3261 8.1.1.6: Max-Forwards of an ACK or CANCEL built here when the INVITE has none.
 DEFAULT_MAX_FORWARDS: Final = 70
 
@@ -143,6 +146,7 @@ class Stimulus(Enum):
     TU_2XX = "2xx from TU"
     TU_300_699 = "300-699 from TU"
     TRANSPORT_ERROR = "transport error"
+    CANCEL_SENT = "CANCEL sent"  # RFC 3261 9.1; no figure has it
 
 
 class Action(Enum):
@@ -195,6 +199,10 @@ CLIENT_INVITE_TABLE: Final[TransitionTable] = {
     (_S.PROCEEDING, _In.RECEIVED_300_699): _go(
         _S.COMPLETED, _Do.SEND_ACK, _Do.PASS_TO_TU, start=(Timer.D,)
     ),
+    # RFC 3261 9.1: with no final response 64*T1 after the CANCEL, the INVITE is taken
+    # as cancelled and its transaction destroyed (Timer B again: 64*T1, then timeout).
+    (_S.PROCEEDING, _In.CANCEL_SENT): _go(_S.PROCEEDING, start=(Timer.B,)),
+    (_S.PROCEEDING, Timer.B): _go(_S.TERMINATED, _Do.REPORT_TIMEOUT),
     (_S.COMPLETED, _In.RECEIVED_300_699): _go(_S.COMPLETED, _Do.SEND_ACK),
     (_S.COMPLETED, _In.TRANSPORT_ERROR): _go(_S.TERMINATED, _Do.REPORT_TRANSPORT_ERROR),
     (_S.COMPLETED, Timer.D): _go(_S.TERMINATED),
@@ -778,6 +786,10 @@ class ClientInviteTransaction(ClientTransaction):
         """RFC 3261 9.1: CANCEL only after a provisional and before a final response."""
         return self.state is TransactionState.PROCEEDING
 
+    def cancel_sent(self, now: float) -> Output:
+        """The TU sent the CANCEL of this INVITE: 64*T1 for a final response (9.1)."""
+        return self._input(Stimulus.CANCEL_SENT, now)
+
     def build_cancel(self) -> Request:
         """The CANCEL for this INVITE (RFC 3261 9.1).
 
@@ -968,7 +980,8 @@ class TransactionLayer:
     transactions are forgotten as soon as they terminate. At most
     ``max_transactions`` live at once: a new request beyond that is answered with a
     stateless 503 and reported as RequestRefused; a new client transaction raises
-    TransactionLimitError.
+    TransactionLimitError. A CANCEL of a live INVITE, either way, is let in (RFC 3261
+    9.1, 9.2): there is one per INVITE at most, so the excess is bounded by the INVITEs.
     """
 
     def __init__(
@@ -987,6 +1000,9 @@ class TransactionLayer:
         self._heap: list[tuple[float, int, Transaction]] = []
         self._scheduled: dict[Transaction, float] = {}
         self._order = itertools.count()
+        # Requests refused since the last overload warning, and when that was.
+        self._refused = 0
+        self._warned_at: float | None = None
 
     def __len__(self) -> int:
         return len(self._client) + len(self._server)
@@ -999,6 +1015,11 @@ class TransactionLayer:
         """Start a client transaction for ``request`` and send it."""
         if len(self) >= self.max_transactions:
             raise TransactionLimitError(f"transaction limit of {self.max_transactions} reached")
+        return self._start_client(request, destination, now, reliable)
+
+    def _start_client(
+        self, request: Request, destination: object, now: float, reliable: bool
+    ) -> tuple[ClientTransaction, Output]:
         tx: ClientTransaction
         if request.method == "INVITE":
             tx = ClientInviteTransaction(
@@ -1017,10 +1038,14 @@ class TransactionLayer:
     def send_cancel(
         self, invite: ClientInviteTransaction, now: float
     ) -> tuple[ClientTransaction, Output]:
-        """CANCEL ``invite`` in a new client transaction to the same destination (9.1)."""
-        return self.send_request(
-            invite.build_cancel(), invite.destination, now, reliable=invite.reliable
-        )
+        """CANCEL ``invite`` in a new client transaction to the same destination (9.1).
+
+        Not refused when the layer is full: a live INVITE has at most one CANCEL (its
+        branch), so the bound holds, and a caller's hang-up must reach the callee.
+        """
+        cancel = invite.build_cancel()
+        tx, out = self._start_client(cancel, invite.destination, now, invite.reliable)
+        return tx, out + self._track(invite, invite.cancel_sent(now))
 
     def send_response(
         self, transaction: ServerTransaction, response: Response, now: float
@@ -1114,8 +1139,12 @@ class TransactionLayer:
         if request.method == "ACK":
             # 17.2.3: the ACK for a 2xx matches no transaction; it is the dialog's.
             return Output(events=(AckReceived(request, source),))
-        if len(self) >= self.max_transactions:
-            return self._refuse(request, source)
+        if len(self) >= self.max_transactions and not (
+            # RFC 3261 9.2: a CANCEL of a live INVITE is answered, full or not; one per
+            # INVITE transaction (same branch or same 2543 fields), so still bounded.
+            request.method == "CANCEL" and self.find_cancelled(request) is not None
+        ):
+            return self._refuse(request, source, now)
         new: ServerTransaction
         if request.method == "INVITE":
             new = ServerInviteTransaction(
@@ -1136,8 +1165,20 @@ class TransactionLayer:
             event = RequestReceived(new, request)
         return Output(events=(event,)) + self._track(new, new.start(now))
 
-    def _refuse(self, request: Request, source: object) -> Output:
-        logger.warning("x transaction limit reached, refusing %s", request.start_line())
+    def _refuse(self, request: Request, source: object, now: float) -> Output:
+        self._refused += 1
+        if self._warned_at is None or now - self._warned_at >= OVERLOAD_LOG_INTERVAL:
+            logger.warning(
+                "x transaction limit of %d reached: refused %d request(s) in %.0f s, the last %s",
+                self.max_transactions,
+                self._refused,
+                0.0 if self._warned_at is None else now - self._warned_at,
+                request.start_line(),
+            )
+            self._warned_at = now
+            self._refused = 0
+        else:
+            logger.debug("x transaction limit reached, refusing %s", request.start_line())
         response = make_response(
             request,
             OVERLOAD_STATUS,
