@@ -1587,8 +1587,7 @@ class CallController:
         caller, _ = uri_user_host(a_request.from_.uri)
         headers = Headers()
         headers.add("Via", via_for(leg.local, new_branch()))
-        max_forwards = a_request.max_forwards
-        headers.add("Max-Forwards", str(min(MAX_FORWARDS, (max_forwards or MAX_FORWARDS + 1) - 1)))
+        headers.add("Max-Forwards", _one_less(a_request))
         own, to, request_uri = self._addressing(leg.realm, leg.local, caller, target)
         display = a_request.from_.display_name
         from_ = f"<{own}>;tag={leg.local_tag}"
@@ -1664,6 +1663,11 @@ class CallController:
         rejection = check_request(request, self.responder.policy)
         if rejection is not None:
             return self._send_response(tx, rejection.response_to(request, new_tag()), now)
+        max_forwards = request.max_forwards
+        if max_forwards is not None and max_forwards <= 1:
+            if request.method == "OPTIONS" and max_forwards == 0:
+                return self._local(tx, request, now)  # RFC 3261 11: asked of the SBC
+            return self._send_response(tx, make_response(request, 483, to_tag=new_tag()), now)
         refused = self._authenticate(tx, request, flow, realm, now)
         if refused is not None:
             return refused
@@ -1726,8 +1730,7 @@ class CallController:
         caller, _ = uri_user_host(request.from_.uri)
         headers = Headers()
         headers.add("Via", via_for(hop.local, new_branch()))
-        max_forwards = request.max_forwards
-        headers.add("Max-Forwards", str(min(MAX_FORWARDS, (max_forwards or MAX_FORWARDS + 1) - 1)))
+        headers.add("Max-Forwards", _one_less(request))
         own, to, request_uri = self._addressing(target_realm.name, hop.local, caller, target)
         headers.add("From", f"<{own}>;tag={call.b.local_tag}")
         headers.add("To", f"<{to}>")
@@ -1818,8 +1821,7 @@ class CallController:
         caller, _ = uri_user_host(request.from_.uri)
         headers = Headers()
         headers.add("Via", via_for(hop.local, new_branch()))
-        max_forwards = request.max_forwards
-        headers.add("Max-Forwards", str(min(MAX_FORWARDS, (max_forwards or MAX_FORWARDS + 1) - 1)))
+        headers.add("Max-Forwards", _one_less(request))
         own, to, request_uri = self._addressing(target_realm.name, hop.local, caller, target)
         headers.add("From", f"<{own}>;tag={new_tag()}")
         headers.add("To", f"<{to}>")
@@ -3276,6 +3278,14 @@ def _make_room(kept: OrderedDict[tuple[str, str], _E], now: float) -> None:
         if oldest.expires > now and len(kept) < MAX_ORPHANS:
             break
         kept.popitem(last=False)
+
+
+def _one_less(request: Request) -> str:
+    """The Max-Forwards of a request routed on for ``request`` (RFC 3261 16.6 step 3:
+    one less; MAX_FORWARDS at most, and when it has none). Requests with none left
+    are answered 483 before."""
+    max_forwards = request.max_forwards
+    return str(MAX_FORWARDS if max_forwards is None else min(MAX_FORWARDS, max_forwards - 1))
 
 
 def _with_version(body: bytes, version: int) -> bytes:
