@@ -777,6 +777,9 @@ class CallController:
         self._register_relayed: dict[ClientTransaction, _RegisterRelayed] = {}
         #: (Call-ID, the SBC's tag on that leg) -> call and side.
         self._by_dialog: dict[tuple[str, str], tuple[str, LegSide]] = {}
+        #: Out-of-dialog INVITE server transactions by Call-ID, From tag and CSeq, to
+        #: tell merged requests (RFC 3261 8.2.2.2).
+        self._invites: dict[tuple[str, str, int], ServerTransaction] = {}
         self._by_client: dict[ClientTransaction, _ByRole] = {}
         self._by_server: dict[ServerTransaction, str] = {}
         self._by_session: dict[str, str] = {}
@@ -1083,6 +1086,11 @@ class CallController:
                         self._settle(live)
             elif isinstance(tx, ServerTransaction):
                 self._by_server.pop(tx, None)
+                if isinstance(tx, ServerInviteTransaction):
+                    request = tx.request
+                    merged = (request.call_id, request.from_.tag or "", request.cseq.seq)
+                    if self._invites.get(merged) is tx:
+                        del self._invites[merged]
         return Step()
 
     def _inbound(self, message: Message, flow: object) -> None:
@@ -1336,6 +1344,11 @@ class CallController:
         rejection = check_request(request, INVITE_POLICY)
         if rejection is not None:
             return self._send_response(tx, rejection.response_to(request, new_tag()), now)
+        merged = (request.call_id, request.from_.tag or "", request.cseq.seq)
+        if self._invites.setdefault(merged, tx) is not tx:
+            # RFC 3261 8.2.2.2: the same request by another path (a proxy forked it
+            # to the SBC twice): one call, not two calls to the same callee.
+            return self._send_response(tx, make_response(request, 482, to_tag=new_tag()), now)
         refused = self._authenticate(tx, request, flow, realm, now)
         if refused is not None:
             return refused

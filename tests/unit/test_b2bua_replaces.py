@@ -86,14 +86,18 @@ def test_an_invite_with_replaces_goes_to_the_peer_of_the_dialog_it_replaces() ->
 def test_an_invite_replacing_no_dialog_of_ours_gets_481() -> None:
     c = controller()
     _, sbc_tag = first_call(c)
-    for value in (
-        replaces("no-such-call", sbc_tag, "alicetag"),
-        replaces(FIRST_CALL_ID, sbc_tag, "someone-else"),  # RFC 3891 3: both tags match
-        replaces(FIRST_CALL_ID, "alicetag", sbc_tag),
-        FIRST_CALL_ID,
+    for cseq, value in enumerate(
+        (
+            replaces("no-such-call", sbc_tag, "alicetag"),
+            replaces(FIRST_CALL_ID, sbc_tag, "someone-else"),  # RFC 3891 3: both tags match
+            replaces(FIRST_CALL_ID, "alicetag", sbc_tag),
+            FIRST_CALL_ID,
+        ),
+        start=2,
     ):
         extra = f"Replaces: {value}\r\n"
-        step = receive(c, invite_text(via_branch="z9hG4bK" + value[:6], extra=extra), CALLER, 1.0)
+        text = invite_text(via_branch=f"z9hG4bKr{cseq}", cseq=cseq, extra=extra)
+        step = receive(c, text, CALLER, 1.0)
         assert [s for s in statuses(step) if s != 100] == [481], value
         assert step.media == ()
     assert len(c) == 1
