@@ -1012,8 +1012,11 @@ class TransactionLayer:
     def send_request(
         self, request: Request, destination: object, now: float, *, reliable: bool
     ) -> tuple[ClientTransaction, Output]:
-        """Start a client transaction for ``request`` and send it."""
-        if len(self) >= self.max_transactions:
+        """Start a client transaction for ``request`` and send it.
+
+        A BYE is not refused when the layer is full: it ends a call the TU holds (so
+        there are at most two per call), and what a call holds is freed by it."""
+        if len(self) >= self.max_transactions and request.method != "BYE":
             raise TransactionLimitError(f"transaction limit of {self.max_transactions} reached")
         return self._start_client(request, destination, now, reliable)
 

@@ -102,6 +102,20 @@ def test_a_full_layer_still_lets_the_tu_cancel_its_invite() -> None:
         layer.send_request(options(), PEER, 1.1, reliable=False)
 
 
+def test_a_full_layer_still_lets_the_tu_hang_up() -> None:
+    # The B2BUA's BYE ends a call and frees what it holds. Before, a full layer raised
+    # TransactionLimitError for it, which lost the B2BUA's whole step: the caller's
+    # BYE got no 200 and the callee's leg stayed up.
+    layer = TransactionLayer(max_transactions=1)
+    layer.send_request(options(), PEER, 0.0, reliable=False)
+    request = parse_message(bytes(options("z9hG4bKbye")).replace(b"OPTIONS", b"BYE"))
+    assert isinstance(request, Request)
+    _, out = layer.send_request(request, PEER, 0.1, reliable=False)
+    assert start_lines(out)[0].startswith(b"BYE ")
+    with pytest.raises(TransactionLimitError):
+        layer.send_request(options(), PEER, 0.2, reliable=False)
+
+
 # -- RFC 3261 9.1: an INVITE cancelled but never answered is destroyed after 64*T1 ------
 
 
