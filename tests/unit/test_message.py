@@ -214,6 +214,16 @@ def test_framer_keepalives_and_garbage() -> None:
     assert framer.broken and list(framer.feed(data)) == []
 
 
+def test_framer_takes_a_read_full_of_pings_and_a_message_after_them() -> None:
+    # 64 KB of pings in one read: each is one Keepalive, and the message after them
+    # is framed (the head of the buffer is scanned per ping, not all of it: the
+    # whole-buffer scan held the event loop 1.5 s for this read).
+    data = load("options-keepalive.sip")
+    items = list(StreamFramer().feed(b"\r\n\r\n" * 16384 + data))
+    assert items.count(Keepalive()) == 16384
+    assert [type(i) for i in items[16384:]] == [Request]
+
+
 def test_framer_requires_content_length() -> None:
     data = load("options-keepalive.sip").replace(b"l: 0\r\n", b"")
     (item,) = StreamFramer().feed(data)
