@@ -25,6 +25,7 @@ __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_MESSAGE_TIMEOUT",
     "Destination",
     "Flow",
     "HandshakeLimit",
@@ -42,13 +43,19 @@ __all__ = [
     "ip_literal",
     "is_forbidden_destination",
     "is_reliable",
+    "is_stun",
     "normalize_host",
     "response_target",
     "stamp_via",
+    "stun_binding_response",
 ]
 
 #: Seconds a TCP/TLS connection may carry nothing before the sweep closes it.
 DEFAULT_IDLE_TIMEOUT: Final = 600.0
+#: Seconds a TCP/TLS message may take to arrive, first byte to last: 64*T1, RFC 3261
+#: Timer B/F. A request still arriving after that has outlived its client transaction;
+#: a peer dribbling one byte at a time (slowloris) is closed then, active or not.
+DEFAULT_MESSAGE_TIMEOUT: Final = 32.0
 #: Accepted TCP/TLS connections at once; more are closed as soon as they arrive.
 DEFAULT_MAX_CONNECTIONS: Final = 4096
 #: Seconds an outgoing connection (TCP connect plus TLS handshake) may take.
@@ -108,6 +115,7 @@ class TransportConfig:
 
     listen: tuple[ListenAddress, ...] = ()
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    message_timeout: float = DEFAULT_MESSAGE_TIMEOUT
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     close_timeout: float = DEFAULT_CLOSE_TIMEOUT
@@ -117,8 +125,8 @@ class TransportConfig:
     handshake_limit: HandshakeLimit | None = HandshakeLimit()
 
     def __post_init__(self) -> None:
-        if self.idle_timeout <= 0:
-            raise ValueError("idle_timeout must be positive")
+        if self.idle_timeout <= 0 or self.message_timeout <= 0:
+            raise ValueError("idle_timeout and message_timeout must be positive")
         if self.max_connections < 0:
             raise ValueError("max_connections must not be negative")
         if self.connect_timeout <= 0 or self.close_timeout <= 0:
@@ -128,10 +136,11 @@ class TransportConfig:
 
     @property
     def effective_sweep_interval(self) -> float:
-        """A quarter of the idle timeout, at most 5 s: a connection outlives it by little."""
+        """A quarter of the idle (or message) timeout, at most 5 s: a connection
+        outlives it by little."""
         if self.sweep_interval is not None:
             return self.sweep_interval
-        return min(self.idle_timeout / 4, 5.0)
+        return min(self.idle_timeout / 4, self.message_timeout / 4, 5.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +256,10 @@ class Stat(enum.Enum):
     CONNECTIONS_REFUSED = "connections_refused"
     CONNECT_FAILURES = "connect_failures"
     IDLE_CLOSED = "idle_closed"
+    #: Streams closed because a message took longer than message_timeout to arrive.
+    MESSAGE_TIMEOUTS = "message_timeouts"
+    #: Closing connections aborted after close_timeout: the peer stopped reading.
+    CLOSE_TIMEOUTS = "close_timeouts"
     #: Inbound TLS handshakes refused before they began: per-source limits reached.
     TLS_HANDSHAKES_REFUSED = "tls_handshakes_refused"
     #: Inbound TLS handshakes that failed or timed out (old protocol versions, no
@@ -358,8 +371,9 @@ def stamp_via(request: Request, source_host: str, source_port: int) -> bool:
 
     RFC 3261 18.2.1: add ``received`` when the sent-by host differs from the source
     address. RFC 3581 4: an ``rport`` without a value gets the source port, and then
-    ``received`` is added even when it equals sent-by. Raises ParseError if the top
-    Via cannot be parsed.
+    ``received`` is added even when it equals sent-by. A ``received`` the sender
+    wrote itself is replaced by the source address: responses go there, and it
+    could name anyone. Raises ParseError if the top Via cannot be parsed.
     """
     top = request.via
     source = normalize_host(source_host)
@@ -368,7 +382,7 @@ def stamp_via(request: Request, source_host: str, source_port: int) -> bool:
     if top.rport == "":
         stamped = stamped.with_param("rport", str(source_port))
         force_received = True
-    if force_received or normalize_host(top.host) != source:
+    if force_received or normalize_host(top.received or top.host) != source:
         stamped = stamped.with_param("received", source)
     if stamped == top:
         return False
@@ -380,9 +394,10 @@ def response_target(response: Response, transport: Transport) -> tuple[str, int]
     """Where a response goes when no connection carries it (RFC 3261 18.2.2, RFC 3581 4).
 
     Reliable transports: ``received`` (else the sent-by host) and the sent-by port
-    (else the transport's default). Unreliable: ``maddr`` if present; else
-    ``received`` (else sent-by) and ``rport`` if it has a value, else the sent-by
-    port, else 5060. Raises ParseError if the top Via is missing or unparsable.
+    (else the transport's default). Unreliable: a multicast ``maddr`` if present
+    (which the send then refuses); else ``received`` (else sent-by) and ``rport`` if
+    it has a value, else the sent-by port, else 5060. Raises ParseError if the top
+    Via is missing or unparsable.
     """
     via = response.via
     default = transport.default_port
@@ -390,11 +405,65 @@ def response_target(response: Response, transport: Transport) -> tuple[str, int]
     if is_reliable(transport):
         return normalize_host(received or via.host), via.port or default
     maddr = via.param("maddr")
-    if maddr:
+    # RFC 3261 18.2.2 sends to maddr, an address for multicast, which the SBC does not
+    # do. A unicast maddr would let any request aim its responses at a third party.
+    if maddr and (address := ip_literal(maddr)) is not None and address.is_multicast:
         return normalize_host(maddr), via.port or default
     rport = via.rport
     port = int(rport) if rport and rport.isdigit() else (via.port or default)
     return normalize_host(received or via.host), port
+
+
+# -- STUN keepalives ------------------------------------------------------------------
+
+#: RFC 5389 6: the fixed header, its magic cookie, and the messages a keepalive uses.
+_STUN_HEADER: Final = 20
+_STUN_COOKIE: Final = bytes.fromhex("2112a442")
+_STUN_BINDING_REQUEST: Final = bytes.fromhex("0001")
+_STUN_BINDING_SUCCESS: Final = bytes.fromhex("0101")
+_STUN_XOR_MAPPED_ADDRESS: Final = bytes.fromhex("0020")
+
+
+def is_stun(data: bytes) -> bool:
+    """True for a STUN message (RFC 5389 6): not SIP, whose first byte is a letter.
+
+    The two top bits are zero, the magic cookie follows the length, and the length
+    counts the attributes that follow the header exactly.
+    """
+    return (
+        len(data) >= _STUN_HEADER
+        and data[0] < 0x40
+        and data[4:8] == _STUN_COOKIE
+        and int.from_bytes(data[2:4], "big") == len(data) - _STUN_HEADER
+    )
+
+
+def stun_binding_response(data: bytes, host: str, port: int) -> bytes | None:
+    """The answer to a STUN Binding request from ``host``:``port``, else None.
+
+    RFC 5626 8: an edge proxy that supports outbound answers the STUN keepalives a UA
+    sends to its SIP UDP port; the UA learns from XOR-MAPPED-ADDRESS (RFC 5389 15.2)
+    whether its NAT binding changed. Attributes of the request are not looked at.
+    """
+    if not is_stun(data) or data[:2] != _STUN_BINDING_REQUEST:
+        return None
+    address = ip_literal(host)
+    if address is None:
+        return None
+    transaction = data[8:_STUN_HEADER]
+    # IPv4 is XORed with the cookie, IPv6 with the cookie and the transaction ID.
+    mask = _STUN_COOKIE + transaction
+    mapped = bytes(a ^ b for a, b in zip(address.packed, mask, strict=False))
+    family = b"\x01" if address.version == 4 else b"\x02"
+    value = b"\x00" + family + (port ^ 0x2112).to_bytes(2, "big") + mapped
+    attribute = _STUN_XOR_MAPPED_ADDRESS + len(value).to_bytes(2, "big") + value
+    return (
+        _STUN_BINDING_SUCCESS
+        + len(attribute).to_bytes(2, "big")
+        + _STUN_COOKIE
+        + transaction
+        + attribute
+    )
 
 
 def error_response(error: ParseError) -> Response | None:

@@ -44,9 +44,11 @@ from sbc.transport.base import (
     ip_literal,
     is_forbidden_destination,
     is_reliable,
+    is_stun,
     normalize_host,
     response_target,
     stamp_via,
+    stun_binding_response,
 )
 from sbc.transport.certificates import ServerTls
 from sbc.transport.stream import StreamConnection, StreamEvent, StreamListener, connect
@@ -476,14 +478,32 @@ class TransportLayer:
             self.close_idle(loop.time())
 
     def close_idle(self, now: float) -> int:
-        """Close connections idle for longer than ``idle_timeout`` at loop time ``now``."""
-        limit = self._config.idle_timeout
-        idle = [c for c in self._connections.values() if now - c.last_activity > limit]
-        for connection in idle:
-            logger.debug("- closing idle %s", connection.flow)
+        """Close connections idle for longer than ``idle_timeout``, or whose message has
+        been arriving for longer than ``message_timeout``, at loop time ``now``; abort
+        those still closing ``close_timeout`` after they were closed. Returns how many
+        it closed."""
+        config = self._config
+        closed = 0
+        for connection in list(self._connections.values()):
+            if connection.closing_since is not None:
+                # A peer that does not read keeps close() flushing forever.
+                if now - connection.closing_since > config.close_timeout:
+                    logger.debug("x aborting %s: still closing", connection.flow)
+                    connection.abort()
+                    self.stats.incr(Stat.CLOSE_TIMEOUTS)
+                continue
+            started = connection.message_started
+            if now - connection.last_activity > config.idle_timeout:
+                logger.debug("- closing idle %s", connection.flow)
+                self.stats.incr(Stat.IDLE_CLOSED)
+            elif started is not None and now - started > config.message_timeout:
+                logger.debug("x closing %s: a message still arriving", connection.flow)
+                self.stats.incr(Stat.MESSAGE_TIMEOUTS)
+            else:
+                continue
             connection.close()
-            self.stats.incr(Stat.IDLE_CLOSED)
-        return len(idle)
+            closed += 1
+        return closed
 
     # -- inbound ----------------------------------------------------------------------
 
@@ -544,6 +564,14 @@ class TransportLayer:
         if not data.strip(b"\r\n"):
             # RFC 5626 4.4.1 is STUN over UDP; a bare CRLF datagram is a NAT keepalive.
             self.stats.incr(Stat.KEEPALIVES)
+            return
+        if data[0] < 0x40 and is_stun(data):
+            # RFC 5626 8: STUN keepalives share the SIP port; Binding requests are answered.
+            self.stats.incr(Stat.KEEPALIVES)
+            answer = stun_binding_response(data, flow.remote_host, port)
+            if answer is not None:
+                with contextlib.suppress(OSError):
+                    listener.send(answer, flow.remote_host, port)
             return
         try:
             message = parse_message(data)

@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 LISTEN_BACKLOG: Final = 100
 #: Seconds a TLS listener pauses after accept() fails (out of file descriptors).
 ACCEPT_RETRY_DELAY: Final = 0.1
+#: Bytes the framer may hold between messages: the start of a CRLFCRLF ping (RFC 5626
+#: 3.5.1). More than that is the start of a message, and its deadline runs.
+_PING_PREFIX: Final = len(b"\r\n\r\n") - 1
 
 #: What a connection hands its owner: a framing failure arrives as the ParseError
 #: it carries, with ``close`` set.
@@ -100,6 +103,12 @@ class StreamConnection(asyncio.Protocol):
         self._closing = False
         self._closed = asyncio.get_running_loop().create_future()
         self.last_activity = asyncio.get_running_loop().time()
+        #: Loop time the message now in the framer began to arrive; None between
+        #: messages. Activity alone does not keep a connection whose message never ends.
+        self.message_started: float | None = None
+        #: Loop time close() or abort() was called: a peer that does not read keeps a
+        #: plain close() flushing forever, so the owner aborts it after a while.
+        self.closing_since: float | None = None
 
     def __repr__(self) -> str:
         return f"<StreamConnection {self._flow or self.id}>"
@@ -141,14 +150,19 @@ class StreamConnection(asyncio.Protocol):
     def close(self) -> None:
         """Flush what is queued, then close (TLS: with close_notify)."""
         if self._transport is not None and not self._closing:
-            self._closing = True
+            self._start_closing()
             self._transport.close()
 
     def abort(self) -> None:
         """Close now, dropping what is queued."""
         if self._transport is not None:
-            self._closing = True
+            self._start_closing()
             self._transport.abort()
+
+    def _start_closing(self) -> None:
+        self._closing = True
+        if self.closing_since is None:
+            self.closing_since = asyncio.get_running_loop().time()
 
     async def wait_closed(self) -> None:
         await asyncio.shield(self._closed)
@@ -163,6 +177,12 @@ class StreamConnection(asyncio.Protocol):
             local = (self.listener.host, self.listener.port)
         else:
             local = transport.get_extra_info("sockname")
+        if not peer or not local:
+            # uvloop has no peername for a connection reset before it was accepted:
+            # nobody is left to talk to, and the socket must not leak.
+            logger.debug("x connection %d gone before it was made", self.id)
+            self.abort()
+            return
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             der = ssl_object.getpeercert(binary_form=True)
@@ -188,10 +208,16 @@ class StreamConnection(asyncio.Protocol):
         if self._closing:
             return
         self._touch()
+        framed = False
         for item in self._framer.feed(data):
+            framed = True
             self._owner.stream_event(self, item.error if isinstance(item, FramingError) else item)
             if self._closing:
                 break
+        if self._framer.buffered <= _PING_PREFIX:
+            self.message_started = None
+        elif framed or self.message_started is None:
+            self.message_started = self.last_activity
 
     def eof_received(self) -> bool | None:
         # The peer half-closed: SIP has no use for a half-open connection.
