@@ -20,6 +20,15 @@ What the rules may not do, whatever the config says:
 * Make messages explode: at most ``MAX_RULES`` rules, values and results of at
   most ``MAX_VALUE_BYTES``, and no change that would take the message beyond the
   parser's own limits (header count, header section, message size).
+* Spend unbounded time: a pattern runs on peer text, and Python's re has no
+  timeout. A rule's regex sees values of at most ``MAX_MATCHED_LENGTH`` characters
+  and at most ``MAX_MATCHED_PER_RULE`` in one message; beyond that a rewrite is
+  skipped (TOO_LARGE) and a strip with a pattern removes the field unseen (fail
+  closed: padding a value must not carry it past the strip). This bounds the
+  common accidental cost, a quadratic pattern such as ``([0-9]+)@`` (~190 ms on one
+  8 KB value, ~4 ms at the cap); a pattern that backtracks exponentially or
+  cubically (``(a+)+$``, ``.*.*.*=``) is too slow even at the cap, and only the
+  operator can avoid it (anchors, possessive ``++`` or atomic ``(?>...)`` groups).
 
 KEEP rules change no message: ``kept_headers(rules)`` is what the caller unions
 with ``Realm.keep_headers`` before copying headers across (topology.py).
@@ -50,6 +59,12 @@ MAX_RULES: Final = 64
 MAX_VALUE_BYTES: Final = 1_024
 #: Longest header name a rule may name.
 MAX_NAME_LENGTH: Final = 128
+#: Longest value (or Request-URI), in characters, a rule's regex runs on: the cost
+#: of a backtracking pattern grows with it. A longer rewrite result is refused anyway.
+MAX_MATCHED_LENGTH: Final = MAX_VALUE_BYTES
+#: Characters one rule's regex runs on in one message, all values together: the
+#: peer could otherwise split its text over many fields under the per-value cap.
+MAX_MATCHED_PER_RULE: Final = 4 * MAX_MATCHED_LENGTH
 
 #: The pseudo-header a REWRITE rule names to rewrite a request's Request-URI.
 REQUEST_URI: Final = "request-uri"
@@ -141,7 +156,7 @@ class HeaderRule:
 
     * KEEP: ``header`` may cross into the realm (extends its keep-list).
     * STRIP: remove every field of ``header``; with ``pattern``, only the fields
-      whose value it matches (``re.search``).
+      whose value it matches (``re.search``) or is too long to match.
     * ADD: add a field ``header: value``; ``value`` may contain ``${realm}``,
       ``${method}`` and ``${direction}``. With ``only_if_absent`` nothing is added
       when the header is already there.
@@ -233,8 +248,12 @@ class HeaderRule:
         _check_text(f"{what}: pattern", self.pattern)
         try:
             regex = re.compile(self.pattern)
-        except re.error as exc:
+        except (re.error, OverflowError) as exc:
+            # OverflowError: a{99999999999}.
             raise ValueError(f"{what}: bad regex {self.pattern!r}: {exc}") from None
+        except RecursionError:
+            # A few hundred nested groups exhaust the stack of re's parser.
+            raise ValueError(f"{what}: bad regex {self.pattern!r}: nested too deeply") from None
         if self.replacement is not None:
             _check_text(f"{what}: replacement", self.replacement)
             try:
@@ -452,6 +471,7 @@ class _Run:
         "budget",
         "compiled",
         "direction",
+        "matchable",
         "message",
         "method",
         "realm",
@@ -475,6 +495,15 @@ class _Run:
         self.method = method
         self.applied = 0
         self.skips: list[SkipReason] = []
+        self.matchable = MAX_MATCHED_PER_RULE
+
+    def _affordable(self, text: str) -> bool:
+        """Whether the rule's regex may run on ``text``; counts it against the budget."""
+        size = len(text)
+        if size > MAX_MATCHED_LENGTH or size > self.matchable:
+            return False
+        self.matchable -= size
+        return True
 
     def execute(self) -> None:
         action = self.compiled.rule.action
@@ -499,8 +528,11 @@ class _Run:
             kept: list[tuple[str, str]] = []
             removed = []
             for name, value in headers:
-                target = removed if header_key(name) == key and regex.search(value) else kept
-                target.append((name, value))
+                # Fail closed: a value too long to match is removed unseen.
+                matches = header_key(name) == key and (
+                    not self._affordable(value) or regex.search(value) is not None
+                )
+                (removed if matches else kept).append((name, value))
             if removed:
                 self.message.headers = Headers(kept)
         for name, value in removed:
@@ -539,6 +571,9 @@ class _Run:
         for position, (name, value) in enumerate(fields):
             if header_key(name) != key:
                 continue
+            if not self._affordable(value):
+                self.skips.append(SkipReason.TOO_LARGE)
+                continue
             result = self._substitute(value)
             if result == value:
                 continue
@@ -566,6 +601,9 @@ class _Run:
         if not isinstance(request, Request):
             return
         old = request.raw_uri
+        if not self._affordable(old):
+            self.skips.append(SkipReason.TOO_LARGE)
+            return
         result, reason = _clean(self._substitute(old))
         if result == old:
             return
@@ -595,7 +633,13 @@ def _dialog_safe(name: str, old: str, new: str) -> SkipReason | None:
         after = Address.parse(new, name)
     except ParseError:
         return SkipReason.BAD_ADDRESS
-    return None if after.tag == before.tag else SkipReason.TAG_CHANGED
+    # Every tag parameter, not just the first one this parser reads: a second (or a
+    # valueless) tag is read differently by other parsers.
+    return None if _tags(after) == _tags(before) else SkipReason.TAG_CHANGED
+
+
+def _tags(address: Address) -> list[str | None]:
+    return [value for name, value in address.params if name.lower() == "tag"]
 
 
 def _request_uri(text: str) -> Uri | None:
