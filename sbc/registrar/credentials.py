@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import errno
 import os
 import re
 import sqlite3
@@ -135,11 +136,17 @@ class SqliteCredentials:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Create the file 0600 before SQLite opens it (SQLite would use the umask),
         # and tighten an existing one; journals inherit the database file's mode.
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, DB_FILE_MODE)
+        # O_NOFOLLOW: `sudo sbc user` works in the service user's state directory,
+        # where a planted symlink must not make root chmod or create its target.
         try:
-            os.fchmod(fd, DB_FILE_MODE)
-        finally:
-            os.close(fd)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, DB_FILE_MODE)
+            try:
+                os.fchmod(fd, DB_FILE_MODE)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            reason = "is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
+            raise CredentialStoreError(f"{self.path}: {reason}") from None
         self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
         try:
             self._db.execute(_SCHEMA)

@@ -223,7 +223,10 @@ def digest_response(
 _TOKEN_RE: Final = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
 _LWS_CHARS: Final = " \t\r\n"
 _HEX_RE: Final = re.compile(r"[0-9a-fA-F]+")
-_NC_RE: Final = re.compile(r"[0-9a-fA-F]{8}")
+# RFC 3261 25.1 / RFC 2617 3.2.2: nc-value = 8LHEX, lowercase only. The request-digest
+# hashes nc as sent and we rebuild it lowercase, so uppercase would fail as a wrong
+# password (and count towards a ban) instead of being answered 400.
+_NC_RE: Final = re.compile(r"[0-9a-f]{8}")
 
 Params = tuple[tuple[str, str], ...]
 
@@ -961,9 +964,13 @@ class DigestServer:
         response = creds.response
         if len(response) != algorithm.digest_length or not _HEX_RE.fullmatch(response):
             return self._fail(AuthOutcome.MALFORMED, user, algorithm, "bad response syntax")
-        if secret is None:
-            return self._fail(AuthOutcome.UNKNOWN_USER, user, algorithm, "no such user")
-        ha1 = secret.ha1_for(algorithm, creds.username, config.realm)
+        # An unknown user is hashed like a wrong password (against a dummy HA1), so
+        # the time to answer does not tell which user names exist.
+        ha1 = (
+            "0" * algorithm.digest_length
+            if secret is None
+            else secret.ha1_for(algorithm, creds.username, config.realm)
+        )
         if ha1 is None:
             return self._fail(AuthOutcome.UNSUPPORTED_ALGORITHM, user, algorithm, "no HA1 stored")
         expected = digest_response(
@@ -977,7 +984,10 @@ class DigestServer:
             cnonce=creds.cnonce,
             body=body,
         )
-        if not hmac.compare_digest(expected, response.lower()):
+        matched = hmac.compare_digest(expected, response.lower())
+        if secret is None:
+            return self._fail(AuthOutcome.UNKNOWN_USER, user, algorithm, "no such user")
+        if not matched:
             # A failure on any nonce: a foreign one must not make a free guess.
             return self._fail(AuthOutcome.BAD_RESPONSE, user, algorithm, "digest mismatch")
         if issued_at is None:
