@@ -763,12 +763,22 @@ class NonceCountTracker:
         self._highest: dict[str, int] = {}
         self._by_issue: list[tuple[float, str]] = []
         self._watermark = -math.inf
+        self._latest = -math.inf
 
     def __len__(self) -> int:
         return len(self._highest)
 
     def expire(self, now: float, lifetime: float) -> None:
-        """Forget nonces older than ``lifetime`` at ``now``."""
+        """Forget nonces older than ``lifetime`` at ``now``, and everything when the
+        clock stepped back: the watermark would then lie in the future and make every
+        fresh nonce stale until the clock caught up. Nothing tracked can be replayed
+        after that: a nonce issued before the step is from the future, and refused
+        as such (``NONCE_MAX_FUTURE_SKEW``)."""
+        if now < self._latest - NONCE_MAX_FUTURE_SKEW:
+            self._highest.clear()
+            self._by_issue.clear()
+            self._watermark = -math.inf
+        self._latest = now
         while self._by_issue and now - self._by_issue[0][0] > lifetime:
             self._forget_oldest()
 

@@ -147,3 +147,54 @@ def test_a_symlink_as_users_db_is_refused_and_its_target_left_alone(tmp_path: Pa
     with pytest.raises(CredentialStoreError, match=r": is a symbolic link$"):
         SqliteCredentials(dangling, REALM)
     assert not os.path.lexists(elsewhere)
+
+
+# --------------------------------------------------------------------------- clock steps
+
+
+def test_a_wall_clock_stepped_back_does_not_make_every_fresh_nonce_stale() -> None:
+    # The registrar's clock is the wall clock (its bindings are replicated). When NTP
+    # steps it back by more than the nonce lifetime, the replay tracker's watermark
+    # (the issue time of the last nonce it forgot) lay in the future: every fresh
+    # nonce was "stale", each phone retried on stale=true again and again, and no
+    # one could register or call until the clock caught up.
+    server = DigestServer(DigestServerConfig(realm=REALM, key=KEY, nonce_lifetime=300))
+    secret = stored_secret("alice")
+
+    def register(now: float) -> AuthOutcome:
+        client = DigestClient("alice", PASSWORD)
+        value = client.respond(server.challenge_values(now), method="REGISTER", uri=URI)
+        return server.verify(
+            value, method="REGISTER", request_uri=URI, secret=secret, now=now
+        ).outcome
+
+    t = 1_800_000_000.0
+    assert register(t) is AuthOutcome.OK
+    assert register(t + 1000) is AuthOutcome.OK  # the first nonce is forgotten now
+    stepped = t - 3600  # NTP steps the clock back an hour
+    assert register(stepped) is AuthOutcome.OK
+    assert register(stepped + 10) is AuthOutcome.OK
+
+
+def test_a_nonce_from_before_a_step_back_is_not_replayable() -> None:
+    # Forgetting what was tracked must not open a replay: a nonce issued before the
+    # step is from the future afterwards, and refused as such.
+    server = DigestServer(DigestServerConfig(realm=REALM, key=KEY, nonce_lifetime=300))
+    secret = stored_secret("alice")
+    t = 1_800_000_000.0
+    client = DigestClient("alice", PASSWORD)
+    value = client.respond(server.challenge_values(t), method="REGISTER", uri=URI)
+    verify = server.verify
+    assert verify(value, method="REGISTER", request_uri=URI, secret=secret, now=t).ok
+    stepped = t - 3600
+    server.verify(
+        DigestClient("alice", PASSWORD).respond(
+            server.challenge_values(stepped), method="REGISTER", uri=URI
+        ),
+        method="REGISTER",
+        request_uri=URI,
+        secret=secret,
+        now=stepped,
+    )
+    again = verify(value, method="REGISTER", request_uri=URI, secret=secret, now=stepped + 1)
+    assert not again.ok
