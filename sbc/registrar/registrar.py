@@ -490,16 +490,22 @@ class Registrar:
         realm = self.policy.realm
         header = "Proxy-Authorization" if proxy else "Authorization"
         credentials: DigestCredentials | None = None
+        malformed: AuthHeaderError | None = None
         for value in request.headers.fields(header):
             try:
                 parsed = parse_credentials(value)
             except AuthHeaderError as exc:
-                logger.info("x %s with malformed %s: %s", request.method, header, exc)
-                return AuthCheck(None, self._reply(request, 400, "Bad Request: bad credentials"))
+                # Perhaps another realm's, in a scheme or algorithm we do not speak
+                # (IMS AKA, say): ours may still follow.
+                malformed = malformed or exc
+                continue
             # RFC 3261 22.3: credentials for other realms are someone else's business.
             if isinstance(parsed, DigestCredentials) and parsed.realm == realm:
                 credentials = parsed
                 break
+        if credentials is None and malformed is not None:
+            logger.info("x %s with malformed %s: %s", request.method, header, malformed)
+            return AuthCheck(None, self._reply(request, 400, "Bad Request: bad credentials"))
         if credentials is None:
             return AuthCheck(None, self._challenge(request, now, proxy=proxy, stale=False))
         try:

@@ -207,6 +207,24 @@ def test_malformed_credentials_are_a_400() -> None:
     assert result.auth_failure is None
 
 
+def test_credentials_of_another_scheme_do_not_hide_ours() -> None:
+    # RFC 3261 22.3: credentials for other realms are not ours to judge. An IMS phone
+    # also sends an AKA Authorization the digest parser cannot read; it got 400 even
+    # when valid credentials for our realm followed.
+    registrar = make_registrar()
+    first = registrar.register(register(), FLOW, "access", LISTEN, T0)
+    ours = DigestClient("alice", PASSWORDS["alice"]).respond(
+        first.response.headers.fields("WWW-Authenticate"), method="REGISTER", uri=RURI
+    )
+    aka = (
+        'Authorization: Digest username="alice@ims.example", realm="ims.example", '
+        'nonce="bm9uY2U=", uri="sip:ims.example", response="", algorithm=AKAv1-MD5'
+    )
+    request = register(cseq=2, extra=(aka, f"Authorization: {ours}"))
+    result = registrar.register(request, FLOW, "access", LISTEN, T0)
+    assert result.response.status == 200
+
+
 def test_credentials_for_another_realm_get_a_challenge() -> None:
     registrar = make_registrar()
     other = DigestServer(DigestServerConfig(realm="elsewhere", key=b"z" * 32))
