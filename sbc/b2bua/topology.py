@@ -4,12 +4,14 @@ Pure functions over messages and SDP. Nothing that carries an address of one rea
 reaches the other: Via, Route, Record-Route, Contact, Call-ID, tags and branch are
 the B2BUA's own on each leg (built by the controller), only the headers on the
 receiving realm's keep-list are copied, and SDP ``o=``/``c=``/``m=`` (and ``a=rtcp``)
-name the media relay, with ICE attributes (candidates are addresses) dropped.
+name the media relay, with ICE attributes (candidates are addresses) and the
+``i= u= e= p= k=`` lines dropped.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv6Address
 from typing import Final
@@ -19,12 +21,14 @@ from sbc.b2bua.realm import Realm
 from sbc.evolve import evolve
 from sbc.media.session import LegOffer, MediaSession, Side, StreamOffer
 from sbc.media.values import Direction, Endpoint, ip_address
+from sbc.sip.errors import ParseError
 from sbc.sip.headers import MediaType, header_key
 from sbc.sip.message import Message
 from sbc.sip.sdp import (
     ICE_ATTRIBUTE_NAMES,
     Attribute,
     Connection,
+    Field,
     MediaDescription,
     Origin,
     RtcpAttribute,
@@ -64,8 +68,23 @@ GENERATED_HEADERS: Final = frozenset(
 )
 
 #: SDP attributes that name the other side: ICE candidates and credentials carry its
-#: addresses; RFC 5576 ssrc attributes carry its CNAME (often user@host) and msid.
-HIDDEN_SDP_ATTRIBUTES: Final = ICE_ATTRIBUTE_NAMES | frozenset({"ssrc", "ssrc-group", "msid"})
+#: addresses; RFC 5576 ssrc attributes carry its CNAME (often user@host) and msid;
+#: RFC 4570 source-filter lists its source addresses; RFC 4975 path is the
+#: msrp://host:port of its endpoint. Lower case: names are matched case-insensitively
+#: (RFC 5234 2.3, the quoted names of their grammars).
+HIDDEN_SDP_ATTRIBUTES: Final = ICE_ATTRIBUTE_NAMES | frozenset(
+    {"ssrc", "ssrc-group", "msid", "source-filter", "path"}
+)
+
+#: Lines kept as text that may cross (RFC 8866 5): v=, s=, r= and z=. i=, u=, e= and
+#: p= are the other side's words, URI, user@host and phone number; k= is obsolete
+#: and MUST be discarded (5.12); any other letter is unknown or out of place (an o=
+#: after an m=, which the parser keeps as text). Media sections keep none.
+CROSSING_FIELDS: Final = frozenset("vsrz")
+
+#: RFC 3264 8.4: the RFC 2543 hold, "send me nothing". It crosses as it is: it names
+#: no one, and the relay's address in its place would ask the other side for media.
+LEGACY_HOLD: Final = Connection("IN", "IP4", "0.0.0.0")
 
 #: SDP username of the B2BUA's own o= line.
 SDP_USERNAME: Final = "sbc"
@@ -137,14 +156,33 @@ def is_sdp(message: Message) -> bool:
     return content_type.essence == SDP_CONTENT_TYPE
 
 
+#: A part of a multipart body (RFC 2046 5.1) that is SDP.
+_SDP_PART: Final = re.compile(rb"^content-type[ \t]*:[ \t]*application/sdp", re.I | re.M)
+
+
 def _sdp_of(body: bytes, content_type: str) -> SessionDescription | None:
-    if not body or not content_type or MediaType.parse(content_type).essence != SDP_CONTENT_TYPE:
+    # A body that is not SDP here is relayed as it is: one that may be (unlabelled,
+    # or a part of a multipart body, as SIP-I and RFC 6442 location send) is refused.
+    if not body:
+        return None
+    if not content_type:
+        raise SdpError("body without Content-Type (RFC 3261 20.15)", 400)
+    try:
+        essence = MediaType.parse(content_type).essence
+    except ParseError as exc:
+        raise SdpError(str(exc), exc.status) from None
+    if essence != SDP_CONTENT_TYPE:
+        if essence.startswith("multipart/") and _SDP_PART.search(body):
+            raise SdpError("SDP in a multipart body is not supported", 488)
         return None
     sdp = SessionDescription.parse(body)
     for media in sdp.media:
-        # a=rtcp is rewritten to the relay's port (``rewrite_sdp``): a malformed one
-        # is refused here, where every caller handles SdpError, not half-way there.
-        media.rtcp  # noqa: B018
+        for line in media.lines:
+            # a=rtcp is rewritten to the relay's port (``rewrite_sdp``): a malformed
+            # one is refused here, where every caller handles SdpError, not half-way
+            # there.
+            if isinstance(line, Attribute) and line.name.lower() == "rtcp":
+                RtcpAttribute.parse(line.value or "")
     return sdp
 
 
@@ -167,9 +205,13 @@ def _remote(media: MediaDescription, session: Connection | None) -> Endpoint | N
     if media.is_rejected or connection is None:
         return None
     try:
-        return Endpoint(ip_address(connection.host), media.port)
+        address = ip_address(connection.host)
     except ValueError:
         return None
+    if address.is_unspecified:
+        # RFC 3264 8.4: 0.0.0.0 is hold, not a destination; sent to, it is this host.
+        return None
+    return Endpoint(address, media.port)
 
 
 def leg_offers(sdp: SessionDescription, realm: Realm) -> tuple[LegOffer, ...]:
@@ -211,7 +253,9 @@ def rewrite_sdp(
     the leg's own origin, its version bumped only when the SDP changed (RFC 3264 8).
     ICE attributes are dropped: the relay is not an ICE agent here and candidates
     would name the other realm's addresses; so are ssrc/msid attributes, whose CNAME
-    is often the other side's user@host (RFC 5576).
+    is often the other side's user@host (RFC 5576), the other
+    :data:`HIDDEN_SDP_ATTRIBUTES`, and the lines kept as text but those of
+    :data:`CROSSING_FIELDS`. A c= of 0.0.0.0 (RFC 2543 hold) stays 0.0.0.0.
 
     One pass over the lines (the edits of ``SessionDescription`` in a row copy the
     whole description at each step; this runs for every offer and answer).
@@ -221,11 +265,16 @@ def rewrite_sdp(
         raise SdpError("no media stream in the relay session")
     address = streams[0].leg(side).local.address
     connection = Connection.for_address(address)
-    lines: list[SdpLine] = [
-        connection if isinstance(line, Connection) else line
-        for line in sdp.lines
-        if not (isinstance(line, Attribute) and line.name in HIDDEN_SDP_ATTRIBUTES)
-    ]
+    lines: list[SdpLine] = []
+    for line in sdp.lines:
+        if isinstance(line, Attribute):
+            if line.name.lower() in HIDDEN_SDP_ATTRIBUTES:
+                continue
+        elif isinstance(line, Connection):
+            line = LEGACY_HOLD if line.host == "0.0.0.0" else connection
+        elif isinstance(line, Field) and line.type not in CROSSING_FIELDS:
+            continue
+        lines.append(line)
     media: list[MediaDescription] = []
     every_media_has_c = True
     for index, section in enumerate(sdp.media):
@@ -233,11 +282,17 @@ def rewrite_sdp(
         has_c = mux = False
         for line in section.lines:
             if isinstance(line, Attribute):
-                if line.name in HIDDEN_SDP_ATTRIBUTES:
+                name = line.name.lower()
+                if name in HIDDEN_SDP_ATTRIBUTES:
                     continue
+                if name == "rtcp" and line.name != "rtcp":
+                    line = Attribute("rtcp", line.value)
                 mux = mux or line.name == "rtcp-mux"
             elif isinstance(line, Connection):
-                line, has_c = connection, True
+                line = LEGACY_HOLD if line.host == "0.0.0.0" else connection
+                has_c = True
+            elif isinstance(line, Field):
+                continue
             kept.append(line)
         every_media_has_c = every_media_has_c and has_c
         if index >= len(streams):
@@ -255,6 +310,10 @@ def rewrite_sdp(
                 else line
                 for line in kept
             ]
+        if port == 0:
+            # RFC 3605: a=rtcp names the other side's RTCP port and address, and no
+            # relay port stands for them on a stream sent with port zero.
+            kept = [ln for ln in kept if not (isinstance(ln, Attribute) and ln.name == "rtcp")]
         media.append(
             MediaDescription(
                 section.media, port, section.proto, section.formats, count, tuple(kept)
