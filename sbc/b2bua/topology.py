@@ -279,7 +279,7 @@ def rewrite_sdp(
     every_media_has_c = True
     for index, section in enumerate(sdp.media):
         kept: list[SdpLine] = []
-        has_c = mux = False
+        has_c = mux_only = False
         for line in section.lines:
             if isinstance(line, Attribute):
                 name = line.name.lower()
@@ -287,7 +287,7 @@ def rewrite_sdp(
                     continue
                 if name == "rtcp" and line.name != "rtcp":
                     line = Attribute("rtcp", line.value)
-                mux = mux or line.name == "rtcp-mux"
+                mux_only = mux_only or name == "rtcp-mux-only"
             elif isinstance(line, Connection):
                 line = LEGACY_HOLD if line.host == "0.0.0.0" else connection
                 has_c = True
@@ -303,7 +303,10 @@ def rewrite_sdp(
         else:
             local = streams[index].leg(side).local
             port, count = local.port, section.port_count
-            rtcp = local.port if mux else local.port + 1
+            # RFC 5761 5.1.3: an answerer without rtcp-mux sends RTCP to a=rtcp, and
+            # the relay takes it on its RTCP port (on its RTP port it would pass for
+            # RTP, unfiltered). Only an rtcp-mux-only offer (RFC 8858) has none.
+            rtcp = local.port if mux_only else local.port + 1
             kept = [
                 _relay_rtcp(line, rtcp, local.address)
                 if isinstance(line, Attribute) and line.name == "rtcp"

@@ -33,7 +33,8 @@ def reference(
         if media.is_rejected:
             continue
         local = session.streams[index].leg(side)
-        rtcp = local.local.port if media.find_attributes("rtcp-mux") else local.local.port + 1
+        only = media.find_attributes("rtcp-mux-only")
+        rtcp = local.local.port if only else local.local.port + 1
         out = out.with_media_port(
             index, local.local.port, rtcp_port=rtcp, rtcp_address=local.local.address
         )

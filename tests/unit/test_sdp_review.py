@@ -123,6 +123,21 @@ def test_rtcp_of_a_rejected_or_surplus_stream_does_not_cross() -> None:
     assert "m=video 0 RTP/AVP 96\r\n" in sent and "m=audio 0 RTP/AVP 0\r\n" in sent
 
 
+def test_a_mux_offer_names_the_relays_rtcp_port_for_answerers_without_mux() -> None:
+    # RFC 5761 5.1.3: an answerer that does not take rtcp-mux sends its RTCP to the
+    # port of a=rtcp. Naming the relay's RTP port there sent that RTCP to the RTP
+    # socket of a leg not in mux mode, where it passed for RTP: relayed without
+    # hide_sdes, with the inside's CNAME. The relay's RTCP port is named now.
+    sent = relayed(HEAD + "m=audio 4000 RTP/AVP 0\r\na=rtcp-mux\r\na=rtcp:4000\r\n")
+    assert "a=rtcp-mux\r\n" in sent
+    assert "a=rtcp:20001 IN IP4 198.51.100.1\r\n" in sent
+    # RFC 8858: an offer that is rtcp-mux-only has no separate RTCP port to name.
+    only = relayed(
+        HEAD + "m=audio 4000 RTP/AVP 0\r\na=rtcp-mux\r\na=rtcp-mux-only\r\na=rtcp:4000\r\n"
+    )
+    assert "a=rtcp:20000 IN IP4 198.51.100.1\r\n" in only
+
+
 def test_hidden_attributes_are_matched_whatever_their_case() -> None:
     # RFC 5234 2.3: the quoted names of RFC 8839 ("candidate") and RFC 3605 ("rtcp")
     # match case-insensitively, so a=Candidate is a candidate to the far side.
