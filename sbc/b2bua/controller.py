@@ -1950,6 +1950,7 @@ class CallController:
                 live.offers[side] = leg_offers(sdp, realm)
                 step = step + self._update_media(live)
             body, new_leg = rewrite_sdp(sdp, live.session, _MEDIA_SIDE[other], leg)
+            content_type = SDP_CONTENT_TYPE  # the SDP part of a multipart body crosses alone
             leg = new_leg
             live.sdp_sent[other] = body
         extra: list[tuple[str, str]] = []

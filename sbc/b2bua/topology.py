@@ -156,25 +156,27 @@ def is_sdp(message: Message) -> bool:
     return content_type.essence == SDP_CONTENT_TYPE
 
 
-#: A part of a multipart body (RFC 2046 5.1) that is SDP.
+#: The headers of a multipart body's part (RFC 2046 5.1) that is SDP.
 _SDP_PART: Final = re.compile(rb"^content-type[ \t]*:[ \t]*application/sdp", re.I | re.M)
 
 
 def _sdp_of(body: bytes, content_type: str) -> SessionDescription | None:
-    # A body that is not SDP here is relayed as it is: one that may be (unlabelled,
-    # or a part of a multipart body, as SIP-I and RFC 6442 location send) is refused.
+    # A body that is not SDP here is relayed as it is: one that may be is either
+    # read (the SDP part of a multipart body, as SIP-I trunks and RFC 6442 location
+    # send: the rest is dropped, and the SDP crosses alone) or refused (unlabelled).
     if not body:
         return None
     if not content_type:
         raise SdpError("body without Content-Type (RFC 3261 20.15)", 400)
     try:
-        essence = MediaType.parse(content_type).essence
+        media_type = MediaType.parse(content_type)
     except ParseError as exc:
         raise SdpError(str(exc), exc.status) from None
+    essence = media_type.essence
     if essence != SDP_CONTENT_TYPE:
-        if essence.startswith("multipart/") and _SDP_PART.search(body):
-            raise SdpError("SDP in a multipart body is not supported", 488)
-        return None
+        if not essence.startswith("multipart/") or not _SDP_PART.search(body):
+            return None
+        body = _sdp_part(body, media_type.param("boundary"))
     sdp = SessionDescription.parse(body)
     for media in sdp.media:
         for line in media.lines:
@@ -198,6 +200,25 @@ def parse_sdp(message: Message) -> SessionDescription | None:
 
 #: The relay's direction of each SDP direction attribute (same names, RFC 3264 5.1).
 _DIRECTIONS: Final = {d: Direction(d.value) for d in SdpDirection}
+
+
+def _sdp_part(body: bytes, boundary: str | None) -> bytes:
+    """The content of the first application/sdp part of a multipart body (RFC 2046
+    5.1.1: parts after each ``--boundary`` line, their headers, an empty line, then
+    the content up to the CRLF before the next delimiter); SdpError if none."""
+    if not boundary:
+        raise SdpError("multipart body without boundary (RFC 2046 5.1.1)", 400)
+    delimiter = b"--" + boundary.encode("utf-8", "surrogateescape")
+    for part in body.split(delimiter)[1:]:
+        if part.startswith(b"--"):
+            break  # the close delimiter
+        head, blank, content = part.partition(b"\r\n\r\n")
+        if not blank:
+            head, blank, content = part.partition(b"\n\n")
+        if blank and _SDP_PART.search(head):
+            # The line break before the next delimiter is the delimiter's.
+            return content.removesuffix(b"\n").removesuffix(b"\r")
+    raise SdpError("multipart body with a malformed SDP part", 400)
 
 
 def _remote(media: MediaDescription, session: Connection | None) -> Endpoint | None:

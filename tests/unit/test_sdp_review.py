@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from sbc.b2bua.call import CallLeg
+from sbc.b2bua.controller import AllocateMedia
 from sbc.b2bua.realm import Realm
 from sbc.b2bua.topology import leg_offers, parse_sdp, rewrite_sdp
 from sbc.media.session import LegState, MediaSession, MediaStream, Side
@@ -17,6 +18,17 @@ from sbc.media.values import Endpoint
 from sbc.sip.message import Headers, Request
 from sbc.sip.sdp import SdpError, SessionDescription
 from sbc.transport.base import Destination, ListenAddress, Transport
+from tests.unit.test_b2bua_flows import (
+    CALLER,
+    SDP,
+    confirmed_call,
+    controller,
+    from_a,
+    invite_text,
+    receive,
+    requests,
+    session,
+)
 
 INSIDE_ADDRESS = "10.0.0.5"
 INSIDE_HOST = "pbx.inside.example"
@@ -165,23 +177,35 @@ def test_source_filter_and_msrp_path_do_not_cross() -> None:
 
 @pytest.mark.parametrize(
     "content_type",
-    ["multipart/mixed;boundary=b", "Multipart/Alternative; boundary=b"],
+    ["multipart/mixed;boundary=b", 'Multipart/Alternative; boundary="b"'],
 )
-def test_sdp_in_a_multipart_body_is_refused_not_passed_on(content_type: str) -> None:
-    # The controller relays a body parse_sdp does not call SDP as it is: the inside's
-    # SDP inside a multipart/mixed (SIP-I, RFC 6442 location) crossed untouched.
+def test_the_sdp_part_of_a_multipart_body_is_the_sdp(content_type: str) -> None:
+    # SIP-I trunks send ISUP and SDP in multipart/mixed (RFC 3204), RFC 6442 location
+    # adds PIDF-LO. The controller relayed a body parse_sdp did not call SDP as it
+    # is (the inside's SDP crossed untouched), and an INVITE turned into a late offer
+    # that failed at the ACK. The SDP part is the SDP: rewritten, it crosses alone.
+    sdp_text = HEAD + "m=audio 4000 RTP/AVP 0\r\n"
     body = (
         b"--b\r\nContent-Type: application/ISUP;version=itu-t92+\r\n\r\n\x01\x02\r\n"
-        b"--b\r\ncontent-type:Application/SDP\r\n\r\n"
-        + HEAD.encode()
-        + b"m=audio 4000 RTP/AVP 0\r\n\r\n--b--\r\n"
+        b"--b\r\ncontent-type:Application/SDP\r\n\r\n" + sdp_text.encode() + b"\r\n--b--\r\n"
     )
-    with pytest.raises(SdpError, match="SDP in a multipart body is not supported") as info:
-        parse_sdp(sdp_request(body, content_type))
-    assert info.value.status == 488
+    sdp = parse_sdp(sdp_request(body, content_type))
+    assert sdp is not None and bytes(sdp) == sdp_text.encode()
+    # LF-only parts too.
+    lf = body.replace(b"\r\n", b"\n")
+    parsed = parse_sdp(sdp_request(lf, content_type))
+    assert parsed is not None and [m.port for m in parsed.media] == [4000]
     # A multipart body without SDP is not the SDP path's business.
     other = b"--b\r\nContent-Type: application/pidf+xml\r\n\r\n<presence/>\r\n--b--\r\n"
     assert parse_sdp(sdp_request(other, content_type)) is None
+
+
+@pytest.mark.parametrize("content_type", ["multipart/mixed", "multipart/mixed;boundary=zz"])
+def test_an_sdp_part_that_cannot_be_found_is_a_400(content_type: str) -> None:
+    body = b"--b\r\nContent-Type: application/sdp\r\n\r\nv=0\r\n--b--\r\n"
+    with pytest.raises(SdpError) as info:
+        parse_sdp(sdp_request(body, content_type))
+    assert info.value.status == 400
 
 
 def test_a_body_without_content_type_is_refused_not_passed_on() -> None:
@@ -329,3 +353,36 @@ def test_odd_bodies_parse_or_raise_only_sdp_error(name: str) -> None:
     if sdp is not None and sdp.media:
         sent = rewrite_sdp(sdp, RELAY, Side.A, LEG)[0].decode("utf-8", "surrogateescape")
         assert_nothing_inside(sent)
+
+
+MULTIPART = "multipart/mixed;boundary=unique-boundary-1"
+
+
+def sip_i(sdp_text: str) -> str:
+    return (
+        "--unique-boundary-1\r\nContent-Type: application/ISUP;version=itu-t92+\r\n\r\n"
+        "\x01\x10\x60\x01\x0a\x00\x02\x0a\x08\x03\x10\x09\x04\x00\x10\r\n"
+        "--unique-boundary-1\r\nContent-Type: application/sdp\r\n\r\n"
+        f"{sdp_text}\r\n--unique-boundary-1--\r\n"
+    )
+
+
+def test_a_sip_i_invite_and_re_invite_cross_with_their_sdp_alone() -> None:
+    c = controller()
+    text = invite_text(body=sip_i(SDP)).replace(
+        "Content-Type: application/sdp", f"Content-Type: {MULTIPART}", 1
+    )
+    step = receive(c, text, CALLER, 0.0)
+    (allocate,) = step.media
+    assert isinstance(allocate, AllocateMedia)
+    (invite,) = requests(c.media_allocated(allocate.call_ref, session(), 0.0), "INVITE")
+    assert invite.headers.get("Content-Type") == "application/sdp"
+    assert invite.body.startswith(b"v=0") and b"ISUP" not in bytes(invite)
+    assert b"m=audio 21000 RTP/AVP 0" in invite.body
+
+    c = controller()
+    _, _, a_tag = confirmed_call(c)
+    reoffer = from_a("INVITE", a_tag, 2, body=sip_i(SDP), content_type=MULTIPART)
+    (relayed,) = requests(receive(c, reoffer, CALLER, 1.0), "INVITE")
+    assert relayed.headers.get("Content-Type") == "application/sdp"
+    assert b"ISUP" not in bytes(relayed) and b"unique-boundary" not in bytes(relayed)
