@@ -184,7 +184,13 @@ class HeaderRuleConfig(Section):
         ),
     )
     value: str | None = field(default=None, metadata=spec("add: the value (${realm} expands)."))
-    pattern: str | None = field(default=None, metadata=spec("rewrite: a regular expression."))
+    pattern: str | None = field(
+        default=None,
+        metadata=spec(
+            "rewrite/strip: a regular expression; it sees values of at most 1024"
+            " characters (a longer one is not rewritten, and stripped unseen)."
+        ),
+    )
     replacement: str = field(
         default="", metadata=spec(r"rewrite: the replacement, \1 or \g<name> for captures.")
     )
