@@ -221,6 +221,11 @@ def _sdp_part(body: bytes, boundary: str | None) -> bytes:
     raise SdpError("multipart body with a malformed SDP part", 400)
 
 
+#: m= protos of UDP media that is not RTP: the relay passes their datagrams as they are
+#: (T.38 fax over UDPTL, ITU-T T.38 Annex D and RFC 3362; plain ``UDP``, RFC 8866 5.14).
+_OPAQUE_PROTOS: Final = frozenset({"udptl", "udp"})
+
+
 def _remote(media: MediaDescription, session: Connection | None) -> Endpoint | None:
     connection = media.connection or session
     if media.is_rejected or connection is None:
@@ -248,6 +253,7 @@ def leg_offers(sdp: SessionDescription, realm: Realm) -> tuple[LegOffer, ...]:
             remote=_remote(media, connection),
             rtcp_mux=bool(media.find_attributes("rtcp-mux")),
             direction=_DIRECTIONS[media.direction or default],
+            rtp=media.proto.lower() not in _OPAQUE_PROTOS,
         )
         for media in sdp.media
     )

@@ -226,6 +226,9 @@ class _Stream:
         return (
             # A recorded session must see its packets: it stays in user space.
             not self.session.recording
+            # The rules are unverified for UDPTL (and fax calls are few): user space.
+            and a.rtp
+            and b.rtp
             and not a.srtp
             and not b.srtp
             and a.rtp_latch.latched
@@ -504,7 +507,10 @@ class MediaRelay:
                 await self._add_stream(session, offer)
                 continue
             stream = session.streams[index]
-            was_mux = {side: stream.legs[side].state.rtcp_mux for side in Side}
+            was = {
+                side: (stream.legs[side].state.rtcp_mux, stream.legs[side].state.rtp)
+                for side in Side
+            }
             for side, leg_offer in ((Side.A, offer.a), (Side.B, offer.b)):
                 leg = stream.legs[side]
                 state = evolve(
@@ -512,6 +518,8 @@ class MediaRelay:
                     rtcp_mux=leg_offer.rtcp_mux,
                     direction=leg_offer.direction,
                     remote_crypto=leg_offer.crypto or leg.state.remote_crypto,
+                    # A T.38 re-INVITE (m=image udptl) and the one back to audio.
+                    rtp=leg_offer.rtp,
                 )
                 rekey = state.remote_crypto != leg.state.remote_crypto
                 if (
@@ -527,9 +535,11 @@ class MediaRelay:
                 if rekey:
                     leg.set_keys(inbound_only=True)
             if stream not in unlatch and any(
-                stream.legs[side].state.rtcp_mux != was_mux[side] for side in Side
+                (stream.legs[side].state.rtcp_mux, stream.legs[side].state.rtp) != was[side]
+                for side in Side
             ):
-                # The kernel rules spare RTCP only where rtcp-mux is on: render again.
+                # The kernel rules spare RTCP only where rtcp-mux is on, and carry RTP
+                # only: render again (or leave the kernel path).
                 unlatch.append(stream)
         for stream in unlatch:
             await self._rehome(stream)
@@ -688,6 +698,7 @@ class MediaRelay:
                 direction=offer.direction,
                 local_crypto=None if offer.srtp is None else SdesCrypto.generate(offer.srtp),
                 remote_crypto=offer.crypto,
+                rtp=offer.rtp,
             )
             leg = _Leg(stream, side, state, pair)
             leg.set_keys()
@@ -796,6 +807,9 @@ class MediaRelay:
         if session.deleted:
             return
         state = leg.state
+        if not state.rtp:
+            self._opaque_packet(leg, rtcp_port, data, addr)
+            return
         control = rtcp_port or (state.rtcp_mux and is_rtcp(data))
         if rtcp_port and state.rtcp_mux:
             leg.dropped_other += 1  # nothing is expected on the RTCP port with rtcp-mux
@@ -853,21 +867,7 @@ class MediaRelay:
                 else evolve(state, rtp_latch=new_latch)
             )
         if verdict in (LatchVerdict.LATCHED, LatchVerdict.RELATCHED):
-            relatched = verdict is LatchVerdict.RELATCHED
-            logger.info(
-                "- session %s stream %d side %s %s %s %s",
-                session.session_id,
-                stream.index,
-                leg.side.value,
-                "RTCP" if on_rtcp_latch else "RTP",
-                "re-latched to" if relatched else "latched to",
-                source,
-            )
-            self._emit(
-                SourceLatched(
-                    session.session_id, stream.index, leg.side, on_rtcp_latch, source, relatched
-                )
-            )
+            self._latched(leg, on_rtcp_latch, source, verdict is LatchVerdict.RELATCHED)
         now = self._now()
         session.timer.activity(now)
         if session.recorder is not None:
@@ -908,6 +908,56 @@ class MediaRelay:
                 self._spawn(self._rehome(stream))
             elif stream.kernel_eligible() and not stream.engaging:
                 self._spawn(self._engage(stream))
+
+    def _opaque_packet(
+        self, leg: _Leg, rtcp_port: bool, data: bytes, addr: tuple[Any, ...]
+    ) -> None:
+        """One datagram of a stream that is not RTP (UDPTL: T.38 Annex D, RFC 3362):
+        relayed as it is. It has no SSRC, so it latches on its source alone; it is
+        never SRTP, parsed, or put in the kernel path."""
+        if rtcp_port:
+            leg.dropped_other += 1  # UDPTL uses one port: nothing is expected here
+            return
+        stream = leg.stream
+        session = stream.session
+        state = leg.state
+        source = Endpoint.from_sockaddr(addr)
+        latch = state.rtp_latch
+        # No SSRC: a latched source is never re-latched, whatever the policy.
+        new_latch, verdict = latch.on_packet(source, None, self._policy)
+        if verdict is LatchVerdict.DROP:
+            leg.dropped_source += 1
+            return
+        if new_latch is not latch:
+            leg.state = evolve(state, rtp_latch=new_latch)
+        if verdict is LatchVerdict.LATCHED:
+            self._latched(leg, False, source, False)
+        session.timer.activity(self._now())
+        if session.recorder is not None:
+            # Into the capture, never the WAV (as RTCP is): it is not audio.
+            self._record(session, leg, False, source, data, True)
+        other = stream.legs[leg.side.other]
+        destination, transport = other.state.rtp_destination, other.rtp
+        if destination is None or transport is None:
+            leg.dropped_other += 1
+            return
+        leg.packets += 1
+        leg.bytes += len(data)
+        transport.sendto(data, destination.sockaddr())
+
+    def _latched(self, leg: _Leg, rtcp: bool, source: Endpoint, relatched: bool) -> None:
+        stream = leg.stream
+        session_id = stream.session.session_id
+        logger.info(
+            "- session %s stream %d side %s %s %s %s",
+            session_id,
+            stream.index,
+            leg.side.value,
+            "RTCP" if rtcp else ("RTP" if leg.state.rtp else "UDP"),
+            "re-latched to" if relatched else "latched to",
+            source,
+        )
+        self._emit(SourceLatched(session_id, stream.index, leg.side, rtcp, source, relatched))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` in a task the relay holds until it is done (awaited by close)."""

@@ -48,6 +48,9 @@ class LegOffer:
     srtp: SrtpSuite | None = None
     #: The peer's a=crypto (its key), once its SDP is known.
     crypto: SdesCrypto | None = None
+    #: False for UDP media that is not RTP (proto ``udptl``, T.38 fax, RFC 3362; or
+    #: ``UDP``): relayed as opaque datagrams on one port, latched on the source alone.
+    rtp: bool = True
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,8 @@ class LegState:
     #: SRTP on this side: the relay's key (sent to the peer) and the peer's key.
     local_crypto: SdesCrypto | None = None
     remote_crypto: SdesCrypto | None = None
+    #: RTP on this side; False: opaque datagrams (UDPTL), see ``LegOffer.rtp``.
+    rtp: bool = True
 
     @property
     def srtp(self) -> bool:
@@ -151,6 +156,7 @@ class LegState:
             # Keys are state to replicate to the standby node; never log this dict.
             "local_crypto": None if self.local_crypto is None else self.local_crypto.to_dict(),
             "remote_crypto": None if self.remote_crypto is None else self.remote_crypto.to_dict(),
+            "rtp": self.rtp,
         }
 
     @classmethod
@@ -168,6 +174,8 @@ class LegState:
             quality=RtcpQuality.from_dict(data.get("quality", {})),
             local_crypto=_crypto(data.get("local_crypto")),
             remote_crypto=_crypto(data.get("remote_crypto")),
+            # Records from before UDPTL support: every stream was RTP.
+            rtp=bool(data.get("rtp", True)),
         )
 
 
