@@ -254,6 +254,8 @@ def leg_offers(sdp: SessionDescription, realm: Realm) -> tuple[LegOffer, ...]:
             rtcp_mux=bool(media.find_attributes("rtcp-mux")),
             direction=_DIRECTIONS[media.direction or default],
             rtp=media.proto.lower() not in _OPAQUE_PROTOS,
+            # The B2BUA does not terminate SRTP: its a=crypto crosses end to end.
+            encrypted="SAVP" in media.proto.upper(),
         )
         for media in sdp.media
     )

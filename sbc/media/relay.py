@@ -49,7 +49,7 @@ from sbc.media.kernel import (
 from sbc.media.latching import Latch, LatchPolicy, LatchVerdict
 from sbc.media.ports import PortAllocator, PortPair, PortsExhausted
 from sbc.media.recording import CallRecorder
-from sbc.media.rtcp import RtcpError, RtcpMonitor, hide_sdes, parse_compound
+from sbc.media.rtcp import Rtcp, RtcpError, RtcpMonitor, hide_sdes, parse_compound
 from sbc.media.rtp import is_rtcp, packet_ssrc, rtp_fits
 from sbc.media.session import (
     LegCounters,
@@ -520,6 +520,7 @@ class MediaRelay:
                     remote_crypto=leg_offer.crypto or leg.state.remote_crypto,
                     # A T.38 re-INVITE (m=image udptl) and the one back to audio.
                     rtp=leg_offer.rtp,
+                    encrypted=leg_offer.encrypted,
                 )
                 rekey = state.remote_crypto != leg.state.remote_crypto
                 if (
@@ -699,6 +700,7 @@ class MediaRelay:
                 local_crypto=None if offer.srtp is None else SdesCrypto.generate(offer.srtp),
                 remote_crypto=offer.crypto,
                 rtp=offer.rtp,
+                encrypted=offer.encrypted,
             )
             leg = _Leg(stream, side, state, pair)
             leg.set_keys()
@@ -840,7 +842,15 @@ class MediaRelay:
             leg.dropped_other += 1
             return
         # Checked before latching: a malformed packet must not win the latch.
-        if control:
+        packets: tuple[Rtcp, ...] = ()
+        if control and state.encrypted and not state.srtp:
+            # SRTCP of the peers' own keys: ciphertext past its first header (SDES
+            # CNAMEs included, nothing to hide or read), so it crosses as it is.
+            if not is_rtcp(data):
+                leg.dropped_other += 1
+                return
+            out = data
+        elif control:
             try:
                 packets = parse_compound(data)
                 # Topology hiding: SDES CNAMEs name the sender (user@host).
@@ -849,7 +859,8 @@ class MediaRelay:
                 logger.debug("x session %s: RTCP dropped: %s", session.session_id, exc)
                 leg.dropped_other += 1
                 return
-        elif rtp_fits(data):
+        elif rtp_fits(data, padding=not state.encrypted or state.srtp):
+            # SRTP passed through: its padding is inside the ciphertext.
             out = data
         else:
             leg.dropped_other += 1
@@ -871,7 +882,8 @@ class MediaRelay:
         now = self._now()
         session.timer.activity(now)
         if session.recorder is not None:
-            self._record(session, leg, rtcp_port, source, data, control)
+            # Ciphertext into the capture, never the WAV.
+            self._record(session, leg, rtcp_port, source, data, control or state.encrypted)
         other = stream.legs[leg.side.other]
         if control:
             destination = other.state.rtcp_destination
@@ -892,9 +904,10 @@ class MediaRelay:
         if control:
             leg.rtcp_packets += 1
             leg.rtcp_bytes += len(data)
-            # The peer reports on what it hears from the relay: the other side's RTP.
-            leg.monitor.received(packets, now, other.state.rtp_latch.ssrc)
-            other.monitor.sender_report_forwarded(packets, now)
+            if packets:
+                # The peer reports on what it hears from the relay: the other side's RTP.
+                leg.monitor.received(packets, now, other.state.rtp_latch.ssrc)
+                other.monitor.sender_report_forwarded(packets, now)
         else:
             leg.packets += 1
             leg.bytes += len(data)

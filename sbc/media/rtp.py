@@ -75,10 +75,11 @@ def rtp_payload(data: bytes) -> bytes:
     return data[offset:end]
 
 
-def rtp_fits(data: bytes) -> bool:
+def rtp_fits(data: bytes, padding: bool = True) -> bool:
     """Whether an RTP packet (version and length >= 12 already checked) holds its
     CSRCs, header extension and padding (RFC 3550 5.1, 5.3.1, A.1): what `rtp_payload`
-    checks, without building a header (it runs for every relayed packet)."""
+    checks, without building a header (it runs for every relayed packet). Not the
+    padding when ``padding`` is false: SRTP's is inside the ciphertext."""
     first = data[0]
     size = len(data)
     offset = RTP_HEADER_SIZE + 4 * (first & 0x0F)
@@ -86,9 +87,9 @@ def rtp_fits(data: bytes) -> bool:
         if size < offset + 4:
             return False
         offset += 4 + 4 * (data[offset + 2] << 8 | data[offset + 3])
-    if first & 0x20:
-        padding = data[-1]
-        return padding != 0 and offset + padding <= size
+    if first & 0x20 and padding:
+        count = data[-1]
+        return count != 0 and offset + count <= size
     return offset <= size
 
 

@@ -51,6 +51,10 @@ class LegOffer:
     #: False for UDP media that is not RTP (proto ``udptl``, T.38 fax, RFC 3362; or
     #: ``UDP``): relayed as opaque datagrams on one port, latched on the source alone.
     rtp: bool = True
+    #: The peer's media is SRTP the relay does not terminate (an SAVP proto, its
+    #: a=crypto passed end to end): packets are checked only as far as they are in
+    #: the clear, and SRTCP crosses unparsed (its SDES is ciphertext).
+    encrypted: bool = False
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,8 @@ class LegState:
     remote_crypto: SdesCrypto | None = None
     #: RTP on this side; False: opaque datagrams (UDPTL), see ``LegOffer.rtp``.
     rtp: bool = True
+    #: SRTP passed through, see ``LegOffer.encrypted``.
+    encrypted: bool = False
 
     @property
     def srtp(self) -> bool:
@@ -157,6 +163,7 @@ class LegState:
             "local_crypto": None if self.local_crypto is None else self.local_crypto.to_dict(),
             "remote_crypto": None if self.remote_crypto is None else self.remote_crypto.to_dict(),
             "rtp": self.rtp,
+            "encrypted": self.encrypted,
         }
 
     @classmethod
@@ -176,6 +183,7 @@ class LegState:
             remote_crypto=_crypto(data.get("remote_crypto")),
             # Records from before UDPTL support: every stream was RTP.
             rtp=bool(data.get("rtp", True)),
+            encrypted=bool(data.get("encrypted", False)),
         )
 
 
