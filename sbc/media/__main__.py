@@ -3,7 +3,8 @@
 SPEC_JSON is ``{"config": {...MediaConfig fields, realms as
 [{"realm", "ipv4", "ipv6"}]}, "calls": [{"call_id", "streams": [{"a": LegOffer,
 "b": LegOffer}]}]}`` with LegOffer as ``{"realm", "family", "remote":
-{"address", "port"}, "rtcp_mux", "direction"}``. The relay allocates the calls, prints
+{"address", "port"}, "rtcp_mux", "direction", "srtp", "crypto", "rtp",
+"encrypted"}`` (``rtp`` false: UDPTL). The relay allocates the calls, prints
 each session as a JSON line, then one JSON line per event (with the session's state,
 as a standby node would receive it) until SIGTERM or SIGINT.
 """
@@ -50,6 +51,8 @@ def offer_from_dict(data: dict[str, Any]) -> LegOffer:
         direction=Direction(data.get("direction", "sendrecv")),
         srtp=SrtpSuite(data["srtp"]) if data.get("srtp") else None,
         crypto=SdesCrypto.parse(data["crypto"]) if data.get("crypto") else None,
+        rtp=bool(data.get("rtp", True)),
+        encrypted=bool(data.get("encrypted", False)),
     )
 
 
