@@ -324,14 +324,17 @@ def rewrite_sdp(
                 continue
             kept.append(line)
         every_media_has_c = every_media_has_c and has_c
-        if index >= len(streams):
-            # RFC 3264 6: no relay stream for it, so it is rejected.
+        if index >= len(streams) or section.proto.upper().startswith("TCP"):
+            # RFC 3264 6: no relay stream for it, so it is rejected. The relay is UDP:
+            # a stream over TCP (MSRP, BFCP, RFC 4571 RTP) cannot go through it.
             port, count = 0, None
         elif section.is_rejected:
             port, count = section.port, section.port_count
         else:
+            # One RTP/RTCP port pair a stream: a port count (49170/2) would name relay
+            # ports of another call.
             local = streams[index].leg(side).local
-            port, count = local.port, section.port_count
+            port, count = local.port, None
             # RFC 5761 5.1.3: an answerer without rtcp-mux sends RTCP to a=rtcp, and
             # the relay takes it on its RTCP port (on its RTP port it would pass for
             # RTP, unfiltered). Only an rtcp-mux-only offer (RFC 8858) has none.

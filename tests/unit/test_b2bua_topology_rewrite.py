@@ -38,6 +38,8 @@ def reference(
         out = out.with_media_port(
             index, local.local.port, rtcp_port=rtcp, rtcp_address=local.local.address
         )
+        # One port pair a relay stream: no port count.
+        out = out.with_media(index, replace(out.media[index], port_count=None))
     placeholder = Origin(SDP_USERNAME, leg.sdp_session, 0, "IN", "IP4", "0.0.0.0").with_address(
         address
     )

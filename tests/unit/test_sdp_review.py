@@ -150,6 +150,37 @@ def test_a_mux_offer_names_the_relays_rtcp_port_for_answerers_without_mux() -> N
     assert "a=rtcp:20000 IN IP4 198.51.100.1\r\n" in only
 
 
+def test_tcp_streams_are_rejected_and_port_counts_dropped() -> None:
+    # The relay is UDP: an MSRP or BFCP stream over TCP anchored to a relay port
+    # could never connect; it is rejected (port 0), as a stream without a relay
+    # stream is. A port count (RFC 8866 5.14: 4000/2 is two RTP/RTCP pairs) would
+    # name relay ports of another call: the relay gives a stream one pair.
+    two = MediaSession(
+        "s",
+        "c",
+        (
+            *RELAY.streams,
+            MediaStream(
+                1,
+                LegState("outside", Endpoint.of("198.51.100.1", 20002)),
+                LegState("inside", Endpoint.of("203.0.113.1", 21002)),
+            ),
+        ),
+        0.0,
+    )
+    sdp = SessionDescription.parse(
+        (
+            HEAD + "m=message 7394 TCP/MSRP *\r\n"
+            f"a=path:msrp://{INSIDE_HOST}:7394/x;tcp\r\n"
+            "m=audio 4000/2 RTP/AVP 0\r\n"
+        ).encode()
+    )
+    sent = rewrite_sdp(sdp, two, Side.A, LEG)[0].decode()
+    assert "m=message 0 TCP/MSRP *\r\n" in sent
+    assert "m=audio 20002 RTP/AVP 0\r\n" in sent
+    assert_nothing_inside(sent)
+
+
 def test_hidden_attributes_are_matched_whatever_their_case() -> None:
     # RFC 5234 2.3: the quoted names of RFC 8839 ("candidate") and RFC 3605 ("rtcp")
     # match case-insensitively, so a=Candidate is a candidate to the far side.
