@@ -2974,11 +2974,9 @@ class CallController:
         if request.method == "SUBSCRIBE" and 200 <= status < 300:
             self._arm_subscription(live, response, now)
             return Step()
-        if request.method == "NOTIFY":
-            state = (request.headers.get("Subscription-State") or "").split(";", 1)[0]
-            if state.strip().lower() == "terminated" or status == 481:
-                logger.info("- subscription %s terminated", live.call.call_ref)
-                return self._end(live, 200, EndReason.BYE, LegSide.B, now)
+        if request.method == "NOTIFY" and (_terminated(request) or status == 481):
+            logger.info("- subscription %s terminated", live.call.call_ref)
+            return self._end(live, 200, EndReason.BYE, LegSide.B, now)
         if status == 481:
             return self._end(live, 481, EndReason.BYE, None, now)
         return Step()

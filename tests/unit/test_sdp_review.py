@@ -33,18 +33,24 @@ from tests.unit.test_b2bua_flows import (
 INSIDE_ADDRESS = "10.0.0.5"
 INSIDE_HOST = "pbx.inside.example"
 
-RELAY = MediaSession(
-    "s",
-    "c",
-    (
-        MediaStream(
-            0,
-            LegState("outside", Endpoint.of("198.51.100.1", 20000)),
-            LegState("inside", Endpoint.of("203.0.113.1", 21000)),
+def relay_session(streams: int = 1) -> MediaSession:
+    """A relay session of ``streams`` streams, each on the next port pair."""
+    return MediaSession(
+        "s",
+        "c",
+        tuple(
+            MediaStream(
+                index,
+                LegState("outside", Endpoint.of("198.51.100.1", 20000 + 2 * index)),
+                LegState("inside", Endpoint.of("203.0.113.1", 21000 + 2 * index)),
+            )
+            for index in range(streams)
         ),
-    ),
-    0.0,
-)
+        0.0,
+    )
+
+
+RELAY = relay_session()
 
 LEG = CallLeg(
     "outside",
@@ -155,19 +161,6 @@ def test_tcp_streams_are_rejected_and_port_counts_dropped() -> None:
     # could never connect; it is rejected (port 0), as a stream without a relay
     # stream is. A port count (RFC 8866 5.14: 4000/2 is two RTP/RTCP pairs) would
     # name relay ports of another call: the relay gives a stream one pair.
-    two = MediaSession(
-        "s",
-        "c",
-        (
-            *RELAY.streams,
-            MediaStream(
-                1,
-                LegState("outside", Endpoint.of("198.51.100.1", 20002)),
-                LegState("inside", Endpoint.of("203.0.113.1", 21002)),
-            ),
-        ),
-        0.0,
-    )
     sdp = SessionDescription.parse(
         (
             HEAD + "m=message 7394 TCP/MSRP *\r\n"
@@ -175,7 +168,7 @@ def test_tcp_streams_are_rejected_and_port_counts_dropped() -> None:
             "m=audio 4000/2 RTP/AVP 0\r\n"
         ).encode()
     )
-    sent = rewrite_sdp(sdp, two, Side.A, LEG)[0].decode()
+    sent = rewrite_sdp(sdp, relay_session(2), Side.A, LEG)[0].decode()
     assert "m=message 0 TCP/MSRP *\r\n" in sent
     assert "m=audio 20002 RTP/AVP 0\r\n" in sent
     assert_nothing_inside(sent)
