@@ -731,9 +731,12 @@ class _SchemaReader:
             except ValueError:
                 raise _Mismatch from None
         if isinstance(tp, type) and issubclass(tp, enum.Enum):
-            for member in tp:
-                if tag == _TAG_STR and member.value == text:
-                    return member
+            # A plain `off` (or on, yes, no) is a YAML 1.1 boolean; where the schema
+            # wants a word, the word as written is meant (`srtp: off`).
+            if tag in (_TAG_STR, _TAG_BOOL):
+                for member in tp:
+                    if member.value == text:
+                        return member
             raise _Mismatch
         raise TypeError(f"unsupported schema type {tp!r}")
 
