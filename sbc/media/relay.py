@@ -272,6 +272,10 @@ class _Session:
         )
 
 
+def _key_of(crypto: SdesCrypto | None) -> tuple[object, bytes] | None:
+    return None if crypto is None else (crypto.suite, crypto.key)
+
+
 def _refusal(leg: _Leg, offer: LegOffer) -> str | None:
     """Why a re-offer cannot apply to ``leg``, or None."""
     state = leg.state
@@ -522,7 +526,9 @@ class MediaRelay:
                     rtp=leg_offer.rtp,
                     encrypted=leg_offer.encrypted,
                 )
-                rekey = state.remote_crypto != leg.state.remote_crypto
+                # A new key, not a new tag for the same key (a re-offer may number its
+                # lines anew): a new inbound context would restart its rollover counter.
+                rekey = _key_of(state.remote_crypto) != _key_of(leg.state.remote_crypto)
                 if (
                     leg_offer.remote is not None
                     and leg.state.remote_hint is not None

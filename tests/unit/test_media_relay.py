@@ -164,6 +164,21 @@ def test_a_new_peer_key_keeps_the_relays_outbound_context() -> None:
     assert a.packets == 1
 
 
+def test_the_same_peer_key_under_another_tag_keeps_the_inbound_context() -> None:
+    # The B2BUA's answers reuse the peer's tag, and a re-offer may number its
+    # a=crypto lines anew: same key, same context (its rollover counter goes on).
+    relay = make_relay()
+    suite = SrtpSuite.AES_CM_128_HMAC_SHA1_80
+    key = SdesCrypto.generate(suite)
+    srtp_a = LegOffer("outside", remote=PEER_A, srtp=suite, crypto=key)
+    session = asyncio.run(relay.allocate("call", offer(a=srtp_a)))
+    a = leg(relay, session, Side.A)
+    inbound = a.inbound
+    renumbered = SdesCrypto(key.tag + 1, suite, key.key)
+    asyncio.run(relay.update(session.session_id, offer(a=evolve_crypto(srtp_a, renumbered))))
+    assert a.inbound is inbound
+
+
 def evolve_crypto(offer: LegOffer, crypto: SdesCrypto) -> LegOffer:
     return LegOffer(offer.realm, remote=offer.remote, srtp=offer.srtp, crypto=crypto)
 
