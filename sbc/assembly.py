@@ -77,6 +77,7 @@ def realm_policies(config: Config) -> dict[str, RealmPolicy]:
             from_host=realm.from_host,
             to_host=realm.to_host,
             request_uri_host=realm.request_uri_host,
+            srtp=realm.srtp,
         )
         for realm in config.realms
     }

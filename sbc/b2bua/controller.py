@@ -50,6 +50,7 @@ from sbc.b2bua.routing import (
     TrunkRoute,
     uri_user_host,
 )
+from sbc.b2bua.srtp import SrtpPolicy, blank_srtp, established, first_offers
 from sbc.b2bua.topology import (
     SDP_CONTENT_TYPE,
     blank_offers,
@@ -364,6 +365,8 @@ class RealmPolicy:
     from_host: str | None = None
     to_host: str | None = None
     request_uri_host: str | None = None
+    #: Which of the realm's legs speak SDES-SRTP (`sbc.b2bua.srtp`).
+    srtp: SrtpPolicy = SrtpPolicy.OPTIONAL
 
 
 # -- what the controller asks of the world ----------------------------------------------
@@ -546,6 +549,8 @@ class _Live:
     #: Sides that accepted a relayed REFER and have not sent its terminating NOTIFY:
     #: the REFER's subscription outlives the call's BYE (``_Referral``).
     notifiers: frozenset[LegSide] = frozenset()
+    #: Both realms pass SRTP through: a=crypto crosses, the relay does not terminate it.
+    srtp_passthrough: bool = False
     is_subscription: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -1412,6 +1417,31 @@ class CallController:
         if sdp is not None and not sdp.media:
             response = make_response(request, 488, "No Media Offered", to_tag=new_tag())
             return self._send_response(tx, response, now)
+        a_srtp, b_srtp = self._policy(realm.name).srtp, self._policy(target_realm.name).srtp
+        passthrough = a_srtp is b_srtp is SrtpPolicy.PASSTHROUGH
+        if sdp is None:
+            # Late offer: the callee's 2xx brings the offer, the caller's ACK the answer.
+            a_offers = blank_offers(LATE_OFFER_STREAMS, realm)
+            b_offers = blank_offers(LATE_OFFER_STREAMS, target_realm)
+            if not passthrough:
+                a_offers, b_offers = blank_srtp(a_offers, a_srtp), blank_srtp(b_offers, b_srtp)
+        else:
+            a_offers = leg_offers(sdp, realm)
+            b_offers = blank_offers(len(sdp.media), target_realm)
+            if not passthrough:
+                try:
+                    a_offers, b_offers = first_offers(sdp, a_offers, a_srtp, b_offers, b_srtp)
+                except SdpError as exc:
+                    logger.info("x %s from %s: offer refused: %s", request.raw_uri, realm.name, exc)
+                    return self._reject_attempt(
+                        tx,
+                        request,
+                        realm.name,
+                        exc.status,
+                        EndReason.REJECTED,
+                        now,
+                        route=decision.rule,
+                    )
         ticket = None
         if self.admission is not None:
             verdict = self.admission.admit((realm.name, target_realm.name), trunk, now)
@@ -1478,13 +1508,8 @@ class CallController:
         if self.timers.session_expires:
             self._shorter_interval(live, LegSide.A, request)
         live.allows[LegSide.A] = _allowed(request)
-        if sdp is None:
-            # Late offer: the callee's 2xx brings the offer, the caller's ACK the answer.
-            live.offers[LegSide.A] = blank_offers(LATE_OFFER_STREAMS, realm)
-            live.offers[LegSide.B] = blank_offers(LATE_OFFER_STREAMS, target_realm)
-        else:
-            live.offers[LegSide.A] = leg_offers(sdp, realm)
-            live.offers[LegSide.B] = blank_offers(len(sdp.media), target_realm)
+        live.srtp_passthrough = passthrough
+        live.offers[LegSide.A], live.offers[LegSide.B] = a_offers, b_offers
         self._calls[call.call_ref] = live
         self._by_server[tx] = call.call_ref
         self._by_dialog[(call.a.call_id, call.a.local_tag)] = (call.call_ref, LegSide.A)
@@ -1579,7 +1604,7 @@ class CallController:
         sdp = parse_sdp(live.a_request)
         body = b""
         if sdp is not None:
-            body, leg = rewrite_sdp(sdp, live.session, Side.B, leg)
+            body, leg = self._rewrite(live, sdp, LegSide.B, leg)
         invite = self._b_invite(live, leg, target, body)
         tx, out = self._send_request(invite, hop, now)
         assert isinstance(tx, ClientInviteTransaction)
@@ -1942,14 +1967,18 @@ class CallController:
             return self._send_response(tx, response, now, leg.realm)
         before = None
         if sdp is not None and live.session is not None:
+            try:
+                offers = self._leg_offers(live, side, sdp)
+            except SdpError as exc:
+                logger.info("x call %s: %s refused: %s", live.call.call_ref, request.method, exc)
+                return self._send_response(tx, make_response(request, exc.status), now)
             before = _Before(
                 live.offers.get(side), live.sdp_sent.get(other), leg.sdp_version, leg.sdp_digest
             )
-            realm = self.realms.get(live.call.leg(side).realm)
-            if realm is not None:
-                live.offers[side] = leg_offers(sdp, realm)
+            if offers is not None:
+                live.offers[side] = offers
                 step = step + self._update_media(live)
-            body, new_leg = rewrite_sdp(sdp, live.session, _MEDIA_SIDE[other], leg)
+            body, new_leg = self._rewrite(live, sdp, other, leg)
             content_type = SDP_CONTENT_TYPE  # the SDP part of a multipart body crosses alone
             leg = new_leg
             live.sdp_sent[other] = body
@@ -2169,18 +2198,23 @@ class CallController:
         except SdpError as exc:
             logger.info("x call %s: bad SDP answer in the ACK: %s", live.call.call_ref, exc)
             sdp = None
-        realm = self.realms.get(live.call.leg(answer_side).realm)
-        usable = sdp is not None and bool(sdp.media) and realm is not None
+        offers = None
+        if sdp is not None and sdp.media:
+            try:
+                offers = self._leg_offers(live, answer_side, sdp)
+            except SdpError as exc:
+                logger.info("x call %s: answer in the ACK refused: %s", live.call.call_ref, exc)
+        usable = sdp is not None and offers is not None
         step = Step()
-        if sdp is not None and realm is not None and usable:
-            live.offers[answer_side] = leg_offers(sdp, realm)
+        if sdp is not None and offers is not None:
+            live.offers[answer_side] = offers
             step = self._update_media(live)
         else:
             sdp = evolve(held.offer, media=tuple(m.rejected() for m in held.offer.media))
         leg = live.call.leg(held.side)
         body = b""
         if live.session is not None:
-            body, leg = rewrite_sdp(sdp, live.session, _MEDIA_SIDE[held.side], leg)
+            body, leg = self._rewrite(live, sdp, held.side, leg)
             live.call = live.call.with_leg(held.side, leg)
             live.sdp_sent[held.side] = body
         step = step + self._ack_leg(live, held.side, held.dialog, held.seq, held.tx, body)
@@ -2362,6 +2396,8 @@ class CallController:
         live.call = evolve(call, b=fork.leg, gateway=fork.target.gateway)
         try:
             b_sdp = parse_sdp(response)
+            # An answer (or late offer) that does not fit the legs' SRTP is as bad.
+            b_offers = None if b_sdp is None else self._leg_offers(live, LegSide.B, b_sdp)
         except SdpError as exc:
             # Nothing to answer the caller with: the 2xx is ACKed, and the call ends.
             logger.info("x call %s: bad SDP in the 2xx: %s", call.call_ref, exc)
@@ -2398,7 +2434,7 @@ class CallController:
         b_codecs = codecs_of(b_sdp)
         if b_codecs and b_codecs != live.call.b_codecs:
             live.call = evolve(live.call, b_codecs=b_codecs)
-        step = step + self._media_answer(live, response)
+        step = step + self._media_answer(live, response, b_offers)
         a_response = self._to_a(live, response)
         step = step + self._answer_a(live, a_response, now)
         self._expect_ack(call.call_ref, live.a_invite, a_response, now)
@@ -2511,18 +2547,53 @@ class CallController:
             out.append(Target(realm, destination, str(uri)))
         return tuple(out)
 
-    def _media_answer(self, live: _Live, response: Response) -> Step:
+    def _media_answer(
+        self, live: _Live, response: Response, offers: tuple[LegOffer, ...] | None = None
+    ) -> Step:
+        """The relay follows the callee's SDP in a response to the INVITE (``offers``:
+        read from it already)."""
         try:
             sdp = parse_sdp(response)
-        except SdpError:
+            if sdp is not None and offers is None:
+                offers = self._leg_offers(live, LegSide.B, sdp)
+        except SdpError as exc:
+            status, call_ref = response.status, live.call.call_ref
+            logger.info("x call %s: SDP of a %d not followed: %s", call_ref, status, exc)
             return Step()
-        realm = self.realms.get(live.call.b.realm)
-        if sdp is None or realm is None:
+        if sdp is None or offers is None:
             return Step()
-        live.offers[LegSide.B] = leg_offers(sdp, realm)
+        live.offers[LegSide.B] = offers
         if not live.call.b_codecs:
             live.call = evolve(live.call, b_codecs=codecs_of(sdp))
         return self._update_media(live)
+
+    def _leg_offers(
+        self, live: _Live, side: LegSide, sdp: SessionDescription
+    ) -> tuple[LegOffer, ...] | None:
+        """What ``side``'s SDP asks of the relay (None: its realm is gone, or no relay
+        session yet); SdpError 488 when it does not fit the SRTP of the side's legs."""
+        realm = self.realms.get(live.call.leg(side).realm)
+        if realm is None or live.session is None:
+            return None
+        offers = leg_offers(sdp, realm)
+        if live.srtp_passthrough:
+            return offers
+        media_side = _MEDIA_SIDE[side]
+        return established(sdp, offers, [s.leg(media_side) for s in live.session.streams])
+
+    def _rewrite(
+        self, live: _Live, sdp: SessionDescription, side: LegSide, leg: CallLeg
+    ) -> tuple[bytes, CallLeg]:
+        """``sdp`` of the other side as ``leg`` (of ``side``) gets it (`rewrite_sdp`)."""
+        assert live.session is not None
+        return rewrite_sdp(
+            sdp,
+            live.session,
+            _MEDIA_SIDE[side],
+            leg,
+            live.offers.get(side),
+            passthrough=live.srtp_passthrough,
+        )
 
     def _update_media(self, live: _Live) -> Step:
         if live.session is None:
@@ -2567,7 +2638,7 @@ class CallController:
             except SdpError:
                 sdp = None
             if sdp is not None:
-                body, a_leg = rewrite_sdp(sdp, live.session, Side.A, live.call.a)
+                body, a_leg = self._rewrite(live, sdp, LegSide.A, live.call.a)
                 live.call = live.call.with_leg(LegSide.A, a_leg)
                 live.sdp_sent[LegSide.A] = body
                 out.set_body(body, SDP_CONTENT_TYPE)
@@ -2846,8 +2917,11 @@ class CallController:
             step = self._restore(live, side, relayed.before)
         leg = live.call.leg(other)
         bad_sdp = False
+        answer: tuple[LegOffer, ...] | None = None
         try:
             sdp = parse_sdp(response)
+            if sdp is not None and status < 300 and live.session is not None:
+                answer = self._leg_offers(live, other, sdp)
         except SdpError as exc:
             logger.info("x call %s: bad SDP in a %d: %s", live.call.call_ref, status, exc)
             sdp, bad_sdp = None, status < 300
@@ -2892,11 +2966,10 @@ class CallController:
         if realm is not None:
             copy_kept_headers(response, out, realm)
         if sdp is not None and live.session is not None and status < 300:
-            realm_other = self.realms.get(leg.realm)
-            if realm_other is not None:
-                live.offers[other] = leg_offers(sdp, realm_other)
+            if answer is not None:
+                live.offers[other] = answer
                 step = step + self._update_media(live)
-            body, new_leg = rewrite_sdp(sdp, live.session, _MEDIA_SIDE[side], live.call.leg(side))
+            body, new_leg = self._rewrite(live, sdp, side, live.call.leg(side))
             live.call = live.call.with_leg(side, new_leg)
             live.sdp_sent[side] = body
             out.set_body(body, SDP_CONTENT_TYPE)
@@ -2956,9 +3029,13 @@ class CallController:
         live.call = live.call.with_leg(answerer, leg)
         if before.offers is not None:
             live.offers[offerer] = before.offers
-        realm = self.realms.get(leg.realm)
-        if answer is not None and realm is not None:
-            live.offers[answerer] = leg_offers(answer, realm)
+        try:
+            offers = None if answer is None else self._leg_offers(live, answerer, answer)
+        except SdpError as exc:
+            logger.info("x call %s: answer to a withdrawn offer: %s", live.call.call_ref, exc)
+            offers = None
+        if offers is not None:
+            live.offers[answerer] = offers
         logger.info(
             "- call %s: answer to a withdrawn offer, offering %s the session again",
             live.call.call_ref,
@@ -3121,11 +3198,13 @@ class CallController:
             # relay follows it.
             try:
                 sdp = parse_sdp(response)
-            except SdpError:
-                sdp = None
-            realm = self.realms.get(leg.realm)
-            if sdp is not None and realm is not None and live.session is not None:
-                live.offers[side] = leg_offers(sdp, realm)
+                offers = None if sdp is None else self._leg_offers(live, side, sdp)
+            except SdpError as exc:
+                call_ref = live.call.call_ref
+                logger.info("x call %s: answer to a refresh not followed: %s", call_ref, exc)
+                offers = None
+            if offers is not None:
+                live.offers[side] = offers
                 step = step + self._update_media(live)
         if status == 491:
             # RFC 3261 14.1 glare: try again after a random back-off, 2.1-4 s when we

@@ -18,6 +18,7 @@ from typing import Final
 
 from sbc.b2bua.call import CallLeg
 from sbc.b2bua.realm import Realm
+from sbc.b2bua.srtp import crypto_attribute, plain_proto, secure_proto
 from sbc.evolve import evolve
 from sbc.media.session import LegOffer, MediaSession, Side, StreamOffer
 from sbc.media.values import Direction, Endpoint, ip_address
@@ -273,7 +274,13 @@ def stream_offers(a: Sequence[LegOffer], b: Sequence[LegOffer]) -> tuple[StreamO
 
 
 def rewrite_sdp(
-    sdp: SessionDescription, session: MediaSession, side: Side, leg: CallLeg
+    sdp: SessionDescription,
+    session: MediaSession,
+    side: Side,
+    leg: CallLeg,
+    peer: Sequence[LegOffer] | None = None,
+    *,
+    passthrough: bool = False,
 ) -> tuple[bytes, CallLeg]:
     """The SDP to send on ``leg`` (the relay's ``side``), and the leg after sending it.
 
@@ -285,6 +292,12 @@ def rewrite_sdp(
     is often the other side's user@host (RFC 5576), the other
     :data:`HIDDEN_SDP_ATTRIBUTES`, and the lines kept as text but those of
     :data:`CROSSING_FIELDS`. A c= of 0.0.0.0 (RFC 2543 hold) stays 0.0.0.0.
+
+    SRTP (`sbc.b2bua.srtp`): the other side's a=crypto never crosses. A stream whose
+    relay leg on ``side`` speaks SRTP gets the SRTP profile and one a=crypto with the
+    relay's key, under the tag of the peer's own a=crypto (``peer``: the offers the
+    B2BUA last read from this side); one of plain RTP gets the RTP profile. With
+    ``passthrough`` (a call between two passthrough realms) both cross as they are.
 
     One pass over the lines (the edits of ``SessionDescription`` in a row copy the
     whole description at each step; this runs for every offer and answer).
@@ -312,7 +325,7 @@ def rewrite_sdp(
         for line in section.lines:
             if isinstance(line, Attribute):
                 name = line.name.lower()
-                if name in HIDDEN_SDP_ATTRIBUTES:
+                if name in HIDDEN_SDP_ATTRIBUTES or (name == "crypto" and not passthrough):
                     continue
                 if name == "rtcp" and line.name != "rtcp":
                     line = Attribute("rtcp", line.value)
@@ -324,6 +337,16 @@ def rewrite_sdp(
                 continue
             kept.append(line)
         every_media_has_c = every_media_has_c and has_c
+        proto = section.proto
+        crypto: Attribute | None = None
+        if not passthrough and index < len(streams) and section.is_rtp:
+            key = streams[index].leg(side).local_crypto
+            if key is None:
+                proto = plain_proto(proto)
+            else:
+                proto = secure_proto(proto)
+                known = peer[index].crypto if peer is not None and index < len(peer) else None
+                crypto = crypto_attribute(key, known)
         if index >= len(streams) or section.proto.upper().startswith("TCP"):
             # RFC 3264 6: no relay stream for it, so it is rejected. The relay is UDP:
             # a stream over TCP (MSRP, BFCP, RFC 4571 RTP) cannot go through it.
@@ -345,14 +368,14 @@ def rewrite_sdp(
                 else line
                 for line in kept
             ]
+            if crypto is not None:
+                kept.append(crypto)
         if port == 0:
             # RFC 3605: a=rtcp names the other side's RTCP port and address, and no
             # relay port stands for them on a stream sent with port zero.
             kept = [ln for ln in kept if not (isinstance(ln, Attribute) and ln.name == "rtcp")]
         media.append(
-            MediaDescription(
-                section.media, port, section.proto, section.formats, count, tuple(kept)
-            )
+            MediaDescription(section.media, port, proto, section.formats, count, tuple(kept))
         )
     if not any(isinstance(line, Connection) for line in lines) and (
         not media or not every_media_has_c

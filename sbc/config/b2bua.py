@@ -14,6 +14,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Final
 
+from sbc.b2bua.srtp import SrtpPolicy
 from sbc.config.schema import (
     PORT_SPEC_EXPECT,
     IPAddress,
@@ -334,6 +335,16 @@ class RealmConfig(Section):
             "Host of their Request-URI (they still go to the route's destination);"
             " null = the destination's address.",
             pattern=HOST_PATTERN,
+        ),
+    )
+    srtp: SrtpPolicy = field(
+        default=SrtpPolicy.OPTIONAL,
+        metadata=spec(
+            "SDES-SRTP on this realm's legs, terminated by the media relay (keys never"
+            " cross realms): optional = SRTP where the peer offers it, and towards this"
+            " realm when the other side's offer was SRTP; required = SRTP only (plain"
+            " offers get 488); off = plain RTP only (SRTP offers get 488); passthrough ="
+            " between two passthrough realms a=crypto crosses end to end, else optional."
         ),
     )
     large_requests_over_tcp: bool = field(

@@ -177,3 +177,26 @@ def test_hosts_must_be_sip_hosts(host: str) -> None:
 def test_ip_hosts_may_be_bare_or_bracketed() -> None:
     for host in ("'2001:db8::1'", "'[2001:db8::1]'", "192.0.2.1", "sip.example.com."):
         load(GOOD.replace("status: 486}", f"status: 486, domain: {host}}}"))
+
+
+def test_srtp_policy_of_a_realm_reaches_the_controller_and_bad_values_are_located() -> None:
+    from sbc.assembly import realm_policies
+    from sbc.b2bua.srtp import SrtpPolicy
+
+    text = GOOD.replace("    keep_headers:", "    srtp: required\n    keep_headers:")
+    policies = realm_policies(load(text))
+    assert policies["inside"].srtp is SrtpPolicy.REQUIRED
+    assert policies["outside"].srtp is SrtpPolicy.OPTIONAL
+    report = problems(GOOD.replace("    keep_headers:", "    srtp: maybe\n    keep_headers:"))
+    assert "sbc.yaml:12" in report and "srtp" in report and "required" in report
+
+
+def test_srtp_off_written_plainly_is_the_word_not_a_yaml_boolean() -> None:
+    from sbc.assembly import realm_policies
+    from sbc.b2bua.srtp import SrtpPolicy
+
+    text = GOOD.replace("    keep_headers:", "    srtp: off\n    keep_headers:")
+    assert realm_policies(load(text))["inside"].srtp is SrtpPolicy.OFF
+    # Any other boolean is still no policy.
+    report = problems(GOOD.replace("    keep_headers:", "    srtp: yes\n    keep_headers:"))
+    assert "sbc.yaml:12" in report and "srtp" in report
