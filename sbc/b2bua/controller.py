@@ -1426,7 +1426,7 @@ class CallController:
             if not passthrough:
                 a_offers, b_offers = blank_srtp(a_offers, a_srtp), blank_srtp(b_offers, b_srtp)
         else:
-            a_offers = leg_offers(sdp, realm)
+            a_offers = leg_offers(sdp, realm, self.realms.media_addresses)
             b_offers = blank_offers(len(sdp.media), target_realm)
             if not passthrough:
                 try:
@@ -2575,7 +2575,7 @@ class CallController:
         realm = self.realms.get(live.call.leg(side).realm)
         if realm is None or live.session is None:
             return None
-        offers = leg_offers(sdp, realm)
+        offers = leg_offers(sdp, realm, self.realms.media_addresses)
         if live.srtp_passthrough:
             return offers
         media_side = _MEDIA_SIDE[side]

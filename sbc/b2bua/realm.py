@@ -80,6 +80,8 @@ class RealmTable:
 
     def __init__(self, realms: Iterable[Realm] = ()) -> None:
         self._realms = {realm.name: realm for realm in realms}
+        #: The media relay's addresses in every realm: never a peer's media address.
+        self.media_addresses = frozenset(realm.media_address for realm in self._realms.values())
 
     def __len__(self) -> int:
         return len(self._realms)

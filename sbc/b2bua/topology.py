@@ -11,6 +11,7 @@ name the media relay, with ICE attributes (candidates are addresses) and the
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv6Address
@@ -91,6 +92,8 @@ LEGACY_HOLD: Final = Connection("IN", "IP4", "0.0.0.0")
 SDP_USERNAME: Final = "sbc"
 
 SDP_CONTENT_TYPE: Final = "application/sdp"
+
+logger = logging.getLogger(__name__)
 
 
 def copy_kept_headers(source: Message, target: Message, realm: Realm) -> int:
@@ -227,7 +230,25 @@ def _sdp_part(body: bytes, boundary: str | None) -> bytes:
 _OPAQUE_PROTOS: Final = frozenset({"udptl", "udp"})
 
 
-def _remote(media: MediaDescription, session: Connection | None) -> Endpoint | None:
+#: The limited broadcast address: no peer's media address.
+_BROADCAST: Final = ip_address("255.255.255.255")
+
+
+def _remote(
+    media: MediaDescription,
+    session: Connection | None,
+    realm: Realm,
+    own: frozenset[IPv4Address | IPv6Address],
+) -> Endpoint | None:
+    """Where the peer's SDP asks for media, when the relay may send there before it
+    learns the real source (latching); None when it may not.
+
+    The address is the peer's word, so it is not taken for the SBC's own media
+    addresses (media sent to a relay port of another call would latch there, or
+    loop), multicast or broadcast (one call's media to a whole segment), another
+    family than the realm's, or loopback and link-local addresses outside a realm
+    of such addresses (the SBC's own services, or a host beside it that is no peer).
+    """
     connection = media.connection or session
     if media.is_rejected or connection is None:
         return None
@@ -238,11 +259,29 @@ def _remote(media: MediaDescription, session: Connection | None) -> Endpoint | N
     if address.is_unspecified:
         # RFC 3264 8.4: 0.0.0.0 is hold, not a destination; sent to, it is this host.
         return None
+    local = realm.media_address
+    if (
+        address in own
+        or address.is_multicast
+        or address == _BROADCAST
+        or address.version != local.version
+        or (address.is_loopback and not local.is_loopback)
+        or (address.is_link_local and not local.is_link_local)
+    ):
+        logger.debug(
+            "- realm %s: SDP media address %s not used before latching", realm.name, address
+        )
+        return None
     return Endpoint(address, media.port)
 
 
-def leg_offers(sdp: SessionDescription, realm: Realm) -> tuple[LegOffer, ...]:
-    """What one side's SDP says about each of its streams, for the relay."""
+def leg_offers(
+    sdp: SessionDescription,
+    realm: Realm,
+    own: frozenset[IPv4Address | IPv6Address] = frozenset(),
+) -> tuple[LegOffer, ...]:
+    """What one side's SDP says about each of its streams, for the relay (``own``:
+    the SBC's media addresses, never taken from a peer's SDP)."""
     family = realm.media_address.version
     connection = sdp.connection
     # RFC 3264 5.1: a media-level direction overrides the session's; neither: sendrecv.
@@ -251,11 +290,11 @@ def leg_offers(sdp: SessionDescription, realm: Realm) -> tuple[LegOffer, ...]:
         LegOffer(
             realm=realm.name,
             family=family,
-            remote=_remote(media, connection),
+            remote=_remote(media, connection, realm, own),
             rtcp_mux=bool(media.find_attributes("rtcp-mux")),
             direction=_DIRECTIONS[media.direction or default],
             rtp=media.proto.lower() not in _OPAQUE_PROTOS,
-            # The B2BUA does not terminate SRTP: its a=crypto crosses end to end.
+            # SRTP passed through as it is, unless `sbc.b2bua.srtp` terminates it.
             encrypted="SAVP" in media.proto.upper(),
         )
         for media in sdp.media
