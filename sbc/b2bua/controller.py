@@ -50,7 +50,7 @@ from sbc.b2bua.routing import (
     TrunkRoute,
     uri_user_host,
 )
-from sbc.b2bua.srtp import SrtpPolicy, blank_srtp, established, first_offers
+from sbc.b2bua.srtp import SrtpPolicy, blank_srtp, established, first_offers, mirror
 from sbc.b2bua.topology import (
     SDP_CONTENT_TYPE,
     blank_offers,
@@ -551,6 +551,9 @@ class _Live:
     notifiers: frozenset[LegSide] = frozenset()
     #: Both realms pass SRTP through: a=crypto crosses, the relay does not terminate it.
     srtp_passthrough: bool = False
+    #: Late offer: the sides whose realm leaves RTP or SRTP to the first offer, which
+    #: has not come yet (`sbc.b2bua.srtp.blank_srtp`).
+    srtp_open: frozenset[LegSide] = frozenset()
     is_subscription: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -1419,12 +1422,19 @@ class CallController:
             return self._send_response(tx, response, now)
         a_srtp, b_srtp = self._policy(realm.name).srtp, self._policy(target_realm.name).srtp
         passthrough = a_srtp is b_srtp is SrtpPolicy.PASSTHROUGH
+        srtp_open: frozenset[LegSide] = frozenset()
         if sdp is None:
             # Late offer: the callee's 2xx brings the offer, the caller's ACK the answer.
             a_offers = blank_offers(LATE_OFFER_STREAMS, realm)
             b_offers = blank_offers(LATE_OFFER_STREAMS, target_realm)
             if not passthrough:
                 a_offers, b_offers = blank_srtp(a_offers, a_srtp), blank_srtp(b_offers, b_srtp)
+                fixed = (SrtpPolicy.REQUIRED, SrtpPolicy.OFF)
+                srtp_open = frozenset(
+                    side
+                    for side, policy in ((LegSide.A, a_srtp), (LegSide.B, b_srtp))
+                    if policy not in fixed
+                )
         else:
             a_offers = leg_offers(sdp, realm, self.realms.media_addresses)
             b_offers = blank_offers(len(sdp.media), target_realm)
@@ -1508,7 +1518,7 @@ class CallController:
         if self.timers.session_expires:
             self._shorter_interval(live, LegSide.A, request)
         live.allows[LegSide.A] = _allowed(request)
-        live.srtp_passthrough = passthrough
+        live.srtp_passthrough, live.srtp_open = passthrough, srtp_open
         live.offers[LegSide.A], live.offers[LegSide.B] = a_offers, b_offers
         self._calls[call.call_ref] = live
         self._by_server[tx] = call.call_ref
@@ -2579,7 +2589,21 @@ class CallController:
         if live.srtp_passthrough:
             return offers
         media_side = _MEDIA_SIDE[side]
-        return established(sdp, offers, [s.leg(media_side) for s in live.session.streams])
+        offers = established(
+            sdp,
+            offers,
+            [s.leg(media_side) for s in live.session.streams],
+            live.offers.get(side),
+            undecided=side in live.srtp_open,
+        )
+        if live.srtp_open:
+            # The late offer's first SDP decides its side, and the other side follows
+            # it where its realm leaves the choice open.
+            other = side.other
+            if other in live.srtp_open and other in live.offers:
+                live.offers[other] = mirror(offers, live.offers[other])
+            live.srtp_open = frozenset()
+        return offers
 
     def _rewrite(
         self, live: _Live, sdp: SessionDescription, side: LegSide, leg: CallLeg

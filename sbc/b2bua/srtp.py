@@ -144,34 +144,49 @@ def first_offers(
 
 
 def blank_srtp(offers: Sequence[LegOffer], policy: SrtpPolicy) -> tuple[LegOffer, ...]:
-    """Blank offers (a side whose SDP is not known yet: late offer) as ``policy`` has
-    them: SRTP in :data:`OFFER_SUITE` where it is required, else RTP; the offer that
-    comes later must fit (`established`)."""
-    if policy is not SrtpPolicy.REQUIRED:
+    """Blank offers (a side whose SDP is not known yet: a late offer) as ``policy``
+    has them: a key made ready in :data:`OFFER_SUITE` unless SRTP is off. A side whose
+    policy leaves the choice open takes the first offer's (`established` with
+    ``undecided``, then `mirror` for the other side), and gives the key up for RTP."""
+    if policy is SrtpPolicy.OFF:
         return tuple(offers)
     return tuple(evolve(offer, srtp=OFFER_SUITE) for offer in offers)
 
 
 def established(
-    sdp: SessionDescription, offers: Sequence[LegOffer], legs: Sequence[LegState]
+    sdp: SessionDescription,
+    offers: Sequence[LegOffer],
+    legs: Sequence[LegState],
+    current: Sequence[LegOffer] | None = None,
+    *,
+    undecided: bool = False,
 ) -> tuple[LegOffer, ...]:
     """``offers`` (read from ``sdp``, an offer or answer of one side after the first
     offer) for the relay's ``legs`` of that side, which keep their security: an SRTP
-    leg takes the peer's a=crypto of its suite, an RTP leg takes no SRTP. SdpError
-    488 when ``sdp`` does not fit (an RTP answer to an SRTP offer, a re-offer moving
-    a stream between RTP and SRTP). Streams the relay has no leg for are rejected in
-    what the B2BUA sends on, so anything goes there."""
+    leg takes the peer's a=crypto of its suite, an RTP leg takes no SRTP.
+
+    ``current``: the side's offers so far, where a leg the relay made a key for may
+    have given SRTP up (``srtp`` None). ``undecided``: the side's first SDP of a
+    late-offer call whose policy leaves the choice open: RTP is taken too, and the
+    leg gives its key up. SdpError 488 when ``sdp`` does not fit (an RTP answer to
+    an SRTP offer, a re-offer moving a stream between RTP and SRTP). Streams the
+    relay has no leg for are rejected in what the B2BUA sends on: anything goes."""
     out: list[LegOffer] = []
     for index, (media, offer) in enumerate(zip(sdp.media, offers, strict=False)):
         if index >= len(legs):
             out.append(evolve(offer, encrypted=False))
             continue
         local = legs[index].local_crypto
+        if current is not None and index < len(current) and current[index].srtp is None:
+            local = None
         if not offer.rtp:
             # T.38 in an SRTP call crosses in the clear (secure fax is UDPTL over
             # DTLS, RFC 7345, which the relay does not do); the leg keeps its key
             # for the audio the call may go back to.
             out.append(evolve(offer, srtp=None if local is None else local.suite, encrypted=False))
+            continue
+        if local is not None and undecided and not is_secure_proto(media.proto):
+            out.append(evolve(offer, srtp=None, encrypted=False))
             continue
         if local is None:
             if is_secure_proto(media.proto) and not media.is_rejected:
@@ -191,6 +206,18 @@ def established(
             )
         out.append(evolve(offer, srtp=local.suite, crypto=crypto, encrypted=False))
     return tuple(out)
+
+
+def mirror(decided: Sequence[LegOffer], undecided: Sequence[LegOffer]) -> tuple[LegOffer, ...]:
+    """The offers of a late-offer side whose policy left the choice open, once the
+    other side's first offer ``decided`` it: SRTP on the streams that offer made
+    SRTP (with the key made ready, `blank_srtp`), RTP on the others."""
+    return tuple(
+        offer
+        if offer.srtp is None or (index < len(decided) and decided[index].srtp is not None)
+        else evolve(offer, srtp=None)
+        for index, offer in enumerate(undecided)
+    )
 
 
 def crypto_attribute(local: SdesCrypto, peer: SdesCrypto | None) -> Attribute:

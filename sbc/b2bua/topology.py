@@ -335,7 +335,8 @@ def rewrite_sdp(
     SRTP (`sbc.b2bua.srtp`): the other side's a=crypto never crosses. A stream whose
     relay leg on ``side`` speaks SRTP gets the SRTP profile and one a=crypto with the
     relay's key, under the tag of the peer's own a=crypto (``peer``: the offers the
-    B2BUA last read from this side); one of plain RTP gets the RTP profile. With
+    B2BUA last read from this side, whose ``srtp`` None says a leg gave its key up);
+    one of plain RTP gets the RTP profile. With
     ``passthrough`` (a call between two passthrough realms) both cross as they are.
 
     One pass over the lines (the edits of ``SessionDescription`` in a row copy the
@@ -380,6 +381,13 @@ def rewrite_sdp(
         crypto: Attribute | None = None
         if not passthrough and index < len(streams) and section.is_rtp:
             key = streams[index].leg(side).local_crypto
+            if (
+                key is not None
+                and peer is not None
+                and index < len(peer)
+                and peer[index].srtp is None
+            ):
+                key = None  # a key made ready for a late offer, given up for RTP
             if key is None:
                 proto = plain_proto(proto)
             else:

@@ -284,8 +284,9 @@ def _refusal(leg: _Leg, offer: LegOffer) -> str | None:
             f"realm/family cannot change ({state.realm}/IPv{state.local.family} -> "
             f"{offer.realm}/IPv{offer.family})"
         )
-    if (offer.srtp is None) != (state.local_crypto is None):
-        return "RTP/SRTP cannot change in a re-offer"
+    if offer.srtp is not None and state.local_crypto is None:
+        # The relay's key is in the SDP the peer already has: it is made at allocation.
+        return "a leg of plain RTP cannot become SRTP"
     return None
 
 
@@ -512,7 +513,11 @@ class MediaRelay:
                 continue
             stream = session.streams[index]
             was = {
-                side: (stream.legs[side].state.rtcp_mux, stream.legs[side].state.rtp)
+                side: (
+                    stream.legs[side].state.rtcp_mux,
+                    stream.legs[side].state.rtp,
+                    stream.legs[side].state.srtp,
+                )
                 for side in Side
             }
             for side, leg_offer in ((Side.A, offer.a), (Side.B, offer.b)):
@@ -529,6 +534,12 @@ class MediaRelay:
                 # A new key, not a new tag for the same key (a re-offer may number its
                 # lines anew): a new inbound context would restart its rollover counter.
                 rekey = _key_of(state.remote_crypto) != _key_of(leg.state.remote_crypto)
+                if leg_offer.srtp is None and state.local_crypto is not None:
+                    # SRTP given up: the B2BUA kept a key ready for a first offer it had
+                    # not seen (a late offer), and that offer was RTP. The keys go.
+                    state = evolve(state, local_crypto=None, remote_crypto=None)
+                    leg.inbound = leg.outbound = None
+                    rekey = False
                 if (
                     leg_offer.remote is not None
                     and leg.state.remote_hint is not None
@@ -542,7 +553,12 @@ class MediaRelay:
                 if rekey:
                     leg.set_keys(inbound_only=True)
             if stream not in unlatch and any(
-                (stream.legs[side].state.rtcp_mux, stream.legs[side].state.rtp) != was[side]
+                (
+                    stream.legs[side].state.rtcp_mux,
+                    stream.legs[side].state.rtp,
+                    stream.legs[side].state.srtp,
+                )
+                != was[side]
                 for side in Side
             ):
                 # The kernel rules spare RTCP only where rtcp-mux is on, and carry RTP

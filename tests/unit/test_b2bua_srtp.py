@@ -348,28 +348,63 @@ def late_call(c: CallController) -> tuple[Request, MediaSession]:
     return invite, session
 
 
-def test_late_offer_into_a_realm_that_requires_srtp() -> None:
+def late_answer(c: CallController, invite: Request, b_offer: str) -> tuple[Step, Response]:
+    step = receive(c, answer(invite, 200, b_offer), TRUNK, 0.1)
+    (ok,) = responses(step)
+    return step, ok
+
+
+def test_late_offer_of_srtp_makes_both_legs_srtp_with_the_keys_made_ready() -> None:
     c = srtp_controller(P.OPTIONAL, P.REQUIRED)
     invite, session = late_call(c)
-    b_key = session.streams[0].b.local_crypto
-    assert b_key is not None and session.streams[0].a.local_crypto is None
-    step = receive(
-        c, answer(invite, 200, savp("b", "203.0.113.5", 42000, evolve_tag(B_KEY, 7))), TRUNK, 0.1
-    )
-    (ok,) = responses(step)
-    assert media_line(ok.body).endswith("RTP/AVP 0") and crypto_lines(ok.body) == []
-    step = receive(c, from_a("ACK", a_tag_of_response(ok), 1, body=PLAIN_OFFER), CALLER, 0.2)
+    a_key, b_key = session.streams[0].a.local_crypto, session.streams[0].b.local_crypto
+    assert a_key is not None and b_key is not None
+    b_offer = savp("b", "203.0.113.5", 42000, evolve_tag(B_KEY, 7))
+    _, ok = late_answer(c, invite, b_offer)
+    # The caller's realm leaves the choice open: it follows the callee's offer.
+    assert media_line(ok.body).endswith("RTP/SAVP 0")
+    assert crypto_lines(ok.body) == [relay_line(1, a_key)]
+    a_answer = savp("a", "198.51.100.9", 40000, evolve_tag(A_KEY_80, 1))
+    step = receive(c, from_a("ACK", a_tag_of_response(ok), 1, body=a_answer), CALLER, 0.2)
     (ack,) = requests(step, "ACK")
     # The answer takes the callee's tag, with the relay's key.
     assert crypto_lines(ack.body) == [relay_line(7, b_key)]
+    assert key_text(A_KEY_80).encode() not in bytes(ack)
 
 
-def test_late_offer_of_srtp_to_a_leg_set_up_for_rtp_fails_cleanly() -> None:
-    # The relay's legs are made before the callee's offer is seen; with optional
-    # policies they are plain RTP, and its SRTP offer cannot be taken.
+def test_late_offer_of_rtp_gives_the_keys_made_ready_up() -> None:
     c = srtp_controller(P.OPTIONAL, P.OPTIONAL)
     invite, _ = late_call(c)
-    step = receive(c, answer(invite, 200, SRTP_ANSWER), TRUNK, 0.1)
+    step, ok = late_answer(c, invite, PLAIN_ANSWER)
+    assert media_line(ok.body).endswith("RTP/AVP 0") and crypto_lines(ok.body) == []
+    (update,) = [m for m in step.media if isinstance(m, UpdateMedia)]
+    # Both legs give their keys up: the relay relays plain RTP.
+    assert update.streams[0].a.srtp is None and update.streams[0].b.srtp is None
+    step = receive(c, from_a("ACK", a_tag_of_response(ok), 1, body=PLAIN_OFFER), CALLER, 0.2)
+    (ack,) = requests(step, "ACK")
+    assert media_line(ack.body).endswith("RTP/AVP 0") and crypto_lines(ack.body) == []
+
+
+def test_late_offer_of_srtp_to_a_caller_whose_realm_has_srtp_off() -> None:
+    c = srtp_controller(P.OFF, P.OPTIONAL)
+    invite, session = late_call(c)
+    assert session.streams[0].a.local_crypto is None
+    b_key = session.streams[0].b.local_crypto
+    assert b_key is not None
+    _, ok = late_answer(c, invite, SRTP_ANSWER)
+    assert media_line(ok.body).endswith("RTP/AVP 0") and crypto_lines(ok.body) == []
+    step = receive(c, from_a("ACK", a_tag_of_response(ok), 1, body=PLAIN_OFFER), CALLER, 0.2)
+    (ack,) = requests(step, "ACK")
+    assert crypto_lines(ack.body) == [relay_line(1, b_key)]
+
+
+def test_late_offer_of_srtp_without_the_ready_key_s_suite_fails_cleanly() -> None:
+    # The keys made ready are AES_CM_128_HMAC_SHA1_80: an offer of other suites only
+    # cannot be answered (the relay's key is in no SDP yet, but its suite is fixed).
+    c = srtp_controller(P.OPTIONAL, P.OPTIONAL)
+    invite, _ = late_call(c)
+    b_offer = savp("b", "203.0.113.5", 42000, A_KEY_32)
+    step = receive(c, answer(invite, 200, b_offer), TRUNK, 0.1)
     assert statuses(step) == [502]
     assert [r.method for r in requests(step)] == ["ACK", "BYE"]
 

@@ -179,6 +179,29 @@ def test_the_same_peer_key_under_another_tag_keeps_the_inbound_context() -> None
     assert a.inbound is inbound
 
 
+def test_a_leg_kept_ready_for_srtp_gives_it_up_for_a_plain_offer() -> None:
+    # A late offer: the B2BUA allocates a key before it knows what the first offer
+    # is; the offer is RTP, and the leg relays plain RTP from then on.
+    relay = make_relay()
+    suite = SrtpSuite.AES_CM_128_HMAC_SHA1_80
+    ready = LegOffer("inside", srtp=suite)
+    session = asyncio.run(relay.allocate("call", offer(b=ready)))
+    assert session.streams[0].b.local_crypto is not None
+    updated = asyncio.run(
+        relay.update(session.session_id, offer(b=LegOffer("inside", remote=PEER_B)))
+    )
+    assert updated.streams[0].b.local_crypto is None
+    assert updated.streams[0].b.remote_crypto is None
+    a, b = leg(relay, session, Side.A), leg(relay, session, Side.B)
+    assert b.inbound is None and b.outbound is None
+    relay._packet(b, False, RTP, PEER_B.sockaddr())
+    relay._packet(a, False, RTP, PEER_A.sockaddr())
+    assert [data for data, _ in sent(a)] == [RTP] and [data for data, _ in sent(b)] == [RTP]
+    # It cannot become SRTP again: the peer has no key of the relay's.
+    with pytest.raises(MediaError, match="cannot become SRTP"):
+        asyncio.run(relay.update(session.session_id, offer(b=ready)))
+
+
 def evolve_crypto(offer: LegOffer, crypto: SdesCrypto) -> LegOffer:
     return LegOffer(offer.realm, remote=offer.remote, srtp=offer.srtp, crypto=crypto)
 
