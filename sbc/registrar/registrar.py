@@ -15,7 +15,9 @@ RFC 3261 10.3:
    WWW-Authenticate per algorithm (SHA-256 first); a stale nonce with the right
    password -> 401 ``stale=true``; a wrong password or unknown user -> 401 again
    (RFC 3261 22.4: a server re-challenges, it does not answer 403) and an
-   :class:`AuthFailure`; malformed credentials -> 400.
+   :class:`AuthFailure`; malformed credentials -> 400. A source or user name with
+   too many recent failures is locked out for a while: 503 with Retry-After, the
+   credentials unchecked (:class:`~sbc.sip.auth.PasswordGuessLimiter`).
 4. Authorization: the authenticated user must be the To user: else 403.
 5. The AOR comes from To (a SIP/SIPS URI with a user): else 400; its domain must be
    served: else 404.
@@ -67,6 +69,7 @@ from sbc.sip.auth import (
     AuthResult,
     DigestCredentials,
     DigestServer,
+    PasswordGuessLimiter,
     parse_credentials,
 )
 from sbc.sip.errors import ParseError
@@ -94,6 +97,13 @@ INTERVAL_TOO_BRIEF_CEILING: Final = 3600
 MAX_REG_ID: Final = 2**31 - 1
 #: Longest Call-ID / User-Agent stored in a binding (they are replicated and logged).
 MAX_STORED_TEXT: Final = 256
+#: Status of a request whose source or user name is locked out after failed
+#: authentications. Not 403: RFC 3261 21.4.4 says not to repeat the request, and
+#: UAs obey (Asterisk's outbound registration stops for good on 403 unless
+#: forbidden_retry_interval is set), which would make a bounded lockout a lasting
+#: one. 503 with Retry-After (RFC 3261 21.5.4, 20.33) says "temporarily, retry
+#: then", which registering UAs honour.
+LOCKED_OUT_STATUS: Final = 503
 
 # RFC 3261 25.1: qvalue = ( "0" [ "." 0*3DIGIT ] ) / ( "1" [ "." 0*3("0") ] )
 _QVALUE: Final = re.compile(r"0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?")
@@ -204,12 +214,17 @@ class _ContactRequest:
 
 @dataclass
 class Registrar:
-    """RFC 3261 10.3 registrar over a :class:`LocationService` (module docstring)."""
+    """RFC 3261 10.3 registrar over a :class:`LocationService` (module docstring).
+
+    ``guesses`` limits password guessing per source and per user name, for
+    REGISTER and for the requests :meth:`check_credentials` checks for the B2BUA.
+    """
 
     policy: RegistrarPolicy
     credentials: CredentialBackend
     location: LocationService
     digest: DigestServer
+    guesses: PasswordGuessLimiter = field(default_factory=PasswordGuessLimiter)
     # (aor, contact) -> when its next NAT keepalive is due; the heap holds the same
     # deadlines, lazily invalidated.
     _keepalive_due: dict[tuple[str, str], float] = field(
@@ -278,7 +293,7 @@ class Registrar:
             raise _Reject(400, "Bad Request: To is not a SIP or SIPS AOR")
         # Steps 3 and 4: authentication, then authorization for this AOR.
         if policy.auth_required:
-            check = self.check_credentials(request, now)
+            check = self.check_credentials(request, now, source=flow.remote_host)
             state.failure = check.failure
             if check.response is not None:
                 if check.failure is not None:
@@ -480,12 +495,18 @@ class Registrar:
 
     # ------------------------------------------------------------------ authentication
 
-    def check_credentials(self, request: Request, now: float, *, proxy: bool = False) -> AuthCheck:
+    def check_credentials(
+        self, request: Request, now: float, *, proxy: bool = False, source: str | None = None
+    ) -> AuthCheck:
         """Check the request's digest credentials for our realm (RFC 3261 22.1 - 22.3).
 
         ``proxy`` reads Proxy-Authorization and challenges with 407 /
         Proxy-Authenticate (a request to be relayed, e.g. INVITE or MESSAGE);
-        otherwise Authorization and 401 / WWW-Authenticate (REGISTER).
+        otherwise Authorization and 401 / WWW-Authenticate (REGISTER). ``source``
+        is the address the request came from, for the guessing limit; by default
+        the one the transport layer stamped into the top Via (RFC 3261 18.2.1).
+        Credentials from a locked-out source or for a locked-out user name get 503
+        with Retry-After and are not checked.
         """
         realm = self.policy.realm
         header = "Proxy-Authorization" if proxy else "Authorization"
@@ -508,6 +529,19 @@ class Registrar:
             return AuthCheck(None, self._reply(request, 400, "Bad Request: bad credentials"))
         if credentials is None:
             return AuthCheck(None, self._challenge(request, now, proxy=proxy, stale=False))
+        user = credentials.username
+        if source is None:
+            source = _stamped_source(request)
+        # Before the store and the hashing: a locked-out guess costs nothing.
+        left = self.guesses.lockout(user, source, now)
+        if left is not None:
+            logger.debug(
+                "x %s for %r from %s: locked out, %.0f s left", request.method, user, source, left
+            )
+            result = AuthResult(AuthOutcome.LOCKED_OUT, user, None, f"{left:.0f} s left")
+            retry = (("Retry-After", str(math.ceil(left))),)
+            reason = "Service Unavailable: too many failed authentications"
+            return AuthCheck(result, self._reply(request, LOCKED_OUT_STATUS, reason, retry))
         try:
             secret = self.credentials.lookup(credentials.username, realm)
         except CredentialStoreError as exc:
@@ -522,15 +556,26 @@ class Registrar:
             body=request.body,
         )
         if result.ok:
+            self.guesses.succeeded(user, source, now)
             return AuthCheck(result, None)
         if result.outcome in (AuthOutcome.MALFORMED, AuthOutcome.URI_MISMATCH):
             # RFC 2617 3.2.2.5: a digest-uri that is not the Request-URI is a 400.
             return AuthCheck(result, self._reply(request, 400, "Bad Request: bad credentials"))
+        # Only a judged guess counts: not a stale nonce, a replay (a right digest),
+        # nor anything refused before the digest was compared.
         failure = (
             AuthFailure(result.username, result.outcome)
             if result.outcome in (AuthOutcome.BAD_RESPONSE, AuthOutcome.UNKNOWN_USER)
             else None
         )
+        if failure is not None:
+            locked = self.guesses.failed(user, source, now)
+            if locked:
+                logger.warning(
+                    "x too many failed authentications: %s locked out for %g s",
+                    " and ".join(locked),
+                    self.guesses.lockout_duration,
+                )
         # Wrong and unknown users get the same fresh challenge: no user enumeration.
         return AuthCheck(
             result, self._challenge(request, now, proxy=proxy, stale=result.stale), failure
@@ -631,6 +676,17 @@ class _Progress:
     aor: str | None = None
     username: str | None = None
     failure: AuthFailure | None = None
+
+
+def _stamped_source(request: Request) -> str | None:
+    """Where a request came from, as the transport layer stamped it into the top Via
+    (RFC 3261 18.2.1 ``received``, set whenever the sent-by host is not the source
+    address; a ``received`` the sender wrote is replaced)."""
+    try:
+        via = request.via
+    except ParseError:
+        return None
+    return via.received or via.host
 
 
 def _wants_keepalive(binding: Binding) -> bool:

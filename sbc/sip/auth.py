@@ -22,9 +22,11 @@ issuing and verifying).
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import heapq
 import hmac
+import ipaddress
 import logging
 import math
 import re
@@ -64,6 +66,9 @@ NONCE_MAX_FUTURE_SKEW: Final = 5.0
 MIN_KEY_LENGTH: Final = 16
 #: RFC 7616 3.4: nc is 8 hex digits.
 MAX_NONCE_COUNT: Final = 0xFFFFFFFF
+#: Realms a :class:`DigestClient` keeps a nonce for; a server naming ever new realms
+#: makes it forget the least recently challenged one.
+MAX_CLIENT_REALMS: Final = 32
 
 
 # --------------------------------------------------------------------------- errors
@@ -190,13 +195,15 @@ def digest_response(
     nc: int | None = None,
     cnonce: str | None = None,
     body: bytes = b"",
+    qop_token: str | None = None,
 ) -> str:
     """The request-digest (RFC 2617 3.2.2.1, RFC 7616 3.4.1).
 
     ``ha1`` is H(username:realm:password) (see :func:`digest_ha1`), also for the
     ``-sess`` algorithms, whose session key is derived here. ``body`` is only used
-    for ``qop=auth-int``. Raises ``ValueError`` when qop or a ``-sess`` algorithm
-    lacks the cnonce (and nc) it needs.
+    for ``qop=auth-int``. ``qop_token`` is the qop as the credentials spell it, when
+    not in lowercase (it is hashed as sent). Raises ``ValueError`` when qop or a
+    ``-sess`` algorithm lacks the cnonce (and nc) it needs.
     """
     if algorithm.is_session:
         if cnonce is None:
@@ -213,7 +220,12 @@ def digest_response(
         return algorithm.hash(f"{ha1}:{nonce}:{ha2}")
     if nc is None or cnonce is None:
         raise ValueError("qop requires nc and cnonce")
-    return algorithm.hash(f"{ha1}:{nonce}:{nc:08x}:{cnonce}:{qop.value}:{ha2}")
+    if qop_token is None:
+        qop_token = qop.value
+    elif qop_token.lower() != qop.value:
+        raise ValueError(f"qop_token {qop_token!r} does not spell {qop.value!r}")
+    # RFC 7616 3.4.1: KD(HA1, nonce ":" nc ":" cnonce ":" qop ":" HA2), qop as sent.
+    return algorithm.hash(f"{ha1}:{nonce}:{nc:08x}:{cnonce}:{qop_token}:{ha2}")
 
 
 # --------------------------------------------------------------------------- grammar
@@ -458,13 +470,20 @@ class DigestChallenge:
 @dataclass(frozen=True)
 class DigestCredentials:
     """A Digest ``Authorization`` / ``Proxy-Authorization`` value (RFC 3261 25.1,
-    RFC 7616 3.4). ``nc`` is the nonce-count as an int (8 hex digits on the wire)."""
+    RFC 7616 3.4). ``nc`` is the nonce-count as an int (8 hex digits on the wire).
+
+    ``qop_token`` keeps the qop as sent when it is not in lowercase (``AUTH``): RFC
+    3261 25.1 literals are case-insensitive, and RFC 7616 3.4.1 hashes the qop as
+    sent, so the spelling is part of the digest. ``response`` is not in ``repr``:
+    with the nonces beside it, it is what an offline dictionary attack on the
+    password needs (RFC 7616 5.7).
+    """
 
     username: str
     realm: str
     nonce: str
     uri: str
-    response: str
+    response: str = field(repr=False)
     algorithm: DigestAlgorithm | None = None
     cnonce: str | None = None
     opaque: str | None = None
@@ -472,6 +491,13 @@ class DigestCredentials:
     nc: int | None = None
     userhash: bool = False
     extra: Params = ()
+    qop_token: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.qop_token is not None and (
+            self.qop is None or self.qop_token.lower() != self.qop.value
+        ):
+            raise ValueError(f"qop_token {self.qop_token!r} does not spell qop {self.qop}")
 
     @classmethod
     def parse(cls, value: str) -> DigestCredentials:
@@ -499,7 +525,7 @@ class DigestCredentials:
             ("cnonce", None if self.cnonce is None else _quote("cnonce", self.cnonce)),
             ("opaque", None if self.opaque is None else _quote("opaque", self.opaque)),
             # RFC 3261 25.1: message-qop and nonce-count are unquoted.
-            ("qop", None if self.qop is None else self.qop.value),
+            ("qop", None if self.qop is None else self.qop_token or self.qop.value),
             ("nc", None if self.nc is None else f"{self.nc:08x}"),
             ("userhash", "true" if self.userhash else None),
             *_render_extra(self.extra),
@@ -613,6 +639,7 @@ def parse_credentials(value: str) -> DigestCredentials | GenericAuth:
         nc=None if nc_text is None else int(nc_text, 16),
         userhash=_flag(params.get("userhash", "")),
         extra=tuple((k, v) for k, v in params.items() if k not in _CREDENTIAL_PARAMS),
+        qop_token=None if qop is None or qop_token == qop.value else qop_token,
     )
 
 
@@ -669,7 +696,10 @@ class AuthOutcome(Enum):
     STALE = "stale"
     BAD_RESPONSE = "bad-response"
     UNKNOWN_USER = "unknown-user"
-    #: The nonce-count did not increase (RFC 7616 3.4): a replayed request.
+    #: The nonce-count did not increase (RFC 7616 3.4): a replayed request, or two
+    #: requests of one client reordered on the way. The digest is right, so it is
+    #: challenged with stale=true like an expired nonce (RFC 7616 3.3; OpenSIPS
+    #: reports a reused nonce as stale too) and is no failed guess.
     REPLAY = "replay"
     #: Credentials that do not parse or are inconsistent: answer 400.
     MALFORMED = "malformed"
@@ -683,6 +713,9 @@ class AuthOutcome(Enum):
     UNSUPPORTED_ALGORITHM = "unsupported-algorithm"
     #: A qop we do not offer, or none when RFC 2069 mode is off.
     UNSUPPORTED_QOP = "unsupported-qop"
+    #: Too many failed guesses from this source or for this user name: answered
+    #: 503 with Retry-After, the credentials unchecked (:class:`PasswordGuessLimiter`).
+    LOCKED_OUT = "locked-out"
 
 
 @dataclass(frozen=True)
@@ -701,8 +734,9 @@ class AuthResult:
 
     @property
     def stale(self) -> bool:
-        """True when the next challenge should carry ``stale=true``."""
-        return self.outcome is AuthOutcome.STALE
+        """True when the next challenge should carry ``stale=true``: the digest was
+        right, only the nonce or its count was not (RFC 7616 3.3)."""
+        return self.outcome is AuthOutcome.STALE or self.outcome is AuthOutcome.REPLAY
 
 
 @dataclass(frozen=True)
@@ -993,6 +1027,7 @@ class DigestServer:
             nc=creds.nc,
             cnonce=creds.cnonce,
             body=body,
+            qop_token=creds.qop_token,
         )
         matched = hmac.compare_digest(expected, response.lower())
         if secret is None:
@@ -1022,6 +1057,212 @@ class DigestServer:
     ) -> AuthResult:
         logger.debug("x digest auth %s user=%r: %s", outcome.value, username, detail)
         return AuthResult(outcome, username, algorithm, detail)
+
+
+# --------------------------------------------------------------------------- guessing
+
+#: Failed authentications (a wrong digest or an unknown user; never a stale nonce or
+#: a replay) from one source within :data:`GUESS_WINDOW` that lock the source out
+#: for :data:`LOCKOUT_DURATION`. RFC 3261 22 sets no limit of its own; the
+#: firewall's detector bans sooner when it runs, this limit holds without it.
+MAX_FAILURES_PER_SOURCE: Final = 10
+#: The same for one user name, from any number of sources (distributed guessing).
+#: Not below the firewall's per-user default (``auth.per_user``, 20): a locked-out
+#: guess is answered 503 and not reported as a failure, so a lower limit here would
+#: keep the firewall from ever banning the sources of a distributed attack.
+MAX_FAILURES_PER_USER: Final = 20
+#: Seconds failures are counted over, from the first one of a window.
+GUESS_WINDOW: Final = 60.0
+#: Seconds a lockout lasts. Nothing sent meanwhile makes it longer.
+LOCKOUT_DURATION: Final = 300.0
+#: Sources, and user names, counted at most (each table); past that the one that
+#: failed least recently is forgotten, so memory stays bounded.
+MAX_GUESS_KEYS: Final = 16_384
+#: Seconds a (user, source) pair that authenticated stays exempt from lockouts it
+#: did not cause, after its last success: a phone keeps registering and calling
+#: while its user name is guessed at from elsewhere.
+TRUSTED_PAIR_LIFETIME: Final = 7_200.0
+#: Trusted pairs kept at most; only a right password adds one.
+MAX_TRUSTED_PAIRS: Final = 131_072
+#: IPv6 sources are counted per prefix: one host may use any address of its /64.
+GUESS_IPV6_PREFIX: Final = 64
+#: Longer user names (none is valid in the credential store) are counted under a
+#: hash, so an entry stays small whatever name is sent.
+MAX_USER_KEY_LENGTH: Final = 64
+
+
+@functools.lru_cache(maxsize=4_096)
+def _source_key(source: str, ipv6_prefix: int) -> str:
+    """What failures of ``source`` are counted under: its IPv4 address (also when
+    IPv4-mapped), its IPv6 prefix, or the text itself when it is no IP literal."""
+    text = source[1:-1] if source.startswith("[") and source.endswith("]") else source
+    try:
+        address = ipaddress.ip_address(text.partition("%")[0])
+    except ValueError:
+        return source
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, ipv6_prefix), strict=False))
+    return str(address)
+
+
+def _user_key(username: str) -> str:
+    if len(username) <= MAX_USER_KEY_LENGTH:
+        return username
+    raw = username.encode("utf-8", "surrogatepass")
+    return "#" + hashlib.blake2b(raw, digest_size=16).hexdigest()
+
+
+@dataclass(slots=True)
+class _Failures:
+    """Failures of one source or user name in the current window, and its lockout."""
+
+    window_start: float
+    count: int = 0
+    locked_at: float = -math.inf
+
+
+class PasswordGuessLimiter:
+    """Bounded limit on online password guessing, per source and per user name.
+
+    :meth:`failed` counts a wrong digest or an unknown user (both, so a lockout
+    does not tell which names exist). ``per_source`` failures from a source, or
+    ``per_user`` for a user name, within ``window`` seconds lock it out for
+    ``lockout`` seconds: :meth:`lockout` then gives the seconds left and the caller
+    answers without checking the credentials, so no guess is judged, none can
+    succeed, and the lockout cannot be stretched. Times are compared both ways, so
+    a clock stepped back ends a lockout instead of lengthening it.
+
+    A (user, source) pair that authenticated (:meth:`succeeded`) is exempt from
+    both lockouts for ``trust_lifetime`` seconds, so guessing at a user name from
+    elsewhere does not lock out the phones already using it; a failure of that very
+    pair ends its exemption. Without a source only the user name is counted and
+    nobody is exempt.
+
+    Memory is bounded: ``max_keys`` sources and as many user names (least recently
+    failed forgotten first; entries leave once their window and lockout are over),
+    and ``max_trusted`` pairs (oldest success first), which only a right password
+    adds. Sans-I/O: every call takes ``now``.
+    """
+
+    def __init__(
+        self,
+        *,
+        per_source: int = MAX_FAILURES_PER_SOURCE,
+        per_user: int = MAX_FAILURES_PER_USER,
+        window: float = GUESS_WINDOW,
+        lockout: float = LOCKOUT_DURATION,
+        max_keys: int = MAX_GUESS_KEYS,
+        trust_lifetime: float = TRUSTED_PAIR_LIFETIME,
+        max_trusted: int = MAX_TRUSTED_PAIRS,
+        ipv6_prefix: int = GUESS_IPV6_PREFIX,
+    ) -> None:
+        if per_source < 1 or per_user < 1 or max_keys < 1 or max_trusted < 1:
+            raise ValueError("per_source, per_user, max_keys and max_trusted must be at least 1")
+        for name, value in (
+            ("window", window),
+            ("lockout", lockout),
+            ("trust_lifetime", trust_lifetime),
+        ):
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a positive number of seconds")
+        if not 0 <= ipv6_prefix <= 128:
+            raise ValueError("ipv6_prefix must be 0 to 128")
+        self.per_source = per_source
+        self.per_user = per_user
+        self.window = window
+        self.lockout_duration = lockout
+        self.max_keys = max_keys
+        self.trust_lifetime = trust_lifetime
+        self.max_trusted = max_trusted
+        self.ipv6_prefix = ipv6_prefix
+        # Both in order of last failure (or success): the first is the stalest.
+        self._sources: dict[str, _Failures] = {}
+        self._users: dict[str, _Failures] = {}
+        self._trusted: dict[tuple[str, str], float] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"PasswordGuessLimiter(sources={len(self._sources)}, users={len(self._users)}, "
+            f"trusted={len(self._trusted)})"
+        )
+
+    @property
+    def tracked(self) -> tuple[int, int, int]:
+        """How many sources, user names and trusted pairs are held."""
+        return len(self._sources), len(self._users), len(self._trusted)
+
+    def lockout(self, username: str, source: str | None, now: float) -> float | None:
+        """Seconds left of a lockout of ``source`` or ``username`` (None: go on and
+        check the credentials). A trusted pair is never locked out."""
+        user = _user_key(username)
+        entries = [self._users.get(user)]
+        if source is not None:
+            source_key = _source_key(source, self.ipv6_prefix)
+            trusted_at = self._trusted.get((user, source_key))
+            if trusted_at is not None and trusted_at <= now < trusted_at + self.trust_lifetime:
+                return None
+            entries.append(self._sources.get(source_key))
+        left = 0.0
+        for entry in entries:
+            if entry is not None and entry.locked_at <= now:
+                left = max(left, entry.locked_at + self.lockout_duration - now)
+        return left if left > 0 else None
+
+    def failed(self, username: str, source: str | None, now: float) -> list[str]:
+        """Count a failed guess; what it locked out (for the log), usually nothing."""
+        user = _user_key(username)
+        locked: list[str] = []
+        if source is not None:
+            source_key = _source_key(source, self.ipv6_prefix)
+            self._trusted.pop((user, source_key), None)
+            if self._count(self._sources, source_key, self.per_source, now):
+                locked.append(f"source {source_key}")
+        if self._count(self._users, user, self.per_user, now):
+            locked.append(f"user {username!r}")
+        return locked
+
+    def succeeded(self, username: str, source: str | None, now: float) -> None:
+        """Trust the pair that just authenticated (nothing without a source)."""
+        if source is None:
+            return
+        trusted = self._trusted
+        key = (_user_key(username), _source_key(source, self.ipv6_prefix))
+        trusted.pop(key, None)
+        trusted[key] = now
+        while trusted:
+            stalest = next(iter(trusted))
+            at = trusted[stalest]
+            if len(trusted) <= self.max_trusted and at <= now < at + self.trust_lifetime:
+                break
+            del trusted[stalest]
+
+    def _count(self, table: dict[str, _Failures], key: str, limit: int, now: float) -> bool:
+        entry = table.pop(key, None)
+        if entry is None:
+            entry = _Failures(now)
+        elif not entry.window_start <= now < entry.window_start + self.window:
+            entry.window_start, entry.count = now, 0
+        table[key] = entry
+        entry.count += 1
+        started = False
+        locked = entry.locked_at <= now < entry.locked_at + self.lockout_duration
+        if entry.count >= limit and not locked:
+            entry.locked_at, entry.count, started = now, 0, True
+        while table:
+            stalest = next(iter(table))
+            if len(table) <= self.max_keys and self._alive(table[stalest], now):
+                break
+            del table[stalest]
+        return started
+
+    def _alive(self, entry: _Failures, now: float) -> bool:
+        start, locked_at = entry.window_start, entry.locked_at
+        return (
+            start <= now < start + self.window
+            or locked_at <= now < locked_at + self.lockout_duration
+        )
 
 
 # --------------------------------------------------------------------------- client
@@ -1119,10 +1360,12 @@ class DigestClient:
             raise NoUsableChallengeError("no usable Digest challenge")
         if already_tried and not challenge.stale:
             raise CredentialsRejectedError(f"credentials rejected for realm {challenge.realm!r}")
-        state = self._realms.get(challenge.realm)
+        state = self._realms.pop(challenge.realm, None)
         if state is None or state.challenge.nonce != challenge.nonce:
             state = _NonceState(challenge, self._cnonce_factory())
-            self._realms[challenge.realm] = state
+        while len(self._realms) >= MAX_CLIENT_REALMS:
+            del self._realms[next(iter(self._realms))]
+        self._realms[challenge.realm] = state
         value = self._next(state, method, uri, body)
         if value is None:
             raise NoUsableChallengeError("nonce-count exhausted for this nonce")
