@@ -303,19 +303,20 @@ def test_a_plain_answer_to_the_relay_s_srtp_offer_ends_the_call_with_502() -> No
     assert [r.method for r in requests(step)] == ["ACK", "BYE"]
 
 
-def a_tag_of(step: Step) -> str:
-    (ok,) = responses(step)
-    assert ok.to.tag is not None
-    return ok.to.tag
+def confirmed_srtp_call(c: CallController) -> tuple[MediaSession, str]:
+    """An SRTP call answered in SRTP and ACKed: the relay session, the A leg's tag."""
+    step, _, session = call(c, SRTP_OFFER)
+    assert session is not None
+    (invite,) = requests(step, "INVITE")
+    (ok,) = responses(receive(c, answer(invite, 200, SRTP_ANSWER), TRUNK, 0.1))
+    a_tag = a_tag_of_response(ok)
+    receive(c, from_a("ACK", a_tag, 1), CALLER, 0.2)
+    return session, a_tag
 
 
 def test_re_invites_keep_each_leg_s_security_and_the_relay_s_key() -> None:
     c = srtp_controller(P.OPTIONAL, P.OPTIONAL)
-    step, _, session = call(c, SRTP_OFFER)
-    assert session is not None
-    (invite,) = requests(step, "INVITE")
-    a_tag = a_tag_of(receive(c, answer(invite, 200, SRTP_ANSWER), TRUNK, 0.1))
-    receive(c, from_a("ACK", a_tag, 1), CALLER, 0.2)
+    session, a_tag = confirmed_srtp_call(c)
 
     # RTP in a re-INVITE of an SRTP leg: refused, nothing reaches the callee.
     step = receive(c, from_a("INVITE", a_tag, 2, body=PLAIN_OFFER), CALLER, 1.0)
@@ -420,11 +421,7 @@ def a_tag_of_response(response: Response) -> str:
 
 def test_t38_in_an_srtp_call_crosses_in_the_clear_and_the_legs_keep_their_keys() -> None:
     c = srtp_controller(P.OPTIONAL, P.OPTIONAL)
-    step, _, session = call(c, SRTP_OFFER)
-    assert session is not None
-    (invite,) = requests(step, "INVITE")
-    a_tag = a_tag_of(receive(c, answer(invite, 200, SRTP_ANSWER), TRUNK, 0.1))
-    receive(c, from_a("ACK", a_tag, 1), CALLER, 0.2)
+    session, a_tag = confirmed_srtp_call(c)
     fax = sdp("a", "198.51.100.9", 40100).replace("audio 40100 RTP/AVP 0", "image 40100 udptl t38")
     step = receive(c, from_a("INVITE", a_tag, 2, body=fax), CALLER, 1.0)
     (reinvite,) = requests(step, "INVITE")
