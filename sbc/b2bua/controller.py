@@ -165,6 +165,10 @@ CAPABILITY_HEADERS: Final = ("Allow", "Accept", "Accept-Encoding", "Supported", 
 
 #: Seconds a subscription outlives its Expires without a refresh before it is dropped.
 SUBSCRIPTION_GRACE: Final = 32.0
+#: Retry-After of a request the B2BUA cannot pass on at the transaction limit.
+OVERLOAD_RETRY: Final = ("Retry-After", "5")
+#: Seconds until a session refresh the transaction limit held back is tried again.
+REFRESH_RETRY: Final = 5.0
 
 #: Statuses of a non-2xx final answer after which the next gateway is tried.
 FAILOVER_STATUSES: Final = frozenset({408, 500, 502, 503, 504})
@@ -898,7 +902,11 @@ class CallController:
             live = self._calls.get(call_ref)
             if live is None:
                 continue
-            step = step + self._call_timer(live, kind, when, now)
+            try:
+                step = step + self._call_timer(live, kind, when, now)
+            except (ParseError, DialogError, TransactionError, SdpError) as exc:
+                # As in handle(): one call's timer must not lose the others' steps.
+                logger.warning("x call %s: %s timer: %s", call_ref, kind, exc)
         return step
 
     def _call_timer(self, live: _Live, kind: str, when: float, now: float) -> Step:
@@ -1575,7 +1583,11 @@ class CallController:
         live.session = session
         self._by_session[session.session_id] = call_ref
         live.call = evolve(live.call, media_session=session.session_id, state=CallState.CALLING)
-        return self._next_group(live, now)
+        step = self._next_group(live, now)
+        if not live.forks:
+            # No target could be tried (no listener towards it, transaction limit).
+            return step + self._fail_a(live, 503, EndReason.TRANSPORT_ERROR, now)
+        return step
 
     def _next_group(self, live: _Live, now: float) -> Step:
         """Fork the next target group (one gateway of a trunk, or every contact)."""
@@ -1597,6 +1609,9 @@ class CallController:
         hop = None if realm is None else self._realm_lookups.hop(realm, target.destination)
         if hop is None:
             logger.warning("x call %s: no listener towards %s", call.call_ref, target.destination)
+            return Step()
+        if self._layer_full():
+            logger.info("x call %s: transaction limit, %s not tried", call.call_ref, target.uri)
             return Step()
         template = call.b
         leg = (
@@ -1733,6 +1748,9 @@ class CallController:
             if target_realm is None
             else self._realm_lookups.hop(target_realm, target.destination)
         )
+        if hop is not None and self._layer_full():
+            response = make_response(request, 503, to_tag=new_tag(), headers=[OVERLOAD_RETRY])
+            return self._send_response(tx, response, now)
         if hop is None or target_realm is None:
             return self._send_response(tx, make_response(request, 503, to_tag=new_tag()), now)
         return decision, target, target_realm, hop, trunk
@@ -1962,6 +1980,9 @@ class CallController:
         if leg.dialog is None or (live.call.state is not CallState.CONFIRMED and not early_ok):
             response = make_response(request, 491 if request.method == "INVITE" else 481)
             return self._send_response(tx, response, now)
+        if request.method != "BYE" and self._layer_full():
+            response = make_response(request, 503, headers=[OVERLOAD_RETRY])
+            return self._send_response(tx, response, now, leg.realm)
         step = Step()
         body, content_type = request.body, request.headers.get("Content-Type")
         try:
@@ -2362,6 +2383,8 @@ class CallController:
         rseq_text = response.headers.get("RSeq")
         if rseq_text is None or not rseq_text.strip().isdigit():
             return Step()
+        if self._layer_full():
+            return Step()  # the callee sends the provisional again (RFC 3262 3)
         rseq = int(rseq_text.strip())
         tag = response.to.tag or ""
         last = 0 if fork.rseqs is None else fork.rseqs.get(tag, 0)
@@ -2701,6 +2724,13 @@ class CallController:
         return step
 
     # -- sending requests -----------------------------------------------------------------
+
+    def _layer_full(self) -> bool:
+        """No new client transaction can start (TransactionLimitError): checked
+        before a step changes anything for a request it would send, so that at the
+        limit the step answers or waits instead of raising half-way."""
+        layer = self.transactions
+        return len(layer) >= layer.max_transactions
 
     def _send_request(
         self, request: Request, hop: Hop, now: float
@@ -3157,6 +3187,13 @@ class CallController:
             return Step()
         if side in live.reinvite_pending:
             self._arm_refresh(live, side, now)
+            return Step()
+        if self._layer_full():
+            # At the transaction limit: again soon (the interval's second half is long).
+            when = now + REFRESH_RETRY
+            live.refresh_at[side] = when
+            timer = _Timer.REFRESH_A if side is LegSide.A else _Timer.REFRESH_B
+            self._schedule(when, live.call.call_ref, timer)
             return Step()
         allows_update = "UPDATE" in live.allows.get(side, frozenset())
         method = "UPDATE" if allows_update and not offer else "INVITE"
