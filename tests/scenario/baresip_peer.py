@@ -30,6 +30,10 @@ What baresip 1.0.0 needs, learned the hard way:
 - The dump files are named to the second: one call per phone per second.
 - ``-s`` traces every SIP message to stdout (``#``, ``UDP src -> dst``, the message
   with LF line ends, in ANSI colour); stdout is a file, flushed as it goes.
+- SDES-SRTP needs ``module srtp.so`` loaded before ``account.so`` reads the
+  account's ``mediaenc``: ``srtp-mand`` offers RTP/SAVP with one
+  ``a=crypto:1 AES_CM_128_HMAC_SHA1_80`` and logs "SRTP is Enabled" once keyed; a
+  phone without ``mediaenc`` answers an RTP/SAVP offer 488 ("no common audio codecs").
 
 Every phone binds its own loopback address (127.0.0.2, 127.0.0.3, ...), so what
 another party saw of it in SIP or SDP is easy to search for.
@@ -240,6 +244,10 @@ class PeerConfig:
     #: The AOR's domain when it is not the registrar's ``host:port``; REGISTER and
     #: calls then still go to ``registrar``, as the outbound proxy.
     domain: str | None = None
+    #: baresip's media encryption (``mediaenc`` account parameter, module ``srtp``):
+    #: ``srtp-mand`` offers RTP/SAVP with a=crypto and accepts only SRTP, ``srtp``
+    #: offers RTP/AVP with a=crypto (best effort); None: plain RTP, srtp.so not loaded.
+    mediaenc: str | None = None
 
     def aor(self) -> str:
         """The account's address of record."""
@@ -257,6 +265,8 @@ class PeerConfig:
                 params.append(f"auth_pass={self.password}")
             if self.domain is not None:
                 params.append(f'outbound="sip:{self.registrar}"')
+        if self.mediaenc is not None:
+            params.append(f"mediaenc={self.mediaenc}")
         return f"<{self.aor()}>;" + ";".join(params) + "\n"
 
     def config_text(self, sip_port: int, ctrl_port: int, tone: Path, recordings: Path) -> str:
@@ -284,6 +294,7 @@ class PeerConfig:
             ("module", "aufile.so"),
             ("module", "aubridge.so"),
             ("module", "sndfile.so"),
+            *([("module", "srtp.so")] if self.mediaenc is not None else []),
             ("module_tmp", "account.so"),
             ("module_app", "menu.so"),
             ("module_app", "ctrl_tcp.so"),
