@@ -558,6 +558,9 @@ class _Live:
     #: Late offer: the sides whose realm leaves RTP or SRTP to the first offer, which
     #: has not come yet (`sbc.b2bua.srtp.blank_srtp`).
     srtp_open: frozenset[LegSide] = frozenset()
+    #: The callee is offered SRTP only because the caller's offer was SRTP: a 488
+    #: makes the B2BUA offer it RTP instead, once.
+    srtp_fallback: bool = False
     is_subscription: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -1527,6 +1530,11 @@ class CallController:
             self._shorter_interval(live, LegSide.A, request)
         live.allows[LegSide.A] = _allowed(request)
         live.srtp_passthrough, live.srtp_open = passthrough, srtp_open
+        live.srtp_fallback = (
+            sdp is not None
+            and b_srtp is not SrtpPolicy.REQUIRED
+            and any(offer.srtp is not None for offer in b_offers)
+        )
         live.offers[LegSide.A], live.offers[LegSide.B] = a_offers, b_offers
         self._calls[call.call_ref] = live
         self._by_server[tx] = call.call_ref
@@ -2530,6 +2538,16 @@ class CallController:
                 live.intervals = {**(live.intervals or {}), LegSide.B: float(wanted)}
                 live.pending.insert(0, tuple(f.target for f in live.forks.values()))
                 return self._retry(live, now)
+        if best.status == 488 and live.srtp_fallback:
+            # The callee's realm leaves SRTP open and the callee refused it: the
+            # caller keeps its SRTP with the relay, the callee is offered RTP.
+            live.srtp_fallback = False
+            live.offers[LegSide.B] = tuple(
+                evolve(offer, srtp=None) for offer in live.offers[LegSide.B]
+            )
+            live.pending.insert(0, tuple(f.target for f in live.forks.values()))
+            logger.info("- call %s: 488 to an SRTP offer, offering RTP", call.call_ref)
+            return self._update_media(live) + self._retry(live, now)
         if live.pending and (best.status in live.failover or best.status == 0):
             logger.info("- call %s: %d, trying the next gateway", call.call_ref, best.status)
             return self._retry(live, now)

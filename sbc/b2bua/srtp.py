@@ -33,7 +33,8 @@ class SrtpPolicy(enum.StrEnum):
     """What media a realm's legs carry (config ``realms[].srtp``)."""
 
     #: SRTP where the realm's peer offers it, else RTP; offers sent into the realm
-    #: follow the other side's offer: SRTP with the relay's key if it was SRTP.
+    #: follow the other side's offer: SRTP with the relay's key if it was SRTP, and
+    #: RTP when the callee refuses that with 488.
     OPTIONAL = "optional"
     #: SDES-SRTP only: a plain RTP offer from the realm gets 488, offers sent into it
     #: are SRTP.

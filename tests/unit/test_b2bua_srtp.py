@@ -440,3 +440,42 @@ def test_t38_in_an_srtp_call_crosses_in_the_clear_and_the_legs_keep_their_keys()
     (back,) = requests(step, "INVITE")
     b_key = session.streams[0].b.local_crypto
     assert b_key is not None and crypto_lines(back.body) == [relay_line(1, b_key)]
+
+
+def test_a_callee_refusing_the_mirrored_srtp_offer_is_offered_rtp() -> None:
+    c = srtp_controller(P.OPTIONAL, P.OPTIONAL)
+    step, _, session = call(c, SRTP_OFFER)
+    assert session is not None
+    (invite,) = requests(step, "INVITE")
+    assert media_line(invite.body).endswith("RTP/SAVP 0")
+    step = receive(c, answer(invite, 488), TRUNK, 0.1)
+    assert [s for s in statuses(step) if s >= 200] == []  # the caller hears nothing yet
+    (update,) = [m for m in step.media if isinstance(m, UpdateMedia)]
+    assert update.streams[0].b.srtp is None and update.streams[0].a.srtp is A_KEY_32.suite
+    (plain,) = requests(step, "INVITE")
+    assert plain.call_id != invite.call_id
+    assert media_line(plain.body).endswith("RTP/AVP 0") and crypto_lines(plain.body) == []
+    (ok,) = responses(receive(c, answer(plain, 200, PLAIN_ANSWER), TRUNK, 0.2))
+    a_key = session.streams[0].a.local_crypto
+    assert a_key is not None and ok.status == 200
+    assert crypto_lines(ok.body) == [relay_line(1, a_key)]
+
+
+@pytest.mark.parametrize(("inside", "offer"), [(P.REQUIRED, SRTP_OFFER), (P.OPTIONAL, PLAIN_OFFER)])
+def test_no_rtp_retry_where_srtp_was_not_the_mirror_s_choice(
+    inside: SrtpPolicy, offer: str
+) -> None:
+    c = srtp_controller(P.OPTIONAL, inside)
+    step, _, _ = call(c, offer)
+    (invite,) = requests(step, "INVITE")
+    step = receive(c, answer(invite, 488), TRUNK, 0.1)
+    assert requests(step, "INVITE") == [] and 488 in statuses(step)
+
+
+def test_the_rtp_retry_is_made_once() -> None:
+    c = srtp_controller(P.OPTIONAL, P.OPTIONAL)
+    step, _, _ = call(c, SRTP_OFFER)
+    (invite,) = requests(step, "INVITE")
+    (plain,) = requests(receive(c, answer(invite, 488), TRUNK, 0.1), "INVITE")
+    step = receive(c, answer(plain, 488), TRUNK, 0.2)
+    assert requests(step, "INVITE") == [] and 488 in statuses(step)
