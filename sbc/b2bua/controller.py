@@ -50,7 +50,14 @@ from sbc.b2bua.routing import (
     TrunkRoute,
     uri_user_host,
 )
-from sbc.b2bua.srtp import SrtpPolicy, blank_srtp, established, first_offers, mirror
+from sbc.b2bua.srtp import (
+    SrtpPolicy,
+    blank_srtp,
+    established,
+    first_offers,
+    is_opportunistic,
+    mirror,
+)
 from sbc.b2bua.topology import (
     SDP_CONTENT_TYPE,
     blank_offers,
@@ -561,6 +568,8 @@ class _Live:
     #: The callee is offered SRTP only because the caller's offer was SRTP: a 488
     #: makes the B2BUA offer it RTP instead, once.
     srtp_fallback: bool = False
+    #: The caller offered opportunistic SRTP (RFC 8643): its leg's SDP keeps RTP/AVP.
+    srtp_opportunistic: bool = False
     is_subscription: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -1530,6 +1539,7 @@ class CallController:
             self._shorter_interval(live, LegSide.A, request)
         live.allows[LegSide.A] = _allowed(request)
         live.srtp_passthrough, live.srtp_open = passthrough, srtp_open
+        live.srtp_opportunistic = sdp is not None and is_opportunistic(sdp, a_offers)
         live.srtp_fallback = (
             sdp is not None
             and b_srtp is not SrtpPolicy.REQUIRED
@@ -2658,6 +2668,7 @@ class CallController:
             leg,
             live.offers.get(side),
             passthrough=live.srtp_passthrough,
+            opportunistic=live.srtp_opportunistic and side is LegSide.A,
         )
 
     def _update_media(self, live: _Live) -> Step:

@@ -60,6 +60,22 @@ def is_sdes_proto(proto: str) -> bool:
     return proto.upper() in _TO_PLAIN
 
 
+def _sdes_capable(proto: str) -> bool:
+    """A profile that may carry SDES keys: SAVP[F], or AVP[F] with them (RFC 8643)."""
+    upper = proto.upper()
+    return upper in _TO_PLAIN or upper in _TO_SECURE
+
+
+def is_opportunistic(sdp: SessionDescription, offers: Sequence[LegOffer]) -> bool:
+    """The offer ``sdp`` is opportunistic SRTP (RFC 8643): a stream of RTP/AVP[F]
+    the B2BUA took as SRTP (``offers``, from `first_offers`). Its answers then keep
+    the RTP profile with an a=crypto (RFC 8643 3.2), and so do later offers."""
+    return any(
+        offer.srtp is not None and media.proto.upper() in _TO_SECURE
+        for media, offer in zip(sdp.media, offers, strict=False)
+    )
+
+
 def is_secure_proto(proto: str) -> bool:
     """Any SRTP profile: SAVP, SAVPF, over UDP or DTLS."""
     return "SAVP" in proto.upper()
@@ -127,8 +143,14 @@ def first_offers(
                     " (it terminates SDES-SRTP: AES_CM_128_HMAC_SHA1_80/32, AEAD_AES_128_GCM)",
                     488,
                 )
-        elif offerer_policy is SrtpPolicy.REQUIRED:
-            raise SdpError(f"stream {index}: {media.proto} offered where SRTP is required", 488)
+        else:
+            # RFC 8643 opportunistic SRTP: RTP/AVP with a=crypto; taken as SRTP, and
+            # answered in the same profile (`is_opportunistic`), except where SRTP is
+            # off (the key is dropped, the call is plain).
+            if offerer_policy is not SrtpPolicy.OFF:
+                crypto = offered_crypto(media)
+            if crypto is None and offerer_policy is SrtpPolicy.REQUIRED:
+                raise SdpError(f"stream {index}: {media.proto} offered where SRTP is required", 488)
         out_a.append(
             evolve(
                 a,
@@ -198,7 +220,8 @@ def established(
                 )
             out.append(evolve(offer, encrypted=False))
             continue
-        crypto = offered_crypto(media, local.suite) if is_sdes_proto(media.proto) else None
+        # SAVP, or RTP/AVP with a=crypto (RFC 8643, an opportunistic offerer's re-offer).
+        crypto = offered_crypto(media, local.suite) if _sdes_capable(media.proto) else None
         if crypto is None and not media.is_rejected:
             raise SdpError(
                 f"stream {index}: {media.proto} without a=crypto {local.suite.value} on an"

@@ -320,6 +320,7 @@ def rewrite_sdp(
     peer: Sequence[LegOffer] | None = None,
     *,
     passthrough: bool = False,
+    opportunistic: bool = False,
 ) -> tuple[bytes, CallLeg]:
     """The SDP to send on ``leg`` (the relay's ``side``), and the leg after sending it.
 
@@ -338,6 +339,8 @@ def rewrite_sdp(
     B2BUA last read from this side, whose ``srtp`` None says a leg gave its key up);
     one of plain RTP gets the RTP profile. With
     ``passthrough`` (a call between two passthrough realms) both cross as they are.
+    ``opportunistic``: the leg's peer offered SRTP in the RTP profile (RFC 8643), and
+    keeps it: the a=crypto goes with RTP/AVP[F].
 
     One pass over the lines (the edits of ``SessionDescription`` in a row copy the
     whole description at each step; this runs for every offer and answer).
@@ -391,7 +394,7 @@ def rewrite_sdp(
             if key is None:
                 proto = plain_proto(proto)
             else:
-                proto = secure_proto(proto)
+                proto = plain_proto(proto) if opportunistic else secure_proto(proto)
                 known = peer[index].crypto if peer is not None and index < len(peer) else None
                 crypto = crypto_attribute(key, known)
         if index >= len(streams) or section.proto.upper().startswith("TCP"):

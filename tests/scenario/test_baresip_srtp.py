@@ -529,6 +529,29 @@ def test_optional_realm_offers_srtp_then_rtp_to_a_plain_callee(
     assert_clean_sbc(scenario)
 
 
+def test_opportunistic_srtp_caller_gets_srtp_in_the_rtp_profile(
+    tmp_path: Path, baresip: str
+) -> None:
+    """baresip's ``mediaenc=srtp`` offers RTP/AVP with a=crypto (RFC 8643): the SBC
+    takes it as SRTP and answers RTP/AVP with a key of its own, so A's stream is
+    protected; plain B ends up with RTP (SRTP offered first, refused, then RTP)."""
+    scenario = run_scenario(tmp_path, TWO_REALMS, OUTSIDE_TO_INSIDE, "srtp", None, ["outside"])
+    call = scenario.call
+    assert call.error is None, call.error
+    assert_tones_both_ways(call)
+    offered = only_key(call.a_invite())
+    assert audio_proto(call.a_invite()) == "RTP/AVP"
+    answer = call.answer("a")
+    assert audio_proto(answer) == "RTP/AVP", sdp_of(answer)
+    relay_key = only_key(answer)
+    assert (relay_key.tag, relay_key.suite) == (offered.tag, offered.suite)
+    assert relay_key.key != offered.key
+    assert SRTP_ENABLED in scenario.a_log and SRTP_ENABLED not in scenario.b_log
+    for message in call.received("b"):
+        assert offered.key not in message, f"B received A's key:\n{message}"
+    assert_clean_sbc(scenario)
+
+
 # -- 2. SRTP on both legs, each with keys of its own -------------------------------------------
 
 

@@ -479,3 +479,45 @@ def test_the_rtp_retry_is_made_once() -> None:
     (plain,) = requests(receive(c, answer(invite, 488), TRUNK, 0.1), "INVITE")
     step = receive(c, answer(plain, 488), TRUNK, 0.2)
     assert requests(step, "INVITE") == [] and 488 in statuses(step)
+
+
+#: RFC 8643 opportunistic SRTP: the RTP profile with a=crypto.
+OSRTP_OFFER = sdp("a", "198.51.100.9", 40000) + f"a=crypto:{A_KEY_80}\r\n"
+
+
+def test_opportunistic_srtp_is_taken_and_answered_in_the_rtp_profile() -> None:
+    c = srtp_controller(P.OPTIONAL, P.OPTIONAL)
+    step, allocate, session = call(c, OSRTP_OFFER)
+    assert allocate is not None and session is not None
+    assert allocate.streams[0].a.crypto == A_KEY_80
+    (invite,) = requests(step, "INVITE")
+    # Towards the callee: SRTP, as for any SRTP offer (RTP after a 488).
+    assert media_line(invite.body).endswith("RTP/SAVP 0")
+    (ok,) = responses(receive(c, answer(invite, 200, SRTP_ANSWER), TRUNK, 0.1))
+    a_key = session.streams[0].a.local_crypto
+    assert a_key is not None and a_key.suite is A_KEY_80.suite
+    # RFC 8643 3.2: the answer keeps RTP/AVP and carries the key.
+    assert media_line(ok.body).endswith("RTP/AVP 0")
+    assert crypto_lines(ok.body) == [relay_line(2, a_key)]
+    a_tag = a_tag_of_response(ok)
+    receive(c, from_a("ACK", a_tag, 1), CALLER, 0.2)
+    # A re-offer of the opportunistic caller (same profile) fits its SRTP leg.
+    step = receive(c, from_a("INVITE", a_tag, 2, body=OSRTP_OFFER), CALLER, 1.0)
+    (reinvite,) = requests(step, "INVITE")
+    (ok,) = responses(receive(c, answer(reinvite, 200, SRTP_ANSWER), TRUNK, 1.1))
+    assert media_line(ok.body).endswith("RTP/AVP 0")
+    assert crypto_lines(ok.body) == [relay_line(2, a_key)]
+
+
+@pytest.mark.parametrize(("outside", "expected"), [(P.OFF, None), (P.REQUIRED, A_KEY_80.suite)])
+def test_opportunistic_srtp_where_srtp_is_off_or_required(
+    outside: SrtpPolicy, expected: SrtpSuite | None
+) -> None:
+    # Off: the key is dropped and the call is plain (no 488: RTP was offered too).
+    # Required: an opportunistic offer is SRTP enough.
+    c = srtp_controller(outside, P.OPTIONAL)
+    step, allocate, _ = call(c, OSRTP_OFFER)
+    assert allocate is not None
+    assert allocate.streams[0].a.srtp is expected
+    (invite,) = requests(step, "INVITE")
+    assert media_line(invite.body).endswith("RTP/AVP 0" if expected is None else "RTP/SAVP 0")
