@@ -11,7 +11,7 @@ from dataclasses import replace
 
 from sbc.b2bua.call import Call, LegSide
 from sbc.b2bua.call import EndReason as CallEndReason
-from sbc.cdr.record import CdrRecord, EndReason, HangupSide, disposition_for
+from sbc.cdr.record import CdrRecord, EndReason, HangupSide, MediaEncryption, disposition_for
 from sbc.media.session import MediaSession, Side
 from sbc.sip.errors import ParseError
 from sbc.sip.uri import SipUri, parse_uri
@@ -47,6 +47,22 @@ def _without_password(text: str) -> str:
     if not isinstance(uri, SipUri) or uri.password is None:
         return text
     return str(replace(uri, password=None))
+
+
+def _encryption(session: MediaSession | None, side: Side) -> str:
+    """The protection of a leg's media: ``srtp`` when a stream of the leg had a key
+    of the relay's (a T.38 stream of such a call crosses in the clear, the leg keeps
+    its key), ``srtp-passthrough`` when one carried the peers' own SRTP, else
+    ``rtp``; empty without media."""
+    if session is None or not session.streams:
+        return ""
+    for stream in session.streams:
+        leg = stream.leg(side)
+        if leg.srtp:
+            return MediaEncryption.SRTP.value
+        if leg.encrypted:
+            return MediaEncryption.SRTP_PASSTHROUGH.value
+    return MediaEncryption.RTP.value
 
 
 def cdr_record(call: Call, session: MediaSession | None, wall_offset: float) -> CdrRecord:
@@ -116,4 +132,6 @@ def cdr_record(call: Call, session: MediaSession | None, wall_offset: float) -> 
         a_jitter_ms=quality.get("a_jitter_ms"),
         b_jitter_ms=quality.get("b_jitter_ms"),
         rtt_ms=quality.get("rtt_ms"),
+        a_encryption=_encryption(session, Side.A),
+        b_encryption=_encryption(session, Side.B),
     )

@@ -61,6 +61,18 @@ class HangupSide(enum.StrEnum):
     SBC = "sbc"
 
 
+class MediaEncryption(enum.StrEnum):
+    """How the media of a leg was protected (columns ``a_encryption``, ``b_encryption``)."""
+
+    #: Plain RTP between the peer and the relay.
+    RTP = "rtp"
+    #: SDES-SRTP terminated by the relay (its own key towards the peer).
+    SRTP = "srtp"
+    #: SRTP of the peers' own keys passed through (a call between passthrough realms,
+    #: or DTLS-SRTP there): the relay never saw the media in the clear.
+    SRTP_PASSTHROUGH = "srtp-passthrough"
+
+
 class EndReason(enum.StrEnum):
     """Why the attempt ended."""
 
@@ -200,6 +212,10 @@ class CdrRecord:
     a_jitter_ms: float | None = None
     b_jitter_ms: float | None = None
     rtt_ms: float | None = None
+    #: How each leg's media was protected (:class:`MediaEncryption`); empty when the
+    #: call had no media session.
+    a_encryption: str = ""
+    b_encryption: str = ""
 
     def __post_init__(self) -> None:
         if self.final_status != 0 and not 100 <= self.final_status <= 699:
@@ -266,6 +282,8 @@ class CdrRecord:
             "a_jitter_ms": self.a_jitter_ms,
             "b_jitter_ms": self.b_jitter_ms,
             "rtt_ms": self.rtt_ms,
+            "a_encryption": self.a_encryption,
+            "b_encryption": self.b_encryption,
         }
 
     @classmethod
@@ -303,6 +321,8 @@ class CdrRecord:
                 a_jitter_ms=_optional_float(data.get("a_jitter_ms")),
                 b_jitter_ms=_optional_float(data.get("b_jitter_ms")),
                 rtt_ms=_optional_float(data.get("rtt_ms")),
+                a_encryption=str(data.get("a_encryption") or ""),
+                b_encryption=str(data.get("b_encryption") or ""),
             )
         except CdrError:
             raise

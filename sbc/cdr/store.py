@@ -37,7 +37,7 @@ from sbc.cdr.record import CDR_DICT_VERSION, CdrError, CdrRecord
 logger = logging.getLogger(__name__)
 
 #: Version of the SQLite layout, kept in the ``schema_version`` table.
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 #: Records a queue holds by default before it drops new ones.
 DEFAULT_MAX_QUEUE: Final = 10_000
 #: Most records written in one transaction.
@@ -100,6 +100,15 @@ class Column:
     #: SQLite declared type: INTEGER, REAL or TEXT.
     sql_type: str
     not_null: bool = True
+    #: SQL DEFAULT of a column added by a later version: what rows written before
+    #: it hold once the table is upgraded.
+    default: str | None = None
+
+    @property
+    def ddl(self) -> str:
+        not_null = " NOT NULL" if self.not_null else ""
+        default = "" if self.default is None else f" DEFAULT {self.default}"
+        return f"{self.name} {self.sql_type}{not_null}{default}"
 
 
 #: The ``cdr`` table after its ``id`` key, in order. One table drives the DDL, the
@@ -133,6 +142,9 @@ COLUMNS: Final = (
     Column("a_jitter_ms", "REAL", not_null=False),
     Column("b_jitter_ms", "REAL", not_null=False),
     Column("rtt_ms", "REAL", not_null=False),
+    # Version 2.
+    Column("a_encryption", "TEXT", default="''"),
+    Column("b_encryption", "TEXT", default="''"),
 )
 
 _NAMES: Final = tuple(column.name for column in COLUMNS)
@@ -140,13 +152,27 @@ _NAMES: Final = tuple(column.name for column in COLUMNS)
 _CREATE_STATEMENTS: Final = (
     "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS cdr (id INTEGER PRIMARY KEY, "
-    + ", ".join(f"{c.name} {c.sql_type}{' NOT NULL' if c.not_null else ''}" for c in COLUMNS)
+    + ", ".join(c.ddl for c in COLUMNS)
     + ")",
     "CREATE INDEX IF NOT EXISTS cdr_start_time ON cdr (start_time)",
     "CREATE INDEX IF NOT EXISTS cdr_call_ref ON cdr (call_ref)",
 )
 _INSERT: Final = f"INSERT INTO cdr ({', '.join(_NAMES)}) VALUES ({', '.join('?' for _ in _NAMES)})"
 _SELECT: Final = f"SELECT {', '.join(_NAMES)} FROM cdr"
+
+
+#: Versions the SBC upgrades in place, to the columns each later version added
+#: (SQLite ALTER TABLE ADD COLUMN: existing rows take the column's DEFAULT).
+_UPGRADES: Final = {1: ("a_encryption", "b_encryption")}
+
+
+def _upgrade(conn: sqlite3.Connection, version: int) -> None:
+    """The ``cdr`` table of ``version`` made the current one, in the caller's
+    transaction: the columns added since, and the new version number."""
+    by_name = {column.name: column for column in COLUMNS}
+    for name in _UPGRADES[version]:
+        conn.execute(f"ALTER TABLE cdr ADD COLUMN {by_name[name].ddl}")
+    conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
 
 
 def record_to_row(record: CdrRecord) -> tuple[Any, ...]:
@@ -456,6 +482,11 @@ class CdrStore(_QueuedSink):
             row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
             if row[0] is None:
                 conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif row[0] in _UPGRADES:
+                _upgrade(conn, row[0])
+                logger.info(
+                    "- cdr %s: schema upgraded from %d to %d", self.path, row[0], SCHEMA_VERSION
+                )
             elif row[0] != SCHEMA_VERSION:
                 raise _SchemaMismatch(
                     f"database has schema version {row[0]}, this SBC writes {SCHEMA_VERSION}"

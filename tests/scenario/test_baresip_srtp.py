@@ -54,6 +54,7 @@ from tests.scenario.test_baresip import (
     TALK_SECONDS,
     assert_heard,
     final_statuses,
+    read_cdrs,
     requests_sent,
     require_baresip,
 )
@@ -391,6 +392,12 @@ class Scenario:
     sbc_exit: int | None
     a_log: str
     b_log: str
+    #: The SBC's CDR rows (written by the time it stopped), in order.
+    cdrs: list[dict[str, object]] = field(default_factory=list)
+
+    def encryption(self) -> list[tuple[object, object]]:
+        """Each call's (a_encryption, b_encryption) as the CDRs recorded them."""
+        return [(cdr["a_encryption"], cdr["b_encryption"]) for cdr in self.cdrs]
 
     @property
     def call(self) -> Call:
@@ -411,7 +418,14 @@ def run_scenario(
             lab.call(realm)
             wait_until(lambda: lab.calls_now() == 0, 5, interval=0.1)
     assert lab.sbc.proc is not None
-    return Scenario(lab.calls, lab.sbc.log(), lab.sbc.proc.returncode, lab.a.log(), lab.b.log())
+    return Scenario(
+        lab.calls,
+        lab.sbc.log(),
+        lab.sbc.proc.returncode,
+        lab.a.log(),
+        lab.b.log(),
+        read_cdrs(workdir / "state" / "cdr.sqlite"),
+    )
 
 
 def assert_clean_sbc(scenario: Scenario) -> None:
@@ -472,6 +486,7 @@ def test_srtp_caller_and_plain_callee_hear_each_other(srtp_to_plain: Scenario) -
     # A's stream was protected (baresip's srtp module), B's was not.
     assert SRTP_ENABLED in srtp_to_plain.a_log
     assert SRTP_ENABLED not in srtp_to_plain.b_log
+    assert srtp_to_plain.encryption() == [("srtp", "rtp")]
     assert_clean_sbc(srtp_to_plain)
 
 
@@ -526,6 +541,7 @@ def test_optional_realm_offers_srtp_then_rtp_to_a_plain_callee(
     assert statuses_sent(call, "b")[0] == 488
     assert audio_proto(call.answer("a")) == "RTP/SAVP"
     assert SRTP_ENABLED in scenario.a_log and SRTP_ENABLED not in scenario.b_log
+    assert scenario.encryption() == [("srtp", "rtp")]
     assert_clean_sbc(scenario)
 
 
@@ -572,6 +588,7 @@ def srtp_both(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
 def test_srtp_phones_hear_each_other_through_the_sbc(srtp_both: Scenario) -> None:
     assert_tones_both_ways(srtp_both.call)
     assert SRTP_ENABLED in srtp_both.a_log and SRTP_ENABLED in srtp_both.b_log
+    assert srtp_both.encryption() == [("srtp", "srtp")]
     assert_clean_sbc(srtp_both)
 
 
@@ -642,6 +659,7 @@ def test_passthrough_realms_pass_keys_end_to_end(tmp_path: Path, baresip: str) -
     assert audio_proto(invite) == "RTP/SAVP", sdp_of(invite)
     assert only_key(invite).key == only_key(call.a_invite()).key
     assert only_key(call.answer("a")).key == only_key(call.b_answer()).key
+    assert scenario.encryption() == [("srtp-passthrough", "srtp-passthrough")]
     assert_clean_sbc(scenario)
 
 

@@ -391,7 +391,7 @@ def test_other_schema_version_is_left_alone(
     assert store.stats().dropped == 1
     assert failures(caplog, "schema version 99") == [
         f"x cdr {path}: open failed (_SchemaMismatch): database has schema version 99, "
-        "this SBC writes 1; dropping CDRs until it works again"
+        "this SBC writes 2; dropping CDRs until it works again"
     ]
     conn = sqlite3.connect(path)
     try:
@@ -513,3 +513,77 @@ def test_cdrs_carry_no_uri_passwords() -> None:
     assert record.caller == "sip:alice@198.51.100.9;transport=tcp"
     assert record.callee == "sips:bob@sbc.example.net:5061"
     assert "hunter2" not in json.dumps(record.to_dict())
+
+
+def test_each_leg_s_media_encryption_is_recorded() -> None:
+    from sbc.b2bua.call import Call, CallLeg, CallState
+    from sbc.b2bua.call import EndReason as CallEndReason
+    from sbc.cdr.from_call import cdr_record
+    from sbc.media.session import LegState, MediaSession, MediaStream
+    from sbc.media.srtp import SdesCrypto, SrtpSuite
+    from sbc.media.values import Endpoint
+    from sbc.transport.base import Destination, ListenAddress, Transport
+
+    local = ListenAddress(Transport.UDP, "198.51.100.1", 5060)
+    leg = CallLeg("outside", "cid", "tag", local, Destination(Transport.UDP, "198.51.100.9", 5099))
+    call = Call(
+        call_ref="enc",
+        state=CallState.TERMINATED,
+        a=leg,
+        b=replace(leg, realm="inside"),
+        route="r",
+        created=10.0,
+        end_status=487,
+        ended_at=11.0,
+        end_reason=CallEndReason.CANCEL,
+    )
+    key = SdesCrypto.generate(SrtpSuite.AES_CM_128_HMAC_SHA1_80)
+
+    def session(a: LegState, b: LegState) -> MediaSession:
+        return MediaSession("s", "cid", (MediaStream(0, a, b),), 0.0)
+
+    srtp = LegState("outside", Endpoint.of("198.51.100.1", 20000), local_crypto=key)
+    plain = LegState("inside", Endpoint.of("203.0.113.1", 21000))
+    passed = LegState("inside", Endpoint.of("203.0.113.1", 21000), encrypted=True)
+    record = cdr_record(call, session(srtp, plain), 0.0)
+    assert (record.a_encryption, record.b_encryption) == ("srtp", "rtp")
+    record = cdr_record(call, session(plain, passed), 0.0)
+    assert (record.a_encryption, record.b_encryption) == ("rtp", "srtp-passthrough")
+    record = cdr_record(call, None, 0.0)
+    assert (record.a_encryption, record.b_encryption) == ("", "")
+    assert (
+        CdrRecord.from_dict(replace(record, a_encryption="srtp").to_dict()).a_encryption == "srtp"
+    )
+
+
+def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
+    from sbc.cdr.store import COLUMNS, record_to_row
+
+    path = tmp_path / "cdr.sqlite"
+    old = [c for c in COLUMNS if c.name not in ("a_encryption", "b_encryption")]
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    conn.execute("INSERT INTO schema_version VALUES (1)")
+    conn.execute(
+        "CREATE TABLE cdr (id INTEGER PRIMARY KEY, "
+        + ", ".join(f"{c.name} {c.sql_type}{' NOT NULL' if c.not_null else ''}" for c in old)
+        + ")"
+    )
+    row = record_to_row(ANSWERED)[: len(old)]
+    placeholders = ", ".join("?" for _ in old)
+    names = ", ".join(c.name for c in old)
+    conn.execute(f"INSERT INTO cdr ({names}) VALUES ({placeholders})", row)
+    conn.commit()
+    conn.close()
+
+    store = CdrStore(path)
+    store.write(replace(ANSWERED, call_ref="new", a_encryption="srtp", b_encryption="rtp"))
+    store.close(timeout=10)
+    assert store.stats().written == 1 and store.stats().errors == 0
+    by_ref = {r.call_ref: r for r in store.recent()}
+    assert (by_ref[ANSWERED.call_ref].a_encryption, by_ref["new"].a_encryption) == ("", "srtp")
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+    finally:
+        conn.close()
