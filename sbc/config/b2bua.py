@@ -342,9 +342,10 @@ class RealmConfig(Section):
         metadata=spec(
             "SDES-SRTP on this realm's legs, terminated by the media relay (keys never"
             " cross realms): optional = SRTP where the peer offers it, and towards this"
-            " realm when the other side's offer was SRTP (RTP if refused with 488); required = SRTP only (plain"
-            " offers get 488); off = plain RTP only (SRTP offers get 488); passthrough ="
-            " between two passthrough realms a=crypto crosses end to end, else optional."
+            " realm when the other side's offer was SRTP (RTP if refused with 488);"
+            " required = SRTP only (plain offers get 488); off = plain RTP only (SRTP"
+            " offers get 488); passthrough = between two passthrough realms a=crypto"
+            " crosses end to end, else optional."
         ),
     )
     large_requests_over_tcp: bool = field(
