@@ -14,16 +14,19 @@ Timers are absolute deadlines; ``next_deadline()`` says when to call
 
 The four state machines are the four transition tables below, one per figure:
 RFC 3261 figure 5 (client INVITE, with RFC 6026's Accepted state), figure 6
-(client non-INVITE), figure 7 (server INVITE, with RFC 6026's Accepted state) and
-figure 8 (server non-INVITE). A (state, stimulus) pair that is not in a table is
-absorbed, as the figures absorb it. On a state change the timers that do not run
-in the new state (``LIVE_TIMERS``) are cancelled.
+(client non-INVITE), RFC 6026 figure 7 (server INVITE, which replaces RFC 3261's)
+and RFC 3261 figure 8 (server non-INVITE). A (state, stimulus) pair that is not in
+a table is absorbed, as the figures absorb it. On a state change the timers that do
+not run in the new state (``LIVE_TIMERS``) are cancelled.
 
 Events:
 
 * :class:`RequestReceived` - a new request created a server transaction.
 * :class:`CancelReceived` - a new CANCEL, with the INVITE server transaction it
-  cancels (RFC 3261 9.2), or None when there is none (answer 481).
+  cancels (RFC 3261 9.2), or None when it matches no transaction (answer 481). A
+  CANCEL of a live non-INVITE transaction (of a registered method,
+  ``CANCELLABLE_METHODS``) is not reported: the layer answers it 200 itself, and it
+  has no effect on that transaction (9.2).
 * :class:`ResponseReceived` - a response for the TU (every one but a 2xx to INVITE).
 * :class:`InviteAccepted` - a 2xx to our INVITE, first or retransmitted or from
   another fork (RFC 6026 7.2). The transaction does not ACK it: the TU must
@@ -34,7 +37,10 @@ Events:
   (RFC 3261 17.1.3 / 18.1.2: a proxy would forward it; a UA drops it).
 * :class:`TransactionTimeout` - Timer B, F or H fired (B also 64*T1 after the TU's
   CANCEL of an INVITE that got no final response, RFC 3261 9.1).
-* :class:`TransportError` - the transport reported a failure to send.
+* :class:`TransportError` - the transport reported a failure to send one of the
+  transaction's messages: a request or ACK (17.1.4) or a response (17.2.4). Every
+  transaction but an INVITE server one then ends; that one goes on (RFC 6026 figure
+  7), and the TU still owes it a final response if it has none.
 * :class:`TransactionTerminated` - the transaction reached Terminated.
 * :class:`RequestRefused` - the layer is full; a stateless 503 was sent.
 
@@ -78,6 +84,25 @@ OVERLOAD_RETRY_AFTER: Final = 5
 OVERLOAD_LOG_INTERVAL: Final = 10.0
 #: RFC 3261 8.1.1.6: Max-Forwards of an ACK or CANCEL built here when the INVITE has none.
 DEFAULT_MAX_FORWARDS: Final = 70
+#: The methods whose transactions a CANCEL is matched to besides INVITE's (RFC 3261
+#: 9.2): every non-INVITE method of the IANA registry that a CANCEL can refer to (RFC
+#: 3261, 3262, 3311, 3428, 3515, 3903, 6086, 6665), most used first. Tried one by one
+#: on a CANCEL that matches no INVITE (rare: 9.1 says not to send one), this costs the
+#: requests nothing, where an index of every request would (0.3-1 us each). A CANCEL
+#: of an unregistered extension method's transaction goes to the TU unmatched (481).
+CANCELLABLE_METHODS: Final = (
+    "OPTIONS",
+    "REGISTER",
+    "BYE",
+    "SUBSCRIBE",
+    "NOTIFY",
+    "MESSAGE",
+    "INFO",
+    "UPDATE",
+    "PRACK",
+    "REFER",
+    "PUBLISH",
+)
 
 
 class TransactionError(SipError):
@@ -227,25 +252,27 @@ CLIENT_NON_INVITE_TABLE: Final[TransitionTable] = {
     (_S.COMPLETED, Timer.K): _go(_S.TERMINATED),
 }
 
-#: RFC 3261 figure 7, with RFC 6026 figure 7: a 2xx from the TU leads to Accepted.
+#: RFC 6026 figure 7, which replaces RFC 3261's: a 2xx from the TU leads to Accepted,
+#: and a transport error is reported to the TU without ending the transaction. Ended,
+#: it would let a retransmitted INVITE make a new transaction: the error RFC 6026 fixes.
 SERVER_INVITE_TABLE: Final[TransitionTable] = {
     (_S.PROCEEDING, _In.REQUEST): _go(_S.PROCEEDING, _Do.RESEND_RESPONSE),
     (_S.PROCEEDING, _In.TU_1XX): _go(_S.PROCEEDING, _Do.SEND_RESPONSE),
     (_S.PROCEEDING, _In.TU_2XX): _go(_S.ACCEPTED, _Do.SEND_RESPONSE, start=(Timer.L,)),
     (_S.PROCEEDING, _In.TU_300_699): _go(_S.COMPLETED, _Do.SEND_RESPONSE, start=(Timer.G, Timer.H)),
-    (_S.PROCEEDING, _In.TRANSPORT_ERROR): _go(_S.TERMINATED, _Do.REPORT_TRANSPORT_ERROR),
+    (_S.PROCEEDING, _In.TRANSPORT_ERROR): _go(_S.PROCEEDING, _Do.REPORT_TRANSPORT_ERROR),
     (_S.COMPLETED, _In.REQUEST): _go(_S.COMPLETED, _Do.RESEND_RESPONSE),
     (_S.COMPLETED, Timer.G): _go(_S.COMPLETED, _Do.RESEND_RESPONSE, start=(Timer.G,)),
     (_S.COMPLETED, Timer.H): _go(_S.TERMINATED, _Do.REPORT_TIMEOUT),
     (_S.COMPLETED, _In.ACK): _go(_S.CONFIRMED, start=(Timer.I,)),
-    (_S.COMPLETED, _In.TRANSPORT_ERROR): _go(_S.TERMINATED, _Do.REPORT_TRANSPORT_ERROR),
+    (_S.COMPLETED, _In.TRANSPORT_ERROR): _go(_S.COMPLETED, _Do.REPORT_TRANSPORT_ERROR),
     (_S.CONFIRMED, Timer.I): _go(_S.TERMINATED),
     # RFC 6026 7.1: INVITE retransmissions are absorbed, 2xx retransmissions from the
     # TU are sent, and the ACK for the 2xx is not the transaction's: it goes up.
     (_S.ACCEPTED, _In.REQUEST): _go(_S.ACCEPTED),
     (_S.ACCEPTED, _In.ACK): _go(_S.ACCEPTED, _Do.PASS_ACK_TO_TU),
     (_S.ACCEPTED, _In.TU_2XX): _go(_S.ACCEPTED, _Do.SEND_RESPONSE),
-    (_S.ACCEPTED, _In.TRANSPORT_ERROR): _go(_S.TERMINATED, _Do.REPORT_TRANSPORT_ERROR),
+    (_S.ACCEPTED, _In.TRANSPORT_ERROR): _go(_S.ACCEPTED, _Do.REPORT_TRANSPORT_ERROR),
     (_S.ACCEPTED, Timer.L): _go(_S.TERMINATED),
 }
 
@@ -412,8 +439,9 @@ def server_key(
     ``method`` overrides the request's (CANCEL looks for its INVITE, 9.2); an ACK
     looks for its INVITE. With an RFC 3261 branch the key is branch, sent-by and
     method. Without the magic cookie (an RFC 2543 peer) it is Request-URI, To tag,
-    From tag, Call-ID, CSeq number and method, and the top Via; ``to_tag``
-    overrides the request's To tag (an ACK carries the tag of our response).
+    From tag, Call-ID, CSeq number, the top Via and method; ``to_tag`` overrides the
+    request's To tag (an ACK carries the tag of our response). The method is last in
+    both: a CANCEL matches by the rest (RFC 3261 9.2).
     """
     method = method or request.method
     if method == "ACK":
@@ -429,8 +457,8 @@ def server_key(
         request.from_.tag,
         request.call_id,
         request.cseq.seq,
-        method,
         _via_identity(via),
+        method,
     )
 
 
@@ -611,7 +639,11 @@ class Transaction:
             logger.log(level, "x %r timed out (Timer %s)", self, stimulus.value)
             effects.events.append(TransactionTimeout(self, stimulus))
         elif action is Action.REPORT_TRANSPORT_ERROR:
-            logger.info("x %r transport error", self)
+            # The transport logged the failed send already. A server's is an outside
+            # peer gone (a scanner that sends and hangs up does it on every request:
+            # as for Timer H, not a line each); a client's is a peer of ours: worth one.
+            level = logging.DEBUG if isinstance(self, ServerTransaction) else logging.INFO
+            logger.log(level, "x %r transport error", self)
             effects.events.append(TransportError(self))
         else:
             self._do_specific(action, message, effects)
@@ -909,7 +941,7 @@ class ServerTransaction(Transaction):
 
 
 class ServerInviteTransaction(ServerTransaction):
-    """RFC 3261 17.2.1 and figure 7, with RFC 6026's Accepted state."""
+    """RFC 3261 17.2.1 with RFC 6026's Accepted state, and RFC 6026 figure 7."""
 
     TABLE = SERVER_INVITE_TABLE
     RETRANSMITTING = _states_doing(SERVER_INVITE_TABLE, Action.RESEND_RESPONSE)
@@ -980,8 +1012,8 @@ class TransactionLayer:
     transactions are forgotten as soon as they terminate. At most
     ``max_transactions`` live at once: a new request beyond that is answered with a
     stateless 503 and reported as RequestRefused; a new client transaction raises
-    TransactionLimitError. A CANCEL of a live INVITE, either way, is let in (RFC 3261
-    9.1, 9.2): there is one per INVITE at most, so the excess is bounded by the INVITEs.
+    TransactionLimitError. A CANCEL of a live transaction, either way, is let in (RFC
+    3261 9.1, 9.2): there is one per transaction at most, so the excess is bounded.
     """
 
     def __init__(
@@ -1142,11 +1174,9 @@ class TransactionLayer:
         if request.method == "ACK":
             # 17.2.3: the ACK for a 2xx matches no transaction; it is the dialog's.
             return Output(events=(AckReceived(request, source),))
-        if len(self) >= self.max_transactions and not (
-            # RFC 3261 9.2: a CANCEL of a live INVITE is answered, full or not; one per
-            # INVITE transaction (same branch or same 2543 fields), so still bounded.
-            request.method == "CANCEL" and self.find_cancelled(request) is not None
-        ):
+        if request.method == "CANCEL":
+            return self._receive_cancel(request, source, now, reliable)
+        if len(self) >= self.max_transactions:
             return self._refuse(request, source, now)
         new: ServerTransaction
         if request.method == "INVITE":
@@ -1161,12 +1191,47 @@ class TransactionLayer:
             new = ServerNonInviteTransaction(request, source, reliable=reliable, config=self.config)
         self._server[new.key] = new
         logger.debug("- %r created", new)
-        event: Event
-        if isinstance(new, ServerNonInviteTransaction) and request.method == "CANCEL":
-            event = CancelReceived(new, request, self.find_cancelled(request))
-        else:
-            event = RequestReceived(new, request)
-        return Output(events=(event,)) + self._track(new, new.start(now))
+        return Output(events=(RequestReceived(new, request),)) + self._track(new, new.start(now))
+
+    def _receive_cancel(
+        self, cancel: Request, source: object, now: float, reliable: bool
+    ) -> Output:
+        """RFC 3261 9.2: a CANCEL that no CANCEL transaction absorbed.
+
+        Of an INVITE: the TU's (200 to the CANCEL, 487 to the INVITE). Of a live
+        non-INVITE (CANCELLABLE_METHODS): answered 200 here, as the UAS must whatever
+        the method, and not reported: it has no effect on that transaction. Of
+        nothing: the TU's (481).
+
+        A CANCEL of a live transaction is let in when the layer is full: one per
+        transaction at most (same branch, or the same RFC 2543 fields).
+        """
+        invite = self.find_cancelled(cancel)
+        other = None if invite is not None else self._find_cancelled_non_invite(cancel)
+        if len(self) >= self.max_transactions and invite is None and other is None:
+            return self._refuse(cancel, source, now)
+        new = ServerNonInviteTransaction(cancel, source, reliable=reliable, config=self.config)
+        self._server[new.key] = new
+        logger.debug("- %r created", new)
+        out = self._track(new, new.start(now))
+        if other is None:
+            return Output(events=(CancelReceived(new, cancel, invite),)) + out
+        # 9.2: the To tag of the answer to the original request, when it has one.
+        ok = make_response(cancel, 200, to_tag=other.response_to_tag or new_tag())
+        logger.debug("- %r answered: %r is not an INVITE", new, other)
+        return out + self.send_response(new, ok, now)
+
+    def _find_cancelled_non_invite(self, cancel: Request) -> ServerTransaction | None:
+        """RFC 3261 9.2: the live non-INVITE server transaction a CANCEL matches, if its
+        method is a registered one (CANCELLABLE_METHODS)."""
+        # 9.2: matched by 17.2.3 but for the method, which server_key puts last.
+        rest = server_key(cancel)[:-1]
+        server = self._server
+        for method in CANCELLABLE_METHODS:
+            tx = server.get((*rest, method))
+            if tx is not None:
+                return tx
+        return None
 
     def _refuse(self, request: Request, source: object, now: float) -> Output:
         self._refused += 1

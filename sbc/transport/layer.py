@@ -5,11 +5,11 @@ Inbound, it parses every datagram and framed stream message with the core, stamp
 that fail to parse with a stateless error response, drops responses that fail to
 parse, and hands everything else to the one MessageHandler with the Flow it came
 on. Outbound, it sends responses the way RFC 3261 18.2.2 says (back over the
-request's connection when there is one) and requests to a Destination, reusing an
-open TCP/TLS connection to it when there is one. A TLS connection is reused only
-under the name its server certificate was verified against (RFC 5922 4): two
-trunks by different names on one address get a connection, and a check, each. It
-counts every drop.
+request's connection when there is one), telling the caller of one that cannot be
+sent (17.2.4), and requests to a Destination, reusing an open TCP/TLS connection to
+it when there is one. A TLS connection is reused only under the name its server
+certificate was verified against (RFC 5922 4): two trunks by different names on one
+address get a connection, and a check, each. It counts every drop.
 
 TLS listeners admit each handshake by source address (HandshakeLimiter), and with
 mutual TLS close a connection whose client certificate is not a trusted one; the
@@ -269,17 +269,43 @@ class TransportLayer:
             return False
         return self._write(connection, bytes(response), response)
 
-    def send_response_nowait(self, response: Response, flow: Flow) -> None:
+    def send_response_nowait(
+        self,
+        response: Response,
+        flow: Flow,
+        on_failure: Callable[[], object] | None = None,
+    ) -> None:
         """Send at once when the route is open (UDP, or the request's connection);
         only a response that needs a new connection waits for it, in a task.
 
         Sending at once keeps order with whatever the caller does next, such as a
         framing error closing the connection the response must go out on.
+
+        ``on_failure`` is called if the response cannot be sent (RFC 3261 17.2.4: the
+        TU is told of a transport error): before this returns when that is known at
+        once, else when the new connection fails. What goes wrong once the bytes are
+        the kernel's (a UDP ICMP error, a reset connection) is not known here.
         """
-        if self._send_response_now(response, flow) is None:
-            task = asyncio.get_running_loop().create_task(self.send_response(response, flow))
+        sent = self._send_response_now(response, flow)
+        if sent is None:
+            coroutine = self._send_response_later(response, flow, on_failure)
+            task = asyncio.get_running_loop().create_task(coroutine)
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
+        elif not sent and on_failure is not None:
+            on_failure()
+
+    async def _send_response_later(
+        self, response: Response, flow: Flow, on_failure: Callable[[], object] | None
+    ) -> bool:
+        if await self.send_response(response, flow):
+            return True
+        if on_failure is not None:
+            try:
+                on_failure()
+            except Exception:
+                logger.exception("x failure handler failed on %s to %s", _summary(response), flow)
+        return False
 
     def _send_response_now(self, response: Response, flow: Flow) -> bool | None:
         """Send without waiting: True/False once sent/dropped, None if a new
