@@ -905,9 +905,9 @@ class SbcNode:
             message, destination = outgoing.message, outgoing.destination
             if isinstance(message, Response) and isinstance(destination, Flow):
                 if banned is not None and self._from_banning(destination):
-                    banned.add_done_callback(partial(self._send_held, message, destination))
+                    banned.add_done_callback(partial(self._send_held, outgoing, destination))
                 elif self.transport:
-                    self.transport.send_response_nowait(message, destination)
+                    self._send_response(outgoing, destination)
             elif isinstance(message, Request) and isinstance(destination, Hop):
                 self._send_request(outgoing, destination, now)
         for command in step.media:
@@ -916,9 +916,18 @@ class SbcNode:
             self._write_cdr(call, None)
         self._arm_timer()
 
-    def _send_held(self, message: Response, flow: Flow, _: asyncio.Future[None]) -> None:
+    def _send_held(self, outgoing: Outgoing, flow: Flow, _: asyncio.Future[None]) -> None:
         if self.transport:
-            self.transport.send_response_nowait(message, flow)
+            self._send_response(outgoing, flow)
+
+    def _send_response(self, outgoing: Outgoing, flow: Flow) -> None:
+        """RFC 3261 17.2.4: a response that cannot be sent is its transaction's transport
+        error, as a request's is (``_transport_failed``); a stateless one has none."""
+        assert self.transport is not None and isinstance(outgoing.message, Response)
+        on_failure = None
+        if outgoing.transaction is not None:
+            on_failure = partial(self._transport_failed, outgoing)
+        self.transport.send_response_nowait(outgoing.message, flow, on_failure=on_failure)
 
     def _send_request(self, outgoing: Outgoing, hop: Hop, now: float) -> None:
         """Send a B2BUA request from its realm's listener (UDP) or over a connection."""

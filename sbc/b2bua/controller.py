@@ -1042,6 +1042,28 @@ class CallController:
             return self._hang_up_both(live, EndReason.MEDIA_TIMEOUT, now)
         return Step()
 
+    def _caller_unreachable(self, tx: ServerInviteTransaction, now: float) -> Step:
+        """A response to a caller's INVITE could not be sent (RFC 3261 17.2.4): its
+        connection is gone and a new one to it failed. Nothing more reaches the
+        caller, so the call ends now instead of ringing on (or, for the 2xx, of
+        waiting 32 s for an ACK): the callee is cancelled or hung up. The transaction
+        stays (RFC 6026), and a final response still goes to it, so Timer H ends it.
+        Every further failed send reports again: once the call has ended, nothing
+        is done."""
+        call_ref = self._by_server.get(tx)
+        live = None if call_ref is None else self._calls.get(call_ref)
+        if live is None or live.invite_tx is not tx:
+            return Step()  # a re-INVITE's: the call's own timers deal with its end
+        logger.info("x call %s: the caller cannot be reached", live.call.call_ref)
+        if not live.a_final:
+            to_tag = live.call.a.local_tag
+            step = self._answer_a(live, make_response(live.a_request, 503, to_tag=to_tag), now)
+            step = step + self._cancel_forks(live, now)
+            return step + self._end(live, 503, EndReason.TRANSPORT_ERROR, None, now)
+        if live.call.state is CallState.CONFIRMED and not live.a_acked:
+            return self._hang_up_both(live, EndReason.TRANSPORT_ERROR, now)
+        return Step()
+
     def shutdown(self, now: float) -> Step:
         """The SBC stops: every call ends (BYE both legs, or 503 and CANCEL while it rings)."""
         step = Step()
@@ -1085,6 +1107,8 @@ class CallController:
         if isinstance(event, StrayResponse):
             return self._orphan_response(event.response, now)
         if isinstance(event, TransportError):
+            if isinstance(event.transaction, ServerInviteTransaction):
+                return self._caller_unreachable(event.transaction, now)
             retried = self._retry_over_udp(event.transaction, now)
             if retried is not None:
                 return retried
@@ -2149,9 +2173,12 @@ class CallController:
         invite = event.invite
         call_ref = None if invite is None else self._by_server.get(invite)
         status = 481 if invite is None else 200
-        response = make_response(event.request, status, to_tag=None)
-        step = self._send_response(event.transaction, response, now)
         live = None if call_ref is None else self._calls.get(call_ref)
+        # RFC 3261 8.2.6.2: a To tag; 9.2: the one of the INVITE's answers (an
+        # in-dialog CANCEL has it already, and make_response keeps it).
+        to_tag = live.call.a.local_tag if live is not None else new_tag()
+        response = make_response(event.request, status, to_tag=to_tag)
+        step = self._send_response(event.transaction, response, now)
         if live is not None and invite is not live.invite_tx:
             return step + self._cancel_relayed(live, event, now)
         if live is None or live.a_final:

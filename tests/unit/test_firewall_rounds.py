@@ -382,7 +382,7 @@ class SentResponses:
     def __init__(self) -> None:
         self.sent: list[tuple[int, str]] = []
 
-    def send_response_nowait(self, response: Any, flow: Flow) -> None:
+    def send_response_nowait(self, response: Any, flow: Flow, on_failure: Any = None) -> None:
         self.sent.append((response.status, flow.remote_host))
 
 

@@ -204,7 +204,9 @@ class Sent:
     def __init__(self) -> None:
         self.responses: list[Response] = []
 
-    def send_response_nowait(self, response: Response, flow: Flow) -> None:
+    def send_response_nowait(
+        self, response: Response, flow: Flow, on_failure: object = None
+    ) -> None:
         self.responses.append(response)
 
 
