@@ -73,7 +73,7 @@ from sbc.media.session import MediaSession
 from sbc.registrar.credentials import CredentialStoreError, SqliteCredentials
 from sbc.sip.errors import ParseError
 from sbc.sip.message import Request, Response
-from sbc.sip.transaction import Outgoing, Output, TransactionLayer
+from sbc.sip.transaction import Outgoing, Output, TimerConfig, TransactionLayer
 from sbc.transport.base import (
     Destination,
     Flow,
@@ -274,7 +274,9 @@ class SbcNode:
     def __init__(self, config: Config, config_path: Path | None = None) -> None:
         self.config = config
         self.config_path = config_path
-        self.transactions = TransactionLayer()
+        self.transactions = TransactionLayer(
+            TimerConfig(t1=config.sip.t1_ms / 1000), max_transactions=config.sip.max_transactions
+        )
         self.responder = LocalResponder(server=config.sip.user_agent)
         self.trunks = TrunkTable(assembly.trunks(config))
         self.directory = Directory(self.trunks)
@@ -1127,7 +1129,14 @@ class SbcNode:
         setup_logging(new.log.level.value, new.log.format.value)
         self.responder = LocalResponder(server=new.sip.user_agent)
         listeners_changed = _listen_addresses(new) != _listen_addresses(old)
-        if new.sip != old.sip or new.state_dir != old.state_dir or listeners_changed:
+        # The transaction layer's settings apply to new transactions at once; the
+        # rest of the sip section is the listeners' (restarted when it changes).
+        self.transactions.max_transactions = new.sip.max_transactions
+        self.transactions.config = TimerConfig(t1=new.sip.t1_ms / 1000)
+        transport_settings = replace(
+            new.sip, max_transactions=old.sip.max_transactions, t1_ms=old.sip.t1_ms
+        )
+        if transport_settings != old.sip or new.state_dir != old.state_dir or listeners_changed:
             if not await self._replace_transport(new, old):
                 return False
         else:

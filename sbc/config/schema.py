@@ -343,6 +343,27 @@ class SipConfig(Section):
         default=1024,
         metadata=spec("Most TCP/TLS connections open at once.", min=1, max=1_000_000),
     )
+    max_transactions: int = field(
+        default=50_000,
+        metadata=spec(
+            "Most SIP transactions alive at once (incoming and the SBC's own); beyond,"
+            " new requests get 503 with Retry-After. A UDP non-INVITE transaction lives"
+            " 32 s (Timer J), so this bounds the sustained request rate to about a 32nd"
+            " of it (50,000: some 1,500 requests/s); each costs about 8.5 KiB.",
+            min=100,
+            max=1_000_000,
+        ),
+    )
+    t1_ms: int = field(
+        default=500,
+        metadata=spec(
+            "RFC 3261 T1, the round-trip estimate, in ms: the first retransmission"
+            " interval, and a 64th of the transaction timeouts (Timers B, F, H). Raise"
+            " it for high-latency trunks (satellite).",
+            min=100,
+            max=4000,
+        ),
+    )
     user_agent: str = field(
         default="sbc",
         metadata=spec(

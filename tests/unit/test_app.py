@@ -14,7 +14,7 @@ from sbc import app
 from sbc.app import FirewallUnavailableError, SbcNode, firewall_config
 from sbc.b2bua.admission import RefusalReason, Refused
 from sbc.b2bua.controller import DeleteMedia, MediaCommand, Step, UpdateMedia
-from sbc.config.loader import load_config_text
+from sbc.config.loader import ConfigError, load_config_text
 from sbc.firewall.config import SipPorts
 from sbc.firewall.nft import NftError
 
@@ -284,3 +284,33 @@ def test_a_reload_arms_the_timer_for_a_sooner_probe(tmp_path: Path) -> None:
 
     armed = asyncio.run(scenario())
     assert armed is not None and armed < time.monotonic() + 11
+
+
+def test_transaction_limit_and_t1_come_from_the_config_and_reload_without_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = "state_dir: {state}\nsip: {{max_transactions: {limit}, t1_ms: {t1}}}\n"
+    path = tmp_path / "sbc.yaml"
+    path.write_text(text.format(state=tmp_path, limit=2000, t1=1000))
+    node = SbcNode(load_config_text(path.read_text(), str(path), tmp_path), path)
+    assert node.transactions.max_transactions == 2000
+    assert node.transactions.config.t1 == 1.0
+
+    async def no_restart(new: object, old: object) -> bool:
+        raise AssertionError("the SIP listeners were restarted for a transaction setting")
+
+    monkeypatch.setattr(node, "_replace_transport", no_restart)
+
+    async def scenario() -> None:
+        path.write_text(text.format(state=tmp_path, limit=100_000, t1=2000))
+        try:
+            assert await node.reload()
+        finally:
+            await node.stop()
+
+    asyncio.run(scenario())
+    assert node.transactions.max_transactions == 100_000
+    assert node.transactions.config.t1 == 2.0
+    with pytest.raises(ConfigError) as bad:
+        load_config_text("sip: {max_transactions: 10, t1_ms: 50}", "sbc.yaml", tmp_path)
+    assert "max_transactions" in str(bad.value) and "t1_ms" in str(bad.value)
