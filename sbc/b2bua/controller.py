@@ -55,8 +55,8 @@ from sbc.b2bua.srtp import (
     blank_srtp,
     established,
     first_offers,
-    is_opportunistic,
     mirror,
+    opportunistic_streams,
 )
 from sbc.b2bua.topology import (
     SDP_CONTENT_TYPE,
@@ -568,8 +568,9 @@ class _Live:
     #: The callee is offered SRTP only because the caller's offer was SRTP: a 488
     #: makes the B2BUA offer it RTP instead, once.
     srtp_fallback: bool = False
-    #: The caller offered opportunistic SRTP (RFC 8643): its leg's SDP keeps RTP/AVP.
-    srtp_opportunistic: bool = False
+    #: The streams each side last sent as opportunistic SRTP (RFC 8643): what the
+    #: B2BUA sends it keeps RTP/AVP there.
+    srtp_opportunistic: dict[LegSide, frozenset[int]] = field(default_factory=dict)
     is_subscription: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -1563,7 +1564,8 @@ class CallController:
             self._shorter_interval(live, LegSide.A, request)
         live.allows[LegSide.A] = _allowed(request)
         live.srtp_passthrough, live.srtp_open = passthrough, srtp_open
-        live.srtp_opportunistic = sdp is not None and is_opportunistic(sdp, a_offers)
+        if sdp is not None:
+            live.srtp_opportunistic[LegSide.A] = opportunistic_streams(sdp, a_offers)
         live.srtp_fallback = (
             sdp is not None
             and b_srtp is not SrtpPolicy.REQUIRED
@@ -2674,9 +2676,14 @@ class CallController:
             live.offers.get(side),
             undecided=side in live.srtp_open,
         )
+        live.srtp_opportunistic[side] = opportunistic_streams(sdp, offers)
         if live.srtp_open:
             # The late offer's first SDP decides its side, and the other side follows
-            # it where its realm leaves the choice open.
+            # it where its realm leaves the choice open. The late offer's streams it
+            # has no m= line for give up the keys made ready (the CDR reads them).
+            offers = offers + tuple(
+                evolve(offer, srtp=None) for offer in live.offers.get(side, ())[len(offers) :]
+            )
             other = side.other
             if other in live.srtp_open and other in live.offers:
                 live.offers[other] = mirror(offers, live.offers[other])
@@ -2695,7 +2702,7 @@ class CallController:
             leg,
             live.offers.get(side),
             passthrough=live.srtp_passthrough,
-            opportunistic=live.srtp_opportunistic and side is LegSide.A,
+            opportunistic=live.srtp_opportunistic.get(side, frozenset()),
         )
 
     def _update_media(self, live: _Live) -> Step:
@@ -3062,7 +3069,11 @@ class CallController:
                 step = step + self._roll_back(live, side, relayed.before, sdp, now)
             return step
         if bad_sdp:
-            # ACKed above; the requester learns that the far side's answer was unusable.
+            # ACKed above; the requester learns that the far side's answer was unusable,
+            # and keeps its session as it was (RFC 3261 14.1): so does the relay, and
+            # the far side is offered that session again.
+            if relayed.before is not None:
+                step = step + self._roll_back(live, side, relayed.before, None, now)
             out = make_response(relayed.request, 502)
             return step + self._send_response(relayed.server, out, now, live.call.leg(side).realm)
         headers: list[tuple[str, str]] = []
@@ -3131,21 +3142,25 @@ class CallController:
         re-INVITE, with the next o= version (RFC 3264 8)."""
         answerer = offerer.other
         leg = live.call.leg(answerer)
-        if before.sdp_sent is None or leg.sdp_digest == before.sdp_digest:
-            return self._restore(live, offerer, before)  # the offer changed nothing
-        version = leg.sdp_version + 1
-        live.sdp_sent[answerer] = _with_version(before.sdp_sent, version)
-        leg = evolve(leg, sdp_version=version, sdp_digest=before.sdp_digest)
-        live.call = live.call.with_leg(answerer, leg)
-        if before.offers is not None:
-            live.offers[offerer] = before.offers
         try:
             offers = None if answer is None else self._leg_offers(live, answerer, answer)
         except SdpError as exc:
             logger.info("x call %s: answer to a withdrawn offer: %s", live.call.call_ref, exc)
             offers = None
         if offers is not None:
+            # The answerer sends as its answer says (a new key of its own, a new
+            # port), whatever becomes of the offer.
             live.offers[answerer] = offers
+        if before.sdp_sent is None or leg.sdp_digest == before.sdp_digest:
+            # The offer changed nothing the answerer saw: no new offer for it.
+            step = self._restore(live, offerer, before)
+            return step if offers is None else self._update_media(live)
+        version = leg.sdp_version + 1
+        live.sdp_sent[answerer] = _with_version(before.sdp_sent, version)
+        leg = evolve(leg, sdp_version=version, sdp_digest=before.sdp_digest)
+        live.call = live.call.with_leg(answerer, leg)
+        if before.offers is not None:
+            live.offers[offerer] = before.offers
         logger.info(
             "- call %s: answer to a withdrawn offer, offering %s the session again",
             live.call.call_ref,

@@ -66,13 +66,15 @@ def _sdes_capable(proto: str) -> bool:
     return upper in _TO_PLAIN or upper in _TO_SECURE
 
 
-def is_opportunistic(sdp: SessionDescription, offers: Sequence[LegOffer]) -> bool:
-    """The offer ``sdp`` is opportunistic SRTP (RFC 8643): a stream of RTP/AVP[F]
-    the B2BUA took as SRTP (``offers``, from `first_offers`). Its answers then keep
-    the RTP profile with an a=crypto (RFC 8643 3.2), and so do later offers."""
-    return any(
-        offer.srtp is not None and media.proto.upper() in _TO_SECURE
-        for media, offer in zip(sdp.media, offers, strict=False)
+def opportunistic_streams(sdp: SessionDescription, offers: Sequence[LegOffer]) -> frozenset[int]:
+    """The streams of ``sdp`` that are opportunistic SRTP (RFC 8643): RTP/AVP[F] the
+    B2BUA took as SRTP (``offers``, read from ``sdp``). What the B2BUA sends that
+    side next keeps the RTP profile with an a=crypto on them (RFC 8643 3.2: the
+    answer's profile is the offer's, stream by stream)."""
+    return frozenset(
+        index
+        for index, (media, offer) in enumerate(zip(sdp.media, offers, strict=False))
+        if offer.srtp is not None and media.proto.upper() in _TO_SECURE
     )
 
 
@@ -128,9 +130,21 @@ def first_offers(
     out_a: list[LegOffer] = []
     out_b: list[LegOffer] = []
     for index, (media, a, b) in enumerate(zip(sdp.media, offerer, answerer, strict=False)):
-        if not a.rtp or media.is_rejected:
+        if not a.rtp:
             out_a.append(evolve(a, encrypted=False))
             out_b.append(b)
+            continue
+        if media.is_rejected:
+            # No media now, but the legs' security is fixed at allocation: a stream a
+            # re-offer brings back (RFC 3264 8.1) keeps each realm's policy.
+            a_secure = offerer_policy is SrtpPolicy.REQUIRED or (
+                offerer_policy is not SrtpPolicy.OFF and is_sdes_proto(media.proto)
+            )
+            b_secure = answerer_policy is SrtpPolicy.REQUIRED or (
+                a_secure and answerer_policy is not SrtpPolicy.OFF
+            )
+            out_a.append(evolve(a, srtp=OFFER_SUITE if a_secure else None, encrypted=False))
+            out_b.append(evolve(b, srtp=OFFER_SUITE if b_secure else None, encrypted=False))
             continue
         crypto = None
         if is_secure_proto(media.proto):

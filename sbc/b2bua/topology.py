@@ -78,6 +78,11 @@ HIDDEN_SDP_ATTRIBUTES: Final = ICE_ATTRIBUTE_NAMES | frozenset(
     {"ssrc", "ssrc-group", "msid", "source-filter", "path"}
 )
 
+#: SDP attributes that carry a side's media keys: SDES (RFC 4568) and MIKEY (RFC
+#: 4567). They cross only between two passthrough realms; otherwise each leg gets
+#: the relay's own key (`sbc.b2bua.srtp`) or none.
+KEY_ATTRIBUTES: Final = frozenset({"crypto", "key-mgmt"})
+
 #: Lines kept as text that may cross (RFC 8866 5): v=, s=, r= and z=. i=, u=, e= and
 #: p= are the other side's words, URI, user@host and phone number; k= is obsolete
 #: and MUST be discarded (5.12); any other letter is unknown or out of place (an o=
@@ -320,7 +325,7 @@ def rewrite_sdp(
     peer: Sequence[LegOffer] | None = None,
     *,
     passthrough: bool = False,
-    opportunistic: bool = False,
+    opportunistic: frozenset[int] = frozenset(),
 ) -> tuple[bytes, CallLeg]:
     """The SDP to send on ``leg`` (the relay's ``side``), and the leg after sending it.
 
@@ -339,8 +344,8 @@ def rewrite_sdp(
     B2BUA last read from this side, whose ``srtp`` None says a leg gave its key up);
     one of plain RTP gets the RTP profile. With
     ``passthrough`` (a call between two passthrough realms) both cross as they are.
-    ``opportunistic``: the leg's peer offered SRTP in the RTP profile (RFC 8643), and
-    keeps it: the a=crypto goes with RTP/AVP[F].
+    ``opportunistic``: the streams the leg's peer last sent as SRTP in the RTP
+    profile (RFC 8643): their a=crypto goes with RTP/AVP[F].
 
     One pass over the lines (the edits of ``SessionDescription`` in a row copy the
     whole description at each step; this runs for every offer and answer).
@@ -353,7 +358,10 @@ def rewrite_sdp(
     lines: list[SdpLine] = []
     for line in sdp.lines:
         if isinstance(line, Attribute):
-            if line.name.lower() in HIDDEN_SDP_ATTRIBUTES:
+            name = line.name.lower()
+            # A session-level a=crypto (RFC 4568 defines none, some endpoints send
+            # one) is that side's key as much as a media-level one.
+            if name in HIDDEN_SDP_ATTRIBUTES or (name in KEY_ATTRIBUTES and not passthrough):
                 continue
         elif isinstance(line, Connection):
             line = LEGACY_HOLD if line.host == "0.0.0.0" else connection
@@ -368,7 +376,7 @@ def rewrite_sdp(
         for line in section.lines:
             if isinstance(line, Attribute):
                 name = line.name.lower()
-                if name in HIDDEN_SDP_ATTRIBUTES or (name == "crypto" and not passthrough):
+                if name in HIDDEN_SDP_ATTRIBUTES or (name in KEY_ATTRIBUTES and not passthrough):
                     continue
                 if name == "rtcp" and line.name != "rtcp":
                     line = Attribute("rtcp", line.value)
@@ -394,7 +402,7 @@ def rewrite_sdp(
             if key is None:
                 proto = plain_proto(proto)
             else:
-                proto = plain_proto(proto) if opportunistic else secure_proto(proto)
+                proto = plain_proto(proto) if index in opportunistic else secure_proto(proto)
                 known = peer[index].crypto if peer is not None and index < len(peer) else None
                 crypto = crypto_attribute(key, known)
         if index >= len(streams) or section.proto.upper().startswith("TCP"):

@@ -152,16 +152,31 @@ class _Leg:
     #: SRTP: unprotects what the peer sends / protects what the relay sends it.
     inbound: SrtpTransform | None = None
     outbound: SrtpTransform | None = None
+    #: The peer's key before the last re-offer, and its inbound context: the peer
+    #: sends with it until the offer is answered, and again when the offer fails
+    #: and the key comes back (a new context would restart its rollover counter).
+    previous_inbound: tuple[SdesCrypto, SrtpTransform] | None = None
 
-    def set_keys(self, inbound_only: bool = False) -> None:
-        """(Re)build the SRTP transforms from the state's keys; ``inbound_only`` when
-        just the peer's key changed (a re-offer): the relay's own key and its outbound
-        context stay, since a new context would restart the rollover counter and the
-        keystream of that key (RFC 3711 3.3.1, 9.1)."""
+    def set_keys(self) -> None:
+        """Build the SRTP transforms from the state's keys (a new or restored leg).
+        A re-offer changes the peer's key only (`rekey_inbound`): the relay's own key
+        and its outbound context stay, since a new context would restart the rollover
+        counter and the keystream of that key (RFC 3711 3.3.1, 9.1)."""
         remote, local = self.state.remote_crypto, self.state.local_crypto
         self.inbound = None if remote is None else SrtpTransform(remote, outbound=False)
-        if not inbound_only:
-            self.outbound = None if local is None else SrtpTransform(local, outbound=True)
+        self.previous_inbound = None
+        self.outbound = None if local is None else SrtpTransform(local, outbound=True)
+
+    def rekey_inbound(self, old: SdesCrypto | None) -> None:
+        """The peer's key changed in a re-offer (``old``: the key before): its
+        context is kept as ``previous_inbound``, and taken back when it returns."""
+        remote, kept = self.state.remote_crypto, self.previous_inbound
+        if remote is not None and kept is not None and _key_of(kept[0]) == _key_of(remote):
+            inbound: SrtpTransform | None = kept[1]
+        else:
+            inbound = None if remote is None else SrtpTransform(remote, outbound=False)
+        self.previous_inbound = None if old is None or self.inbound is None else (old, self.inbound)
+        self.inbound = inbound
 
     def fold_kernel_counters(self) -> None:
         """The kernel's figures into the user counters, before its forwards go:
@@ -274,6 +289,22 @@ class _Session:
 
 def _key_of(crypto: SdesCrypto | None) -> tuple[object, bytes] | None:
     return None if crypto is None else (crypto.suite, crypto.key)
+
+
+def _unprotect(leg: _Leg, data: bytes, rtcp: bool) -> bytes:
+    """What ``leg``'s peer sent, by its key or by its previous one (SrtpAuthError:
+    neither authenticates it). Once the peer's new key authenticates a packet, the
+    offer that brought it was answered: the previous key is let go."""
+    assert leg.inbound is not None
+    try:
+        clear = leg.inbound.unprotect(data, rtcp)
+    except SrtpAuthError:
+        if leg.previous_inbound is None:
+            raise
+        return leg.previous_inbound[1].unprotect(data, rtcp)
+    if leg.previous_inbound is not None:
+        leg.previous_inbound = None
+    return clear
 
 
 def _refusal(leg: _Leg, offer: LegOffer) -> str | None:
@@ -539,6 +570,7 @@ class MediaRelay:
                     # not seen (a late offer), and that offer was RTP. The keys go.
                     state = evolve(state, local_crypto=None, remote_crypto=None)
                     leg.inbound = leg.outbound = None
+                    leg.previous_inbound = None
                     rekey = False
                 if (
                     leg_offer.remote is not None
@@ -549,9 +581,10 @@ class MediaRelay:
                     state = evolve(state, rtp_latch=Latch(), rtcp_latch=Latch())
                     if stream not in unlatch:
                         unlatch.append(stream)
+                old_key = leg.state.remote_crypto
                 leg.state = evolve(state, remote_hint=leg_offer.remote or state.remote_hint)
                 if rekey:
-                    leg.set_keys(inbound_only=True)
+                    leg.rekey_inbound(old_key)
             if stream not in unlatch and any(
                 (
                     stream.legs[side].state.rtcp_mux,
@@ -855,7 +888,7 @@ class MediaRelay:
                     leg.dropped_source += 1
                     return
             try:
-                data = leg.inbound.unprotect(data, control)
+                data = _unprotect(leg, data, control)
             except SrtpAuthError:
                 leg.dropped_auth += 1
                 return

@@ -304,7 +304,8 @@ class Outgoing:
     """
 
     message: Request | Response
-    data: bytes
+    #: Not in repr: an SDP body may hold SRTP keys (a=crypto), and reprs end up in logs.
+    data: bytes = field(repr=False)
     destination: object
     transaction: Transaction | None = field(default=None, compare=False)
 

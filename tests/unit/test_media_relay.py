@@ -272,3 +272,28 @@ def test_a_re_offer_refused_on_side_b_changes_nothing_on_side_a() -> None:
     with pytest.raises(MediaError, match="stream 0 side b: realm/family cannot change"):
         asyncio.run(relay.update(session.session_id, offer(a=moved, b=LegOffer("third"))))
     assert leg(relay, session, Side.A).state == before
+
+
+def test_the_previous_peer_key_is_let_go_once_the_new_one_authenticates() -> None:
+    relay = make_relay()
+    suite = SrtpSuite.AES_CM_128_HMAC_SHA1_80
+    old_key, new_key = SdesCrypto.generate(suite), SdesCrypto.generate(suite)
+    srtp_a = LegOffer("outside", remote=PEER_A, srtp=suite, crypto=old_key)
+    session = asyncio.run(relay.allocate("call", offer(a=srtp_a)))
+    a = leg(relay, session, Side.A)
+    old_peer, new_peer = (
+        SrtpTransform(old_key, outbound=True),
+        SrtpTransform(new_key, outbound=True),
+    )
+
+    def packet(sender: SrtpTransform, seq: int) -> bytes:
+        return sender.protect(bytes(RtpHeader(0, seq, seq * 160, 0xA)) + b"\xd5" * 160, rtcp=False)
+
+    asyncio.run(relay.update(session.session_id, offer(a=evolve_crypto(srtp_a, new_key))))
+    # Until the answer the peer still sends with its old key: taken.
+    relay._packet(a, False, packet(old_peer, 1), PEER_A.sockaddr())
+    relay._packet(a, False, packet(new_peer, 2), PEER_A.sockaddr())
+    assert (a.packets, a.dropped_auth) == (2, 0)
+    # The new key authenticated: the old one no longer does.
+    relay._packet(a, False, packet(old_peer, 3), PEER_A.sockaddr())
+    assert (a.packets, a.dropped_auth) == (2, 1)
