@@ -72,10 +72,12 @@ GENERATED_HEADERS: Final = frozenset(
 #: SDP attributes that name the other side: ICE candidates and credentials carry its
 #: addresses; RFC 5576 ssrc attributes carry its CNAME (often user@host) and msid;
 #: RFC 4570 source-filter lists its source addresses; RFC 4975 path is the
-#: msrp://host:port of its endpoint. Lower case: names are matched case-insensitively
-#: (RFC 5234 2.3, the quoted names of their grammars).
+#: msrp://host:port of its endpoint; a=tool (RFC 8866 6.3) names its software and
+#: version (what a scanner looks for), a=msid-semantic goes with the msid dropped.
+#: Lower case: names are matched case-insensitively (RFC 5234 2.3, the quoted names
+#: of their grammars).
 HIDDEN_SDP_ATTRIBUTES: Final = ICE_ATTRIBUTE_NAMES | frozenset(
-    {"ssrc", "ssrc-group", "msid", "source-filter", "path"}
+    {"ssrc", "ssrc-group", "msid", "msid-semantic", "source-filter", "path", "tool"}
 )
 
 #: SDP attributes that carry a side's media keys: SDES (RFC 4568) and MIKEY (RFC
@@ -83,11 +85,16 @@ HIDDEN_SDP_ATTRIBUTES: Final = ICE_ATTRIBUTE_NAMES | frozenset(
 #: the relay's own key (`sbc.b2bua.srtp`) or none.
 KEY_ATTRIBUTES: Final = frozenset({"crypto", "key-mgmt"})
 
-#: Lines kept as text that may cross (RFC 8866 5): v=, s=, r= and z=. i=, u=, e= and
-#: p= are the other side's words, URI, user@host and phone number; k= is obsolete
-#: and MUST be discarded (5.12); any other letter is unknown or out of place (an o=
-#: after an m=, which the parser keeps as text). Media sections keep none.
-CROSSING_FIELDS: Final = frozenset("vsrz")
+#: Lines kept as text that may cross (RFC 8866 5): v=, r= and z=; s= crosses as
+#: :data:`SESSION_NAME`. i=, u=, e= and p= are the other side's words, URI,
+#: user@host and phone number; k= is obsolete and MUST be discarded (5.12); any
+#: other letter is unknown or out of place (an o= after an m=, which the parser
+#: keeps as text). Media sections keep none.
+CROSSING_FIELDS: Final = frozenset("vrz")
+
+#: The s= line of every SDP the B2BUA sends (RFC 8866 5.3: "-" when a session has
+#: no name): the other side's often names its software (s=Asterisk PBX 18.2).
+SESSION_NAME: Final = Field("s", "-")
 
 #: RFC 3264 8.4: the RFC 2543 hold, "send me nothing". It crosses as it is: it names
 #: no one, and the relay's address in its place would ask the other side for media.
@@ -366,7 +373,9 @@ def rewrite_sdp(
         elif isinstance(line, Connection):
             line = LEGACY_HOLD if line.host == "0.0.0.0" else connection
         elif isinstance(line, Field) and line.type not in CROSSING_FIELDS:
-            continue
+            if line.type != "s":
+                continue
+            line = SESSION_NAME
         lines.append(line)
     media: list[MediaDescription] = []
     every_media_has_c = True

@@ -9,6 +9,7 @@ streams, media-level c= only, no c= at all, IPv6, and LF line endings.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import replace
 
 import pytest
@@ -25,6 +26,9 @@ def reference(
     sdp: SessionDescription, session: MediaSession, side: Side, leg: CallLeg
 ) -> tuple[bytes, CallLeg]:
     address = session.streams[0].leg(side).local.address
+    # The session name never crosses: "-" (RFC 8866 5.3).
+    named = re.sub(rb"(?m)^s=[^\r\n]*", b"s=-", bytes(sdp))
+    sdp = SessionDescription.parse(named)
     out = sdp.without_attributes(HIDDEN_SDP_ATTRIBUTES).with_connection_address(address)
     for index, media in enumerate(out.media):
         if index >= len(session.streams):
@@ -85,6 +89,11 @@ OFFERS = {
         "a=candidate:1 1 UDP 2130706431 198.51.100.9 40000 typ host\r\na=ssrc:1 cname:a@b\r\n"
         "a=sendonly\r\nm=video 40002 RTP/AVP 96\r\n"
     ),
+    "named-by-its-tool": (
+        "v=0\r\no=root 1 1 IN IP4 198.51.100.9\r\ns=Asterisk PBX 18.2.0\r\n"
+        "c=IN IP4 198.51.100.9\r\nt=0 0\r\na=tool:baresip 1.0.0\r\n"
+        "a=msid-semantic: WMS stream\r\nm=audio 40000 RTP/AVP 0\r\n"
+    ),
     "mux-media-c-only": (
         "v=0\r\no=- 5 7 IN IP4 198.51.100.9\r\ns= \r\nt=0 0\r\n"
         "m=audio 40000 RTP/AVP 8\r\nc=IN IP4 198.51.100.9\r\na=rtcp-mux\r\na=rtcp:40000\r\n"
@@ -121,3 +130,11 @@ def test_bad_rtcp_attribute_is_an_sdp_error_as_before() -> None:
         rewrite_sdp(sdp, ONE, Side.B, LEG)
     with pytest.raises(SdpError, match="a=rtcp: bad port 'x'"):
         reference(sdp, ONE, Side.B, LEG)
+
+
+def test_the_other_side_s_software_does_not_cross() -> None:
+    sdp = SessionDescription.parse(OFFERS["named-by-its-tool"].encode())
+    body, _ = rewrite_sdp(sdp, ONE, Side.B, LEG)
+    assert b"s=-\r\n" in body
+    for secret in (b"Asterisk", b"baresip", b"tool", b"msid-semantic", b"root"):
+        assert secret not in body
