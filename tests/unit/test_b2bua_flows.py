@@ -1068,16 +1068,19 @@ def test_cancel_answers_487_with_the_tag_of_the_ringing() -> None:
 # -- MESSAGE out of dialog ----------------------------------------------------------------
 
 
+#: A caller's MESSAGE outside any dialog.
+MESSAGE = (
+    "MESSAGE sip:1000@198.51.100.1 SIP/2.0\r\n"
+    "Via: SIP/2.0/UDP 198.51.100.9:5099;branch=z9hG4bKmsg;rport\r\n"
+    "Max-Forwards: 70\r\nFrom: <sip:alice@198.51.100.9>;tag=alicetag\r\n"
+    "To: <sip:1000@198.51.100.1>\r\nCall-ID: msg@198.51.100.9\r\nCSeq: 7 MESSAGE\r\n"
+    "Content-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello"
+)
+
+
 def test_message_is_routed_and_its_answer_relayed_without_crossing() -> None:
     c = controller()
-    message = (
-        "MESSAGE sip:1000@198.51.100.1 SIP/2.0\r\n"
-        "Via: SIP/2.0/UDP 198.51.100.9:5099;branch=z9hG4bKmsg;rport\r\n"
-        "Max-Forwards: 70\r\nFrom: <sip:alice@198.51.100.9>;tag=alicetag\r\n"
-        "To: <sip:1000@198.51.100.1>\r\nCall-ID: msg@198.51.100.9\r\nCSeq: 7 MESSAGE\r\n"
-        "Content-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello"
-    )
-    step = receive(c, message, CALLER, 0.0)
+    step = receive(c, MESSAGE, CALLER, 0.0)
     (out,) = requests(step, "MESSAGE")
     assert hop_of(step, "MESSAGE") == CORE
     assert out.body == b"hello" and out.headers.get("Content-Type") == "text/plain"

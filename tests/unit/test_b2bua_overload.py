@@ -15,6 +15,7 @@ from tests.unit.test_b2bua_flows import (
     A_ALLOWS_UPDATE,
     ANSWER,
     CALLER,
+    MESSAGE,
     SDP,
     SESSION_TIMERS,
     TRUNK,
@@ -88,14 +89,7 @@ def test_a_new_call_whose_b_leg_cannot_start_gets_503() -> None:
 def test_a_message_at_the_limit_gets_503() -> None:
     c = controller()
     one_place_left(c)
-    message = (
-        "MESSAGE sip:1000@198.51.100.1 SIP/2.0\r\n"
-        "Via: SIP/2.0/UDP 198.51.100.9:5099;branch=z9hG4bKmsg;rport\r\n"
-        "Max-Forwards: 70\r\nFrom: <sip:alice@198.51.100.9>;tag=alicetag\r\n"
-        "To: <sip:1000@198.51.100.1>\r\nCall-ID: msg@198.51.100.9\r\nCSeq: 7 MESSAGE\r\n"
-        "Content-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello"
-    )
-    step = receive(c, message, CALLER, 0.0)
+    step = receive(c, MESSAGE, CALLER, 0.0)
     assert requests(step) == []
     (refused,) = responses(step)
     assert refused.status == 503 and refused.headers.get("Retry-After") == "5"

@@ -11,9 +11,12 @@ import sqlite3
 from collections.abc import Iterator
 from dataclasses import fields, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from sbc.b2bua.call import Call, CallLeg, CallState
+from sbc.b2bua.call import EndReason as CallEndReason
 from sbc.cdr import (
     COLUMNS,
     SCHEMA_VERSION,
@@ -26,6 +29,8 @@ from sbc.cdr import (
     JsonLinesCdrStore,
     disposition_for,
 )
+from sbc.cdr.from_call import cdr_record
+from sbc.transport.base import Destination, ListenAddress, Transport
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "cdr.md"
 LOGGER = "sbc.cdr.store"
@@ -487,26 +492,31 @@ def test_text_that_is_not_utf8_costs_only_its_own_characters(
     assert row.a_codecs.endswith("/8000,PCMU/8000")
 
 
-def test_cdrs_carry_no_uri_passwords() -> None:
-    # RFC 3261 19.1.1 lets a SIP URI carry user:password; a CDR is no place for it.
-    from sbc.b2bua.call import Call, CallLeg, CallState
-    from sbc.b2bua.call import EndReason as CallEndReason
-    from sbc.cdr.from_call import cdr_record
-    from sbc.transport.base import Destination, ListenAddress, Transport
-
+def ended_call(b_realm: str, **changes: Any) -> Call:
+    """A call the B2BUA ended (an unanswered attempt), as a CDR is made from."""
     local = ListenAddress(Transport.UDP, "198.51.100.1", 5060)
     leg = CallLeg("outside", "cid", "tag", local, Destination(Transport.UDP, "198.51.100.9", 5099))
     call = Call(
-        call_ref="pw",
+        call_ref="ended",
         state=CallState.TERMINATED,
         a=leg,
-        b=replace(leg, realm=""),
+        b=replace(leg, realm=b_realm),
         route="r",
         created=10.0,
+        end_status=487,
+        ended_at=11.0,
+        end_reason=CallEndReason.CANCEL,
+    )
+    return replace(call, **changes)
+
+
+def test_cdrs_carry_no_uri_passwords() -> None:
+    # RFC 3261 19.1.1 lets a SIP URI carry user:password; a CDR is no place for it.
+    call = ended_call(
+        "",
         end_status=404,
         caller="sip:alice:hunter2@198.51.100.9;transport=tcp",
         callee="sips:bob:s3cret@sbc.example.net:5061",
-        ended_at=11.0,
         end_reason=CallEndReason.NO_ROUTE,
     )
     record = cdr_record(call, None, 1_700_000_000.0)
@@ -516,27 +526,11 @@ def test_cdrs_carry_no_uri_passwords() -> None:
 
 
 def test_each_leg_s_media_encryption_is_recorded() -> None:
-    from sbc.b2bua.call import Call, CallLeg, CallState
-    from sbc.b2bua.call import EndReason as CallEndReason
-    from sbc.cdr.from_call import cdr_record
     from sbc.media.session import LegState, MediaSession, MediaStream
     from sbc.media.srtp import SdesCrypto, SrtpSuite
     from sbc.media.values import Endpoint
-    from sbc.transport.base import Destination, ListenAddress, Transport
 
-    local = ListenAddress(Transport.UDP, "198.51.100.1", 5060)
-    leg = CallLeg("outside", "cid", "tag", local, Destination(Transport.UDP, "198.51.100.9", 5099))
-    call = Call(
-        call_ref="enc",
-        state=CallState.TERMINATED,
-        a=leg,
-        b=replace(leg, realm="inside"),
-        route="r",
-        created=10.0,
-        end_status=487,
-        ended_at=11.0,
-        end_reason=CallEndReason.CANCEL,
-    )
+    call = ended_call("inside")
     key = SdesCrypto.generate(SrtpSuite.AES_CM_128_HMAC_SHA1_80)
 
     def session(a: LegState, b: LegState) -> MediaSession:
