@@ -67,6 +67,10 @@ def ban_target(source: IPAddress | str, ipv6_prefix_length: int = 64) -> BanTarg
             if isinstance(exc, BanTargetError):
                 raise
             raise BanTargetError(f"{text!r} is not an IP address") from None
+    if isinstance(source, IPv6Address) and source.ipv4_mapped is not None:
+        # An IPv4 peer seen through a dual-stack socket: its /64 would be the whole
+        # mapped space (every IPv4 source). The transport unmaps first; so does this.
+        source = source.ipv4_mapped
     if isinstance(source, IPv4Address):
         return IPv4Network(source)
     return IPv6Network((source, ipv6_prefix_length), strict=False)

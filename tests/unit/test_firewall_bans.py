@@ -85,6 +85,8 @@ def test_ban_targets() -> None:
     assert ban_target("2001:db8:1:2:3:4:5:6") == ip_network("2001:db8:1:2::/64")
     assert ban_target("2001:db8:1:2::/64") == ip_network("2001:db8:1:2::/64")
     assert ban_target("2001:db8::1", 56) == ip_network("2001:db8::/56")
+    # An IPv4 peer through a dual-stack socket is that IPv4 address, not the mapped /64.
+    assert ban_target(ip_address("::ffff:203.0.113.7")) == ip_network("203.0.113.7/32")
     with pytest.raises(BanTargetError, match=r"203.0.113.0/24: IPv4 bans are per address \(/32\)"):
         ban_target("203.0.113.0/24")
     with pytest.raises(BanTargetError, match="'nope' is not an IP address"):
