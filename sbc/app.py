@@ -118,6 +118,7 @@ def transport_config(config: Config) -> TransportConfig:
     return TransportConfig(
         listen=_listen_addresses(config),
         idle_timeout=float(config.sip.tcp_idle_timeout),
+        message_timeout=float(config.sip.tcp_message_timeout),
         max_connections=config.sip.max_connections,
     )
 

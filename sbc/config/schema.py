@@ -343,6 +343,15 @@ class SipConfig(Section):
         default=1024,
         metadata=spec("Most TCP/TLS connections open at once.", min=1, max=1_000_000),
     )
+    tcp_message_timeout: int = field(
+        default=32,
+        metadata=spec(
+            "Seconds a TCP/TLS message may take from its first byte to its last; a"
+            " connection that sends slower is closed (slowloris).",
+            min=1,
+            max=3600,
+        ),
+    )
     max_transactions: int = field(
         default=50_000,
         metadata=spec(

@@ -314,3 +314,10 @@ def test_transaction_limit_and_t1_come_from_the_config_and_reload_without_a_rest
     with pytest.raises(ConfigError) as bad:
         load_config_text("sip: {max_transactions: 10, t1_ms: 50}", "sbc.yaml", tmp_path)
     assert "max_transactions" in str(bad.value) and "t1_ms" in str(bad.value)
+
+
+def test_the_tcp_message_timeout_comes_from_the_config() -> None:
+    # Slowloris: a message that trickles in for longer is closed (transport layer).
+    assert app.transport_config(load("{}")).message_timeout == 32.0
+    config = load("sip: {tcp_message_timeout: 10}")
+    assert app.transport_config(config).message_timeout == 10.0
