@@ -198,8 +198,10 @@ class EmbeddedRegistrar:
             failed_user=None if failure is None else failure.username,
         )
 
-    def authenticate(self, request: Request, now: float) -> AuthVerdict:
-        check = self.registrar.check_credentials(request, self.wall(), proxy=True)
+    def authenticate(
+        self, request: Request, now: float, *, source: str | None = None
+    ) -> AuthVerdict:
+        check = self.registrar.check_credentials(request, self.wall(), proxy=True, source=source)
         if check.response is not None:
             failure = check.failure
             return AuthVerdict(

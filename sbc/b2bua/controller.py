@@ -315,7 +315,9 @@ class RegistrarPort(Protocol):
         self, request: Request, flow: Flow, realm: str, listen: ListenAddress, now: float
     ) -> RegisterOutcome: ...
 
-    def authenticate(self, request: Request, now: float) -> AuthVerdict: ...
+    def authenticate(
+        self, request: Request, now: float, *, source: str | None = None
+    ) -> AuthVerdict: ...
 
 
 class RegisterForward(Protocol):
@@ -1290,7 +1292,7 @@ class CallController:
         if self.registrar is None:
             response = make_response(request, 503, to_tag=new_tag())
             return self._send_response(tx, response, now, realm.name)
-        verdict = self.registrar.authenticate(request, now)
+        verdict = self.registrar.authenticate(request, now, source=flow.remote_host)
         if verdict.response is None:
             return None
         step = self._send_response(tx, verdict.response, now, realm.name)

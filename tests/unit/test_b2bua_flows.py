@@ -577,12 +577,16 @@ class StubRegistrar:
 
     def __init__(self) -> None:
         self.asked = 0
+        self.sources: list[str | None] = []
 
     def register(self, *args: object) -> RegisterOutcome:
         raise AssertionError("no REGISTER in these tests")
 
-    def authenticate(self, request: Request, now: float) -> AuthVerdict:
+    def authenticate(
+        self, request: Request, now: float, *, source: str | None = None
+    ) -> AuthVerdict:
         self.asked += 1
+        self.sources.append(source)
         credentials = request.headers.get("Proxy-Authorization")
         if credentials is None:
             challenge = ("Proxy-Authenticate", 'Digest realm="sbc", nonce="n1"')
@@ -611,6 +615,8 @@ def test_invite_is_challenged_then_the_retry_becomes_a_call() -> None:
     )
     assert [type(m) for m in step.media] == [AllocateMedia]
     assert len(c) == 1 and registrar.asked == 2
+    # The guessing limit counts by where the request came from (RFC 3261 18.2.1).
+    assert registrar.sources == [CALLER.remote_host] * 2
 
 
 def test_wrong_credentials_report_the_source() -> None:
