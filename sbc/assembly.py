@@ -34,7 +34,12 @@ from sbc.config.schema import Config
 from sbc.registrar.credentials import CredentialBackend, CredentialStoreError
 from sbc.registrar.registrar import Registrar, RegistrarPolicy
 from sbc.registrar.relay import Forward, RegistrationRelay, RelayPolicy
-from sbc.sip.auth import DigestAlgorithm, DigestServer, DigestServerConfig
+from sbc.sip.auth import (
+    DigestAlgorithm,
+    DigestServer,
+    DigestServerConfig,
+    PasswordGuessLimiter,
+)
 from sbc.sip.errors import ParseError
 from sbc.sip.message import Message, Request, Response, make_response, new_tag
 from sbc.sip.uri import SipUri
@@ -247,7 +252,15 @@ def registrar(config: Config, credentials: CredentialBackend, key: bytes) -> Reg
         DigestAlgorithm.from_token(name.value) for name in section.digest_algorithms
     ) or (DigestAlgorithm.MD5,)
     digest = DigestServer(DigestServerConfig(realm=section.realm, key=key, algorithms=algorithms))
-    return Registrar(policy, credentials, policy.new_location(), digest)
+    limits = section.guessing
+    guesses = PasswordGuessLimiter(
+        per_source=limits.per_source,
+        per_user=limits.per_user,
+        window=float(limits.window),
+        lockout=float(limits.lockout),
+        ipv6_prefix=config.firewall.ipv6_prefix_length,
+    )
+    return Registrar(policy, credentials, policy.new_location(), digest, guesses)
 
 
 def users_db(config: Config) -> Path:

@@ -524,6 +524,31 @@ class TrunkConfig(Section):
 
 
 @dataclass(frozen=True)
+class GuessLimitConfig(Section):
+    """Failed digest authentications that lock a source or a user name out for a
+    while (503 with Retry-After, credentials unchecked), with or without the
+    firewall. A phone that authenticated from an address in the last 2 h is exempt."""
+
+    per_source: int = field(
+        default=10, metadata=spec("Failures from one source per window.", min=1, max=100_000)
+    )
+    per_user: int = field(
+        default=20,
+        metadata=spec(
+            "Failures for one user name per window, from any sources; keep it at or"
+            " above firewall.detectors.auth.per_user, or the firewall never sees enough"
+            " to ban a distributed attack's sources.",
+            min=1,
+            max=100_000,
+        ),
+    )
+    window: int = field(
+        default=60, metadata=spec("Seconds failures are counted over.", min=1, max=86400)
+    )
+    lockout: int = field(default=300, metadata=spec("Seconds a lockout lasts.", min=1, max=86400))
+
+
+@dataclass(frozen=True)
 class RegistrarConfig(Section):
     """The embedded registrar and its users."""
 
@@ -562,6 +587,10 @@ class RegistrarConfig(Section):
     nat_keepalive: int = field(
         default=25,
         metadata=spec("Seconds between keepalives to UDP contacts; 0 = none.", min=0, max=3600),
+    )
+    guessing: GuessLimitConfig = field(
+        default_factory=GuessLimitConfig,
+        metadata=spec("The limit on password guessing (digest failures)."),
     )
 
     def check(self, path: str) -> Iterator[Issue]:

@@ -200,3 +200,19 @@ def test_srtp_off_written_plainly_is_the_word_not_a_yaml_boolean() -> None:
     # Any other boolean is still no policy.
     report = problems(GOOD.replace("    keep_headers:", "    srtp: yes\n    keep_headers:"))
     assert "sbc.yaml:12" in report and "srtp" in report
+
+
+def test_the_guessing_limit_comes_from_the_config_and_fits_the_firewall() -> None:
+    from sbc.assembly import registrar
+    from sbc.registrar.credentials import StaticCredentials
+
+    text = GOOD + "registrar:\n  guessing: {per_source: 3, per_user: 30, window: 10, lockout: 60}\n"
+    config = load(text)
+    limiter = registrar(config, StaticCredentials({}), b"k" * 32).guesses
+    assert (limiter.per_source, limiter.per_user) == (3, 30)
+    assert (limiter.window, limiter.lockout_duration) == (10.0, 60.0)
+    # Below the firewall's per-user detector the firewall would never ban by user.
+    low = GOOD + "registrar:\n  guessing: {per_user: 5}\nfirewall: {enabled: true}\n"
+    report = problems(low)
+    assert "registrar.guessing.per_user" in report and "firewall" in report
+    load(GOOD + "registrar:\n  guessing: {per_user: 5}\n")  # without the firewall: fine
