@@ -530,7 +530,7 @@ class GuessLimitConfig(Section):
     firewall. A phone that authenticated from an address in the last 2 h is exempt."""
 
     per_source: int = field(
-        default=10, metadata=spec("Failures from one source per window.", min=1, max=100_000)
+        default=10, metadata=spec("Failures from one source per window.", min=1, max=1_000_000)
     )
     per_user: int = field(
         default=20,
@@ -539,7 +539,7 @@ class GuessLimitConfig(Section):
             " above firewall.detectors.auth.per_user, or the firewall never sees enough"
             " to ban a distributed attack's sources.",
             min=1,
-            max=100_000,
+            max=1_000_000,
         ),
     )
     window: int = field(
