@@ -172,6 +172,11 @@ CAPABILITY_HEADERS: Final = ("Allow", "Accept", "Accept-Encoding", "Supported", 
 
 #: Seconds a subscription outlives its Expires without a refresh before it is dropped.
 SUBSCRIPTION_GRACE: Final = 32.0
+#: Answers of a callee that cannot take the SRTP offer made only because the
+#: caller's was SRTP: 488 Not Acceptable Here (RFC 3264 6: no common profile), and
+#: 606 Not Acceptable, which some endpoints send for the same (RFC 3261 21.6.4).
+SRTP_REFUSALS: Final = frozenset({488, 606})
+
 #: Retry-After of a request the B2BUA cannot pass on at the transaction limit.
 OVERLOAD_RETRY: Final = ("Retry-After", "5")
 #: Seconds until a session refresh the transaction limit held back is tried again.
@@ -2579,7 +2584,7 @@ class CallController:
                 live.intervals = {**(live.intervals or {}), LegSide.B: float(wanted)}
                 live.pending.insert(0, tuple(f.target for f in live.forks.values()))
                 return self._retry(live, now)
-        if best.status == 488 and live.srtp_fallback:
+        if best.status in SRTP_REFUSALS and live.srtp_fallback:
             # The callee's realm leaves SRTP open and the callee refused it: the
             # caller keeps its SRTP with the relay, the callee is offered RTP.
             live.srtp_fallback = False

@@ -442,13 +442,14 @@ def test_t38_in_an_srtp_call_crosses_in_the_clear_and_the_legs_keep_their_keys()
     assert b_key is not None and crypto_lines(back.body) == [relay_line(1, b_key)]
 
 
-def test_a_callee_refusing_the_mirrored_srtp_offer_is_offered_rtp() -> None:
+@pytest.mark.parametrize("refusal", [488, 606])
+def test_a_callee_refusing_the_mirrored_srtp_offer_is_offered_rtp(refusal: int) -> None:
     c = srtp_controller(P.OPTIONAL, P.OPTIONAL)
     step, _, session = call(c, SRTP_OFFER)
     assert session is not None
     (invite,) = requests(step, "INVITE")
     assert media_line(invite.body).endswith("RTP/SAVP 0")
-    step = receive(c, answer(invite, 488), TRUNK, 0.1)
+    step = receive(c, answer(invite, refusal), TRUNK, 0.1)
     assert [s for s in statuses(step) if s >= 200] == []  # the caller hears nothing yet
     (update,) = [m for m in step.media if isinstance(m, UpdateMedia)]
     assert update.streams[0].b.srtp is None and update.streams[0].a.srtp is A_KEY_32.suite
