@@ -41,6 +41,7 @@ from sbc.transport.base import (
     TransportError,
     TransportStats,
     error_response,
+    format_hostport,
     ip_literal,
     is_forbidden_destination,
     is_reliable,
@@ -322,7 +323,8 @@ class TransportLayer:
             self.stats.incr(Stat.SEND_FAILURES)
             return False
         if is_forbidden_destination(host, port):
-            logger.warning("x dropped %s to forbidden %s:%s", _summary(response), host, port)
+            where = format_hostport(host, port)
+            logger.warning("x dropped %s to forbidden %s", _summary(response), where)
             self.stats.incr(Stat.FORBIDDEN_DESTINATIONS)
             return False
         if ip_literal(host) is None:
