@@ -253,9 +253,15 @@ def registrar(config: Config, credentials: CredentialBackend, key: bytes) -> Reg
     ) or (DigestAlgorithm.MD5,)
     digest = DigestServer(DigestServerConfig(realm=section.realm, key=key, algorithms=algorithms))
     limits = section.guessing
+    per_user = limits.per_user
+    auth = config.firewall.detectors.auth
+    if config.firewall.enabled and auth.enabled:
+        # A locked-out guess is not reported to the firewall: below its per-user
+        # detector, the firewall would never see enough to ban by user.
+        per_user = max(per_user, auth.per_user)
     guesses = PasswordGuessLimiter(
         per_source=limits.per_source,
-        per_user=limits.per_user,
+        per_user=per_user,
         window=float(limits.window),
         lockout=float(limits.lockout),
         ipv6_prefix=config.firewall.ipv6_prefix_length,

@@ -535,9 +535,9 @@ class GuessLimitConfig(Section):
     per_user: int = field(
         default=20,
         metadata=spec(
-            "Failures for one user name per window, from any sources; keep it at or"
-            " above firewall.detectors.auth.per_user, or the firewall never sees enough"
-            " to ban a distributed attack's sources.",
+            "Failures for one user name per window, from any sources; never below"
+            " firewall.detectors.auth.per_user while the firewall runs (a locked-out"
+            " guess is not reported to it, so it would never ban by user).",
             min=1,
             max=1_000_000,
         ),

@@ -487,16 +487,6 @@ class Config(Section):
 
     def check(self, path: str) -> Iterator[Issue]:
         yield from self._check_realms(path)
-        auth = self.firewall.detectors.auth
-        guessing = self.registrar.guessing
-        if self.firewall.enabled and auth.enabled and guessing.per_user < auth.per_user:
-            # A locked-out guess is not reported to the firewall: it would never see
-            # the failures it needs to ban a distributed attack's sources.
-            yield (
-                key_path(path, "registrar.guessing.per_user"),
-                f"{guessing.per_user} is below firewall.detectors.auth.per_user"
-                f" ({auth.per_user}): the firewall would never ban by user",
-            )
         mgmt = self.management.listen
         if mgmt.port == 0:
             return

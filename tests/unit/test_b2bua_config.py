@@ -211,8 +211,9 @@ def test_the_guessing_limit_comes_from_the_config_and_fits_the_firewall() -> Non
     limiter = registrar(config, StaticCredentials({}), b"k" * 32).guesses
     assert (limiter.per_source, limiter.per_user) == (3, 30)
     assert (limiter.window, limiter.lockout_duration) == (10.0, 60.0)
-    # Below the firewall's per-user detector the firewall would never ban by user.
-    low = GOOD + "registrar:\n  guessing: {per_user: 5}\nfirewall: {enabled: true}\n"
-    report = problems(low)
-    assert "registrar.guessing.per_user" in report and "firewall" in report
-    load(GOOD + "registrar:\n  guessing: {per_user: 5}\n")  # without the firewall: fine
+    # Never below the firewall's per-user detector, which would then never ban by user.
+    low = GOOD + "registrar:\n  guessing: {per_user: 5}\n"
+    assert registrar(load(low), StaticCredentials({}), b"k" * 32).guesses.per_user == 5
+    firewall = "firewall: {enabled: true, detectors: {auth: {per_user: 100}}}\n"
+    limiter = registrar(load(low + firewall), StaticCredentials({}), b"k" * 32).guesses
+    assert limiter.per_user == 100
