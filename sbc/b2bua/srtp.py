@@ -159,7 +159,7 @@ def first_offers(
                 )
         else:
             # RFC 8643 opportunistic SRTP: RTP/AVP with a=crypto; taken as SRTP, and
-            # answered in the same profile (`is_opportunistic`), except where SRTP is
+            # answered in the same profile (`opportunistic_streams`), except where SRTP is
             # off (the key is dropped, the call is plain).
             if offerer_policy is not SrtpPolicy.OFF:
                 crypto = offered_crypto(media)
