@@ -131,8 +131,13 @@ def first_offers(
     out_b: list[LegOffer] = []
     for index, (media, a, b) in enumerate(zip(sdp.media, offerer, answerer, strict=False)):
         if not a.rtp:
-            out_a.append(evolve(a, encrypted=False))
-            out_b.append(b)
+            # T.38 crosses in the clear, but a re-offer may turn the stream into audio
+            # (RFC 3264 8.3.2), and the legs' security is fixed now: a realm that
+            # requires SRTP gets its key made ready for that audio.
+            a_key = OFFER_SUITE if offerer_policy is SrtpPolicy.REQUIRED else None
+            b_key = OFFER_SUITE if answerer_policy is SrtpPolicy.REQUIRED else None
+            out_a.append(evolve(a, srtp=a_key, encrypted=False))
+            out_b.append(evolve(b, srtp=b_key, encrypted=False))
             continue
         if media.is_rejected:
             # No media now, but the legs' security is fixed at allocation: a stream a

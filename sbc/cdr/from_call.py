@@ -52,7 +52,8 @@ def _without_password(text: str) -> str:
 def _encryption(session: MediaSession | None, side: Side) -> str:
     """The protection of a leg's media: ``srtp`` when a stream of the leg had a key
     of the relay's (a T.38 stream of such a call crosses in the clear, the leg keeps
-    its key), ``srtp-passthrough`` when one carried the peers' own SRTP, else
+    its key; in a realm that requires SRTP a fax-only call's leg has one made ready
+    for audio), ``srtp-passthrough`` when one carried the peers' own SRTP, else
     ``rtp``; empty without media."""
     if session is None or not session.streams:
         return ""
