@@ -2624,7 +2624,7 @@ class CallController:
         """RFC 3261 8.1.3.4: a 3xx's Contacts, each reachable by IP from the B realm."""
         if live.redirects >= MAX_REDIRECTS:
             return ()
-        realm = live.call.b.realm
+        realm, call_ref = live.call.b.realm, live.call.call_ref
         out: list[Target] = []
         try:
             contacts = response.contacts
@@ -2640,6 +2640,11 @@ class CallController:
             try:
                 destination = Destination(transport, format_host(uri.host).strip("[]"), port)
             except ValueError:
+                continue
+            if self.realms.is_own(destination):
+                # The call would come back in as a new one, routed the same way and
+                # redirected again, until Max-Forwards ran out: one INVITE, ~70 calls.
+                logger.info("x call %s: 3xx Contact %s is the SBC: not followed", call_ref, uri)
                 continue
             out.append(Target(realm, destination, str(uri)))
         return tuple(out)

@@ -82,6 +82,13 @@ class RealmTable:
         self._realms = {realm.name: realm for realm in realms}
         #: The media relay's addresses in every realm: never a peer's media address.
         self.media_addresses = frozenset(realm.media_address for realm in self._realms.values())
+        #: Every listener's (host, port), whatever its transport: where a request the
+        #: SBC sends would come back to the SBC itself.
+        self._own = frozenset(
+            (normalize_host(listen.host), listen.port)
+            for realm in self._realms.values()
+            for listen in realm.listen
+        )
 
     def __len__(self) -> int:
         return len(self._realms)
@@ -108,6 +115,10 @@ class RealmTable:
                 ):
                     return realm
         return None
+
+    def is_own(self, destination: Destination) -> bool:
+        """True when ``destination`` is one of the SBC's own listeners."""
+        return (normalize_host(destination.host), destination.port) in self._own
 
     def hop(self, realm: Realm, destination: Destination) -> Hop | None:
         """The hop to ``destination`` from ``realm``'s listener of that transport."""
