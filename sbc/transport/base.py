@@ -56,7 +56,8 @@ DEFAULT_IDLE_TIMEOUT: Final = 600.0
 #: Timer B/F. A request still arriving after that has outlived its client transaction;
 #: a peer dribbling one byte at a time (slowloris) is closed then, active or not.
 DEFAULT_MESSAGE_TIMEOUT: Final = 32.0
-#: Accepted TCP/TLS connections at once; more are closed as soon as they arrive.
+#: TCP/TLS connections at once, accepted, opened and being opened alike (each holds a
+#: descriptor); beyond, accepted ones are closed at once and new outbound ones refused.
 DEFAULT_MAX_CONNECTIONS: Final = 4096
 #: Seconds an outgoing connection (TCP connect plus TLS handshake) may take.
 DEFAULT_CONNECT_TIMEOUT: Final = 5.0
@@ -255,6 +256,9 @@ class Stat(enum.Enum):
     #: Accepted connections closed at once because max_connections was reached.
     CONNECTIONS_REFUSED = "connections_refused"
     CONNECT_FAILURES = "connect_failures"
+    #: Outbound connections not even tried because max_connections was reached: the
+    #: send fails as if the connect had (a 503 for a request, RFC 3261 8.1.3.1).
+    CONNECTS_REFUSED = "connects_refused"
     IDLE_CLOSED = "idle_closed"
     #: Streams closed because a message took longer than message_timeout to arrive.
     MESSAGE_TIMEOUTS = "message_timeouts"

@@ -11,6 +11,12 @@ it when there is one. A TLS connection is reused only under the name its server
 certificate was verified against (RFC 5922 4): two trunks by different names on one
 address get a connection, and a check, each. It counts every drop.
 
+``max_connections`` bounds every TCP/TLS connection at once, whichever side opened
+it, connects under way included: each holds a descriptor, and a peer that can make
+the SBC connect out (3xx Contacts, REFER targets, a Via sent-by for a response)
+must not exhaust them. Beyond it, accepted connections are closed at once and a
+send that needs a new one fails as a failed connect does.
+
 TLS listeners admit each handshake by source address (HandshakeLimiter), and with
 mutual TLS close a connection whose client certificate is not a trusted one; the
 certificate a peer presented rides on its Flow.
@@ -110,6 +116,9 @@ class TransportLayer:
         self._connecting: dict[_ConnectionKey, asyncio.Task[StreamConnection]] = {}
         self._ids = itertools.count(1)
         self._inbound = 0
+        #: Outbound connections made (registered); those still connecting are the
+        #: tasks in ``_connecting``.
+        self._outbound = 0
         self._sweeper: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[bool]] = set()
         self._running = False
@@ -130,6 +139,12 @@ class TransportLayer:
     @property
     def connection_count(self) -> int:
         return len(self._connections)
+
+    def _connections_held(self) -> int:
+        """Descriptors held against ``max_connections``: connections made either way
+        and connects under way. A connect's task outlives its connection's
+        ``connection_made`` by a loop turn or two, when it counts twice: never less."""
+        return self._inbound + self._outbound + len(self._connecting)
 
     async def start(self) -> None:
         """Bind every listener and start the idle sweep.
@@ -438,6 +453,16 @@ class TransportLayer:
             raise TransportError("transport layer is not running")
         task = self._connecting.get(key)
         if task is None:
+            held = self._connections_held()
+            if held >= self._config.max_connections:
+                self.stats.incr(Stat.CONNECTS_REFUSED)
+                logger.info(
+                    "x not connecting %s %s:%s: %d connections", transport.value, host, port, held
+                )
+                raise TransportError(
+                    f"cannot connect to {transport.value} {format_hostport(host, port)}:"
+                    f" {held} connections open"
+                )
             # One connect per destination at a time: concurrent sends share it.
             task = asyncio.create_task(
                 self._connect(transport, host, port, server_hostname, key[3], local_host)
@@ -638,6 +663,8 @@ class TransportLayer:
         if self._stopping:
             return False
         if connection.outbound:
+            # Its place was taken when the connect began (_connection_to).
+            self._outbound += 1
             self.stats.incr(Stat.CONNECTIONS_OPENED)
         else:
             tls = connection.listener.tls if connection.listener is not None else None
@@ -649,9 +676,10 @@ class TransportLayer:
                     connection.peer.fingerprint if connection.peer else "missing",
                 )
                 return False
-            if self._inbound >= self._config.max_connections:
+            held = self._connections_held()
+            if held >= self._config.max_connections:
                 self.stats.incr(Stat.CONNECTIONS_REFUSED)
-                logger.info("x refusing %s: %d connections", connection.flow, self._inbound)
+                logger.info("x refusing %s: %d connections", connection.flow, held)
                 return False
             self._inbound += 1
             self.stats.incr(Stat.CONNECTIONS_ACCEPTED)
@@ -690,7 +718,9 @@ class TransportLayer:
         key = self._key(connection)
         if self._by_remote.get(key) is connection:
             del self._by_remote[key]
-        if not connection.outbound:
+        if connection.outbound:
+            self._outbound -= 1
+        else:
             self._inbound -= 1
         logger.debug("- closed %s%s", flow, f": {exc}" if exc else "")
 
