@@ -128,6 +128,11 @@ class CallLeg:
     #: Digest of the last SDP sent on this leg without its o= line: unchanged SDP
     #: keeps its version (RFC 3264 8).
     sdp_digest: str = ""
+    #: Requests in the dialog go where RFC 3261 12.2.1.1 says (the first route, else
+    #: the remote target) when that is a plain address like ``peer``'s: B legs to a
+    #: trunk. False: always to ``peer`` (the caller's flow, through its NAT; a
+    #: registered phone's registration).
+    follow_route: bool = False
 
     def with_dialog(self, dialog: Dialog | None) -> CallLeg:
         return evolve(self, dialog=dialog)
@@ -143,6 +148,7 @@ class CallLeg:
             "sdp_session": self.sdp_session,
             "sdp_version": self.sdp_version,
             "sdp_digest": self.sdp_digest,
+            "follow_route": self.follow_route,
         }
 
     @classmethod
@@ -159,6 +165,7 @@ class CallLeg:
                 sdp_session=str(data.get("sdp_session", "0")),
                 sdp_version=int(data.get("sdp_version", 0)),
                 sdp_digest=str(data.get("sdp_digest", "")),
+                follow_route=bool(data.get("follow_route", False)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CallError(f"bad call leg: {exc!r}") from exc

@@ -36,6 +36,7 @@ import urllib.parse
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address, ip_network
 from typing import Final, Protocol, TypeVar
 
 from sbc.b2bua.admission import AdmissionControl, AdmissionTicket, RefusalReason, Refused
@@ -122,7 +123,14 @@ from sbc.sip.transaction import (
 )
 from sbc.sip.uas import UasPolicy, check_request
 from sbc.sip.uri import SipUri, Uri, escape_user, format_host, parse_uri
-from sbc.transport.base import Destination, Flow, ListenAddress, Transport, is_reliable
+from sbc.transport.base import (
+    Destination,
+    Flow,
+    ListenAddress,
+    Transport,
+    ip_literal,
+    is_reliable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -1665,8 +1673,10 @@ class CallController:
             logger.info("x call %s: transaction limit, %s not tried", call.call_ref, target.uri)
             return Step()
         template = call.b
+        # A trunk is reached as RFC 3261 says, a registered phone through its flow.
+        follow = isinstance(live.route, TrunkRoute)
         leg = (
-            evolve(template, local=hop.local, peer=target.destination)
+            evolve(template, local=hop.local, peer=target.destination, follow_route=follow)
             if first
             else evolve(
                 template,
@@ -1675,6 +1685,7 @@ class CallController:
                 local=hop.local,
                 peer=target.destination,
                 dialog=None,
+                follow_route=follow,
             )
         )
         sdp = parse_sdp(live.a_request)
@@ -1767,7 +1778,39 @@ class CallController:
             self.manipulation.outbound(message, realm)
 
     def _hop(self, leg: CallLeg) -> Hop:
-        return Hop(leg.realm, leg.local, leg.peer)
+        peer = leg.peer
+        if leg.follow_route and leg.dialog is not None:
+            peer = self._dialog_destination(leg.dialog, peer)
+        return Hop(leg.realm, leg.local, peer)
+
+    def _dialog_destination(self, dialog: Dialog, peer: Destination) -> Destination:
+        """Where a request in ``dialog`` goes (RFC 3261 12.2.1.1, 8.1.2: its first
+        route, else its remote target) when that is an IP address of the kind of
+        ``peer``'s, the INVITE's destination; else ``peer``.
+
+        Kept at ``peer``: TLS (its name was verified there), a host name (no DNS for
+        requests in a dialog), another transport or family, the SBC itself, and a
+        private or loopback address named by a peer that is not one (a trunk behind
+        NAT advertising its inside address)."""
+        if peer.transport is Transport.TLS:
+            return peer
+        try:
+            uri = dialog.next_hop
+        except ParseError:
+            return peer
+        if not isinstance(uri, SipUri) or uri.scheme != "sip":
+            return peer
+        address, peer_address = ip_literal(uri.host), ip_literal(peer.host)
+        if address is None or peer_address is None or address.version != peer_address.version:
+            return peer
+        if uri.transport is not None and uri.transport.lower() != peer.transport.value:
+            return peer
+        destination = Destination(peer.transport, str(address), uri.port or 5060)
+        if destination == peer or self.realms.is_own(destination):
+            return peer
+        if _address_scope(address) != _address_scope(peer_address):
+            return peer
+        return destination
 
     def _first_target(
         self, tx: ServerTransaction, request: Request, flow: Flow, realm: Realm, now: float
@@ -3669,3 +3712,24 @@ __all__ = [
     "TrunkPlan",
     "UpdateMedia",
 ]
+
+
+#: Addresses behind NAT by convention: RFC 1918, RFC 6598 (carrier-grade NAT), RFC 4193.
+_NATTED: Final = tuple(
+    ip_network(n)
+    for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")
+)
+
+
+def _address_scope(address: IPv4Address | IPv6Address) -> str:
+    """Loopback, link-local, NAT-private or other: a peer of one scope naming an
+    address of another is not followed there (see `_dialog_destination`)."""
+    if address.is_loopback:
+        return "loopback"
+    if address.is_link_local:
+        return "link"
+    if address.is_multicast or address.is_unspecified:
+        return "none"
+    if any(address in network for network in _NATTED):
+        return "private"
+    return "global"
