@@ -20,13 +20,12 @@ from sbc.b2bua.controller import (
     RegisterForward,
     RegisterOutcome,
 )
-from sbc.b2bua.manipulation import Direction, HeaderManipulator, HeaderRule
+from sbc.b2bua.manipulation import Direction, HeaderManipulator
 from sbc.b2bua.realm import Hop, RealmTable
 from sbc.b2bua.trunks import Gateway, ProbePolicy, Trunk
 from sbc.config.b2bua import (
     AdmissionLimits,
     CdrFormat,
-    HeaderAction,
     OptionsPolicy,
     ReferPolicy,
 )
@@ -138,20 +137,7 @@ def header_rules(config: Config) -> dict[str, HeaderManipulator]:
     for realm in config.realms:
         if not realm.header_rules:
             continue
-        rules = [
-            HeaderRule.build(
-                rule.action.value,
-                rule.header,
-                direction=rule.direction.value,
-                methods=rule.methods,
-                value=rule.value,
-                pattern=rule.pattern,
-                replacement=rule.replacement if rule.action is HeaderAction.REWRITE else None,
-                all_matches=rule.all_matches,
-                only_if_absent=rule.only_if_absent,
-            )
-            for rule in realm.header_rules
-        ]
+        rules = [rule.rule() for rule in realm.header_rules]
         out[realm.name] = HeaderManipulator(rules)
     return out
 

@@ -7,28 +7,45 @@ it refused. Rules run in order, each on the result of the previous one.
 
 What the rules may not do, whatever the config says:
 
-* Target a header the B2BUA builds itself on each leg (``GENERATED_HEADERS``):
-  Via, Route, Call-ID, CSeq ... are refused when the rule is made. From and To may
-  be rewritten (display name, user) but never stripped, added or kept.
+* Target a header the B2BUA builds itself on each leg (``PROTECTED_HEADERS``):
+  Via, Route, Call-ID, CSeq ... (``GENERATED_HEADERS``) and the headers of the
+  session timers, reliable provisionals, option tags, body framing and
+  subscriptions it runs per leg (``OWNED_HEADERS``: Session-Expires, RSeq,
+  Supported, Event ...) are refused when the rule is made. From and To may be
+  rewritten (display name, user) but never stripped, added or kept.
 * Corrupt the dialog: a From/To rewrite whose result is not an address or whose
   tag differs from the original's (RFC 3261 12.1.1, 19.3: the tags identify the
   dialog) is skipped for that message, as is a Request-URI rewrite whose result is
   not a URI. Skipped changes are counted in the report; the message is left as it
   was for that value.
+* Repeat a header that may appear once: RFC 3261 7.3.1 allows several fields of a
+  name only for comma-separated lists, so an ADD of a header in
+  ``SINGLE_VALUED_HEADERS`` (Subject, User-Agent, Server ...) replaces the fields
+  already there (an ADD means "this is the value"; refusing it would only make the
+  operator write a strip before it). ``only_if_absent`` still keeps the present one.
 * Inject header lines: results with CR, LF or other control characters are skipped
   (RFC 3261 7.3.1: a line break inside a value starts a new header field).
 * Make messages explode: at most ``MAX_RULES`` rules, values and results of at
   most ``MAX_VALUE_BYTES``, and no change that would take the message beyond the
   parser's own limits (header count, header section, message size).
 * Spend unbounded time: a pattern runs on peer text, and Python's re has no
-  timeout. A rule's regex sees values of at most ``MAX_MATCHED_LENGTH`` characters
-  and at most ``MAX_MATCHED_PER_RULE`` in one message; beyond that a rewrite is
-  skipped (TOO_LARGE) and a strip with a pattern removes the field unseen (fail
-  closed: padding a value must not carry it past the strip). This bounds the
-  common accidental cost, a quadratic pattern such as ``([0-9]+)@`` (~190 ms on one
-  8 KB value, ~4 ms at the cap); a pattern that backtracks exponentially or
-  cubically (``(a+)+$``, ``.*.*.*=``) is too slow even at the cap, and only the
-  operator can avoid it (anchors, possessive ``++`` or atomic ``(?>...)`` groups).
+  timeout. Two bounds:
+
+  - A pattern that repeats a part which itself repeats without bound (``(a+)+$``,
+    ``(.*a){20}``, ``(\\w+\\s?)*$``), or repeats without bound a part of varying
+    length (``(a{1,2})+$``), is refused when the rule is made
+    (``backtracking_problem``): on a crafted value such a pattern tries
+    exponentially many ways to split it (~0.3 s for 22 characters, doubling with
+    each one more). The inner repetition made possessive (``a++``) or atomic
+    (``(?>a+)``) is accepted: the outer one can no longer split what it matched.
+  - A rule's regex sees values of at most ``MAX_MATCHED_LENGTH`` characters and
+    at most ``MAX_MATCHED_PER_RULE`` in one message; beyond that a rewrite is
+    skipped (TOO_LARGE) and a strip with a pattern removes the field unseen (fail
+    closed: padding a value must not carry it past the strip). This bounds what
+    the check lets through, polynomial patterns such as ``([0-9]+)@`` (~190 ms on
+    one 8 KB value, ~4 ms at the cap) or ``.*.*.*=``, and alternatives that
+    overlap (``(a|aa)+$``), which the check does not see: only the operator can
+    avoid those (anchors, possessive ``++`` or atomic ``(?>...)`` groups).
 
 KEEP rules change no message: ``kept_headers(rules)`` is what the caller unions
 with ``Realm.keep_headers`` before copying headers across (topology.py).
@@ -42,7 +59,9 @@ import re
 import string
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from re import _constants as sre_constants  # type: ignore[attr-defined]
+from re import _parser as sre_parser  # type: ignore[attr-defined]
+from typing import Any, Final
 
 from sbc.b2bua.topology import GENERATED_HEADERS
 from sbc.sip.errors import ParseError
@@ -69,8 +88,45 @@ MAX_MATCHED_PER_RULE: Final = 4 * MAX_MATCHED_LENGTH
 #: The pseudo-header a REWRITE rule names to rewrite a request's Request-URI.
 REQUEST_URI: Final = "request-uri"
 
+#: Headers the B2BUA sets or reads on each leg beyond ``GENERATED_HEADERS``, with
+#: why: a rule that strips, adds or rewrites them breaks what they run. Lookup keys.
+OWNED_HEADERS: Final = {
+    "session-expires": "RFC 4028: it runs the session timers of each leg",
+    "min-se": "RFC 4028: it runs the session timers of each leg",
+    "require": "RFC 3261 8.2.2.3: it negotiates the option tags (100rel, timer) of each leg",
+    "supported": "RFC 3261 8.2.2.3: it negotiates the option tags (100rel, timer) of each leg",
+    "unsupported": "RFC 3261 8.2.2.3: it negotiates the option tags (100rel, timer) of each leg",
+    "rseq": "RFC 3262: it PRACKs reliable provisional responses on each leg",
+    "rack": "RFC 3262: it PRACKs reliable provisional responses on each leg",
+    "content-encoding": "it rebuilds the body (SDP) of each leg",
+    "event": "RFC 6665: it tracks the subscriptions of each leg",
+    "subscription-state": "RFC 6665: it tracks the subscriptions of each leg",
+    "refer-sub": "RFC 4488: it tracks the subscriptions of each leg",
+}
+
+#: Every header a rule may not name (lookup keys); From and To may be rewritten.
+PROTECTED_HEADERS: Final = GENERATED_HEADERS | frozenset(OWNED_HEADERS)
+
 #: Generated headers a rule may rewrite (never strip, add or keep).
 REWRITABLE_GENERATED: Final = frozenset({"from", "to"})
+
+#: Headers that may appear at most once (RFC 3261 7.3.1: only comma-separated lists
+#: may repeat; 20 and the extensions' grammars say which are not lists). An ADD of
+#: one replaces it. Protected ones are listed too, in case they are ever freed.
+SINGLE_VALUED_HEADERS: Final = frozenset(
+    {
+        # RFC 3261 20
+        "call-id", "content-disposition", "content-length", "content-type", "cseq",
+        "date", "expires", "from", "max-forwards", "mime-version", "min-expires",
+        "organization", "priority", "reply-to", "retry-after", "server", "subject",
+        "timestamp", "to", "user-agent",
+        # RFC 3262, 3323, 3515, 3891, 3892, 3903, 4028, 4488, 4538, 5393, 6665, 7315
+        "rseq", "rack", "privacy", "refer-to", "replaces", "referred-by", "sip-etag",
+        "sip-if-match", "session-expires", "min-se", "refer-sub", "target-dialog",
+        "max-breadth", "event", "subscription-state", "p-charging-vector",
+        "p-called-party-id",
+    }
+)  # fmt: skip
 
 #: Placeholders an ADD value may contain, as ``${name}`` (``$$`` is a literal ``$``).
 PLACEHOLDERS: Final = frozenset({"realm", "method", "direction"})
@@ -98,6 +154,19 @@ class Direction(enum.Enum):
     INBOUND = "inbound"
     #: About to be sent into the realm.
     OUTBOUND = "outbound"
+
+
+class MessageKind(enum.Enum):
+    """Which messages a rule applies to: requests, responses or both."""
+
+    REQUESTS = "requests"
+    RESPONSES = "responses"
+    BOTH = "both"
+
+    def covers(self, message: Request | Response) -> bool:
+        if self is MessageKind.BOTH:
+            return True
+        return (self is MessageKind.REQUESTS) == isinstance(message, Request)
 
 
 class SkipReason(enum.Enum):
@@ -165,8 +234,9 @@ class HeaderRule:
       unless ``all_matches``. ``replacement`` takes ``\\1`` and ``\\g<name>``.
       ``header`` may be ``request-uri`` (requests only).
 
-    ``methods`` limits the rule to those methods (empty: all); a response counts
-    as its CSeq method. Invalid rules raise ValueError when made.
+    ``messages`` limits the rule to requests or responses (default both) and
+    ``methods`` to those methods (empty: all); a response counts as its CSeq
+    method. Invalid rules raise ValueError when made.
     """
 
     action: ManipulationAction
@@ -178,6 +248,7 @@ class HeaderRule:
     replacement: str | None = None
     all_matches: bool = False
     only_if_absent: bool = False
+    messages: MessageKind = MessageKind.BOTH
 
     def __post_init__(self) -> None:
         self.compile()
@@ -195,8 +266,10 @@ class HeaderRule:
         replacement: str | None = None,
         all_matches: bool = False,
         only_if_absent: bool = False,
+        messages: str | MessageKind = MessageKind.BOTH,
     ) -> HeaderRule:
-        """A rule from config text: names of actions and directions, any-case methods."""
+        """A rule from config text: names of actions, directions and message kinds,
+        any-case methods."""
         try:
             action = ManipulationAction(action.lower() if isinstance(action, str) else action)
         except ValueError:
@@ -209,6 +282,13 @@ class HeaderRule:
             raise ValueError(
                 f"header rule: unknown direction {direction!r} (one of {known})"
             ) from None
+        try:
+            messages = MessageKind(messages.lower() if isinstance(messages, str) else messages)
+        except ValueError:
+            known = ", ".join(k.value for k in MessageKind)
+            raise ValueError(
+                f"header rule: unknown messages {messages!r} (one of {known})"
+            ) from None
         return cls(
             action,
             header,
@@ -219,10 +299,12 @@ class HeaderRule:
             replacement,
             all_matches,
             only_if_absent,
+            messages,
         )
 
     def __str__(self) -> str:
-        return f"{self.action.value} {self.header} ({self.direction.value})"
+        kind = "" if self.messages is MessageKind.BOTH else f" {self.messages.value}"
+        return f"{self.action.value} {self.header} ({self.direction.value}{kind})"
 
     def compile(self) -> CompiledRule:
         """Validate the rule; ValueError says what is wrong and names the header."""
@@ -232,6 +314,8 @@ class HeaderRule:
         what = f"header rule {action.value} {self.header!r}"
         if not isinstance(self.direction, Direction):
             raise ValueError(f"{what}: direction {self.direction!r} is not a Direction")
+        if not isinstance(self.messages, MessageKind):
+            raise ValueError(f"{what}: messages {self.messages!r} is not a MessageKind")
         if not self.header or len(self.header) > MAX_NAME_LENGTH or not is_token(self.header):
             raise ValueError(f"{what}: not a header name (a token of 1..{MAX_NAME_LENGTH})")
         key = header_key(self.header)
@@ -254,6 +338,9 @@ class HeaderRule:
         except RecursionError:
             # A few hundred nested groups exhaust the stack of re's parser.
             raise ValueError(f"{what}: bad regex {self.pattern!r}: nested too deeply") from None
+        problem = backtracking_problem(self.pattern)
+        if problem is not None:
+            raise ValueError(f"{what}: {problem}")
         if self.replacement is not None:
             _check_text(f"{what}: replacement", self.replacement)
             try:
@@ -269,11 +356,18 @@ class HeaderRule:
         if key == REQUEST_URI:
             if action is not ManipulationAction.REWRITE:
                 raise ValueError(f"{what}: the Request-URI can only be rewritten")
+            if self.messages is MessageKind.RESPONSES:
+                raise ValueError(f"{what}: a response has no Request-URI")
             return
-        if key in GENERATED_HEADERS and not (
+        if key in PROTECTED_HEADERS and not (
             action is ManipulationAction.REWRITE and key in REWRITABLE_GENERATED
         ):
-            allowed = " (it may only be rewritten)" if key in REWRITABLE_GENERATED else ""
+            if key in REWRITABLE_GENERATED:
+                allowed = " (it may only be rewritten)"
+            elif key in OWNED_HEADERS:
+                allowed = f" ({OWNED_HEADERS[key]})"
+            else:
+                allowed = ""
             raise ValueError(
                 f"{what}: {self.header} is built by the B2BUA itself and cannot be "
                 f"{_PAST[action]}{allowed}"
@@ -288,6 +382,7 @@ class HeaderRule:
             "all_matches": self.all_matches,
             "only_if_absent": self.only_if_absent,
             "methods": bool(self.methods),
+            "messages": self.messages is not MessageKind.BOTH,
         }
         allowed = _ALLOWED_FIELDS[action]
         extra = [name for name, present in given.items() if present and name not in allowed]
@@ -313,9 +408,11 @@ _PAST: Final = {
 
 _ALLOWED_FIELDS: Final = {
     ManipulationAction.KEEP: frozenset(),
-    ManipulationAction.STRIP: frozenset({"pattern", "methods"}),
-    ManipulationAction.ADD: frozenset({"value", "only_if_absent", "methods"}),
-    ManipulationAction.REWRITE: frozenset({"pattern", "replacement", "all_matches", "methods"}),
+    ManipulationAction.STRIP: frozenset({"pattern", "methods", "messages"}),
+    ManipulationAction.ADD: frozenset({"value", "only_if_absent", "methods", "messages"}),
+    ManipulationAction.REWRITE: frozenset(
+        {"pattern", "replacement", "all_matches", "methods", "messages"}
+    ),
 }
 
 
@@ -331,6 +428,89 @@ def _value_template(what: str, value: str) -> string.Template:
         known = ", ".join(f"${{{name}}}" for name in sorted(PLACEHOLDERS))
         raise ValueError(f"{what}: unknown placeholder ${{{unknown[0]}}} (known: {known})")
     return template
+
+
+_REPEATS: Final = (sre_constants.MAX_REPEAT, sre_constants.MIN_REPEAT)
+_ATOMIC: Final = (sre_constants.POSSESSIVE_REPEAT, sre_constants.ATOMIC_GROUP)
+_UNBOUNDED: Final[int] = sre_constants.MAXREPEAT
+
+
+def backtracking_problem(pattern: str) -> str | None:
+    """Why ``pattern`` can backtrack exponentially on a crafted value, or None.
+
+    Reads re's own parse of the pattern (``re._parser``, Python 3.11) rather than
+    its text: a repetition (more than once) of a part that itself repeats without
+    bound (``(a+)+``, ``(.*a){20}``), or an unbounded repetition of a part that
+    repeats a varying number of times (``(a{1,2})+``). On a value that almost
+    matches, re tries every way of splitting it between the two. A possessive
+    (``a++``) or atomic (``(?>a+)``) inner repetition cannot be split again and is
+    fine; anything inside an atomic group still backtracks until the group matches.
+    A pattern re cannot compile is None here: ``re.compile`` says why.
+    """
+    try:
+        parsed = sre_parser.parse(pattern)
+        found = _nested_repeat(parsed.data)
+    except (re.error, OverflowError):
+        return None
+    except RecursionError:
+        return f"pattern {pattern!r} is nested too deeply to check"
+    if found is None:
+        return None
+    return (
+        f"pattern {pattern!r} {found}, so a crafted value makes it backtrack exponentially"
+        " (re has no timeout): make the inner repetition possessive (a++, a{1,3}+) or"
+        " atomic ((?>...)), or write it without nesting"
+    )
+
+
+def _children(op: Any, av: Any) -> list[Any]:
+    """The sub-patterns of one parsed item (each a sequence of items)."""
+    if op is sre_constants.SUBPATTERN:
+        return [av[3]]
+    if op is sre_constants.BRANCH:
+        return list(av[1])
+    if op is sre_constants.ATOMIC_GROUP:
+        return [av]
+    if op in (sre_constants.ASSERT, sre_constants.ASSERT_NOT):
+        return [av[1]]
+    if op is sre_constants.GROUPREF_EXISTS:
+        return [part for part in av[1:] if part is not None]
+    if op in _REPEATS or op is sre_constants.POSSESSIVE_REPEAT:
+        return [av[2]]
+    return []
+
+
+def _nested_repeat(items: Any) -> str | None:
+    """What makes a parsed pattern backtrack exponentially, or None."""
+    for op, av in items:
+        if op in _REPEATS or op is sre_constants.POSSESSIVE_REPEAT:
+            _, high, body = av
+            # An outer repetition that may stop anywhere splits any varying inner
+            # one; a bounded one (n times) multiplies only unbounded ones (n**k).
+            if high > 1 and _inner_repeat(body, varying=high == _UNBOUNDED):
+                if high == _UNBOUNDED and not _inner_repeat(body, varying=False):
+                    return "repeats without bound a part that repeats a varying number of times"
+                return "repeats a part that itself repeats without bound"
+        for child in _children(op, av):
+            found = _nested_repeat(child)
+            if found is not None:
+                return found
+    return None
+
+
+def _inner_repeat(items: Any, *, varying: bool) -> bool:
+    """Whether ``items`` hold a repetition the enclosing one can split: unbounded,
+    or (``varying``) of any varying count; possessive and atomic parts cannot be."""
+    for op, av in items:
+        if op in _ATOMIC:
+            continue
+        if op in _REPEATS:
+            low, high, _ = av
+            if high == _UNBOUNDED or (varying and low != high):
+                return True
+        if any(_inner_repeat(child, varying=varying) for child in _children(op, av)):
+            return True
+    return False
 
 
 def kept_headers(rules: Iterable[HeaderRule]) -> frozenset[str]:
@@ -407,8 +587,9 @@ def _clean(text: str) -> tuple[str, SkipReason | None]:
 class HeaderManipulator:
     """A realm's rules, in order; ``apply`` runs them on one message.
 
-    ``apply`` edits the message in place; a rewrite, or a strip with a pattern,
-    puts a rebuilt ``Headers`` in ``message.headers`` (every other field keeps its
+    ``apply`` edits the message in place; a rewrite, a strip with a pattern or an
+    add that replaces a single-valued header puts a rebuilt ``Headers`` in
+    ``message.headers`` (every other field keeps its
     place and spelling), so callers must not hold on to the old ``headers`` object.
     """
 
@@ -435,6 +616,8 @@ class HeaderManipulator:
         for index, compiled in enumerate(self._compiled):
             rule = compiled.rule
             if rule.action is ManipulationAction.KEEP or rule.direction is not direction:
+                continue
+            if not rule.messages.covers(message):
                 continue
             if rule.methods and method not in rule.methods:
                 continue
@@ -555,8 +738,34 @@ class _Run:
         if reason is not None:
             self.skips.append(reason)
             return
+        if self.compiled.key in SINGLE_VALUED_HEADERS and self.compiled.key in headers:
+            self._replace(value)
+            return
         headers.add(rule.header, value)
         self.budget.spend(_field_size(rule.header, value), 1)
+        self.applied = 1
+
+    def _replace(self, value: str) -> None:
+        """ADD of a header that may appear once (RFC 3261 7.3.1): the new field takes
+        the place of the first present one, and every other one goes."""
+        rule = self.compiled.rule
+        key = self.compiled.key
+        added = (rule.header, value)
+        fields: list[tuple[str, str]] = []
+        removed: list[tuple[str, str]] = []
+        for name, old in self.message.headers:
+            if header_key(name) != key:
+                fields.append((name, old))
+                continue
+            if not removed:
+                fields.append(added)
+            removed.append((name, old))
+        grow = _field_size(*added) - sum(_field_size(name, old) for name, old in removed)
+        if not self.budget.allows(grow, 1 - len(removed)):
+            self.skips.append(SkipReason.MESSAGE_FULL)
+            return
+        self.message.headers = Headers(fields)
+        self.budget.spend(grow, 1 - len(removed))
         self.applied = 1
 
     def _substitute(self, text: str) -> str:

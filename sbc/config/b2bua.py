@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from sbc.b2bua.srtp import SrtpPolicy
 from sbc.config.schema import (
@@ -28,6 +28,9 @@ from sbc.config.schema import (
 )
 from sbc.sip.errors import ParseError
 from sbc.sip.uri import format_host, parse_host
+
+if TYPE_CHECKING:
+    from sbc.b2bua.manipulation import HeaderRule
 
 #: A header name as written in a keep-list or a rule (RFC 3261 25.1 token).
 HEADER_NAME_PATTERN: Final = r"[A-Za-z0-9\-.!%*_+`'~]{1,64}"
@@ -167,6 +170,14 @@ class HeaderDirection(enum.StrEnum):
     OUTBOUND = "outbound"
 
 
+class HeaderMessages(enum.StrEnum):
+    """Which messages a header rule applies to (a response counts as its CSeq method)."""
+
+    REQUESTS = "requests"
+    RESPONSES = "responses"
+    BOTH = "both"
+
+
 @dataclass(frozen=True)
 class HeaderRuleConfig(Section):
     """One header manipulation rule of a realm; rules run in order."""
@@ -178,18 +189,29 @@ class HeaderRuleConfig(Section):
     direction: HeaderDirection = field(
         default=HeaderDirection.OUTBOUND, metadata=spec("inbound or outbound.")
     )
+    messages: HeaderMessages = field(
+        default=HeaderMessages.BOTH, metadata=spec("requests, responses or both.")
+    )
     methods: tuple[str, ...] = field(
         default=(),
         metadata=spec(
             "Methods it applies to (responses: by CSeq); empty = all.", pattern=METHOD_PATTERN
         ),
     )
-    value: str | None = field(default=None, metadata=spec("add: the value (${realm} expands)."))
+    value: str | None = field(
+        default=None,
+        metadata=spec(
+            "add: the value (${realm} expands); a header that may appear once (Subject,"
+            " User-Agent, Server ...) is replaced, not repeated."
+        ),
+    )
     pattern: str | None = field(
         default=None,
         metadata=spec(
             "rewrite/strip: a regular expression; it sees values of at most 1024"
-            " characters (a longer one is not rewritten, and stripped unseen)."
+            " characters (a longer one is not rewritten, and stripped unseen). Nested"
+            " repetition such as (a+)+ or (.*a){20} is refused (it backtracks"
+            " exponentially); make the inner one possessive (a++) or atomic ((?>a+))."
         ),
     )
     replacement: str = field(
@@ -205,28 +227,36 @@ class HeaderRuleConfig(Section):
         if self.action is HeaderAction.REWRITE and self.pattern is None:
             yield key_path(path, "pattern"), "rewrite needs a pattern"
             return
-        problem = None if self.pattern is None else regex_problem(self.pattern)
-        if problem is not None:
-            yield key_path(path, "pattern"), problem
-            return
+        from sbc.b2bua.manipulation import backtracking_problem
+
+        if self.pattern is not None:
+            problem = regex_problem(self.pattern) or backtracking_problem(self.pattern)
+            if problem is not None:
+                yield key_path(path, "pattern"), problem
+                return
         # The rule as the B2BUA will run it: protected headers, regex and template
         # errors are refused here, with the file and line, not when the SBC starts.
-        from sbc.b2bua.manipulation import HeaderRule
-
         try:
-            HeaderRule.build(
-                self.action.value,
-                self.header,
-                direction=self.direction.value,
-                methods=self.methods,
-                value=self.value,
-                pattern=self.pattern,
-                replacement=self.replacement if self.action is HeaderAction.REWRITE else None,
-                all_matches=self.all_matches,
-                only_if_absent=self.only_if_absent,
-            )
+            self.rule()
         except ValueError as exc:
             yield path, str(exc)
+
+    def rule(self) -> HeaderRule:
+        """The rule as the B2BUA runs it; ValueError when it is invalid."""
+        from sbc.b2bua.manipulation import HeaderRule
+
+        return HeaderRule.build(
+            self.action.value,
+            self.header,
+            direction=self.direction.value,
+            methods=self.methods,
+            value=self.value,
+            pattern=self.pattern,
+            replacement=self.replacement if self.action is HeaderAction.REWRITE else None,
+            all_matches=self.all_matches,
+            only_if_absent=self.only_if_absent,
+            messages=self.messages.value,
+        )
 
 
 @dataclass(frozen=True)
