@@ -22,6 +22,12 @@ is challenged there), and a binding moves only when the upstream accepts. A
 de-registration (expires 0 or ``*``) always goes upstream; ``*`` takes every
 contact of the user with it.
 
+The phone's 200, relayed or cached, lists every current binding of its user (RFC
+3261 10.3 step 8): the phones' own contacts with their remaining intervals, never
+the SBC's inside Contact. A binding remembers the phone's Call-ID and CSeq of the
+REGISTER that last updated it; a later one in the same Call-ID needs a higher CSeq
+or is refused here with 400, not sent upstream (10.3 step 7; a new Call-ID replaces).
+
 Authentication stays the upstream's: its 401/407 challenge is relayed to the phone
 and the phone's credentials are copied into the next upstream REGISTER (the digest
 ``uri`` is the phone's Request-URI; registrars that insist on it matching their
@@ -115,6 +121,10 @@ class RelayedBinding:
     #: Wall-clock ends of the upstream's and the phone's registrations.
     upstream_expires_at: float = 0.0
     phone_expires_at: float = 0.0
+    #: The phone's Call-ID and CSeq of the REGISTER that last updated the binding
+    #: (RFC 3261 10.3 step 7); "" until the upstream first accepts it.
+    phone_call_id: str = ""
+    phone_cseq: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -128,6 +138,8 @@ class RelayedBinding:
             "cseq": self.cseq,
             "upstream_expires_at": self.upstream_expires_at,
             "phone_expires_at": self.phone_expires_at,
+            "phone_call_id": self.phone_call_id,
+            "phone_cseq": self.phone_cseq,
         }
 
     @classmethod
@@ -145,6 +157,9 @@ class RelayedBinding:
             cseq=int(data["cseq"]),
             upstream_expires_at=float(data["upstream_expires_at"]),
             phone_expires_at=float(data["phone_expires_at"]),
+            # Absent from records written before ordering was kept: no order yet.
+            phone_call_id=str(data.get("phone_call_id", "")),
+            phone_cseq=int(data.get("phone_cseq", 0)),
         )
 
 
@@ -216,6 +231,21 @@ def _granted(response: Response, token: str) -> int | None:
     return None if header is None else _delta(header)
 
 
+def _out_of_order(binding: RelayedBinding, request: Request) -> bool:
+    """RFC 3261 10.3 step 7: ``request`` is in the Call-ID that last updated
+    ``binding`` without a higher CSeq (a different Call-ID replaces the binding)."""
+    return (
+        bool(binding.phone_call_id)
+        and binding.phone_call_id == request.call_id
+        and request.cseq.seq <= binding.phone_cseq
+    )
+
+
+def _ordered(binding: RelayedBinding, request: Request) -> RelayedBinding:
+    """``binding`` as last updated by the phone's ``request``."""
+    return replace(binding, phone_call_id=request.call_id, phone_cseq=request.cseq.seq)
+
+
 @dataclass
 class RegistrationRelay:
     """Relays phones' registrations to one upstream registrar, caching refreshes."""
@@ -225,6 +255,15 @@ class RegistrationRelay:
     location: LocationService = field(default_factory=LocationService)
     stats: RelayStats = field(default_factory=RelayStats)
     _bindings: dict[tuple[str, str], RelayedBinding] = field(default_factory=dict)
+    #: Each user's contacts in ``_bindings`` (a dict as an insertion-ordered set), so
+    #: a REGISTER costs what its user holds, not the whole table. Derived: rebuilt
+    #: from ``_bindings``, changed only by ``_store`` and ``_drop``.
+    _by_user: dict[str, dict[str, None]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._by_user = {}
+        for user, contact in self._bindings:
+            self._by_user.setdefault(user, {})[contact] = None
 
     def __len__(self) -> int:
         return len(self._bindings)
@@ -244,13 +283,8 @@ class RegistrationRelay:
             return make_response(request, 400, "Bad Request: no user in To", to_tag=new_tag())
         raw = request.headers.values("Contact")
         if not raw:
-            # A query: what this SBC holds for the user (refused or run out: nothing).
-            current = [
-                b
-                for b in self._bindings.values()
-                if b.user == user and b.phone_expires_at > now and b.upstream_expires_at
-            ]
-            return self._ok(request, current, now)
+            # A query: what this SBC holds for the user, nothing changed.
+            return self._ok(request, user, now)
         if any(value.strip() == "*" for value in raw):
             # RFC 3261 10.3 step 6: "*" only alone and with Expires: 0.
             expires = request.headers.get("Expires")
@@ -262,9 +296,11 @@ class RegistrationRelay:
                     "Bad Request: '*' needs to be alone and Expires: 0",
                     to_tag=new_tag(),
                 )
-            targets = [b for b in self._bindings.values() if b.user == user]
+            targets = self._of_user(user)
             if not targets:
-                return self._ok(request, [], now)
+                return self._ok(request, user, now)
+            if any(_out_of_order(b, request) for b in targets):
+                return self._refuse_out_of_order(request, user)
             return self._forward(
                 request,
                 targets[0],
@@ -287,9 +323,13 @@ class RegistrationRelay:
         requested = DEFAULT_EXPIRES if requested is None else requested
         key = (user, contact)
         binding = self._bindings.get(key)
+        if binding is not None and _out_of_order(binding, request):
+            # Refused here, refresh or removal alike: the upstream sees the SBC's own
+            # Call-ID and CSeq, so only the SBC can tell the phone's order.
+            return self._refuse_out_of_order(request, user)
         if requested == 0:
             if binding is None:
-                return self._ok(request, [], now)
+                return self._ok(request, user, now)
             return self._forward(request, binding, 0, flow, listen, realm, now)
         granted = min(requested, self.policy.phone_expires)
         source = Destination(flow.transport, flow.remote_host, flow.remote_port)
@@ -303,15 +343,15 @@ class RegistrationRelay:
             if left > granted + CACHE_MARGIN:
                 # Cached: the upstream registration outlives this refresh (throttling).
                 binding = replace(
-                    binding,
+                    _ordered(binding, request),
                     local=listen,
                     realm=realm,
                     phone_expires_at=now + granted,
                 )
-                self._bindings[key] = binding
+                self._store(binding)
                 self._locate(binding)
                 self.stats.cached += 1
-                return self._ok(request, [binding], now)
+                return self._ok(request, user, now)
         if binding is None:
             if len(self._bindings) >= MAX_BINDINGS:
                 self.stats.rejected += 1
@@ -327,6 +367,15 @@ class RegistrationRelay:
                 cseq=0,
             )
         return self._forward(request, binding, granted, flow, listen, realm, now)
+
+    def _refuse_out_of_order(self, request: Request, user: str) -> Response:
+        """RFC 3261 10.3 step 7: the update is aborted and the request fails. The RFC
+        names no status; 400, as Kamailio's and OpenSIPS's registrars answer ("Invalid
+        CSeq number"): the request itself is wrong and must not be sent again as it
+        is, where a 500 would invite the phone to retry it (RFC 3261 21.5.1)."""
+        logger.info("x REGISTER %r: CSeq %d not above the binding's", user, request.cseq.seq)
+        self.stats.rejected += 1
+        return make_response(request, 400, "Bad Request: Invalid CSeq number", to_tag=new_tag())
 
     def _forward(
         self,
@@ -351,7 +400,7 @@ class RegistrationRelay:
             # Pending (never accepted upstream) until the upstream answers: the
             # once-a-second expiry must not take it before.
             binding = replace(binding, phone_expires_at=now + PENDING_SECONDS)
-        self._bindings[(binding.user, binding.contact)] = binding
+        self._store(binding)
         domain = policy.upstream_domain or format_host(policy.upstream.host)
         local = policy.local
         headers = Headers()
@@ -394,8 +443,9 @@ class RegistrationRelay:
         """The phone's answer for the upstream's final ``response`` to ``forward``."""
         wildcard = forward.wildcard
         key = forward.key
+        user = key[0]
         if wildcard:
-            targets = [b for b in self._bindings.values() if b.user == key[0]]
+            targets = self._of_user(user)
         else:
             found = self._bindings.get(key)
             targets = [] if found is None else [found]
@@ -404,9 +454,7 @@ class RegistrationRelay:
             for binding in targets:
                 if binding.upstream_expires_at == 0.0 and not wildcard:
                     # Never accepted: kept only for the phone's retry.
-                    self._bindings[(binding.user, binding.contact)] = replace(
-                        binding, phone_expires_at=now + CHALLENGE_SECONDS
-                    )
+                    self._store(replace(binding, phone_expires_at=now + CHALLENGE_SECONDS))
             headers = [
                 (name, value)
                 for name in _CHALLENGE_HEADERS
@@ -419,12 +467,16 @@ class RegistrationRelay:
                 phone_request, status, response.reason, to_tag=new_tag(), headers=headers
             )
         if forward.expires == 0 or wildcard:
+            # Gone upstream, whatever the phone sent since: a refresh cached meanwhile
+            # never reached the upstream, and must not keep a binding it no longer has.
             for binding in targets:
-                self._bindings.pop((binding.user, binding.contact), None)
-                self.location.remove_aor(binding.token)
-            return self._ok(phone_request, [], now)
-        if not targets:
-            return self._ok(phone_request, [], now)
+                self._drop(binding)
+            return self._ok(phone_request, user, now)
+        # A later REGISTER of the phone's was accepted (or cached) before this answer
+        # came: this one, in order when it went up, is superseded and changes nothing
+        # (RFC 3261 10.3 step 7: a binding never goes back to an older request).
+        if not targets or _out_of_order(targets[0], phone_request):
+            return self._ok(phone_request, user, now)
         binding = targets[0]
         granted_upstream = _granted(response, binding.token)
         upstream_for = (
@@ -432,16 +484,16 @@ class RegistrationRelay:
         )
         phone_for = max(1, min(forward.expires, upstream_for))
         binding = replace(
-            binding,
+            _ordered(binding, phone_request),
             received=forward.received or binding.received,
             local=forward.local or binding.local,
             realm=forward.realm or binding.realm,
             upstream_expires_at=now + upstream_for,
             phone_expires_at=now + phone_for,
         )
-        self._bindings[key] = binding
+        self._store(binding)
         self._locate(binding)
-        return self._ok(phone_request, [binding], now)
+        return self._ok(phone_request, user, now)
 
     def upstream_failed(self, forward: Forward, phone_request: Request) -> Response:
         """No answer from the upstream (timeout, transport error)."""
@@ -453,11 +505,36 @@ class RegistrationRelay:
 
     def expire(self, now: float) -> list[RelayedBinding]:
         """Forget phones whose registration ran out (the upstream one lapses on its own)."""
+        # A sweep of the whole table, once a second; not per request.
         gone = [b for b in self._bindings.values() if b.phone_expires_at <= now]
         for binding in gone:
-            self._bindings.pop((binding.user, binding.contact), None)
-            self.location.remove_aor(binding.token)
+            self._drop(binding)
         return gone
+
+    def _store(self, binding: RelayedBinding) -> None:
+        """Insert or replace ``binding`` in the table and in its user's index."""
+        self._bindings[(binding.user, binding.contact)] = binding
+        self._by_user.setdefault(binding.user, {})[binding.contact] = None
+
+    def _drop(self, binding: RelayedBinding) -> None:
+        """Remove ``binding`` from the table, its user's index and the location service."""
+        self._bindings.pop((binding.user, binding.contact), None)
+        contacts = self._by_user.get(binding.user)
+        if contacts is not None:
+            contacts.pop(binding.contact, None)
+            if not contacts:
+                del self._by_user[binding.user]
+        self.location.remove_aor(binding.token)
+
+    def _of_user(self, user: str) -> list[RelayedBinding]:
+        """Every binding of ``user``, pending or refused ones included."""
+        return [self._bindings[(user, contact)] for contact in self._by_user.get(user, ())]
+
+    def _current(self, user: str, now: float) -> list[RelayedBinding]:
+        """The bindings of ``user`` a 200 lists: accepted upstream and not run out."""
+        return [
+            b for b in self._of_user(user) if b.upstream_expires_at and b.phone_expires_at > now
+        ]
 
     def _locate(self, binding: RelayedBinding) -> None:
         """The token's binding in the location service: inbound calls reach the phone."""
@@ -474,10 +551,13 @@ class RegistrationRelay:
         )
         self.location.apply([entry], [])
 
-    def _ok(self, request: Request, bindings: list[RelayedBinding], now: float) -> Response:
+    def _ok(self, request: Request, user: str, now: float) -> Response:
+        """200 with every current binding of ``user`` (RFC 3261 10.3 step 8), each the
+        contact as its phone sent it with its own remaining interval: never the SBC's
+        inside Contact, which would tell the outside the inside's addresses."""
         headers = [
             ("Contact", f"<{b.contact}>;expires={max(0, math.ceil(b.phone_expires_at - now))}")
-            for b in bindings
+            for b in self._current(user, now)
         ]
         headers.append(("Date", formatdate(now, usegmt=True)))
         return make_response(request, 200, None, to_tag=new_tag(), headers=headers)
