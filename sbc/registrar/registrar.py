@@ -27,9 +27,10 @@ RFC 3261 10.3:
    non-zero interval under ``min_expires`` (and under an hour) -> 423 with
    Min-Expires; longer than ``max_expires`` is shortened. A contact that matches a
    binding with the same Call-ID and a CSeq that is not higher fails the whole
-   request; as for any binding update that cannot be committed, the answer is 500
-   (RFC 3261 10.3 step 7; the RFC gives no other status). Updates are all or
-   nothing. A change beyond the location caps -> 503 (Kamailio's "Too many
+   request with 400 "Invalid CSeq number" (RFC 3261 10.3 step 7 names no status;
+   Kamailio's and OpenSIPS's registrars, and the registration relay, answer 400: a
+   500 would invite the phone to send the same request again, 21.5.1). Updates
+   are all or nothing. A change beyond the location caps -> 503 (Kamailio's "Too many
    registered contacts").
 8. 200 with every current binding as a Contact with its ``expires``, and a Date.
 
@@ -104,6 +105,9 @@ MAX_STORED_TEXT: Final = 256
 #: one. 503 with Retry-After (RFC 3261 21.5.4, 20.33) says "temporarily, retry
 #: then", which registering UAs honour.
 LOCKED_OUT_STATUS: Final = 503
+
+#: The reason of the 400 to a REGISTER out of CSeq order (step 7), as Kamailio words it.
+ORDER_REASON: Final = "Bad Request: Invalid CSeq number"
 
 # RFC 3261 25.1: qvalue = ( "0" [ "." 0*3DIGIT ] ) / ( "1" [ "." 0*3("0") ] )
 _QVALUE: Final = re.compile(r"0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?")
@@ -396,7 +400,7 @@ class Registrar:
                     cseq,
                     match.cseq,
                 )
-                raise _Reject(500, "Server Internal Error: out-of-order REGISTER")
+                raise _Reject(400, ORDER_REASON)
             text = str(item.uri)
             tentative = [
                 b
@@ -454,7 +458,7 @@ class Registrar:
         current = self.location.lookup(aor, now)
         for binding in current:
             if binding.call_id == call_id and cseq <= binding.cseq:
-                raise _Reject(500, "Server Internal Error: out-of-order REGISTER")
+                raise _Reject(400, ORDER_REASON)
         change = self.location.replace(aor, (), now)
         self._track_keepalives((), change.removed, now)
         if change.removed:

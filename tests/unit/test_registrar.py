@@ -369,7 +369,7 @@ def test_wildcard_with_the_same_call_id_needs_a_higher_cseq() -> None:
     registrar = make_registrar(auth_required=False)
     registrar.register(register(cseq=5), FLOW, "access", LISTEN, T0)
     stale = register(contacts=("*",), expires="0", cseq=5)
-    assert registrar.register(stale, FLOW, "access", LISTEN, T0).response.status == 500
+    assert registrar.register(stale, FLOW, "access", LISTEN, T0).response.status == 400
     assert len(registrar.location) == 1
     newer = register(contacts=("*",), expires="0", cseq=6)
     assert registrar.register(newer, FLOW, "access", LISTEN, T0).response.status == 200
@@ -484,7 +484,8 @@ def test_same_call_id_needs_a_higher_cseq() -> None:
     assert ok.response.status == 200
     for cseq in (10, 9):  # a replay or a late copy in a new transaction
         late = registrar.register(register(cseq=cseq, expires="0"), FLOW, "access", LISTEN, T0)
-        assert late.response.status == 500
+        assert late.response.status == 400
+        assert late.response.reason == "Bad Request: Invalid CSeq number"
         assert late.added == late.removed == ()
     assert registrar.location.lookup("alice", T0)[0].cseq == 10
     newer = registrar.register(register(cseq=11, expires="120"), FLOW, "access", LISTEN, T0)
@@ -499,7 +500,7 @@ def test_an_out_of_order_contact_fails_the_whole_request() -> None:
     registrar = make_registrar(auth_required=False)
     registrar.register(register(cseq=3), FLOW, "access", LISTEN, T0)
     both = register(cseq=2, contacts=("<sip:alice@192.0.2.99>", "<sip:alice@192.0.2.10:5062>"))
-    assert registrar.register(both, FLOW, "access", LISTEN, T0).response.status == 500
+    assert registrar.register(both, FLOW, "access", LISTEN, T0).response.status == 400
     assert [b.contact for b in registrar.location.lookup("alice", T0)] == [
         "sip:alice@192.0.2.10:5062"
     ]
@@ -513,9 +514,9 @@ def test_a_long_call_id_still_needs_a_higher_cseq() -> None:
     first = registrar.register(register(call_id=call_id, cseq=10), FLOW, "access", LISTEN, T0)
     assert first.response.status == 200
     late = register(call_id=call_id, cseq=9, expires="0")
-    assert registrar.register(late, FLOW, "access", LISTEN, T0).response.status == 500
+    assert registrar.register(late, FLOW, "access", LISTEN, T0).response.status == 400
     wildcard = register(call_id=call_id, cseq=10, contacts=("*",), expires="0")
-    assert registrar.register(wildcard, FLOW, "access", LISTEN, T0).response.status == 500
+    assert registrar.register(wildcard, FLOW, "access", LISTEN, T0).response.status == 400
     assert len(registrar.location) == 1
     newer = register(call_id=call_id, cseq=11, expires="0")
     assert registrar.register(newer, FLOW, "access", LISTEN, T0).response.status == 200
