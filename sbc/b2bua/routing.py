@@ -22,6 +22,10 @@ What the match fields see:
     Searched in each value of ``header``; one match is enough. An absent header
     has no value to match: ``.*`` means "the header is there". Requests without
     it are routed by a later rule, after the one that takes those with it.
+
+Both patterns run on the caller's text: a value longer than ``MAX_MATCHED_LENGTH``
+(1024) is not matched, and the config refuses nested repetition (``(a+)+``) as it
+does for header rules (`sbc.b2bua.manipulation.backtracking_problem`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import Final
 
+from sbc.b2bua.manipulation import MAX_MATCHED_LENGTH
 from sbc.sip.errors import ParseError
 from sbc.sip.message import Request
 from sbc.sip.uri import SipUri, TelUri, Uri
@@ -114,13 +119,18 @@ class RouteRule:
             except ParseError:
                 return False
             # No user (sip:example.com) is the empty user, for patterns such as ".*".
-            if not self.from_user.fullmatch(from_user or ""):
+            # The caller's text, and re has no timeout: a longer one never matches.
+            from_user = from_user or ""
+            if len(from_user) > MAX_MATCHED_LENGTH or not self.from_user.fullmatch(from_user):
                 return False
         if self.header is not None and self.header_pattern is not None:
             if request is None:
                 return False
             pattern = self.header_pattern
-            if not any(pattern.search(v) for v in request.headers.fields(self.header)):
+            if not any(
+                len(v) <= MAX_MATCHED_LENGTH and pattern.search(v)
+                for v in request.headers.fields(self.header)
+            ):
                 return False
         return True
 

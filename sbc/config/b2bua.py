@@ -440,7 +440,11 @@ class RouteConfig(Section):
     )
     from_user: str | None = field(
         default=None,
-        metadata=spec("Match From users by this regular expression (full match); null = any."),
+        metadata=spec(
+            "Match From users by this regular expression (full match); null = any. A"
+            " user longer than 1024 characters never matches; nested repetition such"
+            " as (a+)+ is refused."
+        ),
     )
     header: str | None = field(
         default=None,
@@ -449,7 +453,11 @@ class RouteConfig(Section):
         ),
     )
     header_pattern: str | None = field(
-        default=None, metadata=spec("Regular expression searched in the header's values.")
+        default=None,
+        metadata=spec(
+            "Regular expression searched in the header's values (those of at most 1024"
+            " characters); nested repetition such as (a+)+ is refused."
+        ),
     )
     realm: str | None = field(
         default=None,
@@ -480,11 +488,16 @@ class RouteConfig(Section):
         if problem is not None:
             yield key_path(path, "host"), problem
         yield from _host_issues(path, [("domain", self.domain)])
+        from sbc.b2bua.manipulation import backtracking_problem
+
         for key, pattern in (
             ("from_user", self.from_user),
             ("header_pattern", self.header_pattern),
         ):
-            problem = None if pattern is None else regex_problem(pattern)
+            # Matched against the caller's text on every INVITE: as header rules.
+            problem = (
+                None if pattern is None else regex_problem(pattern) or backtracking_problem(pattern)
+            )
             if problem is not None:
                 yield key_path(path, key), problem
         if (self.header is None) != (self.header_pattern is None):
