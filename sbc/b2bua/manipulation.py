@@ -63,7 +63,7 @@ from re import _constants as sre_constants  # type: ignore[attr-defined]
 from re import _parser as sre_parser  # type: ignore[attr-defined]
 from typing import Any, Final
 
-from sbc.b2bua.topology import GENERATED_HEADERS
+from sbc.b2bua.topology import NEVER_KEPT
 from sbc.sip.errors import ParseError
 from sbc.sip.headers import Address, header_key, is_token
 from sbc.sip.limits import MAX_HEADER_SECTION, MAX_HEADERS, MAX_MESSAGE_SIZE, MAX_URI_LENGTH
@@ -88,8 +88,8 @@ MAX_MATCHED_PER_RULE: Final = 4 * MAX_MATCHED_LENGTH
 #: The pseudo-header a REWRITE rule names to rewrite a request's Request-URI.
 REQUEST_URI: Final = "request-uri"
 
-#: Headers the B2BUA sets or reads on each leg beyond ``GENERATED_HEADERS``, with
-#: why: a rule that strips, adds or rewrites them breaks what they run. Lookup keys.
+#: Why of each of ``topology.PER_LEG_HEADERS`` (the B2BUA runs them on each leg),
+#: for the error: a rule that strips, adds or rewrites them breaks what they run.
 OWNED_HEADERS: Final = {
     "session-expires": "RFC 4028: it runs the session timers of each leg",
     "min-se": "RFC 4028: it runs the session timers of each leg",
@@ -105,7 +105,7 @@ OWNED_HEADERS: Final = {
 }
 
 #: Every header a rule may not name (lookup keys); From and To may be rewritten.
-PROTECTED_HEADERS: Final = GENERATED_HEADERS | frozenset(OWNED_HEADERS)
+PROTECTED_HEADERS: Final = NEVER_KEPT
 
 #: Generated headers a rule may rewrite (never strip, add or keep).
 REWRITABLE_GENERATED: Final = frozenset({"from", "to"})

@@ -69,6 +69,30 @@ GENERATED_HEADERS: Final = frozenset(
     }
 )
 
+#: Headers the B2BUA runs on each leg besides the generated ones: session timers
+#: (RFC 4028), reliable provisionals (RFC 3262), option tags, the body's encoding and
+#: subscriptions (RFC 6665, 4488), which it sets or copies itself where a method
+#: needs them. A keep-list cannot copy them either (a second, conflicting copy);
+#: header rules may not touch them (`sbc.b2bua.manipulation.OWNED_HEADERS` says why).
+PER_LEG_HEADERS: Final = frozenset(
+    {
+        "session-expires",
+        "min-se",
+        "require",
+        "supported",
+        "unsupported",
+        "rseq",
+        "rack",
+        "content-encoding",
+        "event",
+        "subscription-state",
+        "refer-sub",
+    }
+)
+
+#: What a keep-list never lets across.
+NEVER_KEPT: Final = GENERATED_HEADERS | PER_LEG_HEADERS
+
 #: SDP attributes that name the other side: ICE candidates and credentials carry its
 #: addresses; RFC 5576 ssrc attributes carry its CNAME (often user@host) and msid;
 #: RFC 4570 source-filter lists its source addresses; RFC 4975 path is the
@@ -121,7 +145,7 @@ def copy_kept_headers(source: Message, target: Message, realm: Realm) -> int:
     copied = 0
     for name, value in source.headers:
         key = header_key(name)
-        if key in keep and key not in GENERATED_HEADERS:
+        if key in keep and key not in NEVER_KEPT:
             target.headers.add(name, value)
             copied += 1
     return copied

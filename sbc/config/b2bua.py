@@ -313,7 +313,8 @@ class RealmConfig(Section):
             "Headers copied into this realm from the other leg; all others are dropped,"
             " except those a method needs (Event, Subscription-State, SIP-ETag ...) and"
             " the capability lists (Allow, Accept, Supported ...) of error answers and"
-            " relayed OPTIONS answers.",
+            " relayed OPTIONS answers. Headers the SBC builds or runs per leg (Via,"
+            " Contact, Session-Expires, Supported, RSeq, Event ...) are never copied.",
             pattern=HEADER_NAME_PATTERN,
         ),
     )

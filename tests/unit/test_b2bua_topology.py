@@ -118,3 +118,27 @@ def test_via_and_contact_name_the_listener() -> None:
     tcp = ListenAddress(Transport.TCP, "2001:db8::1", 5062)
     assert via_for(tcp, "z9hG4bKabc") == "SIP/2.0/TCP [2001:db8::1]:5062;branch=z9hG4bKabc;rport"
     assert contact_for(tcp) == "<sip:[2001:db8::1]:5062;transport=tcp>"
+
+
+def test_a_keep_list_never_copies_what_the_b2bua_runs_per_leg() -> None:
+    # Session timers, reliable provisionals, option tags and subscriptions are the
+    # B2BUA's own on each leg (it adds or copies them itself): a keep-list naming
+    # them would send a second, conflicting copy.
+    owned = ["Session-Expires", "Min-SE", "Supported", "Require", "RSeq", "Event"]
+    source = Request(
+        "INVITE",
+        "sip:1000@198.51.100.1",
+        Headers([("Subject", "hi"), *((name, "x") for name in owned), ("x", "90")]),
+    )
+    target = Request("INVITE", "sip:1000@203.0.113.5", Headers())
+    realm = Realm.build("x", [], "203.0.113.1", ["Subject", *owned, "Session-Expires"])
+    assert copy_kept_headers(source, target, realm) == 1
+    assert list(target.headers) == [("Subject", "hi")]
+
+
+def test_the_keep_list_s_refusals_are_the_header_rules_ones() -> None:
+    from sbc.b2bua.manipulation import OWNED_HEADERS, PROTECTED_HEADERS
+    from sbc.b2bua.topology import GENERATED_HEADERS, PER_LEG_HEADERS
+
+    assert frozenset(OWNED_HEADERS) == PER_LEG_HEADERS
+    assert PROTECTED_HEADERS == GENERATED_HEADERS | PER_LEG_HEADERS
