@@ -327,6 +327,7 @@ def register_relays(
             upstream_domain=section.domain,
             upstream_expires=section.upstream_expires,
             phone_expires=section.phone_expires,
+            max_contacts=section.max_contacts,
         )
         old = (previous or {}).get(realm.name)
         if old is not None and old.relay.policy == policy:

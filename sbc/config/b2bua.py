@@ -288,6 +288,10 @@ class RegisterRelayConfig(Section):
             "Most a phone is granted; its refreshes are answered here.", min=30, max=86400
         ),
     )
+    max_contacts: int = field(
+        default=10,
+        metadata=spec("Contacts per user; a new one beyond gets 503.", min=1, max=1000),
+    )
 
     def check(self, path: str) -> Iterator[Issue]:
         problem = unicast_problem(self.host)

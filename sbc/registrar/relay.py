@@ -96,10 +96,15 @@ class RelayPolicy:
     #: Interval asked of the upstream, and the most a phone is granted.
     upstream_expires: int = 3600
     phone_expires: int = 300
+    #: Contacts of one user at once: more get 503, as the embedded registrar's
+    #: ``max_contacts`` (each 200 lists them all, RFC 3261 10.3 step 8).
+    max_contacts: int = 10
 
     def __post_init__(self) -> None:
         if self.phone_expires < 1 or self.upstream_expires < 1:
             raise ValueError("phone_expires and upstream_expires must be at least 1")
+        if self.max_contacts < 1:
+            raise ValueError("max_contacts must be at least 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +184,9 @@ class Forward:
     local: ListenAddress | None = None
     realm: str | None = None
     wildcard: bool = False
+    #: A wildcard's contacts as it named them upstream: only those go when it is
+    #: accepted (one registered meanwhile was not in it, and stays upstream).
+    named: tuple[str, ...] = ()
 
 
 @dataclass
@@ -356,6 +364,10 @@ class RegistrationRelay:
             if len(self._bindings) >= MAX_BINDINGS:
                 self.stats.rejected += 1
                 return make_response(request, 503, "Too Many Registrations", to_tag=new_tag())
+            if len(self._by_user.get(user, ())) >= self.policy.max_contacts:
+                self.stats.rejected += 1
+                logger.info("x REGISTER %r: %d contacts already", user, self.policy.max_contacts)
+                return make_response(request, 503, "Too Many Registered Contacts", to_tag=new_tag())
             binding = RelayedBinding(
                 user=user,
                 contact=contact,
@@ -433,7 +445,8 @@ class RegistrationRelay:
         # A flag, not a "*" user in the key: "*" (or %2A) is a valid user of its own.
         key = (binding.user, binding.contact)
         received = Destination(flow.transport, flow.remote_host, flow.remote_port)
-        return Forward(upstream, key, granted, received, listen, realm, wildcard)
+        named = tuple(item.contact for item in (binding, *also)) if wildcard else ()
+        return Forward(upstream, key, granted, received, listen, realm, wildcard, named)
 
     # -- from the upstream ---------------------------------------------------------------
 
@@ -445,7 +458,7 @@ class RegistrationRelay:
         key = forward.key
         user = key[0]
         if wildcard:
-            targets = self._of_user(user)
+            targets = [b for b in self._of_user(user) if b.contact in forward.named]
         else:
             found = self._bindings.get(key)
             targets = [] if found is None else [found]

@@ -322,3 +322,71 @@ def test_bindings_keep_the_phones_call_id_and_cseq_across_a_round_trip() -> None
     again = type(binding).from_dict(binding.to_dict())
     assert again == binding
     assert (again.phone_call_id, again.phone_cseq) == ("desk@10.0.0.7", 5)
+
+
+# --- 4. a user's contacts are capped; '*' removes what it named --------------------------
+
+
+def test_a_user_s_contacts_are_capped() -> None:
+    r = RegistrationRelay(
+        RelayPolicy("inside", KAMAILIO, INSIDE, upstream_domain="voip.example", max_contacts=2)
+    )
+    two_phones(r)
+    third = register(1, "<sip:alice@10.0.0.9:5060>", call_id="third@10.0.0.9")
+    refused = r.register(third, PHONE, "outside", OUTSIDE, T0 + 20)
+    # As the embedded registrar (Kamailio's wording): the 200s stay bounded too.
+    assert isinstance(refused, Response) and refused.status == 503
+    assert refused.reason == "Too Many Registered Contacts"
+    assert len(r) == 2
+    # A refresh of one already there is not a new contact.
+    assert isinstance(r.register(register(2), PHONE, "outside", OUTSIDE, T0 + 20), Response)
+    # Another user has room of their own.
+    bob = register(1, "<sip:bob@10.0.0.10>", call_id="bob@10.0.0.10", user="bob")
+    assert relayed(r, bob, T0 + 20).status == 200
+
+
+def test_a_wildcard_removes_only_the_bindings_it_named() -> None:
+    r = relay()
+    assert relayed(r, register(1), T0).status == 200
+    wildcard = register(2, "*", expires=0)
+    forward = r.register(wildcard, PHONE, "outside", OUTSIDE, T0 + 1)
+    assert isinstance(forward, Forward)
+    # The mobile registers while the '*' is on its way: the upstream never saw it in
+    # the '*', so it keeps it, and so must the SBC.
+    mobile = register(1, MOBILE, call_id="mobile@10.0.0.8")
+    assert relayed(r, mobile, T0 + 2).status == 200
+    answer = r.upstream_response(forward, wildcard, upstream_answer(forward), T0 + 3)
+    assert answer.status == 200
+    assert wire_contacts(answer) == ["<sip:alice@10.0.0.8:5062;transport=udp>;expires=59"]
+    assert len(r) == 1
+
+
+def test_max_contacts_comes_from_the_config() -> None:
+    import textwrap
+    from pathlib import Path
+
+    from sbc.assembly import register_relays
+    from sbc.b2bua.realm import Realm, RealmTable
+    from sbc.config.loader import load_config_text
+
+    text = textwrap.dedent(
+        """\
+        realms:
+          - name: phones
+            listen: [{transport: udp, address: 198.51.100.1, port: 5060}]
+            media_address: 198.51.100.1
+            register_relay: {realm: inside, host: 203.0.113.5, max_contacts: 3}
+          - name: inside
+            listen: [{transport: udp, address: 203.0.113.1, port: 5060}]
+            media_address: 203.0.113.1
+        """
+    )
+    config = load_config_text(text, "sbc.yaml", Path("/etc/sbc"))
+    realms = RealmTable(
+        [
+            Realm.build("phones", [OUTSIDE], "198.51.100.1"),
+            Realm.build("inside", [INSIDE], "203.0.113.1"),
+        ]
+    )
+    (port,) = register_relays(config, realms).values()
+    assert port.relay.policy.max_contacts == 3
