@@ -355,6 +355,11 @@ def test_kept_headers_feed_copy_kept_headers() -> None:
 def test_generated_headers_are_refused_for_every_action(
     header: str, action: ManipulationAction
 ) -> None:
+    assert_refused(action, header)
+
+
+def assert_refused(action: ManipulationAction, header: str) -> None:
+    """A rule of ``action`` on ``header`` is refused as a header the B2BUA builds."""
     fields: dict[str, str] = {}
     if action is A.ADD:
         fields = {"value": "x"}

@@ -16,11 +16,9 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from typing import Any
 
 import pytest
 
-import sbc.transport.layer as layer_module
 from sbc.sip.message import Request, make_response
 from sbc.sip.parser import parse_message
 from sbc.transport.base import (
@@ -29,9 +27,11 @@ from sbc.transport.base import (
     Stat,
     Transport,
     TransportError,
-    ip_literal,
 )
 from sbc.transport.certificates import client_context
+
+# Autouse: any connect beyond loopback fails the test.
+from tests.unit.test_connection_reuse import loopback_only  # noqa: F401
 from tests.unit.test_transport import (
     IO_TIMEOUT,
     V4,
@@ -45,18 +45,6 @@ from tests.unit.test_transport import (
 )
 
 TCP, TLS = Transport.TCP, Transport.TLS
-
-
-@pytest.fixture(autouse=True)
-def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    connect = layer_module.connect
-
-    async def guarded(factory: Any, transport: Transport, host: str, port: int, **kw: Any) -> Any:
-        address = ip_literal(host)
-        assert address is not None and address.is_loopback, f"connect to {host}"
-        return await connect(factory, transport, host, port, **kw)
-
-    monkeypatch.setattr(layer_module, "connect", guarded)
 
 
 class Sink:
