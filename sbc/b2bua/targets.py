@@ -17,7 +17,6 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Final
 
 from sbc.b2bua.controller import Target, TrunkPlan
 from sbc.b2bua.routing import uri_user_host
@@ -27,9 +26,6 @@ from sbc.sip.uri import Uri, escape_user, format_host
 from sbc.transport.base import Destination, Transport, normalize_host
 
 logger = logging.getLogger(__name__)
-
-#: Gateways a plan lists when the trunk sets no max_attempts.
-DEFAULT_ATTEMPTS: Final = 3
 
 
 def gateway_uri(gateway: Gateway, user: str | None) -> str:
@@ -106,14 +102,24 @@ class Directory:
         if state is None:
             return None
         user, _ = uri_user_host(uri)
-        attempts = state.trunk.max_attempts or DEFAULT_ATTEMPTS
+        # None: every gateway (Trunk.max_attempts), the controller's cap aside.
+        attempts = state.trunk.max_attempts or len(state.trunk.gateways)
         targets = []
+        tried: set[tuple[Transport, str, int]] = set()
         # Every usable gateway in order, unresolved ones left out before the plan is
         # cut to max_attempts: a name DNS has not answered yet uses up no attempt.
-        for gateway in state.ordered(self.rng):
+        for gateway in state.ordered(self.rng, now):
             destination = self.destination(gateway)
             if destination is None:
                 continue
+            # Two gateways that reach one address (two names of one host, a port
+            # given and left to the default): a failover to the same server after
+            # its 503 or timeout gets the same answer (RFC 3263 4.3: the next
+            # server), and would use up an attempt.
+            address = (destination.transport, destination.host, destination.port)
+            if address in tried:
+                continue
+            tried.add(address)
             targets.append(
                 Target(state.trunk.realm, destination, gateway_uri(gateway, user), gateway.key)
             )
@@ -121,11 +127,19 @@ class Directory:
                 break
         return TrunkPlan(state.trunk.realm, tuple(targets), attempts, state.trunk.failover_statuses)
 
-    def call_result(self, trunk: str, gateway: str, status: int | None, now: float) -> None:
-        """Passive health: how a gateway answered a call (None: it never did)."""
+    def call_result(
+        self,
+        trunk: str,
+        gateway: str,
+        status: int | None,
+        now: float,
+        retry_after: float | None = None,
+    ) -> None:
+        """Passive health: how a gateway answered a call (None: it never did); a 503's
+        ``retry_after`` holds the gateway back from calls (``TrunkState.call_result``)."""
         state = self._state_of(trunk, gateway)
         if state is not None:
-            self._log(state.call_result(gateway, status, now))
+            self._log(state.call_result(gateway, status, now, retry_after))
 
     # -- probing --------------------------------------------------------------------------
 
@@ -137,6 +151,8 @@ class Directory:
         for state, gateway in self.trunks.due_probes(now):
             destination = self.destination(gateway)
             if destination is None:
+                # Not now, nor at every timer until DNS answers: one interval later.
+                state.probe_skipped(gateway.key, now)
                 continue
             out.append((state.trunk.name, gateway, destination))
         return out

@@ -21,6 +21,9 @@ Choices, each a knob where operators disagree:
 * Passive health (``ProbePolicy.passive``): a call the gateway never answered counts
   like a failed probe, any response to a call like a successful one. Only while
   probing is enabled: without probes nothing would ever bring a gateway back.
+* A gateway's 503 with Retry-After (``call_result``): not tried for that long,
+  at most ``MAX_RETRY_AFTER`` seconds (RFC 3261 21.5.4, 20.33; RFC 3263 4.3). It
+  counts as down meanwhile for choosing gateways, without changing its health.
 * All gateways down: fail fast (the controller answers 503 at once, as Kamailio's
   dispatcher does when no destination is active). ``Trunk.try_when_all_down`` tries
   them all anyway, in priority order, for trunks with nowhere else to go.
@@ -55,6 +58,10 @@ TRUNK_STATE_DICT_VERSION: Final = 1
 #: failure too. 4xx (486 Busy, 404, 480) speak for the callee, not the gateway, and
 #: 6xx are global (RFC 3261 21.6): another gateway would reach the same answer.
 DEFAULT_FAILOVER_STATUSES: Final = frozenset({408, *range(500, 600)})
+
+#: Longest a gateway's 503 Retry-After keeps it out of the call rotation (seconds):
+#: a gateway asking for a day must not be lost for a day because of one answer.
+MAX_RETRY_AFTER: Final = 3600.0
 
 #: Where a never-probed gateway's probe is due: any monotonic clock is past it.
 _DUE_AT_ONCE: Final = 0.0
@@ -221,7 +228,15 @@ class HealthChange:
 class _Record:
     """One gateway's health, hysteresis counters and probe timers."""
 
-    __slots__ = ("failures", "gateway", "health", "next_probe", "probe_deadline", "successes")
+    __slots__ = (
+        "failures",
+        "gateway",
+        "health",
+        "held_until",
+        "next_probe",
+        "probe_deadline",
+        "successes",
+    )
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
@@ -231,6 +246,8 @@ class _Record:
         self.next_probe = _DUE_AT_ONCE
         #: When the probe in flight times out; None: none in flight.
         self.probe_deadline: float | None = None
+        #: Not tried for calls before this (a 503's Retry-After); 0: not held.
+        self.held_until = 0.0
 
 
 def _weighted_order(group: list[Gateway], rng: random.Random) -> list[Gateway]:
@@ -287,20 +304,24 @@ class TrunkState:
         """Whether the trunk (as configured now) has a gateway with ``key``."""
         return key in self._records
 
-    def candidates(self, rng: random.Random) -> list[Gateway]:
+    def candidates(self, rng: random.Random, now: float | None = None) -> list[Gateway]:
         """The gateways to try for one call, in order, at most ``max_attempts``.
 
-        Usable ones (not DOWN) by priority, weighted random inside a priority. With
-        every gateway down: none (fail fast), or with ``try_when_all_down`` all of
-        them in the same order.
+        Usable ones (not DOWN, and at ``now`` not held by a 503's Retry-After) by
+        priority, weighted random inside a priority. With none usable: none (fail
+        fast), or with ``try_when_all_down`` all of them in the same order.
         """
         limit = self._trunk.max_attempts
-        ordered = self.ordered(rng)
+        ordered = self.ordered(rng, now)
         return ordered if limit is None else ordered[:limit]
 
-    def ordered(self, rng: random.Random) -> list[Gateway]:
+    def ordered(self, rng: random.Random, now: float | None = None) -> list[Gateway]:
         """Every gateway ``candidates`` would choose from, in order, not truncated."""
-        usable = [r.gateway for r in self._records.values() if r.health.usable]
+        usable = [
+            r.gateway
+            for r in self._records.values()
+            if r.health.usable and (now is None or r.held_until <= now)
+        ]
         if not usable and self._trunk.try_when_all_down:
             usable = [r.gateway for r in self._records.values()]
         usable.sort(key=lambda gateway: gateway.priority)
@@ -320,6 +341,14 @@ class TrunkState:
             for r in self._records.values()
             if r.probe_deadline is None and r.next_probe <= now
         ]
+
+    def probe_skipped(self, key: str, now: float) -> None:
+        """The gateway's probe was due but could not be sent (its name unresolved):
+        the next one is due one ``interval`` later, so the due probe does not keep
+        ``next_deadline`` in the past (a timer firing at once, again and again)."""
+        record = self._record(key)
+        if record.probe_deadline is None:
+            record.next_probe = now + self._trunk.probe.interval
 
     def probe_sent(self, key: str, now: float) -> None:
         """An OPTIONS to the gateway left at ``now``: its timeout and next probe start."""
@@ -356,17 +385,40 @@ class TrunkState:
                     changes.append(change)
         return changes
 
-    def call_result(self, key: str, status: int | None, now: float) -> HealthChange | None:
+    def call_result(
+        self, key: str, status: int | None, now: float, retry_after: float | None = None
+    ) -> HealthChange | None:
         """Passive health: a call to the gateway got ``status`` from it (None: nothing).
 
         Pass None only when the gateway never answered (the local 408 of a timeout,
         the 503 of a transport error); a response it sent is passed as is. Ignored
-        unless the trunk probes with ``passive`` on.
+        unless the trunk probes with ``passive`` on. A 503 with ``retry_after``
+        (its Retry-After, seconds) holds the gateway back from calls that long
+        (RFC 3261 21.5.4, 20.33; RFC 3263 4.3), probing or not.
         """
+        if status == 503 and retry_after is not None and retry_after > 0:
+            self.hold(key, now + min(retry_after, MAX_RETRY_AFTER))
         policy = self._trunk.probe
         if not (policy.enabled and policy.passive):
             return None
         return self._observe(self._record(key), policy.is_alive(status), now)
+
+    def hold(self, key: str, until: float) -> None:
+        """Try no call on the gateway before ``until`` (never shortens a hold)."""
+        record = self._record(key)
+        if until > record.held_until:
+            record.held_until = until
+            logger.info(
+                "- trunk %s gateway %s (%s) held back until %.1f",
+                self._trunk.name,
+                record.gateway.name,
+                record.gateway.key,
+                until,
+            )
+
+    def held_until(self, key: str) -> float:
+        """When the gateway's hold by a 503's Retry-After ends (0.0: never held)."""
+        return self._record(key).held_until
 
     def next_deadline(self) -> float | None:
         """When ``due_probes`` or ``expire_probes`` next has work; None: never."""
@@ -428,7 +480,12 @@ class TrunkState:
 
         Not while this trunk does not probe: nothing would ever change a health
         carried over (a DOWN gateway would stay down for good), so it is UNKNOWN.
+        A hold by a 503's Retry-After is carried over either way: it ends by itself.
         """
+        for key, record in self._records.items():
+            held = previous._records.get(key)
+            if held is not None:
+                record.held_until = held.held_until
         policy = self._trunk.probe
         if not policy.enabled:
             return
