@@ -149,6 +149,11 @@ SUPPORTED: Final = "100rel, timer"
 #: which the B2BUA (PRACKing at once) cannot wait for.
 SUPPORTED_NO_OFFER: Final = "timer"
 
+#: Option tags of the in-dialog INVITEs the B2BUA sends (relayed re-INVITEs, session
+#: refreshes): their provisionals are not PRACKed (only the initial INVITE's are), so
+#: no 100rel, or a reliable one is retransmitted and the re-INVITE fails (RFC 3262 3).
+SUPPORTED_IN_DIALOG: Final = "timer"
+
 #: Relay streams reserved for a call whose INVITE has no offer (the callee's offer in
 #: its 2xx comes later): audio and one more, video say. m= lines beyond them are
 #: rejected (port 0) in the offer the caller gets.
@@ -522,6 +527,9 @@ class _Fork:
     #: RSeq of the last reliable provisional PRACKed, per early dialog (To tag):
     #: each fork of the request numbers its own (RFC 3262 3, errata 4600).
     rseqs: dict[str, int] | None = None
+    #: The answer a reliable provisional carried (RFC 3262 5): the 2xx may come
+    #: without it, and the caller, whose provisionals are unreliable, needs it there.
+    early_answer: SessionDescription | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -572,6 +580,9 @@ class _Live:
     #: Session intervals (RFC 4028) shorter than the configured one: what the caller
     #: asked for, what the callee's 2xx said (None: the configured one on both).
     intervals: dict[LegSide, float] | None = None
+    #: The caller supports session timers and asked to refresh (refresher=uac): its
+    #: 2xx says so (RFC 4028 9), and the B2BUA refreshes it only if it does not.
+    a_refreshes: bool = False
     #: Sides that accepted a relayed REFER and have not sent its terminating NOTIFY:
     #: the REFER's subscription outlives the call's BYE (``_Referral``).
     notifiers: frozenset[LegSide] = frozenset()
@@ -680,6 +691,9 @@ class _Timer:
     MAX_DURATION = "max-duration"
     REFRESH_A = "refresh-a"
     REFRESH_B = "refresh-b"
+    #: A refresh that must re-offer the session (a re-INVITE with the SDP last sent).
+    REOFFER_A = "reoffer-a"
+    REOFFER_B = "reoffer-b"
     SUBSCRIPTION = "subscription"
 
 
@@ -959,10 +973,10 @@ class CallController:
         if kind == _Timer.MAX_DURATION:
             logger.info("- call %s: maximum duration reached", call.call_ref)
             return self._hang_up_both(live, EndReason.MAX_DURATION, now)
-        side = LegSide.A if kind == _Timer.REFRESH_A else LegSide.B
+        side = LegSide.A if kind in (_Timer.REFRESH_A, _Timer.REOFFER_A) else LegSide.B
         if live.refresh_at.get(side) != when:
             return Step()
-        return self._refresh(live, side, now)
+        return self._refresh(live, side, now, offer=kind in (_Timer.REOFFER_A, _Timer.REOFFER_B))
 
     def _retransmit_2xx(self, now: float) -> Step:
         """RFC 3261 13.3.1.4: retransmit each unACKed 2xx, T1 doubling up to T2; after
@@ -1577,6 +1591,8 @@ class CallController:
         live.failover = failover
         if self.timers.session_expires:
             self._shorter_interval(live, LegSide.A, request)
+            self._callers_floor(live, request)
+            live.a_refreshes = _asks_to_refresh(request)
         live.allows[LegSide.A] = _allowed(request)
         live.srtp_passthrough, live.srtp_open = passthrough, srtp_open
         if sdp is not None:
@@ -2047,9 +2063,19 @@ class CallController:
             # RFC 3261 14.2: our own re-INVITE is pending on this dialog (glare), or
             # on the other leg, where this one would be relayed.
             return self._send_response(tx, make_response(request, 491), now, leg.realm)
-        if request.method in ("INVITE", "UPDATE") and live.call.state is CallState.CONFIRMED:
-            # A peer's own refresh restarts that leg's session interval (RFC 4028 10).
-            self._arm_refresh(live, side, now)
+        if (
+            request.method == "UPDATE"
+            and live.reinvite_pending & {side, side.other}
+            and _carries_sdp(request)
+        ):
+            if self._relaying_invite_from(live, side):
+                # RFC 3311 5.2: an offer while its INVITE's offer is not answered yet.
+                retry = str(secrets.randbelow(11))
+                response = make_response(request, 500, headers=[("Retry-After", retry)])
+                return self._send_response(tx, response, now, leg.realm)
+            # RFC 3311 5.2: an offer while ours (an INVITE's) awaits its answer, on this
+            # leg or on the other one, where this one would be relayed: glare.
+            return self._send_response(tx, make_response(request, 491), now, leg.realm)
         return self._relay(live, side, tx, request, now)
 
     def _relaying_invite_from(self, live: _Live, side: LegSide) -> bool:
@@ -2123,7 +2149,7 @@ class CallController:
                 live.notifiers = live.notifiers - {side}
         if request.method == "INVITE":
             extra.append(("Allow", ALLOW))
-            extra.append(("Supported", SUPPORTED))
+            extra.append(("Supported", SUPPORTED_IN_DIALOG))
         assert leg.dialog is not None
         dialog, out_request = leg.dialog.create_request(
             request.method,
@@ -2465,6 +2491,10 @@ class CallController:
             step = step + self._cancel_fork(live, fork, now)
         if isinstance(event, EarlyDialog):
             fork.leg = fork.leg.with_dialog(event.dialog)
+            rseq = _reliable_rseq(response)
+            if rseq is not None and rseq <= (fork.rseqs or {}).get(response.to.tag or "", 0):
+                # RFC 3262 4: "retransmissions of that response MUST be discarded".
+                return step
             step = step + self._prack(live, fork, response, now)
         if call.state is CallState.CANCELLING or live.a_final or fork.cancel_pending:
             return step
@@ -2475,14 +2505,11 @@ class CallController:
 
     def _prack(self, live: _Live, fork: _Fork, response: Response, now: float) -> Step:
         """RFC 3262 4: a reliable provisional is PRACKed on its early dialog."""
-        if "100rel" not in {t.lower() for t in response.tokens("Require")}:
-            return Step()
-        rseq_text = response.headers.get("RSeq")
-        if rseq_text is None or not rseq_text.strip().isdigit():
+        rseq = _reliable_rseq(response)
+        if rseq is None:
             return Step()
         if self._layer_full():
             return Step()  # the callee sends the provisional again (RFC 3262 3)
-        rseq = int(rseq_text.strip())
         tag = response.to.tag or ""
         last = 0 if fork.rseqs is None else fork.rseqs.get(tag, 0)
         if (last and rseq != last + 1) or fork.leg.dialog is None:
@@ -2492,6 +2519,12 @@ class CallController:
         if fork.rseqs is None:
             fork.rseqs = {}
         fork.rseqs[tag] = rseq
+        try:
+            answer = parse_sdp(response)
+        except SdpError:
+            answer = None  # _media_answer logs it
+        if answer is not None:
+            fork.early_answer = answer
         leg = fork.leg
         assert leg.dialog is not None
         dialog, prack = leg.dialog.create_request(
@@ -2524,8 +2557,13 @@ class CallController:
             return self._ack_b(fork.leg, event.dialog, now, bye=True, call_ref=call.call_ref)
         live.winner = fork
         live.call = evolve(call, b=fork.leg, gateway=fork.target.gateway)
+        late = parse_sdp(live.a_request) is None
         try:
             b_sdp = parse_sdp(response)
+            if b_sdp is None and not late:
+                # RFC 3262 5: the answer came in a reliable provisional, and the 2xx
+                # need not repeat it; the caller's 2xx must (RFC 3261 13.2.1).
+                b_sdp = fork.early_answer
             # An answer (or late offer) that does not fit the legs' SRTP is as bad.
             b_offers = None if b_sdp is None else self._leg_offers(live, LegSide.B, b_sdp)
         except SdpError as exc:
@@ -2535,7 +2573,6 @@ class CallController:
             step = step + self._cancel_forks(live, now, keep=fork)
             step = step + self._bye(live, LegSide.B, now)
             return step + self._fail_a(live, 502, EndReason.REJECTED, now)
-        late = parse_sdp(live.a_request) is None
         if late and b_sdp is not None and b_sdp.media:
             # Late offer: the ACK carries the answer, which the caller's ACK brings.
             self._acks[fork.tx] = None
@@ -2564,8 +2601,8 @@ class CallController:
         b_codecs = codecs_of(b_sdp)
         if b_codecs and b_codecs != live.call.b_codecs:
             live.call = evolve(live.call, b_codecs=b_codecs)
-        step = step + self._media_answer(live, response, b_offers)
-        a_response = self._to_a(live, response)
+        step = step + self._media_answer(live, response, b_offers, b_sdp)
+        a_response = self._to_a(live, response, b_sdp)
         step = step + self._answer_a(live, a_response, now)
         self._expect_ack(call.call_ref, live.a_invite, a_response, now)
         early_a = live.call.a.dialog
@@ -2693,12 +2730,17 @@ class CallController:
         return tuple(out)
 
     def _media_answer(
-        self, live: _Live, response: Response, offers: tuple[LegOffer, ...] | None = None
+        self,
+        live: _Live,
+        response: Response,
+        offers: tuple[LegOffer, ...] | None = None,
+        sdp: SessionDescription | None = None,
     ) -> Step:
         """The relay follows the callee's SDP in a response to the INVITE (``offers``:
-        read from it already)."""
+        read from it already; ``sdp``: the answer it stands for, when it has none)."""
         try:
-            sdp = parse_sdp(response)
+            if sdp is None:
+                sdp = parse_sdp(response)
             if sdp is not None and offers is None:
                 offers = self._leg_offers(live, LegSide.B, sdp)
         except SdpError as exc:
@@ -2766,8 +2808,11 @@ class CallController:
         streams = stream_offers(live.offers[LegSide.A], live.offers[LegSide.B])
         return Step(media=(UpdateMedia(live.call.call_ref, live.session.session_id, streams),))
 
-    def _to_a(self, live: _Live, response: Response) -> Response:
-        """The A leg's copy of a B-leg response to the INVITE."""
+    def _to_a(
+        self, live: _Live, response: Response, answer: SessionDescription | None = None
+    ) -> Response:
+        """The A leg's copy of a B-leg response to the INVITE (``answer``: the SDP it
+        carries for the caller when it has none of its own)."""
         status = response.status
         headers: list[tuple[str, str]] = []
         if 100 < status < 300:
@@ -2777,10 +2822,15 @@ class CallController:
             headers.append(("Contact", contact_for(live.call.a.local)))
             headers.append(("Allow", ALLOW))
         if 200 <= status < 300 and self.timers.session_expires:
-            # RFC 4028 9: the B2BUA refreshes; it asks nothing of the caller, and never
-            # more than the caller asked for.
+            # RFC 4028 9: the B2BUA refreshes, never asking more than the caller asked
+            # for; a caller that supports timers and asked to refresh keeps that choice
+            # (the table of section 9), with Require: timer.
             interval = int(self._interval(live, LegSide.A))
-            headers.append(("Session-Expires", f"{interval};refresher=uas"))
+            if live.a_refreshes:
+                headers.append(("Session-Expires", f"{interval};refresher=uac"))
+                headers.append(("Require", "timer"))
+            else:
+                headers.append(("Session-Expires", f"{interval};refresher=uas"))
         if status in (423, 422):
             headers.extend(("Min-SE", v) for v in response.headers.fields("Min-SE"))
         if status == 503 or status == 486 or status == 480:
@@ -2802,6 +2852,8 @@ class CallController:
                 sdp = parse_sdp(response)
             except SdpError:
                 sdp = None
+            if sdp is None:
+                sdp = answer
             if sdp is not None:
                 body, a_leg = self._rewrite(live, sdp, LegSide.A, live.call.a)
                 live.call = live.call.with_leg(LegSide.A, a_leg)
@@ -3160,6 +3212,15 @@ class CallController:
                 out.headers.add("Expires", value)
             out.invalidate()
         step = step + self._send_response(relayed.server, out, now, live.call.leg(side).realm)
+        if (
+            relayed.request.method in ("INVITE", "UPDATE")
+            and status < 300
+            and live.call.state is CallState.CONFIRMED
+        ):
+            # RFC 4028 10: the 2xx to a peer's own refresh restarts that leg's session
+            # interval, not the refresh's arrival: a refused one refreshes nothing, and
+            # that leg's session still ends on time.
+            self._arm_refresh(live, side, now)
         if relayed.request.method == "INVITE" and status < 300:
             self._expect_ack(live.call.call_ref, relayed.server, out, now)
         if live.is_subscription:
@@ -3287,6 +3348,13 @@ class CallController:
         min_se = ("Min-SE", str(int(self.timers.min_se)))
         return make_response(request, 422, to_tag=new_tag(), headers=[min_se])
 
+    def _callers_floor(self, live: _Live, request: Request) -> None:
+        """RFC 4028 9: the 2xx must not say less than the Min-SE of the request."""
+        floor = _delta_of(request.headers.get("Min-SE"))
+        if floor is not None and floor > self._interval(live, LegSide.A):
+            wanted = float(min(floor, MAX_SESSION_INTERVAL))
+            live.intervals = {**(live.intervals or {}), LegSide.A: wanted}
+
     def _shorter_interval(self, live: _Live, side: LegSide, message: Message) -> None:
         """Note a Session-Expires in ``message`` shorter than the configured interval."""
         seconds = _delta_of(message.headers.get("Session-Expires"))
@@ -3294,11 +3362,14 @@ class CallController:
             live.intervals = {**(live.intervals or {}), side: max(seconds, self.timers.min_se)}
 
     def _arm_refresh(self, live: _Live, side: LegSide, now: float) -> None:
-        """The B2BUA refreshes ``side`` at half the session interval (RFC 4028 10)."""
+        """The B2BUA refreshes ``side`` at half the session interval (RFC 4028 10);
+        a caller that is the refresher itself at three quarters, only if its own
+        refresh (due at half) did not come: two refreshers at once would glare."""
         interval = self._interval(live, side)
         if not interval:
             return
-        when = now + interval / 2
+        share = 0.75 if side is LegSide.A and live.a_refreshes else 0.5
+        when = now + interval * share
         live.refresh_at[side] = when
         self._schedule(
             when, live.call.call_ref, _Timer.REFRESH_A if side is LegSide.A else _Timer.REFRESH_B
@@ -3311,22 +3382,21 @@ class CallController:
         leg = live.call.leg(side)
         if leg.dialog is None:
             return Step()
-        if side in live.reinvite_pending:
-            self._arm_refresh(live, side, now)
+        if side in live.reinvite_pending or self._relaying_invite_from(live, side):
+            # RFC 3261 14.1: no INVITE while one is pending on that leg. Again soon:
+            # if that one fails, it refreshed nothing (RFC 4028 10).
+            self._refresh_later(live, side, now + REFRESH_RETRY, offer=offer)
             return Step()
         if self._layer_full():
             # At the transaction limit: again soon (the interval's second half is long).
-            when = now + REFRESH_RETRY
-            live.refresh_at[side] = when
-            timer = _Timer.REFRESH_A if side is LegSide.A else _Timer.REFRESH_B
-            self._schedule(when, live.call.call_ref, timer)
+            self._refresh_later(live, side, now + REFRESH_RETRY, offer=offer)
             return Step()
         allows_update = "UPDATE" in live.allows.get(side, frozenset())
         method = "UPDATE" if allows_update and not offer else "INVITE"
         body = b"" if method == "UPDATE" else live.sdp_sent.get(side, b"")
         headers = [
             ("Session-Expires", f"{int(self._interval(live, side))};refresher=uac"),
-            ("Supported", "timer"),
+            ("Supported", SUPPORTED_IN_DIALOG),
         ]
         if method == "INVITE":
             headers.append(("Allow", ALLOW))
@@ -3398,10 +3468,19 @@ class CallController:
             # own the Call-ID (the B leg's), else 0-2 s.
             low, high = (2.1, 4.0) if side is LegSide.B else (0.0, 2.0)
             when = now + low + (high - low) * secrets.randbelow(1000) / 1000
-            live.refresh_at[side] = when
-            timer = _Timer.REFRESH_A if side is LegSide.A else _Timer.REFRESH_B
-            self._schedule(when, live.call.call_ref, timer)
+            # The retry is the same request: a re-INVITE re-offers (``_roll_back``'s
+            # offer must not become a body-less UPDATE).
+            self._refresh_later(live, side, when, offer=tx.request.method == "INVITE")
         return step
+
+    def _refresh_later(self, live: _Live, side: LegSide, when: float, *, offer: bool) -> None:
+        """Refresh ``side`` at ``when`` (instead of any refresh armed before)."""
+        live.refresh_at[side] = when
+        if side is LegSide.A:
+            timer = _Timer.REOFFER_A if offer else _Timer.REFRESH_A
+        else:
+            timer = _Timer.REOFFER_B if offer else _Timer.REFRESH_B
+        self._schedule(when, live.call.call_ref, timer)
 
     # -- ending --------------------------------------------------------------------------
 
@@ -3596,6 +3675,30 @@ def _sipfrag_status(body: bytes) -> bytes:
     line, _, _ = body.partition(b"\n")
     line = line.rstrip(b"\r")
     return line + b"\r\n" if line else b""
+
+
+def _reliable_rseq(response: Response) -> int | None:
+    """The RSeq of a reliable provisional (RFC 3262 7.1), None for any other."""
+    if "100rel" not in {t.lower() for t in response.tokens("Require")}:
+        return None
+    text = (response.headers.get("RSeq") or "").strip()
+    return int(text) if text.isdigit() else None
+
+
+def _carries_sdp(request: Request) -> bool:
+    """Whether ``request`` carries an SDP body (an offer, in an UPDATE: RFC 3311 5)."""
+    try:
+        return parse_sdp(request) is not None
+    except SdpError:
+        return False  # answered by _relay (400/488)
+
+
+def _asks_to_refresh(request: Request) -> bool:
+    """RFC 4028 9: the UAC supports session timers and chose to refresh itself."""
+    tags = {t.lower() for t in (*request.tokens("Supported"), *request.tokens("Require"))}
+    value = request.headers.get("Session-Expires") or ""
+    params = {p.strip().lower().replace(" ", "") for p in value.split(";")[1:]}
+    return "timer" in tags and "refresher=uac" in params
 
 
 def _delta_of(value: str | None) -> int | None:
