@@ -264,7 +264,14 @@ class TargetSource(Protocol):
 
     def trunk(self, name: str, uri: Uri, now: float) -> TrunkPlan | None: ...
 
-    def call_result(self, trunk: str, gateway: str, status: int | None, now: float) -> None: ...
+    def call_result(
+        self,
+        trunk: str,
+        gateway: str,
+        status: int | None,
+        now: float,
+        retry_after: float | None = None,
+    ) -> None: ...
 
     def due_probes(self, now: float) -> list[tuple[str, Gateway, Destination]]: ...
 
@@ -289,7 +296,14 @@ class NoTargets:
     def trunk(self, name: str, uri: Uri, now: float) -> TrunkPlan | None:
         return None
 
-    def call_result(self, trunk: str, gateway: str, status: int | None, now: float) -> None:
+    def call_result(
+        self,
+        trunk: str,
+        gateway: str,
+        status: int | None,
+        now: float,
+        retry_after: float | None = None,
+    ) -> None:
         return None
 
     def due_probes(self, now: float) -> list[tuple[str, Gateway, Destination]]:
@@ -548,6 +562,9 @@ class _Live:
     forks: dict[ClientInviteTransaction, _Fork] = field(default_factory=dict)
     winner: _Fork | None = None
     best: Response | None = None
+    #: The best final answer of the gateways failed over from (RFC 3261 16.7 step 6:
+    #: the caller hears the best of all attempts, not the last one's).
+    tried_best: Response | None = None
     attempts: int = 0
     redirects: int = 0
     session: MediaSession | None = None
@@ -1023,6 +1040,12 @@ class CallController:
                 else trunk_realm.listener(destination.transport, destination.host)
             )
             if trunk_realm is None or local is None:
+                # Unreachable from its realm (a TLS gateway where the realm listens on
+                # UDP only, say): a failed probe, so it is not due again at once (the
+                # timer would fire without end) and the gateway is marked down.
+                logger.warning("x probe %s: no listener towards %s", gateway.key, destination)
+                self.targets.probe_sent(trunk, gateway.key, now)
+                self.targets.probe_result(trunk, gateway.key, None, now)
                 continue
             request = probe_request(
                 gateway,
@@ -1040,7 +1063,10 @@ class CallController:
             try:
                 client, out = self._send_request(request, hop, now)
             except TransactionError as exc:
+                # At the transaction limit: as a probe lost on the way (its timeout
+                # counts), not due again at once.
                 logger.warning("x probe %s: %s", gateway.key, exc)
+                self.targets.probe_sent(trunk, gateway.key, now)
                 continue
             self.targets.probe_sent(trunk, gateway.key, now)
             self._by_client[client] = _ByRole("", "probe", probe=(trunk, gateway.key))
@@ -2676,12 +2702,23 @@ class CallController:
             return self._update_media(live) + self._retry(live, now)
         if live.pending and (best.status in live.failover or best.status == 0):
             logger.info("- call %s: %d, trying the next gateway", call.call_ref, best.status)
+            if live.tried_best is None or _better(best, live.tried_best):
+                live.tried_best = best
             return self._retry(live, now)
-        step = self._answer_a(live, self._to_a(live, best), now)
+        if live.tried_best is not None and _better(live.tried_best, best):
+            best = live.tried_best
         reason = EndReason.REJECTED
         if best.status in (408, 503) and best.to.tag is None:
             # Synthesized for a timeout or a transport failure: nobody answered.
             reason = EndReason.TRANSPORT_ERROR
+        if best.status == 503 and best.to.tag is not None:
+            # RFC 3261 16.7 step 6: a callee's or gateway's 503 is not passed on, 500
+            # instead. Its Retry-After would tell the caller (a carrier, say) that the
+            # SBC itself is out of service (21.5.4, RFC 3263 4.3), for every call.
+            a_response = make_response(live.a_request, 500, to_tag=live.call.a.local_tag)
+            step = self._answer_a(live, a_response, now)
+            return step + self._end(live, 500, reason, LegSide.B, now)
+        step = self._answer_a(live, self._to_a(live, best), now)
         return step + self._end(live, best.status, reason, LegSide.B, now)
 
     def _gateway_result(self, live: _Live, fork: _Fork, response: Response, now: float) -> None:
@@ -2689,7 +2726,10 @@ class CallController:
         if trunk is None or gateway is None:
             return
         synthesized = response.to.tag is None and response.status in (408, 503)
-        self.targets.call_result(trunk, gateway, None if synthesized else response.status, now)
+        status = None if synthesized else response.status
+        # RFC 3261 21.5.4, RFC 3263 4.3: a 503's Retry-After keeps that gateway out.
+        retry_after = _retry_after(response) if status == 503 else None
+        self.targets.call_result(trunk, gateway, status, now, retry_after=retry_after)
 
     def _retry(self, live: _Live, now: float) -> Step:
         live.forks.clear()
@@ -3699,6 +3739,12 @@ def _asks_to_refresh(request: Request) -> bool:
     value = request.headers.get("Session-Expires") or ""
     params = {p.strip().lower().replace(" ", "") for p in value.split(";")[1:]}
     return "timer" in tags and "refresher=uac" in params
+
+
+def _retry_after(response: Response) -> float | None:
+    """The delta-seconds of a Retry-After (RFC 3261 20.33: a comment and params may
+    follow), or None."""
+    return _delta_of((response.headers.get("Retry-After") or "").split("(", 1)[0] or None)
 
 
 def _delta_of(value: str | None) -> int | None:

@@ -301,7 +301,14 @@ class StubTargets(NoTargets):
     def trunk(self, name: str, uri: Uri, now: float) -> TrunkPlan | None:
         return self.plan
 
-    def call_result(self, trunk: str, gateway: str, status: int | None, now: float) -> None:
+    def call_result(
+        self,
+        trunk: str,
+        gateway: str,
+        status: int | None,
+        now: float,
+        retry_after: float | None = None,
+    ) -> None:
         self.results.append((trunk, gateway, status))
 
     def trunk_realm(self, trunk: str) -> str | None:
