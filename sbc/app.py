@@ -521,20 +521,25 @@ class SbcNode:
                         # A bug here must not end DNS refresh for every trunk for good.
                         logger.exception("x trunk gateway %s: resolution failed", gateway.host)
                         continue
-                    for hop in found:
-                        if hop.transport.name.lower() == gateway.transport.value:
-                            destination = Destination(
-                                gateway.transport, normalize_host(hop.address), hop.port
-                            )
-                            if self.directory.resolved.get(gateway.key) != destination:
-                                logger.info(
-                                    "- trunk gateway %s resolved to %s port %d",
-                                    gateway.host,
-                                    destination.host,
-                                    destination.port,
-                                )
-                            self.directory.resolved[gateway.key] = destination
-                            break
+                    # Every address of the gateway's transport, in RFC 3263 order: a
+                    # call fails over from one to the next (4.3).
+                    destinations = tuple(
+                        Destination(gateway.transport, normalize_host(hop.address), hop.port)
+                        for hop in found
+                        if hop.transport.name.lower() == gateway.transport.value
+                    )
+                    if not destinations:
+                        continue
+                    known = self.directory.resolved.get(gateway.key, ())
+                    if [(d.host, d.port) for d in known] != [
+                        (d.host, d.port) for d in destinations
+                    ]:
+                        logger.info(
+                            "- trunk gateway %s resolved to %s",
+                            gateway.host,
+                            ", ".join(f"{d.host} port {d.port}" for d in destinations),
+                        )
+                        self.directory.resolved[gateway.key] = destinations
             await asyncio.sleep(60.0)
 
     def _udp_listener(self, host: str, port: int) -> UdpListener | None:

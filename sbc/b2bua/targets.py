@@ -57,11 +57,19 @@ class Directory:
         self.user_exists = user_exists
         self.wall = wall
         self.rng = rng or random.Random()
-        #: RFC 3263 results for gateways with a host name, by gateway key.
-        self.resolved: dict[str, Destination] = {}
+        #: RFC 3263 results for gateways with a host name, by gateway key: every
+        #: address of the gateway's transport, in the order to try them (4.3).
+        self.resolved: dict[str, tuple[Destination, ...]] = {}
 
     def destination(self, gateway: Gateway) -> Destination | None:
-        """Where a gateway is reached now; None while its name is unresolved.
+        """Where a gateway is reached first (its probes go there); None while its
+        name is unresolved."""
+        found = self.destinations(gateway)
+        return found[0] if found else None
+
+    def destinations(self, gateway: Gateway) -> tuple[Destination, ...]:
+        """Every address of a gateway in RFC 3263 order: a call fails over from one
+        to the next (4.3) before the next gateway; empty while the name is unresolved.
 
         A TLS gateway given by name carries that name as ``tls_name``: RFC 5922 4,
         its certificate must name the SIP domain the request was routed to (the
@@ -69,12 +77,15 @@ class Directory:
         """
         static = gateway.static_destination
         if static is not None:
-            return static
-        found = self.resolved.get(gateway.key)
-        if found is None or found.transport is not Transport.TLS or found.tls_name is not None:
+            return (static,)
+        found = self.resolved.get(gateway.key, ())
+        if all(d.transport is not Transport.TLS or d.tls_name is not None for d in found):
             return found
-        named = replace(found, tls_name=normalize_host(gateway.host))
-        # Kept, so the next call to this gateway reuses it (until the next lookup).
+        name = normalize_host(gateway.host)
+        named = tuple(
+            replace(d, tls_name=name) if d.transport is Transport.TLS else d for d in found
+        )
+        # Kept, so the next call to this gateway reuses them (until the next lookup).
         self.resolved[gateway.key] = named
         return named
 
@@ -102,30 +113,32 @@ class Directory:
         if state is None:
             return None
         user, _ = uri_user_host(uri)
-        # None: every gateway (Trunk.max_attempts), the controller's cap aside.
-        attempts = state.trunk.max_attempts or len(state.trunk.gateways)
-        targets = []
+        targets: list[Target] = []
         tried: set[tuple[Transport, str, int]] = set()
-        # Every usable gateway in order, unresolved ones left out before the plan is
-        # cut to max_attempts: a name DNS has not answered yet uses up no attempt.
+        # Every usable gateway in order, each address of its name in turn (RFC 3263
+        # 4.3), unresolved ones left out before the plan is cut to max_attempts: a
+        # name DNS has not answered yet uses up no attempt.
         for gateway in state.ordered(self.rng, now):
-            destination = self.destination(gateway)
-            if destination is None:
-                continue
-            # Two gateways that reach one address (two names of one host, a port
-            # given and left to the default): a failover to the same server after
-            # its 503 or timeout gets the same answer (RFC 3263 4.3: the next
-            # server), and would use up an attempt.
-            address = (destination.transport, destination.host, destination.port)
-            if address in tried:
-                continue
-            tried.add(address)
-            targets.append(
-                Target(state.trunk.realm, destination, gateway_uri(gateway, user), gateway.key)
-            )
-            if len(targets) >= attempts:
-                break
-        return TrunkPlan(state.trunk.realm, tuple(targets), attempts, state.trunk.failover_statuses)
+            for destination in self.destinations(gateway):
+                # Two gateways that reach one address (two names of one host, a port
+                # given and left to the default): a failover to the same server after
+                # its 503 or timeout gets the same answer (RFC 3263 4.3: the next
+                # server), and would use up an attempt.
+                address = (destination.transport, destination.host, destination.port)
+                if address in tried:
+                    continue
+                tried.add(address)
+                request_uri = gateway_uri(gateway, user)
+                targets.append(Target(state.trunk.realm, destination, request_uri, gateway.key))
+        # None: every address of every gateway (Trunk.max_attempts), the controller's
+        # cap aside.
+        attempts = state.trunk.max_attempts or len(targets)
+        return TrunkPlan(
+            state.trunk.realm,
+            tuple(targets[:attempts]),
+            attempts,
+            state.trunk.failover_statuses,
+        )
 
     def call_result(
         self,

@@ -146,8 +146,8 @@ def test_a_second_gateway_reaching_the_same_address_is_not_tried_again() -> None
     table = TrunkTable([Trunk("pstn", "inside", (a, b, c, d, e), max_attempts=3)])
     directory = Directory(table, rng=random.Random(1))
     same = Destination(Transport.UDP, "203.0.113.20", 5060)
-    directory.resolved[a.key] = same
-    directory.resolved[b.key] = same
+    directory.resolved[a.key] = (same,)
+    directory.resolved[b.key] = (same,)
     plan = plan_of(directory)
     assert destinations(plan) == [
         same,
@@ -174,7 +174,7 @@ def test_an_unresolved_gateway_s_probe_does_not_keep_the_timer_in_the_past() -> 
     directory = Directory(table)
     assert directory.due_probes(100.0) == []
     assert directory.next_probe() == 130.0
-    directory.resolved[named.key] = Destination(Transport.UDP, "203.0.113.30", 5060)
+    directory.resolved[named.key] = (Destination(Transport.UDP, "203.0.113.30", 5060),)
     assert directory.due_probes(120.0) == []
     assert [g for _, g, _ in directory.due_probes(130.0)] == [named]
 
