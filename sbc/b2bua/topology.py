@@ -5,7 +5,10 @@ reaches the other: Via, Route, Record-Route, Contact, Call-ID, tags and branch a
 the B2BUA's own on each leg (built by the controller), only the headers on the
 receiving realm's keep-list are copied, and SDP ``o=``/``c=``/``m=`` (and ``a=rtcp``)
 name the media relay, with ICE attributes (candidates are addresses) and the
-``i= u= e= p= k=`` lines dropped.
+``i= u= e= p= k=`` lines dropped. Kept headers that name other things of the other
+leg are cut down as they cross: URIs naming hosts in Alert-Info, Call-Info and
+Error-Info, warn-agents in Warning, and the dialog references (Join, Target-Dialog,
+In-Reply-To) not at all.
 """
 
 from __future__ import annotations
@@ -93,6 +96,22 @@ PER_LEG_HEADERS: Final = frozenset(
 #: What a keep-list never lets across.
 NEVER_KEPT: Final = GENERATED_HEADERS | PER_LEG_HEADERS
 
+#: Headers that name a dialog or call of the other leg by its Call-ID and tags
+#: (Target-Dialog, RFC 4538; Join, RFC 3911; In-Reply-To, RFC 3261 20.21): on this
+#: leg they name nothing the peer knows, and they are the other leg's identifiers.
+#: A keep-list does not copy them (header rules may still add or strip them).
+DIALOG_REFERENCE_HEADERS: Final = frozenset({"target-dialog", "join", "in-reply-to"})
+
+#: Kept headers whose values are lists of ``<URI>;params`` (RFC 3261 20.4, 20.9,
+#: 20.18): only the elements whose URI names no host, or a loopback one, cross
+#: (RFC 7462 ``urn:alert:`` URNs, the ``http://127.0.0.1/Bellcore-dr2`` hints PBXs
+#: send); one naming a host names a server of the other realm.
+URI_LIST_HEADERS: Final = frozenset({"alert-info", "call-info", "error-info"})
+
+#: The warn-agent of every copied Warning (RFC 3261 20.43: a hostport, or a
+#: pseudonym): the other realm's host never crosses in it.
+WARN_AGENT: Final = "-"
+
 #: SDP attributes that name the other side: ICE candidates and credentials carry its
 #: addresses; RFC 5576 ssrc attributes carry its CNAME (often user@host) and msid;
 #: RFC 4570 source-filter lists its source addresses; RFC 4975 path is the
@@ -100,9 +119,23 @@ NEVER_KEPT: Final = GENERATED_HEADERS | PER_LEG_HEADERS
 #: version (what a scanner looks for), a=msid-semantic goes with the msid dropped.
 #: Lower case: names are matched case-insensitively (RFC 5234 2.3, the quoted names
 #: of their grammars).
-HIDDEN_SDP_ATTRIBUTES: Final = ICE_ATTRIBUTE_NAMES | frozenset(
-    {"ssrc", "ssrc-group", "msid", "msid-semantic", "source-filter", "path", "tool"}
+HIDDEN_SDP_ATTRIBUTES: Final = (
+    ICE_ATTRIBUTE_NAMES
+    | frozenset(
+        {"ssrc", "ssrc-group", "msid", "msid-semantic", "source-filter", "path", "tool", "altc"}
+    )
+    | frozenset(
+        # SDP capability negotiation (RFC 5939, 6871, 7006): a=acap carries any attribute
+        # of the other side (its a=crypto key, candidates), a=ccap its addresses; the
+        # configurations refer to them, and the relay negotiates none.
+        {"acap", "tcap", "pcfg", "acfg", "csup", "creq", "ccap"}
+        | {"rmcap", "omcap", "mfcap", "mscap", "lcfg", "sescap"}
+    )
 )
+
+#: Attribute names of experiments and vendors (``a=x-nat``, ``a=X-relay-addr``): one
+#: vendor's words, often its NAT and relay addresses, that the relay cannot vouch for.
+VENDOR_SDP_PREFIX: Final = "x-"
 
 #: SDP attributes that carry a side's media keys: SDES (RFC 4568) and MIKEY (RFC
 #: 4567). They cross only between two passthrough realms; otherwise each leg gets
@@ -137,7 +170,10 @@ def copy_kept_headers(source: Message, target: Message, realm: Realm) -> int:
 
     Names are compared by lookup key, so the compact form of a generated header
     (``v``, ``f``, ``m`` ...) never crosses either. None of the copied headers is one
-    a parsed view of ``target`` is computed from (those are all generated).
+    a parsed view of ``target`` is computed from (those are all generated). The
+    :data:`DIALOG_REFERENCE_HEADERS` never cross; :data:`URI_LIST_HEADERS` cross
+    without their URIs naming hosts, Warning with :data:`WARN_AGENT` for its agents
+    (a header left with nothing is not copied).
     """
     keep = realm.keep_headers
     if not keep:
@@ -145,10 +181,113 @@ def copy_kept_headers(source: Message, target: Message, realm: Realm) -> int:
     copied = 0
     for name, value in source.headers:
         key = header_key(name)
-        if key in keep and key not in NEVER_KEPT:
+        if key not in keep or key in NEVER_KEPT or key in DIALOG_REFERENCE_HEADERS:
+            continue
+        if key in URI_LIST_HEADERS:
+            value = _without_hosts(value)
+        elif key == "warning":
+            value = _warnings_of_nobody(value)
+        if value:
             target.headers.add(name, value)
             copied += 1
     return copied
+
+
+def _list_elements(value: str) -> list[str]:
+    """The elements of a comma-separated header value (RFC 3261 7.3.1), commas
+    inside ``<>`` and quoted strings left alone; stripped, empty ones dropped."""
+    elements: list[str] = []
+    start = 0
+    quoted = escaped = False
+    angle = 0
+    for index, char in enumerate(value):
+        if quoted:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                quoted = False
+        elif char == '"':
+            quoted = True
+        elif char == "<":
+            angle += 1
+        elif char == ">":
+            angle = max(0, angle - 1)
+        elif char == "," and not angle:
+            elements.append(value[start:index])
+            start = index + 1
+    elements.append(value[start:])
+    return [element.strip() for element in elements if element.strip()]
+
+
+#: URI schemes whose text after the colon is ``[user@]host`` (RFC 3261 19.1.1).
+_HOST_SCHEMES: Final = frozenset({"sip", "sips"})
+
+
+def _uri_host(uri: str) -> str | None:
+    """The host a URI names (lower case, no port or brackets), None when it names
+    none (``urn:``, ``tel:``, ``cid:``, a bare token)."""
+    scheme, colon, rest = uri.partition(":")
+    if not colon:
+        return uri.lower() if "." in uri else None  # a bare name with dots: a host
+    if rest.startswith("//"):
+        authority = re.split(r"[/?#]", rest[2:], maxsplit=1)[0]
+    else:
+        authority = re.split(r"[;?#]", rest, maxsplit=1)[0]
+        if "@" not in authority and scheme.lower() not in _HOST_SCHEMES:
+            return None
+    host = authority.rpartition("@")[2]
+    if host.startswith("["):
+        return host[1:].partition("]")[0].lower()
+    return host.partition(":")[0].lower()
+
+
+def _names_no_host(uri: str) -> bool:
+    host = _uri_host(uri)
+    if host is None or host == "localhost":
+        return True
+    try:
+        return ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _without_hosts(value: str) -> str:
+    """A URI-list value (Alert-Info, Call-Info, Error-Info) without the elements whose
+    URI names a host. An element without ``<URI>`` (not the grammar's, but phones
+    send ``info=alert-autoanswer`` so) crosses when it has no URI or address in it."""
+    elements = _list_elements(value)
+    kept = [
+        element
+        for element in elements
+        if (
+            element.startswith("<")
+            and ">" in element
+            and _names_no_host(element[1 : element.index(">")].strip())
+        )
+        or (not element.startswith("<") and ":" not in element and "@" not in element)
+    ]
+    if len(kept) < len(elements):
+        logger.debug(
+            "- %d of %d URIs naming a host not copied", len(elements) - len(kept), len(elements)
+        )
+    return ", ".join(kept)
+
+
+#: RFC 3261 20.43: warn-code SP warn-agent SP warn-text (a quoted string).
+_WARNING: Final = re.compile(r'([0-9]{3})[ \t]+\S+[ \t]+("(?:[^"\\]|\\.)*")')
+
+
+def _warnings_of_nobody(value: str) -> str:
+    """A Warning value with :data:`WARN_AGENT` for each warn-agent; malformed
+    elements dropped (their agent cannot be told from their text)."""
+    out = []
+    for element in _list_elements(value):
+        match = _WARNING.fullmatch(element)
+        if match is not None:
+            out.append(f"{match[1]} {WARN_AGENT} {match[2]}")
+    return ", ".join(out)
 
 
 def sip_uri_for(listen: ListenAddress, user: str | None = None, *, params: bool = True) -> str:
@@ -391,8 +530,10 @@ def rewrite_sdp(
         if isinstance(line, Attribute):
             name = line.name.lower()
             # A session-level a=crypto (RFC 4568 defines none, some endpoints send
-            # one) is that side's key as much as a media-level one.
-            if name in HIDDEN_SDP_ATTRIBUTES or (name in KEY_ATTRIBUTES and not passthrough):
+            # one) is that side's key as much as a media-level one; a session-level
+            # a=rtcp (RFC 3605 defines none either) its RTCP address, which no relay
+            # port stands for.
+            if _hidden(name) or (name in KEY_ATTRIBUTES and not passthrough) or name == "rtcp":
                 continue
         elif isinstance(line, Connection):
             line = LEGACY_HOLD if line.host == "0.0.0.0" else connection
@@ -409,7 +550,7 @@ def rewrite_sdp(
         for line in section.lines:
             if isinstance(line, Attribute):
                 name = line.name.lower()
-                if name in HIDDEN_SDP_ATTRIBUTES or (name in KEY_ATTRIBUTES and not passthrough):
+                if _hidden(name) or (name in KEY_ATTRIBUTES and not passthrough):
                     continue
                 if name == "rtcp" and line.name != "rtcp":
                     line = Attribute("rtcp", line.value)
@@ -491,6 +632,11 @@ def rewrite_sdp(
     if version == leg.sdp_version and digest == leg.sdp_digest:
         return body, leg
     return body, evolve(leg, sdp_version=version, sdp_digest=digest)
+
+
+def _hidden(name: str) -> bool:
+    """Whether an SDP attribute (its lower-case name) never crosses to the other side."""
+    return name in HIDDEN_SDP_ATTRIBUTES or name.startswith(VENDOR_SDP_PREFIX)
 
 
 def _after_last(lines: list[SdpLine], types: str) -> int:
