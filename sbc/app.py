@@ -616,7 +616,7 @@ class SbcNode:
         self.calls.register_relays = dict(relays)
         self.directory.relayed = [port.relay.location for port in relays.values()]
         self.trunks.reconfigure(assembly.trunks(config))
-        assembly.reconfigure_admission(self.admission, config)
+        assembly.reconfigure_admission(self.admission, config, now=time.monotonic())
 
     def _bound(self) -> tuple[ListenAddress, ...] | None:
         """The listeners as bound (ephemeral ports resolved), in configuration order."""

@@ -65,9 +65,13 @@ def admission(config: Config) -> AdmissionControl:
     return AdmissionControl(realms, trunks, retry_after=config.calls.retry_after)
 
 
-def reconfigure_admission(control: AdmissionControl, config: Config) -> None:
+def reconfigure_admission(
+    control: AdmissionControl, config: Config, *, now: float | None = None
+) -> None:
+    """New limits; ``now`` (monotonic): the buckets are filled at the old rates up
+    to the reload, so the time before it is credited as it was earned."""
     realms, trunks = admission_limits(config)
-    control.reconfigure(realms, trunks, config.calls.retry_after)
+    control.reconfigure(realms, trunks, config.calls.retry_after, now=now)
 
 
 def realm_policies(config: Config) -> dict[str, RealmPolicy]:

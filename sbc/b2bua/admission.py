@@ -12,7 +12,7 @@ realm does not spend its trunk's rate token.
 A refused call is answered ``503 Service Unavailable`` (RFC 3261 21.5.4) with a
 ``Retry-After`` (RFC 3261 20.33): for a rate refusal, the seconds until the scope
 has a token again; for a concurrency refusal, the configured value (when a call
-ends cannot be known).
+ends cannot be known). When several scopes refuse, the longest of their waits.
 
 Before any scope, the node itself: while its ``busy`` check says it cannot set up
 more calls in time (the SBC's media set-up queue is full), every new call is
@@ -32,7 +32,7 @@ import itertools
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final
 
 __all__ = [
@@ -223,30 +223,38 @@ class AdmissionControl:
 
         The node's ``busy`` check comes first, then the scopes in order (realms as
         given, then the trunk), concurrency before rate; the first refusal is
-        returned and nothing is charged. When
-        every scope agrees, each holds one more call and spends one rate token.
+        returned, with the longest Retry-After of every scope that refuses, and
+        nothing is charged. When every scope agrees, each holds one more call and
+        spends one rate token.
         """
         if self.busy is not None and self.busy():
             self._state(_NODE).refused_busy += 1
             return Refused(AdmissionScope.NODE, NODE, RefusalReason.BUSY, self._retry_after)
         ticket = self._ticket(realms, trunk)
         keys = ticket.scopes
-        for key in keys:
+        for index, key in enumerate(keys):
             refusal = self._check(key, now)
-            if refusal is not None:
-                state = self._state(key)
-                if refusal.reason is RefusalReason.CONCURRENT:
-                    state.refused_concurrent += 1
-                else:
-                    state.refused_rate += 1
-                logger.debug(
-                    "x call refused by %s %s: %s, retry after %d s",
-                    refusal.scope.value,
-                    refusal.name,
-                    refusal.reason.value,
-                    refusal.retry_after,
-                )
-                return refusal
+            if refusal is None:
+                continue
+            state = self._state(key)
+            if refusal.reason is RefusalReason.CONCURRENT:
+                state.refused_concurrent += 1
+            else:
+                state.refused_rate += 1
+            # The first refusal names the scope; the wait is the longest of every
+            # scope that refuses now, so a caller that honours Retry-After is not
+            # refused again by the next one (the realm had a token, the trunk not).
+            later = (self._check(other, now) for other in keys[index + 1 :])
+            wait = max([refusal.retry_after, *(r.retry_after for r in later if r is not None)])
+            refusal = replace(refusal, retry_after=wait)
+            logger.debug(
+                "x call refused by %s %s: %s, retry after %d s",
+                refusal.scope.value,
+                refusal.name,
+                refusal.reason.value,
+                refusal.retry_after,
+            )
+            return refusal
         for key in keys:
             state = self._state(key)
             if self._limits.get(key, _UNLIMITED).calls_per_second is not None:
@@ -294,12 +302,20 @@ class AdmissionControl:
         realms: Mapping[str, Limits],
         trunks: Mapping[str, Limits],
         retry_after: int = DEFAULT_RETRY_AFTER,
+        *,
+        now: float | None = None,
     ) -> None:
         """New limits for new calls; calls in progress stay counted and releasable.
 
         A bucket keeps its tokens (capped at the new burst); a scope that gains a
-        rate limit starts with a full bucket.
+        rate limit starts with a full bucket. With ``now`` (the time of the reload)
+        each bucket is first filled up to ``now`` at its old rate: without it, the
+        time since the bucket's last call is filled at the new rate, so lowering a
+        rate would also take back tokens earned under the old one.
         """
+        if now is not None:
+            for key, state in self._states.items():
+                self._refill(state, self._limits.get(key, _UNLIMITED), now)
         self._configure(realms, trunks, retry_after)
         logger.info(
             "- admission limits: %d realms, %d trunks, retry after %d s",
@@ -380,16 +396,25 @@ class AdmissionControl:
             return None
         if state.updated is None:
             state.tokens, state.updated = float(burst), now
-        elif now > state.updated:
+        else:
             # Refilling is not charging: the bucket is brought to ``now`` either way.
-            state.tokens = min(float(burst), state.tokens + (now - state.updated) * rate)
-            state.updated = now
+            self._refill(state, limits, now)
         # One threshold for both answers, so a caller retrying after ``retry_after``
         # seconds is admitted and one retrying a second earlier is not.
         if state.tokens >= _WHOLE_TOKEN:
             return None
         retry_after = max(1, math.ceil((_WHOLE_TOKEN - state.tokens) / rate))
         return Refused(scope, name, RefusalReason.RATE, retry_after)
+
+    @staticmethod
+    def _refill(state: _ScopeState, limits: Limits, now: float) -> None:
+        """Bring a started bucket to ``now`` at ``limits``' rate; a clock that went
+        back refills nothing (and moves nothing back)."""
+        rate, burst = limits.calls_per_second, limits.burst
+        if rate is None or burst is None or state.updated is None or now <= state.updated:
+            return
+        state.tokens = min(float(burst), state.tokens + (now - state.updated) * rate)
+        state.updated = now
 
 
 _UNLIMITED: Final = Limits()
