@@ -603,6 +603,10 @@ class _Live:
     #: Sides that accepted a relayed REFER and have not sent its terminating NOTIFY:
     #: the REFER's subscription outlives the call's BYE (``_Referral``).
     notifiers: frozenset[LegSide] = frozenset()
+    #: Their REFERs' subscriptions, per notifier side: the CSeq of each REFER as
+    #: relayed to it (the Event id of its NOTIFYs, RFC 3515 2.4.6) -> the CSeq the
+    #: referrer gave it, which the NOTIFYs relayed back name instead.
+    refer_ids: dict[LegSide, dict[int, int]] | None = None
     #: Both realms pass SRTP through: a=crypto crosses, the relay does not terminate it.
     srtp_passthrough: bool = False
     #: Late offer: the sides whose realm leaves RTP or SRTP to the first offer, which
@@ -678,6 +682,8 @@ class _Orphan:
     expires: float
     #: Remote tags of the dialogs already hung up: a retransmitted 2xx gets the ACK again.
     byed: set[str] = field(default_factory=set)
+    #: Its CANCEL waits for a provisional response (RFC 3261 9.1).
+    cancel_pending: bool = False
 
 
 @dataclass(eq=False, slots=True)
@@ -691,6 +697,8 @@ class _Referral:
     notifier: CallLeg
     referrer: CallLeg
     expires: float
+    #: The open subscriptions' Event ids, as in ``_Live.refer_ids``.
+    ids: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1466,7 +1474,7 @@ class CallController:
         replaces, replaced = None, None
         replaces_text = request.headers.get("Replaces")
         if replaces_text is not None:
-            found = self._replaced(replaces_text)
+            found = self._replaced(replaces_text, request.from_.tag)
             if found is None:
                 # RFC 3891 3: no dialog of ours matches.
                 response = make_response(request, 481, to_tag=new_tag())
@@ -2080,6 +2088,10 @@ class CallController:
         if request.method == "REFER" and not self._policy(leg.realm).refer_relay:
             response = make_response(request, 403, "Transfer Not Allowed")
             return self._send_response(tx, response, now, leg.realm)
+        if request.method == "REFER" and len(request.addresses("Refer-To")) != 1:
+            # RFC 3515 2.4.1: exactly one Refer-To.
+            response = make_response(request, 400, "Exactly One Refer-To Required")
+            return self._send_response(tx, response, now, leg.realm)
         if request.method == "INVITE" and live.reinvite_pending & {side, side.other}:
             if self._relaying_invite_from(live, side):
                 # RFC 3261 14.2: its own INVITE still unanswered: 500, Retry-After 0-10 s.
@@ -2169,10 +2181,15 @@ class CallController:
             extra.extend((name, value) for value in request.headers.fields(name))
         if request.method == "REFER":
             extra.extend(self._refer_headers(request, leg))
+            extra.extend(_norefersub(request, realm_to))
         elif request.method == "NOTIFY" and _refer_event(request):
             body = _sipfrag_status(body)
+            ids = (live.refer_ids or {}).get(side, {})
+            extra = _refer_notify_headers(request, ids, extra)
             if _terminated(request):
-                live.notifiers = live.notifiers - {side}
+                _subscription_ended(request, ids)
+                if not ids:
+                    live.notifiers = live.notifiers - {side}
         if request.method == "INVITE":
             extra.append(("Allow", ALLOW))
             extra.append(("Supported", SUPPORTED_IN_DIALOG))
@@ -2236,11 +2253,12 @@ class CallController:
                 out.append(("Refer-To", f"<{uri}?Replaces={escaped}>"))
         return out
 
-    def _replaced(self, value: str) -> tuple[str, CallLeg] | None:
+    def _replaced(self, value: str, sender_tag: str | None = None) -> tuple[str, CallLeg] | None:
         """A Replaces value (RFC 3891) naming one of the SBC's dialogs as its peer
         knows it (``call-id;to-tag=<the SBC's tag>;from-tag=<the peer's>``), rewritten
         as the far side of that call knows its own leg, and that leg; None if it
-        names none."""
+        names none. With ``sender_tag`` (the From tag of the INVITE carrying it),
+        also a leg named as its far peer knows it, unchanged, and that leg."""
         call_id, _, rest = value.strip().partition(";")
         params: dict[str, str] = {}
         for item in rest.split(";"):
@@ -2249,9 +2267,28 @@ class CallController:
         to_tag, from_tag = params.get("to-tag"), params.get("from-tag")
         if not call_id.strip() or not to_tag or not from_tag:
             return None
-        found = self._by_dialog.get((call_id.strip(), to_tag))
-        live = None if found is None else self._calls.get(found[0])
-        if found is None or live is None or live.is_subscription:
+        call_id = call_id.strip()
+        early = ";early-only" if "early-only" in params else ""
+        found = self._by_dialog.get((call_id, to_tag))
+        if found is None:
+            if sender_tag is None or sender_tag == to_tag:
+                # The sender's own tag as the to-tag (the recipient's, RFC 3891 3):
+                # it names itself the recipient; no dialog of ours.
+                return None
+            # The dialog as its far peer knows it (to-tag the peer's, from-tag ours):
+            # the value ``_refer_headers`` wrote into a relayed Refer-To, which
+            # points the transferee back at the SBC. It goes on unchanged, to that
+            # peer (RFC 3891 3: the to-tag is the recipient's local tag).
+            mine = self._by_dialog.get((call_id, from_tag))
+            live = None if mine is None else self._calls.get(mine[0])
+            if mine is None or live is None or live.is_subscription:
+                return None
+            leg = live.call.leg(mine[1])
+            if leg.dialog is None or leg.dialog.remote_tag != to_tag:
+                return None
+            return f"{call_id};to-tag={to_tag};from-tag={from_tag}{early}", leg
+        live = self._calls.get(found[0])
+        if live is None or live.is_subscription:
             return None
         side = found[1]
         dialog = live.call.leg(side).dialog
@@ -2260,7 +2297,6 @@ class CallController:
         other = live.call.leg(side.other)
         if other.dialog is None or not other.dialog.remote_tag:
             return None
-        early = ";early-only" if "early-only" in params else ""
         mapped = f"{other.call_id};to-tag={other.dialog.remote_tag};from-tag={other.local_tag}"
         return mapped + early, other
 
@@ -2454,6 +2490,8 @@ class CallController:
             if again is not None:
                 return again
             if role.role == "invite":
+                if isinstance(tx, ClientInviteTransaction) and response.status < 200:
+                    return self._orphan_cancel(tx, role.call_ref, now)
                 return self._orphan_response(response, now)
             return Step()
         if role.role == "invite" and isinstance(tx, ClientInviteTransaction):
@@ -2490,7 +2528,8 @@ class CallController:
         status = response.status
         call = live.call
         if status == 100:
-            return Step()
+            # RFC 3261 9.1: a CANCEL may go once any provisional came, a 100 too.
+            return self._cancel_fork(live, fork, now) if fork.cancel_pending else Step()
         dialog_set, event = fork.dialogs.receive_response(response)
         fork.dialogs = dialog_set
         if isinstance(event, AnswerRetransmitted):
@@ -2668,8 +2707,15 @@ class CallController:
             return Step()
         if live.best is None or _better(response, live.best):
             live.best = response
+        step = Step()
+        if status >= 600 and not (status in SRTP_REFUSALS and live.srtp_fallback):
+            # RFC 3261 16.7 step 5: the callee declines everywhere. The forks still
+            # ringing are CANCELled and no more are tried; the caller hears the
+            # best answer (the 6xx, step 6) once they have all answered.
+            live.pending.clear()
+            step = self._cancel_forks(live, now)
         if any(not f.final for f in live.forks.values()):
-            return Step()
+            return step
         call = live.call
         logger.info("- call %s: b answered %d", call.call_ref, status)
         if call.state is CallState.CANCELLING or live.a_final:
@@ -3026,7 +3072,7 @@ class CallController:
 
     # -- REFER subscriptions outliving their call ----------------------------------------
 
-    def _linger(self, call: Call, notifier: LegSide, now: float) -> None:
+    def _linger(self, call: Call, notifier: LegSide, ids: dict[int, int], now: float) -> None:
         """Keep the legs of an ended call for its open REFER subscription (``_Referral``)."""
         legs = call.leg(notifier), call.leg(notifier.other)
         if any(leg.dialog is None or leg.dialog.state is DialogState.EARLY for leg in legs):
@@ -3041,7 +3087,7 @@ class CallController:
             if leg.dialog is not None
         )
         key = (on.call_id, on.local_tag)
-        referrals[key] = _Referral(call.call_ref, on, to, now + REFER_LINGER)
+        referrals[key] = _Referral(call.call_ref, on, to, now + REFER_LINGER, dict(ids))
 
     def _referral_notify(
         self, referral: _Referral, tx: ServerTransaction, request: Request, now: float
@@ -3056,16 +3102,19 @@ class CallController:
             return self._send_response(tx, checked.response_to(request), now, on.realm)
         referral.notifier = on.with_dialog(checked)
         step = self._send_response(tx, make_response(request, 200), now, on.realm)
-        if _terminated(request):
-            self._referrals.pop((on.call_id, on.local_tag), None)
-        to = referral.referrer
-        if to.dialog is None:
-            return step
         headers = [
             (name, value)
             for name in ("Event", "Subscription-State")
             for value in request.headers.fields(name)
         ]
+        headers = _refer_notify_headers(request, referral.ids, headers)
+        if _terminated(request):
+            _subscription_ended(request, referral.ids)
+            if not referral.ids:
+                self._referrals.pop((on.call_id, on.local_tag), None)
+        to = referral.referrer
+        if to.dialog is None:
+            return step
         body = _sipfrag_status(request.body)
         try:
             dialog, notify = to.dialog.create_request(
@@ -3106,7 +3155,21 @@ class CallController:
             # A 2xx can come as long as the callee retransmits it (64*T1) after
             # answering at the last moment the INVITE was still alive.
             expires = now + 2 * 64 * self.transactions.config.t1
-            orphans[key] = _Orphan(call_ref, fork.leg, fork.dialogs, expires)
+            orphans[key] = _Orphan(
+                call_ref, fork.leg, fork.dialogs, expires, cancel_pending=fork.cancel_pending
+            )
+
+    def _orphan_cancel(self, tx: ClientInviteTransaction, call_ref: str, now: float) -> Step:
+        """A provisional for a B INVITE let go of before it had one: the CANCEL its
+        call owed it goes now (RFC 3261 9.1), or the callee rings on unheard."""
+        request = tx.request
+        orphan = self._orphans.get((request.call_id, request.from_.tag or ""))
+        if orphan is None or not orphan.cancel_pending or not tx.can_cancel:
+            return Step()
+        orphan.cancel_pending = False
+        cancel, out = self.transactions.send_cancel(tx, now)
+        self._by_client[cancel] = _ByRole(call_ref, "cancel")
+        return Step(out)
 
     def _orphan_response(self, response: Response, now: float) -> Step:
         """A 2xx for a B INVITE no call waits for any more: ACK it, then BYE."""
@@ -3176,6 +3239,10 @@ class CallController:
             refer_sub = (response.headers.get("Refer-Sub") or "").strip().lower()
             if refer_sub != "false":  # RFC 4488 4: no subscription if "false"
                 live.notifiers = live.notifiers | {other}
+                if live.refer_ids is None:
+                    live.refer_ids = {}
+                ids = live.refer_ids.setdefault(other, {})
+                ids[tx.request.cseq.seq] = relayed.request.cseq.seq
         step = Step()
         if status >= 300 and relayed.before is not None:
             step = self._restore(live, side, relayed.before)
@@ -3229,6 +3296,9 @@ class CallController:
         if status == 491 or status == 503:
             headers.extend(("Retry-After", v) for v in response.headers.fields("Retry-After"))
         realm = self.realms.get(live.call.leg(side).realm)
+        if relayed.request.method == "REFER" and status < 300:
+            # RFC 4488 4: whether the recipient made the implicit subscription.
+            headers.extend(_norefersub(response, realm))
         headers.extend(_capabilities(relayed.request.method, response, realm))
         out = make_response(relayed.request, status, response.reason, headers=headers)
         if realm is not None:
@@ -3609,7 +3679,8 @@ class CallController:
         for key in keys:
             self._by_dialog.pop(key, None)
         for notifier in live.notifiers:
-            self._linger(live.call, notifier, now)
+            ids = (live.refer_ids or {}).get(notifier, {})
+            self._linger(live.call, notifier, ids, now)
         for pending, unacked in list(self._unacked.items()):
             if unacked.call_ref == call.call_ref:
                 del self._unacked[pending]
@@ -3700,6 +3771,62 @@ def _refer_event(request: Request) -> bool:
     """Whether ``request`` (a NOTIFY) is about a REFER (RFC 3515 2.4.4: Event: refer)."""
     event = request.headers.get("Event") or ""
     return event.split(";", 1)[0].strip().lower() == "refer"
+
+
+def _refer_id(request: Request) -> int | None:
+    """The id parameter of a REFER NOTIFY's Event (RFC 3515 2.4.6), if a number."""
+    event = request.headers.get("Event") or ""
+    for item in event.split(";")[1:]:
+        name, _, value = item.partition("=")
+        if name.strip().lower() == "id":
+            value = value.strip()
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def _subscription_of(request: Request, ids: dict[int, int]) -> int | None:
+    """Which of ``ids`` (REFER CSeqs on the notifier's leg) a REFER NOTIFY is about:
+    its Event id, or without one the first REFER's (RFC 3515 2.4.6)."""
+    given = _refer_id(request)
+    if given is not None:
+        return given if given in ids else None
+    return min(ids) if ids else None
+
+
+def _refer_notify_headers(
+    request: Request, ids: dict[int, int], headers: list[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """``headers`` of a relayed REFER NOTIFY, its Event id naming the REFER as the
+    referrer sent it: each leg numbers its own CSeqs (RFC 3515 2.4.6)."""
+    given = _refer_id(request)
+    if given is None or given not in ids:
+        return headers
+    event = f"refer;id={ids[given]}"
+    return [(n, event if n.lower() == "event" else v) for n, v in headers]
+
+
+def _subscription_ended(request: Request, ids: dict[int, int]) -> None:
+    """A terminating REFER NOTIFY ends its own subscription, not its dialog's others."""
+    which = _subscription_of(request, ids)
+    if which is not None:
+        del ids[which]
+    elif _refer_id(request) is None:
+        ids.clear()
+
+
+def _norefersub(message: Message, realm: Realm | None) -> list[tuple[str, str]]:
+    """RFC 4488: Refer-Sub of a REFER or of its 2xx, and the norefersub option tag of
+    its Supported and Require, to relay (none the realm's keep-list copies)."""
+    out: list[tuple[str, str]] = []
+    if realm is None or not realm.keeps("Refer-Sub"):
+        out.extend(("Refer-Sub", v) for v in message.headers.fields("Refer-Sub"))
+    for name in ("Supported", "Require"):
+        if realm is not None and realm.keeps(name):
+            continue
+        tokens = {t.strip().lower() for v in message.headers.fields(name) for t in v.split(",")}
+        if "norefersub" in tokens:
+            out.append((name, "norefersub"))
+    return out
 
 
 def _terminated(request: Request) -> bool:
