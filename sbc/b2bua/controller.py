@@ -85,7 +85,7 @@ from sbc.sip.dialog import (
     EarlyDialog,
     ExtraForkAnswered,
 )
-from sbc.sip.errors import ParseError
+from sbc.sip.errors import ParseError, reason_phrase
 from sbc.sip.headers import Via, parse_delta, quote_string
 from sbc.sip.message import (
     Headers,
@@ -1988,9 +1988,8 @@ class CallController:
             return step + self._end(live, 500, EndReason.REJECTED, None, now)
         headers = [("Contact", contact_for(call.a.local))]
         headers.extend(("Expires", v) for v in response.headers.fields("Expires"))
-        a_response = make_response(
-            live.a_request, status, response.reason, to_tag=call.a.local_tag, headers=headers
-        )
+        # The standard phrase: the peer's own is free text that may name its side.
+        a_response = make_response(live.a_request, status, to_tag=call.a.local_tag, headers=headers)
         step = self._answer_a(live, a_response, now)
         try:
             a_dialog: Dialog | None = Dialog.from_uas_response(live.a_request, a_response)
@@ -2044,7 +2043,8 @@ class CallController:
         out = Request(request.method, request_uri, headers)
         copy_kept_headers(request, out, target_realm)
         if request.body:
-            out.set_body(request.body, request.headers.get("Content-Type"))
+            content_type = request.headers.get("Content-Type")
+            out.set_body(_event_body(content_type, request.body), content_type)
         self._outbound(out, target_realm.name)
         client, output = self._send_request(out, hop, now)
         self._routed[client] = _Routed(tx, request, realm.name)
@@ -2061,9 +2061,7 @@ class CallController:
             headers.extend((name, value) for value in response.headers.fields(name))
         realm = self.realms.get(routed.a_realm)
         headers.extend(_capabilities(routed.request.method, response, realm))
-        out = make_response(
-            routed.request, response.status, response.reason, to_tag=new_tag(), headers=headers
-        )
+        out = make_response(routed.request, response.status, to_tag=new_tag(), headers=headers)
         if realm is not None:
             copy_kept_headers(response, out, realm)
         return self._send_response(routed.server, out, now, routed.a_realm)
@@ -2171,6 +2169,12 @@ class CallController:
             content_type = SDP_CONTENT_TYPE  # the SDP part of a multipart body crosses alone
             leg = new_leg
             live.sdp_sent[other] = body
+        elif sdp is not None:
+            # No relay session (a subscription's dialog): the SDP would cross as the
+            # other side wrote it, its c= and o= naming that side. Not at all.
+            logger.info("x call %s: SDP in %s dropped", live.call.call_ref, request.method)
+            body, content_type = b"", None
+        body = _event_body(content_type, body)
         extra: list[tuple[str, str]] = []
         realm_to = self.realms.get(leg.realm)
         probe = Request(request.method, "sip:probe", Headers())
@@ -2920,16 +2924,12 @@ class CallController:
         if status in (423, 422):
             headers.extend(("Min-SE", v) for v in response.headers.fields("Min-SE"))
         if status == 503 or status == 486 or status == 480:
-            headers.extend(("Retry-After", v) for v in response.headers.fields("Retry-After"))
+            headers.extend(_retry_after_header(response))
         if 300 <= status < 400:
             headers.extend(("Contact", c) for c in _redirect_contacts(response, live.call.a.local))
-        out = make_response(
-            live.a_request,
-            status,
-            response.reason,
-            to_tag=live.call.a.local_tag,
-            headers=headers,
-        )
+        # Its status's standard phrase: the callee's own ("Forwarded to 10.0.0.5")
+        # is free text of the other realm.
+        out = make_response(live.a_request, status, to_tag=live.call.a.local_tag, headers=headers)
         realm = self.realms.get(live.call.a.realm)
         if realm is not None:
             copy_kept_headers(response, out, realm)
@@ -3294,13 +3294,13 @@ class CallController:
         if relayed.request.method == "INVITE" and status < 300:
             headers.append(("Contact", contact_for(live.call.leg(side).local)))
         if status == 491 or status == 503:
-            headers.extend(("Retry-After", v) for v in response.headers.fields("Retry-After"))
+            headers.extend(_retry_after_header(response))
         realm = self.realms.get(live.call.leg(side).realm)
         if relayed.request.method == "REFER" and status < 300:
             # RFC 4488 4: whether the recipient made the implicit subscription.
             headers.extend(_norefersub(response, realm))
         headers.extend(_capabilities(relayed.request.method, response, realm))
-        out = make_response(relayed.request, status, response.reason, headers=headers)
+        out = make_response(relayed.request, status, headers=headers)  # the standard phrase
         if realm is not None:
             copy_kept_headers(response, out, realm)
         if sdp is not None and live.session is not None and status < 300:
@@ -3814,6 +3814,21 @@ def _subscription_ended(request: Request, ids: dict[int, int]) -> None:
         ids.clear()
 
 
+#: RFC 3842 5.2: the voicemail account's URI in a message summary, a host of the
+#: realm it comes from.
+_MESSAGE_ACCOUNT: Final = re.compile(rb"^Message-Account[ \t]*:[^\n]*\n?", re.I | re.M)
+
+
+def _event_body(content_type: str | None, body: bytes) -> bytes:
+    """``body`` as it crosses: a message summary (MWI) without its Message-Account;
+    others as they are (what an application writes there is its own)."""
+    if not body or content_type is None:
+        return body
+    if content_type.split(";", 1)[0].strip().lower() != "application/simple-message-summary":
+        return body
+    return _MESSAGE_ACCOUNT.sub(b"", body)
+
+
 def _norefersub(message: Message, realm: Realm | None) -> list[tuple[str, str]]:
     """RFC 4488: Refer-Sub of a REFER or of its 2xx, and the norefersub option tag of
     its Supported and Require, to relay (none the realm's keep-list copies)."""
@@ -3835,13 +3850,22 @@ def _terminated(request: Request) -> bool:
     return state.split(";", 1)[0].strip().lower() == "terminated"
 
 
+#: The status line of a sipfrag (RFC 3261 25.1 Status-Line), its code captured.
+_SIPFRAG_STATUS: Final = re.compile(rb"SIP/2\.0 ([1-6][0-9]{2})(?:[ \t]|\r?$)")
+
+
 def _sipfrag_status(body: bytes) -> bytes:
     """The status line of a REFER NOTIFY's message/sipfrag body (RFC 3515 2.4.5: the
-    body must hold at least that). Headers the fragment may also carry are the
-    transfer target's (Contact, Via ...), of the other realm: they do not cross."""
+    body must hold at least that), with its status's standard phrase. Headers the
+    fragment may also carry are the transfer target's (Contact, Via ...), and its
+    reason phrase is free text: of the other realm, they do not cross. A first line
+    that is no status line crosses as nothing."""
     line, _, _ = body.partition(b"\n")
-    line = line.rstrip(b"\r")
-    return line + b"\r\n" if line else b""
+    match = _SIPFRAG_STATUS.match(line.rstrip(b"\r"))
+    if match is None:
+        return b""
+    code = int(match[1])
+    return f"SIP/2.0 {code} {reason_phrase(code)}\r\n".encode()
 
 
 def _reliable_rseq(response: Response) -> int | None:
@@ -3866,6 +3890,13 @@ def _asks_to_refresh(request: Request) -> bool:
     value = request.headers.get("Session-Expires") or ""
     params = {p.strip().lower().replace(" ", "") for p in value.split(";")[1:]}
     return "timer" in tags and "refresher=uac" in params
+
+
+def _retry_after_header(response: Response) -> list[tuple[str, str]]:
+    """A relayed Retry-After, its delta-seconds only: the comment (RFC 3261 20.33,
+    "120 (maintenance of pbx1)") is free text of the other realm."""
+    seconds = _retry_after(response)
+    return [] if seconds is None else [("Retry-After", str(int(seconds)))]
 
 
 def _retry_after(response: Response) -> float | None:
