@@ -296,7 +296,6 @@ class SbcNode:
             policies=assembly.realm_policies(config),
             timers=assembly.call_timers(config),
         )
-        self._wall_offset = time.time() - time.monotonic()
         self._register_relays: dict[str, assembly.RegisterRelayPort] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.media: MediaRelay | None = None
@@ -465,7 +464,8 @@ class SbcNode:
         if self.cdr is None:
             return
         try:
-            self.cdr.write(cdr_record(call, session, self._wall_offset))
+            # The wall clock read now: an NTP step since start-up must not shift CDRs.
+            self.cdr.write(cdr_record(call, session, time.time() - time.monotonic()))
         except CdrError as exc:
             logger.warning("x cdr of call %s not written: %s", call.call_ref, exc)
 

@@ -21,9 +21,22 @@ from sbc.transport.base import format_hostport
 DEFAULT_CLOCK_RATE = 8000
 
 
+#: End reasons of an unanswered attempt that no final response ended (setup_time None).
+_NO_FINAL_RESPONSE = frozenset(
+    {
+        EndReason.CANCEL,
+        EndReason.SHUTDOWN,
+        EndReason.NO_ANSWER_TIMEOUT,
+        EndReason.TRANSPORT_ERROR,
+    }
+)
+
+
 def _clock_rate(codecs: str) -> int:
-    first = codecs.split(",", 1)[0]
-    _, _, rate = first.partition("/")
+    """The RTP clock rate of the first codec of ``PCMU/8000,...`` (RFC 4566 rtpmap:
+    ``name/rate[/channels]``, so ``opus/48000/2`` is 48000)."""
+    fields = codecs.split(",", 1)[0].split("/")
+    rate = fields[1].strip() if len(fields) > 1 else ""
     return int(rate) if rate.isdigit() and int(rate) > 0 else DEFAULT_CLOCK_RATE
 
 
@@ -40,7 +53,9 @@ def _without_password(text: str) -> str:
         uri = parse_uri(text)
     except ParseError:
         scheme, colon, rest = text.partition(":")
-        userinfo, at, host = rest.partition("@")
+        # The last "@" ends the userinfo: a password with a raw "@" in it (not
+        # valid, but it comes from the wire) must not leave its tail behind.
+        userinfo, at, host = rest.rpartition("@")
         if not colon or not at:
             return text
         return f"{scheme}:{userinfo.split(':', 1)[0]}@{host}"
@@ -89,8 +104,13 @@ def cdr_record(call: Call, session: MediaSession | None, wall_offset: float) -> 
         a_to_b, b_to_a = (a_packets, a_bytes), (b_packets, b_bytes)
         if session.streams:
             stream = session.streams[0]
-            rate = _clock_rate(call.a_codecs)
-            for side, prefix in ((Side.A, "a"), (Side.B, "b")):
+            # Each side's RTCP reports the media it receives, in the codec agreed
+            # on its own leg: jitter is in that codec's RTP clock units.
+            for side, prefix, codecs in (
+                (Side.A, "a", call.a_codecs),
+                (Side.B, "b", call.b_codecs),
+            ):
+                rate = _clock_rate(codecs)
                 q = stream.leg(side).quality
                 if q.reports:
                     quality[f"{prefix}_loss"] = q.fraction_lost
@@ -99,9 +119,11 @@ def cdr_record(call: Call, session: MediaSession | None, wall_offset: float) -> 
                         quality["rtt_ms"] = q.rtt * 1000
     end = call.ended_at or call.created
     # Seconds from the INVITE to the first final answer: the 2xx, or the rejection
-    # that ended the attempt (a cancelled call never got one).
+    # that ended the attempt. None when no final response arrived: the caller gave
+    # up, the SBC's ring timer expired, nobody could be reached (the 408/503 the
+    # caller then gets is the SBC's own), or the SBC stopped.
     setup_end = call.answered_at
-    if setup_end is None and reason not in (EndReason.CANCEL, EndReason.SHUTDOWN):
+    if setup_end is None and reason not in _NO_FINAL_RESPONSE:
         setup_end = end
     setup_time = None if setup_end is None else max(0.0, setup_end - call.created)
     return CdrRecord(

@@ -493,7 +493,10 @@ class CdrStore(_QueuedSink):
                 )
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            # SQLite may have rolled back already (SQLITE_FULL): a ROLLBACK then
+            # fails and would hide the error worth logging.
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
 
     def _encode(self, record: CdrRecord) -> tuple[Any, ...]:
