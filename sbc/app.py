@@ -318,6 +318,7 @@ class SbcNode:
         self._udp_listeners: dict[tuple[str, int], UdpListener] = {}
         self._udp_listeners_of: TransportLayer | None = None
         self._stopping = False
+        self._reload_lock = asyncio.Lock()
         self._stop_task: asyncio.Task[None] | None = None
         self.stopped = asyncio.Event()
         self.firewall: Firewall | None = None
@@ -1115,7 +1116,15 @@ class SbcNode:
     # -- reload -------------------------------------------------------------------------
 
     async def reload(self) -> bool:
-        """Re-read the configuration file; True if the new one is in force."""
+        """Re-read the configuration file; True if the new one is in force. One at a
+        time: two SIGHUPs at once would both replace the same listeners."""
+        async with self._reload_lock:
+            return await self._reload()
+
+    async def _reload(self) -> bool:
+        if self._stopping:
+            logger.info("- reload ignored: stopping")
+            return False
         if self.config_path is None:
             logger.info("- reload: running on the embedded default, nothing to re-read")
             self._reload_certificates()
@@ -1132,25 +1141,36 @@ class SbcNode:
             self._reload_certificates()
             logger.info("- reload: configuration unchanged")
             return True
+        listeners_changed = _listen_addresses(new) != _listen_addresses(old)
+        # The transaction layer's settings and the user agent apply without the
+        # listeners; the rest of the sip section is theirs (restarted when it changes).
+        transport_settings = replace(
+            new.sip,
+            max_transactions=old.sip.max_transactions,
+            t1_ms=old.sip.t1_ms,
+            user_agent=old.sip.user_agent,
+        )
+        restart = (
+            transport_settings != old.sip or new.state_dir != old.state_dir or listeners_changed
+        )
+        # Listeners first, SIP then management: a reload whose listeners cannot bind
+        # is refused before any other part of it is in force.
+        if restart and not await self._replace_transport(new, old):
+            return False
+        if new.management != old.management and not await self._replace_management(new, old):
+            if restart:
+                await self._replace_transport(old, new)
+            return False
         setup_logging(new.log.level.value, new.log.format.value)
         self.responder = LocalResponder(server=new.sip.user_agent)
-        listeners_changed = _listen_addresses(new) != _listen_addresses(old)
-        # The transaction layer's settings apply to new transactions at once; the
-        # rest of the sip section is the listeners' (restarted when it changes).
         self.transactions.max_transactions = new.sip.max_transactions
         self.transactions.config = TimerConfig(t1=new.sip.t1_ms / 1000)
-        transport_settings = replace(
-            new.sip, max_transactions=old.sip.max_transactions, t1_ms=old.sip.t1_ms
-        )
-        if transport_settings != old.sip or new.state_dir != old.state_dir or listeners_changed:
-            if not await self._replace_transport(new, old):
-                return False
-        else:
-            self._reload_certificates()
-            self._reconfigure_calls(new)
-        if media_config(new) != media_config(old) and self.media is not None:
-            logger.warning("x media addresses changed: they apply after a restart")
         self.calls.user_agent = new.sip.user_agent
+        if not restart:
+            self._reload_certificates()
+        self._reconfigure_calls(new)
+        if media_config(new) != media_config(old) and self.media is not None:
+            logger.warning("x media settings changed: they apply after a restart")
         if new.registrar != old.registrar or new.realms != old.realms:
             self._start_registrar(new)
         if new.cdr != old.cdr and self.cdr is not None:
@@ -1159,8 +1179,6 @@ class SbcNode:
         if firewall_config(new) != firewall_config(old):
             await self._reload_firewall(new)
         await self._start_media(new)
-        if new.management != old.management and not await self._replace_management(new, old):
-            return False
         self.config = new
         # New timers may be due sooner (a shorter probe interval): arm for them now,
         # not when the timer armed for the old ones fires.

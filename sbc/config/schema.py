@@ -23,6 +23,7 @@ the section is valid, and yields `(key path, reason)` pairs that the loader turn
 from __future__ import annotations
 
 import enum
+import ssl
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
@@ -136,6 +137,29 @@ def _file_problem(path: Path) -> str | None:
     except OSError as exc:  # is_file() raises for ENAMETOOLONG, EACCES ...
         return f"cannot look up {path}: {exc.strerror or exc}"
     return f"no such file: {path}"
+
+
+def _key_pair_problem(certificate: Path | None, private_key: Path | None) -> str | None:
+    """Why a certificate and key do not load as a server identity, or None. A key
+    that needs a passphrase is refused (nothing would type it), not asked for."""
+    if certificate is None or private_key is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(certificate, private_key, password=lambda: b"")
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        return f"{certificate} and {private_key} do not load as a certificate and its key: {exc}"
+    return None
+
+
+def _ca_problem(bundle: Path) -> str | None:
+    """Why a CA bundle does not load, or None."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cafile=bundle)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        return f"{bundle} does not load as PEM CA certificates: {exc}"
+    return None
 
 
 def _endpoint(address: IPAddress, port: int) -> str:
@@ -295,10 +319,28 @@ class TlsConfig(Section):
         for index, sni in enumerate(self.sni):
             files.append((f"sni[{index}].certificate", sni.certificate))
             files.append((f"sni[{index}].private_key", sni.private_key))
+        missing = False
         for key, file in files:
             problem = None if file is None else _file_problem(file)
             if problem is not None:
+                missing = True
                 yield key_path(path, key), problem
+        if not missing:
+            # Loaded as the listeners will: a file that is not PEM, or a key that is
+            # not its certificate's, is named here (OpenSSL's error names no file).
+            pairs = [("private_key", self.certificate, self.private_key)]
+            pairs += [
+                (f"sni[{i}].private_key", sni.certificate, sni.private_key)
+                for i, sni in enumerate(self.sni)
+            ]
+            for key, certificate, private_key in pairs:
+                problem = _key_pair_problem(certificate, private_key)
+                if problem is not None:
+                    yield key_path(path, key), problem
+            for key, bundle in (("client_ca", self.client_ca), ("server_ca", self.server_ca)):
+                problem = None if bundle is None else _ca_problem(bundle)
+                if problem is not None:
+                    yield key_path(path, key), problem
         if self.mtls is not MutualTls.NONE and self.client_ca is None:
             yield key_path(path, "client_ca"), f"mtls {self.mtls} needs client_ca"
         if self.trusted_clients and self.mtls is MutualTls.NONE:
@@ -487,6 +529,8 @@ class Config(Section):
 
     def check(self, path: str) -> Iterator[Issue]:
         yield from self._check_realms(path)
+        yield from self._check_wildcards(path)
+        yield from self._check_media_ports(path)
         mgmt = self.management.listen
         if mgmt.port == 0:
             return
@@ -504,6 +548,78 @@ class Config(Section):
                     f"{mgmt} is already used by {key_path(path, where)} ({listener})",
                 )
                 return
+
+    def _sip_listeners(self) -> list[tuple[str, SipListener]]:
+        """Every SIP listener with its key path, sip.listen first."""
+        listeners = [(f"sip.listen[{i}]", s) for i, s in enumerate(self.sip.listen)]
+        for index, realm in enumerate(self.realms):
+            listeners += [(f"realms[{index}].listen[{j}]", s) for j, s in enumerate(realm.listen)]
+        return listeners
+
+    def _check_wildcards(self, path: str) -> Iterator[Issue]:
+        """Listeners that differ in address but still cannot both bind: a wildcard
+        (0.0.0.0, ::) takes its port on every address of its family, and a UDP ::
+        socket (dual-stack: the transport does not set IPV6_V6ONLY on it) on IPv4
+        addresses too. Identical listeners are reported by the other checks."""
+        # (stream, port, kind) -> the first listener of that kind, by its key path and
+        # address; kind is "4"/"6" for any address of the family, "4*"/"6*" for the
+        # wildcard, "46*" for a dual-stack UDP ::.
+        first: dict[tuple[bool, int, str], tuple[str, IPAddress]] = {}
+        mgmt = self.management.listen
+        sockets: list[tuple[str, bool, IPAddress, int]] = [
+            (where, s.transport.stream, s.address, s.port) for where, s in self._sip_listeners()
+        ]
+        sockets.append(("management.listen", True, mgmt.address, mgmt.port))
+        for where, stream, address, port in sockets:
+            if port == 0:
+                continue
+            family = str(address.version)
+            kinds = [family]
+            # What an earlier listener of this kind clashes with.
+            clashes = [f"{family}*"]
+            if address.is_unspecified:
+                kinds.append(f"{family}*")
+                clashes.append(family)
+                if not stream and address.version == 6:
+                    kinds.append("46*")
+                    clashes.append("4")
+            if address.version == 4 and not stream:
+                clashes.append("46*")
+            for kind in clashes:
+                other = first.get((stream, port, kind))
+                if other is not None and other[1] != address:
+                    protocol = "TCP" if stream else "UDP"
+                    yield (
+                        key_path(path, where),
+                        f"{protocol} port {port} on {address} cannot be bound beside"
+                        f" {key_path(path, other[0])} on {other[1]}",
+                    )
+                    break
+            for kind in kinds:
+                first.setdefault((stream, port, kind), (where, address))
+
+    def _check_media_ports(self, path: str) -> Iterator[Issue]:
+        """A UDP SIP listener inside the media port range, on an address the media
+        relay binds its ports on: calls would fail to get that port pair, or the
+        listener would not bind while the relay holds it."""
+        if not self.realms:
+            return  # no realm, no media relay
+        media = self.media
+        addresses = {realm.media_address for realm in self.realms}
+        versions = {address.version for address in addresses}
+        for where, listener in self._sip_listeners():
+            address = listener.address
+            if listener.transport.stream or not media.port_min <= listener.port <= media.port_max:
+                continue
+            shared = address in addresses or (
+                address.is_unspecified and (address.version in versions or address.version == 6)
+            )
+            if shared:
+                yield (
+                    key_path(path, where),
+                    f"{listener} is inside the media port range"
+                    f" media.port_min..port_max ({media.port_min}..{media.port_max})",
+                )
 
     def _check_realms(self, path: str) -> Iterator[Issue]:
         # Sets, not list scans: aliases can make the lists long (up to loader.MAX_NODES).

@@ -181,10 +181,13 @@ def test_udp_and_tcp_may_share_a_port() -> None:
 
 
 def test_relative_paths_resolve_against_base_dir(tmp_path: Path) -> None:
+    from tests.tls_pki import Authority
+
     (tmp_path / "tls").mkdir()
-    (tmp_path / "tls" / "cert.pem").write_text("x")
+    issued = Authority(tmp_path / "pki", "lab").issue("sbc.example")
+    (tmp_path / "tls" / "cert.pem").write_bytes(issued.cert.read_bytes())
     key = tmp_path / "secure.key"
-    key.write_text("x")
+    key.write_bytes(issued.key.read_bytes())
     text = f"state_dir: var/state\nsip:\n  tls: {{certificate: tls/cert.pem, private_key: {key}}}\n"
     config = load_config_text(text, "sbc.yaml", tmp_path)
     assert config.state_dir == tmp_path / "var" / "state"

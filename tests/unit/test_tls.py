@@ -507,8 +507,13 @@ def _tls_yaml(body: str) -> str:
 
 def test_config_tls_knobs_load(tmp_path: Path) -> None:
     digest = "ab" * 32
-    for name in ("ca.pem", "a.crt", "a.key"):
-        (tmp_path / name).write_text("x")  # only their being there is checked here
+    from tests.tls_pki import Authority
+
+    ca = Authority(tmp_path / "pki", "lab")
+    issued = ca.issue("a.example")
+    (tmp_path / "ca.pem").write_bytes(ca.path.read_bytes())
+    (tmp_path / "a.crt").write_bytes(issued.cert.read_bytes())
+    (tmp_path / "a.key").write_bytes(issued.key.read_bytes())
     config = load_config_text(
         _tls_yaml(
             f"mtls: require\nclient_ca: ca.pem\n"

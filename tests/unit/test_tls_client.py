@@ -314,8 +314,8 @@ def test_tls_client_keys_default_and_resolve_relative_paths(tmp_path: Path) -> N
         True,
         True,
     )
-    (tmp_path / "pki").mkdir()
-    (tmp_path / "pki" / "carrier-ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    # The name the Authority writes its certificate under: pki/carrier-ca.pem.
+    Authority(tmp_path / "pki", "carrier")
     tls = load_config_text(
         _tls_yaml(
             "server_ca: pki/carrier-ca.pem\npresent_certificate: false\nverify_server: false"
