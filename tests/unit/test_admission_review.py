@@ -12,17 +12,14 @@ from pathlib import Path
 from sbc.b2bua.admission import (
     AdmissionControl,
     AdmissionScope,
-    AdmissionTicket,
-    Admitted,
-    Decision,
     Limits,
     RefusalReason,
-    Refused,
 )
 from sbc.b2bua.call import EndReason
 from sbc.b2bua.controller import AllocateMedia, CallTimers, TrunkPlan
 from sbc.b2bua.routing import RouteAction, RouteRule
 from sbc.transport.base import Destination, Transport
+from tests.unit.test_admission import admitted, refused
 from tests.unit.test_b2bua_flows import (
     ANSWER,
     BOB1_FLOW,
@@ -59,17 +56,6 @@ from tests.unit.test_b2bua_flows import (
 from tests.unit.test_b2bua_review import cancel_for
 from tests.unit.test_b2bua_subscriptions import SUBSCRIBE
 from tests.unit.test_b2bua_unreachable import ringing_call
-
-
-def admitted(decision: Decision) -> AdmissionTicket:
-    assert isinstance(decision, Admitted), decision
-    return decision.ticket
-
-
-def refused(decision: Decision) -> Refused:
-    assert isinstance(decision, Refused), decision
-    return decision
-
 
 # -- through the controller: what each call holds, and that it gives it back ----------------
 
