@@ -36,7 +36,7 @@ import heapq
 import logging
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 from urllib.parse import unquote
 
@@ -354,17 +354,33 @@ class LocationService:
         for items in self._bindings.values():
             yield from items
 
-    def lookup(self, aor: str | Uri, now: float) -> list[Binding]:
-        """The unexpired bindings of ``aor``, highest q first (no q counts as 1.0),
-        then the most recently registered; [] for unknown or unserved AORs.
-
-        Route calls with the Request-URI itself: ``sip:%61lice@...`` finds ``alice``
-        (``normalize``), whatever octets its escapes decode to."""
+    def bindings(self, aor: str | Uri, now: float) -> list[Binding]:
+        """Every unexpired binding of ``aor``, highest q first (no q counts as 1.0),
+        then the most recently registered; [] for unknown or unserved AORs. What a
+        registrar lists in its 200 (RFC 3261 10.3 step 8)."""
         key = self.normalize(aor)
         if key is None:
             return []
         alive = [b for b in self._bindings.get(key, ()) if b.alive(now)]
         return sorted(alive, key=_rank)
+
+    def lookup(self, aor: str | Uri, now: float) -> list[Binding]:
+        """The bindings to route a request for ``aor`` to, in :meth:`bindings` order,
+        with one binding per ``+sip.instance``: RFC 5626 5.3, a proxy "MUST NOT
+        populate the target set with more than one contact with the same AOR and
+        instance-id at a time" (two flows of one phone would ring it twice).
+
+        Route calls with the Request-URI itself: ``sip:%61lice@...`` finds ``alice``
+        (``normalize``), whatever octets its escapes decode to."""
+        seen: set[str] = set()
+        out: list[Binding] = []
+        for binding in self.bindings(aor, now):
+            if binding.instance is not None:
+                if binding.instance in seen:
+                    continue
+                seen.add(binding.instance)
+            out.append(binding)
+        return out
 
     def get(self, aor: str, contact: str) -> Binding | None:
         """The binding of AOR key ``aor`` whose contact text is exactly ``contact``."""
@@ -386,14 +402,18 @@ class LocationService:
         """
         if any(b.aor != aor for b in bindings):
             raise ValueError("every binding must belong to the AOR being replaced")
-        old = self._bindings.get(aor, [])
+        # Nothing else sweeps: every AOR's expired bindings go here (by the deadline
+        # heap, no walk over all AORs), so they neither hold memory nor count against
+        # max_aors; this AOR's are still reported removed.
+        swept = [b for b in self.expire(now) if b.aor == aor]
+        old = swept + self._bindings.get(aor, [])
         new = [b for b in bindings if b.alive(now)]
         old_alive = [b for b in old if b.alive(now)]
         if len(new) > self.max_contacts and len(new) > len(old_alive):
             raise TooManyContactsError(
                 f"{aor}: {len(new)} contacts exceed the limit of {self.max_contacts}"
             )
-        if new and not old and len(self._bindings) >= self.max_aors:
+        if new and aor not in self._bindings and len(self._bindings) >= self.max_aors:
             raise TooManyAorsError(f"{len(self._bindings)} AORs registered, the limit")
         contacts = {b.contact for b in new}
         if len(contacts) != len(new):
@@ -433,7 +453,7 @@ class LocationService:
             if not items:
                 del self._bindings[aor]
         for binding in gone:
-            logger.debug("- binding expired %s -> %s", binding.aor, binding.contact)
+            logger.debug("- binding expired %s -> %s", binding.aor, _loggable(binding.contact))
         return gone
 
     def next_expiry(self) -> float | None:
@@ -512,3 +532,12 @@ def parse_contact_uri(text: str) -> SipUri | None:
     except ParseError:
         return None
     return uri if isinstance(uri, SipUri) else None
+
+
+def _loggable(contact: str) -> str:
+    """A Contact URI for the log: a password in its userinfo (RFC 3261 19.1.1 allows
+    one, NOT RECOMMENDED) masked, as logs never show secrets."""
+    uri = parse_contact_uri(contact)
+    if uri is None or uri.password is None:
+        return contact
+    return str(replace(uri, password="****"))

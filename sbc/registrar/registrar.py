@@ -382,7 +382,7 @@ class Registrar:
     ) -> RegisterResult:
         call_id = _stored_call_id(request)
         cseq = request.cseq.seq
-        current = self.location.lookup(aor, now)
+        current = self.location.bindings(aor, now)
         tentative = list(current)
         path = tuple(request.headers.values("Path"))
         agent = request.headers.get("User-Agent")
@@ -455,7 +455,7 @@ class Registrar:
     def _remove_all(
         self, request: Request, aor: str, call_id: str, cseq: int, now: float, state: _Progress
     ) -> RegisterResult:
-        current = self.location.lookup(aor, now)
+        current = self.location.bindings(aor, now)
         for binding in current:
             if binding.call_id == call_id and cseq <= binding.cseq:
                 raise _Reject(400, ORDER_REASON)
@@ -477,7 +477,7 @@ class Registrar:
         outbound: bool = False,
     ) -> RegisterResult:
         headers: list[tuple[str, str]] = [
-            ("Contact", _render_binding(b, now)) for b in self.location.lookup(aor, now)
+            ("Contact", _render_binding(b, now)) for b in self.location.bindings(aor, now)
         ]
         headers.append(("Date", formatdate(now, usegmt=True)))
         # RFC 3327 5.3: the registrar returns the Path it stored to a UA that supports it.
