@@ -27,7 +27,7 @@ from sbc.evolve import evolve
 from sbc.media.session import LegOffer, MediaSession, Side, StreamOffer
 from sbc.media.values import Direction, Endpoint, ip_address
 from sbc.sip.errors import ParseError
-from sbc.sip.headers import MediaType, header_key
+from sbc.sip.headers import MediaType, header_key, split_list
 from sbc.sip.message import Message
 from sbc.sip.sdp import (
     ICE_ATTRIBUTE_NAMES,
@@ -193,34 +193,6 @@ def copy_kept_headers(source: Message, target: Message, realm: Realm) -> int:
     return copied
 
 
-def _list_elements(value: str) -> list[str]:
-    """The elements of a comma-separated header value (RFC 3261 7.3.1), commas
-    inside ``<>`` and quoted strings left alone; stripped, empty ones dropped."""
-    elements: list[str] = []
-    start = 0
-    quoted = escaped = False
-    angle = 0
-    for index, char in enumerate(value):
-        if quoted:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                quoted = False
-        elif char == '"':
-            quoted = True
-        elif char == "<":
-            angle += 1
-        elif char == ">":
-            angle = max(0, angle - 1)
-        elif char == "," and not angle:
-            elements.append(value[start:index])
-            start = index + 1
-    elements.append(value[start:])
-    return [element.strip() for element in elements if element.strip()]
-
-
 #: URI schemes whose text after the colon is ``[user@]host`` (RFC 3261 19.1.1).
 _HOST_SCHEMES: Final = frozenset({"sip", "sips"})
 
@@ -257,7 +229,7 @@ def _without_hosts(value: str) -> str:
     """A URI-list value (Alert-Info, Call-Info, Error-Info) without the elements whose
     URI names a host. An element without ``<URI>`` (not the grammar's, but phones
     send ``info=alert-autoanswer`` so) crosses when it has no URI or address in it."""
-    elements = _list_elements(value)
+    elements = [e for e in split_list(value) if e]
     kept = [
         element
         for element in elements
@@ -283,7 +255,7 @@ def _warnings_of_nobody(value: str) -> str:
     """A Warning value with :data:`WARN_AGENT` for each warn-agent; malformed
     elements dropped (their agent cannot be told from their text)."""
     out = []
-    for element in _list_elements(value):
+    for element in [e for e in split_list(value) if e]:
         match = _WARNING.fullmatch(element)
         if match is not None:
             out.append(f"{match[1]} {WARN_AGENT} {match[2]}")
