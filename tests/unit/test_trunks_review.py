@@ -7,7 +7,6 @@ RFC 2782. The controller is driven as in test_b2bua_flows; DNS is a table.
 
 from __future__ import annotations
 
-import asyncio
 import random
 from collections import Counter
 
@@ -57,6 +56,7 @@ from tests.unit.test_b2bua_flows import (
     statuses,
     trunk_plan,
 )
+from tests.unit.test_resolver_hosts import FakeClock, resolve
 
 URI = parse_uri("sip:1000@sbc.example")
 
@@ -288,14 +288,6 @@ def test_a_gateway_that_sends_100_and_then_nothing_is_cancelled_and_failed_over(
 # -- RFC 3263 resolution --------------------------------------------------------------------
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class TableDns:
     """A DnsLookup from a table; names in ``missing`` are NXDOMAIN, ``broken`` fail."""
 
@@ -332,10 +324,6 @@ def resolver(dns: TableDns, clock: FakeClock | None = None, seed: int = 1) -> Si
         rng=random.Random(seed),
         family=AddressFamilyPolicy.BOTH_IPV4_FIRST,
     )
-
-
-def resolve(r: SipResolver, target: SipTarget) -> list[ResolvedTarget]:
-    return asyncio.run(r.resolve(target))
 
 
 GW_UDP = SipTarget("gw.example", transport=UDP)
