@@ -110,6 +110,8 @@ RESERVED_PORTS: Final = frozenset({5060, 5061, 8080})
 #: The SBC's media ports with the `media:` config section (two realms, two addresses:
 #: 25,500 RTP/RTCP pairs each, enough for 20,000 calls).
 MEDIA_PORT_MIN: Final = 10000
+#: The SBC's realm listeners take a port in SIP_PORT_MIN..MEDIA_PORT_MIN-1.
+SIP_PORT_MIN: Final = 5100
 MEDIA_PORT_MAX: Final = 60999
 #: The concurrent-calls ramp lasts at least this long in the full run.
 HOLD_RAMP_SECONDS: Final = 60
@@ -490,14 +492,22 @@ def wait_with_cpu(process: subprocess.Popen[bytes], timeout: float) -> tuple[int
 # -- ports and probes --------------------------------------------------------------------
 
 
-def free_udp_port(address: str = LOOPBACK, span: int = 1, tcp: bool = False) -> int:
-    """A port (``span`` consecutive ones) free for UDP (and TCP) on ``address`` now."""
+def free_udp_port(
+    address: str = LOOPBACK, span: int = 1, tcp: bool = False, below_media: bool = False
+) -> int:
+    """A port (``span`` consecutive ones) free for UDP (and TCP) on ``address`` now.
+
+    ``below_media``: under MEDIA_PORT_MIN, for the SBC's own SIP listeners on the
+    realms' media addresses (the SBC refuses a UDP SIP port inside its media range).
+    """
     rng = random.Random()
     for _ in range(200):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
             probe.bind((address, 0))
             port = int(probe.getsockname()[1])
-        if span > 1:
+        if below_media:
+            port = rng.randrange(SIP_PORT_MIN, MEDIA_PORT_MIN - span)
+        elif span > 1:
             port = rng.randrange(40000, 60000 - span, 2)
         if any(p in RESERVED_PORTS for p in range(port, port + span)):
             continue
@@ -723,8 +733,8 @@ routes:
 """
 
     def write_config(self, callee_port: int, tag: str) -> tuple[Path, Target]:
-        outside = free_udp_port(OUTSIDE_ADDRESS)
-        inside = free_udp_port(INSIDE_ADDRESS)
+        outside = free_udp_port(OUTSIDE_ADDRESS, below_media=True)
+        inside = free_udp_port(INSIDE_ADDRESS, below_media=True)
         self.mgmt = free_udp_port(LOOPBACK, tcp=True)
         path = self.bench.workdir / f"sbc-{tag}.yaml"
         path.write_text(self.config(callee_port, outside, inside, self.mgmt, tag))
