@@ -495,8 +495,11 @@ class SbcNode:
                 listener.send(b"\r\n\r\n", binding.received.host, binding.received.port)
 
     async def _run_resolver(self) -> None:
-        """RFC 3263 for trunk gateways given by name; refreshed every minute."""
+        """RFC 3263 for trunk gateways given by name; looked up again when the first
+        DNS answer's TTL runs out (within 5 s to 60 s: the resolver's cache answers
+        the others), so a carrier's DNS change takes effect within its TTL."""
         resolver: SipResolver | None = None
+        failed: dict[str, str] = {}
         while True:
             named = [
                 g
@@ -516,7 +519,10 @@ class SbcNode:
                     try:
                         found = await resolver.resolve(target)
                     except ResolutionError as exc:
-                        logger.warning("x trunk gateway %s: %s", gateway.host, exc)
+                        # Once per failure, not at every refresh while it lasts.
+                        if failed.get(gateway.key) != str(exc):
+                            logger.warning("x trunk gateway %s: %s", gateway.host, exc)
+                        failed[gateway.key] = str(exc)
                         continue
                     except Exception:
                         # A bug here must not end DNS refresh for every trunk for good.
@@ -524,24 +530,33 @@ class SbcNode:
                         continue
                     # Every address of the gateway's transport, in RFC 3263 order: a
                     # call fails over from one to the next (4.3).
-                    destinations = tuple(
-                        Destination(gateway.transport, normalize_host(hop.address), hop.port)
+                    hops = [
+                        hop
                         for hop in found
                         if hop.transport.name.lower() == gateway.transport.value
-                    )
-                    if not destinations:
+                    ]
+                    if not hops:
                         continue
+                    failed.pop(gateway.key, None)
+                    destinations = tuple(
+                        Destination(gateway.transport, normalize_host(hop.address), hop.port)
+                        for hop in hops
+                    )
                     known = self.directory.resolved.get(gateway.key, ())
-                    if [(d.host, d.port) for d in known] != [
+                    # Logged when the addresses change, not their order: SRV weights
+                    # draw a new order at each lookup (and for each call).
+                    if {(d.host, d.port) for d in known} != {
                         (d.host, d.port) for d in destinations
-                    ]:
+                    }:
                         logger.info(
                             "- trunk gateway %s resolved to %s",
                             gateway.host,
                             ", ".join(f"{d.host} port {d.port}" for d in destinations),
                         )
-                        self.directory.resolved[gateway.key] = destinations
-            await asyncio.sleep(60.0)
+                    self.directory.resolved[gateway.key] = destinations
+                    self.directory.resolved_srv[gateway.key] = tuple(hop.srv for hop in hops)
+            expires_in = None if resolver is None else resolver.cache_expires_in()
+            await asyncio.sleep(60.0 if expires_in is None else min(60.0, max(5.0, expires_in)))
 
     def _udp_listener(self, host: str, port: int) -> UdpListener | None:
         transport = self.transport

@@ -24,6 +24,7 @@ from sbc.b2bua.trunks import Gateway, HealthChange, TrunkState, TrunkTable
 from sbc.registrar.location import LocationService
 from sbc.sip.uri import Uri, escape_user, format_host
 from sbc.transport.base import Destination, Transport, normalize_host
+from sbc.transport.resolver import SrvRecord, order_srv_records
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,29 @@ def gateway_uri(gateway: Gateway, user: str | None) -> str:
     port = "" if gateway.port is None else f":{gateway.port}"
     param = ";transport=tcp" if gateway.transport is Transport.TCP else ""
     return f"{scheme}:{userinfo}{format_host(gateway.host)}{port}{param}"
+
+
+def weighted_order(
+    found: tuple[Destination, ...], records: tuple[SrvRecord | None, ...], rng: random.Random
+) -> tuple[Destination, ...]:
+    """``found`` (each address beside the SRV record it came from, a record's
+    addresses together) with the records ordered again by RFC 2782: priority, then a
+    weighted random draw within a priority. Addresses without a record keep ``found``."""
+    runs: list[tuple[SrvRecord, list[Destination]]] = []
+    for destination, record in zip(found, records, strict=True):
+        if record is None:
+            return found
+        if runs and runs[-1][0] is record:
+            runs[-1][1].append(destination)
+        else:
+            runs.append((record, [destination]))
+    if len({record.priority for record, _ in runs}) == len(runs):
+        return found  # one record per priority: nothing to draw
+    ordered: list[Destination] = []
+    for record in order_srv_records([record for record, _ in runs], rng):
+        index = next(i for i, run in enumerate(runs) if run[0] is record)
+        ordered.extend(runs.pop(index)[1])
+    return tuple(ordered)
 
 
 class Directory:
@@ -60,21 +84,36 @@ class Directory:
         #: RFC 3263 results for gateways with a host name, by gateway key: every
         #: address of the gateway's transport, in the order to try them (4.3).
         self.resolved: dict[str, tuple[Destination, ...]] = {}
+        #: The SRV record each of ``resolved``'s addresses came from (same order),
+        #: for gateways whose name has SRV records: their weighted order is drawn
+        #: again for every call (RFC 2782), not once per lookup.
+        self.resolved_srv: dict[str, tuple[SrvRecord | None, ...]] = {}
 
     def destination(self, gateway: Gateway) -> Destination | None:
-        """Where a gateway is reached first (its probes go there); None while its
-        name is unresolved."""
-        found = self.destinations(gateway)
+        """Where a gateway is probed: the first address of the last lookup (not
+        drawn per call, so one probe's result and the next are about one server);
+        None while its name is unresolved."""
+        found = self._addresses(gateway)
         return found[0] if found else None
 
     def destinations(self, gateway: Gateway) -> tuple[Destination, ...]:
-        """Every address of a gateway in RFC 3263 order: a call fails over from one
-        to the next (4.3) before the next gateway; empty while the name is unresolved.
+        """Every address of a gateway in RFC 3263 order for one call: it fails over
+        from one to the next (4.3) before the next gateway; empty while the name is
+        unresolved. SRV records of one priority are ordered by RFC 2782's weighted
+        selection for each call, so calls share out by weight.
 
         A TLS gateway given by name carries that name as ``tls_name``: RFC 5922 4,
         its certificate must name the SIP domain the request was routed to (the
         configured host), not the address (or SRV target) it resolved to.
         """
+        found = self._addresses(gateway)
+        records = self.resolved_srv.get(gateway.key)
+        if records is None or len(records) != len(found):
+            return found
+        return weighted_order(found, records, self.rng)
+
+    def _addresses(self, gateway: Gateway) -> tuple[Destination, ...]:
+        """A gateway's addresses in the order of its last lookup."""
         static = gateway.static_destination
         if static is not None:
             return (static,)

@@ -38,7 +38,7 @@ import random
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import dns.asyncresolver
@@ -149,11 +149,17 @@ class SipTarget:
 
 @dataclass(frozen=True)
 class ResolvedTarget:
-    """One next hop: an IP address, port and transport to send the request to."""
+    """One next hop: an IP address, port and transport to send the request to.
+
+    ``srv``: the SRV record the hop came from (None without SRV), for a caller that
+    keeps the hops and orders them again by priority and weight for each request
+    (RFC 2782 selects per request); not part of the hop's identity.
+    """
 
     address: str
     port: int
     transport: Transport
+    srv: SrvRecord | None = field(default=None, compare=False)
 
 
 class ResolutionError(Exception):
@@ -345,6 +351,14 @@ class DnsCache:
             return None
         self._entries.move_to_end(key)
         return answer
+
+    def next_expiry(self) -> float | None:
+        """When the first cached answer runs out (on `now`'s clock); None if none is
+        left. Answers already expired are dropped first (names no longer asked)."""
+        now = self._now()
+        for key in [key for key, (expires, _) in self._entries.items() if expires <= now]:
+            del self._entries[key]
+        return min((expires for expires, _ in self._entries.values()), default=None)
 
     def put(self, answer: DnsAnswer, ttl: float) -> None:
         """Keep `answer` for `ttl` seconds (clamped to `MAX_TTL`; 0 keeps nothing)."""
@@ -562,6 +576,7 @@ class _Hop:
     port: int
     transport: Transport
     addresses: tuple[str, ...] | None = None
+    srv: SrvRecord | None = None
 
 
 class SipResolver:
@@ -595,6 +610,7 @@ class SipResolver:
         self._family = family
         self._rng = rng or random.Random()
         self._cache = DnsCache(cache_size, now)
+        self._cache_now = now
         self._negative_ttl = negative_ttl
         self._sips_for_sip_uris = sips_for_sip_uris
 
@@ -608,6 +624,12 @@ class SipResolver:
     def failover(self, target: SipTarget) -> FailoverTargets:
         """An async iterator over the next hops for `target` (RFC 3263 4.3)."""
         return FailoverTargets(self, target)
+
+    def cache_expires_in(self) -> float | None:
+        """Seconds until the first cached DNS answer runs out (its TTL), None with
+        nothing cached: when a caller that keeps resolved hops should resolve again."""
+        expiry = self._cache.next_expiry()
+        return None if expiry is None else max(0.0, expiry - self._cache_now())
 
     def _local_answer(self, name: str, rdtype: RecordType) -> DnsAnswer | None:
         """The answer the host itself knows, without DNS or the cache; None if none."""
@@ -753,7 +775,13 @@ class SipResolver:
                     logger.warning("x %s: SRV %s port 0 skipped", domain, record.target)
                     continue
                 hops.append(
-                    _Hop(record.target, record.port, transport, self._additional(extra, record))
+                    _Hop(
+                        record.target,
+                        record.port,
+                        transport,
+                        self._additional(extra, record),
+                        record,
+                    )
                 )
         if hops:
             return hops
@@ -850,7 +878,7 @@ class FailoverTargets:
             addresses, failures = await self._resolver._hop_addresses(hop)
             self._failures.extend(failures)
             for address in addresses:
-                resolved = ResolvedTarget(address, hop.port, hop.transport)
+                resolved = ResolvedTarget(address, hop.port, hop.transport, hop.srv)
                 if resolved not in self._seen:
                     self._seen.add(resolved)
                     self._pending.append(resolved)
