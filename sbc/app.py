@@ -71,6 +71,7 @@ from sbc.media.control import MediaError, MediaTimeout
 from sbc.media.relay import DescriptorsExhausted, MediaRelay
 from sbc.media.session import MediaSession
 from sbc.registrar.credentials import CredentialStoreError, SqliteCredentials
+from sbc.registrar.registrar import registered_for
 from sbc.sip.errors import ParseError
 from sbc.sip.message import Request, Response
 from sbc.sip.transaction import Outgoing, Output, TimerConfig, TransactionLayer
@@ -610,11 +611,23 @@ class SbcNode:
                 certificate=self._client_identity(tls),
             ),
             on_error=self._on_parse_error,
+            on_closed=self._connection_closed,
         )
         await layer.start()
         self.transport = layer
         self._server_ssl = server_ssl
         self._reconfigure_calls(config)
+
+    def _connection_closed(self, flow: Flow) -> None:
+        """RFC 5626 5.3: what was registered over a closed TCP/TLS connection is not
+        reached over it any more (sbc.registrar.registrar, Closed flows)."""
+        if flow.connection_id is None:
+            return
+        wall = time.time()
+        if self.registrar is not None:
+            self.registrar.registrar.connection_closed(flow.connection_id, wall)
+        for port in self._register_relays.values():
+            port.relay.connection_closed(flow.connection_id, wall)
 
     def _reconfigure_calls(self, config: Config) -> None:
         """Realms, routes, trunks, limits, header rules and timers for new calls."""
@@ -948,10 +961,17 @@ class SbcNode:
         """RFC 3261 17.2.4: a response that cannot be sent is its transaction's transport
         error, as a request's is (``_transport_failed``); a stateless one has none."""
         assert self.transport is not None and isinstance(outgoing.message, Response)
+        response = outgoing.message
         on_failure = None
         if outgoing.transaction is not None:
             on_failure = partial(self._transport_failed, outgoing)
-        self.transport.send_response_nowait(outgoing.message, flow, on_failure=on_failure)
+        if flow.connection_id is not None and response.status < 300:
+            # A phone registered over TCP/TLS is reached over that connection only:
+            # the idle sweep leaves it open while the registration lasts.
+            lifetime = registered_for(response)
+            if lifetime is not None:
+                self.transport.hold_open(flow.connection_id, lifetime)
+        self.transport.send_response_nowait(response, flow, on_failure=on_failure)
 
     def _send_request(self, outgoing: Outgoing, hop: Hop, now: float) -> None:
         """Send a B2BUA request from its realm's listener (UDP) or over a connection."""

@@ -379,7 +379,12 @@ class SipConfig(Section):
     tls: TlsConfig = field(default_factory=TlsConfig, metadata=spec("TLS listeners' identity."))
     tcp_idle_timeout: int = field(
         default=600,
-        metadata=spec("Seconds an idle TCP/TLS connection is kept.", min=1, max=86400),
+        metadata=spec(
+            "Seconds an idle TCP/TLS connection is kept; one a phone registered over is"
+            " kept while the registration lasts.",
+            min=1,
+            max=86400,
+        ),
     )
     max_connections: int = field(
         default=1024,

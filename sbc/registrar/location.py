@@ -28,6 +28,17 @@ Caps
     keeps re-registering with new contacts cannot push out the user's other phones.
     ``max_aors`` AORs in total: a new AOR beyond it is refused
     (:class:`TooManyAorsError`, 503); refreshing an AOR that has bindings always works.
+
+Flows (RFC 5626 5.3, 6)
+    A binding registered over TCP or TLS is reached over that connection: its
+    ``received`` port is the phone's end of it (an ephemeral port nobody listens
+    on), so once the connection is gone the binding is unusable. Bindings
+    registered here (:meth:`LocationService.replace`) are indexed by
+    ``connection_id`` and :meth:`LocationService.remove_connection` drops those of
+    one connection, costing what that connection holds. Connection ids are local
+    to the node whose transport numbered them: replicated or restored bindings
+    (:meth:`LocationService.apply`, ``from_dict``) are never indexed, so a
+    connection of this node that happens to reuse a number cannot take them.
 """
 
 from __future__ import annotations
@@ -309,6 +320,11 @@ class LocationService:
     _deadlines: list[tuple[float, str, str]] = field(default_factory=list, init=False, repr=False)
     # Deadlines the heap may hold before _compact counts the bindings again.
     _compact_at: int = field(default=0, init=False, repr=False)
+    # connection_id -> (aor, contact) of the bindings registered here over it (the
+    # module docstring's Flows); kept exact by every change of _bindings.
+    _by_connection: dict[int, set[tuple[str, str]]] = field(
+        default_factory=dict, init=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         if self.max_contacts < 1 or self.max_aors < 1:
@@ -422,18 +438,54 @@ class LocationService:
         removed = tuple(b for b in old if b.contact not in contacts)
         known = {id(b) for b in old}
         added = tuple(b for b in new if id(b) not in known)
+        kept = {id(b) for b in new}
         if new:
             self._bindings[aor] = list(new)
         else:
             self._bindings.pop(aor, None)
+        # Unindex every value replaced (a refresh may come over another connection)
+        # before indexing the new ones.
+        for binding in old:
+            if id(binding) not in kept:
+                self._unindex(binding)
         for binding in added:
             heapq.heappush(self._deadlines, (binding.expires_at, aor, binding.contact))
+            if binding.connection_id is not None:
+                self._by_connection.setdefault(binding.connection_id, set()).add(
+                    (aor, binding.contact)
+                )
         self._compact()
         return LocationChange(aor, added, removed)
 
     def remove_aor(self, aor: str) -> list[Binding]:
         """Drop every binding of AOR key ``aor``; returns them."""
-        return self._bindings.pop(aor, [])
+        gone = self._bindings.pop(aor, [])
+        for binding in gone:
+            self._unindex(binding)
+        return gone
+
+    def remove_connection(self, connection_id: int) -> list[Binding]:
+        """Drop and return every binding registered here over TCP/TLS connection
+        ``connection_id``, which has closed (module docstring, Flows). An AOR left
+        without bindings is gone, so it no longer counts against ``max_aors``."""
+        keys = self._by_connection.pop(connection_id, None)
+        if not keys:
+            return []
+        gone: list[Binding] = []
+        for aor, contact in keys:
+            items = self._bindings.get(aor)
+            if not items:
+                continue
+            for index, binding in enumerate(items):
+                if binding.contact == contact and binding.connection_id == connection_id:
+                    del items[index]
+                    gone.append(binding)
+                    break
+            if not items:
+                del self._bindings[aor]
+        # The deadline heap keeps their entries: expire() and next_expiry() skip
+        # deadlines whose binding is gone (lazy invalidation).
+        return gone
 
     def expire(self, now: float) -> list[Binding]:
         """Remove and return every binding whose time is up (``expires_at <= now``)."""
@@ -449,6 +501,7 @@ class LocationService:
                 if binding.contact == contact and binding.expires_at == expires_at:
                     del items[index]
                     gone.append(binding)
+                    self._unindex(binding)
                     break
             if not items:
                 del self._bindings[aor]
@@ -469,17 +522,39 @@ class LocationService:
     def apply(self, added: Iterable[Binding], removed: Iterable[Binding]) -> None:
         """Replay a change made elsewhere (the HA primary): upsert ``added`` and drop
         ``removed``, matched by AOR and contact text. Caps are not checked here: the
-        primary checked them."""
+        primary checked them. The bindings added are not indexed by connection
+        (module docstring, Flows): their ``connection_id`` is the primary's."""
         for binding in removed:
-            items = self._bindings.get(binding.aor, [])
-            items[:] = [b for b in items if b.contact != binding.contact]
-            if not items:
-                self._bindings.pop(binding.aor, None)
+            self._pop(binding.aor, binding.contact)
         for binding in added:
-            items = self._bindings.setdefault(binding.aor, [])
-            items[:] = [b for b in items if b.contact != binding.contact]
-            items.append(binding)
+            self._pop(binding.aor, binding.contact)
+            self._bindings.setdefault(binding.aor, []).append(binding)
             heapq.heappush(self._deadlines, (binding.expires_at, binding.aor, binding.contact))
+
+    def _pop(self, aor: str, contact: str) -> None:
+        """Drop the binding of ``aor`` with contact text ``contact``, if there is one."""
+        items = self._bindings.get(aor)
+        if items is None:
+            return
+        for index, binding in enumerate(items):
+            if binding.contact == contact:
+                del items[index]
+                self._unindex(binding)
+                break
+        if not items:
+            del self._bindings[aor]
+
+    def _unindex(self, binding: Binding) -> None:
+        """Forget ``binding`` in the connection index (a no-op if it was not indexed:
+        one replicated, or replaced meanwhile by a value over another connection)."""
+        if binding.connection_id is None:
+            return
+        keys = self._by_connection.get(binding.connection_id)
+        if keys is None:
+            return
+        keys.discard((binding.aor, binding.contact))
+        if not keys:
+            del self._by_connection[binding.connection_id]
 
     def _compact(self) -> None:
         # Refreshes leave stale deadlines behind; rebuild once they dominate the heap.

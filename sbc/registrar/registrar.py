@@ -43,6 +43,14 @@ traffic), one per (source address, listener) pair; the app sends each a CRLFCRLF
 datagram (RFC 5626 4.4.1's keepalive, which a SIP stack ignores) or an OPTIONS
 request from ``binding.local`` to ``binding.received``. TCP/TLS flows keep their
 own mappings alive, so they are never returned.
+
+Closed flows (RFC 5626 5.3, 6): a binding registered over a TCP or TLS connection
+is reached over that connection, at the phone's (ephemeral) end of it. When the
+transport layer reports the connection closed, :meth:`Registrar.connection_closed`
+removes its bindings, as an expiry would: a call to the user then goes to the
+user's other bindings (another flow of the same RFC 5626 instance included), or
+is answered 480 when none is left, instead of waiting on a connect to a port
+nobody listens on. The phone registers again over its next connection.
 """
 
 from __future__ import annotations
@@ -77,8 +85,10 @@ from sbc.sip.errors import ParseError
 from sbc.sip.headers import (
     MAX_DELTA_SECONDS,
     Address,
+    get_param,
     parse_delta,
     quote_string,
+    split_list,
     unquote_string,
 )
 from sbc.sip.message import Request, Response, make_response, new_tag
@@ -465,6 +475,23 @@ class Registrar:
             logger.info("- unregistered %s: %d binding(s) removed", aor, len(change.removed))
         return self._ok(request, aor, now, state, (), change.removed)
 
+    # ------------------------------------------------------------------ flows
+
+    def connection_closed(self, connection_id: int, now: float) -> list[Binding]:
+        """Remove every binding registered over TCP/TLS connection ``connection_id``,
+        which has closed (module docstring, Closed flows); returns them, what a
+        standby drops (``LocationService.apply((), removed)``) as after an expiry."""
+        removed = self.location.remove_connection(connection_id)
+        if removed:
+            self._track_keepalives((), removed, now)
+            # One line per connection: an edge proxy's may carry thousands of users.
+            logger.info(
+                "- connection #%d closed: %d binding(s) removed", connection_id, len(removed)
+            )
+            for binding in removed:
+                logger.debug("- binding of %s gone with its connection", binding.aor)
+        return removed
+
     def _ok(
         self,
         request: Request,
@@ -724,3 +751,29 @@ def _render_binding(binding: Binding, now: float) -> str:
         params.append(f";reg-id={binding.reg_id}")
     params.append(f";expires={binding.expires_in(now)}")
     return f"<{binding.contact}>{''.join(params)}"
+
+
+def registered_for(response: Response) -> int | None:
+    """How long a 2xx to a REGISTER keeps bindings: the longest ``expires`` of its
+    Contacts (RFC 3261 10.3 step 8), else its Expires; None for anything else or
+    without bindings. What the flow the phone registered over must stay open for
+    (``TransportLayer.hold_open``), whoever answered (the registrar, a relay)."""
+    if not 200 <= response.status < 300:
+        return None
+    try:
+        if response.cseq.method != "REGISTER":
+            return None
+        default = parse_delta(response.headers.get("Expires") or "")
+        longest: int | None = None
+        for value in response.headers.fields("Contact"):
+            for item in split_list(value):
+                if item.strip() == "*":
+                    continue
+                contact = Address.parse(item, "Contact")
+                given = get_param(contact.params, "expires")
+                seconds = default if given is None else parse_delta(given)
+                if seconds is not None:
+                    longest = seconds if longest is None else max(longest, seconds)
+    except ParseError:
+        return None
+    return longest or None

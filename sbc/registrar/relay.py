@@ -38,6 +38,15 @@ userinfo unescaped): ``sip:%61lice@...`` and ``sip:alice@...`` are one user, and
 the upstream's AOR is written escaped again (``escape_user``), whatever octets the
 phone's escapes decoded to.
 
+Closed flows (RFC 5626 5.3): a phone registered over TCP or TLS is reached over
+that connection, at its (ephemeral) end of it. When the connection closes,
+:meth:`RegistrationRelay.connection_closed` takes the phone's token out of the
+location service, so calls from the upstream to that Contact are answered at once
+instead of waiting on a connect nobody accepts. The relayed binding itself stays
+until it runs out, as does its upstream registration: the phone's next REGISTER,
+over its next connection, refreshes the same upstream Contact (token) rather than
+leaving a stale one upstream beside a new one.
+
 Everything here is a plain value or pure; ``now`` is a wall-clock epoch float.
 """
 
@@ -130,6 +139,9 @@ class RelayedBinding:
     #: (RFC 3261 10.3 step 7); "" until the upstream first accepts it.
     phone_call_id: str = ""
     phone_cseq: int = 0
+    #: The TCP/TLS connection ``received`` is reached over; None for UDP and once
+    #: it closed. Only meaningful on the node whose transport numbered it.
+    connection_id: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -145,6 +157,7 @@ class RelayedBinding:
             "phone_expires_at": self.phone_expires_at,
             "phone_call_id": self.phone_call_id,
             "phone_cseq": self.phone_cseq,
+            "connection_id": self.connection_id,
         }
 
     @classmethod
@@ -165,6 +178,7 @@ class RelayedBinding:
             # Absent from records written before ordering was kept: no order yet.
             phone_call_id=str(data.get("phone_call_id", "")),
             phone_cseq=int(data.get("phone_cseq", 0)),
+            connection_id=None if data.get("connection_id") is None else int(data["connection_id"]),
         )
 
 
@@ -187,6 +201,8 @@ class Forward:
     #: A wildcard's contacts as it named them upstream: only those go when it is
     #: accepted (one registered meanwhile was not in it, and stays upstream).
     named: tuple[str, ...] = ()
+    #: The phone's TCP/TLS connection, which ``received`` is reached over.
+    connection_id: int | None = None
 
 
 @dataclass
@@ -267,9 +283,14 @@ class RegistrationRelay:
     #: a REGISTER costs what its user holds, not the whole table. Derived: rebuilt
     #: from ``_bindings``, changed only by ``_store`` and ``_drop``.
     _by_user: dict[str, dict[str, None]] = field(init=False, repr=False)
+    #: The keys of the bindings reached over each TCP/TLS connection, so a closed
+    #: one costs what it carried. Changed only by ``_store`` and ``_drop``; bindings
+    #: given at construction (restored: their ids are another process's) are not in it.
+    _by_connection: dict[int, dict[tuple[str, str], None]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._by_user = {}
+        self._by_connection = {}
         for user, contact in self._bindings:
             self._by_user.setdefault(user, {})[contact] = None
 
@@ -355,6 +376,8 @@ class RegistrationRelay:
                     local=listen,
                     realm=realm,
                     phone_expires_at=now + granted,
+                    # The same address, perhaps over a new connection from the same port.
+                    connection_id=flow.connection_id,
                 )
                 self._store(binding)
                 self._locate(binding)
@@ -377,6 +400,7 @@ class RegistrationRelay:
                 realm=realm,
                 call_id=secrets.token_hex(16),
                 cseq=0,
+                connection_id=flow.connection_id,
             )
         return self._forward(request, binding, granted, flow, listen, realm, now)
 
@@ -446,7 +470,9 @@ class RegistrationRelay:
         key = (binding.user, binding.contact)
         received = Destination(flow.transport, flow.remote_host, flow.remote_port)
         named = tuple(item.contact for item in (binding, *also)) if wildcard else ()
-        return Forward(upstream, key, granted, received, listen, realm, wildcard, named)
+        return Forward(
+            upstream, key, granted, received, listen, realm, wildcard, named, flow.connection_id
+        )
 
     # -- from the upstream ---------------------------------------------------------------
 
@@ -499,6 +525,7 @@ class RegistrationRelay:
         binding = replace(
             _ordered(binding, phone_request),
             received=forward.received or binding.received,
+            connection_id=forward.connection_id if forward.received else binding.connection_id,
             local=forward.local or binding.local,
             realm=forward.realm or binding.realm,
             upstream_expires_at=now + upstream_for,
@@ -524,20 +551,63 @@ class RegistrationRelay:
             self._drop(binding)
         return gone
 
+    def connection_closed(self, connection_id: int, now: float) -> list[RelayedBinding]:
+        """TCP/TLS connection ``connection_id`` closed: the phones reached over it
+        leave the location service (module docstring, Closed flows); their relayed
+        bindings stay until they run out. Returns them as they are now."""
+        keys = self._by_connection.pop(connection_id, None)
+        if not keys:
+            return []
+        gone: list[RelayedBinding] = []
+        for key in keys:
+            binding = self._bindings.get(key)
+            if binding is None or binding.connection_id != connection_id:
+                continue
+            self.location.remove_aor(binding.token)
+            binding = replace(binding, connection_id=None)
+            self._store(binding)
+            gone.append(binding)
+        if gone:
+            logger.info(
+                "- connection #%d closed: %d relayed phone(s) unreachable until they register",
+                connection_id,
+                len(gone),
+            )
+        return gone
+
     def _store(self, binding: RelayedBinding) -> None:
-        """Insert or replace ``binding`` in the table and in its user's index."""
-        self._bindings[(binding.user, binding.contact)] = binding
+        """Insert or replace ``binding`` in the table and in its user's and its
+        connection's indexes."""
+        key = (binding.user, binding.contact)
+        old = self._bindings.get(key)
+        if old is not None and old.connection_id != binding.connection_id:
+            self._unindex(old)
+        self._bindings[key] = binding
         self._by_user.setdefault(binding.user, {})[binding.contact] = None
+        if binding.connection_id is not None:
+            self._by_connection.setdefault(binding.connection_id, {})[key] = None
 
     def _drop(self, binding: RelayedBinding) -> None:
-        """Remove ``binding`` from the table, its user's index and the location service."""
-        self._bindings.pop((binding.user, binding.contact), None)
+        """Remove ``binding`` from the table, its indexes and the location service."""
+        key = (binding.user, binding.contact)
+        old = self._bindings.pop(key, None)
+        if old is not None:
+            self._unindex(old)
         contacts = self._by_user.get(binding.user)
         if contacts is not None:
             contacts.pop(binding.contact, None)
             if not contacts:
                 del self._by_user[binding.user]
         self.location.remove_aor(binding.token)
+
+    def _unindex(self, binding: RelayedBinding) -> None:
+        if binding.connection_id is None:
+            return
+        keys = self._by_connection.get(binding.connection_id)
+        if keys is not None:
+            keys.pop((binding.user, binding.contact), None)
+            if not keys:
+                del self._by_connection[binding.connection_id]
 
     def _of_user(self, user: str) -> list[RelayedBinding]:
         """Every binding of ``user``, pending or refused ones included."""

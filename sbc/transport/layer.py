@@ -20,6 +20,11 @@ send that needs a new one fails as a failed connect does.
 TLS listeners admit each handshake by source address (HandshakeLimiter), and with
 mutual TLS close a connection whose client certificate is not a trusted one; the
 certificate a peer presented rides on its Flow.
+
+The end of every TCP/TLS connection the layer admitted is reported once to
+``on_closed`` with the connection's Flow, whatever ended it (the peer, an error, the
+idle sweep, a framing error, ``stop``): what was registered over it (RFC 5626 flows)
+can no longer be reached that way.
 """
 
 from __future__ import annotations
@@ -86,7 +91,9 @@ class TransportLayer:
     TLS connections (``set_client_ssl`` replaces it). The handler is called
     synchronously from the event loop; it must not block. ``on_error``, when given,
     is told of every message that failed to parse (the edge firewall counts them
-    per source); it must not block either.
+    per source); it must not block either. ``on_closed``, when given, is told once of
+    each admitted TCP/TLS connection that closed, with its Flow (``connection_id``
+    set); it is called synchronously from ``connection_lost`` and must not block.
     """
 
     def __init__(
@@ -98,10 +105,12 @@ class TransportLayer:
         client_ssl: ssl.SSLContext | None = None,
         listener_tls: Mapping[ListenAddress, ServerTls] | None = None,
         on_error: Callable[[ParseError, Flow], None] | None = None,
+        on_closed: Callable[[Flow], None] | None = None,
     ) -> None:
         self._config = config
         self._handler = handler
         self._on_error = on_error
+        self._on_closed = on_closed
         if isinstance(server_ssl, ssl.SSLContext):
             server_ssl = ServerTls.fixed(server_ssl)
         self._server_ssl = server_ssl
@@ -530,6 +539,18 @@ class TransportLayer:
             await asyncio.sleep(interval)
             self.close_idle(loop.time())
 
+    def hold_open(self, connection_id: int, seconds: float) -> None:
+        """Keep connection ``connection_id`` from the idle sweep for ``seconds`` more
+        (the longest hold asked wins): a phone registered over it can be reached
+        only over it (RFC 5626 3.3, RFC 3261 18.2.2), and many send nothing between
+        registrations. Idle time counts again once the hold is over. No-op for a
+        connection that is gone."""
+        connection = self._connections.get(connection_id)
+        if connection is None:
+            return
+        until = asyncio.get_running_loop().time() + seconds
+        connection.held_until = max(connection.held_until, until)
+
     def close_idle(self, now: float) -> int:
         """Close connections idle for longer than ``idle_timeout``, or whose message has
         been arriving for longer than ``message_timeout``, at loop time ``now``; abort
@@ -546,7 +567,8 @@ class TransportLayer:
                     self.stats.incr(Stat.CLOSE_TIMEOUTS)
                 continue
             started = connection.message_started
-            if now - connection.last_activity > config.idle_timeout:
+            idle = now - connection.last_activity
+            if idle > config.idle_timeout and now >= connection.held_until:
                 logger.debug("- closing idle %s", connection.flow)
                 self.stats.incr(Stat.IDLE_CLOSED)
             elif started is not None and now - started > config.message_timeout:
@@ -723,6 +745,13 @@ class TransportLayer:
         else:
             self._inbound -= 1
         logger.debug("- closed %s%s", flow, f": {exc}" if exc else "")
+        # Once per connection: it left _connections above. Refused connections never
+        # delivered a message, so nothing can refer to them and they are not reported.
+        if self._on_closed is not None:
+            try:
+                self._on_closed(flow)
+            except Exception:
+                logger.exception("x close observer failed on %s", flow)
 
 
 class _Factory:

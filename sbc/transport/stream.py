@@ -109,6 +109,9 @@ class StreamConnection(asyncio.Protocol):
         #: Loop time close() or abort() was called: a peer that does not read keeps a
         #: plain close() flushing forever, so the owner aborts it after a while.
         self.closing_since: float | None = None
+        #: Loop time until which the idle sweep leaves the connection open, however
+        #: quiet: a phone registered over it is reached over it (``hold_open``).
+        self.held_until = 0.0
 
     def __repr__(self) -> str:
         return f"<StreamConnection {self._flow or self.id}>"

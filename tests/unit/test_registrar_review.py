@@ -109,16 +109,11 @@ def test_an_instance_and_reg_id_replace_the_binding_whatever_the_uri() -> None:
     assert result.response.headers.get("Require") == "outbound"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="no hook drops bindings whose TCP/TLS flow closed (RFC 5626 5.3/6); "
-    "they keep routing calls to the phone's dead ephemeral port",
-)
 def test_bindings_of_a_closed_connection_are_unusable() -> None:
     registrar = make_registrar(auth_required=False)
     registrar.register(register(), TCP_FLOW, "access", LISTEN, T0)
     assert TCP_FLOW.connection_id is not None
-    registrar.connection_closed(TCP_FLOW.connection_id, T0 + 1)  # type: ignore[attr-defined]
+    registrar.connection_closed(TCP_FLOW.connection_id, T0 + 1)
     assert registrar.location.lookup("alice", T0 + 1) == []
 
 

@@ -33,6 +33,7 @@ from tests.unit.test_b2bua_flows import (
 INSIDE_ADDRESS = "10.0.0.5"
 INSIDE_HOST = "pbx.inside.example"
 
+
 def relay_session(streams: int = 1) -> MediaSession:
     """A relay session of ``streams`` streams, each on the next port pair."""
     return MediaSession(
