@@ -96,6 +96,7 @@ def call_timers(config: Config) -> CallTimers:
     return CallTimers(
         max_duration=float(calls.max_duration),
         no_answer_timeout=float(calls.no_answer_timeout),
+        timer_c=float(calls.timer_c),
         session_expires=float(calls.session_expires),
         min_se=float(calls.min_se),
     )

@@ -394,6 +394,10 @@ class CallTimers:
     session_expires: float = 1800.0
     min_se: float = 90.0
 
+    #: RFC 3261 16.6 step 11: how long each B-leg INVITE waits for a final response,
+    #: from when it is sent and again from each provisional but a 100 (16.7 step 2).
+    #: More than 3 minutes, as RFC 3261 asks of a proxy; 0 turns it off.
+    timer_c: float = 185.0
 
 @dataclass(frozen=True, slots=True)
 class RealmPolicy:
@@ -545,6 +549,11 @@ class _Fork:
     #: without it, and the caller, whose provisionals are unreliable, needs it there.
     early_answer: SessionDescription | None = None
 
+    #: When its Timer C fires (RFC 3261 16.6 step 11); None: not running.
+    timer_c: float | None = None
+    #: A provisional other than 100 came: the far end works on the call (it rings),
+    #: so Timer C firing says nothing of the gateway's health.
+    progressed: bool = False
 
 @dataclass(eq=False, slots=True)
 class _Live:
@@ -619,6 +628,10 @@ class _Live:
     #: B2BUA sends it keeps RTP/AVP there.
     srtp_opportunistic: dict[LegSide, frozenset[int]] = field(default_factory=dict)
     is_subscription: bool = field(init=False)
+    #: When the call's Timer C deadline entry is due: the earliest of its forks' Timer
+    #: C when it was scheduled (a provisional only moves a fork's later, so the entry
+    #: is re-armed when it fires rather than pushed again for every provisional).
+    timer_c_due: float | None = None
 
     def __post_init__(self) -> None:
         assert self.invite is not None
@@ -721,6 +734,8 @@ class _Timer:
     REOFFER_B = "reoffer-b"
     SUBSCRIPTION = "subscription"
 
+    #: RFC 3261 16.6 step 11: the Timer C of one of the call's B-leg INVITEs.
+    TIMER_C = "timer-c"
 
 #: Codec lists already seen: every call keeps two, and few lists exist (bounded).
 _CODEC_LISTS: dict[str, str] = {}
@@ -938,7 +953,7 @@ class CallController:
     def next_deadline(self) -> float | None:
         """When ``handle_timers`` should next run (2xx retransmissions, call timers)."""
         deadlines = self._deadlines
-        while deadlines and deadlines[0][2] not in self._calls:
+        while deadlines and self._stale(deadlines[0]):
             heapq.heappop(deadlines)
         due = self._unacked_due
         while due and not self._unacked_live(due[0]):
@@ -952,6 +967,15 @@ class CallController:
         return deadline
 
     def _unacked_live(self, entry: tuple[float, int, tuple[str, str, int]]) -> bool:
+    def _stale(self, entry: tuple[float, int, str, str]) -> bool:
+        """A call timer entry of an ended call, or a Timer C one left behind (most
+        calls are answered long before theirs: no wake-up for it)."""
+        when, _, call_ref, kind = entry
+        live = self._calls.get(call_ref)
+        if live is None:
+            return True
+        return kind == _Timer.TIMER_C and not self._timer_c_due(live, when)
+
         unacked = self._unacked.get(entry[2])
         return unacked is not None and unacked.next_at == entry[0]
 
@@ -989,6 +1013,8 @@ class CallController:
                 return step + self._end(live, 408, EndReason.NO_ANSWER_TIMEOUT, None, now)
             return Step()
         if call.state is not CallState.CONFIRMED:
+        if kind == _Timer.TIMER_C:
+            return self._timer_c(live, now) if self._timer_c_due(live, when) else Step()
             return Step()
         if kind == _Timer.SUBSCRIPTION:
             if live.refresh_at.get(LegSide.A) != when:
@@ -1004,6 +1030,70 @@ class CallController:
         return self._refresh(live, side, now, offer=kind in (_Timer.REOFFER_A, _Timer.REOFFER_B))
 
     def _retransmit_2xx(self, now: float) -> Step:
+    def _arm_timer_c(self, live: _Live, when: float) -> None:
+        due = live.timer_c_due
+        if due is None or when < due:
+            live.timer_c_due = when
+            self._schedule(when, live.call.call_ref, _Timer.TIMER_C)
+
+    @staticmethod
+    def _timer_c_due(live: _Live, when: float) -> bool:
+        """Whether the Timer C entry for ``when`` is the call's live one. Once the
+        call is answered or ending its forks left are CANCELled, and their
+        transactions end on their own (RFC 3261 9.1: Timer B after the CANCEL)."""
+        return (
+            live.timer_c_due == when
+            and live.winner is None
+            and not live.a_final
+            and live.call.state in (CallState.CALLING, CallState.EARLY)
+        )
+
+    def _timer_c(self, live: _Live, now: float) -> Step:
+        """The call's Timer C entry is due: each fork whose Timer C ran out is let go
+        of (``_timer_c_expired``); the entry is re-armed for the others."""
+        live.timer_c_due = None
+        step = Step()
+        # A failover replaces live.forks; the forks of the group it left are final.
+        for fork in list(live.forks.values()):
+            if fork.timer_c is None or fork.timer_c > now:
+                continue
+            fork.timer_c = None
+            if fork.final or fork.cancel_sent or fork.cancel_pending:
+                continue
+            step = step + self._timer_c_expired(live, fork, now)
+            if live.call.state is CallState.TERMINATED:
+                return step
+        later = [f.timer_c for f in live.forks.values() if f.timer_c is not None]
+        if later:
+            self._arm_timer_c(live, min(later))
+        return step
+
+    def _timer_c_expired(self, live: _Live, fork: _Fork, now: float) -> Step:
+        """RFC 3261 16.8: Timer C fired for a B INVITE. With a provisional it is
+        CANCELled; without one it is taken as answered 408, and a provisional that
+        still comes gets the CANCEL then (9.1). Either way the attempt counts as a 408:
+        the next target is tried (as for the 408 of Timer B), or the caller hears the
+        best answer. The INVITE is let go of like an orphan of Timer B: a 2xx that
+        crosses the CANCEL is ACKed and hung up."""
+        call_ref = live.call.call_ref
+        logger.info(
+            "x call %s: no final response from %s in time (Timer C)",
+            call_ref,
+            fork.target.destination,
+        )
+        step = Step()
+        if fork.tx.can_cancel:
+            step = self._cancel_fork(live, fork, now)
+        else:
+            fork.cancel_pending = True
+        del live.forks[fork.tx]
+        self._adopt(call_ref, fork, now)
+        self._count("timer_c_expired")
+        timeout = make_response(fork.request, 408)
+        # A gateway that rang proved alive: only one stuck after its 100, or silent,
+        # counts as a timeout for the trunk's passive health.
+        return step + self._fork_failed(live, fork, timeout, now, report=not fork.progressed)
+
         """RFC 3261 13.3.1.4: retransmit each unACKed 2xx, T1 doubling up to T2; after
         64*T1 without ACK the dialog is confirmed and at once ended with a BYE."""
         step = Step()
@@ -1748,6 +1838,10 @@ class CallController:
         fork = _Fork(leg, target, invite, tx, DialogSet.for_request(invite))
         live.forks[tx] = fork
         if body:
+        if self.timers.timer_c:
+            # RFC 3261 16.6 step 11: Timer C starts with the INVITE.
+            fork.timer_c = now + self.timers.timer_c
+            self._arm_timer_c(live, fork.timer_c)
             live.sdp_sent[LegSide.B] = body
         if first or live.winner is None:
             live.call = evolve(live.call, b=leg, gateway=target.gateway)
@@ -2490,18 +2584,14 @@ class CallController:
             return Step()
         live = self._calls.get(role.call_ref)
         if live is None:
-            again = self._ack_again(tx, response)
-            if again is not None:
-                return again
-            if role.role == "invite":
-                if isinstance(tx, ClientInviteTransaction) and response.status < 200:
-                    return self._orphan_cancel(tx, role.call_ref, now)
-                return self._orphan_response(response, now)
-            return Step()
+            if role.role == "invite" and isinstance(tx, ClientInviteTransaction):
+                return self._let_go_response(tx, role.call_ref, response, now)
+            return self._ack_again(tx, response) or Step()
         if role.role == "invite" and isinstance(tx, ClientInviteTransaction):
             fork = live.forks.get(tx)
             if fork is None:
-                return Step()
+                # Its call let go of it (Timer C) and tries another target meanwhile.
+                return self._let_go_response(tx, role.call_ref, response, now)
             return self._invite_response(live, fork, response, now)
         if role.role == "subscribe":
             if response.status >= 200:
@@ -2557,6 +2647,11 @@ class CallController:
         call = live.call
         step = Step()
         if fork.cancel_pending:
+        # RFC 3261 16.7 step 2: every provisional but 100 (kept out by _invite_response:
+        # it only says the next hop has the INVITE) restarts Timer C.
+        fork.progressed = True
+        if fork.timer_c is not None:
+            fork.timer_c = now + self.timers.timer_c if self.timers.timer_c else None
             step = step + self._cancel_fork(live, fork, now)
         if isinstance(event, EarlyDialog):
             fork.leg = fork.leg.with_dialog(event.dialog)
@@ -2701,11 +2796,15 @@ class CallController:
         logger.debug("- call %s: answered", call.call_ref)
         return step
 
-    def _fork_failed(self, live: _Live, fork: _Fork, response: Response, now: float) -> Step:
-        """A non-2xx final of one fork (ACKed hop by hop by the transaction layer)."""
+    def _fork_failed(
+        self, live: _Live, fork: _Fork, response: Response, now: float, *, report: bool = True
+    ) -> Step:
+        """A non-2xx final of one fork (ACKed hop by hop by the transaction layer), or
+        the 408 its Timer C stands for; ``report``: tell the trunk's passive health."""
         status = response.status
         fork.final = status
-        self._gateway_result(live, fork, response, now)
+        if report:
+            self._gateway_result(live, fork, response, now)
         self._by_dialog.pop((fork.leg.call_id, fork.leg.local_tag), None)
         if live.winner is not None:
             return Step()
@@ -3148,6 +3247,19 @@ class CallController:
             self._adopt(live.call.call_ref, fork, now)
 
     def _adopt(self, call_ref: str, fork: _Fork, now: float) -> None:
+    def _let_go_response(
+        self, tx: ClientInviteTransaction, call_ref: str, response: Response, now: float
+    ) -> Step:
+        """A response to a B INVITE its call no longer waits for (the call ended, or
+        its Timer C fired): a provisional gets the CANCEL the call owed it, a 2xx its
+        ACK and a BYE."""
+        again = self._ack_again(tx, response)
+        if again is not None:
+            return again
+        if response.status < 200:
+            return self._orphan_cancel(tx, call_ref, now)
+        return self._orphan_response(response, now)
+
         orphans = self._orphans
         _make_room(orphans, now)
         key = (fork.leg.call_id, fork.leg.local_tag)

@@ -658,6 +658,18 @@ class CallsConfig(Section):
     no_answer_timeout: int = field(
         default=180, metadata=spec("Seconds a call may ring.", min=5, max=3600)
     )
+    timer_c: int = field(
+        default=185,
+        metadata=spec(
+            "RFC 3261 Timer C: seconds each outgoing INVITE (a gateway or a registered"
+            " contact) may go without a final response, counted from the INVITE and"
+            " again from each provisional but 100; then it is CANCELled and counts as"
+            " a 408 (the next gateway is tried). It only acts when shorter than"
+            " no_answer_timeout. RFC 3261 asks a proxy for more than 3 minutes.",
+            min=60,
+            max=3600,
+        ),
+    )
     session_expires: int = field(
         default=1800,
         metadata=spec(

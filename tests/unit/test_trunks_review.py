@@ -268,11 +268,6 @@ def test_a_gateway_s_503_retry_after_does_not_reach_the_caller() -> None:
     assert final.status == 500 and final.headers.get("Retry-After") is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="no Timer C (RFC 3261 16.6 step 11): a gateway that sent 100 and never a "
-    "final answer holds the call; no CANCEL, no failover",
-)
 def test_a_gateway_that_sends_100_and_then_nothing_is_cancelled_and_failed_over() -> None:
     c = controller(rules=PSTN, targets=trunk_plan())
     invite, _ = first_invite(c)
