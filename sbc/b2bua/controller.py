@@ -41,6 +41,7 @@ from typing import Final, Protocol, TypeVar
 
 from sbc.b2bua.admission import AdmissionControl, AdmissionTicket, RefusalReason, Refused
 from sbc.b2bua.call import Call, CallLeg, CallState, EndReason, LegSide
+from sbc.b2bua.event_bodies import screen_event_body
 from sbc.b2bua.local import LocalResponder
 from sbc.b2bua.realm import Hop, Realm, RealmTable
 from sbc.b2bua.routing import (
@@ -393,11 +394,11 @@ class CallTimers:
     #: RFC 4028 session interval the B2BUA refreshes each leg within.
     session_expires: float = 1800.0
     min_se: float = 90.0
-
     #: RFC 3261 16.6 step 11: how long each B-leg INVITE waits for a final response,
     #: from when it is sent and again from each provisional but a 100 (16.7 step 2).
     #: More than 3 minutes, as RFC 3261 asks of a proxy; 0 turns it off.
     timer_c: float = 185.0
+
 
 @dataclass(frozen=True, slots=True)
 class RealmPolicy:
@@ -548,12 +549,12 @@ class _Fork:
     #: The answer a reliable provisional carried (RFC 3262 5): the 2xx may come
     #: without it, and the caller, whose provisionals are unreliable, needs it there.
     early_answer: SessionDescription | None = None
-
     #: When its Timer C fires (RFC 3261 16.6 step 11); None: not running.
     timer_c: float | None = None
     #: A provisional other than 100 came: the far end works on the call (it rings),
     #: so Timer C firing says nothing of the gateway's health.
     progressed: bool = False
+
 
 @dataclass(eq=False, slots=True)
 class _Live:
@@ -627,11 +628,11 @@ class _Live:
     #: The streams each side last sent as opportunistic SRTP (RFC 8643): what the
     #: B2BUA sends it keeps RTP/AVP there.
     srtp_opportunistic: dict[LegSide, frozenset[int]] = field(default_factory=dict)
-    is_subscription: bool = field(init=False)
     #: When the call's Timer C deadline entry is due: the earliest of its forks' Timer
     #: C when it was scheduled (a provisional only moves a fork's later, so the entry
     #: is re-armed when it fires rather than pushed again for every provisional).
     timer_c_due: float | None = None
+    is_subscription: bool = field(init=False)
 
     def __post_init__(self) -> None:
         assert self.invite is not None
@@ -733,9 +734,9 @@ class _Timer:
     REOFFER_A = "reoffer-a"
     REOFFER_B = "reoffer-b"
     SUBSCRIPTION = "subscription"
-
     #: RFC 3261 16.6 step 11: the Timer C of one of the call's B-leg INVITEs.
     TIMER_C = "timer-c"
+
 
 #: Codec lists already seen: every call keeps two, and few lists exist (bounded).
 _CODEC_LISTS: dict[str, str] = {}
@@ -966,7 +967,6 @@ class CallController:
             deadline = probe
         return deadline
 
-    def _unacked_live(self, entry: tuple[float, int, tuple[str, str, int]]) -> bool:
     def _stale(self, entry: tuple[float, int, str, str]) -> bool:
         """A call timer entry of an ended call, or a Timer C one left behind (most
         calls are answered long before theirs: no wake-up for it)."""
@@ -976,6 +976,7 @@ class CallController:
             return True
         return kind == _Timer.TIMER_C and not self._timer_c_due(live, when)
 
+    def _unacked_live(self, entry: tuple[float, int, tuple[str, str, int]]) -> bool:
         unacked = self._unacked.get(entry[2])
         return unacked is not None and unacked.next_at == entry[0]
 
@@ -1012,9 +1013,9 @@ class CallController:
                 step = step + self._cancel_forks(live, now)
                 return step + self._end(live, 408, EndReason.NO_ANSWER_TIMEOUT, None, now)
             return Step()
-        if call.state is not CallState.CONFIRMED:
         if kind == _Timer.TIMER_C:
             return self._timer_c(live, now) if self._timer_c_due(live, when) else Step()
+        if call.state is not CallState.CONFIRMED:
             return Step()
         if kind == _Timer.SUBSCRIPTION:
             if live.refresh_at.get(LegSide.A) != when:
@@ -1029,7 +1030,6 @@ class CallController:
             return Step()
         return self._refresh(live, side, now, offer=kind in (_Timer.REOFFER_A, _Timer.REOFFER_B))
 
-    def _retransmit_2xx(self, now: float) -> Step:
     def _arm_timer_c(self, live: _Live, when: float) -> None:
         due = live.timer_c_due
         if due is None or when < due:
@@ -1094,6 +1094,7 @@ class CallController:
         # counts as a timeout for the trunk's passive health.
         return step + self._fork_failed(live, fork, timeout, now, report=not fork.progressed)
 
+    def _retransmit_2xx(self, now: float) -> Step:
         """RFC 3261 13.3.1.4: retransmit each unACKed 2xx, T1 doubling up to T2; after
         64*T1 without ACK the dialog is confirmed and at once ended with a BYE."""
         step = Step()
@@ -1837,11 +1838,11 @@ class CallController:
         assert isinstance(tx, ClientInviteTransaction)
         fork = _Fork(leg, target, invite, tx, DialogSet.for_request(invite))
         live.forks[tx] = fork
-        if body:
         if self.timers.timer_c:
             # RFC 3261 16.6 step 11: Timer C starts with the INVITE.
             fork.timer_c = now + self.timers.timer_c
             self._arm_timer_c(live, fork.timer_c)
+        if body:
             live.sdp_sent[LegSide.B] = body
         if first or live.winner is None:
             live.call = evolve(live.call, b=leg, gateway=target.gateway)
@@ -2138,7 +2139,7 @@ class CallController:
         copy_kept_headers(request, out, target_realm)
         if request.body:
             content_type = request.headers.get("Content-Type")
-            out.set_body(_event_body(content_type, request.body), content_type)
+            out.set_body(*screen_event_body(content_type, request.body))
         self._outbound(out, target_realm.name)
         client, output = self._send_request(out, hop, now)
         self._routed[client] = _Routed(tx, request, realm.name)
@@ -2268,7 +2269,7 @@ class CallController:
             # other side wrote it, its c= and o= naming that side. Not at all.
             logger.info("x call %s: SDP in %s dropped", live.call.call_ref, request.method)
             body, content_type = b"", None
-        body = _event_body(content_type, body)
+        body, content_type = screen_event_body(content_type, body)
         extra: list[tuple[str, str]] = []
         realm_to = self.realms.get(leg.realm)
         probe = Request(request.method, "sip:probe", Headers())
@@ -2646,12 +2647,12 @@ class CallController:
     ) -> Step:
         call = live.call
         step = Step()
-        if fork.cancel_pending:
         # RFC 3261 16.7 step 2: every provisional but 100 (kept out by _invite_response:
         # it only says the next hop has the INVITE) restarts Timer C.
         fork.progressed = True
         if fork.timer_c is not None:
             fork.timer_c = now + self.timers.timer_c if self.timers.timer_c else None
+        if fork.cancel_pending:
             step = step + self._cancel_fork(live, fork, now)
         if isinstance(event, EarlyDialog):
             fork.leg = fork.leg.with_dialog(event.dialog)
@@ -3246,7 +3247,6 @@ class CallController:
         if live is not None and fork is not None and not fork.final:
             self._adopt(live.call.call_ref, fork, now)
 
-    def _adopt(self, call_ref: str, fork: _Fork, now: float) -> None:
     def _let_go_response(
         self, tx: ClientInviteTransaction, call_ref: str, response: Response, now: float
     ) -> Step:
@@ -3260,6 +3260,7 @@ class CallController:
             return self._orphan_cancel(tx, call_ref, now)
         return self._orphan_response(response, now)
 
+    def _adopt(self, call_ref: str, fork: _Fork, now: float) -> None:
         orphans = self._orphans
         _make_room(orphans, now)
         key = (fork.leg.call_id, fork.leg.local_tag)
@@ -3924,21 +3925,6 @@ def _subscription_ended(request: Request, ids: dict[int, int]) -> None:
         del ids[which]
     elif _refer_id(request) is None:
         ids.clear()
-
-
-#: RFC 3842 5.2: the voicemail account's URI in a message summary, a host of the
-#: realm it comes from.
-_MESSAGE_ACCOUNT: Final = re.compile(rb"^Message-Account[ \t]*:[^\n]*\n?", re.I | re.M)
-
-
-def _event_body(content_type: str | None, body: bytes) -> bytes:
-    """``body`` as it crosses: a message summary (MWI) without its Message-Account;
-    others as they are (what an application writes there is its own)."""
-    if not body or content_type is None:
-        return body
-    if content_type.split(";", 1)[0].strip().lower() != "application/simple-message-summary":
-        return body
-    return _MESSAGE_ACCOUNT.sub(b"", body)
 
 
 def _norefersub(message: Message, realm: Realm | None) -> list[tuple[str, str]]:
