@@ -97,6 +97,7 @@ def call_timers(config: Config) -> CallTimers:
         max_duration=float(calls.max_duration),
         no_answer_timeout=float(calls.no_answer_timeout),
         timer_c=float(calls.timer_c),
+        progress_timeout=float(calls.progress_timeout),
         session_expires=float(calls.session_expires),
         min_se=float(calls.min_se),
     )

@@ -398,6 +398,10 @@ class CallTimers:
     #: from when it is sent and again from each provisional but a 100 (16.7 step 2).
     #: More than 3 minutes, as RFC 3261 asks of a proxy; 0 turns it off.
     timer_c: float = 185.0
+    #: Seconds a B-leg INVITE may go without ringing or progress (a provisional but
+    #: 100) before it is let go of as Timer C would be; 0: no such limit. What
+    #: catches a gateway that answers 100 and then nothing well before Timer C.
+    progress_timeout: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -1076,10 +1080,15 @@ class CallController:
         best answer. The INVITE is let go of like an orphan of Timer B: a 2xx that
         crosses the CANCEL is ACKed and hung up."""
         call_ref = live.call.call_ref
+        progress = self.timers.progress_timeout
         logger.info(
-            "x call %s: no final response from %s in time (Timer C)",
+            "x call %s: %s from %s in time (%s)",
             call_ref,
+            "no final response" if fork.progressed else "no ringing or progress",
             fork.target.destination,
+            "progress timeout"
+            if progress and not fork.progressed and not 0 < self.timers.timer_c <= progress
+            else "Timer C",
         )
         step = Step()
         if fork.tx.can_cancel:
@@ -1838,9 +1847,11 @@ class CallController:
         assert isinstance(tx, ClientInviteTransaction)
         fork = _Fork(leg, target, invite, tx, DialogSet.for_request(invite))
         live.forks[tx] = fork
-        if self.timers.timer_c:
-            # RFC 3261 16.6 step 11: Timer C starts with the INVITE.
-            fork.timer_c = now + self.timers.timer_c
+        limits = [t for t in (self.timers.timer_c, self.timers.progress_timeout) if t]
+        if limits:
+            # RFC 3261 16.6 step 11: Timer C starts with the INVITE (or the shorter
+            # progress timeout, until the first provisional but 100).
+            fork.timer_c = now + min(limits)
             self._arm_timer_c(live, fork.timer_c)
         if body:
             live.sdp_sent[LegSide.B] = body

@@ -670,6 +670,17 @@ class CallsConfig(Section):
             max=3600,
         ),
     )
+    progress_timeout: int = field(
+        default=0,
+        metadata=spec(
+            "Seconds each outgoing INVITE may go without ringing or progress (a"
+            " provisional but 100); then it is CANCELled and counts as a 408 (the next"
+            " gateway is tried), like Timer C but only until the far end rings."
+            " Catches a gateway that answers 100 Trying and then nothing. 0 = off.",
+            min=0,
+            max=600,
+        ),
+    )
     session_expires: int = field(
         default=1800,
         metadata=spec(

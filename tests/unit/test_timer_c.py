@@ -282,3 +282,53 @@ def test_calls_timer_c_out_of_bounds_is_a_config_error_with_its_line(
     assert str(info.value).splitlines() == [
         f"sbc.yaml:3: calls.timer_c: expected an integer 60..3600, got {shown}"
     ]
+
+
+# -- progress timeout: Timer C until the far end rings ----------------------------------------
+
+PROGRESS = CallTimers(max_duration=0, no_answer_timeout=0, session_expires=0, progress_timeout=10)
+
+
+def test_a_gateway_that_sends_only_100_is_failed_over_at_the_progress_timeout() -> None:
+    targets = trunk_plan()
+    c = controller(PROGRESS, rules=PSTN, targets=targets)
+    invite, _ = first_invite(c)
+    receive(c, answer(invite, 100), gw_flow(GW[0]), 0.5)
+    assert requests(advance(c, 9.9), "CANCEL") == []
+    step = advance(c, 10.0)
+    assert len(cancels_of(step, invite)) == 1 and hop_of(step, "CANCEL") == GW[0]
+    (second,) = invites_but(step, invite)
+    assert second.raw_uri == f"sip:1000@{GW[1].host}:5060" and responses(step) == []
+    assert targets.results == [("pstn", "gw1", None)]  # stuck: a failure for its health
+
+
+def test_once_the_far_end_rings_timer_c_takes_over_from_the_progress_timeout() -> None:
+    c = controller(PROGRESS, rules=PSTN, targets=trunk_plan())
+    invite, _ = first_invite(c)
+    receive(c, answer(invite, 100), gw_flow(GW[0]), 0.5)
+    receive(c, answer(invite, 183), gw_flow(GW[0]), 8.0)
+    # Ringing for longer than the progress timeout is what ringing does.
+    assert requests(advance(c, 10.0, 60.0, 192.9), "CANCEL") == []
+    step = advance(c, 193.0)  # Timer C: 185 s from the 183
+    assert len(cancels_of(step, invite)) == 1
+
+
+def test_each_gateway_gets_its_own_progress_timeout() -> None:
+    c = controller(PROGRESS, rules=PSTN, targets=trunk_plan())
+    invite, _ = first_invite(c)
+    (second,) = invites_but(advance(c, 10.0), invite)
+    assert cancels_of(advance(c, 19.9), second) == []
+    (third,) = invites_but(advance(c, 20.0), invite, second)
+    assert third.raw_uri == f"sip:1000@{GW[2].host}:5060"
+
+
+def test_progress_timeout_is_off_by_default_and_configurable() -> None:
+    assert NO_TIMERS.progress_timeout == 0.0
+    default = load("calls:\n  max_duration: 14400\n")
+    assert call_timers(default).progress_timeout == 0.0
+    assert call_timers(load("calls:\n  progress_timeout: 12\n")).progress_timeout == 12.0
+    with pytest.raises(ConfigError) as info:
+        load("calls:\n  progress_timeout: 601\n")
+    assert str(info.value).splitlines() == [
+        "sbc.yaml:2: calls.progress_timeout: expected an integer 0..600, got 601"
+    ]
