@@ -272,13 +272,23 @@ class TargetSource(Protocol):
         status: int | None,
         now: float,
         retry_after: float | None = None,
+        destination: Destination | None = None,
     ) -> None: ...
 
     def due_probes(self, now: float) -> list[tuple[str, Gateway, Destination]]: ...
 
-    def probe_sent(self, trunk: str, gateway: str, now: float) -> None: ...
+    def probe_sent(
+        self, trunk: str, gateway: str, now: float, destination: Destination | None = None
+    ) -> None: ...
 
-    def probe_result(self, trunk: str, gateway: str, status: int | None, now: float) -> None: ...
+    def probe_result(
+        self,
+        trunk: str,
+        gateway: str,
+        status: int | None,
+        now: float,
+        destination: Destination | None = None,
+    ) -> None: ...
 
     def next_probe(self) -> float | None: ...
 
@@ -304,16 +314,26 @@ class NoTargets:
         status: int | None,
         now: float,
         retry_after: float | None = None,
+        destination: Destination | None = None,
     ) -> None:
         return None
 
     def due_probes(self, now: float) -> list[tuple[str, Gateway, Destination]]:
         return []
 
-    def probe_sent(self, trunk: str, gateway: str, now: float) -> None:
+    def probe_sent(
+        self, trunk: str, gateway: str, now: float, destination: Destination | None = None
+    ) -> None:
         return None
 
-    def probe_result(self, trunk: str, gateway: str, status: int | None, now: float) -> None:
+    def probe_result(
+        self,
+        trunk: str,
+        gateway: str,
+        status: int | None,
+        now: float,
+        destination: Destination | None = None,
+    ) -> None:
         return None
 
     def next_probe(self) -> float | None:
@@ -725,8 +745,8 @@ class _ByRole:
     role: str
     relayed: _Relayed | None = None
     side: LegSide | None = None
-    #: A probe: the trunk and gateway key it tests.
-    probe: tuple[str, str] | None = None
+    #: A probe: the trunk, gateway key and address it tests.
+    probe: tuple[str, str, Destination] | None = None
 
 
 class _Timer:
@@ -1152,8 +1172,8 @@ class CallController:
                 # UDP only, say): a failed probe, so it is not due again at once (the
                 # timer would fire without end) and the gateway is marked down.
                 logger.warning("x probe %s: no listener towards %s", gateway.key, destination)
-                self.targets.probe_sent(trunk, gateway.key, now)
-                self.targets.probe_result(trunk, gateway.key, None, now)
+                self.targets.probe_sent(trunk, gateway.key, now, destination)
+                self.targets.probe_result(trunk, gateway.key, None, now, destination)
                 continue
             request = probe_request(
                 gateway,
@@ -1174,10 +1194,10 @@ class CallController:
                 # At the transaction limit: as a probe lost on the way (its timeout
                 # counts), not due again at once.
                 logger.warning("x probe %s: %s", gateway.key, exc)
-                self.targets.probe_sent(trunk, gateway.key, now)
+                self.targets.probe_sent(trunk, gateway.key, now, destination)
                 continue
-            self.targets.probe_sent(trunk, gateway.key, now)
-            self._by_client[client] = _ByRole("", "probe", probe=(trunk, gateway.key))
+            self.targets.probe_sent(trunk, gateway.key, now, destination)
+            self._by_client[client] = _ByRole("", "probe", probe=(trunk, gateway.key, destination))
             step = step + Step(out)
         return step
 
@@ -2592,7 +2612,8 @@ class CallController:
                 self._by_client.pop(tx, None)
                 synthesized = response.to.tag is None and response.status in (408, 503)
                 status = None if synthesized else response.status
-                self.targets.probe_result(*role.probe, status, now)
+                trunk, key, destination = role.probe
+                self.targets.probe_result(trunk, key, status, now, destination)
             return Step()
         live = self._calls.get(role.call_ref)
         if live is None:
@@ -2890,7 +2911,14 @@ class CallController:
         status = None if synthesized else response.status
         # RFC 3261 21.5.4, RFC 3263 4.3: a 503's Retry-After keeps that gateway out.
         retry_after = _retry_after(response) if status == 503 else None
-        self.targets.call_result(trunk, gateway, status, now, retry_after=retry_after)
+        self.targets.call_result(
+            trunk,
+            gateway,
+            status,
+            now,
+            retry_after=retry_after,
+            destination=fork.target.destination,
+        )
 
     def _retry(self, live: _Live, now: float) -> Step:
         live.forks.clear()

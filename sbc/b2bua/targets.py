@@ -8,6 +8,12 @@ Contact as Request-URI. A trunk's targets are its usable gateways in failover
 order (``TrunkState.candidates``), host names resolved by the app beforehand
 (``resolved``: RFC 3263 results by gateway key) since the controller never waits;
 a TLS gateway's name rides on its Destination for the certificate check (RFC 5922 4).
+
+A named gateway's health is per address (``TrunkState.track_addresses``): the
+Directory hands each state the addresses ``resolved`` holds before it plans a call,
+takes a call's result or lists the probes due, so DNS changes reach health there;
+a DOWN or held address is left out of a plan while another of the name is usable,
+and every address is probed.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from dataclasses import replace
 
 from sbc.b2bua.controller import Target, TrunkPlan
 from sbc.b2bua.routing import uri_user_host
-from sbc.b2bua.trunks import Gateway, HealthChange, TrunkState, TrunkTable
+from sbc.b2bua.trunks import Gateway, HealthChange, TrunkState, TrunkTable, address_key
 from sbc.registrar.location import LocationService
 from sbc.sip.uri import Uri, escape_user, format_host
 from sbc.transport.base import Destination, Transport, normalize_host
@@ -90,9 +96,9 @@ class Directory:
         self.resolved_srv: dict[str, tuple[SrvRecord | None, ...]] = {}
 
     def destination(self, gateway: Gateway) -> Destination | None:
-        """Where a gateway is probed: the first address of the last lookup (not
-        drawn per call, so one probe's result and the next are about one server);
-        None while its name is unresolved."""
+        """A gateway's first address of the last lookup (not drawn per call); None
+        while its name is unresolved. Where a gateway given by IP is probed; a
+        resolved name's probes go to each of its addresses (``due_probes``)."""
         found = self._addresses(gateway)
         return found[0] if found else None
 
@@ -111,6 +117,21 @@ class Directory:
         if records is None or len(records) != len(found):
             return found
         return weighted_order(found, records, self.rng)
+
+    def _probed(self, gateway: Gateway, address: str | None) -> Destination | None:
+        """Where the probe of ``address`` of a gateway's name goes (None: the gateway's
+        own, ``destination``); None while unresolved."""
+        if address is None:
+            return self.destination(gateway)
+        return next((d for d in self._addresses(gateway) if address_key(d) == address), None)
+
+    def _track(self, state: TrunkState, now: float, gateway: Gateway | None = None) -> None:
+        """Give ``state`` the addresses its named gateways (or ``gateway``) resolve to
+        now: health per address follows DNS (new ones start, gone ones are forgotten)."""
+        for named in state.trunk.gateways if gateway is None else (gateway,):
+            if named.static_destination is None:
+                found = (address_key(d) for d in self._addresses(named))
+                self._log(state.track_addresses(named.key, found, now))
 
     def _addresses(self, gateway: Gateway) -> tuple[Destination, ...]:
         """A gateway's addresses in the order of its last lookup."""
@@ -154,11 +175,17 @@ class Directory:
         user, _ = uri_user_host(uri)
         targets: list[Target] = []
         tried: set[tuple[Transport, str, int]] = set()
+        self._track(state, now)
         # Every usable gateway in order, each address of its name in turn (RFC 3263
         # 4.3), unresolved ones left out before the plan is cut to max_attempts: a
         # name DNS has not answered yet uses up no attempt.
         for gateway in state.ordered(self.rng, now):
+            usable = state.usable_addresses(gateway.key, now)
             for destination in self.destinations(gateway):
+                if usable is not None and address_key(destination) not in usable:
+                    # Down or held while another address of the name is not: a call
+                    # must not wait for a dead server's timeout (Timer B, 32 s) first.
+                    continue
                 # Two gateways that reach one address (two names of one host, a port
                 # given and left to the default): a failover to the same server after
                 # its 503 or timeout gets the same answer (RFC 3263 4.3: the next
@@ -186,38 +213,58 @@ class Directory:
         status: int | None,
         now: float,
         retry_after: float | None = None,
+        destination: Destination | None = None,
     ) -> None:
         """Passive health: how a gateway answered a call (None: it never did); a 503's
-        ``retry_after`` holds the gateway back from calls (``TrunkState.call_result``)."""
+        ``retry_after`` holds the gateway back from calls (``TrunkState.call_result``).
+        Both are about ``destination``, the address the call went to, for a gateway
+        given by name."""
         state = self._state_of(trunk, gateway)
-        if state is not None:
-            self._log(state.call_result(gateway, status, now, retry_after))
+        if state is None:
+            return
+        self._track(state, now, state.gateway(gateway))
+        address = None if destination is None else address_key(destination)
+        self._log(state.call_result(gateway, status, now, retry_after, address))
 
     # -- probing --------------------------------------------------------------------------
 
     def due_probes(self, now: float) -> list[tuple[str, Gateway, Destination]]:
-        """Gateways to probe now (timed-out probes counted as failures first)."""
+        """Gateways to probe now, each address of a name's (timed-out probes counted
+        as failures first): the destination says which address a probe is about."""
+        for state in self.trunks:
+            self._track(state, now)
         for change in self.trunks.expire_probes(now):
             self._log(change)
         out = []
-        for state, gateway in self.trunks.due_probes(now):
-            destination = self.destination(gateway)
+        for state, gateway, address in self.trunks.due_addresses(now):
+            destination = self._probed(gateway, address)
             if destination is None:
                 # Not now, nor at every timer until DNS answers: one interval later.
-                state.probe_skipped(gateway.key, now)
+                state.probe_skipped(gateway.key, now, address)
                 continue
             out.append((state.trunk.name, gateway, destination))
         return out
 
-    def probe_sent(self, trunk: str, gateway: str, now: float) -> None:
+    def probe_sent(
+        self, trunk: str, gateway: str, now: float, destination: Destination | None = None
+    ) -> None:
         state = self._state_of(trunk, gateway)
         if state is not None:
-            state.probe_sent(gateway, now)
+            address = None if destination is None else address_key(destination)
+            state.probe_sent(gateway, now, address)
 
-    def probe_result(self, trunk: str, gateway: str, status: int | None, now: float) -> None:
+    def probe_result(
+        self,
+        trunk: str,
+        gateway: str,
+        status: int | None,
+        now: float,
+        destination: Destination | None = None,
+    ) -> None:
         state = self._state_of(trunk, gateway)
         if state is not None:
-            self._log(state.probe_result(gateway, status, now))
+            address = None if destination is None else address_key(destination)
+            self._log(state.probe_result(gateway, status, now, address))
 
     def _state_of(self, trunk: str, gateway: str) -> TrunkState | None:
         """The trunk's state if it still has ``gateway``: a reload may have removed
@@ -233,13 +280,7 @@ class Directory:
     @staticmethod
     def _log(change: HealthChange | None) -> None:
         if change is not None:
-            logger.warning(
-                "- trunk %s: gateway %s %s -> %s",
-                change.trunk,
-                change.gateway.key,
-                change.old.value,
-                change.new.value,
-            )
+            logger.warning("- %s", change)
 
     def trunk_realm(self, trunk: str) -> str | None:
         """The realm a trunk's calls and probes leave through."""

@@ -24,6 +24,15 @@ Choices, each a knob where operators disagree:
 * A gateway's 503 with Retry-After (``call_result``): not tried for that long,
   at most ``MAX_RETRY_AFTER`` seconds (RFC 3261 21.5.4, 20.33; RFC 3263 4.3). It
   counts as down meanwhile for choosing gateways, without changing its health.
+* A gateway given by host name has health per address of its name (``track_addresses``,
+  fed by the app's RFC 3263 lookups): probes go to every address on its own schedule,
+  calls' results and 503 holds apply to the address that answered, and a DOWN (or
+  held) address is left out while another of the name is usable. The gateway as a
+  whole is DOWN only when every address is, UP when any is, else UNKNOWN. An address
+  DNS no longer gives is forgotten; a new one starts UNKNOWN (untested: usable, up
+  after one answer), not with the gateway's or a vanished address's state, as a
+  newly configured gateway does. A gateway given by IP has one address: its own
+  record, as before.
 * All gateways down: fail fast (the controller answers 503 at once, as Kamailio's
   dispatcher does when no destination is active). ``Trunk.try_when_all_down`` tries
   them all anyway, in priority order, for trunks with nowhere else to go.
@@ -43,7 +52,14 @@ from sbc.b2bua.topology import contact_for, sip_uri_for, via_for
 from sbc.sip.errors import ParseError
 from sbc.sip.message import MAGIC_COOKIE, Headers, Request
 from sbc.sip.uri import format_host, parse_host
-from sbc.transport.base import Destination, ListenAddress, Transport, ip_literal, normalize_host
+from sbc.transport.base import (
+    Destination,
+    ListenAddress,
+    Transport,
+    format_hostport,
+    ip_literal,
+    normalize_host,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +81,12 @@ MAX_RETRY_AFTER: Final = 3600.0
 
 #: Where a never-probed gateway's probe is due: any monotonic clock is past it.
 _DUE_AT_ONCE: Final = 0.0
+
+
+def address_key(destination: Destination) -> str:
+    """How an address of a gateway's name is known in its health: ``host:port``
+    (the transport is the gateway's)."""
+    return format_hostport(destination.host, destination.port)
 
 
 class TrunkStateError(ValueError):
@@ -216,30 +238,54 @@ class Trunk:
 
 @dataclass(frozen=True, slots=True)
 class HealthChange:
-    """A gateway's health flipped at ``at``."""
+    """A gateway's health flipped at ``at`` (with ``address``: one of its name's)."""
 
     trunk: str
     gateway: Gateway
     old: Health
     new: Health
     at: float = field(default=0.0, compare=False)
+    #: The address (``address_key``) of a gateway given by name whose health flipped;
+    #: None: the gateway's as a whole.
+    address: str | None = None
+    #: The gateway's own flip this address's caused (its last usable address went
+    #: down, or its first came back), if any.
+    gateway_change: HealthChange | None = None
+
+    def __str__(self) -> str:
+        where = self.gateway.key
+        if self.address is not None:
+            where = f"{where} address {self.address}"
+        text = f"trunk {self.trunk}: gateway {where} {self.old.value} -> {self.new.value}"
+        if self.gateway_change is not None:
+            change = self.gateway_change
+            text += f" (the gateway {change.old.value} -> {change.new.value})"
+        return text
 
 
 class _Record:
-    """One gateway's health, hysteresis counters and probe timers."""
+    """One gateway's (or one address of its name's) health, hysteresis counters and
+    probe timers."""
 
     __slots__ = (
+        "address",
+        "addresses",
         "failures",
         "gateway",
         "health",
         "held_until",
+        "named",
         "next_probe",
         "probe_deadline",
         "successes",
     )
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, address: str | None = None) -> None:
         self.gateway = gateway
+        #: The ``address_key`` this record is about; None: the gateway.
+        self.address = address
+        #: Given by host name: its health may be per address.
+        self.named = gateway.static_destination is None
         self.health = Health.UNKNOWN
         self.failures = 0
         self.successes = 0
@@ -248,6 +294,57 @@ class _Record:
         self.probe_deadline: float | None = None
         #: Not tried for calls before this (a 503's Retry-After); 0: not held.
         self.held_until = 0.0
+        #: A named gateway's addresses as last resolved, in lookup order. While there
+        #: are any they carry the probes and results, and ``health`` is theirs summed
+        #: up (``_overall``); empty: ``health`` is the gateway's own (a static IP, or
+        #: a name not resolved yet).
+        self.addresses: dict[str, _Record] = {}
+
+    def timed(self) -> Iterator[_Record]:
+        """The records whose probes run: the addresses', else the gateway's own."""
+        if self.addresses:
+            yield from self.addresses.values()
+        else:
+            yield self
+
+    def available(self, now: float | None) -> bool:
+        """Whether calls may go here at ``now`` (None: holds aside)."""
+        if not self.health.usable or (now is not None and self.held_until > now):
+            return False
+        return not self.addresses or any(a.available(now) for a in self.addresses.values())
+
+    def carry(self, old: _Record, before: ProbePolicy, policy: ProbePolicy) -> None:
+        """Health, counters and timers of ``old`` (of a trunk probing by ``before``),
+        timers following ``policy`` (see ``TrunkState.adopt``)."""
+        self.health = old.health
+        self.failures = old.failures
+        self.successes = old.successes
+        self.next_probe = old.next_probe
+        if old.next_probe != _DUE_AT_ONCE:
+            # probe_sent set next_probe to sent + interval: the send time is known
+            # without a clock, and sent + the new interval is no later than now + it.
+            sent = old.next_probe - before.interval
+            self.next_probe = min(old.next_probe, sent + policy.interval)
+        self.probe_deadline = old.probe_deadline
+        if old.probe_deadline is not None:
+            sent = old.probe_deadline - before.timeout
+            self.probe_deadline = min(old.probe_deadline, sent + policy.timeout)
+
+    def counters(self) -> dict[str, Any]:
+        return {"health": self.health.value, "failures": self.failures, "successes": self.successes}
+
+    def where(self) -> str:
+        """The record in log lines: gateway name and key, and the address if any."""
+        text = f"{self.gateway.name} ({self.gateway.key})"
+        return text if self.address is None else f"{text} address {self.address}"
+
+
+def _overall(addresses: Iterable[_Record]) -> Health:
+    """A named gateway's health from its addresses': UP if any is, DOWN if all are."""
+    healths = {record.health for record in addresses}
+    if Health.UP in healths:
+        return Health.UP
+    return Health.DOWN if healths == {Health.DOWN} else Health.UNKNOWN
 
 
 def _weighted_order(group: list[Gateway], rng: random.Random) -> list[Gateway]:
@@ -296,20 +393,73 @@ class TrunkState:
         except KeyError:
             raise KeyError(f"trunk {self._trunk.name} has no gateway {key}") from None
 
-    def gateway_health(self, key: str) -> Health:
-        """The health of the gateway with ``key`` (KeyError if the trunk has none)."""
-        return self._record(key).health
+    def gateway_health(self, key: str, address: str | None = None) -> Health:
+        """The health of the gateway with ``key`` (KeyError if the trunk has none), or
+        with ``address`` of one address of its name (KeyError if not resolved to it)."""
+        record = self._record(key)
+        if address is None:
+            return record.health
+        try:
+            return record.addresses[address].health
+        except KeyError:
+            raise KeyError(f"gateway {key} has no address {address}") from None
+
+    def gateway(self, key: str) -> Gateway:
+        """The gateway with ``key`` (KeyError if the trunk has none)."""
+        return self._record(key).gateway
+
+    def address_health(self, key: str) -> dict[str, Health]:
+        """The health of each address of a named gateway (``address_key``: health), in
+        the order first resolved; empty for a gateway given by IP or not resolved."""
+        return {address: r.health for address, r in self._record(key).addresses.items()}
 
     def has_gateway(self, key: str) -> bool:
         """Whether the trunk (as configured now) has a gateway with ``key``."""
         return key in self._records
 
+    def track_addresses(
+        self, key: str, addresses: Iterable[str], now: float
+    ) -> HealthChange | None:
+        """The addresses (``address_key``) a named gateway's name resolves to now.
+
+        Addresses no longer listed are forgotten with their health and holds; new
+        ones start UNKNOWN (untested, as a newly configured gateway), their first
+        probe due at once (the name's first addresses: when the gateway's is, one
+        interval after a probe skipped while the name was unresolved). Returns the
+        gateway's flip this caused (its last usable address gone, say). Ignored for a
+        gateway given by IP: its one address is the gateway.
+        """
+        record = self._record(key)
+        wanted = list(dict.fromkeys(addresses))
+        if not record.named or record.addresses.keys() == set(wanted):
+            return None
+        for address in record.addresses.keys() - set(wanted):
+            logger.info(
+                "- trunk %s gateway %s: address %s no longer resolved, forgotten",
+                self._trunk.name,
+                record.where(),
+                address,
+            )
+        first = not record.addresses
+        tracked: dict[str, _Record] = {}
+        for address in wanted:
+            known = record.addresses.get(address)
+            if known is None:
+                known = _Record(record.gateway, address)
+                known.next_probe = record.next_probe if first else _DUE_AT_ONCE
+            tracked[address] = known
+        record.addresses = tracked
+        # The gateway's own probe timers stop while its addresses' run (``timed``).
+        record.probe_deadline = None
+        return self._summarize(record, now)
+
     def candidates(self, rng: random.Random, now: float | None = None) -> list[Gateway]:
         """The gateways to try for one call, in order, at most ``max_attempts``.
 
-        Usable ones (not DOWN, and at ``now`` not held by a 503's Retry-After) by
-        priority, weighted random inside a priority. With none usable: none (fail
-        fast), or with ``try_when_all_down`` all of them in the same order.
+        Usable ones (not DOWN, and at ``now`` not held by a 503's Retry-After; for a
+        name, with some address so) by priority, weighted random inside a priority.
+        With none usable: none (fail fast), or with ``try_when_all_down`` all of them
+        in the same order.
         """
         limit = self._trunk.max_attempts
         ordered = self.ordered(rng, now)
@@ -317,11 +467,7 @@ class TrunkState:
 
     def ordered(self, rng: random.Random, now: float | None = None) -> list[Gateway]:
         """Every gateway ``candidates`` would choose from, in order, not truncated."""
-        usable = [
-            r.gateway
-            for r in self._records.values()
-            if r.health.usable and (now is None or r.held_until <= now)
-        ]
+        usable = [r.gateway for r in self._records.values() if r.available(now)]
         if not usable and self._trunk.try_when_all_down:
             usable = [r.gateway for r in self._records.values()]
         usable.sort(key=lambda gateway: gateway.priority)
@@ -330,63 +476,88 @@ class TrunkState:
             ordered.extend(_weighted_order(list(group), rng))
         return ordered
 
+    def usable_addresses(self, key: str, now: float | None = None) -> frozenset[str] | None:
+        """The addresses of a named gateway a call may go to at ``now`` (neither DOWN
+        nor held), the others left out; None: every address (a gateway given by IP,
+        a name not resolved yet, or one tried while none of its addresses is usable)."""
+        record = self._record(key)
+        usable = frozenset(a for a, r in record.addresses.items() if r.available(now))
+        return usable or None
+
     # -- probing --------------------------------------------------------------------
 
     def due_probes(self, now: float) -> list[Gateway]:
-        """Gateways to send an OPTIONS to now: due, and no probe of theirs in flight."""
+        """Gateways with a probe due now (of their own or of an address of their name)."""
+        return list(dict.fromkeys(gateway for gateway, _ in self.due_addresses(now)))
+
+    def due_addresses(self, now: float) -> list[tuple[Gateway, str | None]]:
+        """What to send an OPTIONS to now: due, and no probe of its in flight. Each
+        address of a resolved name on its own; None for the gateway's own probe (a
+        static IP, or a name not resolved yet)."""
         if not self._trunk.probe.enabled:
             return []
         return [
-            r.gateway
-            for r in self._records.values()
-            if r.probe_deadline is None and r.next_probe <= now
+            (record.gateway, timed.address)
+            for record in self._records.values()
+            for timed in record.timed()
+            if timed.probe_deadline is None and timed.next_probe <= now
         ]
 
-    def probe_skipped(self, key: str, now: float) -> None:
+    def probe_skipped(self, key: str, now: float, address: str | None = None) -> None:
         """The gateway's probe was due but could not be sent (its name unresolved):
         the next one is due one ``interval`` later, so the due probe does not keep
         ``next_deadline`` in the past (a timer firing at once, again and again)."""
-        record = self._record(key)
-        if record.probe_deadline is None:
+        record = self._target(key, address)
+        if record is not None and record.probe_deadline is None:
             record.next_probe = now + self._trunk.probe.interval
 
-    def probe_sent(self, key: str, now: float) -> None:
-        """An OPTIONS to the gateway left at ``now``: its timeout and next probe start."""
-        record = self._record(key)
+    def probe_sent(self, key: str, now: float, address: str | None = None) -> None:
+        """An OPTIONS to the gateway (``address`` of its name) left at ``now``: its
+        timeout and next probe start."""
+        record = self._target(key, address)
+        if record is None:
+            return
         policy = self._trunk.probe
         record.probe_deadline = now + policy.timeout
         record.next_probe = now + policy.interval
-        logger.debug("> probe trunk %s gateway %s", self._trunk.name, record.gateway.name)
+        logger.debug("> probe trunk %s gateway %s", self._trunk.name, record.where())
 
-    def probe_result(self, key: str, status: int | None, now: float) -> HealthChange | None:
+    def probe_result(
+        self, key: str, status: int | None, now: float, address: str | None = None
+    ) -> HealthChange | None:
         """The probe in flight got a final ``status`` (None: timeout, transport error).
 
         Returns the health flip it caused, if any. A result with no probe in flight
-        (it came after ``expire_probes`` counted it lost) is ignored.
+        (it came after ``expire_probes`` counted it lost, or DNS dropped the address
+        meanwhile) is ignored.
         """
-        record = self._record(key)
-        if record.probe_deadline is None:
+        record = self._target(key, address)
+        if record is None or record.probe_deadline is None:
             logger.debug("< late probe result trunk %s gateway %s", self._trunk.name, key)
             return None
         record.probe_deadline = None
-        logger.debug(
-            "< probe trunk %s gateway %s: %s", self._trunk.name, record.gateway.name, status
-        )
+        logger.debug("< probe trunk %s gateway %s: %s", self._trunk.name, record.where(), status)
         return self._observe(record, self._trunk.probe.is_alive(status), now)
 
     def expire_probes(self, now: float) -> list[HealthChange]:
         """Count every probe whose timeout passed as failed; the health flips."""
         changes: list[HealthChange] = []
-        for record in self._records.values():
-            if record.probe_deadline is not None and record.probe_deadline <= now:
-                record.probe_deadline = None
-                change = self._observe(record, False, now)
-                if change is not None:
-                    changes.append(change)
+        for gateway in self._records.values():
+            for record in gateway.timed():
+                if record.probe_deadline is not None and record.probe_deadline <= now:
+                    record.probe_deadline = None
+                    change = self._observe(record, False, now)
+                    if change is not None:
+                        changes.append(change)
         return changes
 
     def call_result(
-        self, key: str, status: int | None, now: float, retry_after: float | None = None
+        self,
+        key: str,
+        status: int | None,
+        now: float,
+        retry_after: float | None = None,
+        address: str | None = None,
     ) -> HealthChange | None:
         """Passive health: a call to the gateway got ``status`` from it (None: nothing).
 
@@ -394,31 +565,39 @@ class TrunkState:
         the 503 of a transport error); a response it sent is passed as is. Ignored
         unless the trunk probes with ``passive`` on. A 503 with ``retry_after``
         (its Retry-After, seconds) holds the gateway back from calls that long
-        (RFC 3261 21.5.4, 20.33; RFC 3263 4.3), probing or not.
+        (RFC 3261 21.5.4, 20.33; RFC 3263 4.3), probing or not. With ``address``
+        (the one the call went to) both apply to that address of a named gateway;
+        without, a named gateway's addresses learn nothing and the hold is the
+        whole gateway's.
         """
         if status == 503 and retry_after is not None and retry_after > 0:
-            self.hold(key, now + min(retry_after, MAX_RETRY_AFTER))
+            self.hold(key, now + min(retry_after, MAX_RETRY_AFTER), address)
         policy = self._trunk.probe
-        if not (policy.enabled and policy.passive):
+        record = self._target(key, address)
+        if record is None or not (policy.enabled and policy.passive):
             return None
-        return self._observe(self._record(key), policy.is_alive(status), now)
+        return self._observe(record, policy.is_alive(status), now)
 
-    def hold(self, key: str, until: float) -> None:
-        """Try no call on the gateway before ``until`` (never shortens a hold)."""
-        record = self._record(key)
-        if until > record.held_until:
+    def hold(self, key: str, until: float, address: str | None = None) -> None:
+        """Try no call on the gateway (or that address of its name) before ``until``
+        (never shortens a hold)."""
+        record = self._record(key) if address is None else self._target(key, address)
+        if record is not None and until > record.held_until:
             record.held_until = until
             logger.info(
-                "- trunk %s gateway %s (%s) held back until %.1f",
+                "- trunk %s gateway %s held back until %.1f",
                 self._trunk.name,
-                record.gateway.name,
-                record.gateway.key,
+                record.where(),
                 until,
             )
 
-    def held_until(self, key: str) -> float:
-        """When the gateway's hold by a 503's Retry-After ends (0.0: never held)."""
-        return self._record(key).held_until
+    def held_until(self, key: str, address: str | None = None) -> float:
+        """When the gateway's (that address's) hold by a 503's Retry-After ends (0.0:
+        never held)."""
+        record = self._record(key) if address is None else self._target(key, address)
+        if record is None:
+            raise KeyError(f"gateway {key} has no address {address}")
+        return record.held_until
 
     def next_deadline(self) -> float | None:
         """When ``due_probes`` or ``expire_probes`` next has work; None: never."""
@@ -427,10 +606,21 @@ class TrunkState:
         return min(
             (
                 r.next_probe if r.probe_deadline is None else r.probe_deadline
-                for r in self._records.values()
+                for gateway in self._records.values()
+                for r in gateway.timed()
             ),
             default=None,
         )
+
+    def _target(self, key: str, address: str | None) -> _Record | None:
+        """The record a probe or result about ``address`` of gateway ``key`` goes to:
+        the gateway's while it has no addresses (a static IP's one address is the
+        gateway), else that address's; None for an address no longer resolved, or
+        none given for a name whose addresses have their own health."""
+        record = self._record(key)
+        if not record.addresses:
+            return record
+        return None if address is None else record.addresses.get(address)
 
     def _observe(self, record: _Record, alive: bool, now: float) -> HealthChange | None:
         policy = self._trunk.probe
@@ -449,29 +639,59 @@ class TrunkState:
                 record.health = Health.DOWN
         if record.health is old:
             return None
-        change = HealthChange(self._trunk.name, record.gateway, old, record.health, now)
-        if change.new is Health.DOWN:
+        if record.health is Health.DOWN:
             logger.warning(
-                "x trunk %s gateway %s (%s) down after %d failures",
+                "x trunk %s gateway %s down after %d failures",
                 self._trunk.name,
-                record.gateway.name,
-                record.gateway.key,
+                record.where(),
                 record.failures,
             )
         else:
             logger.info(
-                "- trunk %s gateway %s (%s) %s -> up",
-                self._trunk.name,
-                record.gateway.name,
-                record.gateway.key,
-                old.value,
+                "- trunk %s gateway %s %s -> up", self._trunk.name, record.where(), old.value
             )
-        return change
+        if record.address is None:
+            return HealthChange(self._trunk.name, record.gateway, old, record.health, now)
+        gateway = self._records[record.gateway.key]
+        return HealthChange(
+            self._trunk.name,
+            record.gateway,
+            old,
+            record.health,
+            now,
+            address=record.address,
+            gateway_change=self._summarize(gateway, now),
+        )
+
+    def _summarize(self, record: _Record, now: float) -> HealthChange | None:
+        """A named gateway's health from its addresses' (``_overall``); its flip."""
+        if not record.addresses:
+            return None
+        old, new = record.health, _overall(record.addresses.values())
+        if new is old:
+            return None
+        record.health = new
+        if new is Health.DOWN:
+            logger.warning(
+                "x trunk %s gateway %s down: every address of its name is",
+                self._trunk.name,
+                record.where(),
+            )
+        else:
+            logger.info(
+                "- trunk %s gateway %s %s -> %s (by its addresses)",
+                self._trunk.name,
+                record.where(),
+                old.value,
+                new.value,
+            )
+        return HealthChange(self._trunk.name, record.gateway, old, new, now)
 
     # -- reconfiguration and replication ---------------------------------------------
 
     def adopt(self, previous: TrunkState) -> None:
-        """Take over ``previous``'s records for every gateway whose key is unchanged.
+        """Take over ``previous``'s records for every gateway whose key is unchanged,
+        with the addresses of its name and theirs.
 
         Timers follow the new policy: the next probe is due one new ``interval``
         after the last one was sent (never later than it was already due), and a
@@ -482,45 +702,37 @@ class TrunkState:
         carried over (a DOWN gateway would stay down for good), so it is UNKNOWN.
         A hold by a 503's Retry-After is carried over either way: it ends by itself.
         """
-        for key, record in self._records.items():
-            held = previous._records.get(key)
-            if held is not None:
-                record.held_until = held.held_until
         policy = self._trunk.probe
-        if not policy.enabled:
-            return
         before = previous._trunk.probe
         for key, record in self._records.items():
             old = previous._records.get(key)
             if old is None:
                 continue
-            record.health = old.health
-            record.failures = old.failures
-            record.successes = old.successes
-            record.next_probe = old.next_probe
-            if old.next_probe != _DUE_AT_ONCE:
-                # probe_sent set next_probe to sent + interval: the send time is known
-                # without a clock, and sent + the new interval is no later than now + it.
-                sent = old.next_probe - before.interval
-                record.next_probe = min(old.next_probe, sent + policy.interval)
-            record.probe_deadline = old.probe_deadline
-            if old.probe_deadline is not None:
-                sent = old.probe_deadline - before.timeout
-                record.probe_deadline = min(old.probe_deadline, sent + policy.timeout)
+            record.held_until = old.held_until
+            record.addresses = {}
+            for address, old_address in old.addresses.items():
+                tracked = _Record(record.gateway, address)
+                tracked.held_until = old_address.held_until
+                if policy.enabled:
+                    tracked.carry(old_address, before, policy)
+                record.addresses[address] = tracked
+            if policy.enabled:
+                record.carry(old, before, policy)
 
     def to_dict(self) -> dict[str, Any]:
-        """Health and counters by gateway key, as JSON types."""
+        """Health and counters by gateway key, as JSON types; a named gateway's by
+        address too (``addresses``, only when it has any)."""
+        gateways: dict[str, Any] = {}
+        for key, record in self._records.items():
+            gateways[key] = record.counters()
+            if record.addresses:
+                gateways[key]["addresses"] = {
+                    address: r.counters() for address, r in record.addresses.items()
+                }
         return {
             "version": TRUNK_STATE_DICT_VERSION,
             "trunk": self._trunk.name,
-            "gateways": {
-                key: {
-                    "health": r.health.value,
-                    "failures": r.failures,
-                    "successes": r.successes,
-                }
-                for key, r in self._records.items()
-            },
+            "gateways": gateways,
         }
 
     @classmethod
@@ -529,6 +741,7 @@ class TrunkState:
 
         Keys of gateways no longer in ``trunk`` are ignored; every probe is due at once.
         A trunk that does not probe keeps every gateway UNKNOWN (see ``adopt``).
+        Addresses of a gateway given by IP are ignored (it has none of its own).
         """
         if data.get("version") != TRUNK_STATE_DICT_VERSION:
             raise TrunkStateError(f"unsupported trunk state version: {data.get('version')!r}")
@@ -540,14 +753,26 @@ class TrunkState:
                 record = state._records.get(key)
                 if record is None:
                     continue
-                health = Health(entry["health"])
-                failures = int(entry["failures"])
-                successes = int(entry["successes"])
-                if trunk.probe.enabled:
-                    record.health, record.failures, record.successes = health, failures, successes
+                _restore(record, entry, trunk.probe.enabled)
+                addresses = entry.get("addresses", {}) if record.named else {}
+                for address, counters in addresses.items():
+                    tracked = _Record(record.gateway, str(address))
+                    _restore(tracked, counters, trunk.probe.enabled)
+                    record.addresses[str(address)] = tracked
+                if record.addresses:
+                    record.health = _overall(record.addresses.values())
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise TrunkStateError(f"bad trunk state of {trunk.name}: {exc!r}") from exc
         return state
+
+
+def _restore(record: _Record, entry: Mapping[str, Any], probing: bool) -> None:
+    """Health and counters of a ``to_dict`` entry (validated; kept only when probing)."""
+    health = Health(entry["health"])
+    failures = int(entry["failures"])
+    successes = int(entry["successes"])
+    if probing:
+        record.health, record.failures, record.successes = health, failures, successes
 
 
 class TrunkTable:
@@ -589,8 +814,16 @@ class TrunkTable:
         return len(self._states)
 
     def due_probes(self, now: float) -> list[tuple[TrunkState, Gateway]]:
-        """Every trunk's due probes, with the state to report them to."""
+        """Every trunk's gateways with a probe due, with the state to report them to."""
         return [(state, gateway) for state in self for gateway in state.due_probes(now)]
+
+    def due_addresses(self, now: float) -> list[tuple[TrunkState, Gateway, str | None]]:
+        """Every trunk's due probes (``TrunkState.due_addresses``), with their state."""
+        return [
+            (state, gateway, address)
+            for state in self
+            for gateway, address in state.due_addresses(now)
+        ]
 
     def expire_probes(self, now: float) -> list[HealthChange]:
         return [change for state in self for change in state.expire_probes(now)]

@@ -308,6 +308,7 @@ class StubTargets(NoTargets):
         status: int | None,
         now: float,
         retry_after: float | None = None,
+        destination: Destination | None = None,
     ) -> None:
         self.results.append((trunk, gateway, status))
 

@@ -219,6 +219,7 @@ class RecordingTargets(StubTargets):
         status: int | None,
         now: float,
         retry_after: float | None = None,
+        destination: Destination | None = None,
     ) -> None:
         super().call_result(trunk, gateway, status, now)
         self.extras.append({} if retry_after is None else {"retry_after": retry_after})
