@@ -1907,8 +1907,7 @@ class CallController:
             interval = self._interval(live, LegSide.B)
             headers.add("Session-Expires", f"{int(interval)};refresher=uac")
             # RFC 4028 7.4: after a 422, Min-SE is the interval it asked for.
-            min_se = interval if interval > self.timers.session_expires else self.timers.min_se
-            headers.add("Min-SE", str(int(min_se)))
+            headers.add("Min-SE", str(int(self._min_se(live, LegSide.B))))
         headers.add("User-Agent", self.user_agent)
         invite = Request("INVITE", request_uri, headers)
         realm = self.realms.get(leg.realm)
@@ -3595,6 +3594,12 @@ class CallController:
 
     # -- session timers (RFC 4028) --------------------------------------------------------
 
+    def _min_se(self, live: _Live, side: LegSide) -> float:
+        """The Min-SE a request on ``side`` carries (RFC 4028 7.4): the configured
+        one, or the session interval once a 422 raised it above the configured."""
+        interval = self._interval(live, side)
+        return interval if interval > self.timers.session_expires else self.timers.min_se
+
     def _interval(self, live: _Live, side: LegSide) -> float:
         """The session interval on ``side`` (RFC 4028): the configured one, or less
         where the caller asked for less or the callee's 2xx said less."""
@@ -3656,8 +3661,11 @@ class CallController:
         allows_update = "UPDATE" in live.allows.get(side, frozenset())
         method = "UPDATE" if allows_update and not offer else "INVITE"
         body = b"" if method == "UPDATE" else live.sdp_sent.get(side, b"")
+        interval = self._interval(live, side)
         headers = [
-            ("Session-Expires", f"{int(self._interval(live, side))};refresher=uac"),
+            ("Session-Expires", f"{int(interval)};refresher=uac"),
+            # RFC 4028 7.4: the Min-SE of the session, raised by any 422 it had.
+            ("Min-SE", str(int(self._min_se(live, side)))),
             ("Supported", SUPPORTED_IN_DIALOG),
         ]
         if method == "INVITE":
@@ -3725,6 +3733,22 @@ class CallController:
             if offers is not None:
                 live.offers[side] = offers
                 step = step + self._update_media(live)
+        if status == 422:
+            # RFC 4028 7.4: the peer wants a longer session interval than the refresh
+            # asked (it raised its Min-SE mid-call): ask again at once with that, or
+            # the peer ends the session when the last interval runs out. Only when it
+            # grows, so a peer repeating its 422 gets one retry, not a loop.
+            wanted = _delta_of(response.headers.get("Min-SE")) or 0
+            if self._interval(live, side) < wanted <= MAX_SESSION_INTERVAL:
+                live.intervals = {**(live.intervals or {}), side: float(wanted)}
+                self._refresh_later(live, side, now, offer=tx.request.method == "INVITE")
+            else:
+                logger.info(
+                    "x call %s: session refresh on %s refused 422 (Min-SE %s)",
+                    live.call.call_ref,
+                    side.value,
+                    response.headers.get("Min-SE"),
+                )
         if status == 491:
             # RFC 3261 14.1 glare: try again after a random back-off, 2.1-4 s when we
             # own the Call-ID (the B leg's), else 0-2 s.

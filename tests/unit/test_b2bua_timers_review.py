@@ -304,3 +304,36 @@ def test_a_refresh_held_off_by_a_relayed_re_invite_comes_soon_after_it_fails() -
     step = c.handle_timers(50.0)
     (refresh,) = [r for r in requests(step) if r.call_id == invite.call_id]
     assert refresh.method == "INVITE" and refresh.cseq.seq == relayed.cseq.seq + 1
+
+
+# -- RFC 4028 7.4: a 422 to a refresh ---------------------------------------------------------
+
+
+def test_a_422_to_our_refresh_is_retried_at_once_with_its_min_se() -> None:
+    # The peer raised its Min-SE mid-call: without a retry nothing refreshed the
+    # session, and the peer would end it when the interval ran out.
+    c = controller(SESSION_TIMERS)
+    confirmed_call(c, 0.0)
+    (ours,) = on_a(requests(c.handle_timers(45.0), "INVITE"))
+    assert ours.headers.get("Min-SE") == "90"
+    step = receive(c, answer(ours, 422, extra="Min-SE: 300\r\n"), CALLER, 45.1)
+    assert requests(step, "BYE") == []
+    (retry,) = on_a(requests(c.handle_timers(45.1), "INVITE"))
+    assert retry.cseq.seq == ours.cseq.seq + 1
+    assert retry.headers.get("Session-Expires") == "300;refresher=uac"
+    assert retry.headers.get("Min-SE") == "300"
+    receive(c, answer(retry, 200, ANSWER), CALLER, 45.2)
+    # The next refresh keeps the raised interval: half of it later.
+    assert on_a(requests(c.handle_timers(150.0), "INVITE")) == []
+    (later,) = on_a(requests(c.handle_timers(195.3), "INVITE"))
+    assert later.headers.get("Min-SE") == "300"
+
+
+def test_a_422_that_asks_nothing_new_is_not_retried() -> None:
+    c = controller(SESSION_TIMERS)
+    confirmed_call(c, 0.0)
+    (ours,) = on_a(requests(c.handle_timers(45.0), "INVITE"))
+    receive(c, answer(ours, 422, extra="Min-SE: 90\r\n"), CALLER, 45.1)
+    assert on_a(requests(c.handle_timers(46.0), "INVITE")) == []
+    (call,) = c.calls()
+    assert call.state is CallState.CONFIRMED
