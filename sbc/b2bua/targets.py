@@ -279,8 +279,9 @@ class Directory:
 
     @staticmethod
     def _log(change: HealthChange | None) -> None:
+        # TrunkState logs each flip itself (down as a warning, up as info).
         if change is not None:
-            logger.warning("- %s", change)
+            logger.debug("- %s", change)
 
     def trunk_realm(self, trunk: str) -> str | None:
         """The realm a trunk's calls and probes leave through."""
