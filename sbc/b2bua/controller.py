@@ -243,6 +243,9 @@ class Target:
     destination: Destination
     uri: str
     gateway: str | None = None
+    #: Route header values the request starts with: a registered contact's Path
+    #: (RFC 3327 5.3, the proxies between the SBC and the phone), in order.
+    route: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -1889,6 +1892,8 @@ class CallController:
         headers = Headers()
         headers.add("Via", via_for(leg.local, new_branch()))
         headers.add("Max-Forwards", _one_less(a_request))
+        for value in target.route:
+            headers.add("Route", value)
         own, to, request_uri = self._addressing(leg.realm, leg.local, caller, target)
         display = a_request.from_.display_name
         from_ = f"<{own}>;tag={leg.local_tag}"
@@ -2066,6 +2071,8 @@ class CallController:
         headers = Headers()
         headers.add("Via", via_for(hop.local, new_branch()))
         headers.add("Max-Forwards", _one_less(request))
+        for value in target.route:
+            headers.add("Route", value)
         own, to, request_uri = self._addressing(target_realm.name, hop.local, caller, target)
         headers.add("From", f"<{own}>;tag={call.b.local_tag}")
         headers.add("To", f"<{to}>")
@@ -2156,6 +2163,8 @@ class CallController:
         headers = Headers()
         headers.add("Via", via_for(hop.local, new_branch()))
         headers.add("Max-Forwards", _one_less(request))
+        for value in target.route:
+            headers.add("Route", value)
         own, to, request_uri = self._addressing(target_realm.name, hop.local, caller, target)
         headers.add("From", f"<{own}>;tag={new_tag()}")
         headers.add("To", f"<{to}>")

@@ -159,7 +159,8 @@ class Directory:
         for binding in bindings:
             if realm is not None and binding.realm != realm:
                 continue
-            out.append(Target(binding.realm, binding.received, binding.contact))
+            # RFC 3327 5.3: through the proxies the REGISTER came by (its Path).
+            out.append(Target(binding.realm, binding.received, binding.contact, route=binding.path))
         return out
 
     def user_known(self, uri: Uri) -> bool:
