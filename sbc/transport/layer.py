@@ -36,6 +36,7 @@ import logging
 import ssl
 from collections.abc import Callable, Mapping
 
+from sbc.burst import BurstLog
 from sbc.sip.errors import ParseError
 from sbc.sip.message import Request, Response
 from sbc.sip.parser import Keepalive, parse_message
@@ -74,6 +75,8 @@ _ConnectionKey = tuple[Transport, str, int, str | None]
 
 #: Longest Request-URI or reason shown in a log line.
 _LOG_TEXT = 96
+#: Seconds between the log lines of UDP sends the kernel refused (one per burst).
+SEND_FAILURE_LOG_INTERVAL = 10.0
 
 
 def _summary(message: Request | Response) -> str:
@@ -119,6 +122,7 @@ class TransportLayer:
         limit = config.handshake_limit
         self.handshakes = HandshakeLimiter(limit) if limit is not None else None
         self.stats = TransportStats()
+        self._send_failure_log = BurstLog(SEND_FAILURE_LOG_INTERVAL)
         self._listeners: list[UdpListener | StreamListener] = []
         self._connections: dict[int, StreamConnection] = {}
         self._by_remote: dict[_ConnectionKey, StreamConnection] = {}
@@ -658,6 +662,20 @@ class TransportLayer:
     def listener_lost(self, listener: UdpListener, exc: Exception | None) -> None:
         if self._running:
             logger.error("x %r lost: %s", listener, exc)
+
+    def send_failed(self, listener: UdpListener, exc: Exception) -> None:
+        """A datagram the kernel would not send (no route, a firewall rule, too
+        large): counted, and logged once per burst. The transaction that sent it
+        learns nothing (UDP) and times out as if the peer were silent."""
+        self.stats.incr(Stat.SEND_FAILURES)
+        quiet = self._send_failure_log.hit(asyncio.get_running_loop().time())
+        if quiet is not None:
+            logger.warning(
+                "x udp %s: a send failed: %s%s",
+                format_hostport(listener.host, listener.port),
+                exc,
+                f" ({quiet} more since the last report)" if quiet else "",
+            )
 
     # -- HandshakeGate ----------------------------------------------------------------
 

@@ -28,6 +28,8 @@ class DatagramSink(Protocol):
 
     def listener_lost(self, listener: UdpListener, exc: Exception | None) -> None: ...
 
+    def send_failed(self, listener: UdpListener, exc: Exception) -> None: ...
+
 
 @functools.lru_cache(maxsize=4096)
 def _send_target(host: str, family: int) -> str:
@@ -111,8 +113,10 @@ class UdpListener(asyncio.DatagramProtocol):
         self._sink.datagram_received(self, data, addr[0], addr[1])
 
     def error_received(self, exc: Exception) -> None:
-        # ICMP port unreachable for an earlier send, mostly: nothing to do but note it.
+        # A send the kernel refused (no route, a firewall's EPERM, too large): asyncio
+        # reports it here, not to the sender. The sink counts and logs it.
         logger.debug("x udp %s: %s", format_hostport(self._host, self._port), exc)
+        self._sink.send_failed(self, exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
