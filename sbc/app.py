@@ -50,6 +50,7 @@ from sbc.b2bua.local import LocalResponder
 from sbc.b2bua.realm import Hop, Realm, RealmTable
 from sbc.b2bua.routing import RouteAction, Router, RouteRule
 from sbc.b2bua.targets import Directory
+from sbc.b2bua.topology import sip_uri_for, via_for
 from sbc.b2bua.trunks import TrunkTable
 from sbc.cdr.from_call import cdr_record
 from sbc.cdr.record import CdrError
@@ -71,9 +72,10 @@ from sbc.media.control import MediaError, MediaTimeout
 from sbc.media.relay import DescriptorsExhausted, MediaRelay
 from sbc.media.session import MediaSession
 from sbc.registrar.credentials import CredentialStoreError, SqliteCredentials
-from sbc.registrar.registrar import registered_for
+from sbc.registrar.location import Binding
+from sbc.registrar.registrar import KEEPALIVE_CALL_ID_PREFIX, registered_for
 from sbc.sip.errors import ParseError
-from sbc.sip.message import Request, Response
+from sbc.sip.message import Headers, Request, Response, new_branch, new_tag
 from sbc.sip.transaction import Outgoing, Output, TimerConfig, TransactionLayer
 from sbc.transport.base import (
     Destination,
@@ -488,12 +490,32 @@ class SbcNode:
         registrar = self.registrar
         if registrar is None or self.transport is None:
             return
+        options = registrar.registrar.policy.keepalive_options
         for binding in registrar.registrar.keepalive_targets(time.time()):
             listener = self._udp_listener(binding.local.host, binding.local.port)
             if listener is None:
                 continue
+            data = b"\r\n\r\n"
+            if options:
+                call_id = registrar.registrar.keepalive_ping(binding)
+                data = keepalive_options(binding, call_id, self.calls.user_agent)
             with contextlib.suppress(OSError):
-                listener.send(b"\r\n\r\n", binding.received.host, binding.received.port)
+                listener.send(data, binding.received.host, binding.received.port)
+
+    def _keepalive_answer(self, response: Response) -> bool:
+        """A response to one of the registrar's OPTIONS keepalives: the phone is
+        there. Taken here: no transaction sent the OPTIONS."""
+        registrar = self.registrar
+        if registrar is None or not registrar.registrar.policy.keepalive_options:
+            return False
+        try:
+            call_id = response.call_id
+        except ParseError:
+            return False
+        if not call_id.startswith(KEEPALIVE_CALL_ID_PREFIX):
+            return False
+        registrar.registrar.keepalive_answered(call_id)
+        return True
 
     async def _run_resolver(self) -> None:
         """RFC 3263 for trunk gateways given by name; looked up again when the first
@@ -927,6 +949,8 @@ class SbcNode:
             return  # its ban is on the way to the kernel
         if isinstance(message, Request) and self._firewall_observe_request(message, flow):
             return
+        if isinstance(message, Response) and self._keepalive_answer(message):
+            return
         now = time.monotonic()
         out = self.transactions.receive(message, flow, now, reliable=is_reliable(flow.transport))
         self._dispatch(out, now)
@@ -1331,3 +1355,20 @@ def run(config_path: Path | None) -> int:
         return uvloop.run(serve(config, config_path))
     except ImportError:
         return asyncio.run(serve(config, config_path))
+
+
+def keepalive_options(binding: Binding, call_id: str, user_agent: str) -> bytes:
+    """The OPTIONS keepalive to a UDP binding (``registrar.keepalive: options``),
+    from the listener it registered at to its Contact, over its flow. Any answer
+    (even 404 or 405) says the phone is there."""
+    own = sip_uri_for(binding.local, params=False)
+    headers = Headers()
+    headers.add("Via", via_for(binding.local, new_branch()))
+    headers.add("Max-Forwards", "70")
+    headers.add("From", f"<{own}>;tag={new_tag()}")
+    headers.add("To", f"<{binding.contact}>")
+    headers.add("Call-ID", call_id)
+    headers.add("CSeq", "1 OPTIONS")
+    headers.add("User-Agent", user_agent)
+    headers.add("Content-Length", "0")
+    return bytes(Request("OPTIONS", binding.contact, headers))

@@ -26,6 +26,7 @@ from sbc.b2bua.trunks import Gateway, ProbePolicy, Trunk
 from sbc.config.b2bua import (
     AdmissionLimits,
     CdrFormat,
+    KeepaliveMethod,
     OptionsPolicy,
     ReferPolicy,
 )
@@ -239,6 +240,8 @@ def registrar(config: Config, credentials: CredentialBackend, key: bytes) -> Reg
         max_aors=section.max_users,
         nat_keepalive=section.nat_keepalive > 0,
         keepalive_interval=float(section.nat_keepalive or 25),
+        keepalive_options=section.keepalive is KeepaliveMethod.OPTIONS,
+        keepalive_failures=section.keepalive_failures,
     )
     algorithms = tuple(
         DigestAlgorithm.from_token(name.value) for name in section.digest_algorithms

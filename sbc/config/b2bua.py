@@ -122,6 +122,14 @@ class ReferPolicy(enum.StrEnum):
     REJECT = "reject"
 
 
+class KeepaliveMethod(enum.StrEnum):
+    #: CRLFCRLF (RFC 5626 4.4.1): keeps the NAT mapping, tells nothing back.
+    CRLF = "crlf"
+    #: OPTIONS: keeps the mapping, and a phone that leaves keepalive_failures in a
+    #: row unanswered has its bindings removed.
+    OPTIONS = "options"
+
+
 class OptionsPolicy(enum.StrEnum):
     #: Out-of-dialog OPTIONS answered by the SBC itself (keepalive pings).
     LOCAL = "local"
@@ -635,6 +643,21 @@ class RegistrarConfig(Section):
     nat_keepalive: int = field(
         default=25,
         metadata=spec("Seconds between keepalives to UDP contacts; 0 = none.", min=0, max=3600),
+    )
+    keepalive: KeepaliveMethod = field(
+        default=KeepaliveMethod.CRLF,
+        metadata=spec(
+            "crlf: a CRLFCRLF datagram; options: an OPTIONS request, and a phone that"
+            " answers none of keepalive_failures in a row loses its bindings."
+        ),
+    )
+    keepalive_failures: int = field(
+        default=3,
+        metadata=spec(
+            "OPTIONS keepalives in a row a phone may leave unanswered (keepalive: options).",
+            min=1,
+            max=100,
+        ),
     )
     guessing: GuessLimitConfig = field(
         default_factory=GuessLimitConfig,

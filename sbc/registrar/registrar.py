@@ -44,6 +44,15 @@ datagram (RFC 5626 4.4.1's keepalive, which a SIP stack ignores) or an OPTIONS
 request from ``binding.local`` to ``binding.received``. TCP/TLS flows keep their
 own mappings alive, so they are never returned.
 
+With ``keepalive_options`` the keepalive is an OPTIONS (Kamailio's "SIP ping"),
+and it also tells whether the phone is still there: :meth:`Registrar.keepalive_ping`
+names each one (a Call-ID), the app hands any response to it to
+:meth:`Registrar.keepalive_answered`, and a flow that leaves
+``keepalive_failures`` pings in a row unanswered has its bindings removed, as if
+they had expired: calls stop ringing a phone that is gone (unplugged, its NAT
+mapping lost) until it registers again. Any REGISTER over the flow counts as an
+answer.
+
 Closed flows (RFC 5626 5.3, 6): a binding registered over a TCP or TLS connection
 is reached over that connection, at the phone's (ephemeral) end of it. When the
 transport layer reports the connection closed, :meth:`Registrar.connection_closed`
@@ -59,6 +68,7 @@ import heapq
 import logging
 import math
 import re
+import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from email.utils import formatdate
@@ -100,6 +110,9 @@ logger = logging.getLogger(__name__)
 
 #: Option tags this registrar implements (RFC 3327 Path, RFC 5626 outbound).
 SUPPORTED_EXTENSIONS: Final = ("outbound", "path")
+#: Call-IDs of OPTIONS keepalives start so; the app hands responses to them to the
+#: registrar (``keepalive_answered``), not to the transaction layer.
+KEEPALIVE_CALL_ID_PREFIX: Final = "sbc-keepalive-"
 #: RFC 3261 20.10 / 20.19: a malformed interval counts as an hour.
 MALFORMED_EXPIRES: Final = 3600
 #: RFC 3261 10.3 step 7: 423 only for intervals shorter than an hour.
@@ -142,6 +155,9 @@ class RegistrarPolicy:
     max_aors: int = 100_000
     nat_keepalive: bool = True
     keepalive_interval: float = 25.0
+    #: OPTIONS keepalives whose answers prove the phone alive (module docstring).
+    keepalive_options: bool = False
+    keepalive_failures: int = 3
 
     def __post_init__(self) -> None:
         if not self.realm:
@@ -152,6 +168,8 @@ class RegistrarPolicy:
             raise ValueError("max_contacts and max_aors must be at least 1")
         if not (self.keepalive_interval > 0 and math.isfinite(self.keepalive_interval)):
             raise ValueError("keepalive_interval must be a positive number of seconds")
+        if self.keepalive_failures < 1:
+            raise ValueError("keepalive_failures must be at least 1")
 
     def new_location(self) -> LocationService:
         """An empty location service with this policy's domains and caps."""
@@ -246,6 +264,17 @@ class Registrar:
     )
     _keepalive_heap: list[tuple[float, str, str]] = field(
         default_factory=list, init=False, repr=False
+    )
+    # OPTIONS keepalives: pings in a row each flow left unanswered, and the Call-ID
+    # of each flow's last ping (one per flow: a new ping replaces it).
+    _unanswered: dict[tuple[Destination, ListenAddress], int] = field(
+        default_factory=dict, init=False, repr=False
+    )
+    _pings: dict[str, tuple[Destination, ListenAddress]] = field(
+        default_factory=dict, init=False, repr=False
+    )
+    _ping_of: dict[tuple[Destination, ListenAddress], str] = field(
+        default_factory=dict, init=False, repr=False
     )
 
     def __post_init__(self) -> None:
@@ -659,12 +688,60 @@ class Registrar:
             if binding is None or not binding.alive(now) or not _wants_keepalive(binding):
                 del self._keepalive_due[key]
                 continue
-            self._schedule_keepalive(key, now + interval)
             pair = (binding.received, binding.local)
+            if self._unanswered.get(pair, 0) >= self.policy.keepalive_failures:
+                self._gone(binding, now)
+                continue
+            self._schedule_keepalive(key, now + interval)
             if pair not in seen:
                 seen.add(pair)
                 targets.append(binding)
         return targets
+
+    def keepalive_ping(self, binding: Binding) -> str:
+        """The Call-ID of the OPTIONS keepalive about to go to ``binding``'s flow
+        (``keepalive_options``); it counts as unanswered until
+        :meth:`keepalive_answered` hears of a response to it."""
+        pair = (binding.received, binding.local)
+        self._unanswered[pair] = self._unanswered.get(pair, 0) + 1
+        old = self._ping_of.pop(pair, None)
+        if old is not None:
+            self._pings.pop(old, None)
+        call_id = f"{KEEPALIVE_CALL_ID_PREFIX}{secrets.token_hex(8)}"
+        self._pings[call_id] = pair
+        self._ping_of[pair] = call_id
+        return call_id
+
+    def keepalive_answered(self, call_id: str) -> bool:
+        """A response (any status: something answered) to the keepalive ``call_id``;
+        False when it is none of the last pings (a late or forged one)."""
+        pair = self._pings.pop(call_id, None)
+        if pair is None:
+            return False
+        del self._ping_of[pair]
+        self._unanswered.pop(pair, None)
+        return True
+
+    def _gone(self, binding: Binding, now: float) -> None:
+        """Remove ``binding``: its flow left ``keepalive_failures`` pings unanswered."""
+        unanswered = self._unanswered.get((binding.received, binding.local), 0)
+        self.location.apply((), (binding,))
+        self._keepalive_due.pop((binding.aor, binding.contact), None)
+        logger.info(
+            "- binding of %s removed: %d keepalives to %s unanswered",
+            binding.aor,
+            unanswered,
+            binding.received,
+        )
+        if len(self._unanswered) > 2 * len(self._keepalive_due) + 1024:
+            # Flows whose bindings all went this way: nothing else forgets them.
+            live = {
+                (found.received, found.local)
+                for key in self._keepalive_due
+                if (found := self.location.get(*key)) is not None
+            }
+            for pair in [pair for pair in self._unanswered if pair not in live]:
+                self._forget_pings(pair)
 
     def next_keepalive(self) -> float | None:
         """When :meth:`keepalive_targets` may next return something (a deadline)."""
@@ -685,12 +762,23 @@ class Registrar:
     ) -> None:
         for binding in removed:
             self._keepalive_due.pop((binding.aor, binding.contact), None)
+            self._forget_pings((binding.received, binding.local))
         if not self.policy.nat_keepalive:
             return
         for binding in added:
+            # A REGISTER came over the flow: it is there, whatever the pings say.
+            self._forget_pings((binding.received, binding.local))
             if _wants_keepalive(binding):
                 key = (binding.aor, binding.contact)
                 self._schedule_keepalive(key, now + self.policy.keepalive_interval)
+
+    def _forget_pings(self, pair: tuple[Destination, ListenAddress]) -> None:
+        """The flow answered (a REGISTER came over it) or lost a binding: its count of
+        unanswered pings starts again (and a removed flow leaves nothing behind)."""
+        if self._unanswered.pop(pair, None) is not None:
+            ping = self._ping_of.pop(pair, None)
+            if ping is not None:
+                self._pings.pop(ping, None)
 
     def _schedule_keepalive(self, key: tuple[str, str], due: float) -> None:
         self._keepalive_due[key] = due
