@@ -22,33 +22,18 @@ from sbc.sip.message import Request, Response, make_response
 from sbc.sip.parser import parse_message
 from tests.scenario.sbcproc import Ports, SbcProcess, free_port, lenient_response, wait_until
 from tests.scenario.test_b2bua_flows import add_user
+from tests.scenario.test_registrar_tcp_close import sbc_config as tcp_close_config
 
 PASSWORDS = {"alice": "alice-ka-secret-1", "bob": "bob-ka-secret-2"}
 
 
 def sbc_config(workdir: Path, ports: Ports, phones: int) -> str:
-    return f"""\
-state_dir: {workdir / "state"}
-log:
-  level: info
-sip:
-  listen: [{{transport: udp, address: 127.0.0.1, port: {ports.sip}}}]
-management:
-  listen: {{address: 127.0.0.1, port: {ports.mgmt}}}
-media:
-  kernel_path: false
-registrar:
-  nat_keepalive: 1
-  keepalive: options
-  keepalive_failures: 2
-realms:
-  - name: phones
-    listen: [{{transport: udp, address: 127.0.0.1, port: {phones}}}]
-    media_address: 127.0.0.1
-    registrar: true
-routes:
-  - {{name: users, from_realm: phones, action: registered}}
-"""
+    """The TCP-close scenario's SBC (realm "phones" with the registrar), pinging
+    every second with OPTIONS."""
+    text = tcp_close_config(workdir, ports, phones)
+    keepalive = "  nat_keepalive: 1\n  keepalive: options\n  keepalive_failures: 2\n"
+    assert "  nat_keepalive: 0\n" in text
+    return text.replace("  nat_keepalive: 0\n", keepalive)
 
 
 def register(user: str, phones: int, local: int, cseq: int, authorization: str = "") -> bytes:
