@@ -524,6 +524,8 @@ class _Relayed:
     request: Request
     #: A CANCEL ended it on the side it came from (487 sent there, CANCEL relayed).
     cancelled: bool = False
+    #: Its CANCEL waits for the copy's first provisional (RFC 3261 9.1).
+    cancel_pending: bool = False
     #: The session as it was before the offer it carries: restored if it fails.
     before: _Before | None = None
 
@@ -2488,12 +2490,20 @@ class CallController:
             realm = live.call.leg(relayed.from_side).realm
             response = make_response(relayed.request, 487)
             step = self._send_response(relayed.server, response, now, realm)
-            if isinstance(client, ClientInviteTransaction) and client.can_cancel:
-                cancel, out = self.transactions.send_cancel(client, now)
-                self._by_client[cancel] = _ByRole(live.call.call_ref, "cancel")
-                step = step + Step(out)
+            if isinstance(client, ClientInviteTransaction):
+                if client.can_cancel:
+                    step = step + self._send_cancel(live.call.call_ref, client, now)
+                else:
+                    # RFC 3261 9.1: not before a provisional; sent on the first.
+                    relayed.cancel_pending = True
             return step
         return Step()
+
+    def _send_cancel(self, call_ref: str, client: ClientInviteTransaction, now: float) -> Step:
+        """The CANCEL of B INVITE ``client`` (it has had a provisional)."""
+        cancel, out = self.transactions.send_cancel(client, now)
+        self._by_client[cancel] = _ByRole(call_ref, "cancel")
+        return Step(out)
 
     def _cancel_forks(self, live: _Live, now: float, *, keep: _Fork | None = None) -> Step:
         step = Step()
@@ -2510,9 +2520,7 @@ class CallController:
             return Step()
         fork.cancel_pending = False
         fork.cancel_sent = True
-        client, out = self.transactions.send_cancel(fork.tx, now)
-        self._by_client[client] = _ByRole(live.call.call_ref, "cancel")
-        return Step(out)
+        return self._send_cancel(live.call.call_ref, fork.tx, now)
 
     def _ack(self, request: Request, now: float) -> Step:
         # The ACK for a 2xx ends at the B2BUA: each leg's 2xx is ACKed by the B2BUA
@@ -3327,9 +3335,7 @@ class CallController:
         if orphan is None or not orphan.cancel_pending or not tx.can_cancel:
             return Step()
         orphan.cancel_pending = False
-        cancel, out = self.transactions.send_cancel(tx, now)
-        self._by_client[cancel] = _ByRole(call_ref, "cancel")
-        return Step(out)
+        return self._send_cancel(call_ref, tx, now)
 
     def _orphan_response(self, response: Response, now: float) -> Step:
         """A 2xx for a B INVITE no call waits for any more: ACK it, then BYE."""
@@ -3388,6 +3394,9 @@ class CallController:
     ) -> Step:
         status = response.status
         if status < 200:
+            if relayed.cancel_pending and isinstance(tx, ClientInviteTransaction) and tx.can_cancel:
+                relayed.cancel_pending = False
+                return self._send_cancel(live.call.call_ref, tx, now)
             return Step()
         self._by_client.pop(tx, None)
         if live.relayed is not None and tx in live.relayed:

@@ -458,3 +458,21 @@ def test_a_compact_form_bye_ends_the_call() -> None:
     step = receive(c, text, CALLER, 1.0)
     assert statuses(step) == [200] and len(requests(step, "BYE")) == 1
     assert len(c) == 0
+
+
+def test_a_reinvite_cancelled_before_its_copy_got_a_provisional_is_cancelled_on_the_first() -> None:
+    # RFC 3261 9.1: no CANCEL before a provisional response; the B2BUA sends it on the
+    # first one. Before the fix none was ever sent: the copy ran to its final answer.
+    c = controller()
+    _, _, a_tag = confirmed_call(c)
+    text = from_a("INVITE", a_tag, 2, body=OFFER_2)
+    (reinvite,) = requests(receive(c, text, CALLER, 1.0), "INVITE")
+    step = receive(c, cancel_for(text), CALLER, 1.1)
+    assert [r.status for r in responses(step) if r.status >= 200] == [200, 487]
+    assert requests(step, "CANCEL") == []
+    step = receive(c, answer(reinvite, 180), TRUNK, 1.2)
+    (cancel,) = requests(step, "CANCEL")
+    assert cancel.call_id == reinvite.call_id and cancel.via.branch == reinvite.via.branch
+    assert responses(step) == []  # the caller had its 487
+    # A second provisional sends no second CANCEL.
+    assert requests(receive(c, answer(reinvite, 183), TRUNK, 1.3), "CANCEL") == []
