@@ -490,6 +490,7 @@ class SbcNode:
         registrar = self.registrar
         if registrar is None or self.transport is None:
             return
+        registrar.registrar.expire(time.time())
         options = registrar.registrar.policy.keepalive_options
         for binding in registrar.registrar.keepalive_targets(time.time()):
             listener = self._udp_listener(binding.local.host, binding.local.port)

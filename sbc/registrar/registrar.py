@@ -504,6 +504,16 @@ class Registrar:
             logger.info("- unregistered %s: %d binding(s) removed", aor, len(change.removed))
         return self._ok(request, aor, now, state, (), change.removed)
 
+    def expire(self, now: float) -> list[Binding]:
+        """Remove the bindings whose time is up (the app runs this every second, so
+        a user gone quiet stops counting against ``max_users`` at once, not at the
+        next REGISTER of anyone); returns them, what a standby drops."""
+        removed = self.location.expire(now)
+        if removed:
+            self._track_keepalives((), removed, now)
+            logger.debug("- %d binding(s) expired", len(removed))
+        return removed
+
     # ------------------------------------------------------------------ flows
 
     def connection_closed(self, connection_id: int, now: float) -> list[Binding]:

@@ -117,3 +117,14 @@ def test_the_config_chooses_the_keepalive() -> None:
     with pytest.raises(ConfigError) as info:
         load_config_text("registrar: {keepalive: sip-ping}\n", "sbc.yaml", Path("/nonexistent"))
     assert str(info.value).startswith("sbc.yaml:1: registrar.keepalive:")
+
+
+def test_expired_bindings_are_swept_without_a_register() -> None:
+    registrar = options_registrar()
+    Phone(registrar).send(T0, expires="60")
+    Phone(registrar, user="bob", flow=OTHER_FLOW).send(T0, expires="120")
+    assert registrar.expire(T0 + 59) == []
+    (gone,) = registrar.expire(T0 + 60)
+    assert gone.aor == "alice" and len(registrar.location) == 1
+    # Its keepalives stop with it.
+    assert [b.aor for b in registrar.keepalive_targets(T0 + 100)] == ["bob"]
