@@ -52,6 +52,7 @@ Everything here is a plain value or pure; ``now`` is a wall-clock epoch float.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import secrets
@@ -287,12 +288,18 @@ class RegistrationRelay:
     #: one costs what it carried. Changed only by ``_store`` and ``_drop``; bindings
     #: given at construction (restored: their ids are another process's) are not in it.
     _by_connection: dict[int, dict[tuple[str, str], None]] = field(init=False, repr=False)
+    #: (phone_expires_at, user, contact) of every binding stored, lazily invalidated:
+    #: ``expire`` costs what runs out, not a walk over the table every second.
+    _deadlines: list[tuple[float, str, str]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._by_user = {}
         self._by_connection = {}
-        for user, contact in self._bindings:
+        self._deadlines = []
+        for (user, contact), binding in self._bindings.items():
             self._by_user.setdefault(user, {})[contact] = None
+            self._deadlines.append((binding.phone_expires_at, user, contact))
+        heapq.heapify(self._deadlines)
 
     def __len__(self) -> int:
         return len(self._bindings)
@@ -545,10 +552,15 @@ class RegistrationRelay:
 
     def expire(self, now: float) -> list[RelayedBinding]:
         """Forget phones whose registration ran out (the upstream one lapses on its own)."""
-        # A sweep of the whole table, once a second; not per request.
-        gone = [b for b in self._bindings.values() if b.phone_expires_at <= now]
-        for binding in gone:
-            self._drop(binding)
+        gone: list[RelayedBinding] = []
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            due, user, contact = heapq.heappop(deadlines)
+            binding = self._bindings.get((user, contact))
+            # Only if that binding still has that deadline (a refresh moved it).
+            if binding is not None and binding.phone_expires_at == due:
+                self._drop(binding)
+                gone.append(binding)
         return gone
 
     def connection_closed(self, connection_id: int, now: float) -> list[RelayedBinding]:
@@ -583,6 +595,12 @@ class RegistrationRelay:
         if old is not None and old.connection_id != binding.connection_id:
             self._unindex(old)
         self._bindings[key] = binding
+        if old is None or old.phone_expires_at != binding.phone_expires_at:
+            heapq.heappush(self._deadlines, (binding.phone_expires_at, *key))
+            if len(self._deadlines) > 2 * len(self._bindings) + 64:
+                # Refreshes leave stale deadlines behind: rebuild once they dominate.
+                self._deadlines = [(b.phone_expires_at, *k) for k, b in self._bindings.items()]
+                heapq.heapify(self._deadlines)
         self._by_user.setdefault(binding.user, {})[binding.contact] = None
         if binding.connection_id is not None:
             self._by_connection.setdefault(binding.connection_id, {})[key] = None

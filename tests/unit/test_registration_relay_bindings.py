@@ -390,3 +390,20 @@ def test_max_contacts_comes_from_the_config() -> None:
     )
     (port,) = register_relays(config, realms).values()
     assert port.relay.policy.max_contacts == 3
+
+
+def test_expiry_costs_what_runs_out_not_a_walk_over_the_table() -> None:
+    # The app sweeps once a second: with every phone's binding walked each time,
+    # tens of thousands of relayed phones cost a steady share of the CPU.
+    r = relay()
+    for i in range(50):
+        other = register(1, f"<sip:u{i}@10.1.0.{i}>", call_id=f"u{i}@x", user=f"u{i}")
+        assert relayed(r, other, T0).status == 200
+    r._bindings = ScanGuard(r._bindings)
+    assert r.expire(T0 + 30) == []
+    # A refresh (answered from the cache) moves a deadline: the old one no longer counts.
+    refresh = register(2, "<sip:u0@10.1.0.0>", call_id="u0@x", user="u0")
+    assert local(r, refresh, T0 + 40).status == 200
+    assert sorted(b.user for b in r.expire(T0 + 61)) == sorted(f"u{i}" for i in range(1, 50))
+    assert len(r) == 1
+    assert [b.user for b in r.expire(T0 + 101)] == ["u0"] and len(r) == 0
