@@ -72,7 +72,7 @@ class _Cuts:
         self.depth = 0
         self.empty_end: int | None = None
 
-    def start(self, name: str, attributes: dict[str, str], offset: int) -> None:
+    def start(self, name: str, offset: int) -> None:
         if self.dropping is not None:
             self.depth += 1
             return
@@ -129,9 +129,7 @@ def _screen_xml(body: bytes) -> bytes | None:
     """``body`` without the dialog ids, targets and contacts; None if not XML."""
     cuts = _Cuts(body)
     parser = expat.ParserCreate(namespace_separator=" ")
-    parser.StartElementHandler = lambda name, attributes: cuts.start(
-        name, attributes, parser.CurrentByteIndex
-    )
+    parser.StartElementHandler = lambda name, _: cuts.start(name, parser.CurrentByteIndex)
     parser.EndElementHandler = lambda name: cuts.end(name, parser.CurrentByteIndex)
     try:
         parser.Parse(body, True)

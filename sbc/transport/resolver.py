@@ -352,13 +352,14 @@ class DnsCache:
         self._entries.move_to_end(key)
         return answer
 
-    def next_expiry(self) -> float | None:
-        """When the first cached answer runs out (on `now`'s clock); None if none is
-        left. Answers already expired are dropped first (names no longer asked)."""
+    def expires_in(self) -> float | None:
+        """Seconds until the first cached answer runs out; None if none is left.
+        Answers already expired are dropped first (names no longer asked)."""
         now = self._now()
         for key in [key for key, (expires, _) in self._entries.items() if expires <= now]:
             del self._entries[key]
-        return min((expires for expires, _ in self._entries.values()), default=None)
+        first = min((expires for expires, _ in self._entries.values()), default=None)
+        return None if first is None else first - now
 
     def put(self, answer: DnsAnswer, ttl: float) -> None:
         """Keep `answer` for `ttl` seconds (clamped to `MAX_TTL`; 0 keeps nothing)."""
@@ -610,7 +611,6 @@ class SipResolver:
         self._family = family
         self._rng = rng or random.Random()
         self._cache = DnsCache(cache_size, now)
-        self._cache_now = now
         self._negative_ttl = negative_ttl
         self._sips_for_sip_uris = sips_for_sip_uris
 
@@ -628,8 +628,7 @@ class SipResolver:
     def cache_expires_in(self) -> float | None:
         """Seconds until the first cached DNS answer runs out (its TTL), None with
         nothing cached: when a caller that keeps resolved hops should resolve again."""
-        expiry = self._cache.next_expiry()
-        return None if expiry is None else max(0.0, expiry - self._cache_now())
+        return self._cache.expires_in()
 
     def _local_answer(self, name: str, rdtype: RecordType) -> DnsAnswer | None:
         """The answer the host itself knows, without DNS or the cache; None if none."""
