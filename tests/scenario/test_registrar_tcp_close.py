@@ -32,6 +32,7 @@ from tests.scenario.sbcproc import (
     wait_until,
 )
 from tests.scenario.test_b2bua_flows import add_user
+from tests.scenario.test_b2bua_flows import sbc_config as flows_config
 
 PASSWORD = "alice-tcp-secret-1"
 SDP = (
@@ -43,16 +44,8 @@ PROMPT = 2.0
 
 
 def sbc_config(workdir: Path, ports: Ports, phones: int) -> str:
-    return f"""\
-state_dir: {workdir / "state"}
-log:
-  level: info
-sip:
-  listen: [{{transport: udp, address: 127.0.0.1, port: {ports.sip}}}]
-management:
-  listen: {{address: 127.0.0.1, port: {ports.mgmt}}}
-media:
-  kernel_path: false
+    """Realm "phones" (UDP and TCP) with the embedded registrar; calls among them."""
+    body = f"""\
 registrar:
   nat_keepalive: 0
 realms:
@@ -65,6 +58,7 @@ realms:
 routes:
   - {{name: users, from_realm: phones, action: registered}}
 """
+    return flows_config(workdir, ports.mgmt, ports.sip, body)
 
 
 def register(phones: int, local: int, cseq: int, authorization: str | None = None) -> bytes:

@@ -172,13 +172,18 @@ class ScanGuard(dict[Any, Any]):
         raise AssertionError("the whole binding table was scanned")
 
 
+def fifty_users(r: RegistrationRelay) -> None:
+    """Users u0 .. u49, one phone each, registered at T0."""
+    for i in range(50):
+        other = register(1, f"<sip:u{i}@10.1.0.{i}>", call_id=f"u{i}@x", user=f"u{i}")
+        assert relayed(r, other, T0).status == 200
+
+
 def test_per_user_requests_do_not_scan_every_binding() -> None:
     # Registrations, refreshes, queries and wildcards of one user cost what that user
     # holds, not what the whole table holds (up to MAX_BINDINGS).
     r = relay()
-    for i in range(50):
-        other = register(1, f"<sip:u{i}@10.1.0.{i}>", call_id=f"u{i}@x", user=f"u{i}")
-        assert relayed(r, other, T0).status == 200
+    fifty_users(r)
     r._bindings = ScanGuard(r._bindings)
     two_phones(r)
     assert local(r, register(2), T0 + 20).status == 200
@@ -396,9 +401,7 @@ def test_expiry_costs_what_runs_out_not_a_walk_over_the_table() -> None:
     # The app sweeps once a second: with every phone's binding walked each time,
     # tens of thousands of relayed phones cost a steady share of the CPU.
     r = relay()
-    for i in range(50):
-        other = register(1, f"<sip:u{i}@10.1.0.{i}>", call_id=f"u{i}@x", user=f"u{i}")
-        assert relayed(r, other, T0).status == 200
+    fifty_users(r)
     r._bindings = ScanGuard(r._bindings)
     assert r.expire(T0 + 30) == []
     # A refresh (answered from the cache) moves a deadline: the old one no longer counts.
