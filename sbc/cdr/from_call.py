@@ -157,4 +157,6 @@ def cdr_record(call: Call, session: MediaSession | None, wall_offset: float) -> 
         rtt_ms=quality.get("rtt_ms"),
         a_encryption=_encryption(session, Side.A),
         b_encryption=_encryption(session, Side.B),
+        trunk=call.trunk or "",
+        gateway=call.gateway or "",
     )

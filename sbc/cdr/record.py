@@ -216,6 +216,10 @@ class CdrRecord:
     #: call had no media session.
     a_encryption: str = ""
     b_encryption: str = ""
+    #: The trunk the B leg went to, and the gateway of its last attempt as
+    #: configured (``udp:host:port``, the gateway's key); empty when it went elsewhere.
+    trunk: str = ""
+    gateway: str = ""
 
     def __post_init__(self) -> None:
         if self.final_status != 0 and not 100 <= self.final_status <= 699:
@@ -284,6 +288,8 @@ class CdrRecord:
             "rtt_ms": self.rtt_ms,
             "a_encryption": self.a_encryption,
             "b_encryption": self.b_encryption,
+            "trunk": self.trunk,
+            "gateway": self.gateway,
         }
 
     @classmethod
@@ -323,6 +329,8 @@ class CdrRecord:
                 rtt_ms=_optional_float(data.get("rtt_ms")),
                 a_encryption=str(data.get("a_encryption") or ""),
                 b_encryption=str(data.get("b_encryption") or ""),
+                trunk=str(data.get("trunk") or ""),
+                gateway=str(data.get("gateway") or ""),
             )
         except CdrError:
             raise

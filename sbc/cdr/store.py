@@ -37,7 +37,7 @@ from sbc.cdr.record import CDR_DICT_VERSION, CdrError, CdrRecord
 logger = logging.getLogger(__name__)
 
 #: Version of the SQLite layout, kept in the ``schema_version`` table.
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 #: Records a queue holds by default before it drops new ones.
 DEFAULT_MAX_QUEUE: Final = 10_000
 #: Most records written in one transaction.
@@ -145,6 +145,9 @@ COLUMNS: Final = (
     # Version 2.
     Column("a_encryption", "TEXT", default="''"),
     Column("b_encryption", "TEXT", default="''"),
+    # Version 3.
+    Column("trunk", "TEXT", default="''"),
+    Column("gateway", "TEXT", default="''"),
 )
 
 _NAMES: Final = tuple(column.name for column in COLUMNS)
@@ -163,7 +166,10 @@ _SELECT: Final = f"SELECT {', '.join(_NAMES)} FROM cdr"
 
 #: Versions the SBC upgrades in place, to the columns each later version added
 #: (SQLite ALTER TABLE ADD COLUMN: existing rows take the column's DEFAULT).
-_UPGRADES: Final = {1: ("a_encryption", "b_encryption")}
+_UPGRADES: Final = {
+    1: ("a_encryption", "b_encryption", "trunk", "gateway"),
+    2: ("trunk", "gateway"),
+}
 
 
 def _upgrade(conn: sqlite3.Connection, version: int) -> None:

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -210,6 +210,9 @@ class ExpectedCdr:
     b_realm: str
     #: Where the B-leg INVITE went, "" when none was sent.
     destination: str
+    #: The trunk and gateway of a trunk call (docs/cdr.md), "" otherwise.
+    trunk: str = ""
+    gateway: str = ""
 
     def check(self, rows: Sequence[sqlite3.Row]) -> sqlite3.Row:
         """The one row of ``rows`` for this attempt, asserted column by column."""
@@ -218,7 +221,7 @@ class ExpectedCdr:
         row = mine[0]
         names = (
             "route", "disposition", "final_status", "end_reason", "hangup_side", "a_realm",
-            "b_realm", "destination",
+            "b_realm", "destination", "trunk", "gateway",
         )  # fmt: skip
         assert {n: row[n] for n in names} == {n: getattr(self, n) for n in names}, self.user
         if self.disposition == "answered":
@@ -687,7 +690,9 @@ def test_trunk_fails_over_to_the_second_gateway_on_503(lab: FlowLab) -> None:
     assert_hidden(caller, second_gw, caller_sipp, good)
     assert_hidden(caller, first_gw, caller_sipp, busy)
     # One attempt, one row, though two gateways were tried: the one that answered.
-    lab.cdrs.append(answered("7101", "pair", "outside", "inside", g2))
+    # The trunk and the gateway that answered, as configured.
+    row = answered("7101", "pair", "outside", "inside", g2)
+    lab.cdrs.append(replace(row, trunk="pair", gateway=f"udp:127.0.0.1:{g2}"))
 
 
 @dataclass

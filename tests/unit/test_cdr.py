@@ -396,7 +396,7 @@ def test_other_schema_version_is_left_alone(
     assert store.stats().dropped == 1
     assert failures(caplog, "schema version 99") == [
         f"x cdr {path}: open failed (_SchemaMismatch): database has schema version 99, "
-        "this SBC writes 2; dropping CDRs until it works again"
+        f"this SBC writes {SCHEMA_VERSION}; dropping CDRs until it works again"
     ]
     conn = sqlite3.connect(path)
     try:
@@ -550,14 +550,23 @@ def test_each_leg_s_media_encryption_is_recorded() -> None:
     )
 
 
-def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
+#: The columns each older schema version lacks (docs/cdr.md, Table schema_version).
+_ADDED_SINCE = {
+    1: ("a_encryption", "b_encryption", "trunk", "gateway"),
+    2: ("trunk", "gateway"),
+}
+
+
+@pytest.mark.parametrize("version", sorted(_ADDED_SINCE))
+def test_an_older_database_is_upgraded_in_place(tmp_path: Path, version: int) -> None:
     from sbc.cdr.store import COLUMNS, record_to_row
 
     path = tmp_path / "cdr.sqlite"
-    old = [c for c in COLUMNS if c.name not in ("a_encryption", "b_encryption")]
+    old = [c for c in COLUMNS if c.name not in _ADDED_SINCE[version]]
+    assert [c.name for c in COLUMNS[: len(old)]] == [c.name for c in old]
     conn = sqlite3.connect(path)
     conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-    conn.execute("INSERT INTO schema_version VALUES (1)")
+    conn.execute("INSERT INTO schema_version VALUES (?)", (version,))
     conn.execute(
         "CREATE TABLE cdr (id INTEGER PRIMARY KEY, "
         + ", ".join(f"{c.name} {c.sql_type}{' NOT NULL' if c.not_null else ''}" for c in old)
@@ -571,13 +580,36 @@ def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
     conn.close()
 
     store = CdrStore(path)
-    store.write(replace(ANSWERED, call_ref="new", a_encryption="srtp", b_encryption="rtp"))
+    new = replace(
+        ANSWERED,
+        call_ref="new",
+        a_encryption="srtp",
+        trunk="carrier",
+        gateway="udp:carrier.example.net",
+    )
+    store.write(new)
     store.close(timeout=10)
     assert store.stats().written == 1 and store.stats().errors == 0
     by_ref = {r.call_ref: r for r in store.recent()}
-    assert (by_ref[ANSWERED.call_ref].a_encryption, by_ref["new"].a_encryption) == ("", "srtp")
+    assert by_ref["new"] == new
+    # Rows written before the upgrade hold empty text in the new columns.
+    before = by_ref[ANSWERED.call_ref]
+    assert [getattr(before, name) for name in _ADDED_SINCE[version]] == [""] * len(
+        _ADDED_SINCE[version]
+    )
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
     finally:
         conn.close()
+
+
+def test_a_trunk_call_names_its_trunk_and_last_gateway() -> None:
+    record = cdr_record(
+        ended_call("inside", trunk="carrier", gateway="udp:carrier.example.net"), None, 0.0
+    )
+    assert (record.trunk, record.gateway) == ("carrier", "udp:carrier.example.net")
+    assert CdrRecord.from_dict(record.to_dict()) == record
+    # A call that went to a registered user or a fixed address has neither.
+    record = cdr_record(ended_call("inside"), None, 0.0)
+    assert (record.trunk, record.gateway) == ("", "")
