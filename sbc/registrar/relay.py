@@ -45,7 +45,9 @@ location service, so calls from the upstream to that Contact are answered at onc
 instead of waiting on a connect nobody accepts. The relayed binding itself stays
 until it runs out, as does its upstream registration: the phone's next REGISTER,
 over its next connection, refreshes the same upstream Contact (token) rather than
-leaving a stale one upstream beside a new one.
+leaving a stale one upstream beside a new one. A connection that closes while its
+REGISTER waits on the upstream leaves the phone the same way: the upstream's 200
+registers it there, and it is not located here until its next REGISTER.
 
 Everything here is a plain value or pure; ``now`` is a wall-clock epoch float.
 """
@@ -291,11 +293,18 @@ class RegistrationRelay:
     #: (phone_expires_at, user, contact) of every binding stored, lazily invalidated:
     #: ``expire`` costs what runs out, not a walk over the table every second.
     _deadlines: list[tuple[float, str, str]] = field(init=False, repr=False)
+    #: REGISTERs waiting on the upstream, by the phone's TCP/TLS connection, and
+    #: those of the connections that closed meanwhile: the upstream's 200 must not
+    #: put a phone back in the location over a connection that is gone.
+    _waiting: dict[int, int] = field(init=False, repr=False)
+    _closed_waiting: set[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._by_user = {}
         self._by_connection = {}
         self._deadlines = []
+        self._waiting = {}
+        self._closed_waiting = set()
         for (user, contact), binding in self._bindings.items():
             self._by_user.setdefault(user, {})[contact] = None
             self._deadlines.append((binding.phone_expires_at, user, contact))
@@ -477,6 +486,8 @@ class RegistrationRelay:
         key = (binding.user, binding.contact)
         received = Destination(flow.transport, flow.remote_host, flow.remote_port)
         named = tuple(item.contact for item in (binding, *also)) if wildcard else ()
+        if flow.connection_id is not None:
+            self._waiting[flow.connection_id] = self._waiting.get(flow.connection_id, 0) + 1
         return Forward(
             upstream, key, granted, received, listen, realm, wildcard, named, flow.connection_id
         )
@@ -487,6 +498,7 @@ class RegistrationRelay:
         self, forward: Forward, phone_request: Request, response: Response, now: float
     ) -> Response:
         """The phone's answer for the upstream's final ``response`` to ``forward``."""
+        closed = self._answered(forward)
         wildcard = forward.wildcard
         key = forward.key
         user = key[0]
@@ -538,15 +550,43 @@ class RegistrationRelay:
             upstream_expires_at=now + upstream_for,
             phone_expires_at=now + phone_for,
         )
+        if closed:
+            # The phone's connection closed while the upstream decided: registered
+            # upstream (its next REGISTER refreshes the same token), unreachable here
+            # until then, as connection_closed leaves a phone.
+            binding = replace(binding, connection_id=None)
+            self._store(binding)
+            self.location.remove_aor(binding.token)
+            logger.info(
+                "- connection #%d closed before the upstream accepted %s: not located",
+                forward.connection_id,
+                user,
+            )
+            return self._ok(phone_request, user, now)
         self._store(binding)
         self._locate(binding)
         return self._ok(phone_request, user, now)
 
     def upstream_failed(self, forward: Forward, phone_request: Request) -> Response:
         """No answer from the upstream (timeout, transport error)."""
+        self._answered(forward)
         return make_response(
             phone_request, 503, None, to_tag=new_tag(), headers=[("Retry-After", "30")]
         )
+
+    def _answered(self, forward: Forward) -> bool:
+        """``forward`` waits no more; True if its phone's connection closed meanwhile."""
+        connection_id = forward.connection_id
+        if connection_id is None or connection_id not in self._waiting:
+            return False
+        left = self._waiting[connection_id] - 1
+        closed = connection_id in self._closed_waiting
+        if left:
+            self._waiting[connection_id] = left
+        else:
+            del self._waiting[connection_id]
+            self._closed_waiting.discard(connection_id)
+        return closed
 
     # -- housekeeping ----------------------------------------------------------------------
 
@@ -567,6 +607,8 @@ class RegistrationRelay:
         """TCP/TLS connection ``connection_id`` closed: the phones reached over it
         leave the location service (module docstring, Closed flows); their relayed
         bindings stay until they run out. Returns them as they are now."""
+        if connection_id in self._waiting:
+            self._closed_waiting.add(connection_id)
         keys = self._by_connection.pop(connection_id, None)
         if not keys:
             return []

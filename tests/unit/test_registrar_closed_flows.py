@@ -223,3 +223,40 @@ def test_a_relayed_binding_keeps_its_connection_through_to_dict() -> None:
     (binding,) = r.bindings()
     assert binding.connection_id == 3
     assert RelayedBinding.from_dict(binding.to_dict()) == binding
+
+
+def test_a_phone_whose_connection_closes_while_the_upstream_decides_is_not_located() -> None:
+    r = relay()
+    forward = r.register(relay_register(1), PHONE_TCP, "outside", OUTSIDE, T0)
+    assert isinstance(forward, Forward)
+    # Closed before the upstream's 200 (nothing was located over it yet).
+    r.connection_closed(3, T0 + 1)
+    answer = r.upstream_response(forward, relay_register(1), upstream_answer(forward), T0 + 2)
+    assert answer.status == 200
+    token = token_of(r)
+    # Registered upstream, but not reached here over the closed connection.
+    assert r.location.lookup(token, T0 + 2) == []
+    (binding,) = r.bindings()
+    assert binding.connection_id is None and binding.upstream_expires_at > T0
+    # Its next REGISTER, over a new connection, makes it reachable again.
+    forward = r.register(relay_register(2), NEXT_TCP, "outside", OUTSIDE, T0 + 3)
+    assert isinstance(forward, Forward)
+    r.upstream_response(forward, relay_register(2), upstream_answer(forward), T0 + 3)
+    (located,) = r.location.lookup(token, T0 + 3)
+    assert located.received.port == 40124
+
+
+def test_waiting_registers_are_forgotten_once_answered() -> None:
+    r = relay()
+    first = r.register(relay_register(1), PHONE_TCP, "outside", OUTSIDE, T0)
+    assert isinstance(first, Forward)
+    r.upstream_failed(first, relay_register(1))
+    # Answered (failed) before the close: a later close and REGISTER over a new
+    # connection with the same number is not mistaken for one that closed waiting.
+    r.connection_closed(3, T0 + 1)
+    again = Flow(Transport.TCP, "198.51.100.1", 5060, "198.51.100.77", 40125, connection_id=3)
+    forward = r.register(relay_register(2), again, "outside", OUTSIDE, T0 + 2)
+    assert isinstance(forward, Forward)
+    r.upstream_response(forward, relay_register(2), upstream_answer(forward), T0 + 2)
+    assert len(r.location.lookup(token_of(r), T0 + 2)) == 1
+    assert r._waiting == {} and r._closed_waiting == set()
