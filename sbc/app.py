@@ -225,6 +225,10 @@ TABLE_CHECK_INTERVAL = 5.0
 #: Seconds before the B2BUA's and transactions' timers run again after they failed.
 TIMER_RETRY = 1.0
 
+#: Seconds a stop waits for the media commands queued (then for those running) to
+#: finish: the deletions read the final counters the CDRs carry.
+MEDIA_STOP_WAIT = 5.0
+
 
 def _started_firewall(section: FirewallConfig) -> Firewall:
     """A Firewall with its ruleset installed (blocks on netlink: run in an executor)."""
@@ -408,15 +412,40 @@ class SbcNode:
         if self._media_worker is not None:
             # Deletions queued by the shutdown carry the CDRs' media counters.
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._media_queue.join(), 5.0)
+                await asyncio.wait_for(self._media_queue.join(), MEDIA_STOP_WAIT)
             if self._media_tasks:
-                await asyncio.wait(self._media_tasks, timeout=5.0)
+                await asyncio.wait(self._media_tasks, timeout=MEDIA_STOP_WAIT)
             self._media_worker.cancel()
         if self.media is not None:
             await self.media.close()
+            await self._abandon_media()
 
     async def _close_cdr(self) -> None:
         if self.cdr is not None:
+    async def _abandon_media(self) -> None:
+        """The media commands still unfinished at the end of the stop's wait: each
+        ended call among them leaves its CDR all the same, without media counters
+        (a record with no counters, rather than none)."""
+        late = 0
+        while not self._media_queue.empty():
+            command = self._media_queue.get_nowait()
+            self._media_queue.task_done()
+            if isinstance(command, DeleteMedia) and command.call is not None:
+                self._write_cdr(command.call, None)
+                late += 1
+        tasks = list(self._media_tasks)
+        for task in tasks:
+            task.cancel()  # a deletion's own ``finally`` writes its CDR
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if late or tasks:
+            logger.warning(
+                "x stop: %d media command(s) unfinished after %.0f s: their CDRs carry no"
+                " media counters",
+                late + len(tasks),
+                MEDIA_STOP_WAIT,
+            )
+
             cdr, self.cdr = self.cdr, None
             await asyncio.get_running_loop().run_in_executor(None, cdr.close)
 

@@ -13,11 +13,15 @@ from pathlib import Path
 
 import pytest
 
+import sbc.app
 from sbc.app import SbcNode
+from sbc.b2bua.controller import AllocateMedia, DeleteMedia
+from sbc.cdr import CdrStore
 from sbc.config.loader import load_config
 from sbc.media.config import MediaConfig, RealmMediaAddress
 from sbc.media.relay import MediaRelay
 from sbc.media.session import LegOffer, MediaSession, StreamOffer
+from tests.unit.test_cdr import ended_call
 
 CONFIG = """\
 state_dir: {state}
@@ -125,3 +129,45 @@ def test_relay_close_skips_a_session_deleted_beside_it() -> None:
         assert relay.sessions() == ()
 
     asyncio.run(asyncio.wait_for(run(), 10))
+
+
+def test_media_commands_unfinished_at_the_stop_still_leave_their_cdrs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deletion that hangs past the stop's wait (running beside the queue) and one
+    still queued behind an allocation that hangs: both calls get a CDR, without
+    media counters; before, both were lost."""
+    monkeypatch.setattr(sbc.app, "MEDIA_STOP_WAIT", 0.2)
+    path = tmp_path / "sbc.yaml"
+    path.write_text(
+        CONFIG.format(state=tmp_path / "state")
+        + "realms:\n"
+        + "  - name: inside\n"
+        + "    listen: [{transport: udp, address: 127.0.0.1, port: 0}]\n"
+        + "    media_address: 127.0.0.1\n"
+    )
+    node = SbcNode(load_config(path), path)
+    hang = asyncio.Event()
+
+    async def stuck(*args: object) -> MediaSession:
+        await hang.wait()
+        raise AssertionError("never released")
+
+    async def run() -> None:
+        await node.start()
+        assert node.media is not None
+        node.media.delete = stuck  # type: ignore[method-assign,assignment]
+        node.media.allocate = stuck  # type: ignore[method-assign,assignment]
+        queue = node._media_queue
+        queue.put_nowait(DeleteMedia("running", "s1", ended_call("inside", call_ref="running")))
+        queue.put_nowait(AllocateMedia("setting-up", "cid", ()))
+        queue.put_nowait(DeleteMedia("queued", "s2", ended_call("inside", call_ref="queued")))
+        await asyncio.sleep(0.1)
+        await asyncio.wait_for(node.stop(), 10)
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(run())
+    records = {r.call_ref: r for r in CdrStore(tmp_path / "state" / "cdr.sqlite").recent()}
+    assert set(records) == {"running", "queued"}
+    assert all(r.a_to_b_packets == 0 and r.b_to_a_packets == 0 for r in records.values())
+    assert "x stop: 2 media command(s) unfinished" in caplog.text
