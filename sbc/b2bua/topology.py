@@ -7,8 +7,8 @@ receiving realm's keep-list are copied, and SDP ``o=``/``c=``/``m=`` (and ``a=rt
 name the media relay, with ICE attributes (candidates are addresses) and the
 ``i= u= e= p= k=`` lines dropped. Kept headers that name other things of the other
 leg are cut down as they cross: URIs naming hosts in Alert-Info, Call-Info and
-Error-Info, warn-agents in Warning, and the dialog references (Join, Target-Dialog,
-In-Reply-To) not at all.
+Error-Info, and their parameters that name one; warn-agents in Warning; and the
+dialog references (Join, Target-Dialog, In-Reply-To) not at all.
 """
 
 from __future__ import annotations
@@ -225,20 +225,53 @@ def _names_no_host(uri: str) -> bool:
         return False
 
 
+#: One ``;name[=value]`` parameter after a URI-list element's ``<URI>``; a quoted
+#: value may hold ``;``.
+_ELEMENT_PARAM: Final = re.compile(
+    r';[ \t]*([^;=" \t]*)[ \t]*(?:=[ \t]*("(?:[^"\\]|\\.)*"|[^;]*))?'
+)
+
+
+def _names_nothing(value: str) -> bool:
+    """A parameter value that names no host or URI: no ``@``, ``:`` or ``<`` and no
+    dotted name (a number with a fraction is fine)."""
+    text = value.strip().strip('"')
+    if any(c in text for c in "@:<"):
+        return False
+    if "." in text:
+        try:
+            float(text)
+        except ValueError:
+            return False
+    return True
+
+
+def _element_without_hosts(element: str) -> str | None:
+    """A URI-list element as it may cross (None: not at all): ``<URI>`` naming no
+    host, with only the parameters that name nothing either (Call-Info's
+    ``appearance-uri`` of shared line appearances, RFC 7463, names a party's URI)."""
+    if not element.startswith("<"):
+        # Not the grammar's, but phones send ``info=alert-autoanswer`` so.
+        return element if ":" not in element and "@" not in element else None
+    end = element.find(">")
+    if end < 0 or not _names_no_host(element[1:end].strip()):
+        return None
+    params = [
+        match[0]
+        for match in _ELEMENT_PARAM.finditer(element, end + 1)
+        if match[2] is None or _names_nothing(match[2])
+    ]
+    return element[: end + 1] + "".join(param.rstrip() for param in params)
+
+
 def _without_hosts(value: str) -> str:
     """A URI-list value (Alert-Info, Call-Info, Error-Info) without the elements whose
-    URI names a host. An element without ``<URI>`` (not the grammar's, but phones
-    send ``info=alert-autoanswer`` so) crosses when it has no URI or address in it."""
+    URI names a host, and without the parameters that name one."""
     elements = [e for e in split_list(value) if e]
     kept = [
-        element
-        for element in elements
-        if (
-            element.startswith("<")
-            and ">" in element
-            and _names_no_host(element[1 : element.index(">")].strip())
-        )
-        or (not element.startswith("<") and ":" not in element and "@" not in element)
+        crossing
+        for crossing in (_element_without_hosts(element) for element in elements)
+        if crossing is not None
     ]
     if len(kept) < len(elements):
         logger.debug(

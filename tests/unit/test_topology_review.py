@@ -197,6 +197,24 @@ def test_alert_info_hints_without_a_host_still_cross() -> None:
     assert out == []
 
 
+def test_parameters_naming_an_inside_party_do_not_cross() -> None:
+    # RFC 7463 shared line appearances: Call-Info's appearance-uri is a party's URI.
+    out = copied(
+        DEFAULT_KEEPING,
+        (
+            "Alert-Info",
+            "<urn:alert:service:call-waiting>;appearance-index=2"
+            f';appearance-uri="<sip:alice@{INSIDE_HOST}>";answer-after=0.5'
+            f";server={INSIDE_HOST};m=BS",
+        ),
+        ("Alert-Info", f"<http://127.0.0.1/ring>;x={INSIDE_ADDRESS};info=alert-group"),
+    )
+    assert out == [
+        ("Alert-Info", "<urn:alert:service:call-waiting>;appearance-index=2;answer-after=0.5;m=BS"),
+        ("Alert-Info", "<http://127.0.0.1/ring>;info=alert-group"),
+    ]
+
+
 def test_uri_headers_kept_by_an_operator_do_not_name_inside_hosts() -> None:
     realm = Realm.build("outside", [OUT], "198.51.100.1", ["Call-Info", "Error-Info"])
     out = copied(
