@@ -99,6 +99,7 @@ def call_timers(config: Config) -> CallTimers:
         no_answer_timeout=float(calls.no_answer_timeout),
         timer_c=float(calls.timer_c),
         progress_timeout=float(calls.progress_timeout),
+        sequential_ring_timeout=float(calls.sequential_ring_timeout),
         session_expires=float(calls.session_expires),
         min_se=float(calls.min_se),
     )

@@ -9,7 +9,8 @@ continues the call.
 
 A call: an INVITE entering realm A is authenticated when its realm asks for it,
 routed (``Router``) to targets (a static peer, a trunk's gateways in failover
-order, or every contact registered for the user, forked in parallel), admitted
+order, or the contacts registered for the user: those of one q-value forked in
+parallel, the next lower q after them, RFC 3261 16.6 sequential search), admitted
 (``AdmissionPort``); the relay allocates a session; new INVITEs, with the B2BUA's
 own Call-ID, tags, branch, Via, Contact, CSeq and SDP, leave through the target's
 realm. Provisional and final responses come back re-originated; the 2xx of each
@@ -199,6 +200,11 @@ REFRESH_RETRY: Final = 5.0
 #: Statuses of a non-2xx final answer after which the next gateway is tried.
 FAILOVER_STATUSES: Final = frozenset({408, 500, 502, 503, 504})
 
+#: Statuses after which a registered user's contacts of the next lower q-value are
+#: tried (RFC 3261 16.6 sequential search): any 4xx or 5xx. A 6xx ends the search
+#: (16.7 step 5), a 3xx is redirected or relayed as for any call.
+SEQUENTIAL_STATUSES: Final = frozenset(range(400, 600))
+
 #: Longest session interval a callee's 422 can make the B2BUA ask for (RFC 4028 7.4).
 MAX_SESSION_INTERVAL: Final = 86400
 
@@ -246,6 +252,9 @@ class Target:
     #: Route header values the request starts with: a registered contact's Path
     #: (RFC 3327 5.3, the proxies between the SBC and the phone), in order.
     route: tuple[str, ...] = ()
+    #: A registered contact's q-value (RFC 3261 10.2.1.2); None: it gave none, which
+    #: ranks as 1.0. Contacts of a lower q ring after those of a higher one (16.6).
+    q: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -425,6 +434,10 @@ class CallTimers:
     #: 100) before it is let go of as Timer C would be; 0: no such limit. What
     #: catches a gateway that answers 100 and then nothing well before Timer C.
     progress_timeout: float = 0.0
+    #: RFC 3261 16.6 sequential search: how long the contacts of one q-value of a
+    #: registered user ring before they are CANCELled and those of the next lower q
+    #: are tried; 0: until they have all answered.
+    sequential_ring_timeout: float = 20.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -661,6 +674,9 @@ class _Live:
     #: C when it was scheduled (a provisional only moves a fork's later, so the entry
     #: is re-armed when it fires rather than pushed again for every provisional).
     timer_c_due: float | None = None
+    #: When the target group ringing now has rung for ``sequential_ring_timeout`` and
+    #: the contacts of the next lower q are tried; None: no such limit on it.
+    group_due: float | None = None
     is_subscription: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -765,6 +781,8 @@ class _Timer:
     SUBSCRIPTION = "subscription"
     #: RFC 3261 16.6 step 11: the Timer C of one of the call's B-leg INVITEs.
     TIMER_C = "timer-c"
+    #: The ring time of a registered user's contacts of one q-value ran out.
+    SEQUENTIAL_RING = "sequential-ring"
 
 
 #: Codec lists already seen: every call keeps two, and few lists exist (bounded).
@@ -1003,6 +1021,10 @@ class CallController:
         live = self._calls.get(call_ref)
         if live is None:
             return True
+        if kind == _Timer.SEQUENTIAL_RING:
+            # Answered, cancelled or ended: the next group's contacts ring no more.
+            ringing = live.call.state in (CallState.CALLING, CallState.EARLY)
+            return live.group_due != when or not ringing
         return kind == _Timer.TIMER_C and not self._timer_c_due(live, when)
 
     def _unacked_live(self, entry: tuple[float, int, tuple[str, str, int]]) -> bool:
@@ -1044,6 +1066,8 @@ class CallController:
             return Step()
         if kind == _Timer.TIMER_C:
             return self._timer_c(live, now) if self._timer_c_due(live, when) else Step()
+        if kind == _Timer.SEQUENTIAL_RING:
+            return self._group_rang_out(live, now) if live.group_due == when else Step()
         if call.state is not CallState.CONFIRMED:
             return Step()
         if kind == _Timer.SUBSCRIPTION:
@@ -1548,11 +1572,11 @@ class CallController:
         """Target groups of a decision (forked within, tried in series), the trunk name,
         the status when there are none, and the statuses that fail over."""
         if isinstance(decision, RegisteredRoute):
-            contacts = self.targets.registered(request.uri, decision.realm, now)[:MAX_FORKS]
+            contacts = self.targets.registered(request.uri, decision.realm, now)
             if not contacts:
                 known = self.targets.user_known(request.uri)
                 return [], None, 480 if known else 404, FAILOVER_STATUSES
-            return [tuple(contacts)], None, 0, FAILOVER_STATUSES
+            return _by_q(contacts), None, 0, SEQUENTIAL_STATUSES
         if decision.trunk is not None:
             plan = self.targets.trunk(decision.trunk, request.uri, now)
             if plan is None or not plan.targets:
@@ -1824,7 +1848,8 @@ class CallController:
         return step
 
     def _next_group(self, live: _Live, now: float) -> Step:
-        """Fork the next target group (one gateway of a trunk, or every contact)."""
+        """Fork the next target group (one gateway of a trunk, or a registered user's
+        contacts of one q-value)."""
         if not live.pending or live.attempts >= MAX_ATTEMPTS:
             return Step()
         group = live.pending.pop(0)
@@ -1834,7 +1859,48 @@ class CallController:
                 live, target, first=(index == 0 and live.attempts == 0), now=now
             )
         live.attempts += 1
+        ring = self.timers.sequential_ring_timeout
+        if ring and live.pending and isinstance(live.route, RegisteredRoute):
+            # RFC 3261 16.6: contacts of a lower q wait their turn, for so long at most.
+            live.group_due = now + ring
+            self._schedule(live.group_due, live.call.call_ref, _Timer.SEQUENTIAL_RING)
+        else:
+            live.group_due = None
         return step
+
+    def _group_rang_out(self, live: _Live, now: float) -> Step:
+        """The contacts of one q-value rang for ``sequential_ring_timeout`` unanswered
+        (a sequential search need not wait for their final answers as RFC 3261 16.6
+        has it: a desk phone nobody picks up rings for minutes): they are CANCELled
+        (9.1: a fork without a provisional gets its CANCEL on its first one) and let
+        go of like forks whose Timer C fired, so a 2xx that crosses the CANCEL is
+        ACKed and hung up; the contacts of the next lower q are forked. No group
+        follows the last: it rings on, until ``no_answer_timeout``."""
+        live.group_due = None
+        call = live.call
+        ringing = call.state in (CallState.CALLING, CallState.EARLY)
+        if not ringing or live.winner is not None or live.a_final or not live.pending:
+            return Step()
+        logger.info(
+            "- call %s: no answer in %gs, trying %s",
+            call.call_ref,
+            self.timers.sequential_ring_timeout,
+            _next_targets(live),
+        )
+        step = Step()
+        for fork in list(live.forks.values()):
+            if fork.final:
+                continue
+            if not fork.cancel_sent:
+                step = step + self._cancel_fork(live, fork, now)
+            del live.forks[fork.tx]
+            self._by_dialog.pop((fork.leg.call_id, fork.leg.local_tag), None)
+            self._adopt(call.call_ref, fork, now)
+        # RFC 3261 16.7 step 6: a final answer some of them gave still counts.
+        best = live.best
+        if best is not None and (live.tried_best is None or _better(best, live.tried_best)):
+            live.tried_best = best
+        return step + self._retry(live, now)
 
     def _fork(self, live: _Live, target: Target, *, first: bool, now: float) -> Step:
         assert live.session is not None
@@ -2899,7 +2965,7 @@ class CallController:
             logger.info("- call %s: 488 to an SRTP offer, offering RTP", call.call_ref)
             return self._update_media(live) + self._retry(live, now)
         if live.pending and (best.status in live.failover or best.status == 0):
-            logger.info("- call %s: %d, trying the next gateway", call.call_ref, best.status)
+            logger.info("- call %s: %d, trying %s", call.call_ref, best.status, _next_targets(live))
             if live.tried_best is None or _better(best, live.tried_best):
                 live.tried_best = best
             return self._retry(live, now)
@@ -4157,6 +4223,26 @@ def _set_via(
         via = via.with_param("branch", branch)
     request.headers.set("Via", str(via))
     request.invalidate()
+
+
+def _q_of(target: Target) -> float:
+    # RFC 3261 10.2.1.2: a contact without q ranks as 1.0, the top.
+    return 1.0 if target.q is None else target.q
+
+
+def _by_q(contacts: Sequence[Target]) -> list[tuple[Target, ...]]:
+    """A registered user's contacts as target groups, highest q first (RFC 3261 16.6:
+    sequential search by q, parallel within one q), at most ``MAX_FORKS`` in all.
+    The order within a q is kept (the location service's: the latest first)."""
+    ordered = sorted(contacts, key=_q_of, reverse=True)[:MAX_FORKS]
+    return [tuple(group) for _, group in itertools.groupby(ordered, key=_q_of)]
+
+
+def _next_targets(live: _Live) -> str:
+    """What a call fails over to, for the log: a gateway, or contacts of some q."""
+    if isinstance(live.route, RegisteredRoute) and live.pending:
+        return f"the contacts of q={_q_of(live.pending[0][0]):g}"
+    return "the next gateway"
 
 
 def _better(candidate: Response, best: Response) -> bool:

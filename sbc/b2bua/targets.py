@@ -159,8 +159,10 @@ class Directory:
         for binding in bindings:
             if realm is not None and binding.realm != realm:
                 continue
-            # RFC 3327 5.3: through the proxies the REGISTER came by (its Path).
-            out.append(Target(binding.realm, binding.received, binding.contact, route=binding.path))
+            # RFC 3327 5.3: through the proxies the REGISTER came by (its Path); the
+            # q-value orders the contacts for the controller (RFC 3261 16.6).
+            target = Target(binding.realm, binding.received, binding.contact, route=binding.path)
+            out.append(target if binding.q is None else replace(target, q=binding.q))
         return out
 
     def user_known(self, uri: Uri) -> bool:

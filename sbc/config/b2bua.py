@@ -704,6 +704,20 @@ class CallsConfig(Section):
             max=600,
         ),
     )
+    sequential_ring_timeout: int = field(
+        default=20,
+        metadata=spec(
+            "Seconds the contacts of a registered user that share the highest q-value"
+            " ring before the next lower q is tried (RFC 3261 16.6 sequential search:"
+            " a desk phone at q=1.0 first, a mobile at q=0.5 next). The ringing ones"
+            " are then CANCELled; any 4xx or 5xx answer from all of them moves on"
+            " sooner, a 6xx ends the search. Contacts without q count as 1.0, so"
+            " without q-values every contact rings at once. no_answer_timeout still"
+            " bounds the whole call. 0 = wait for each group's final answers.",
+            min=0,
+            max=3600,
+        ),
+    )
     session_expires: int = field(
         default=1800,
         metadata=spec(
