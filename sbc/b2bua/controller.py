@@ -88,7 +88,7 @@ from sbc.sip.dialog import (
     ExtraForkAnswered,
 )
 from sbc.sip.errors import ParseError, reason_phrase
-from sbc.sip.headers import Via, parse_delta, quote_string
+from sbc.sip.headers import Address, Via, parse_delta, quote_string
 from sbc.sip.message import (
     Headers,
     Message,
@@ -2246,7 +2246,8 @@ class CallController:
         copy_kept_headers(request, out, target_realm)
         if request.body:
             content_type = request.headers.get("Content-Type")
-            out.set_body(*screen_event_body(content_type, request.body))
+            # A PUBLISH's entity is the presentity its Request-URI names (RFC 3903 4).
+            out.set_body(*screen_event_body(content_type, request.body, _uri_host(to)))
         self._outbound(out, target_realm.name)
         client, output = self._send_request(out, hop, now)
         self._routed[client] = _Routed(tx, request, realm.name)
@@ -2376,7 +2377,10 @@ class CallController:
             # other side wrote it, its c= and o= naming that side. Not at all.
             logger.info("x call %s: SDP in %s dropped", live.call.call_ref, request.method)
             body, content_type = b"", None
-        body, content_type = screen_event_body(content_type, body)
+        # A NOTIFY's entity: the URI the subscriber subscribed to, its dialog's own.
+        assert leg.dialog is not None
+        host = _uri_host(leg.dialog.local_address)
+        body, content_type = screen_event_body(content_type, body, host)
         extra: list[tuple[str, str]] = []
         realm_to = self.realms.get(leg.realm)
         probe = Request(request.method, "sip:probe", Headers())
@@ -4223,6 +4227,16 @@ def _set_via(
         via = via.with_param("branch", branch)
     request.headers.set("Via", str(via))
     request.invalidate()
+
+
+def _uri_host(address: str) -> str | None:
+    """The host of the SIP URI of a name-addr or URI, as a URI writes it ([v6]);
+    None when it is no SIP URI."""
+    try:
+        uri = Address.parse(address).uri
+    except ParseError:
+        return None
+    return format_host(uri.host) if isinstance(uri, SipUri) else None
 
 
 def _q_of(target: Target) -> float:

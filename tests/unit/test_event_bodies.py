@@ -174,6 +174,48 @@ def test_what_parses_still_parses_and_names_nothing_inside(parts: list[str]) -> 
     assert b"10.9.9.9" not in out and b"lt" not in out.replace(b"dialog-info", b"")
 
 
+def test_identities_take_the_sbc_s_host_in_the_realm_they_enter() -> None:
+    doc = (
+        DIALOG_DOC.replace(b"sbc.example.com", b"pbx.inside.example:5060;user=phone", 1)
+        .replace(b"sip:200@sbc.example.com<", b"sips:200@[2001:db8::7]:5061<")
+        .replace(b"sip:300@sbc.example.com", b" tel:+15551234 ")
+    )
+    out = screen_event_body(DIALOG_INFO, doc, "[2001:db8::1]")[0]
+    root = ET.fromstring(out)
+    ns = {"d": "urn:ietf:params:xml:ns:dialog-info"}
+    assert root.get("entity") == "sip:200@[2001:db8::1];user=phone"
+    identities = [e.text for e in root.iterfind(".//d:identity", ns)]
+    # A tel: URI names no host: it stays as written.
+    assert identities == ["sips:200@[2001:db8::1]", " tel:+15551234 "]
+    assert b"pbx.inside.example" not in out and b"2001:db8::7" not in out
+    pidf = screen_event_body(PIDF, PIDF_DOC.replace(b"sbc.example.com", b"10.20.30.40"), "sbc.test")
+    assert ET.fromstring(pidf[0]).get("entity") == "pres:200@sbc.test"
+    # Without a host, identities cross as written.
+    assert b'entity="sip:200@pbx.inside.example' in screen_event_body(DIALOG_INFO, doc)[0]
+
+
+def test_an_identity_with_markup_in_it_is_left_alone() -> None:
+    doc = DIALOG_DOC.replace(
+        b">sip:300@sbc.example.com<", b"><!-- c -->sip:300@pbx.inside.example<"
+    )
+    out = screen_event_body(DIALOG_INFO, doc, "sbc.test")[0]
+    assert b"<!-- c -->sip:300@pbx.inside.example<" in out
+    ET.fromstring(out)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet="sipre:@[]1.a;>< &amp;/\"'=", max_size=40))
+def test_rehosted_documents_still_parse(identity: str) -> None:
+    text = identity.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    doc = (
+        '<dialog-info xmlns="urn:ietf:params:xml:ns:dialog-info" entity="sip:a@b">'
+        f"<dialog id='d'><local><identity>{text}</identity></local></dialog></dialog-info>"
+    ).encode()
+    out, kept = screen_event_body(DIALOG_INFO, doc, "[2001:db8::1]")
+    assert kept == DIALOG_INFO
+    ET.fromstring(out)
+
+
 # -- through the B2BUA ---------------------------------------------------------------------
 
 
@@ -187,6 +229,37 @@ def test_a_busy_lamp_notify_crosses_without_the_inside_dialog() -> None:
     assert to_a.headers.get("Content-Type") == DIALOG_INFO
     assert b"<state>confirmed</state>" in to_a.body
     assert int(to_a.headers.get("Content-Length") or -1) == len(to_a.body)
+
+
+def test_a_busy_lamp_s_identities_are_the_uri_the_phone_subscribed_to() -> None:
+    from sbc.sip.headers import Address
+    from sbc.sip.uri import SipUri
+    from tests.unit.test_topology_review import subscribed_notify
+
+    doc = DIALOG_DOC.replace(b"sbc.example.com", b"pbx.inside.example")
+    to_a = subscribed_notify(doc.decode(), DIALOG_INFO)
+    assert b"pbx.inside.example" not in bytes(to_a)
+    # The NOTIFY's From is the URI the subscriber subscribed to (its To).
+    subscribed = Address.parse(to_a.headers.get("From") or "").uri
+    assert isinstance(subscribed, SipUri)
+    root = ET.fromstring(to_a.body)
+    assert root.get("entity") == f"sip:200@{subscribed.host}"
+
+
+def test_a_publish_s_entity_is_the_presentity_it_is_sent_to() -> None:
+    from sbc.sip.uri import SipUri
+    from tests.unit.test_b2bua_flows import CALLER, MESSAGE, controller, receive, requests
+
+    doc = PIDF_DOC.replace(b"sbc.example.com", b"198.51.100.9")
+    text = (
+        MESSAGE.replace("MESSAGE", "PUBLISH")
+        .replace("text/plain", f"{PIDF}\r\nEvent: presence")
+        .replace("Content-Length: 5\r\n\r\nhello", f"Content-Length: {len(doc)}\r\n\r\n")
+    ) + doc.decode()
+    (out,) = requests(receive(controller(), text, CALLER, 0.0), "PUBLISH")
+    assert b"198.51.100.9" not in bytes(out)
+    assert isinstance(out.uri, SipUri)
+    assert ET.fromstring(out.body).get("entity") == f"pres:200@{out.uri.host}"
 
 
 def test_a_broken_dialog_info_notify_crosses_without_its_body() -> None:
