@@ -416,12 +416,10 @@ class SbcNode:
             if self._media_tasks:
                 await asyncio.wait(self._media_tasks, timeout=MEDIA_STOP_WAIT)
             self._media_worker.cancel()
+            await self._abandon_media()
         if self.media is not None:
             await self.media.close()
-            await self._abandon_media()
 
-    async def _close_cdr(self) -> None:
-        if self.cdr is not None:
     async def _abandon_media(self) -> None:
         """The media commands still unfinished at the end of the stop's wait: each
         ended call among them leaves its CDR all the same, without media counters
@@ -446,6 +444,8 @@ class SbcNode:
                 MEDIA_STOP_WAIT,
             )
 
+    async def _close_cdr(self) -> None:
+        if self.cdr is not None:
             cdr, self.cdr = self.cdr, None
             await asyncio.get_running_loop().run_in_executor(None, cdr.close)
 
