@@ -759,6 +759,9 @@ class SbcNode:
                 ),
                 "restores": self._table_restores,
             },
+            # Refusals are counted where operators can see them (until /metrics).
+            "admission": {} if self.calls.admission is None else self.calls.admission.counters(),
+            "registers_refused": self.calls.register_rate.refused(),
         }
 
     # -- firewall -----------------------------------------------------------------------

@@ -87,6 +87,7 @@ def realm_policies(config: Config) -> dict[str, RealmPolicy]:
             to_host=realm.to_host,
             request_uri_host=realm.request_uri_host,
             srtp=realm.srtp,
+            registers_per_second=realm.registers_per_second,
         )
         for realm in config.realms
     }

@@ -45,6 +45,7 @@ from sbc.b2bua.call import Call, CallLeg, CallState, EndReason, LegSide
 from sbc.b2bua.event_bodies import screen_event_body
 from sbc.b2bua.local import LocalResponder
 from sbc.b2bua.realm import Hop, Realm, RealmTable
+from sbc.b2bua.register_rate import RegisterRate
 from sbc.b2bua.routing import (
     RegisteredRoute,
     RejectRoute,
@@ -196,6 +197,9 @@ SRTP_REFUSALS: Final = frozenset({488, 606})
 OVERLOAD_RETRY: Final = ("Retry-After", "5")
 #: Seconds until a session refresh the transaction limit held back is tried again.
 REFRESH_RETRY: Final = 5.0
+
+#: Seconds between two log lines of REGISTERs refused over a realm's rate.
+STORM_LOG_INTERVAL: Final = 10.0
 
 #: Statuses of a non-2xx final answer after which the next gateway is tried.
 FAILOVER_STATUSES: Final = frozenset({408, 500, 502, 503, 504})
@@ -457,6 +461,8 @@ class RealmPolicy:
     request_uri_host: str | None = None
     #: Which of the realm's legs speak SDES-SRTP (`sbc.b2bua.srtp`).
     srtp: SrtpPolicy = SrtpPolicy.OPTIONAL
+    #: REGISTERs a second the realm takes (`sbc.b2bua.register_rate`); None: any.
+    registers_per_second: float | None = None
 
 
 # -- what the controller asks of the world ----------------------------------------------
@@ -915,6 +921,9 @@ class CallController:
         self.timers = timers or CallTimers()
         #: Registration relays by the realm whose phones they serve.
         self.register_relays: dict[str, RegisterRelayPort] = {}
+        #: REGISTERs per second by realm, where a realm limits them.
+        self.register_rate = RegisterRate()
+        self._storm_log = BurstLog(STORM_LOG_INTERVAL)
         self._calls: dict[str, _Live] = {}
         self._register_relayed: dict[ClientTransaction, _RegisterRelayed] = {}
         #: (Call-ID, the SBC's tag on that leg) -> call and side.
@@ -1418,10 +1427,16 @@ class CallController:
         if realm is None or not isinstance(flow, Flow):
             return self._local(tx, request, now)
         policy = self._policy(realm.name)
-        if request.method == "REGISTER" and realm.name in self.register_relays:
-            return self._relay_register(tx, request, flow, realm, now)
-        if request.method == "REGISTER" and policy.registrar and self.registrar is not None:
-            return self._register(tx, request, flow, realm, now)
+        if request.method == "REGISTER":
+            relayed = realm.name in self.register_relays
+            if relayed or (policy.registrar and self.registrar is not None):
+                if policy.registers_per_second:
+                    wait = self.register_rate.take(realm.name, policy.registers_per_second, now)
+                    if wait is not None:
+                        return self._register_storm(tx, request, realm.name, wait, now)
+                if relayed:
+                    return self._relay_register(tx, request, flow, realm, now)
+                return self._register(tx, request, flow, realm, now)
         if request.method == "SUBSCRIBE":
             return self._new_subscription(tx, request, flow, realm, now)
         if request.method in ROUTED_REQUESTS or (
@@ -1429,6 +1444,24 @@ class CallController:
         ):
             return self._route_request(tx, request, flow, realm, now)
         return self._local(tx, request, now)
+
+    def _register_storm(
+        self, tx: ServerTransaction, request: Request, realm: str, wait: int, now: float
+    ) -> Step:
+        """A REGISTER over the realm's rate: 503, back in ``wait`` seconds (RFC 3261
+        21.5.4); logged once per burst."""
+        quiet = self._storm_log.hit(now)
+        if quiet is not None:
+            logger.warning(
+                "x realm %s: over %g REGISTERs a second, refusing with 503%s",
+                realm,
+                self._policy(realm).registers_per_second,
+                f" ({quiet} more refused since the last report)" if quiet else "",
+            )
+        response = make_response(
+            request, 503, to_tag=new_tag(), headers=[("Retry-After", str(wait))]
+        )
+        return self._send_response(tx, response, now, realm)
 
     def _register(
         self, tx: ServerTransaction, request: Request, flow: Flow, realm: Realm, now: float

@@ -347,6 +347,17 @@ class RealmConfig(Section):
     limits: AdmissionLimits = field(
         default_factory=AdmissionLimits, metadata=spec("Admission limits of calls in this realm.")
     )
+    registers_per_second: float | None = field(
+        default=None,
+        metadata=spec(
+            "REGISTERs a second the registrar or relay of this realm takes (one second's"
+            " worth at once); above, 503 with a Retry-After of 10-60 s drawn at random,"
+            " so a registration storm comes back spread out. A digest registration is"
+            " two REGISTERs. null = no limit.",
+            min=0.1,
+            max=100_000,
+        ),
+    )
     header_rules: tuple[HeaderRuleConfig, ...] = field(
         default=(), metadata=spec("Header manipulation, in order.")
     )
