@@ -283,7 +283,9 @@ class SbcNode:
         self.config = config
         self.config_path = config_path
         self.transactions = TransactionLayer(
-            TimerConfig(t1=config.sip.t1_ms / 1000), max_transactions=config.sip.max_transactions
+            TimerConfig(t1=config.sip.t1_ms / 1000),
+            max_transactions=config.sip.max_transactions,
+            max_transactions_per_source=config.sip.max_transactions_per_source,
         )
         self.responder = LocalResponder(server=config.sip.user_agent)
         self.trunks = TrunkTable(assembly.trunks(config))
@@ -1239,6 +1241,7 @@ class SbcNode:
         transport_settings = replace(
             new.sip,
             max_transactions=old.sip.max_transactions,
+            max_transactions_per_source=old.sip.max_transactions_per_source,
             t1_ms=old.sip.t1_ms,
             user_agent=old.sip.user_agent,
         )
@@ -1256,6 +1259,7 @@ class SbcNode:
         setup_logging(new.log.level.value, new.log.format.value)
         self.responder = LocalResponder(server=new.sip.user_agent)
         self.transactions.max_transactions = new.sip.max_transactions
+        self.transactions.max_transactions_per_source = new.sip.max_transactions_per_source
         self.transactions.config = TimerConfig(t1=new.sip.t1_ms / 1000)
         self.calls.user_agent = new.sip.user_agent
         if not restart:

@@ -410,6 +410,17 @@ class SipConfig(Section):
             max=1_000_000,
         ),
     )
+    max_transactions_per_source: int = field(
+        default=5_000,
+        metadata=spec(
+            "Most SIP transactions one source IP address holds at once (the requests it"
+            " sent, from any port); beyond, its new requests get 503 with Retry-After"
+            " while other peers are still served, so one scanner or looping PBX cannot"
+            " fill max_transactions. Phones behind one NAT address share it.",
+            min=10,
+            max=1_000_000,
+        ),
+    )
     t1_ms: int = field(
         default=500,
         metadata=spec(

@@ -6,7 +6,9 @@ Sans-I/O: nothing here touches a socket or the clock. Every input takes ``now``
 * ``messages``: :class:`Outgoing` items, each the message, its bytes (serialized
   once, so a retransmission is the same octets) and the opaque ``destination``
   given when the transaction was created (an address or a connection: whatever the
-  transport layer passed in; it is never looked at here);
+  transport layer passed in; it is never looked at here, but for the
+  ``remote_host`` of a request's source, by which the layer counts each peer's
+  server transactions);
 * ``events``: frozen dataclasses for the transaction user (TU), listed below.
 
 Timers are absolute deadlines; ``next_deadline()`` says when to call
@@ -42,7 +44,8 @@ Events:
   transaction but an INVITE server one then ends; that one goes on (RFC 6026 figure
   7), and the TU still owes it a final response if it has none.
 * :class:`TransactionTerminated` - the transaction reached Terminated.
-* :class:`RequestRefused` - the layer is full; a stateless 503 was sent.
+* :class:`RequestRefused` - the layer, or the source's share of it, is full; a
+  stateless 503 was sent.
 
 A TU normally drives a :class:`TransactionLayer`::
 
@@ -76,7 +79,10 @@ logger = logging.getLogger(__name__)
 
 #: Transactions a layer holds at once; beyond it new requests get a stateless 503.
 MAX_TRANSACTIONS: Final = 50_000
-#: The answer to a request that would exceed MAX_TRANSACTIONS (RFC 3261 21.5.4).
+#: Server transactions one source host holds at once; beyond it its new requests get
+#: the same 503: one peer (a scanner, a PBX in a loop) must not take the whole table.
+MAX_TRANSACTIONS_PER_SOURCE: Final = MAX_TRANSACTIONS // 10
+#: The answer to a request that would exceed either bound (RFC 3261 21.5.4).
 OVERLOAD_STATUS: Final = 503
 #: Seconds in the Retry-After of that 503 (RFC 3261 20.33).
 OVERLOAD_RETRY_AFTER: Final = 5
@@ -1006,6 +1012,27 @@ class ServerNonInviteTransaction(ServerTransaction):
 # -- the layer ------------------------------------------------------------------------
 
 
+class _RefusalLog:
+    """The refusals at one bound, and when they were last logged: a flood of requests
+    must not become a flood of warnings (one every OVERLOAD_LOG_INTERVAL seconds)."""
+
+    __slots__ = ("refused", "warned_at")
+
+    def __init__(self) -> None:
+        self.refused = 0
+        self.warned_at: float | None = None
+
+    def note(self, now: float) -> tuple[int, float] | None:
+        """One more refusal; when a warning is due, the refusals it reports and the
+        seconds they took (since the last warning), else None."""
+        self.refused += 1
+        if self.warned_at is not None and now - self.warned_at < OVERLOAD_LOG_INTERVAL:
+            return None
+        due = (self.refused, 0.0 if self.warned_at is None else now - self.warned_at)
+        self.refused, self.warned_at = 0, now
+        return due
+
+
 class TransactionLayer:
     """Owns transactions: matches messages to them, runs their timers (RFC 3261 17).
 
@@ -1015,6 +1042,12 @@ class TransactionLayer:
     stateless 503 and reported as RequestRefused; a new client transaction raises
     TransactionLimitError. A CANCEL of a live transaction, either way, is let in (RFC
     3261 9.1, 9.2): there is one per transaction at most, so the excess is bounded.
+
+    A source host (the ``remote_host`` of the transport flow a request came in on,
+    whatever its port) holds at most ``max_transactions_per_source`` server
+    transactions: beyond that its new requests get the same 503 (a CANCEL of a live
+    transaction is let in, as above), and the other peers are still served. A
+    source with no ``remote_host`` is not counted.
     """
 
     def __init__(
@@ -1022,23 +1055,31 @@ class TransactionLayer:
         config: TimerConfig | None = None,
         *,
         max_transactions: int = MAX_TRANSACTIONS,
+        max_transactions_per_source: int = MAX_TRANSACTIONS_PER_SOURCE,
         send_trying: bool = True,
     ) -> None:
         self.config = config if config is not None else TimerConfig()
         self.max_transactions = max_transactions
+        self.max_transactions_per_source = max_transactions_per_source
         self.send_trying = send_trying
         self._client: dict[TransactionKey, ClientTransaction] = {}
         self._server: dict[TransactionKey, ServerTransaction] = {}
+        # Live server transactions by source host; a host holding none has no entry.
+        # Counted in when a transaction enters _server, out when _forget takes it out.
+        self._per_source: dict[str, int] = {}
         # Deadline heap with lazy deletion: an entry is live while _scheduled agrees.
         self._heap: list[tuple[float, int, Transaction]] = []
         self._scheduled: dict[Transaction, float] = {}
         self._order = itertools.count()
-        # Requests refused since the last overload warning, and when that was.
-        self._refused = 0
-        self._warned_at: float | None = None
+        self._full_log = _RefusalLog()
+        self._source_full_log = _RefusalLog()
 
     def __len__(self) -> int:
         return len(self._client) + len(self._server)
+
+    def held_by(self, host: str) -> int:
+        """The live server transactions of requests from source ``host``."""
+        return self._per_source.get(host, 0)
 
     # -- TU-facing --------------------------------------------------------------------
 
@@ -1179,6 +1220,11 @@ class TransactionLayer:
             return self._receive_cancel(request, source, now, reliable)
         if len(self) >= self.max_transactions:
             return self._refuse(request, source, now)
+        # The transport's Flow; anything else (tests, tools) is not counted.
+        host = getattr(source, "remote_host", None)
+        held = 0 if host is None else self._per_source.get(host, 0)
+        if host is not None and held >= self.max_transactions_per_source:
+            return self._refuse(request, source, now, host)
         new: ServerTransaction
         if request.method == "INVITE":
             new = ServerInviteTransaction(
@@ -1191,6 +1237,8 @@ class TransactionLayer:
         else:
             new = ServerNonInviteTransaction(request, source, reliable=reliable, config=self.config)
         self._server[new.key] = new
+        if host is not None:
+            self._per_source[host] = held + 1
         logger.debug("- %r created", new)
         return Output(events=(RequestReceived(new, request),)) + self._track(new, new.start(now))
 
@@ -1204,15 +1252,23 @@ class TransactionLayer:
         the method, and not reported: it has no effect on that transaction. Of
         nothing: the TU's (481).
 
-        A CANCEL of a live transaction is let in when the layer is full: one per
-        transaction at most (same branch, or the same RFC 2543 fields).
+        A CANCEL of a live transaction is let in when the layer, or its source's share
+        of it, is full: one per transaction at most (same branch, or the same RFC 2543
+        fields).
         """
         invite = self.find_cancelled(cancel)
         other = None if invite is not None else self._find_cancelled_non_invite(cancel)
-        if len(self) >= self.max_transactions and invite is None and other is None:
-            return self._refuse(cancel, source, now)
+        host = getattr(source, "remote_host", None)
+        held = 0 if host is None else self._per_source.get(host, 0)
+        if invite is None and other is None:
+            if len(self) >= self.max_transactions:
+                return self._refuse(cancel, source, now)
+            if host is not None and held >= self.max_transactions_per_source:
+                return self._refuse(cancel, source, now, host)
         new = ServerNonInviteTransaction(cancel, source, reliable=reliable, config=self.config)
         self._server[new.key] = new
+        if host is not None:
+            self._per_source[host] = held + 1
         logger.debug("- %r created", new)
         out = self._track(new, new.start(now))
         if other is None:
@@ -1234,20 +1290,39 @@ class TransactionLayer:
                 return tx
         return None
 
-    def _refuse(self, request: Request, source: object, now: float) -> Output:
-        self._refused += 1
-        if self._warned_at is None or now - self._warned_at >= OVERLOAD_LOG_INTERVAL:
-            logger.warning(
-                "x transaction limit of %d reached: refused %d request(s) in %.0f s, the last %s",
-                self.max_transactions,
-                self._refused,
-                0.0 if self._warned_at is None else now - self._warned_at,
-                request.start_line(),
-            )
-            self._warned_at = now
-            self._refused = 0
+    def _refuse(
+        self, request: Request, source: object, now: float, host: str | None = None
+    ) -> Output:
+        """The stateless 503 at the global bound, or at source ``host``'s share."""
+        if host is None:
+            due = self._full_log.note(now)
+            if due is None:
+                logger.debug("x transaction limit reached, refusing %s", request.start_line())
+            else:
+                logger.warning(
+                    "x transaction limit of %d reached: refused %d request(s) in %.0f s,"
+                    " the last %s",
+                    self.max_transactions,
+                    *due,
+                    request.start_line(),
+                )
         else:
-            logger.debug("x transaction limit reached, refusing %s", request.start_line())
+            due = self._source_full_log.note(now)
+            if due is None:
+                logger.debug(
+                    "x per-source transaction limit reached by %s, refusing %s",
+                    host,
+                    request.start_line(),
+                )
+            else:
+                logger.warning(
+                    "x per-source transaction limit of %d reached: refused %d request(s)"
+                    " in %.0f s, the last %s from %s",
+                    self.max_transactions_per_source,
+                    *due,
+                    request.start_line(),
+                    host,
+                )
         response = make_response(
             request,
             OVERLOAD_STATUS,
@@ -1283,6 +1358,15 @@ class TransactionLayer:
                 del self._client[tx.key]
         elif self._server.get(tx.key) is tx:
             del self._server[tx.key]
+            # Counted in by the source it was created with (its destination, never
+            # reassigned), and out only here, once: it is no longer in _server.
+            host = getattr(tx.destination, "remote_host", None)
+            if host is not None:
+                held = self._per_source.get(host, 0) - 1
+                if held > 0:
+                    self._per_source[host] = held
+                else:
+                    self._per_source.pop(host, None)
         logger.debug("- %r forgotten", tx)
 
     def _compact(self) -> None:

@@ -1,0 +1,87 @@
+"""One source address cannot take the whole transaction table.
+
+    source 127.0.0.1 (a flood of OPTIONS) -> SBC <- source 127.0.0.2 (one OPTIONS)
+
+With ``sip.max_transactions_per_source: 10``, the first 10 OPTIONS from 127.0.0.1
+are answered (200, each transaction lingers 32 s, Timer J) and the next ones get
+503 with Retry-After at once, while 127.0.0.2, another address on loopback, is
+still answered. Loopback only; a real `sbc run`.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+from pathlib import Path
+
+from tests.scenario.sbcproc import Ports, SbcProcess, free_port
+from tests.scenario.test_b2bua_flows import sbc_config
+
+SHARE = 10
+FLOOD = 30
+
+
+def options(sbc_port: int, local: tuple[str, int], n: int) -> bytes:
+    host, port = local
+    return (
+        f"OPTIONS sip:127.0.0.1:{sbc_port} SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP {host}:{port};branch=z9hG4bKshare{n};rport\r\n"
+        "Max-Forwards: 70\r\n"
+        f"From: <sip:scan@{host}>;tag=share{n}\r\n"
+        "To: <sip:127.0.0.1>\r\n"
+        f"Call-ID: share-{n}@{host}\r\n"
+        "CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def statuses(sock: socket.socket, count: int, timeout: float = 5.0) -> dict[str, str]:
+    """Status line and Retry-After of each answer, by Call-ID."""
+    out: dict[str, str] = {}
+    deadline = time.monotonic() + timeout
+    while len(out) < count and time.monotonic() < deadline:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            data = sock.recv(65535).decode()
+        except TimeoutError:
+            break
+        call_id = re.search(r"^Call-ID: *(\S+)", data, re.M | re.I)
+        status = re.match(r"SIP/2\.0 (\d{3})", data)
+        wait = re.search(r"^Retry-After: *(\d+)", data, re.M | re.I)
+        assert call_id and status, data
+        out[call_id[1]] = status[1] + (f" retry {wait[1]}" if wait else "")
+    return out
+
+
+def test_one_source_fills_only_its_share_of_the_transaction_table(tmp_path: Path) -> None:
+    ports = Ports(free_port(also_udp=True), 0, free_port())
+    config = tmp_path / "sbc.yaml"
+    text = sbc_config(tmp_path, ports.mgmt, ports.sip, "")
+    config.write_text(text.replace("sip:\n", f"sip:\n  max_transactions_per_source: {SHARE}\n", 1))
+    sbc = SbcProcess(tmp_path, config, ports)
+    flood = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    flood.bind(("127.0.0.1", 0))
+    other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    other.bind(("127.0.0.2", 0))
+    try:
+        sbc.start()
+        for n in range(FLOOD):
+            flood.sendto(options(ports.sip, flood.getsockname(), n), ("127.0.0.1", ports.sip))
+        got = statuses(flood, FLOOD)
+        assert len(got) == FLOOD, (got, sbc.log()[-2000:])
+        answered = [cid for cid, status in got.items() if status == "200"]
+        refused = [cid for cid, status in got.items() if status.startswith("503 retry")]
+        assert (len(answered), len(refused)) == (SHARE, FLOOD - SHARE), got
+        # The first ten in order took the share; the flood's retransmission of one
+        # of them is absorbed by its transaction (200 again, not 503).
+        assert answered == [f"share-{n}@127.0.0.1" for n in range(SHARE)]
+        flood.sendto(options(ports.sip, flood.getsockname(), 0), ("127.0.0.1", ports.sip))
+        assert statuses(flood, 1) == {"share-0@127.0.0.1": "200"}
+        # Another address is still served.
+        other.sendto(options(ports.sip, other.getsockname(), 99), ("127.0.0.1", ports.sip))
+        assert statuses(other, 1) == {"share-99@127.0.0.2": "200"}
+        assert "x per-source transaction limit of 10 reached" in sbc.log()
+    finally:
+        flood.close()
+        other.close()
+        sbc.stop()
