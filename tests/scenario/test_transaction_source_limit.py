@@ -10,13 +10,12 @@ still answered. Loopback only; a real `sbc run`.
 
 from __future__ import annotations
 
-import re
 import socket
-import time
 from pathlib import Path
 
 from tests.scenario.sbcproc import Ports, SbcProcess, free_port
 from tests.scenario.test_b2bua_flows import sbc_config
+from tests.scenario.test_register_storm import answers
 
 SHARE = 10
 FLOOD = 30
@@ -35,24 +34,6 @@ def options(sbc_port: int, local: tuple[str, int], n: int) -> bytes:
     ).encode()
 
 
-def statuses(sock: socket.socket, count: int, timeout: float = 5.0) -> dict[str, str]:
-    """Status line and Retry-After of each answer, by Call-ID."""
-    out: dict[str, str] = {}
-    deadline = time.monotonic() + timeout
-    while len(out) < count and time.monotonic() < deadline:
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        try:
-            data = sock.recv(65535).decode()
-        except TimeoutError:
-            break
-        call_id = re.search(r"^Call-ID: *(\S+)", data, re.M | re.I)
-        status = re.match(r"SIP/2\.0 (\d{3})", data)
-        wait = re.search(r"^Retry-After: *(\d+)", data, re.M | re.I)
-        assert call_id and status, data
-        out[call_id[1]] = status[1] + (f" retry {wait[1]}" if wait else "")
-    return out
-
-
 def test_one_source_fills_only_its_share_of_the_transaction_table(tmp_path: Path) -> None:
     ports = Ports(free_port(also_udp=True), 0, free_port())
     config = tmp_path / "sbc.yaml"
@@ -67,19 +48,19 @@ def test_one_source_fills_only_its_share_of_the_transaction_table(tmp_path: Path
         sbc.start()
         for n in range(FLOOD):
             flood.sendto(options(ports.sip, flood.getsockname(), n), ("127.0.0.1", ports.sip))
-        got = statuses(flood, FLOOD)
+        got = answers(flood, FLOOD, 5.0)
         assert len(got) == FLOOD, (got, sbc.log()[-2000:])
-        answered = [cid for cid, status in got.items() if status == "200"]
-        refused = [cid for cid, status in got.items() if status.startswith("503 retry")]
+        answered = [cid for cid, (status, _) in got.items() if status == 200]
+        refused = [cid for cid, (status, wait) in got.items() if status == 503 and wait]
         assert (len(answered), len(refused)) == (SHARE, FLOOD - SHARE), got
         # The first ten in order took the share; the flood's retransmission of one
         # of them is absorbed by its transaction (200 again, not 503).
         assert answered == [f"share-{n}@127.0.0.1" for n in range(SHARE)]
         flood.sendto(options(ports.sip, flood.getsockname(), 0), ("127.0.0.1", ports.sip))
-        assert statuses(flood, 1) == {"share-0@127.0.0.1": "200"}
+        assert answers(flood, 1, 5.0) == {"share-0@127.0.0.1": (200, "")}
         # Another address is still served.
         other.sendto(options(ports.sip, other.getsockname(), 99), ("127.0.0.1", ports.sip))
-        assert statuses(other, 1) == {"share-99@127.0.0.2": "200"}
+        assert answers(other, 1, 5.0) == {"share-99@127.0.0.2": (200, "")}
         assert "x per-source transaction limit of 10 reached" in sbc.log()
     finally:
         flood.close()
