@@ -1929,10 +1929,13 @@ class CallController:
             del live.forks[fork.tx]
             self._by_dialog.pop((fork.leg.call_id, fork.leg.local_tag), None)
             self._adopt(call.call_ref, fork, now)
-        # RFC 3261 16.7 step 6: a final answer some of them gave still counts.
-        best = live.best
-        if best is not None and (live.tried_best is None or _better(best, live.tried_best)):
-            live.tried_best = best
+        # RFC 3261 16.7 step 6: a final answer some of them gave still counts, and
+        # the ones that rang out count as unavailable (480, 21.4.18): a later group
+        # that nobody could reach (408) does not make the call a transport failure.
+        rang_out = make_response(live.a_request, 480)
+        for best in (live.best, rang_out):
+            if best is not None and (live.tried_best is None or _better(best, live.tried_best)):
+                live.tried_best = best
         return step + self._retry(live, now)
 
     def _fork(self, live: _Live, target: Target, *, first: bool, now: float) -> Step:

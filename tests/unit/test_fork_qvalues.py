@@ -226,6 +226,19 @@ def test_a_ringing_desk_phone_is_cancelled_after_the_ring_time_and_the_mobile_ri
     assert call.state is CallState.CONFIRMED and call.b.call_id == mobile.call_id
 
 
+def test_a_desk_phone_that_rang_out_counts_as_unavailable_when_the_mobile_is_unreachable() -> None:
+    c = sequential()
+    desk, _, _ = first_group(c)
+    receive(c, answer(desk, 180, tag="desk"), BOB1_FLOW, 1.0)
+    mobile = only_invite(advance(c, 20.0), desk)
+    # The mobile never answers at all: Timer B (32 s) gives its 408.
+    step = advance(c, 60.0)
+    assert statuses(step) == [480]
+    (call,) = ended_calls(step)
+    assert call.end_status == 480 and call.end_reason is EndReason.REJECTED
+    assert mobile.raw_uri == MOBILE.uri
+
+
 def test_a_desk_phone_silent_at_the_ring_time_gets_its_cancel_on_its_first_provisional() -> None:
     c = sequential()
     desk, _, _ = first_group(c)
