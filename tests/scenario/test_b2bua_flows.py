@@ -49,6 +49,7 @@ MEDIA_PORTS = range(30000, 30960, 4)
 ALICE = ("alice", "alice-secret-1")
 BOB = ("bob", "bob-secret-2")
 CAROL = ("carol", "carol-secret-3")
+DAVE = ("dave", "dave-secret-4")
 
 #: SIPp's own bound on one run, and ours on waiting for it.
 SIPP_TIMEOUT = "12s"
@@ -354,7 +355,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlowLab]:
     workdir = tmp_path_factory.mktemp("flows")
     realm = {name: udp_port() for name in ("phones", "outside", "xfer", "limited", "inside")}
     uas, gateways = udp_port(), (udp_port(), udp_port())
-    for user, password in (ALICE, BOB, CAROL):
+    for user, password in (ALICE, BOB, CAROL, DAVE):
         add_user(workdir / "state", user, password)
     sbc = start_sbc(workdir, flow_config(realm, uas, gateways))
     lab = FlowLab(sbc, workdir, realm, uas, udp_port(), gateways)
@@ -502,6 +503,44 @@ def test_a_call_to_a_user_with_two_phones_rings_both_and_the_answer_wins(
     assert_hidden(caller, desk_run, caller_sipp, answering)
     assert_hidden(caller, mobile_run, caller_sipp, ringing)
     lab.cdrs.append(answered(user, "users", "phones", "phones", desk))
+
+
+def test_a_busy_desk_phone_passes_the_call_to_the_mobile_of_lower_q(lab: FlowLab) -> None:
+    """Sequential search by q-value (RFC 3261 16.6): the desk phone (no q, 1.0) rings
+    alone; its 486 sends the call to the mobile (q=0.5), whose 200 the caller gets."""
+    user, password = DAVE
+    registrar = lab.realm["phones"]
+    desk, mobile = udp_port(), udp_port()
+    for name, port, scenario in (
+        ("reg-q-desk", desk, "flow_register.xml"),
+        ("reg-q-mobile", mobile, "flow_register_q.xml"),
+    ):
+        run = start_sipp(
+            lab.workdir, name, scenario, port=port, remote=registrar, service=user,
+            extra=("-au", user, "-ap", password),
+        ).finish()  # fmt: skip
+        assert run.returncode == 0, explain(lab.sbc, run)
+    busy = start_sipp(lab.workdir, "q-desk", "uas_reject.xml", port=desk)
+    answering = start_sipp(lab.workdir, "q-mobile", "uas_basic.xml", port=mobile)
+    time.sleep(0.1)
+    caller_sipp = start_sipp(
+        lab.workdir, "q-alice", "flow_uac_auth.xml", remote=registrar, service=user,
+        extra=("-au", ALICE[0], "-ap", ALICE[1], "-auth_uri", f"{user}@127.0.0.1:{registrar}"),
+    )  # fmt: skip
+    caller, desk_run, mobile_run = caller_sipp.finish(), busy.finish(), answering.finish()
+    for run in (caller, desk_run, mobile_run):
+        assert run.returncode == 0, explain(lab.sbc, caller, desk_run, mobile_run)
+    assert finals(caller) == [407, 200, 200], starts(caller)
+    # The mobile's INVITE left only after the desk phone's 486.
+    busy_at = next(t for t, line in stamped(lab.workdir / "q-desk.msg") if "486" in line)
+    invited_at = next(
+        t for t, line in stamped(lab.workdir / "q-mobile.msg") if line.startswith("<INVITE")
+    )
+    assert busy_at <= invited_at, (busy_at, invited_at)
+    assert 486 not in finals(caller)
+    assert "trying the contacts of q=0.5" in lab.sbc.log()
+    assert_hidden(caller, mobile_run, caller_sipp, answering)
+    lab.cdrs.append(answered(user, "users", "phones", "phones", mobile))
 
 
 # -- 2. PRACK / 100rel ---------------------------------------------------------------------
