@@ -30,7 +30,7 @@ import time
 from collections.abc import Coroutine, Iterable
 from dataclasses import replace
 from functools import partial
-from ipaddress import ip_address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from typing import Any, Final
 
@@ -85,6 +85,7 @@ from sbc.transport.base import (
     Transport,
     TransportConfig,
     TransportError,
+    ip_literal,
     is_reliable,
     normalize_host,
 )
@@ -290,6 +291,8 @@ class SbcNode:
         self.responder = LocalResponder(server=config.sip.user_agent)
         self.trunks = TrunkTable(assembly.trunks(config))
         self.directory = Directory(self.trunks)
+        #: Addresses the configuration names as peers (``_trusted_source``).
+        self._peers: frozenset[IPv4Address | IPv6Address] = frozenset()
         self.admission = assembly.admission(config)
         self.registrar: assembly.EmbeddedRegistrar | None = None
         self.cdr: CdrSink | None = None
@@ -700,6 +703,23 @@ class SbcNode:
         self.directory.relayed = [port.relay.location for port in relays.values()]
         self.trunks.reconfigure(assembly.trunks(config))
         assembly.reconfigure_admission(self.admission, config, now=time.monotonic())
+        self._peers = assembly.configured_peers(config)
+        self.transactions.trusted = self._trusted_source
+
+    def _trusted_source(self, host: str) -> bool:
+        """Whether ``host`` is a peer the configuration names (a static route's or
+        upstream registrar's address, a trunk gateway's or what its name resolved
+        to): such a peer is not held to ``sip.max_transactions_per_source``."""
+        address = ip_literal(host)
+        if address is None:
+            return False
+        if address in self._peers:
+            return True
+        return any(
+            ip_literal(destination.host) == address
+            for destinations in self.directory.resolved.values()
+            for destination in destinations
+        )
 
     def _bound(self) -> tuple[ListenAddress, ...] | None:
         """The listeners as bound (ephemeral ports resolved), in configuration order."""

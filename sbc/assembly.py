@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 from sbc.b2bua.admission import AdmissionControl, Limits
@@ -43,7 +44,14 @@ from sbc.sip.auth import (
 from sbc.sip.errors import ParseError
 from sbc.sip.message import Message, Request, Response, make_response, new_tag
 from sbc.sip.uri import SipUri
-from sbc.transport.base import Destination, Flow, ListenAddress, Transport, normalize_host
+from sbc.transport.base import (
+    Destination,
+    Flow,
+    ListenAddress,
+    Transport,
+    ip_literal,
+    normalize_host,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +112,25 @@ def call_timers(config: Config) -> CallTimers:
         session_expires=float(calls.session_expires),
         min_se=float(calls.min_se),
     )
+
+
+def configured_peers(config: Config) -> frozenset[IPv4Address | IPv6Address]:
+    """The addresses the configuration names as peers: static routes' hosts, trunk
+    gateways given by address, upstream registrars. (Gateways given by name count
+    by what they resolve to: ``SbcNode._trusted_source``.)"""
+    peers: set[IPv4Address | IPv6Address] = set()
+    for route in config.routes:
+        if route.host is not None:
+            peers.add(route.host)
+    for trunk in config.trunks:
+        for gateway in trunk.gateways:
+            address = ip_literal(gateway.host)
+            if address is not None:
+                peers.add(address)
+    for realm in config.realms:
+        if realm.register_relay is not None:
+            peers.add(realm.register_relay.host)
+    return frozenset(peers)
 
 
 def trunks(config: Config) -> list[Trunk]:

@@ -416,7 +416,10 @@ class SipConfig(Section):
             "Most SIP transactions one source IP address holds at once (the requests it"
             " sent, from any port); beyond, its new requests get 503 with Retry-After"
             " while other peers are still served, so one scanner or looping PBX cannot"
-            " fill max_transactions. Phones behind one NAT address share it.",
+            " fill max_transactions. Phones behind one NAT address share it. The peers"
+            " the configuration names (trunk gateways, also by what their names"
+            " resolve to; static routes' hosts; upstream registrars) are exempt: one"
+            " carrier address may carry most of the calls.",
             min=10,
             max=1_000_000,
         ),

@@ -66,7 +66,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import ClassVar, Final
@@ -1047,7 +1047,9 @@ class TransactionLayer:
     whatever its port) holds at most ``max_transactions_per_source`` server
     transactions: beyond that its new requests get the same 503 (a CANCEL of a live
     transaction is let in, as above), and the other peers are still served. A
-    source with no ``remote_host`` is not counted.
+    source with no ``remote_host`` is not counted, and one ``trusted`` says is a
+    configured peer is not held to the share (a carrier's one address may carry
+    most of the SBC's calls).
     """
 
     def __init__(
@@ -1061,6 +1063,10 @@ class TransactionLayer:
         self.config = config if config is not None else TimerConfig()
         self.max_transactions = max_transactions
         self.max_transactions_per_source = max_transactions_per_source
+        #: Sources exempt from the per-source share: the peers the configuration
+        #: names (trunks' gateways, upstream registrars), which carry a whole site's
+        #: or carrier's traffic from one address. Asked only of a source over its share.
+        self.trusted: Callable[[str], bool] | None = None
         self.send_trying = send_trying
         self._client: dict[TransactionKey, ClientTransaction] = {}
         self._server: dict[TransactionKey, ServerTransaction] = {}
@@ -1076,6 +1082,9 @@ class TransactionLayer:
 
     def __len__(self) -> int:
         return len(self._client) + len(self._server)
+
+    def _trusted(self, host: str) -> bool:
+        return self.trusted is not None and self.trusted(host)
 
     def held_by(self, host: str) -> int:
         """The live server transactions of requests from source ``host``."""
@@ -1223,7 +1232,11 @@ class TransactionLayer:
         # The transport's Flow; anything else (tests, tools) is not counted.
         host = getattr(source, "remote_host", None)
         held = 0 if host is None else self._per_source.get(host, 0)
-        if host is not None and held >= self.max_transactions_per_source:
+        if (
+            host is not None
+            and held >= self.max_transactions_per_source
+            and not self._trusted(host)
+        ):
             return self._refuse(request, source, now, host)
         new: ServerTransaction
         if request.method == "INVITE":
@@ -1263,7 +1276,8 @@ class TransactionLayer:
         if invite is None and other is None:
             if len(self) >= self.max_transactions:
                 return self._refuse(cancel, source, now)
-            if host is not None and held >= self.max_transactions_per_source:
+            full = host is not None and held >= self.max_transactions_per_source
+            if full and host is not None and not self._trusted(host):
                 return self._refuse(cancel, source, now, host)
         new = ServerNonInviteTransaction(cancel, source, reliable=reliable, config=self.config)
         self._server[new.key] = new

@@ -5,7 +5,8 @@
 With ``sip.max_transactions_per_source: 10``, the first 10 OPTIONS from 127.0.0.1
 are answered (200, each transaction lingers 32 s, Timer J) and the next ones get
 503 with Retry-After at once, while 127.0.0.2, another address on loopback, is
-still answered. Loopback only; a real `sbc run`.
+still answered; 127.0.0.3, a peer a route names, is not held to the share.
+Loopback only; a real `sbc run`.
 """
 
 from __future__ import annotations
@@ -37,13 +38,24 @@ def options(sbc_port: int, local: tuple[str, int], n: int) -> bytes:
 def test_one_source_fills_only_its_share_of_the_transaction_table(tmp_path: Path) -> None:
     ports = Ports(free_port(also_udp=True), 0, free_port())
     config = tmp_path / "sbc.yaml"
-    text = sbc_config(tmp_path, ports.mgmt, ports.sip, "")
+    # 127.0.0.3 is a peer the configuration names (a PBX a route sends calls to).
+    body = f"""\
+realms:
+  - name: inside
+    listen: [{{transport: udp, address: 127.0.0.1, port: {free_port(also_udp=True)}}}]
+    media_address: 127.0.0.1
+routes:
+  - {{name: pbx, action: trunk, realm: inside, host: 127.0.0.3, port: 5060}}
+"""
+    text = sbc_config(tmp_path, ports.mgmt, ports.sip, body)
     config.write_text(text.replace("sip:\n", f"sip:\n  max_transactions_per_source: {SHARE}\n", 1))
     sbc = SbcProcess(tmp_path, config, ports)
     flood = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     flood.bind(("127.0.0.1", 0))
     other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     other.bind(("127.0.0.2", 0))
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind(("127.0.0.3", 0))
     try:
         sbc.start()
         for n in range(FLOOD):
@@ -62,7 +74,13 @@ def test_one_source_fills_only_its_share_of_the_transaction_table(tmp_path: Path
         other.sendto(options(ports.sip, other.getsockname(), 99), ("127.0.0.1", ports.sip))
         assert answers(other, 1, 5.0) == {"share-99@127.0.0.2": (200, "")}
         assert "x per-source transaction limit of 10 reached" in sbc.log()
+        # The configured peer is not held to the share: its flood is all answered.
+        for n in range(FLOOD):
+            peer.sendto(options(ports.sip, peer.getsockname(), 100 + n), ("127.0.0.1", ports.sip))
+        got = answers(peer, FLOOD, 5.0)
+        assert {status for status, _ in got.values()} == {200} and len(got) == FLOOD, got
     finally:
         flood.close()
         other.close()
+        peer.close()
         sbc.stop()

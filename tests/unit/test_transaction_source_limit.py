@@ -402,3 +402,63 @@ def test_the_share_comes_from_the_config_and_reloads_without_a_restart(
 
     asyncio.run(scenario())
     assert node.transactions.max_transactions_per_source == 300
+
+
+# -- configured peers ------------------------------------------------------------------
+
+
+def test_a_trusted_source_is_not_held_to_its_share_but_still_counted() -> None:
+    table = layer()
+    table.trusted = lambda host: host == NEIGHBOUR
+    for i in range(SHARE * 3):
+        accept(table, options(f"z9hG4bKcarrier{i}"), flow(NEIGHBOUR, 5060), 0.0)
+    assert table.held_by(NEIGHBOUR) == SHARE * 3 == held(table)[NEIGHBOUR]
+    # The others still are, and the global limit holds for everyone.
+    fill(table, SCANNER)
+    out = table.receive(options("z9hG4bKexcess"), flow(SCANNER), 1.0, reliable=False)
+    assert [type(e) for e in out.events] == [RequestRefused]
+
+
+PEERS = """\
+state_dir: {state}
+realms:
+  - name: outside
+    listen: [{{transport: udp, address: 127.0.0.1, port: 0}}]
+    media_address: 127.0.0.1
+  - name: inside
+    listen: [{{transport: udp, address: 127.0.0.1, port: 0}}]
+    media_address: 127.0.0.1
+    register_relay: {{realm: inside, host: 203.0.113.40, port: 5060}}
+routes:
+  - {{name: pbx, action: trunk, realm: inside, host: 203.0.113.30, port: 5060}}
+  - {{name: carrier, action: trunk, trunk: carrier}}
+trunks:
+  - name: carrier
+    realm: outside
+    gateways:
+      - {{host: 198.51.100.20, port: 5060}}
+      - {{host: "2001:db8::20"}}
+      - {{host: sip.carrier.example}}
+    probe: {{enabled: false}}
+"""
+
+
+def test_the_peers_the_configuration_names_are_trusted(tmp_path: Path) -> None:
+    from sbc.b2bua.trunks import Gateway
+    from sbc.transport.base import Destination
+
+    path = tmp_path / "sbc.yaml"
+    path.write_text(PEERS.format(state=tmp_path))
+    node = SbcNode(load_config_text(path.read_text(), str(path), tmp_path), path)
+    node._reconfigure_calls(node.config)
+    assert node.transactions.trusted is not None
+    trusted = node.transactions.trusted
+    for host in ("203.0.113.30", "203.0.113.40", "198.51.100.20", "2001:db8::20"):
+        assert trusted(host), host
+    # A gateway given by name: by what it resolved to.
+    assert not trusted("198.51.100.21")
+    key = Gateway("carrier/2", "sip.carrier.example").key
+    node.directory.resolved[key] = (Destination(Transport.UDP, "198.51.100.21", 5060),)
+    assert trusted("198.51.100.21")
+    for host in (SCANNER, "127.0.0.1", "not-an-address"):
+        assert not trusted(host), host
