@@ -42,7 +42,7 @@ from typing import Final, Protocol, TypeVar
 
 from sbc.b2bua.admission import AdmissionControl, AdmissionTicket, RefusalReason, Refused
 from sbc.b2bua.call import Call, CallLeg, CallState, EndReason, LegSide
-from sbc.b2bua.event_bodies import screen_event_body
+from sbc.b2bua.event_bodies import names_identities, screen_event_body
 from sbc.b2bua.local import LocalResponder
 from sbc.b2bua.realm import Hop, Realm, RealmTable
 from sbc.b2bua.register_rate import RegisterRate
@@ -2283,7 +2283,8 @@ class CallController:
         if request.body:
             content_type = request.headers.get("Content-Type")
             # A PUBLISH's entity is the presentity its Request-URI names (RFC 3903 4).
-            out.set_body(*screen_event_body(content_type, request.body, _uri_host(to)))
+            host = _uri_host(to) if names_identities(content_type) else None
+            out.set_body(*screen_event_body(content_type, request.body, host))
         self._outbound(out, target_realm.name)
         client, output = self._send_request(out, hop, now)
         self._routed[client] = _Routed(tx, request, realm.name)
@@ -2413,9 +2414,11 @@ class CallController:
             # other side wrote it, its c= and o= naming that side. Not at all.
             logger.info("x call %s: SDP in %s dropped", live.call.call_ref, request.method)
             body, content_type = b"", None
-        # A NOTIFY's entity: the URI the subscriber subscribed to, its dialog's own.
-        assert leg.dialog is not None
-        host = _uri_host(leg.dialog.local_address)
+        host = None
+        if body and names_identities(content_type):
+            # A NOTIFY's entity: the URI the subscriber subscribed to, its dialog's own.
+            assert leg.dialog is not None
+            host = _uri_host(leg.dialog.local_address)
         body, content_type = screen_event_body(content_type, body, host)
         extra: list[tuple[str, str]] = []
         realm_to = self.realms.get(leg.realm)

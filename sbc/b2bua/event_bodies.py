@@ -57,6 +57,14 @@ _URI_HOST: Final = re.compile(
 )
 
 
+def names_identities(content_type: str | None) -> bool:
+    """Whether a body of ``content_type`` names identities ``screen_event_body``
+    rehosts (so a caller looks the host up only then)."""
+    if content_type is None:
+        return False
+    return content_type.split(";", 1)[0].strip().lower() in (DIALOG_INFO, PIDF)
+
+
 def screen_event_body(
     content_type: str | None, body: bytes, host: str | None = None
 ) -> tuple[bytes, str | None]:
