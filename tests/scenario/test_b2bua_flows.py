@@ -466,31 +466,49 @@ def test_register_with_digest_then_call_the_registered_phone(lab: FlowLab) -> No
     lab.cdrs.append(answered("bob", "users", "phones", "phones", lab.phone))
 
 
+def two_phones(
+    lab: FlowLab,
+    account: tuple[str, str],
+    prefix: str,
+    desk: tuple[str, str],
+    mobile: tuple[str, str],
+) -> tuple[SippRun, SippRun, SippRun, Sipp, Sipp, Sipp, int, int]:
+    """``account``'s desk phone and mobile register (each a SIPp REGISTER scenario
+    and then a SIPp UAS, ``(register, uas)``) and alice calls the user, with digest:
+    the three runs (caller, desk, mobile), their Sipps and the phones' ports. Each
+    run ended well and the caller got 407, then 200 (INVITE) and 200 (BYE)."""
+    user, password = account
+    registrar = lab.realm["phones"]
+    ports = udp_port(), udp_port()
+    for (register, _), port, name in zip((desk, mobile), ports, ("desk", "mobile"), strict=True):
+        run = start_sipp(
+            lab.workdir, f"reg-{prefix}-{name}", register, port=port, remote=registrar,
+            service=user, extra=("-au", user, "-ap", password),
+        ).finish()  # fmt: skip
+        assert run.returncode == 0, explain(lab.sbc, run)
+    desk_sipp = start_sipp(lab.workdir, f"{prefix}-desk", desk[1], port=ports[0])
+    mobile_sipp = start_sipp(lab.workdir, f"{prefix}-mobile", mobile[1], port=ports[1])
+    time.sleep(0.1)
+    caller_sipp = start_sipp(
+        lab.workdir, f"{prefix}-alice", "flow_uac_auth.xml", remote=registrar, service=user,
+        extra=("-au", ALICE[0], "-ap", ALICE[1], "-auth_uri", f"{user}@127.0.0.1:{registrar}"),
+    )  # fmt: skip
+    caller, desk_run, mobile_run = caller_sipp.finish(), desk_sipp.finish(), mobile_sipp.finish()
+    for run in (caller, desk_run, mobile_run):
+        assert run.returncode == 0, explain(lab.sbc, caller, desk_run, mobile_run)
+    assert finals(caller) == [407, 200, 200], starts(caller)
+    return caller, desk_run, mobile_run, caller_sipp, desk_sipp, mobile_sipp, *ports
+
+
 def test_a_call_to_a_user_with_two_phones_rings_both_and_the_answer_wins(
     lab: FlowLab,
 ) -> None:
     """Parallel forking (RFC 3261 16.7 as a B2BUA does it): one B leg per registered
     contact; the first 2xx wins and the other phone gets a CANCEL."""
-    user, password = CAROL
-    registrar = lab.realm["phones"]
-    desk, mobile = udp_port(), udp_port()
-    for name, port in (("reg-desk", desk), ("reg-mobile", mobile)):
-        run = start_sipp(
-            lab.workdir, name, "flow_register.xml", port=port, remote=registrar, service=user,
-            extra=("-au", user, "-ap", password),
-        ).finish()  # fmt: skip
-        assert run.returncode == 0, explain(lab.sbc, run)
-    answering = start_sipp(lab.workdir, "fork-desk", "uas_basic.xml", port=desk)
-    ringing = start_sipp(lab.workdir, "fork-mobile", "uas_ring.xml", port=mobile)
-    time.sleep(0.1)
-    caller_sipp = start_sipp(
-        lab.workdir, "fork-alice", "flow_uac_auth.xml", remote=registrar, service=user,
-        extra=("-au", ALICE[0], "-ap", ALICE[1], "-auth_uri", f"{user}@127.0.0.1:{registrar}"),
-    )  # fmt: skip
-    caller, desk_run, mobile_run = caller_sipp.finish(), answering.finish(), ringing.finish()
-    for run in (caller, desk_run, mobile_run):
-        assert run.returncode == 0, explain(lab.sbc, caller, desk_run, mobile_run)
-    assert finals(caller) == [407, 200, 200], starts(caller)
+    user = CAROL[0]
+    phones = two_phones(lab, CAROL, "fork", ("flow_register.xml", "uas_basic.xml"),
+                        ("flow_register.xml", "uas_ring.xml"))  # fmt: skip
+    caller, desk_run, mobile_run, caller_sipp, answering, ringing, desk, mobile = phones
     # Both phones got the call, each as its own B leg (its own Call-ID).
     to_desk, to_mobile = first(desk_run, "<INVITE"), first(mobile_run, "<INVITE")
     assert to_desk.startswith(f"<INVITE sip:{user}@127.0.0.1:{desk} SIP/2.0")
@@ -508,29 +526,10 @@ def test_a_call_to_a_user_with_two_phones_rings_both_and_the_answer_wins(
 def test_a_busy_desk_phone_passes_the_call_to_the_mobile_of_lower_q(lab: FlowLab) -> None:
     """Sequential search by q-value (RFC 3261 16.6): the desk phone (no q, 1.0) rings
     alone; its 486 sends the call to the mobile (q=0.5), whose 200 the caller gets."""
-    user, password = DAVE
-    registrar = lab.realm["phones"]
-    desk, mobile = udp_port(), udp_port()
-    for name, port, scenario in (
-        ("reg-q-desk", desk, "flow_register.xml"),
-        ("reg-q-mobile", mobile, "flow_register_q.xml"),
-    ):
-        run = start_sipp(
-            lab.workdir, name, scenario, port=port, remote=registrar, service=user,
-            extra=("-au", user, "-ap", password),
-        ).finish()  # fmt: skip
-        assert run.returncode == 0, explain(lab.sbc, run)
-    busy = start_sipp(lab.workdir, "q-desk", "uas_reject.xml", port=desk)
-    answering = start_sipp(lab.workdir, "q-mobile", "uas_basic.xml", port=mobile)
-    time.sleep(0.1)
-    caller_sipp = start_sipp(
-        lab.workdir, "q-alice", "flow_uac_auth.xml", remote=registrar, service=user,
-        extra=("-au", ALICE[0], "-ap", ALICE[1], "-auth_uri", f"{user}@127.0.0.1:{registrar}"),
-    )  # fmt: skip
-    caller, desk_run, mobile_run = caller_sipp.finish(), busy.finish(), answering.finish()
-    for run in (caller, desk_run, mobile_run):
-        assert run.returncode == 0, explain(lab.sbc, caller, desk_run, mobile_run)
-    assert finals(caller) == [407, 200, 200], starts(caller)
+    user = DAVE[0]
+    phones = two_phones(lab, DAVE, "q", ("flow_register.xml", "uas_reject.xml"),
+                        ("flow_register_q.xml", "uas_basic.xml"))  # fmt: skip
+    caller, _, mobile_run, caller_sipp, _, answering, _, mobile = phones
     # The mobile's INVITE left only after the desk phone's 486.
     busy_at = next(t for t, line in stamped(lab.workdir / "q-desk.msg") if "486" in line)
     invited_at = next(
