@@ -30,7 +30,7 @@ import time
 from collections.abc import Coroutine, Iterable
 from dataclasses import replace
 from functools import partial
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from pathlib import Path
 from typing import Any, Final
 
@@ -293,6 +293,8 @@ class SbcNode:
         self.directory = Directory(self.trunks)
         #: Addresses the configuration names as peers (``_trusted_source``).
         self._peers: frozenset[IPv4Address | IPv6Address] = frozenset()
+        #: Route ``source`` networks that name peers (``_trusted_source``).
+        self._peer_networks: tuple[IPv4Network | IPv6Network, ...] = ()
         self.admission = assembly.admission(config)
         self.registrar: assembly.EmbeddedRegistrar | None = None
         self.cdr: CdrSink | None = None
@@ -704,16 +706,20 @@ class SbcNode:
         self.trunks.reconfigure(assembly.trunks(config))
         assembly.reconfigure_admission(self.admission, config, now=time.monotonic())
         self._peers = assembly.configured_peers(config)
+        self._peer_networks = assembly.configured_peer_networks(config)
         self.transactions.trusted = self._trusted_source
 
     def _trusted_source(self, host: str) -> bool:
         """Whether ``host`` is a peer the configuration names (a static route's or
         upstream registrar's address, a trunk gateway's or what its name resolved
-        to): such a peer is not held to ``sip.max_transactions_per_source``."""
+        to, an address in a route's narrow ``source`` network): such a peer is not
+        held to ``sip.max_transactions_per_source``."""
         address = ip_literal(host)
         if address is None:
             return False
         if address in self._peers:
+            return True
+        if any(address in network for network in self._peer_networks):
             return True
         return any(
             ip_literal(destination.host) == address

@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
+from typing import Final
 
 from sbc.b2bua.admission import AdmissionControl, Limits
 from sbc.b2bua.controller import (
@@ -131,6 +132,23 @@ def configured_peers(config: Config) -> frozenset[IPv4Address | IPv6Address]:
         if realm.register_relay is not None:
             peers.add(realm.register_relay.host)
     return frozenset(peers)
+
+
+#: The widest route ``source`` network (prefix length) that names a peer, not a
+#: population: at most 256 IPv4 addresses, or one IPv6 subnet.
+PEER_NETWORK_PREFIX: Final = {4: 24, 6: 64}
+
+
+def configured_peer_networks(config: Config) -> tuple[IPv4Network | IPv6Network, ...]:
+    """Routes' ``source`` networks no wider than :data:`PEER_NETWORK_PREFIX`: a
+    carrier that only sends calls in is named this way, by the addresses it sends
+    from. Wider networks (``0.0.0.0/0``, a LAN of phones) name no one peer."""
+    networks: dict[IPv4Network | IPv6Network, None] = {}
+    for route in config.routes:
+        for network in route.source:
+            if network.prefixlen >= PEER_NETWORK_PREFIX[network.version]:
+                networks[network] = None
+    return tuple(networks)
 
 
 def trunks(config: Config) -> list[Trunk]:

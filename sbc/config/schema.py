@@ -418,7 +418,8 @@ class SipConfig(Section):
             " while other peers are still served, so one scanner or looping PBX cannot"
             " fill max_transactions. Phones behind one NAT address share it. The peers"
             " the configuration names (trunk gateways, also by what their names"
-            " resolve to; static routes' hosts; upstream registrars) are exempt: one"
+            " resolve to; static routes' hosts; upstream registrars; the addresses in"
+            " a route's source networks of at most a /24, IPv6 /64) are exempt: one"
             " carrier address may carry most of the calls.",
             min=10,
             max=1_000_000,

@@ -5,7 +5,8 @@
 With ``sip.max_transactions_per_source: 10``, the first 10 OPTIONS from 127.0.0.1
 are answered (200, each transaction lingers 32 s, Timer J) and the next ones get
 503 with Retry-After at once, while 127.0.0.2, another address on loopback, is
-still answered; 127.0.0.3, a peer a route names, is not held to the share.
+still answered; 127.0.0.3, a peer a route names, and 127.0.0.5, in a route's source
+network, are not held to the share.
 Loopback only; a real `sbc run`.
 """
 
@@ -46,6 +47,8 @@ realms:
     media_address: 127.0.0.1
 routes:
   - {{name: pbx, action: trunk, realm: inside, host: 127.0.0.3, port: 5060}}
+  - {{name: did-in, source: [127.0.0.4/30], action: trunk, realm: inside,
+      host: 127.0.0.3, port: 5060}}
 """
     text = sbc_config(tmp_path, ports.mgmt, ports.sip, body)
     config.write_text(text.replace("sip:\n", f"sip:\n  max_transactions_per_source: {SHARE}\n", 1))
@@ -56,6 +59,8 @@ routes:
     other.bind(("127.0.0.2", 0))
     peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     peer.bind(("127.0.0.3", 0))
+    carrier = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    carrier.bind(("127.0.0.5", 0))
     try:
         sbc.start()
         for n in range(FLOOD):
@@ -79,7 +84,15 @@ routes:
             peer.sendto(options(ports.sip, peer.getsockname(), 100 + n), ("127.0.0.1", ports.sip))
         got = answers(peer, FLOOD, 5.0)
         assert {status for status, _ in got.values()} == {200} and len(got) == FLOOD, got
+        # Nor is a carrier that only sends calls in, named by a route's source network.
+        for n in range(FLOOD):
+            carrier.sendto(
+                options(ports.sip, carrier.getsockname(), 200 + n), ("127.0.0.1", ports.sip)
+            )
+        got = answers(carrier, FLOOD, 5.0)
+        assert {status for status, _ in got.values()} == {200} and len(got) == FLOOD, got
     finally:
+        carrier.close()
         flood.close()
         other.close()
         peer.close()

@@ -432,6 +432,10 @@ realms:
 routes:
   - {{name: pbx, action: trunk, realm: inside, host: 203.0.113.30, port: 5060}}
   - {{name: carrier, action: trunk, trunk: carrier}}
+  - {{name: did-in, from_realm: outside, source: [192.0.2.0/28, "2001:db8:5::/64"],
+      action: trunk, realm: inside, host: 203.0.113.30, port: 5060}}
+  - {{name: lan, from_realm: inside, source: [10.0.0.0/16, "2001:db8:6::/48"],
+      action: trunk, trunk: carrier}}
 trunks:
   - name: carrier
     realm: outside
@@ -460,5 +464,11 @@ def test_the_peers_the_configuration_names_are_trusted(tmp_path: Path) -> None:
     key = Gateway("carrier/2", "sip.carrier.example").key
     node.directory.resolved[key] = (Destination(Transport.UDP, "198.51.100.21", 5060),)
     assert trusted("198.51.100.21")
+    # A carrier that only sends calls in, named by a route's narrow source network;
+    # a wide one (a LAN of phones) names no one peer.
+    for host in ("192.0.2.1", "192.0.2.15", "2001:db8:5::7"):
+        assert trusted(host), host
+    for host in ("192.0.2.16", "10.0.0.1", "2001:db8:6::1", "2001:db8:5:1::7"):
+        assert not trusted(host), host
     for host in (SCANNER, "127.0.0.1", "not-an-address"):
         assert not trusted(host), host
