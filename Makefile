@@ -62,7 +62,7 @@ lint: deps
 	$(BIN)/mypy
 
 fuzz: deps
-	SBC_FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m pytest -q tests/unit/test_fuzz.py --timeout=0
+	SBC_FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m pytest -q tests/unit/test_fuzz.py tests/unit/test_controller_fuzz.py --timeout=0
 
 # Parser throughput vs sippy (seconds), then the B2BUA call/REGISTER rates and memory
 # per call vs sippy's B2BUA and Kamailio (mk/bench-b2bua.mk, ~2 min quick mode).

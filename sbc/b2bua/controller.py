@@ -120,6 +120,7 @@ from sbc.sip.transaction import (
     Transaction,
     TransactionError,
     TransactionLayer,
+    TransactionState,
     TransactionTerminated,
     TransactionTimeout,
     TransportError,
@@ -1311,7 +1312,28 @@ class CallController:
                 step = step + self._event(event, now)
             except (ParseError, DialogError, TransactionError, SdpError) as exc:
                 logger.warning("x %s: %s", type(event).__name__, exc)
+                if isinstance(event, RequestReceived):
+                    step = step + self._answer_unhandled(event, exc, now)
         return step
+
+    def _answer_unhandled(self, event: RequestReceived, exc: Exception, now: float) -> Step:
+        """A request whose handling failed half-way still gets a final answer: a
+        400 naming what was wrong with it, or a 500. Unanswered, its server
+        transaction would wait for ever (an INVITE's Proceeding state has no timer),
+        and a peer sending such requests would fill the transaction table."""
+        tx = event.transaction
+        if tx.state not in (TransactionState.TRYING, TransactionState.PROCEEDING):
+            return Step()
+        if event.request.method == "ACK":
+            return Step()
+        # The standard phrase: what failed may name the other realm's values.
+        status = 400 if isinstance(exc, ParseError | SdpError) else 500
+        response = make_response(event.request, status, to_tag=new_tag())
+        try:
+            return self._send_response(tx, response, now)
+        except (ParseError, TransactionError) as again:
+            logger.warning("x %r: no answer possible: %s", event.request, again)
+            return Step()
 
     def _event(self, event: object, now: float) -> Step:
         if isinstance(event, RequestReceived):
@@ -2744,6 +2766,16 @@ class CallController:
         if live is None:
             if role.role == "invite" and isinstance(tx, ClientInviteTransaction):
                 return self._let_go_response(tx, role.call_ref, response, now)
+            relayed = role.relayed
+            if (
+                relayed is not None
+                and relayed.cancel_pending
+                and isinstance(tx, ClientInviteTransaction)
+                and tx.can_cancel
+            ):
+                # A re-INVITE of a call that ended before its first 1xx (``_end_pending``).
+                relayed.cancel_pending = False
+                return self._send_cancel(role.call_ref, tx, now)
             return self._ack_again(tx, response) or Step()
         if role.role == "invite" and isinstance(tx, ClientInviteTransaction):
             fork = live.forks.get(tx)
@@ -2756,7 +2788,12 @@ class CallController:
                 self._by_client.pop(tx, None)
             return self._subscribe_response(live, response, now)
         if role.role == "relay" and role.relayed is not None:
-            return self._relayed_response(live, tx, role.relayed, response, now)
+            try:
+                return self._relayed_response(live, tx, role.relayed, response, now)
+            except (ParseError, DialogError, SdpError) as exc:
+                if response.status < 200:
+                    raise
+                return self._relay_failed(live, role.relayed, exc, now)
         if role.role == "refresh" and role.side is not None:
             return self._refresh_response(live, tx, role.side, response, now)
         if response.status >= 200:
@@ -3493,6 +3530,29 @@ class CallController:
         self._by_client[client] = _ByRole(call_ref, role, side=side)
         return Step(out)
 
+    def _relay_failed(self, live: _Live, relayed: _Relayed, exc: Exception, now: float) -> Step:
+        """A final answer to a relayed request that could not be taken (it names
+        another dialog, say): the requester gets 502 rather than waiting for ever,
+        and keeps its session as it was (RFC 3261 14.1)."""
+        logger.warning(
+            "x call %s: unusable answer to a relayed %s: %s",
+            live.call.call_ref,
+            relayed.request.method,
+            exc,
+        )
+        server = relayed.server
+        if relayed.cancelled or server.state not in (
+            TransactionState.TRYING,
+            TransactionState.PROCEEDING,
+        ):
+            return Step()
+        step = Step()
+        if relayed.before is not None:
+            step = self._roll_back(live, relayed.from_side, relayed.before, None, now)
+        out = make_response(relayed.request, 502)
+        realm = live.call.leg(relayed.from_side).realm
+        return step + self._send_response(server, out, now, realm)
+
     def _relayed_response(
         self,
         live: _Live,
@@ -4027,8 +4087,16 @@ class CallController:
                 response = make_response(relayed.request, 487)
                 step = step + self._send_response(relayed.server, response, now, realm)
             leg = live.call.leg(relayed.from_side.other)
-            if isinstance(client, ClientInviteTransaction) and leg.dialog is not None:
-                self._ack_later[client] = (leg, leg.dialog, client.request.cseq.seq)
+            if isinstance(client, ClientInviteTransaction):
+                if leg.dialog is not None:
+                    self._ack_later[client] = (leg, leg.dialog, client.request.cseq.seq)
+                # A re-INVITE the far side only answered 1xx would wait for ever in
+                # Proceeding (no Timer B there): CANCEL it (RFC 3261 9.1), which also
+                # bounds it to 64*T1; before any 1xx, on the first (``_response``).
+                if client.can_cancel:
+                    step = step + self._send_cancel(live.call.call_ref, client, now)
+                elif not client.terminated:
+                    relayed.cancel_pending = True
         live.relayed = None
         return step
 
