@@ -4098,6 +4098,12 @@ class CallController:
                 elif not client.terminated:
                     relayed.cancel_pending = True
         live.relayed = None
+        for tx, notify in live.early_notifies:
+            # NOTIFYs that overtook a SUBSCRIBE's 2xx that never came: no subscription
+            # (RFC 6665 4.1.2.4), and a non-INVITE transaction in Trying has no timer.
+            realm = live.call.b.realm
+            step = step + self._send_response(tx, make_response(notify, 481), now, realm)
+        live.early_notifies.clear()
         return step
 
 

@@ -232,10 +232,18 @@ class Run:
     #: The To tag the SBC gave the caller (its 1xx/2xx).
     a_tag: str | None = None
     sessions: int = 0
+    #: Every response the SBC sent the caller.
+    responses_to_a: list[Response] = field(default_factory=list)
+    responses_to_b: list[Response] = field(default_factory=list)
 
     def absorb(self, step: Step) -> None:
         for outgoing in step.output.messages:
             message = outgoing.message
+            if isinstance(message, Response):
+                answered = (
+                    self.responses_to_a if outgoing.destination == CALLER else self.responses_to_b
+                )
+                answered.append(message)
             if isinstance(message, Request):
                 hop = outgoing.destination
                 side = self.to_b if isinstance(hop, Hop) and hop.local == IN else self.to_a
@@ -427,6 +435,109 @@ HELD_BY_B: Script = [
     b_answers("BYE", 200),
 ]
 
+
+def prack(run: Run) -> tuple[Message, Flow] | None:
+    reliable = [r for r in run.responses_to_a if r.headers.get("RSeq")]
+    if not reliable:
+        return None
+    message = from_a("PRACK", 2, "prack2", run)
+    message.headers.append(("RAck", f"{reliable[-1].headers.get('RSeq')} 1 INVITE"))
+    return message, CALLER
+
+
+def early_update(run: Run) -> tuple[Message, Flow] | None:
+    return from_a("UPDATE", 3, "upd3", run, HOLD), CALLER
+
+
+def reliable_183(run: Run) -> tuple[Message, Flow] | None:
+    request = latest(run.to_b, "INVITE")
+    if request is None:
+        return None
+    message = answer(request, 183, "bobtag", B_CONTACT, ANSWER)
+    message.headers += [("Require", "100rel"), ("RSeq", "1")]
+    return message, TRUNK
+
+
+#: Early media with a reliable 183 (RFC 3262), its PRACK, and an UPDATE before the
+#: answer (RFC 3311).
+def invite_requiring_100rel(run: Run) -> tuple[Message, Flow] | None:
+    message = from_a("INVITE", 1, "inv1", run, OFFER)
+    message.headers.append(("Require", "100rel"))
+    return message, CALLER
+
+
+EARLY: Script = [
+    invite_requiring_100rel,
+    reliable_183,
+    prack,
+    b_answers("PRACK", 200),
+    early_update,
+    b_answers("UPDATE", 200, sdp("b", "203.0.113.5", 42000, "a=recvonly\r\n")),
+    b_answers("INVITE", 200),
+    lambda run: (from_a("ACK", 1, "ack1", run), CALLER),
+    lambda run: (from_a("BYE", 4, "bye4", run), CALLER),
+    b_answers("BYE", 200),
+]
+
+
+def out_of_dialog(method: str, extra: list[tuple[str, str]], body: str = "") -> Message:
+    headers = [
+        ("Via", A_VIA.format(branch=f"ood{method}")),
+        ("Max-Forwards", "70"),
+        ("From", A_FROM),
+        ("To", "<sip:1000@198.51.100.1>"),
+        ("Call-ID", f"ood-{method}@198.51.100.9"),
+        ("CSeq", f"1 {method}"),
+        ("Contact", A_CONTACT),
+        *extra,
+    ]
+    return Message(f"{method} sip:1000@198.51.100.1 SIP/2.0", headers, body)
+
+
+def notify(run: Run) -> tuple[Message, Flow] | None:
+    subscribe = latest(run.to_b, "SUBSCRIBE")
+    if subscribe is None:
+        return None
+    message = Message(
+        f"NOTIFY {(subscribe.headers.get('Contact') or '<sip:x@203.0.113.1>').strip('<>')} SIP/2.0",
+        [
+            ("Via", "SIP/2.0/UDP 203.0.113.5:5070;branch=z9hG4bKbnotify"),
+            ("Max-Forwards", "70"),
+            ("From", "<sip:1000@203.0.113.5>;tag=bobtag"),
+            ("To", f"{subscribe.from_.uri};tag={subscribe.from_.tag}"),
+            ("Call-ID", subscribe.call_id),
+            ("CSeq", "1 NOTIFY"),
+            ("Contact", B_CONTACT),
+            ("Event", "presence"),
+            ("Subscription-State", "terminated;reason=timeout"),
+            ("Content-Type", "application/pidf+xml"),
+        ],
+        '<?xml version="1.0"?><presence xmlns="urn:ietf:params:xml:ns:pidf"'
+        ' entity="sip:1000@203.0.113.5"><tuple id="t"><status><basic>open</basic>'
+        "</status></tuple></presence>",
+    )
+    return message, TRUNK
+
+
+#: Out of any call: a MESSAGE, and a presence subscription ended by its NOTIFY.
+OUT_OF_DIALOG: Script = [
+    lambda run: (
+        out_of_dialog("MESSAGE", [("Content-Type", "text/plain")], "hello"),
+        CALLER,
+    ),
+    b_answers("MESSAGE", 200),
+    lambda run: (
+        out_of_dialog(
+            "SUBSCRIBE",
+            [("Event", "presence"), ("Expires", "60"), ("Accept", "application/pidf+xml")],
+        ),
+        CALLER,
+    ),
+    b_answers("SUBSCRIBE", 200),
+    notify,
+    a_answers("NOTIFY", 200),
+]
+
 CANCELLED: Script = [
     lambda run: (from_a("INVITE", 1, "inv1", run, OFFER), CALLER),
     b_answers("INVITE", 183, ANSWER),
@@ -477,24 +588,8 @@ def test_the_unspoilt_calls_end_with_nothing_left() -> None:
 # -- what the fuzzing found, kept as plain cases ---------------------------------------
 
 
-class Recording(Run):
-    """A run that keeps every response the SBC sent the caller and every request it
-    sent the callee."""
-
-    def __init__(self, controller: CallController) -> None:
-        super().__init__(controller)
-        self.responses_to_a: list[Response] = []
-
-    def absorb(self, step: Step) -> None:
-        for outgoing in step.output.messages:
-            message = outgoing.message
-            if isinstance(message, Response) and outgoing.destination == CALLER:
-                self.responses_to_a.append(message)
-        super().absorb(step)
-
-
-def replay(script: Script, spoilt: dict[int, Spoil]) -> Recording:
-    run = Recording(controller())
+def replay(script: Script, spoilt: dict[int, Spoil]) -> Run:
+    run = Run(controller())
     for index, make in enumerate(script):
         made = make(run)
         if made is not None:
@@ -532,7 +627,21 @@ def test_an_answer_to_a_relayed_re_invite_naming_another_dialog_gets_502() -> No
     assert_nothing_left(run)
 
 
-SCRIPTS = {"answered": ANSWERED, "cancelled": CANCELLED, "held by b": HELD_BY_B}
+def test_a_notify_ahead_of_a_subscribe_answer_that_never_comes_gets_481() -> None:
+    # The SUBSCRIBE gets only a 1xx; the NOTIFY that overtook its 2xx (RFC 6665
+    # 4.1.2.4) waited for ever, unanswered, once the SUBSCRIBE timed out.
+    run = replay(OUT_OF_DIALOG, {3: Spoil("status", status=180)})
+    assert_nothing_left(run)
+    assert [(r.status, r.cseq.method) for r in run.responses_to_b] == [(481, "NOTIFY")]
+
+
+SCRIPTS = {
+    "answered": ANSWERED,
+    "cancelled": CANCELLED,
+    "held by b": HELD_BY_B,
+    "early": EARLY,
+    "out of dialog": OUT_OF_DIALOG,
+}
 
 
 @SETTINGS
