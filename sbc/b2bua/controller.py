@@ -166,9 +166,10 @@ LATE_OFFER_STREAMS: Final = 2
 _MEDIA_SIDE: Final = {LegSide.A: Side.A, LegSide.B: Side.B}
 
 #: What a new call may require: session timers (the B2BUA refreshes both legs
-#: itself) and Replaces (mapped to the far side, ``_replaced``); 100rel
-#: towards the caller is not offered, so Require: 100rel gets 420.
-INVITE_POLICY: Final = UasPolicy(supported=("timer", "replaces"))
+#: itself), Replaces (mapped to the far side, ``_replaced``) and 100rel (the
+#: caller's provisionals are then sent reliably, ``_ReliableA``; a caller that
+#: only supports 100rel gets them unreliably, as RFC 3262 allows).
+INVITE_POLICY: Final = UasPolicy(supported=("timer", "replaces", "100rel"))
 
 #: Characters of a Replaces value that stay as they are in a URI header (RFC 3261
 #: 25.1 hvalue: hnv-unreserved and unreserved); the rest (";", "=", "@") escaped.
@@ -684,6 +685,10 @@ class _Live:
     #: When the target group ringing now has rung for ``sequential_ring_timeout`` and
     #: the contacts of the next lower q are tried; None: no such limit on it.
     group_due: float | None = None
+    #: The caller requires 100rel (RFC 3262): its provisionals go reliably.
+    a_reliable: _ReliableA | None = None
+    #: The B2BUA's own re-INVITEs (session refreshes, re-offers) not known to be over.
+    own_invites: list[ClientInviteTransaction] | None = None
     is_subscription: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -713,6 +718,29 @@ class _Unacked:
     interval: float
     next_at: float
     give_up_at: float
+
+
+@dataclass(eq=False, slots=True)
+class _ReliableA:
+    """RFC 3262 3 towards a caller that requires 100rel: its provisionals are sent
+    reliably, one at a time, each retransmitted until its PRACK."""
+
+    #: The RSeq of the last reliable provisional sent (the first is random, 7.1).
+    rseq: int
+    #: The one sent and not PRACKed yet, its retransmission schedule.
+    outstanding: Response | None = None
+    interval: float = 0.0
+    next_at: float = 0.0
+    give_up_at: float = 0.0
+    #: Provisionals made while one is outstanding, sent in turn (a few at most).
+    queue: list[Response] = field(default_factory=list)
+    #: A 2xx that waits for the PRACK of a provisional with SDP (RFC 3262 3).
+    held: Response | None = None
+
+
+#: Provisionals queued behind an unPRACKed one, at most: the oldest without SDP
+#: go first (a 180 superseded by later ringing says nothing new).
+RELIABLE_QUEUE: Final = 4
 
 
 @dataclass(eq=False, slots=True)
@@ -790,6 +818,8 @@ class _Timer:
     TIMER_C = "timer-c"
     #: The ring time of a registered user's contacts of one q-value ran out.
     SEQUENTIAL_RING = "sequential-ring"
+    #: A reliable provisional to the caller is due again, or given up (RFC 3262 3).
+    RELIABLE = "reliable"
 
 
 #: Codec lists already seen: every call keeps two, and few lists exist (bounded).
@@ -945,6 +975,9 @@ class CallController:
         #: INVITEs of calls that ended while their transaction lives on (a 2xx may
         #: still come, or come again): what to build their ACK from, if one does.
         self._ack_later: dict[ClientInviteTransaction, tuple[CallLeg, Dialog, int]] = {}
+        #: The B2BUA's own re-INVITEs of ended calls that had no provisional yet: the
+        #: CANCEL their call owed them goes on the first (RFC 3261 9.1).
+        self._cancel_on_1xx: set[ClientInviteTransaction] = set()
         self._busy_log = BurstLog(BUSY_LOG_INTERVAL)
         #: (Call-ID, the SBC's From tag) of B INVITEs let go of unanswered, oldest first.
         self._orphans: OrderedDict[tuple[str, str], _Orphan] = OrderedDict()
@@ -1078,6 +1111,8 @@ class CallController:
             return self._timer_c(live, now) if self._timer_c_due(live, when) else Step()
         if kind == _Timer.SEQUENTIAL_RING:
             return self._group_rang_out(live, now) if live.group_due == when else Step()
+        if kind == _Timer.RELIABLE:
+            return self._reliable_due(live, when, now)
         if call.state is not CallState.CONFIRMED:
             return Step()
         if kind == _Timer.SUBSCRIPTION:
@@ -1177,6 +1212,12 @@ class CallController:
             live = self._calls.get(unacked.call_ref)
             if live is None:
                 del self._unacked[key]
+                continue
+            reliable = live.a_reliable
+            if reliable is not None and reliable.held is unacked.response:
+                # Not sent yet: it waits for a PRACK (``_answer_a_reliably``).
+                unacked.next_at = now + unacked.interval
+                self._unacked_at(key, unacked.next_at)
                 continue
             if unacked.server.terminated and now < unacked.give_up_at:
                 # Timer L ended the transaction first (RFC 6026 8.7): wait for give-up.
@@ -1376,6 +1417,7 @@ class CallController:
                 if isinstance(tx, ClientInviteTransaction):
                     self._acks.pop(tx, None)
                     self._ack_later.pop(tx, None)
+                    self._cancel_on_1xx.discard(tx)
                 if role is not None and role.role == "invite":
                     live = self._calls.get(role.call_ref)
                     if live is not None:
@@ -1825,6 +1867,8 @@ class CallController:
             trunk=trunk,
         )
         live = _Live(call, tx, request, decision, pending=groups, ticket=ticket)
+        if "100rel" in {t.lower() for t in request.tokens("Require")}:
+            live.a_reliable = _ReliableA(rseq=secrets.randbelow(2**31 - 2**20) + 1)
         live.replaces = replaces
         live.failover = failover
         if self.timers.session_expires:
@@ -2341,6 +2385,8 @@ class CallController:
         if not isinstance(checked, Dialog):
             return self._send_response(tx, checked.response_to(request), now, leg.realm)
         live.call = live.call.with_leg(side, leg.with_dialog(checked))
+        if request.method == "PRACK" and side is LegSide.A:
+            return self._prack_from_a(live, tx, request, now)
         if request.method == "BYE":
             logger.debug("- call %s: BYE from %s", live.call.call_ref, side.value)
             step = self._send_response(tx, make_response(request, 200), now, leg.realm)
@@ -2592,6 +2638,10 @@ class CallController:
         step = self._send_response(event.transaction, response, now)
         if live is not None and invite is not live.invite_tx:
             return step + self._cancel_relayed(live, event, now)
+        if live is not None and live.a_reliable is not None and live.a_reliable.held is not None:
+            # Answered, but the 2xx still waits for a PRACK: the caller cancelled first.
+            logger.info("- call %s: CANCEL from a before its 2xx left", live.call.call_ref)
+            return step + self._hang_up(live, LegSide.B, 487, EndReason.CANCEL, LegSide.A, now)
         if live is None or live.a_final:
             return step
         logger.info("- call %s: CANCEL from a", live.call.call_ref)
@@ -2775,6 +2825,13 @@ class CallController:
             ):
                 # A re-INVITE of a call that ended before its first 1xx (``_end_pending``).
                 relayed.cancel_pending = False
+                return self._send_cancel(role.call_ref, tx, now)
+            if (
+                tx in self._cancel_on_1xx
+                and isinstance(tx, ClientInviteTransaction)
+                and tx.can_cancel
+            ):
+                self._cancel_on_1xx.discard(tx)
                 return self._send_cancel(role.call_ref, tx, now)
             return self._ack_again(tx, response) or Step()
         if role.role == "invite" and isinstance(tx, ClientInviteTransaction):
@@ -3258,7 +3315,106 @@ class CallController:
             except (DialogError, ParseError):
                 early = None
             live.call = live.call.with_leg(LegSide.A, live.call.a.with_dialog(early))
+        if live.a_reliable is not None:
+            return self._answer_a_reliably(live, live.a_reliable, response, now)
         return self._send_response(live.a_invite, response, now, live.call.a.realm)
+
+    # -- reliable provisionals towards the caller (RFC 3262) ------------------------------
+
+    def _answer_a_reliably(
+        self, live: _Live, reliable: _ReliableA, response: Response, now: float
+    ) -> Step:
+        """Section 3: one reliable provisional at a time; a 2xx waits for the PRACK of
+        one that carried SDP; any other final goes at once and ends the retransmissions
+        (a PRACK for them is still answered, ``_prack_from_a``)."""
+        status = response.status
+        if status == 100:
+            # Never reliable (RFC 3262 3): it only says the request arrived.
+            return self._send_response(live.a_invite, response, now, live.call.a.realm)
+        if status < 200:
+            if reliable.outstanding is None:
+                return self._send_reliable(live, reliable, response, now)
+            queue = reliable.queue
+            queue.append(response)
+            if len(queue) > RELIABLE_QUEUE:
+                plain = next((r for r in queue if not r.body), queue[0])
+                queue.remove(plain)
+            return Step()
+        reliable.queue.clear()
+        if status < 300 and reliable.outstanding is not None and reliable.outstanding.body:
+            reliable.held = response
+            return Step()
+        reliable.outstanding = None
+        return self._send_response(live.a_invite, response, now, live.call.a.realm)
+
+    def _send_reliable(
+        self, live: _Live, reliable: _ReliableA, response: Response, now: float
+    ) -> Step:
+        reliable.rseq += 1
+        response.headers.add("Require", "100rel")
+        response.headers.add("RSeq", str(reliable.rseq))
+        t1 = self.transactions.config.t1
+        reliable.outstanding = response
+        reliable.interval = t1
+        reliable.next_at = now + t1
+        reliable.give_up_at = now + 64 * t1
+        self._schedule(reliable.next_at, live.call.call_ref, _Timer.RELIABLE)
+        return self._send_response(live.a_invite, response, now, live.call.a.realm)
+
+    def _reliable_due(self, live: _Live, when: float, now: float) -> Step:
+        """Retransmit the outstanding reliable provisional, T1 doubling; after 64*T1
+        without its PRACK the caller is not answering them: the call is refused with
+        a 5xx (RFC 3262 3), unless a 2xx waits, which then goes."""
+        reliable = live.a_reliable
+        if reliable is None or reliable.outstanding is None or reliable.next_at != when:
+            return Step()
+        if now >= reliable.give_up_at:
+            reliable.outstanding = None
+            reliable.queue.clear()
+            held, reliable.held = reliable.held, None
+            if held is not None:
+                return self._send_response(live.a_invite, held, now, live.call.a.realm)
+            if live.a_final:
+                return Step()
+            logger.info("x call %s: no PRACK from the caller, ending it", live.call.call_ref)
+            return self._end(live, 500, EndReason.REJECTED, None, now)
+        reliable.interval *= 2
+        reliable.next_at = min(now + reliable.interval, reliable.give_up_at)
+        self._schedule(reliable.next_at, live.call.call_ref, _Timer.RELIABLE)
+        return Step(self.transactions.send_response(live.a_invite, reliable.outstanding, now))
+
+    def _prack_from_a(
+        self, live: _Live, tx: ServerTransaction, request: Request, now: float
+    ) -> Step:
+        """A PRACK of the caller's: 200 when its RAck names the outstanding reliable
+        provisional, which lets the next one (or a held 2xx) go; else 481 (RFC 3262
+        7.2). The B2BUA PRACKs the callee's provisionals itself: it is not relayed."""
+        reliable = live.a_reliable
+        realm = live.call.a.realm
+        rack = (request.headers.get("RAck") or "").split()
+        outstanding = None if reliable is None else reliable.outstanding
+        matches = (
+            reliable is not None
+            and outstanding is not None
+            and len(rack) == 3
+            and rack[0] == str(reliable.rseq)
+            and rack[1] == str(outstanding.cseq.seq)
+            and rack[2] == outstanding.cseq.method
+        )
+        if not matches or reliable is None:
+            return self._send_response(tx, make_response(request, 481), now, realm)
+        if request.body:
+            # An offer in a PRACK would need the callee's answer in the 200: the
+            # B2BUA's reliable provisionals never carry an offer, so none is expected.
+            logger.info("x call %s: PRACK body ignored", live.call.call_ref)
+        reliable.outstanding = None
+        step = self._send_response(tx, make_response(request, 200), now, realm)
+        held, reliable.held = reliable.held, None
+        if held is not None:
+            return step + self._send_response(live.a_invite, held, now, realm)
+        if reliable.queue and not live.a_final:
+            return step + self._send_reliable(live, reliable, reliable.queue.pop(0), now)
+        return step
 
     def _ack_b(self, leg: CallLeg, dialog: Dialog, now: float, *, bye: bool, call_ref: str) -> Step:
         ack = dialog.create_ack(
@@ -3528,6 +3684,12 @@ class CallController:
         self._outbound(request, realm)
         client, out = self._send_request(request, hop, now)
         self._by_client[client] = _ByRole(call_ref, role, side=side)
+        if role == "refresh" and isinstance(client, ClientInviteTransaction):
+            live = self._calls.get(call_ref)
+            if live is not None:
+                # Cancelled if the call ends while it is unanswered (``_end_pending``).
+                ongoing = [tx for tx in live.own_invites or () if not tx.terminated]
+                live.own_invites = [*ongoing, client]
         return Step(out)
 
     def _relay_failed(self, live: _Live, relayed: _Relayed, exc: Exception, now: float) -> Step:
@@ -3846,8 +4008,15 @@ class CallController:
             self._refresh_later(live, side, now + REFRESH_RETRY, offer=offer)
             return Step()
         allows_update = "UPDATE" in live.allows.get(side, frozenset())
-        method = "UPDATE" if allows_update and not offer else "INVITE"
-        body = b"" if method == "UPDATE" else live.sdp_sent.get(side, b"")
+        early = live.call.state is not CallState.CONFIRMED
+        if early and not allows_update:
+            # RFC 3261 14.1: no re-INVITE while the first INVITE is unanswered; only
+            # an UPDATE can offer in an early dialog (RFC 3311 5.1).
+            logger.info("x call %s: no early offer to %s", live.call.call_ref, side.value)
+            return Step()
+        method = "UPDATE" if allows_update and (early or not offer) else "INVITE"
+        sdp_sent = live.sdp_sent.get(side, b"")
+        body = sdp_sent if method == "INVITE" or offer else b""
         interval = self._interval(live, side)
         headers = [
             ("Session-Expires", f"{int(interval)};refresher=uac"),
@@ -4066,6 +4235,15 @@ class CallController:
         caller's INVITE and to each relayed request, CANCEL to unanswered forks, and
         ACKs for 2xx that may still come (``_ack_later``)."""
         step = Step()
+        reliable = live.a_reliable
+        if reliable is not None:
+            reliable.outstanding = None
+            reliable.queue.clear()
+            if reliable.held is not None:
+                # The 2xx never left (it waited for a PRACK): the caller gets a final
+                # answer below instead.
+                reliable.held = None
+                live.a_final = False
         if not live.a_final and live.invite_tx is not None:
             final = status if status >= 300 else 487 if hangup is LegSide.A else 480
             response = make_response(live.a_request, final, to_tag=live.call.a.local_tag)
@@ -4098,6 +4276,13 @@ class CallController:
                 elif not client.terminated:
                     relayed.cancel_pending = True
         live.relayed = None
+        for client in live.own_invites or ():
+            # A re-INVITE answered only 1xx would wait for ever in Proceeding.
+            if client.can_cancel:
+                step = step + self._send_cancel(live.call.call_ref, client, now)
+            elif not client.terminated:
+                self._cancel_on_1xx.add(client)
+        live.own_invites = None
         for tx, notify in live.early_notifies:
             # NOTIFYs that overtook a SUBSCRIBE's 2xx that never came: no subscription
             # (RFC 6665 4.1.2.4), and a non-INVITE transaction in Trying has no timer.

@@ -571,6 +571,29 @@ def test_reliable_183_is_pracked_by_the_sbc(lab: FlowLab) -> None:
     lab.cdrs.append(answered("2001", "to-uas", "outside", "inside", lab.uas))
 
 
+def test_a_caller_requiring_100rel_gets_a_reliable_183_and_its_prack_answered(
+    lab: FlowLab,
+) -> None:
+    caller, callee, caller_sipp, callee_sipp = call(
+        lab, "flow_uac_100rel.xml", "flow_uas_100rel.xml", service="2006"
+    )
+    assert caller.returncode == 0, explain(lab.sbc, caller, callee)
+    assert callee.returncode == 0, explain(lab.sbc, caller, callee)
+    # Reliable on the caller's leg: Require: 100rel, an RSeq of the SBC's own.
+    early = first(caller, "<SIP/2.0 183")
+    assert header(early, "Require") == ["100rel"]
+    (rseq,) = header(early, "RSeq")
+    assert 1 <= int(rseq) < 2**31
+    assert re.search(r"(?m)^m=audio (\d+) RTP/AVP 0", early)
+    # The caller's PRACK is answered by the SBC; the callee sees only the SBC's own.
+    ok = [m for m in caller.received if m.startswith("<SIP/2.0 200")]
+    assert "CSeq: 2 PRACK" in ok[0] and "CSeq: 1 INVITE" in ok[1]
+    (prack,) = [m for m in callee.received if m.startswith("<PRACK")]
+    assert re.search(r"(?m)^RAck: 1 1 INVITE\s*$", prack)
+    assert_hidden(caller, callee, caller_sipp, callee_sipp)
+    lab.cdrs.append(answered("2006", "to-uas", "outside", "inside", lab.uas))
+
+
 # -- 3. UPDATE, INFO both ways; REFER policy -----------------------------------------------
 
 

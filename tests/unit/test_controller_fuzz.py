@@ -635,6 +635,29 @@ def test_a_notify_ahead_of_a_subscribe_answer_that_never_comes_gets_481() -> Non
     assert [(r.status, r.cseq.method) for r in run.responses_to_b] == [(481, "NOTIFY")]
 
 
+def test_the_sbc_s_own_re_invite_answered_only_1xx_is_cancelled_when_the_call_ends() -> None:
+    # The callee's answer to the caller's re-INVITE has no Content-Type: the SBC offers
+    # it the old session again in a re-INVITE of its own, which it answers with 180
+    # only, then hangs up: that re-INVITE waited for ever in Proceeding.
+    run = replay(ANSWERED[:6], {5: Spoil("drop", "Content-Type")})
+    reoffer = latest(run.to_b, "INVITE")
+    assert reoffer is not None and reoffer.cseq.seq > run.to_b["INVITE"][1].cseq.seq
+    for make in (b_answers("INVITE", 180), ANSWERED[9], a_answers("BYE", 200)):
+        made = make(run)
+        assert made is not None
+        run.feed(made[0], made[1], None)
+    (cancel,) = {r.cseq.seq: r for r in run.to_b["CANCEL"]}.values()
+    assert cancel.via.branch == reoffer.via.branch
+    assert_nothing_left(run)
+
+
+def test_an_early_dialog_is_offered_again_by_update_never_re_invite() -> None:
+    # The callee's answer to an early UPDATE is unusable: no re-INVITE may go while
+    # the INVITE is unanswered (RFC 3261 14.1); the SBC sent one.
+    run = replay(EARLY[:6], {5: Spoil("drop", "Content-Type")})
+    assert len(run.to_b["INVITE"]) == 1
+
+
 SCRIPTS = {
     "answered": ANSWERED,
     "cancelled": CANCELLED,

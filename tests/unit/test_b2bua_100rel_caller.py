@@ -1,0 +1,178 @@
+"""Reliable provisionals towards a caller that requires them (RFC 3262 3).
+
+Carriers that require 100rel (IMS networks, many trunks) got 420 Bad Extension
+before: the B2BUA PRACKed the callee's reliable provisionals but answered the caller
+only unreliably. Now a caller's ``Require: 100rel`` makes every provisional but 100
+reliable on the A leg: ``Require: 100rel`` and an RSeq, retransmitted from T1,
+doubling, until the caller's PRACK; one at a time; a 2xx waits for the PRACK of a
+provisional that carried SDP; no PRACK in 64*T1 refuses the call with 500.
+"""
+
+from __future__ import annotations
+
+from sbc.sip.message import Request, Response
+from tests.unit.test_controller_fuzz import (
+    ANSWER,
+    B_CONTACT,
+    CALLER,
+    OFFER,
+    TRUNK,
+    Message,
+    Run,
+    answer,
+    assert_nothing_left,
+    controller,
+    from_a,
+    latest,
+    next_deadline,
+)
+
+T1 = 0.5
+
+
+def call(*, require: bool = True) -> Run:
+    run = Run(controller())
+    invite = from_a("INVITE", 1, "inv1", run, OFFER)
+    if require:
+        invite.headers.append(("Require", "100rel"))
+    run.feed(invite, CALLER, None)
+    return run
+
+
+def from_b(run: Run, status: int, body: str = "", reliable: int | None = None) -> None:
+    invite = latest(run.to_b, "INVITE")
+    assert invite is not None
+    message = answer(invite, status, "bobtag", B_CONTACT, body)
+    if reliable is not None:
+        message.headers += [("Require", "100rel"), ("RSeq", str(reliable))]
+    run.feed(message, TRUNK, None)
+
+
+def prack(run: Run, response: Response, cseq: int = 2) -> list[Response]:
+    message = from_a("PRACK", cseq, f"prack{cseq}", run)
+    message.headers.append(("RAck", f"{response.headers.get('RSeq')} 1 INVITE"))
+    return fed(run, message)
+
+
+def fed(run: Run, message: Message) -> list[Response]:
+    before = len(run.responses_to_a)
+    run.feed(message, CALLER, None)
+    return run.responses_to_a[before:]
+
+
+def provisionals(run: Run) -> list[Response]:
+    return [r for r in run.responses_to_a if 100 < r.status < 200]
+
+
+def until(run: Run, when: float) -> None:
+    """Run every timer due up to ``when``, as SbcNode would."""
+    c = run.controller
+    while (deadline := next_deadline(c)) is not None and deadline <= when:
+        run.now = max(run.now, deadline)
+        step = c.handle_timers(run.now)
+        run.absorb(step + c.handle(c.transactions.handle_timers(run.now), run.now))
+    run.now = max(run.now, when)
+
+
+def test_a_caller_requiring_100rel_gets_reliable_provisionals_retransmitted_until_prack() -> None:
+    run = call()
+    from_b(run, 183, ANSWER, reliable=1)
+    (p183,) = provisionals(run)
+    assert p183.tokens("Require") == ("100rel",)
+    rseq = int(p183.headers.get("RSeq") or "0")
+    assert 1 <= rseq < 2**31
+    assert b"m=audio" in p183.body
+    start = run.now
+    until(run, start + T1 + 0.01)
+    until(run, start + 3 * T1 + 0.01)
+    assert [r.status for r in provisionals(run)] == [183, 183, 183]  # at T1, then 2*T1
+    (ok,) = prack(run, p183)
+    assert (ok.status, ok.cseq.method) == (200, "PRACK")
+    until(run, start + 30)
+    assert len(provisionals(run)) == 3  # no more once PRACKed
+    # The callee's PRACK is the B2BUA's own: the caller's is not relayed.
+    assert {r.cseq.seq for r in run.to_b["PRACK"]} == {run.to_b["PRACK"][0].cseq.seq}
+
+
+def test_a_prack_for_no_outstanding_provisional_gets_481() -> None:
+    run = call()
+    from_b(run, 180)
+    (ringing,) = provisionals(run)
+    wrong = from_a("PRACK", 2, "prack2", run)
+    wrong.headers.append(("RAck", f"{int(ringing.headers.get('RSeq') or 0) + 1} 1 INVITE"))
+    assert [r.status for r in fed(run, wrong)] == [481]
+    assert [r.status for r in prack(run, ringing, cseq=3)] == [200]
+    assert [r.status for r in prack(run, ringing, cseq=4)] == [481]  # already PRACKed
+
+
+def test_provisionals_go_one_at_a_time_rseq_by_one() -> None:
+    run = call()
+    from_b(run, 180)
+    from_b(run, 183, ANSWER, reliable=1)
+    (first,) = provisionals(run)  # the 183 waits for the 180's PRACK
+    assert first.status == 180
+    prack(run, first)
+    second = provisionals(run)[-1]
+    assert second.status == 183
+    assert int(second.headers.get("RSeq") or 0) == int(first.headers.get("RSeq") or 0) + 1
+
+
+def test_a_2xx_waits_for_the_prack_of_a_provisional_with_sdp() -> None:
+    run = call()
+    from_b(run, 183, ANSWER, reliable=1)
+    (p183,) = provisionals(run)
+    from_b(run, 200, ANSWER)
+    assert not [r for r in run.responses_to_a if r.status == 200]
+    until(run, run.now + 2 * T1 + 0.01)  # the 2xx's own retransmission holds off too
+    assert not [r for r in run.responses_to_a if r.status == 200]
+    answered = prack(run, p183)
+    assert [(r.status, r.cseq.method) for r in answered] == [(200, "PRACK"), (200, "INVITE")]
+
+
+def test_a_2xx_after_a_provisional_without_sdp_goes_at_once() -> None:
+    run = call()
+    from_b(run, 180)
+    from_b(run, 200, ANSWER)
+    assert [(r.status, r.cseq.method) for r in run.responses_to_a[-1:]] == [(200, "INVITE")]
+
+
+def test_a_rejection_goes_at_once_and_ends_the_retransmissions() -> None:
+    run = call()
+    from_b(run, 180)
+    from_b(run, 486)
+    assert [r.status for r in run.responses_to_a if r.status >= 200] == [486]
+    until(run, run.now + 40)
+    assert [r.status for r in provisionals(run)] == [180]
+
+
+def test_no_prack_in_64_t1_refuses_the_call_with_500() -> None:
+    run = call()
+    from_b(run, 180)
+    until(run, run.now + 64 * T1 + 1)
+    # (The 500 is retransmitted until the caller's ACK, which this one never sends.)
+    assert {r.status for r in run.responses_to_a if r.status >= 200} == {500}
+    assert len(provisionals(run)) == 7  # sent, then at 0.5, 1.5, 3.5, 7.5, 15.5, 31.5 s
+    cancel = latest(run.to_b, "CANCEL")
+    assert isinstance(cancel, Request) and cancel.cseq.seq == 1
+    assert len(run.controller) == 0
+
+
+def test_a_caller_that_only_supports_100rel_gets_them_unreliably() -> None:
+    run = call(require=False)  # its INVITE says Supported: timer, 100rel
+    from_b(run, 183, ANSWER, reliable=1)
+    (p183,) = provisionals(run)
+    assert p183.headers.get("RSeq") is None and "100rel" not in p183.tokens("Require")
+
+
+def test_a_cancel_while_the_2xx_waits_for_the_prack_ends_the_call() -> None:
+    run = call()
+    from_b(run, 183, ANSWER, reliable=1)
+    from_b(run, 200, ANSWER)  # held: the 183 carried SDP and is not PRACKed
+    cancel = from_a("CANCEL", 1, "inv1", run)
+    answered = fed(run, cancel)
+    assert sorted((r.status, r.cseq.method) for r in answered) == [
+        (200, "CANCEL"),
+        (487, "INVITE"),
+    ]
+    assert [r.method for r in run.to_b.get("BYE", [])][:1] == ["BYE"]
+    assert_nothing_left(run)
