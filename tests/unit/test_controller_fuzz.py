@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sbc.b2bua.controller import AllocateMedia, CallController, CallTimers, Step
+from sbc.b2bua.controller import AllocateMedia, CallController, CallTimers, RealmPolicy, Step
 from sbc.b2bua.local import LocalResponder
 from sbc.b2bua.realm import Hop, Realm, RealmTable
 from sbc.b2bua.routing import RouteAction, Router, RouteRule
@@ -45,7 +45,7 @@ MAX_DURATION = 3_600
 
 FUZZ_SECONDS = float(os.environ.get("SBC_FUZZ_SECONDS") or 0)
 SETTINGS = settings(
-    max_examples=2_000 if FUZZ_SECONDS else 250,
+    max_examples=5_000 if FUZZ_SECONDS else 1_000,
     deadline=None,
     derandomize=not FUZZ_SECONDS,
     database=None,
@@ -538,6 +538,45 @@ OUT_OF_DIALOG: Script = [
     a_answers("NOTIFY", 200),
 ]
 
+
+def refer_from_a(run: Run) -> tuple[Message, Flow] | None:
+    message = from_a("REFER", 2, "refer2", run)
+    message.headers += [("Refer-To", "<sip:carol@198.51.100.9>"), ("Referred-By", A_FROM)]
+    return message, CALLER
+
+
+def notify_from_b(state: str, frag: str, cseq: int) -> Callable[[Run], tuple[Message, Flow] | None]:
+    def make(run: Run) -> tuple[Message, Flow] | None:
+        message = from_b("NOTIFY", cseq, run)
+        if message is None:
+            return None
+        message.headers += [
+            ("Event", "refer"),
+            ("Subscription-State", state),
+            ("Content-Type", "message/sipfrag"),
+        ]
+        message.body = frag
+        return message, TRUNK
+
+    return make
+
+
+#: The caller transfers the callee (REFER relayed), the callee reports progress in
+#: NOTIFYs, then the caller hangs up.
+TRANSFER: Script = [
+    lambda run: (from_a("INVITE", 1, "inv1", run, OFFER), CALLER),
+    b_answers("INVITE", 200, ANSWER),
+    lambda run: (from_a("ACK", 1, "ack1", run), CALLER),
+    refer_from_a,
+    b_answers("REFER", 202),
+    notify_from_b("active;expires=60", "SIP/2.0 100 Trying\r\n", 20),
+    a_answers("NOTIFY", 200),
+    notify_from_b("terminated;reason=noresource", "SIP/2.0 200 OK\r\n", 21),
+    a_answers("NOTIFY", 200),
+    lambda run: (from_a("BYE", 3, "bye3", run), CALLER),
+    b_answers("BYE", 200),
+]
+
 CANCELLED: Script = [
     lambda run: (from_a("INVITE", 1, "inv1", run, OFFER), CALLER),
     b_answers("INVITE", 183, ANSWER),
@@ -555,7 +594,11 @@ def controller() -> CallController:
         [RouteRule("core", RouteAction.TRUNK, "outside", realm="inside", destination=CORE)]
     )
     timers = CallTimers(max_duration=MAX_DURATION, no_answer_timeout=120, session_expires=0)
-    return CallController(TransactionLayer(), realms, router, LocalResponder(), timers=timers)
+    # Transfers are relayed both ways, so that REFER and its NOTIFYs are played too.
+    policies = {name: RealmPolicy(refer_relay=True) for name in ("outside", "inside")}
+    return CallController(
+        TransactionLayer(), realms, router, LocalResponder(), timers=timers, policies=policies
+    )
 
 
 def play(script: Script, spoilt: dict[int, Spoil]) -> Run:
@@ -664,6 +707,7 @@ SCRIPTS = {
     "held by b": HELD_BY_B,
     "early": EARLY,
     "out of dialog": OUT_OF_DIALOG,
+    "transfer": TRANSFER,
 }
 
 
