@@ -218,7 +218,9 @@ class AdmissionControl:
 
     # -- decisions ---------------------------------------------------------------------
 
-    def admit(self, realms: Iterable[str], trunk: str | None, now: float) -> Decision:
+    def admit(
+        self, realms: Iterable[str], trunk: str | None, now: float, *, replacing: bool = False
+    ) -> Decision:
         """Admit a new call touching ``realms`` (both legs') and ``trunk`` at ``now``.
 
         The node's ``busy`` check comes first, then the scopes in order (realms as
@@ -226,6 +228,11 @@ class AdmissionControl:
         returned, with the longest Retry-After of every scope that refuses, and
         nothing is charged. When every scope agrees, each holds one more call and
         spends one rate token.
+
+        ``replacing``: the call replaces one the SBC holds (an INVITE with Replaces,
+        RFC 3891: an attended transfer), which ends once it is answered. It adds no
+        concurrent call, so only the rate limits apply; it is counted as usual, and
+        for the moment both are up a scope holds one call over its limit.
         """
         if self.busy is not None and self.busy():
             self._state(_NODE).refused_busy += 1
@@ -233,7 +240,7 @@ class AdmissionControl:
         ticket = self._ticket(realms, trunk)
         keys = ticket.scopes
         for index, key in enumerate(keys):
-            refusal = self._check(key, now)
+            refusal = self._check(key, now, concurrent=not replacing)
             if refusal is None:
                 continue
             state = self._state(key)
@@ -244,7 +251,9 @@ class AdmissionControl:
             # The first refusal names the scope; the wait is the longest of every
             # scope that refuses now, so a caller that honours Retry-After is not
             # refused again by the next one (the realm had a token, the trunk not).
-            later = (self._check(other, now) for other in keys[index + 1 :])
+            later = (
+                self._check(other, now, concurrent=not replacing) for other in keys[index + 1 :]
+            )
             wait = max([refusal.retry_after, *(r.retry_after for r in later if r is not None)])
             refusal = replace(refusal, retry_after=wait)
             logger.debug(
@@ -382,14 +391,17 @@ class AdmissionControl:
             state = self._states[key] = _ScopeState()
         return state
 
-    def _check(self, key: tuple[AdmissionScope, str], now: float) -> Refused | None:
-        """The refusal ``key`` gives a new call at ``now``, or None; charges nothing."""
+    def _check(
+        self, key: tuple[AdmissionScope, str], now: float, *, concurrent: bool = True
+    ) -> Refused | None:
+        """The refusal ``key`` gives a new call at ``now``, or None; charges nothing.
+        ``concurrent``: the concurrent-call limit applies too."""
         limits = self._limits.get(key)
         if limits is None:
             return None
         state = self._state(key)
         scope, name = key
-        if limits.max_calls is not None and state.active >= limits.max_calls:
+        if concurrent and limits.max_calls is not None and state.active >= limits.max_calls:
             return Refused(scope, name, RefusalReason.CONCURRENT, self._retry_after)
         rate, burst = limits.calls_per_second, limits.burst
         if rate is None or burst is None:

@@ -1808,7 +1808,9 @@ class CallController:
                     )
         ticket = None
         if self.admission is not None:
-            verdict = self.admission.admit((realm.name, target_realm.name), trunk, now)
+            verdict = self.admission.admit(
+                (realm.name, target_realm.name), trunk, now, replacing=replaced is not None
+            )
             if isinstance(verdict, Refused):
                 if verdict.reason is RefusalReason.BUSY:
                     # A line a call would add to the load that causes them.

@@ -503,3 +503,22 @@ def test_rate_refusal_retry_after_is_tight(rate: float, burst: int, start: float
         refused(control.admit(["r"], None, start + refusal.retry_after - 1))
     # ...and retrying when advised works.
     admitted(control.admit(["r"], None, start + refusal.retry_after))
+
+
+def test_a_call_replacing_another_skips_the_concurrent_limit_only() -> None:
+    control = AdmissionControl({"outside": Limits(max_calls=1, calls_per_second=1)}, {})
+    first = control.admit(["outside"], None, 0.0)
+    assert isinstance(first, Admitted)
+    # Over the concurrent limit: refused, unless it replaces a call the SBC holds ...
+    refused = control.admit(["outside"], None, 5.0)
+    assert isinstance(refused, Refused) and refused.reason is RefusalReason.CONCURRENT
+    second = control.admit(["outside"], None, 5.0, replacing=True)
+    assert isinstance(second, Admitted)
+    assert control.active("realm", "outside") == 2
+    # ... but the rate still applies to it (the bucket was emptied at 5.0).
+    third = control.admit(["outside"], None, 5.1, replacing=True)
+    assert isinstance(third, Refused) and third.reason is RefusalReason.RATE
+    control.release(first.ticket)
+    control.release(second.ticket)
+    control.release(second.ticket)  # twice: nothing more
+    assert control.active("realm", "outside") == 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import urllib.parse
 
+from sbc.b2bua.admission import AdmissionControl, Limits
 from sbc.b2bua.controller import CallController, RealmPolicy
 from sbc.b2bua.routing import RouteAction, RouteRule
 from sbc.sip.message import Request
@@ -21,6 +22,7 @@ from tests.unit.test_b2bua_flows import (
     answer,
     controller,
     from_a,
+    from_b,
     hop_of,
     invite_text,
     receive,
@@ -135,3 +137,31 @@ def test_a_refer_whose_replaces_names_nothing_loses_it() -> None:
     refer_to = f"Refer-To: <sip:carol@198.51.100.1?Replaces={value}>\r\n"
     (refer,) = requests(receive(c, from_a("REFER", ok.to.tag, 2, extra=refer_to), CALLER, 2.0))
     assert refer.headers.get("Refer-To") == "<sip:carol@203.0.113.1:5060>"
+
+
+def test_an_invite_replacing_a_call_is_not_refused_for_the_realm_s_concurrent_limit() -> None:
+    # An attended transfer's INVITE replaces a call the SBC holds, which ends once it is
+    # answered: at the realm's concurrent-call limit it was refused with 503.
+    admission = AdmissionControl({"outside": Limits(max_calls=1)}, {})
+    c = controller(admission=admission)
+    carol_invite, sbc_tag = first_call(c)
+    assert admission.active("realm", "outside") == 1
+    # At the limit, a new call is refused ...
+    third = invite_text(call_id="third@198.51.100.9", via_branch="z9hG4bKthird")
+    assert [s for s in statuses(receive(c, third, CALLER, 1.0)) if s != 100] == [503]
+    # ... but not an INVITE that replaces the call up.
+    extra = f"Replaces: {replaces(FIRST_CALL_ID, sbc_tag, 'alicetag')}\r\n"
+    text = invite_text(call_id="second@198.51.100.9", via_branch="z9hG4bKsecond", extra=extra)
+    step = receive(c, text, CALLER, 1.0)
+    assert statuses(step) == [100]
+    (allocate,) = step.media
+    (invite,) = requests(c.media_allocated(allocate.call_ref, session("s2"), 1.0), "INVITE")
+    assert admission.active("realm", "outside") == 2  # both up, for the moment
+    (ok,) = responses(receive(c, answer(invite, 200, ANSWER, tag="carol2"), TRUNK, 1.1))
+    assert ok.status == 200
+    # The far side ends the replaced call (RFC 3891 3): one call, one count.
+    bye = from_b(carol_invite, "BYE", 2, tag="carolside")
+    assert 200 in statuses(receive(c, bye, TRUNK, 1.2))
+    assert len(c) == 1 and admission.active("realm", "outside") == 1
+    c.shutdown(2.0)
+    assert len(c) == 0 and admission.active("realm", "outside") == 0
