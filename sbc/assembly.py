@@ -243,6 +243,9 @@ class EmbeddedRegistrar:
             failed_user=None if failure is None else failure.username,
         )
 
+    def answers_challenge(self, request: Request, now: float) -> bool:
+        return self.registrar.answers_challenge(request, self.wall())
+
     def authenticate(
         self, request: Request, now: float, *, source: str | None = None
     ) -> AuthVerdict:

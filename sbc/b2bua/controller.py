@@ -390,6 +390,8 @@ class RegistrarPort(Protocol):
         self, request: Request, now: float, *, source: str | None = None
     ) -> AuthVerdict: ...
 
+    def answers_challenge(self, request: Request, now: float) -> bool: ...
+
 
 class RegisterForward(Protocol):
     """A REGISTER a relay wants sent upstream (``sbc.registrar.relay.Forward``)."""
@@ -1495,7 +1497,16 @@ class CallController:
             relayed = realm.name in self.register_relays
             if relayed or (policy.registrar and self.registrar is not None):
                 if policy.registers_per_second:
-                    wait = self.register_rate.take(realm.name, policy.registers_per_second, now)
+                    # The answer to a challenge of ours completes a registration the
+                    # bucket let start: it goes on, charged (``RegisterRate.take``).
+                    answer = (
+                        not relayed
+                        and self.registrar is not None
+                        and self.registrar.answers_challenge(request, now)
+                    )
+                    wait = self.register_rate.take(
+                        realm.name, policy.registers_per_second, now, answer=answer
+                    )
                     if wait is not None:
                         return self._register_storm(tx, request, realm.name, wait, now)
                 if relayed:

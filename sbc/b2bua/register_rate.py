@@ -6,9 +6,15 @@ the backlog: a registration storm. With ``registers_per_second`` set on a realm,
 the REGISTERs above that rate (a token bucket holding one second's worth) are
 answered at once with ``503 Service Unavailable`` and a ``Retry-After`` (RFC 3261
 21.5.4, 20.33) drawn at random from :data:`RETRY_AFTER`, so the refused phones come
-back spread over most of a minute instead of together. A digest registration is two
-REGISTERs (the challenged one and the one with credentials): a rate of 50 lets
-about 25 phones a second register.
+back spread over most of a minute instead of together.
+
+A digest registration is two REGISTERs: the one the registrar challenges and the
+one answering that challenge. Both are counted, so a rate of 50 lets about 25
+phones a second register; but the answer is never refused while the bucket has
+room for debt (one second's worth): a phone that was challenged registers, rather
+than being turned away after the SBC spent a challenge on it, and the challenges
+that follow wait until the debt is paid. Only the embedded registrar can tell an
+answer (its nonces are its own); in relay mode every REGISTER counts alike.
 
 Pure: no I/O, no clock (``now`` is monotonic seconds). Realm names come from the
 configuration, so the table is bounded by it.
@@ -40,9 +46,10 @@ class RegisterRate:
         self._buckets: dict[str, _Bucket] = {}
         self._rng = rng or random.Random()
 
-    def take(self, realm: str, rate: float, now: float) -> int | None:
+    def take(self, realm: str, rate: float, now: float, *, answer: bool = False) -> int | None:
         """None when a REGISTER may go on in ``realm`` at ``rate`` a second (and it is
-        counted); else the Retry-After seconds of its 503."""
+        counted); else the Retry-After seconds of its 503. ``answer``: it answers a
+        challenge of the registrar's, and may take the bucket into debt."""
         burst = max(1.0, math.ceil(rate))
         bucket = self._buckets.get(realm)
         if bucket is None:
@@ -51,7 +58,7 @@ class RegisterRate:
         # A reload that changed the rate applies from now on.
         bucket.tokens = min(burst, bucket.tokens + elapsed * bucket.rate)
         bucket.rate, bucket.last = rate, now
-        if bucket.tokens >= 1.0 - 1e-9:
+        if bucket.tokens >= 1.0 - 1e-9 or (answer and bucket.tokens >= 1.0 - burst - 1e-9):
             bucket.tokens -= 1.0
             return None
         bucket.refused += 1

@@ -353,7 +353,8 @@ class RealmConfig(Section):
             "REGISTERs a second the registrar or relay of this realm takes (one second's"
             " worth at once); above, 503 with a Retry-After of 10-60 s drawn at random,"
             " so a registration storm comes back spread out. A digest registration is"
-            " two REGISTERs. null = no limit.",
+            " two REGISTERs; the one answering the embedded registrar's challenge is"
+            " let through up to one second's worth of debt. null = no limit.",
             min=0.1,
             max=100_000,
         ),

@@ -516,6 +516,20 @@ class Registrar:
 
     # ------------------------------------------------------------------ flows
 
+    def answers_challenge(self, request: Request, now: float) -> bool:
+        """Whether ``request`` answers a challenge of ours: an Authorization for our
+        realm whose nonce this registrar issued and is still fresh (the second
+        REGISTER of a digest exchange). Nothing is verified beyond the nonce."""
+        realm = self.digest.config.realm
+        for value in request.headers.fields("Authorization"):
+            try:
+                parsed = parse_credentials(value)
+            except ParseError:
+                continue
+            if isinstance(parsed, DigestCredentials) and parsed.realm == realm:
+                return self.digest.nonce_fresh(parsed.nonce, now)
+        return False
+
     def connection_closed(self, connection_id: int, now: float) -> list[Binding]:
         """Remove every binding registered over TCP/TLS connection ``connection_id``,
         which has closed (module docstring, Closed flows); returns them, what a

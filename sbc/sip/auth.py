@@ -905,6 +905,12 @@ class DigestServer:
         (issued_at,) = _NONCE_TIME.unpack(stamp)
         return issued_at if math.isfinite(issued_at) else None
 
+    def nonce_fresh(self, nonce: str, now: float) -> bool:
+        """Whether ``nonce`` is one of ours and still within its lifetime (cheap: an
+        HMAC, no user lookup; says nothing of whether it was used already)."""
+        issued_at = self.nonce_issued_at(nonce)
+        return issued_at is not None and not self._expired(issued_at, now)
+
     def _expired(self, issued_at: float, now: float) -> bool:
         age = now - issued_at
         return age > self.config.nonce_lifetime or age < -NONCE_MAX_FUTURE_SKEW

@@ -590,6 +590,9 @@ class StubRegistrar:
     def register(self, *args: object) -> RegisterOutcome:
         raise AssertionError("no REGISTER in these tests")
 
+    def answers_challenge(self, request: Request, now: float) -> bool:
+        raise AssertionError("no REGISTER in these tests")
+
     def authenticate(
         self, request: Request, now: float, *, source: str | None = None
     ) -> AuthVerdict:

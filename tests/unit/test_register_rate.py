@@ -13,8 +13,10 @@ from sbc.assembly import EmbeddedRegistrar, realm_policies
 from sbc.b2bua.controller import RealmPolicy
 from sbc.b2bua.register_rate import RETRY_AFTER, RegisterRate
 from sbc.config.loader import ConfigError
+from sbc.sip.auth import DigestClient
+from sbc.sip.message import Request, Response
 from tests.unit.test_b2bua_flows import CALLER, controller, receive, responses
-from tests.unit.test_registrar import make_registrar, register
+from tests.unit.test_registrar import PASSWORDS, RURI, make_registrar, register
 from tests.unit.test_timer_c import load
 
 # -- the bucket -------------------------------------------------------------------------
@@ -59,6 +61,18 @@ def test_a_new_rate_applies_from_the_reload_on() -> None:
     assert rate.take("a", 100, 0.51) is None
 
 
+def test_an_answer_to_a_challenge_may_take_the_bucket_into_debt_of_one_second() -> None:
+    rate = RegisterRate()
+    assert [rate.take("a", 2, 0.0) for _ in range(2)] == [None, None]
+    assert rate.take("a", 2, 0.0) is not None  # a new REGISTER: refused
+    # Answers go on, charged, down to one second's worth of debt; then refused too.
+    assert [rate.take("a", 2, 0.0, answer=True) for _ in range(2)] == [None, None]
+    assert rate.take("a", 2, 0.0, answer=True) is not None
+    # The debt is paid first: a second later the bucket is back at zero only.
+    assert rate.take("a", 2, 1.0) is not None
+    assert rate.take("a", 2, 1.5) is None
+
+
 # -- through the controller ---------------------------------------------------------------------
 
 
@@ -90,6 +104,42 @@ def test_registers_over_the_realm_s_rate_get_503_with_retry_after(
     # Logged once for the burst, not once a REGISTER.
     lines = [r.getMessage() for r in caplog.records if "REGISTERs a second" in r.getMessage()]
     assert lines == ["x realm outside: over 10 REGISTERs a second, refusing with 503"]
+
+
+def test_a_challenged_phone_s_answer_is_not_shed_and_others_wait_for_the_debt() -> None:
+    # Ten phones challenged at once by a realm of 10/s; their answers came right
+    # after, and used to get 503: the challenges were wasted and nobody registered.
+    wall = [1_700_000_000.0]
+    c = controller(
+        registrar=EmbeddedRegistrar(make_registrar(), wall=lambda: wall[0]),
+        policies={"outside": RealmPolicy(registrar=True, registers_per_second=10)},
+    )
+
+    def send(request: Request, now: float) -> Response:
+        (response,) = responses(receive(c, bytes(request).decode(), CALLER, now))
+        return response
+
+    # (Each its own CSeq: the Via branch is made of it, and one branch is one transaction.)
+    challenges = [
+        send(register(user=user, call_id=f"{user}-{n}@phone", cseq=2 * n + 1), 0.0)
+        for n, user in enumerate(["alice", "bob"] * 5)
+    ]
+    assert [r.status for r in challenges] == [401] * 10
+    for n, (user, challenge) in enumerate(zip(["alice", "bob"] * 5, challenges, strict=True)):
+        authorization = DigestClient(user, PASSWORDS[user]).respond(
+            challenge.headers.fields("WWW-Authenticate"), method="REGISTER", uri=RURI
+        )
+        request = register(
+            user=user, call_id=f"{user}-{n}@phone", cseq=2 * n + 2, authorization=authorization
+        )
+        assert send(request, 0.1).status == 200
+    # A new phone waits for the debt the answers ran up (10 at 10/s) to be paid ...
+    assert send(register(user="alice", call_id="late@phone", cseq=30), 1.0).status == 503
+    # ... and an answer that is not to a challenge of ours counts as a new REGISTER.
+    forged = 'Digest username="bob", realm="sbc", nonce="bm90LW91cnM", uri="sip:x", response="0"'
+    request = register(user="bob", call_id="f@phone", cseq=31, authorization=forged)
+    assert send(request, 1.0).status == 503
+    assert send(register(user="alice", call_id="later@phone", cseq=32), 2.2).status == 401
 
 
 def test_without_a_rate_every_register_reaches_the_registrar() -> None:
