@@ -423,11 +423,16 @@ def a_answers_sdp(method: str, status: int) -> Callable[[Run], tuple[Message, Fl
     return make
 
 
-#: The callee puts the call on hold, the caller hangs up.
-HELD_BY_B: Script = [
+#: A call answered at once: INVITE, 200, ACK.
+CALL_UP: Script = [
     lambda run: (from_a("INVITE", 1, "inv1", run, OFFER), CALLER),
     b_answers("INVITE", 200, ANSWER),
     lambda run: (from_a("ACK", 1, "ack1", run), CALLER),
+]
+
+#: The callee puts the call on hold, the caller hangs up.
+HELD_BY_B: Script = [
+    *CALL_UP,
     b_reinvite,
     a_answers_sdp("INVITE", 200),
     b_ack,
@@ -564,9 +569,7 @@ def notify_from_b(state: str, frag: str, cseq: int) -> Callable[[Run], tuple[Mes
 #: The caller transfers the callee (REFER relayed), the callee reports progress in
 #: NOTIFYs, then the caller hangs up.
 TRANSFER: Script = [
-    lambda run: (from_a("INVITE", 1, "inv1", run, OFFER), CALLER),
-    b_answers("INVITE", 200, ANSWER),
-    lambda run: (from_a("ACK", 1, "ack1", run), CALLER),
+    *CALL_UP,
     refer_from_a,
     b_answers("REFER", 202),
     notify_from_b("active;expires=60", "SIP/2.0 100 Trying\r\n", 20),
