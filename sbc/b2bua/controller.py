@@ -780,6 +780,9 @@ class _Orphan:
     byed: set[str] = field(default_factory=set)
     #: Its CANCEL waits for a provisional response (RFC 3261 9.1).
     cancel_pending: bool = False
+    #: The fork it was, while its call still rings elsewhere (a group that rang out,
+    #: a Timer C): a 2xx that crosses the CANCEL then answers the call (``_rejoin``).
+    fork: _Fork | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -1173,8 +1176,9 @@ class CallController:
         CANCELled; without one it is taken as answered 408, and a provisional that
         still comes gets the CANCEL then (9.1). Either way the attempt counts as a 408:
         the next target is tried (as for the 408 of Timer B), or the caller hears the
-        best answer. The INVITE is let go of like an orphan of Timer B: a 2xx that
-        crosses the CANCEL is ACKed and hung up."""
+        best answer. The INVITE is let go of like an orphan of Timer B; a 2xx that
+        crosses the CANCEL answers the call if it still rings (``_rejoin``), else it
+        is ACKed and hung up."""
         call_ref = live.call.call_ref
         progress = self.timers.progress_timeout
         logger.info(
@@ -1985,8 +1989,8 @@ class CallController:
         (a sequential search need not wait for their final answers as RFC 3261 16.6
         has it: a desk phone nobody picks up rings for minutes): they are CANCELled
         (9.1: a fork without a provisional gets its CANCEL on its first one) and let
-        go of like forks whose Timer C fired, so a 2xx that crosses the CANCEL is
-        ACKed and hung up; the contacts of the next lower q are forked. No group
+        go of like forks whose Timer C fired (a 2xx that crosses the CANCEL answers
+        the call, ``_rejoin``); the contacts of the next lower q are forked. No group
         follows the last: it rings on, until ``no_answer_timeout``."""
         live.group_due = None
         call = live.call
@@ -2850,7 +2854,10 @@ class CallController:
         if role.role == "invite" and isinstance(tx, ClientInviteTransaction):
             fork = live.forks.get(tx)
             if fork is None:
-                # Its call let go of it (Timer C) and tries another target meanwhile.
+                fork = self._rejoin(live, tx, response)
+            if fork is None:
+                # Its call let go of it (Timer C, its group rang out) and tries other
+                # targets meanwhile.
                 return self._let_go_response(tx, role.call_ref, response, now)
             return self._invite_response(live, fork, response, now)
         if role.role == "subscribe":
@@ -3630,6 +3637,26 @@ class CallController:
             return self._orphan_cancel(tx, call_ref, now)
         return self._orphan_response(response, now)
 
+    def _rejoin(self, live: _Live, tx: ClientInviteTransaction, response: Response) -> _Fork | None:
+        """A 2xx from a target the call let go of (its group rang out, its Timer C
+        fired) while the call still rings elsewhere: the callee picked up as the CANCEL
+        crossed. Hanging up on it would drop the person who answered: the fork is taken
+        back and answers the call (the others are CANCELled as for any answer)."""
+        if not 200 <= response.status < 300 or live.winner is not None or live.a_final:
+            return None
+        if live.call.state not in (CallState.CALLING, CallState.EARLY):
+            return None
+        key = (tx.request.call_id, tx.request.from_.tag or "")
+        orphan = self._orphans.get(key)
+        fork = None if orphan is None else orphan.fork
+        if fork is None or fork.tx is not tx:
+            return None
+        del self._orphans[key]
+        live.forks[tx] = fork
+        self._by_dialog[key] = (live.call.call_ref, LegSide.B)
+        logger.info("- call %s: answered by a target let go of, taking it", live.call.call_ref)
+        return fork
+
     def _adopt(self, call_ref: str, fork: _Fork, now: float) -> None:
         orphans = self._orphans
         _make_room(orphans, now)
@@ -3638,8 +3665,15 @@ class CallController:
             # A 2xx can come as long as the callee retransmits it (64*T1) after
             # answering at the last moment the INVITE was still alive.
             expires = now + 2 * 64 * self.transactions.config.t1
+            live = self._calls.get(call_ref)
+            ringing = live is not None and live.call.state is not CallState.TERMINATED
             orphans[key] = _Orphan(
-                call_ref, fork.leg, fork.dialogs, expires, cancel_pending=fork.cancel_pending
+                call_ref,
+                fork.leg,
+                fork.dialogs,
+                expires,
+                cancel_pending=fork.cancel_pending,
+                fork=fork if ringing else None,
             )
 
     def _orphan_cancel(self, tx: ClientInviteTransaction, call_ref: str, now: float) -> Step:

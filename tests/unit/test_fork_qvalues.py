@@ -211,19 +211,30 @@ def test_a_ringing_desk_phone_is_cancelled_after_the_ring_time_and_the_mobile_ri
     assert cancel.via.branch == desk.via.branch and hop_of(step, "CANCEL") == BOB1
     mobile = only_invite(step, desk)
     assert hop_of(step, "INVITE") == BOB2 and responses(step) == []
-    # The desk phone answered before it saw the CANCEL: ACKed and hung up.
-    step = receive(c, answer(desk, 200, ANSWER, tag="desk"), BOB1_FLOW, 20.1)
-    assert responses(step) == []
-    assert [(r.method, r.call_id) for r in requests(step)] == [
-        ("ACK", desk.call_id),
-        ("BYE", desk.call_id),
-    ]
     step = receive(
         c, answer(mobile, 200, ANSWER, tag="mob", contact=MOBILE_CONTACT), BOB2_FLOW, 21.0
     )
     assert statuses(step) == [200]
     (call,) = c.calls()
     assert call.state is CallState.CONFIRMED and call.b.call_id == mobile.call_id
+
+
+def test_a_desk_phone_picked_up_as_its_ring_time_ran_out_answers_the_call() -> None:
+    # Its 200 crossed the CANCEL: the person who picked up gets the call (the SBC
+    # used to ACK and hang up on them), and the mobile is CANCELled instead.
+    c = sequential()
+    desk, _, _ = first_group(c)
+    receive(c, answer(desk, 180, tag="desk"), BOB1_FLOW, 1.0)
+    mobile = only_invite(advance(c, 20.0), desk)
+    receive(c, answer(mobile, 180, tag="mob", contact=MOBILE_CONTACT), BOB2_FLOW, 20.05)
+    step = receive(c, answer(desk, 200, ANSWER, tag="desk"), BOB1_FLOW, 20.1)
+    assert statuses(step) == [200]
+    assert [(r.method, r.call_id) for r in requests(step)] == [
+        ("ACK", desk.call_id),
+        ("CANCEL", mobile.call_id),
+    ]
+    (call,) = c.calls()
+    assert call.state is CallState.CONFIRMED and call.b.call_id == desk.call_id
 
 
 def test_a_desk_phone_that_rang_out_counts_as_unavailable_when_the_mobile_is_unreachable() -> None:

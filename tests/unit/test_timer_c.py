@@ -147,23 +147,28 @@ def test_timer_c_without_a_provisional_fails_over_as_a_408_without_cancel() -> N
     assert call.state is CallState.CONFIRMED and call.gateway == "gw2"
 
 
-def test_a_2xx_crossing_the_timer_c_cancel_is_acked_and_hung_up_while_the_call_fails_over() -> None:
+def test_a_2xx_crossing_the_timer_c_cancel_answers_the_call_and_the_next_gateway_is_cancelled() -> (
+    None
+):
+    # Someone picked up as the CANCEL crossed: hanging up on them (as the SBC did)
+    # would drop the person who answered; the call takes that answer instead.
     c = controller(rules=PSTN, targets=trunk_plan())
     invite, _ = first_invite(c)
     receive(c, answer(invite, 183), gw_flow(GW[0]), 1.0)
     step = advance(c, 186.0)
     (second,) = invites_but(step, invite)
+    receive(c, answer(second, 180), gw_flow(GW[1]), 186.05)
     step = receive(c, answer(invite, 200, ANSWER, tag="late"), gw_flow(GW[0]), 186.1)
-    assert responses(step) == []
-    assert [(r.method, r.call_id, r.to.tag) for r in requests(step)] == [
-        ("ACK", invite.call_id, "late"),
-        ("BYE", invite.call_id, "late"),
+    assert statuses(step) == [200]
+    assert [(r.method, r.call_id) for r in requests(step)] == [
+        ("ACK", invite.call_id),
+        ("CANCEL", second.call_id),
     ]
     (call,) = c.calls()
-    assert call.state is CallState.CALLING
-    step = receive(c, answer(second, 200, ANSWER), gw_flow(GW[1]), 187.0)
-    assert statuses(step) == [200]
-    assert c.counters.get("late_answers_hung_up") == 1
+    assert call.state is CallState.CONFIRMED and call.b.call_id == invite.call_id
+    # The second gateway's 487 ends its INVITE; the call stays up.
+    step = receive(c, answer(second, 487), gw_flow(GW[1]), 186.2)
+    assert responses(step) == [] and len(c) == 1
 
 
 def test_timer_c_on_the_last_gateway_answers_408_and_ends_the_call() -> None:
