@@ -13,8 +13,12 @@ one answering that challenge. Both are counted, so a rate of 50 lets about 25
 phones a second register; but the answer is never refused while the bucket has
 room for debt (one second's worth): a phone that was challenged registers, rather
 than being turned away after the SBC spent a challenge on it, and the challenges
-that follow wait until the debt is paid. Only the embedded registrar can tell an
-answer (its nonces are its own); in relay mode every REGISTER counts alike.
+that follow wait until the debt is paid. An answer is a REGISTER whose
+Authorization carries a nonce the embedded registrar issued and that is still
+fresh (an HMAC of its time: it cannot be forged, and checking it is cheap); a
+stale or foreign nonce counts as a new REGISTER, and a replayed one can run up no
+more than the bounded debt. Only the embedded registrar can tell an answer (its
+nonces are its own); in relay mode every REGISTER counts alike.
 
 Pure: no I/O, no clock (``now`` is monotonic seconds). Realm names come from the
 configuration, so the table is bounded by it.

@@ -157,11 +157,24 @@ def test_an_invite_replacing_a_call_is_not_refused_for_the_realm_s_concurrent_li
     (allocate,) = step.media
     (invite,) = requests(c.media_allocated(allocate.call_ref, session("s2"), 1.0), "INVITE")
     assert admission.active("realm", "outside") == 2  # both up, for the moment
+    # Only the replacing INVITE is let over the limit: a plain one is still refused.
+    fourth = invite_text(call_id="fourth@198.51.100.9", via_branch="z9hG4bKfourth")
+    assert [s for s in statuses(receive(c, fourth, CALLER, 1.05)) if s != 100] == [503]
     (ok,) = responses(receive(c, answer(invite, 200, ANSWER, tag="carol2"), TRUNK, 1.1))
-    assert ok.status == 200
+    assert ok.status == 200 and ok.to.tag is not None
+    ack_from_a(c, ok.to.tag, 1.1, call_id="second@198.51.100.9")
     # The far side ends the replaced call (RFC 3891 3): one call, one count.
     bye = from_b(carol_invite, "BYE", 2, tag="carolside")
     assert 200 in statuses(receive(c, bye, TRUNK, 1.2))
     assert len(c) == 1 and admission.active("realm", "outside") == 1
-    c.shutdown(2.0)
+    # The new call ends too: no call is left counted, none counted twice.
+    bye = from_a("BYE", ok.to.tag, 2, call_id="second@198.51.100.9")
+    assert 200 in statuses(receive(c, bye, CALLER, 2.0))
     assert len(c) == 0 and admission.active("realm", "outside") == 0
+    counts = admission.counters()["realm"]["outside"]
+    assert (counts["admitted"], counts["refused_concurrent"]) == (2, 2)
+    # And the limit holds as before: one call again, not two.
+    fifth = invite_text(call_id="fifth@198.51.100.9", via_branch="z9hG4bKfifth")
+    assert statuses(receive(c, fifth, CALLER, 3.0)) == [100]
+    sixth = invite_text(call_id="sixth@198.51.100.9", via_branch="z9hG4bKsixth")
+    assert [s for s in statuses(receive(c, sixth, CALLER, 3.0)) if s != 100] == [503]

@@ -9,14 +9,15 @@ import random
 
 import pytest
 
-from sbc.assembly import EmbeddedRegistrar, realm_policies
+from sbc.assembly import EmbeddedRegistrar, RegisterRelayPort, realm_policies
 from sbc.b2bua.controller import RealmPolicy
 from sbc.b2bua.register_rate import RETRY_AFTER, RegisterRate
 from sbc.config.loader import ConfigError
 from sbc.sip.auth import DigestClient
 from sbc.sip.message import Request, Response
-from tests.unit.test_b2bua_flows import CALLER, controller, receive, responses
+from tests.unit.test_b2bua_flows import CALLER, controller, receive, requests, responses
 from tests.unit.test_registrar import PASSWORDS, RURI, make_registrar, register
+from tests.unit.test_registration_relay_bindings import relay
 from tests.unit.test_timer_c import load
 
 # -- the bucket -------------------------------------------------------------------------
@@ -140,6 +141,49 @@ def test_a_challenged_phone_s_answer_is_not_shed_and_others_wait_for_the_debt() 
     request = register(user="bob", call_id="f@phone", cseq=31, authorization=forged)
     assert send(request, 1.0).status == 503
     assert send(register(user="alice", call_id="later@phone", cseq=32), 2.2).status == 401
+
+
+@pytest.mark.parametrize(("late", "status"), [(0.0, 200), (301.0, 503)])
+def test_an_answer_with_a_stale_nonce_counts_as_a_new_register(late: float, status: int) -> None:
+    # The nonce is ours but older than its lifetime (300 s): no longer an answer the
+    # bucket let start, so with the bucket empty it is shed like a new REGISTER.
+    wall = [1_700_000_000.0]
+    c = controller(
+        registrar=EmbeddedRegistrar(make_registrar(), wall=lambda: wall[0]),
+        policies={"outside": RealmPolicy(registrar=True, registers_per_second=1)},
+    )
+    request = register(call_id="a@phone", cseq=1)
+    (challenge,) = responses(receive(c, bytes(request).decode(), CALLER, 0.0))
+    assert challenge.status == 401
+    wall[0] += late
+    authorization = DigestClient("alice", PASSWORDS["alice"]).respond(
+        challenge.headers.fields("WWW-Authenticate"), method="REGISTER", uri=RURI
+    )
+    request = register(call_id="a@phone", cseq=2, authorization=authorization)
+    (response,) = responses(receive(c, bytes(request).decode(), CALLER, 0.5))
+    assert response.status == status
+
+
+def test_in_relay_mode_every_register_counts_even_with_a_nonce_of_ours() -> None:
+    # The nonces a relayed phone answers are the inside registrar's: the SBC cannot
+    # tell an answer, so none goes into debt, not even one carrying a nonce of the
+    # embedded registrar's.
+    registrar = make_registrar()
+    c = controller(
+        registrar=EmbeddedRegistrar(registrar, wall=lambda: 1_700_000_000.0),
+        policies={"outside": RealmPolicy(registers_per_second=1)},
+    )
+    c.register_relays["outside"] = RegisterRelayPort(relay())
+    first = register(call_id="a@phone", cseq=1)
+    step = receive(c, bytes(first).decode(), CALLER, 0.0)
+    assert responses(step) == [] and len(requests(step, "REGISTER")) == 1  # sent upstream
+    nonce = registrar.digest.make_nonce(1_700_000_000.0)
+    authorization = (
+        f'Digest username="alice", realm="sbc", nonce="{nonce}", uri="{RURI}", response="0"'
+    )
+    second = register(call_id="a@phone", cseq=2, authorization=authorization)
+    (response,) = responses(receive(c, bytes(second).decode(), CALLER, 0.0))
+    assert response.status == 503
 
 
 def test_without_a_rate_every_register_reaches_the_registrar() -> None:
