@@ -31,6 +31,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import math
 import re
 import secrets
 import urllib.parse
@@ -1364,8 +1365,8 @@ class CallController:
         return step
 
     def _answer_unhandled(self, event: RequestReceived, exc: Exception, now: float) -> Step:
-        """A request whose handling failed half-way still gets a final answer: a
-        400 naming what was wrong with it, or a 500. Unanswered, its server
+        """A request whose handling failed half-way still gets a final answer: 400
+        when it was malformed, else 500. Unanswered, its server
         transaction would wait for ever (an INVITE's Proceeding state has no timer),
         and a peer sending such requests would fill the transaction table."""
         tx = event.transaction
@@ -3364,7 +3365,8 @@ class CallController:
         if status < 300 and reliable.outstanding is not None and reliable.outstanding.body:
             reliable.held = response
             return Step()
-        reliable.outstanding = None
+        # No more retransmissions; a PRACK for the outstanding one still gets its 200.
+        reliable.next_at = math.inf
         return self._send_response(live.a_invite, response, now, live.call.a.realm)
 
     def _send_reliable(

@@ -176,3 +176,15 @@ def test_a_cancel_while_the_2xx_waits_for_the_prack_ends_the_call() -> None:
     ]
     assert [r.method for r in run.to_b.get("BYE", [])][:1] == ["BYE"]
     assert_nothing_left(run)
+
+
+def test_a_prack_after_the_final_answer_is_still_answered_200() -> None:
+    # RFC 3262 3: a UAS that sends a final response with reliable provisionals
+    # outstanding stops retransmitting them, but still processes their PRACKs.
+    run = call()
+    from_b(run, 180)
+    (ringing,) = provisionals(run)
+    from_b(run, 200, ANSWER)  # the 180 had no SDP: the 2xx goes at once
+    assert [(r.status, r.cseq.method) for r in prack(run, ringing)] == [(200, "PRACK")]
+    until(run, run.now + 10)
+    assert len(provisionals(run)) == 1  # never retransmitted after the 2xx
