@@ -2699,8 +2699,14 @@ class CallController:
         return Step()
 
     def _send_cancel(self, call_ref: str, client: ClientInviteTransaction, now: float) -> Step:
-        """The CANCEL of B INVITE ``client`` (it has had a provisional)."""
-        cancel, out = self.transactions.send_cancel(client, now)
+        """The CANCEL of B INVITE ``client`` (it has had a provisional). Once only:
+        a second one (two paths of an ending call reaching the same INVITE) is a no-op
+        rather than an error that would lose the rest of the step."""
+        try:
+            cancel, out = self.transactions.send_cancel(client, now)
+        except TransactionError as exc:
+            logger.debug("x call %s: no CANCEL: %s", call_ref, exc)
+            return Step()
         self._by_client[cancel] = _ByRole(call_ref, "cancel")
         return Step(out)
 
@@ -4320,7 +4326,10 @@ class CallController:
                 # A re-INVITE the far side only answered 1xx would wait for ever in
                 # Proceeding (no Timer B there): CANCEL it (RFC 3261 9.1), which also
                 # bounds it to 64*T1; before any 1xx, on the first (``_response``).
-                if client.can_cancel:
+                # One its requester cancelled has its CANCEL sent or pending already.
+                if relayed.cancelled:
+                    pass
+                elif client.can_cancel:
                     step = step + self._send_cancel(live.call.call_ref, client, now)
                 elif not client.terminated:
                     relayed.cancel_pending = True

@@ -580,6 +580,18 @@ TRANSFER: Script = [
     b_answers("BYE", 200),
 ]
 
+#: The caller CANCELs its re-INVITE (answered 180 only), then the callee hangs up.
+REINVITE_CANCELLED: Script = [
+    *CALL_UP,
+    lambda run: (from_a("INVITE", 2, "inv2", run, HOLD), CALLER),
+    b_answers("INVITE", 180),
+    lambda run: (from_a("CANCEL", 2, "inv2", run), CALLER),
+    b_answers("CANCEL", 200),
+    b_answers("INVITE", 487),
+    lambda run: (m, TRUNK) if (m := from_b("BYE", 11, run)) else None,
+    a_answers("BYE", 200),
+]
+
 CANCELLED: Script = [
     lambda run: (from_a("INVITE", 1, "inv1", run, OFFER), CALLER),
     b_answers("INVITE", 183, ANSWER),
@@ -697,6 +709,22 @@ def test_the_sbc_s_own_re_invite_answered_only_1xx_is_cancelled_when_the_call_en
     assert_nothing_left(run)
 
 
+def test_a_call_ending_after_its_re_invite_was_cancelled_cancels_nothing_twice() -> None:
+    # The caller CANCELs its re-INVITE, which the callee answered only 180; then the
+    # callee hangs up. The CANCEL already sent must not be sent again at the end.
+    run = replay(ANSWERED[:6], {5: Spoil("status", status=180)})
+    cancel = from_a("CANCEL", 2, "inv2", run)
+    run.feed(cancel, CALLER, None)
+    assert len({r.cseq.seq for r in run.to_b["CANCEL"]}) == 1
+    for make in ANSWERED[9:]:
+        made = make(run)
+        assert made is not None
+        run.feed(made[0], made[1], None)
+    assert len(run.controller) == 0
+    assert len({r.via.branch for r in run.to_b["CANCEL"]}) == 1
+    assert_nothing_left(run)
+
+
 def test_an_early_dialog_is_offered_again_by_update_never_re_invite() -> None:
     # The callee's answer to an early UPDATE is unusable: no re-INVITE may go while
     # the INVITE is unanswered (RFC 3261 14.1); the SBC sent one.
@@ -711,6 +739,7 @@ SCRIPTS = {
     "early": EARLY,
     "out of dialog": OUT_OF_DIALOG,
     "transfer": TRANSFER,
+    "re-invite cancelled": REINVITE_CANCELLED,
 }
 
 
