@@ -90,7 +90,7 @@ from sbc.sip.dialog import (
     ExtraForkAnswered,
 )
 from sbc.sip.errors import ParseError, reason_phrase
-from sbc.sip.headers import Address, Via, parse_delta, quote_string
+from sbc.sip.headers import Address, Via, parse_delta, quote_string, split_list
 from sbc.sip.message import (
     Headers,
     Message,
@@ -858,6 +858,7 @@ def _uri_text(uri: Uri) -> str:
 #: same list, and every call keeps one per leg (bounded; cleared when full).
 _ALLOW_SETS: dict[tuple[str, ...], frozenset[str]] = {}
 _MAX_ALLOW_SETS: Final = 256
+_ALLOW_TOKEN: Final = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
 
 
 def _allowed(message: Message) -> frozenset[str]:
@@ -865,7 +866,14 @@ def _allowed(message: Message) -> frozenset[str]:
     fields = tuple(message.headers.fields("Allow"))
     allowed = _ALLOW_SETS.get(fields)
     if allowed is None:
-        allowed = frozenset(t.upper() for t in message.tokens("Allow"))
+        # Leniently: Allow only tells which methods may be sent, so a malformed
+        # entry is left out rather than failing the request that carried it.
+        allowed = frozenset(
+            item.upper()
+            for text in fields
+            for item in split_list(text)
+            if _ALLOW_TOKEN.fullmatch(item)
+        )
         if len(_ALLOW_SETS) >= _MAX_ALLOW_SETS:
             _ALLOW_SETS.clear()
         _ALLOW_SETS[fields] = allowed

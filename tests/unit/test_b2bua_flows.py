@@ -938,6 +938,23 @@ def test_session_refresh_is_a_re_invite_where_update_is_not_allowed() -> None:
     assert ack.call_id == A_CALL_ID and ack.cseq.seq == reinvite.cseq.seq
 
 
+def test_a_malformed_allow_entry_is_left_out_and_the_rest_still_counts() -> None:
+    # Allow is advice on what may be sent: one bad entry must not fail the
+    # INVITE (it used to be answered 400) nor hide the methods listed beside it.
+    c = controller(SESSION_TIMERS)
+    bad = "Allow: INVITE, ACK, BYE, {}, UP DATE, UPDATE\r\n"
+    invite, _, _ = confirmed_call(c, 10.0, a_extra=bad, b_extra=bad)
+    (call,) = c.calls()
+    assert call.state is CallState.CONFIRMED
+    step = c.handle_timers(55.0)
+    # Both sides still allow UPDATE: each refresh is an UPDATE, no re-INVITE.
+    assert sorted(r.call_id == invite.call_id for r in requests(step, "UPDATE")) == [
+        False,
+        True,
+    ]
+    assert requests(step, "INVITE") == []
+
+
 def test_a_481_to_a_refresh_ends_the_call_with_bye_on_both_legs() -> None:
     c = controller(SESSION_TIMERS)
     invite, ref, _ = confirmed_call(c, 0.0, a_extra=A_ALLOWS_UPDATE)

@@ -18,18 +18,22 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sbc.b2bua import controller as controller_module
 from sbc.b2bua.controller import AllocateMedia, CallController, CallTimers, RealmPolicy, Step
 from sbc.b2bua.local import LocalResponder
 from sbc.b2bua.realm import Hop, Realm, RealmTable
 from sbc.b2bua.routing import RouteAction, Router, RouteRule
 from sbc.media.session import LegState, MediaSession, MediaStream
 from sbc.media.values import Endpoint
+from sbc.sip.dialog import DialogError
 from sbc.sip.errors import ParseError
 from sbc.sip.message import Request, Response
 from sbc.sip.parser import parse_message
+from sbc.sip.sdp import SdpError
 from sbc.sip.transaction import TransactionLayer
 from sbc.transport.base import Destination, Flow, ListenAddress, Transport
 
@@ -655,13 +659,24 @@ def replay(script: Script, spoilt: dict[int, Spoil]) -> Run:
     return run
 
 
-def test_a_request_whose_handling_fails_half_way_is_answered() -> None:
-    # An Allow the INVITE handling cannot parse: the INVITE was left unanswered, its
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [(ParseError("bad"), 400), (SdpError("bad"), 400), (DialogError("bad"), 500)],
+)
+def test_a_request_whose_handling_fails_half_way_is_answered(
+    monkeypatch: pytest.MonkeyPatch, error: Exception, status: int
+) -> None:
+    # A header that fails to parse once the INVITE is being handled (an Allow did,
+    # until Allow was read leniently): the INVITE was left unanswered, its
     # transaction in Proceeding for ever (each such INVITE took a table entry).
-    run = replay(ANSWERED[:1], {0: Spoil("set", "Allow", "multipart/mixed;boundary=x")})
+    def fails(message: object) -> frozenset[str]:
+        raise error
+
+    monkeypatch.setattr(controller_module, "_allowed", fails)
+    run = replay(ANSWERED[:1], {})
     assert [(r.status, r.cseq.method) for r in run.responses_to_a] == [
         (100, "INVITE"),
-        (400, "INVITE"),
+        (status, "INVITE"),
     ]
     assert_nothing_left(run)
 
