@@ -1757,8 +1757,13 @@ class CallController:
         if replaced is not None and replaced.dialog is not None:
             # The dialog to replace is at the far peer of that call: there, whatever
             # the route says of the Request-URI.
-            target = Target(replaced.realm, replaced.peer, replaced.dialog.remote_target)
-            groups, trunk = [(target,)], None
+            # Its trunk and gateway too, when that peer is the replaced call's trunk:
+            # the new call holds the trunk's line when the old one lets it go.
+            trunk, gateway = self._trunk_of_leg(replaced)
+            target = Target(
+                replaced.realm, replaced.peer, replaced.dialog.remote_target, gateway=gateway
+            )
+            groups = [(target,)]
         if not groups:
             logger.info("x %s from %s: no target (%d)", request.raw_uri, realm.name, status)
             return self._reject_attempt(
@@ -2642,6 +2647,15 @@ class CallController:
             return None
         mapped = f"{other.call_id};to-tag={other.dialog.remote_tag};from-tag={other.local_tag}"
         return mapped + early, other
+
+    def _trunk_of_leg(self, leg: CallLeg) -> tuple[str | None, str | None]:
+        """The trunk and gateway a held call's leg reaches, if that leg is its B leg
+        and went to a trunk; (None, None) otherwise."""
+        found = self._by_dialog.get((leg.call_id, leg.local_tag))
+        live = None if found is None else self._calls.get(found[0])
+        if live is None or found is None or found[1] is not LegSide.B:
+            return None, None
+        return live.call.trunk, live.call.gateway
 
     @staticmethod
     def _fix_via(request: Request) -> None:

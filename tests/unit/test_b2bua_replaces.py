@@ -17,12 +17,15 @@ from tests.unit.test_b2bua_flows import (
     ANSWER,
     CALLER,
     CORE,
+    GW,
+    PSTN,
     TRUNK,
     ack_from_a,
     answer,
     controller,
     from_a,
     from_b,
+    gw_flow,
     hop_of,
     invite_text,
     receive,
@@ -31,6 +34,7 @@ from tests.unit.test_b2bua_flows import (
     session,
     start_call,
     statuses,
+    trunk_plan,
 )
 
 FIRST_CALL_ID = "first-call@198.51.100.9"
@@ -178,3 +182,41 @@ def test_an_invite_replacing_a_call_is_not_refused_for_the_realm_s_concurrent_li
     assert statuses(receive(c, fifth, CALLER, 3.0)) == [100]
     sixth = invite_text(call_id="sixth@198.51.100.9", via_branch="z9hG4bKsixth")
     assert [s for s in statuses(receive(c, sixth, CALLER, 3.0)) if s != 100] == [503]
+
+
+def test_an_invite_replacing_a_trunk_call_holds_that_trunk_and_its_gateway() -> None:
+    # The replacing INVITE goes to the replaced call's far peer, here a trunk's
+    # gateway; it used to count on no trunk, so the trunk's concurrent count fell
+    # by one when the replaced call ended while the new call went on over it.
+    admission = AdmissionControl({}, {"pstn": Limits(max_calls=10)})
+    targets = trunk_plan()
+    c = controller(rules=PSTN, targets=targets, admission=admission)
+    (first,), _ = start_call(c, 0.0, call_id=FIRST_CALL_ID, via_branch="z9hG4bKfirst")
+    step = receive(c, answer(first, 200, ANSWER, tag="carolside"), gw_flow(GW[0]), 0.1)
+    (ok,) = responses(step)
+    assert ok.to.tag is not None
+    ack_from_a(c, ok.to.tag, 0.1, call_id=FIRST_CALL_ID)
+    assert admission.active("trunk", "pstn") == 1
+
+    extra = f"Replaces: {replaces(FIRST_CALL_ID, ok.to.tag, 'alicetag')}\r\n"
+    text = invite_text(call_id="second@198.51.100.9", via_branch="z9hG4bKsecond", extra=extra)
+    (allocate,) = receive(c, text, CALLER, 1.0).media
+    step = c.media_allocated(allocate.call_ref, session("s2"), 1.0)
+    (invite,) = requests(step, "INVITE")
+    assert hop_of(step, "INVITE") == GW[0]
+    assert admission.active("trunk", "pstn") == 2
+    step = receive(c, answer(invite, 200, ANSWER, tag="carol2"), gw_flow(GW[0]), 1.1)
+    (ok2,) = responses(step)
+    assert ok2.to.tag is not None
+    ack_from_a(c, ok2.to.tag, 1.1, call_id="second@198.51.100.9")
+    assert targets.results[-1] == ("pstn", "gw1", 200)
+
+    # The gateway ends the replaced call: the new one still holds the trunk.
+    bye = from_b(first, "BYE", 2, tag="carolside")
+    assert 200 in statuses(receive(c, bye, gw_flow(GW[0]), 1.2))
+    (call,) = c.calls()
+    assert (call.trunk, call.gateway) == ("pstn", "gw1")
+    assert admission.active("trunk", "pstn") == 1
+    bye = from_a("BYE", ok2.to.tag, 2, call_id="second@198.51.100.9")
+    assert 200 in statuses(receive(c, bye, CALLER, 2.0))
+    assert len(c) == 0 and admission.active("trunk", "pstn") == 0
