@@ -3340,7 +3340,15 @@ class CallController:
         realm = self.realms.get(live.call.a.realm)
         if realm is not None:
             copy_kept_headers(response, out, realm)
-        if 100 < status < 300 and live.session is not None:
+        if (
+            100 < status < 300
+            and live.session is not None
+            and not (status < 200 and live.a_reliable is not None and not live.a_request.body)
+        ):
+            # (Not in a reliable provisional of a late-offer call: there it would be
+            # an offer whose answer comes in the caller's PRACK (RFC 3262 5), while
+            # the callee, asked without 100rel, makes its offer in the 2xx and waits
+            # for the answer in the ACK.)
             try:
                 sdp = parse_sdp(response)
             except SdpError:

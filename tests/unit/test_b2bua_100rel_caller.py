@@ -188,3 +188,28 @@ def test_a_prack_after_the_final_answer_is_still_answered_200() -> None:
     assert [(r.status, r.cseq.method) for r in prack(run, ringing)] == [(200, "PRACK")]
     until(run, run.now + 10)
     assert len(provisionals(run)) == 1  # never retransmitted after the 2xx
+
+
+def test_a_late_offer_caller_gets_no_sdp_in_reliable_provisionals() -> None:
+    # No offer in the INVITE: SDP in a reliable provisional would be the offer, and
+    # the caller's PRACK would carry its answer; but the callee (asked without
+    # 100rel) makes its offer in the 2xx, and wants the answer in the ACK. So the
+    # caller's reliable provisionals go without the callee's early SDP, and the
+    # offer/answer is the 2xx's and the ACK's, as on the B leg.
+    run = Run(controller())
+    invite = from_a("INVITE", 1, "inv1", run)
+    invite.headers.append(("Require", "100rel"))
+    run.feed(invite, CALLER, None)
+    b_invite = latest(run.to_b, "INVITE")
+    assert isinstance(b_invite, Request) and not b_invite.body
+    assert "100rel" not in b_invite.tokens("Supported")
+    from_b(run, 183, ANSWER)  # an early-media preview of the callee's offer
+    (p183,) = provisionals(run)
+    assert p183.headers.get("RSeq") is not None and p183.body == b""
+    assert [(r.status, r.cseq.method) for r in prack(run, p183)] == [(200, "PRACK")]
+    from_b(run, 200, ANSWER)
+    (ok,) = [r for r in run.responses_to_a if r.status == 200 and r.cseq.method == "INVITE"]
+    assert ok.body  # the offer
+    run.feed(from_a("ACK", 1, "ack1", run, OFFER), CALLER, None)
+    ack = latest(run.to_b, "ACK")
+    assert isinstance(ack, Request) and ack.body  # the answer
