@@ -94,6 +94,15 @@ def only_invite(step: Step, *old: Request) -> Request:
     return invite
 
 
+def mobile_ringing(c: CallController, at: float) -> tuple[Request, Request]:
+    """The desk phone rang 20 s, then the mobile rings from ``at``: both INVITEs."""
+    desk, _, _ = first_group(c)
+    receive(c, answer(desk, 180, tag="desk"), BOB1_FLOW, 1.0)
+    mobile = only_invite(advance(c, 20.0), desk)
+    receive(c, answer(mobile, 180, tag="mob", contact=MOBILE_CONTACT), BOB2_FLOW, at)
+    return desk, mobile
+
+
 # -- groups ------------------------------------------------------------------------------
 
 
@@ -223,10 +232,7 @@ def test_a_desk_phone_picked_up_as_its_ring_time_ran_out_answers_the_call() -> N
     # Its 200 crossed the CANCEL: the person who picked up gets the call (the SBC
     # used to ACK and hang up on them), and the mobile is CANCELled instead.
     c = sequential()
-    desk, _, _ = first_group(c)
-    receive(c, answer(desk, 180, tag="desk"), BOB1_FLOW, 1.0)
-    mobile = only_invite(advance(c, 20.0), desk)
-    receive(c, answer(mobile, 180, tag="mob", contact=MOBILE_CONTACT), BOB2_FLOW, 20.05)
+    desk, mobile = mobile_ringing(c, 20.05)
     step = receive(c, answer(desk, 200, ANSWER, tag="desk"), BOB1_FLOW, 20.1)
     assert statuses(step) == [200]
     assert [(r.method, r.call_id) for r in requests(step)] == [
@@ -263,10 +269,7 @@ def test_a_desk_phone_silent_at_the_ring_time_gets_its_cancel_on_its_first_provi
 
 def test_the_ring_time_of_the_last_group_moves_nothing() -> None:
     c = sequential()
-    desk, _, _ = first_group(c)
-    receive(c, answer(desk, 180, tag="desk"), BOB1_FLOW, 1.0)
-    mobile = only_invite(advance(c, 20.0), desk)
-    receive(c, answer(mobile, 180, tag="mob", contact=MOBILE_CONTACT), BOB2_FLOW, 21.0)
+    _, mobile = mobile_ringing(c, 21.0)
     step = advance(c, 40.0, 41.0, 60.0)
     assert cancels_of(step, mobile) == [] and responses(step) == []
     (call,) = c.calls()
@@ -285,10 +288,7 @@ def test_a_ring_time_of_0_waits_for_the_desk_phone_s_final_answer() -> None:
 
 def test_the_no_answer_timeout_still_bounds_the_whole_call() -> None:
     c = sequential(replace(SEQUENTIAL, no_answer_timeout=30.0))
-    desk, _, _ = first_group(c)
-    receive(c, answer(desk, 180, tag="desk"), BOB1_FLOW, 1.0)
-    mobile = only_invite(advance(c, 20.0), desk)
-    receive(c, answer(mobile, 180, tag="mob", contact=MOBILE_CONTACT), BOB2_FLOW, 21.0)
+    _, mobile = mobile_ringing(c, 21.0)
     step = advance(c, 30.0)
     assert statuses(step) == [408] and len(cancels_of(step, mobile)) == 1
     (call,) = ended_calls(step)
