@@ -861,6 +861,19 @@ _MAX_ALLOW_SETS: Final = 256
 _ALLOW_TOKEN: Final = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
 
 
+#: The option tags an in-dialog request may require: session timers, which the
+#: B2BUA runs on each leg itself (RFC 4028).
+IN_DIALOG_SUPPORTED: Final = frozenset({"timer"})
+
+
+def _unsupported_in_dialog(request: Request) -> list[str]:
+    """The option tags an in-dialog request requires that the B2BUA does not
+    support (malformed Require: ParseError, a 400)."""
+    if not request.headers.fields("Require") or request.method in ("ACK", "CANCEL"):
+        return []
+    return [t for t in request.tokens("Require") if t.lower() not in IN_DIALOG_SUPPORTED]
+
+
 def _allowed(message: Message) -> frozenset[str]:
     """The methods a message's Allow lists, upper case (RFC 3261 20.5)."""
     fields = tuple(message.headers.fields("Allow"))
@@ -2416,6 +2429,14 @@ class CallController:
         if not isinstance(checked, Dialog):
             return self._send_response(tx, checked.response_to(request), now, leg.realm)
         live.call = live.call.with_leg(side, leg.with_dialog(checked))
+        unsupported = _unsupported_in_dialog(request)
+        if unsupported:
+            # RFC 3261 8.2.2.3: relayed, it would lose its Require, and the sender
+            # would take the extension as granted (100rel: reliable provisionals to a
+            # re-INVITE, which the B2BUA sends only for the first INVITE).
+            extra = [("Unsupported", ", ".join(unsupported))]
+            response = make_response(request, 420, headers=extra)
+            return self._send_response(tx, response, now, leg.realm)
         if request.method == "PRACK" and side is LegSide.A:
             return self._prack_from_a(live, tx, request, now)
         if request.method == "BYE":

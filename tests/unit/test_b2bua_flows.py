@@ -1449,3 +1449,23 @@ def test_no_udp_retry_for_a_call_that_ended_while_tcp_connected() -> None:
     # The peer is remembered all the same.
     _, destination, _ = outgoing_invite(b_invite_step(c, 2))
     assert destination == CORE
+
+
+def test_an_in_dialog_request_requiring_an_unsupported_extension_gets_420() -> None:
+    # Relayed, the re-INVITE lost its Require: the caller took reliable provisionals
+    # as granted and got them unreliably (the B2BUA sends reliable provisionals for
+    # the first INVITE only).
+    c = controller()
+    invite, _, a_tag = confirmed_call(c, 0.0)
+    offer = sdp("a", "198.51.100.9", 40000, version=2)
+    text = from_a("INVITE", a_tag, 2, body=offer, extra="Require: 100rel, foo\r\n")
+    step = receive(c, text, CALLER, 1.0)
+    (refused,) = [r for r in responses(step) if r.status != 100]
+    assert refused.status == 420 and refused.headers.get("Unsupported") == "100rel, foo"
+    assert requests(step) == []
+    # Session timers it may require: the B2BUA runs them on each leg itself.
+    text = from_a("INVITE", a_tag, 3, body=offer, extra="Require: timer\r\n")
+    (reinvite,) = requests(receive(c, text, CALLER, 2.0), "INVITE")
+    assert reinvite.call_id == invite.call_id
+    (call,) = c.calls()
+    assert call.state is CallState.CONFIRMED
