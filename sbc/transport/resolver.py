@@ -507,7 +507,11 @@ def order_srv_records(records: Sequence[SrvRecord], rng: random.Random) -> list[
         # Stable sort: zero weights first, otherwise the published order.
         pool = sorted((r for r in records if r.priority == priority), key=lambda r: r.weight != 0)
         while pool:
-            pick = rng.randint(0, sum(record.weight for record in pool))
+            # 0 is the zero-weight records' (RFC 2782's "very small chance"); with
+            # none left it would go to the first record too, which then gets one
+            # pick more than its weight (weights 1 and 1 shared calls 2:1).
+            low = 0 if pool[0].weight == 0 else 1
+            pick = rng.randint(low, sum(record.weight for record in pool))
             running = itertools.accumulate(record.weight for record in pool)
             index = next(i for i, total in enumerate(running) if total >= pick)
             ordered.append(pool.pop(index))

@@ -246,7 +246,23 @@ def test_order_srv_records_follows_rfc2782_running_sums() -> None:
     # Running sums: zero=0, ten=10, twenty=30. 0 picks zero; then ten=10,
     # twenty=30 and 11 picks twenty; then ten alone; then backup alone.
     assert order_srv_records([backup, twenty, ten, zero], rng) == [zero, twenty, ten, backup]
-    assert rng.bounds == [(0, 30), (0, 30), (0, 10), (0, 5)]
+    # 0 only while a zero-weight record is left: it is theirs, not the first one's.
+    assert rng.bounds == [(0, 30), (1, 30), (1, 10), (1, 5)]
+
+
+def test_equal_weights_share_evenly() -> None:
+    # With no zero-weight record, the pick of 0 went to the first record as well:
+    # weights 1 and 1 shared 2:1.
+    one, two = SrvRecord(1, 1, 5060, "one.example.com"), SrvRecord(1, 1, 5060, "two.example.com")
+    rng = random.Random(3)
+    firsts = Counter(order_srv_records([one, two], rng)[0] for _ in range(3000))
+    assert 1400 <= firsts[one] <= 1600, firsts
+    # Beside a zero-weight record the pick of 0 is its own (1 in 21 here).
+    ten, other = SrvRecord(1, 10, 5060, "ten.example.com"), SrvRecord(1, 10, 5060, "ten2.example")
+    zero = SrvRecord(1, 0, 5060, "zero.example.com")
+    firsts = Counter(order_srv_records([ten, zero, other], rng)[0] for _ in range(3000))
+    assert 1300 <= firsts[ten] <= 1560 and 1300 <= firsts[other] <= 1560, firsts
+    assert 80 <= firsts[zero] <= 220, firsts
 
 
 def test_select_naptr_services_keeps_only_terminal_sip_records() -> None:
