@@ -1791,8 +1791,14 @@ class CallController:
         groups = [
             g for g in (tuple(t for t in g if t.realm == target_realm.name) for g in groups) if g
         ]
-        first = groups[0][0]
-        hop = self._realm_lookups.hop(target_realm, first.destination)
+        # The first target the realm has a listener towards (a phone registered over
+        # TCP where the realm has UDP only is passed over, ``_next_group``).
+        hop, first = None, groups[0][0]
+        for target in itertools.chain.from_iterable(groups):
+            hop = self._realm_lookups.hop(target_realm, target.destination)
+            if hop is not None:
+                first = target
+                break
         if hop is None:
             logger.error(
                 "x route %s: realm %s has no %s listener",
@@ -1993,17 +1999,18 @@ class CallController:
     def _next_group(self, live: _Live, now: float) -> Step:
         """Fork the next target group (one gateway of a trunk, or a registered user's
         contacts of one q-value)."""
-        if not live.pending or live.attempts >= MAX_ATTEMPTS:
-            return Step()
-        group = live.pending.pop(0)
         step = Step()
-        for index, target in enumerate(group):
-            step = step + self._fork(
-                live, target, first=(index == 0 and live.attempts == 0), now=now
-            )
-        live.attempts += 1
+        # A group none of whose targets could be sent to (no listener towards them,
+        # the transaction table full) is passed over for the next.
+        while not live.forks and live.pending and live.attempts < MAX_ATTEMPTS:
+            group = live.pending.pop(0)
+            for index, target in enumerate(group):
+                step = step + self._fork(
+                    live, target, first=(index == 0 and live.attempts == 0), now=now
+                )
+            live.attempts += 1
         ring = self.timers.sequential_ring_timeout
-        if ring and live.pending and isinstance(live.route, RegisteredRoute):
+        if ring and live.forks and live.pending and isinstance(live.route, RegisteredRoute):
             # RFC 3261 16.6: contacts of a lower q wait their turn, for so long at most.
             live.group_due = now + ring
             self._schedule(live.group_due, live.call.call_ref, _Timer.SEQUENTIAL_RING)
@@ -3178,6 +3185,10 @@ class CallController:
             return self._retry(live, now)
         if live.tried_best is not None and _better(live.tried_best, best):
             best = live.tried_best
+        return self._answer_best(live, best, now)
+
+    def _answer_best(self, live: _Live, best: Response, now: float) -> Step:
+        """The caller gets the best final answer of the call's targets; the call ends."""
         reason = EndReason.REJECTED
         if best.status in (408, 503) and best.to.tag is None:
             # Synthesized for a timeout or a transport failure: nobody answered.
@@ -3215,7 +3226,11 @@ class CallController:
         live.call = live.call.with_state(CallState.CALLING)
         step = self._next_group(live, now)
         if not live.forks:
-            return self._fail_a(live, 503, EndReason.REJECTED, now)
+            # Nothing more could be tried: an answer the targets tried before gave
+            # (a 486, the 480 of a group that rang out) says more than a 503.
+            if live.tried_best is not None:
+                return step + self._answer_best(live, live.tried_best, now)
+            return step + self._fail_a(live, 503, EndReason.TRANSPORT_ERROR, now)
         return step
 
     def _redirect_targets(self, live: _Live, response: Response) -> tuple[Target, ...]:

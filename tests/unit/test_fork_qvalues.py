@@ -335,3 +335,36 @@ def test_a_sequential_ring_timeout_out_of_range_is_refused(value: int) -> None:
     assert str(info.value).splitlines() == [
         f"sbc.yaml:2: calls.sequential_ring_timeout: expected an integer 0..3600, got {value}"
     ]
+
+
+# -- groups that cannot be tried ------------------------------------------------------------
+
+#: A desk phone registered over TCP: the inside realm listens on UDP only.
+DESK_TCP = Target("inside", Destination(Transport.TCP, "203.0.113.5", 5070), DESK.uri, q=1.0)
+MOBILE_TCP = Target("inside", Destination(Transport.TCP, "203.0.113.6", 5070), MOBILE.uri, q=0.5)
+
+
+def test_a_group_that_cannot_be_sent_to_is_passed_over_for_the_next() -> None:
+    # The caller got 503 although the mobile was there to ring.
+    c = sequential(contacts=(MOBILE, DESK_TCP))
+    step = receive(c, invite_text(), CALLER, 0.0)
+    (allocate,) = step.media
+    step = c.media_allocated(allocate.call_ref, session(), 0.0)
+    (invite,) = requests(step, "INVITE")
+    assert hop_of(step, "INVITE") == BOB2 and invite.raw_uri == MOBILE.uri
+    assert responses(step) == []
+    step = receive(
+        c, answer(invite, 200, ANSWER, tag="mob", contact=MOBILE_CONTACT), BOB2_FLOW, 1.0
+    )
+    assert statuses(step) == [200]
+
+
+def test_a_busy_desk_phone_s_486_reaches_the_caller_when_the_mobile_cannot_be_sent_to() -> None:
+    # The 486 said more than the 503 the caller got for the mobile nobody could reach.
+    c = sequential(contacts=(MOBILE_TCP, DESK))
+    desk, _, _ = first_group(c)
+    step = receive(c, answer(desk, 486, tag="desk"), BOB1_FLOW, 1.0)
+    assert statuses(step) == [486]
+    (call,) = ended_calls(step)
+    assert call.end_status == 486 and call.end_reason is EndReason.REJECTED
+    assert len(c) == 0
