@@ -653,6 +653,9 @@ class _Live:
     held_ack: _HeldAck | None = None
     #: The Replaces of the B-leg INVITE (RFC 3891), as the far side knows the dialog.
     replaces: str | None = None
+    #: The call admitted over the concurrent-call limits to replace this one (RFC
+    #: 3891): while it lives, another INVITE replacing this call is counted in full.
+    replaced_by: str | None = None
     #: In-dialog requests relayed and not answered yet (None: none so far).
     relayed: list[ClientTransaction] | None = None
     #: Final statuses of one target that send the call to the next (a trunk's own).
@@ -1767,12 +1770,21 @@ class CallController:
         if decision is None or isinstance(decision, RejectRoute):
             return self._refuse_route(tx, request, realm, decision, now)
         groups, trunk, status, failover = self._targets(decision, request, now)
+        replaced_holder: _Live | None = None
         if replaced is not None and replaced.dialog is not None:
             # The dialog to replace is at the far peer of that call: there, whatever
             # the route says of the Request-URI.
             # Its trunk and gateway too, when that peer is the replaced call's trunk:
             # the new call holds the trunk's line when the old one lets it go.
-            trunk, gateway = self._trunk_of_leg(replaced)
+            holder = self._holder(replaced)
+            trunk, gateway = None, None
+            if holder is not None and holder[1] is LegSide.B:
+                trunk, gateway = holder[0].call.trunk, holder[0].call.gateway
+            if holder is not None and holder[0].replaced_by not in self._calls:
+                # Over the concurrent-call limits once per replaced call: its own
+                # line is freed when it ends. A second replacing INVITE while the
+                # first call lives is counted in full.
+                replaced_holder = holder[0]
             target = Target(
                 replaced.realm, replaced.peer, replaced.dialog.remote_target, gateway=gateway
             )
@@ -1857,7 +1869,7 @@ class CallController:
         ticket = None
         if self.admission is not None:
             verdict = self.admission.admit(
-                (realm.name, target_realm.name), trunk, now, replacing=replaced is not None
+                (realm.name, target_realm.name), trunk, now, replacing=replaced_holder is not None
             )
             if isinstance(verdict, Refused):
                 if verdict.reason is RefusalReason.BUSY:
@@ -1920,6 +1932,8 @@ class CallController:
         if "100rel" in {t.lower() for t in request.tokens("Require")}:
             live.a_reliable = _ReliableA(rseq=secrets.randbelow(2**31 - 2**20) + 1)
         live.replaces = replaces
+        if replaced_holder is not None:
+            replaced_holder.replaced_by = call.call_ref
         live.failover = failover
         if self.timers.session_expires:
             self._shorter_interval(live, LegSide.A, request)
@@ -2676,14 +2690,11 @@ class CallController:
         mapped = f"{other.call_id};to-tag={other.dialog.remote_tag};from-tag={other.local_tag}"
         return mapped + early, other
 
-    def _trunk_of_leg(self, leg: CallLeg) -> tuple[str | None, str | None]:
-        """The trunk and gateway a held call's leg reaches, if that leg is its B leg
-        and went to a trunk; (None, None) otherwise."""
+    def _holder(self, leg: CallLeg) -> tuple[_Live, LegSide] | None:
+        """The live call a leg is part of, and which leg it is."""
         found = self._by_dialog.get((leg.call_id, leg.local_tag))
         live = None if found is None else self._calls.get(found[0])
-        if live is None or found is None or found[1] is not LegSide.B:
-            return None, None
-        return live.call.trunk, live.call.gateway
+        return None if live is None or found is None else (live, found[1])
 
     @staticmethod
     def _fix_via(request: Request) -> None:

@@ -220,3 +220,25 @@ def test_an_invite_replacing_a_trunk_call_holds_that_trunk_and_its_gateway() -> 
     bye = from_a("BYE", ok2.to.tag, 2, call_id="second@198.51.100.9")
     assert 200 in statuses(receive(c, bye, CALLER, 2.0))
     assert len(c) == 0 and admission.active("trunk", "pstn") == 0
+
+
+def test_only_one_invite_replacing_a_call_is_let_over_the_limit_at_a_time() -> None:
+    # Each INVITE naming the call went over the limit: one caller could hold any
+    # number of calls by replacing the same one again and again.
+    admission = AdmissionControl({"outside": Limits(max_calls=1)}, {})
+    c = controller(admission=admission)
+    _, sbc_tag = first_call(c)
+    extra = f"Replaces: {replaces(FIRST_CALL_ID, sbc_tag, 'alicetag')}\r\n"
+    text = invite_text(call_id="second@198.51.100.9", via_branch="z9hG4bKsecond", extra=extra)
+    step = receive(c, text, CALLER, 1.0)
+    assert statuses(step) == [100]
+    (allocate,) = step.media
+    (invite,) = requests(c.media_allocated(allocate.call_ref, session("s2"), 1.0), "INVITE")
+    again = invite_text(call_id="third@198.51.100.9", via_branch="z9hG4bKthird", extra=extra)
+    assert [s for s in statuses(receive(c, again, CALLER, 1.1)) if s != 100] == [503]
+    assert admission.active("realm", "outside") == 2
+    # Once the first replacing call has failed, the next one may go over again.
+    receive(c, answer(invite, 486, tag="carol2"), TRUNK, 1.2)
+    assert len(c) == 1
+    fourth = invite_text(call_id="fourth@198.51.100.9", via_branch="z9hG4bKfourth", extra=extra)
+    assert statuses(receive(c, fourth, CALLER, 1.3)) == [100]
