@@ -1400,6 +1400,15 @@ class CallController:
             return Step()
         # The standard phrase: what failed may name the other realm's values.
         status = 400 if isinstance(exc, ParseError | SdpError) else 500
+        call_ref = self._by_server.get(tx) if isinstance(tx, ServerInviteTransaction) else None
+        live = None if call_ref is None else self._calls.get(call_ref)
+        if live is not None and live.invite_tx is tx and not live.a_final:
+            # It failed after its call was made: the call ends with the answer, or
+            # it would hold its relay session and admission until a timer.
+            try:
+                return self._fail_a(live, status, EndReason.REJECTED, now)
+            except (ParseError, DialogError, TransactionError, SdpError) as again:
+                logger.warning("x call %s: not ended: %s", call_ref, again)
         response = make_response(event.request, status, to_tag=new_tag())
         try:
             return self._send_response(tx, response, now)

@@ -681,6 +681,24 @@ def test_a_request_whose_handling_fails_half_way_is_answered(
     assert_nothing_left(run)
 
 
+def test_an_invite_failing_after_its_call_was_made_ends_that_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The call was made, then the handling failed: the caller got its 400, but
+    # the call held its relay session and admission until the no-answer timer.
+    def fails(*args: object) -> object:
+        raise SdpError("bad")
+
+    monkeypatch.setattr(controller_module, "stream_offers", fails)
+    run = replay(ANSWERED[:1], {})
+    assert [(r.status, r.cseq.method) for r in run.responses_to_a] == [
+        (100, "INVITE"),
+        (400, "INVITE"),
+    ]
+    assert len(run.controller) == 0
+    assert_nothing_left(run)
+
+
 def test_a_re_invite_answered_only_1xx_is_cancelled_when_the_call_ends() -> None:
     # The callee answers the caller's re-INVITE with a 180 and hangs up: the caller
     # gets 487 and the callee's re-INVITE a CANCEL (it waited for ever in Proceeding).
