@@ -742,6 +742,9 @@ class _ReliableA:
     queue: list[Response] = field(default_factory=list)
     #: A 2xx that waits for the PRACK of a provisional with SDP (RFC 3262 3).
     held: Response | None = None
+    #: A provisional with SDP (the answer to the caller's offer) was PRACKed: the
+    #: caller may now be sent an offer in the early dialog (RFC 3311 5.1).
+    answered: bool = False
 
 
 #: Provisionals queued behind an unPRACKed one, at most: the oldest without SDP
@@ -867,6 +870,18 @@ _ALLOW_TOKEN: Final = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
 #: The option tags an in-dialog request may require: session timers, which the
 #: B2BUA runs on each leg itself (RFC 4028).
 IN_DIALOG_SUPPORTED: Final = frozenset({"timer"})
+
+
+def _takes_early_offers(live: _Live) -> bool:
+    """Whether the caller may be sent an offer before its INVITE's 2xx (RFC 3311
+    5.1): its offer was answered in a reliable provisional it PRACKed, and it
+    allows UPDATE."""
+    reliable = live.a_reliable
+    return (
+        reliable is not None
+        and reliable.answered
+        and "UPDATE" in live.allows.get(LegSide.A, frozenset())
+    )
 
 
 def _unsupported_in_dialog(request: Request) -> list[str]:
@@ -2536,10 +2551,10 @@ class CallController:
         except SdpError as exc:
             logger.info("x call %s: bad SDP in %s: %s", live.call.call_ref, request.method, exc)
             return self._send_response(tx, make_response(request, exc.status), now)
-        if early_ok and sdp is not None and side is LegSide.B:
+        if early_ok and sdp is not None and side is LegSide.B and not _takes_early_offers(live):
             # RFC 3311 5.1: the caller may get an early offer only once its own offer
-            # was answered reliably, and the B2BUA answers it unreliably (no 100rel on
-            # A). After the 2xx the UPDATE goes through: Retry-After.
+            # was answered reliably (a 183 with SDP it PRACKed), and only if it allows
+            # UPDATE. After the 2xx the UPDATE goes through: Retry-After.
             response = make_response(request, 500, headers=[("Retry-After", "1")])
             return self._send_response(tx, response, now, leg.realm)
         before = None
@@ -3521,6 +3536,8 @@ class CallController:
             # An offer in a PRACK would need the callee's answer in the 200: the
             # B2BUA's reliable provisionals never carry an offer, so none is expected.
             logger.info("x call %s: PRACK body ignored", live.call.call_ref)
+        if outstanding is not None and outstanding.body and live.a_request.body:
+            reliable.answered = True
         reliable.outstanding = None
         step = self._send_response(tx, make_response(request, 200), now, realm)
         held, reliable.held = reliable.held, None

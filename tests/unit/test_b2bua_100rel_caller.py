@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from sbc.sip.message import Request, Response
 from tests.unit.test_controller_fuzz import (
+    A_CONTACT,
     ANSWER,
     B_CONTACT,
     CALLER,
@@ -25,16 +26,20 @@ from tests.unit.test_controller_fuzz import (
     from_a,
     latest,
     next_deadline,
+    sdp,
 )
+from tests.unit.test_controller_fuzz import from_b as request_from_b
 
 T1 = 0.5
 
 
-def call(*, require: bool = True) -> Run:
+def call(*, require: bool = True, allow_update: bool = False) -> Run:
     run = Run(controller())
     invite = from_a("INVITE", 1, "inv1", run, OFFER)
     if require:
         invite.headers.append(("Require", "100rel"))
+    if allow_update:
+        invite.headers.append(("Allow", "INVITE, ACK, BYE, CANCEL, PRACK, UPDATE"))
     run.feed(invite, CALLER, None)
     return run
 
@@ -213,3 +218,57 @@ def test_a_late_offer_caller_gets_no_sdp_in_reliable_provisionals() -> None:
     run.feed(from_a("ACK", 1, "ack1", run, OFFER), CALLER, None)
     ack = latest(run.to_b, "ACK")
     assert isinstance(ack, Request) and ack.body  # the answer
+
+
+B_EARLY_OFFER = sdp("b", "203.0.113.5", 42000, "a=sendonly\r\n")
+
+
+def early_update_from_b(run: Run) -> list[Response]:
+    """The callee's UPDATE with a new offer in the early dialog: its answers."""
+    update = request_from_b("UPDATE", 2, run)
+    assert update is not None
+    update.headers.append(("Content-Type", "application/sdp"))
+    update.body = B_EARLY_OFFER
+    before = len(run.responses_to_b)
+    run.feed(update, TRUNK, None)
+    return [r for r in run.responses_to_b[before:] if r.cseq.method == "UPDATE"]
+
+
+def test_an_early_offer_of_the_callee_reaches_a_caller_that_pracked_the_answer() -> None:
+    # RFC 3311 5.1: the caller's offer was answered in a reliable 183 it PRACKed, and
+    # it allows UPDATE: the callee's early UPDATE goes to it (it got 500 before).
+    run = call(allow_update=True)
+    from_b(run, 183, ANSWER, reliable=1)
+    (p183,) = provisionals(run)
+    assert [r.status for r in prack(run, p183)] == [200]
+    assert early_update_from_b(run) == []
+    update = latest(run.to_a, "UPDATE")
+    assert isinstance(update, Request) and update.body
+    assert update.to.tag == "alicetag" and update.from_.tag == p183.to.tag
+    assert b"203.0.113.5" not in update.body and b"a=sendonly" in update.body
+    answer_text = sdp("a", "198.51.100.9", 40000, "a=recvonly\r\n")
+    run.feed(answer(update, 200, "alicetag", A_CONTACT, answer_text), CALLER, None)
+    (ok,) = [r for r in run.responses_to_b if r.cseq.method == "UPDATE"]
+    assert ok.status == 200 and b"a=recvonly" in ok.body and b"198.51.100.9" not in ok.body
+    # The call goes on: answered, ACKed, and the BYE after uses the next CSeq on A.
+    from_b(run, 200, ANSWER)
+    (ok,) = [r for r in run.responses_to_a if r.status == 200 and r.cseq.method == "INVITE"]
+    run.feed(from_a("ACK", 1, "ack1", run), CALLER, None)
+    bye = request_from_b("BYE", 3, run)
+    assert bye is not None
+    run.feed(bye, TRUNK, None)
+    a_bye = latest(run.to_a, "BYE")
+    assert isinstance(a_bye, Request) and a_bye.cseq.seq == update.cseq.seq + 1
+
+
+def test_an_early_offer_of_the_callee_still_waits_without_a_reliable_answer() -> None:
+    # A caller that did not PRACK an answer (or allows no UPDATE) cannot take an
+    # offer before the 2xx: 500 with Retry-After, as before.
+    for run in (call(require=False, allow_update=True), call(allow_update=False)):
+        from_b(run, 183, ANSWER, reliable=1)
+        (p183,) = provisionals(run)
+        if p183.headers.get("RSeq"):
+            assert [r.status for r in prack(run, p183)] == [200]
+        (refused,) = early_update_from_b(run)
+        assert refused.status == 500 and refused.headers.get("Retry-After") == "1"
+        assert latest(run.to_a, "UPDATE") is None
