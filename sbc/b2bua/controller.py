@@ -2532,16 +2532,25 @@ class CallController:
         return False
 
     def _relay(
-        self, live: _Live, side: LegSide, tx: ServerTransaction, request: Request, now: float
+        self,
+        live: _Live,
+        side: LegSide,
+        tx: ServerTransaction,
+        request: Request,
+        now: float,
+        *,
+        as_method: str | None = None,
     ) -> Step:
-        """Re-originate an in-dialog request (re-INVITE, UPDATE, INFO ...) on the other leg."""
+        """Re-originate an in-dialog request (re-INVITE, UPDATE, INFO ...) on the other leg
+        (``as_method``: as a request of that method, answered as ``request``)."""
+        method = as_method or request.method
         other = side.other
         leg = live.call.leg(other)
-        early_ok = request.method in ("UPDATE", "INFO") and live.call.state is CallState.EARLY
+        early_ok = method in ("UPDATE", "INFO") and live.call.state is CallState.EARLY
         if leg.dialog is None or (live.call.state is not CallState.CONFIRMED and not early_ok):
-            response = make_response(request, 491 if request.method == "INVITE" else 481)
+            response = make_response(request, 491 if method == "INVITE" else 481)
             return self._send_response(tx, response, now)
-        if request.method != "BYE" and self._layer_full():
+        if method != "BYE" and self._layer_full():
             response = make_response(request, 503, headers=[OVERLOAD_RETRY])
             return self._send_response(tx, response, now, leg.realm)
         step = Step()
@@ -2549,7 +2558,7 @@ class CallController:
         try:
             sdp = parse_sdp(request)
         except SdpError as exc:
-            logger.info("x call %s: bad SDP in %s: %s", live.call.call_ref, request.method, exc)
+            logger.info("x call %s: bad SDP in %s: %s", live.call.call_ref, method, exc)
             return self._send_response(tx, make_response(request, exc.status), now)
         if early_ok and sdp is not None and side is LegSide.B and not _takes_early_offers(live):
             # RFC 3311 5.1: the caller may get an early offer only once its own offer
@@ -2562,7 +2571,7 @@ class CallController:
             try:
                 offers = self._leg_offers(live, side, sdp)
             except SdpError as exc:
-                logger.info("x call %s: %s refused: %s", live.call.call_ref, request.method, exc)
+                logger.info("x call %s: %s refused: %s", live.call.call_ref, method, exc)
                 return self._send_response(tx, make_response(request, exc.status), now)
             before = _Before(
                 live.offers.get(side), live.sdp_sent.get(other), leg.sdp_version, leg.sdp_digest
@@ -2577,7 +2586,7 @@ class CallController:
         elif sdp is not None:
             # No relay session (a subscription's dialog): the SDP would cross as the
             # other side wrote it, its c= and o= naming that side. Not at all.
-            logger.info("x call %s: SDP in %s dropped", live.call.call_ref, request.method)
+            logger.info("x call %s: SDP in %s dropped", live.call.call_ref, method)
             body, content_type = b"", None
         host = None
         if body and names_identities(content_type):
@@ -2587,16 +2596,17 @@ class CallController:
         body, content_type = screen_event_body(content_type, body, host)
         extra: list[tuple[str, str]] = []
         realm_to = self.realms.get(leg.realm)
-        probe = Request(request.method, "sip:probe", Headers())
+        probe = Request(method, "sip:probe", Headers())
         if realm_to is not None:
             copy_kept_headers(request, probe, realm_to)
         extra.extend(probe.headers)
-        for name in ("Event", "Subscription-State", "Expires", "Info-Package", "RAck", "RSeq"):
+        names = ("Event", "Subscription-State", "Expires", "Info-Package", "RAck", "RSeq")
+        for name in names if as_method is None else names[:4]:
             extra.extend((name, value) for value in request.headers.fields(name))
-        if request.method == "REFER":
+        if method == "REFER":
             extra.extend(self._refer_headers(request, leg))
             extra.extend(_norefersub(request, realm_to))
-        elif request.method == "NOTIFY" and _refer_event(request):
+        elif method == "NOTIFY" and _refer_event(request):
             body = _sipfrag_status(body)
             ids = (live.refer_ids or {}).get(side, {})
             extra = _refer_notify_headers(request, ids, extra)
@@ -2604,12 +2614,12 @@ class CallController:
                 _subscription_ended(request, ids)
                 if not ids:
                     live.notifiers = live.notifiers - {side}
-        if request.method == "INVITE":
+        if method == "INVITE":
             extra.append(("Allow", ALLOW))
             extra.append(("Supported", SUPPORTED_IN_DIALOG))
         assert leg.dialog is not None
         dialog, out_request = leg.dialog.create_request(
-            request.method,
+            method,
             transport=leg.local.transport.value,
             host=format_host(leg.local.host),
             port=leg.local.port,
@@ -2635,14 +2645,14 @@ class CallController:
         if live.relayed is None:
             live.relayed = []
         live.relayed.append(client)
-        if request.method == "INVITE":
+        if method == "INVITE":
             self._by_server[tx] = live.call.call_ref  # a CANCEL finds it (``_cancel``)
             # RFC 3261 14.1: no second INVITE (a refresh) on that leg until this one ends.
             live.reinvite_pending = live.reinvite_pending | {other}
         logger.debug(
             "- call %s: %s relayed %s -> %s",
             live.call.call_ref,
-            request.method,
+            method,
             side.value,
             other.value,
         )
@@ -3532,14 +3542,18 @@ class CallController:
         )
         if not matches or reliable is None:
             return self._send_response(tx, make_response(request, 481), now, realm)
-        if request.body:
-            # An offer in a PRACK would need the callee's answer in the 200: the
-            # B2BUA's reliable provisionals never carry an offer, so none is expected.
-            logger.info("x call %s: PRACK body ignored", live.call.call_ref)
         if outstanding is not None and outstanding.body and live.a_request.body:
             reliable.answered = True
         reliable.outstanding = None
-        step = self._send_response(tx, make_response(request, 200), now, realm)
+        if request.body and reliable.answered:
+            # A new offer, its first one answered (RFC 3262 5, RFC 6337 3.1): the
+            # callee gets it in an UPDATE, and the PRACK's 200 carries its answer.
+            step = self._relay(live, LegSide.A, tx, request, now, as_method="UPDATE")
+        else:
+            if request.body:
+                # Not an offer it may make (its INVITE's has no answer yet).
+                logger.info("x call %s: PRACK body ignored", live.call.call_ref)
+            step = self._send_response(tx, make_response(request, 200), now, realm)
         held, reliable.held = reliable.held, None
         if held is not None:
             return step + self._send_response(live.a_invite, held, now, realm)

@@ -272,3 +272,46 @@ def test_an_early_offer_of_the_callee_still_waits_without_a_reliable_answer() ->
         (refused,) = early_update_from_b(run)
         assert refused.status == 500 and refused.headers.get("Retry-After") == "1"
         assert latest(run.to_a, "UPDATE") is None
+
+
+def prack_with(run: Run, response: Response, body: str) -> list[Response]:
+    message = from_a("PRACK", 2, "prack2", run, body)
+    message.headers.append(("RAck", f"{response.headers.get('RSeq')} 1 INVITE"))
+    return fed(run, message)
+
+
+A_NEW_OFFER = sdp("a", "198.51.100.9", 40002, "a=sendonly\r\n")
+
+
+def test_an_offer_in_a_prack_reaches_the_callee_in_an_update() -> None:
+    # RFC 3262 5: its offer answered in the 183, the caller may make a new one in
+    # the PRACK, whose 200 then carries the answer. It was ignored: a 200 without
+    # an answer, and the callee never heard of the offer.
+    run = call()
+    from_b(run, 183, ANSWER, reliable=1)
+    (p183,) = provisionals(run)
+    assert prack_with(run, p183, A_NEW_OFFER) == []  # the 200 waits for the answer
+    update = latest(run.to_b, "UPDATE")
+    assert isinstance(update, Request) and b"a=sendonly" in update.body
+    assert b"198.51.100.9" not in update.body and update.headers.get("RAck") is None
+    until(run, run.now + 2)  # the 183 is not retransmitted: the PRACK acknowledged it
+    assert len(provisionals(run)) == 1
+    b_answer = sdp("b", "203.0.113.5", 42000, "a=recvonly\r\n")
+    run.feed(answer(update, 200, "bobtag", B_CONTACT, b_answer), TRUNK, None)
+    (ok,) = [r for r in run.responses_to_a if r.cseq.method == "PRACK"]
+    assert ok.status == 200 and b"a=recvonly" in ok.body and b"203.0.113.5" not in ok.body
+    from_b(run, 200, ANSWER)
+    assert [r.status for r in run.responses_to_a if r.cseq.method == "INVITE"][-1] == 200
+
+
+def test_a_prack_body_without_an_answered_offer_is_ignored() -> None:
+    # A late offer's caller has made no offer the 183 could answer: its PRACK
+    # cannot carry one (the 2xx brings the callee's offer). 200, nothing relayed.
+    run = Run(controller())
+    invite = from_a("INVITE", 1, "inv1", run)
+    invite.headers.append(("Require", "100rel"))
+    run.feed(invite, CALLER, None)
+    from_b(run, 180)
+    (ringing,) = provisionals(run)
+    assert [r.status for r in prack_with(run, ringing, A_NEW_OFFER)] == [200]
+    assert latest(run.to_b, "UPDATE") is None

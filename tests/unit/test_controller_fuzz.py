@@ -489,6 +489,31 @@ EARLY: Script = [
 ]
 
 
+def prack_offer(run: Run) -> tuple[Message, Flow] | None:
+    """The caller's PRACK with a new offer (RFC 3262 5): relayed as an UPDATE."""
+    made = prack(run)
+    if made is None:
+        return None
+    message, flow = made
+    message.headers.append(("Content-Type", "application/sdp"))
+    message.body = HOLD
+    return message, flow
+
+
+#: A reliable 183 whose PRACK makes a new offer, answered through the callee's UPDATE.
+PRACK_OFFER: Script = [
+    invite_requiring_100rel,
+    reliable_183,
+    prack_offer,
+    b_answers("PRACK", 200),
+    b_answers("UPDATE", 200, sdp("b", "203.0.113.5", 42000, "a=recvonly\r\n")),
+    b_answers("INVITE", 200),
+    lambda run: (from_a("ACK", 1, "ack1", run), CALLER),
+    lambda run: (from_a("BYE", 3, "bye3", run), CALLER),
+    b_answers("BYE", 200),
+]
+
+
 def out_of_dialog(method: str, extra: list[tuple[str, str]], body: str = "") -> Message:
     headers = [
         ("Via", A_VIA.format(branch=f"ood{method}")),
@@ -773,6 +798,7 @@ SCRIPTS = {
     "out of dialog": OUT_OF_DIALOG,
     "transfer": TRANSFER,
     "re-invite cancelled": REINVITE_CANCELLED,
+    "prack offer": PRACK_OFFER,
 }
 
 
