@@ -594,6 +594,27 @@ def test_a_caller_requiring_100rel_gets_a_reliable_183_and_its_prack_answered(
     lab.cdrs.append(answered("2006", "to-uas", "outside", "inside", lab.uas))
 
 
+def test_offers_before_the_answer_cross_in_a_prack_and_an_early_update(lab: FlowLab) -> None:
+    # RFC 3262 5: the caller's new offer in its PRACK reaches the callee as an UPDATE
+    # and its answer comes back in the PRACK's 200; RFC 3311 5.1: the callee's own
+    # early offer reaches the caller, which PRACKed the 183 that answered it.
+    caller, callee, caller_sipp, callee_sipp = call(
+        lab, "flow_uac_prack_offer.xml", "flow_uas_prack_offer.xml", service="2007"
+    )
+    assert caller.returncode == 0, explain(lab.sbc, caller, callee)
+    assert callee.returncode == 0, explain(lab.sbc, caller, callee)
+    (update,) = [m for m in callee.received if m.startswith("<UPDATE")]
+    assert re.search(r"(?m)^a=sendonly\s*$", update) and not header(update, "RAck")
+    (prack_ok,) = [m for m in caller.received if m.startswith("<SIP/2.0 200") and "2 PRACK" in m]
+    assert re.search(r"(?m)^a=recvonly\s*$", prack_ok)
+    (early_update,) = [m for m in caller.received if m.startswith("<UPDATE")]
+    assert re.search(r"(?m)^a=sendonly\s*$", early_update)
+    (update_ok,) = [m for m in callee.received if m.startswith("<SIP/2.0 200") and "1 UPDATE" in m]
+    assert re.search(r"(?m)^a=recvonly\s*$", update_ok)
+    assert_hidden(caller, callee, caller_sipp, callee_sipp)
+    lab.cdrs.append(answered("2007", "to-uas", "outside", "inside", lab.uas))
+
+
 # -- 3. UPDATE, INFO both ways; REFER policy -----------------------------------------------
 
 

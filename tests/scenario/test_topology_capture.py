@@ -552,6 +552,7 @@ FLOWS = [
         media=True,
     ),
     Flow("early-prack", "flow_uac_early.xml", "flow_uas_100rel.xml"),
+    Flow("prack-offer", "flow_uac_prack_offer.xml", "flow_uas_prack_offer.xml"),
     Flow("midcall", "flow_uac_midcall.xml", "flow_uas_midcall.xml"),
     Flow("glare", "flow_uac_glare.xml", "flow_uas_glare.xml"),
     Flow("cancel-race", "uac_cancel.xml", "flow_uas_cancel_race.xml"),
