@@ -56,6 +56,18 @@ def replaces(call_id: str, to_tag: str, from_tag: str) -> str:
     return f"{call_id};to-tag={to_tag};from-tag={from_tag}"
 
 
+def replace_first_call(c: CallController, sbc_tag: str) -> Request:
+    """An INVITE (Call-ID second@) replacing the first call, let in and its media
+    allocated: the INVITE it becomes on the far side."""
+    extra = f"Replaces: {replaces(FIRST_CALL_ID, sbc_tag, 'alicetag')}\r\n"
+    text = invite_text(call_id="second@198.51.100.9", via_branch="z9hG4bKsecond", extra=extra)
+    step = receive(c, text, CALLER, 1.0)
+    assert statuses(step) == [100]
+    (allocate,) = step.media
+    (invite,) = requests(c.media_allocated(allocate.call_ref, session("s2"), 1.0), "INVITE")
+    return invite
+
+
 def test_an_invite_with_replaces_names_the_far_leg_of_that_call() -> None:
     c = controller()
     carol_invite, sbc_tag = first_call(c)
@@ -154,12 +166,7 @@ def test_an_invite_replacing_a_call_is_not_refused_for_the_realm_s_concurrent_li
     third = invite_text(call_id="third@198.51.100.9", via_branch="z9hG4bKthird")
     assert [s for s in statuses(receive(c, third, CALLER, 1.0)) if s != 100] == [503]
     # ... but not an INVITE that replaces the call up.
-    extra = f"Replaces: {replaces(FIRST_CALL_ID, sbc_tag, 'alicetag')}\r\n"
-    text = invite_text(call_id="second@198.51.100.9", via_branch="z9hG4bKsecond", extra=extra)
-    step = receive(c, text, CALLER, 1.0)
-    assert statuses(step) == [100]
-    (allocate,) = step.media
-    (invite,) = requests(c.media_allocated(allocate.call_ref, session("s2"), 1.0), "INVITE")
+    invite = replace_first_call(c, sbc_tag)
     assert admission.active("realm", "outside") == 2  # both up, for the moment
     # Only the replacing INVITE is let over the limit: a plain one is still refused.
     fourth = invite_text(call_id="fourth@198.51.100.9", via_branch="z9hG4bKfourth")
@@ -228,12 +235,8 @@ def test_only_one_invite_replacing_a_call_is_let_over_the_limit_at_a_time() -> N
     admission = AdmissionControl({"outside": Limits(max_calls=1)}, {})
     c = controller(admission=admission)
     _, sbc_tag = first_call(c)
+    invite = replace_first_call(c, sbc_tag)
     extra = f"Replaces: {replaces(FIRST_CALL_ID, sbc_tag, 'alicetag')}\r\n"
-    text = invite_text(call_id="second@198.51.100.9", via_branch="z9hG4bKsecond", extra=extra)
-    step = receive(c, text, CALLER, 1.0)
-    assert statuses(step) == [100]
-    (allocate,) = step.media
-    (invite,) = requests(c.media_allocated(allocate.call_ref, session("s2"), 1.0), "INVITE")
     again = invite_text(call_id="third@198.51.100.9", via_branch="z9hG4bKthird", extra=extra)
     assert [s for s in statuses(receive(c, again, CALLER, 1.1)) if s != 100] == [503]
     assert admission.active("realm", "outside") == 2
