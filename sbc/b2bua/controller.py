@@ -889,7 +889,13 @@ def _unsupported_in_dialog(request: Request) -> list[str]:
     support (malformed Require: ParseError, a 400)."""
     if not request.headers.fields("Require") or request.method in ("ACK", "CANCEL"):
         return []
-    return [t for t in request.tokens("Require") if t.lower() not in IN_DIALOG_SUPPORTED]
+    # A PRACK naming 100rel asks for nothing more than the PRACK it is.
+    extra = ("100rel",) if request.method == "PRACK" else ()
+    return [
+        t
+        for t in request.tokens("Require")
+        if t.lower() not in IN_DIALOG_SUPPORTED and t.lower() not in extra
+    ]
 
 
 def _allowed(message: Message) -> frozenset[str]:

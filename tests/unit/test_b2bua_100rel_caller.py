@@ -315,3 +315,14 @@ def test_a_prack_body_without_an_answered_offer_is_ignored() -> None:
     (ringing,) = provisionals(run)
     assert [r.status for r in prack_with(run, ringing, A_NEW_OFFER)] == [200]
     assert latest(run.to_b, "UPDATE") is None
+
+
+def test_a_prack_that_requires_100rel_is_answered() -> None:
+    # The in-dialog Require check (420 for what the B2BUA does not support) must not
+    # refuse a PRACK that names the extension it belongs to.
+    run = call()
+    from_b(run, 180)
+    (ringing,) = provisionals(run)
+    message = from_a("PRACK", 2, "prack2", run)
+    message.headers += [("RAck", f"{ringing.headers.get('RSeq')} 1 INVITE"), ("Require", "100rel")]
+    assert [r.status for r in fed(run, message)] == [200]
