@@ -3554,18 +3554,28 @@ class CallController:
         if request.body and reliable.answered:
             # A new offer, its first one answered (RFC 3262 5, RFC 6337 3.1): the
             # callee gets it in an UPDATE, and the PRACK's 200 carries its answer.
+            relayed = len(live.relayed or ())
             step = self._relay(live, LegSide.A, tx, request, now, as_method="UPDATE")
+            if len(live.relayed or ()) > relayed:
+                # A held 2xx and queued provisionals wait for that answer: the caller
+                # is not to see the INVITE answered while its offer is not.
+                return step
         else:
             if request.body:
                 # Not an offer it may make (its INVITE's has no answer yet).
                 logger.info("x call %s: PRACK body ignored", live.call.call_ref)
             step = self._send_response(tx, make_response(request, 200), now, realm)
+        return step + self._after_prack(live, reliable, now)
+
+    def _after_prack(self, live: _Live, reliable: _ReliableA, now: float) -> Step:
+        """A PRACK answered: the 2xx it held goes, or the next queued provisional."""
+        realm = live.call.a.realm
         held, reliable.held = reliable.held, None
         if held is not None:
-            return step + self._send_response(live.a_invite, held, now, realm)
+            return self._send_response(live.a_invite, held, now, realm)
         if reliable.queue and not live.a_final:
-            return step + self._send_reliable(live, reliable, reliable.queue.pop(0), now)
-        return step
+            return self._send_reliable(live, reliable, reliable.queue.pop(0), now)
+        return Step()
 
     def _ack_b(self, leg: CallLeg, dialog: Dialog, now: float, *, bye: bool, call_ref: str) -> Step:
         ack = dialog.create_ack(
@@ -3967,7 +3977,10 @@ class CallController:
             if relayed.before is not None:
                 step = step + self._roll_back(live, side, relayed.before, None, now)
             out = make_response(relayed.request, 502)
-            return step + self._send_response(relayed.server, out, now, live.call.leg(side).realm)
+            step = step + self._send_response(relayed.server, out, now, live.call.leg(side).realm)
+            if relayed.request.method == "PRACK" and live.a_reliable is not None:
+                step = step + self._after_prack(live, live.a_reliable, now)
+            return step
         headers: list[tuple[str, str]] = []
         if relayed.request.method == "INVITE" and status < 300:
             headers.append(("Contact", contact_for(live.call.leg(side).local)))
@@ -4000,6 +4013,9 @@ class CallController:
                 out.headers.add("Expires", value)
             out.invalidate()
         step = step + self._send_response(relayed.server, out, now, live.call.leg(side).realm)
+        if relayed.request.method == "PRACK" and live.a_reliable is not None:
+            # A PRACK's offer, relayed as an UPDATE, is answered: what it held goes.
+            step = step + self._after_prack(live, live.a_reliable, now)
         if (
             relayed.request.method in ("INVITE", "UPDATE")
             and status < 300

@@ -326,3 +326,37 @@ def test_a_prack_that_requires_100rel_is_answered() -> None:
     message = from_a("PRACK", 2, "prack2", run)
     message.headers += [("RAck", f"{ringing.headers.get('RSeq')} 1 INVITE"), ("Require", "100rel")]
     assert [r.status for r in fed(run, message)] == [200]
+
+
+def test_a_2xx_held_for_a_prack_with_an_offer_waits_for_that_offer_s_answer() -> None:
+    # The callee answered before the caller's PRACK; the PRACK brings a new offer.
+    # The caller must not see its INVITE answered while that offer is not: the 2xx
+    # follows the PRACK's 200.
+    run = call()
+    from_b(run, 183, ANSWER, reliable=1)
+    (p183,) = provisionals(run)
+    from_b(run, 200, ANSWER)  # held: the 183 carried SDP and is not PRACKed yet
+    assert prack_with(run, p183, A_NEW_OFFER) == []
+    update = latest(run.to_b, "UPDATE")
+    assert isinstance(update, Request)
+    b_answer = sdp("b", "203.0.113.5", 42000, "a=recvonly\r\n")
+    answered = fed_from_b(run, answer(update, 200, "bobtag", B_CONTACT, b_answer))
+    assert [(r.status, r.cseq.method) for r in answered] == [(200, "PRACK"), (200, "INVITE")]
+
+
+def test_a_2xx_held_for_a_prack_whose_offer_is_refused_still_goes() -> None:
+    run = call()
+    from_b(run, 183, ANSWER, reliable=1)
+    (p183,) = provisionals(run)
+    from_b(run, 200, ANSWER)
+    prack_with(run, p183, A_NEW_OFFER)
+    update = latest(run.to_b, "UPDATE")
+    assert isinstance(update, Request)
+    answered = fed_from_b(run, answer(update, 488, "bobtag", B_CONTACT))
+    assert [(r.status, r.cseq.method) for r in answered] == [(488, "PRACK"), (200, "INVITE")]
+
+
+def fed_from_b(run: Run, message: Message) -> list[Response]:
+    before = len(run.responses_to_a)
+    run.feed(message, TRUNK, None)
+    return run.responses_to_a[before:]
