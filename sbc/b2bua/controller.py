@@ -2844,6 +2844,12 @@ class CallController:
         live = self._calls.get(unacked.call_ref)
         if live is None:
             return Step()
+        reliable = live.a_reliable
+        if reliable is not None and reliable.held is not None and unacked.server is live.invite_tx:
+            # An ACK for a 2xx that has not left yet (it waits for a PRACK): not this
+            # 2xx's ACK, which is still to come (the 2xx is retransmitted until then).
+            self._unacked[(*key, seq)] = unacked
+            return Step()
         step = Step()
         if live.held_ack is not None and unacked.server is live.held_ack.server:
             step = self._release_ack(live, request, now)
@@ -3571,8 +3577,8 @@ class CallController:
         """A PRACK answered: the 2xx it held goes, or the next queued provisional."""
         realm = live.call.a.realm
         held, reliable.held = reliable.held, None
-        if held is not None:
-            return self._send_response(live.a_invite, held, now, realm)
+        if held is not None and live.invite_tx is not None:
+            return self._send_response(live.invite_tx, held, now, realm)
         if reliable.queue and not live.a_final:
             return self._send_reliable(live, reliable, reliable.queue.pop(0), now)
         return Step()

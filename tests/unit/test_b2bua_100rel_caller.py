@@ -360,3 +360,20 @@ def fed_from_b(run: Run, message: Message) -> list[Response]:
     before = len(run.responses_to_a)
     run.feed(message, TRUNK, None)
     return run.responses_to_a[before:]
+
+
+def test_an_ack_before_the_held_2xx_left_is_not_taken_for_its_ack() -> None:
+    # The fuzz test's find: an ACK arriving while the 2xx waited for a PRACK was
+    # taken for that 2xx's ACK, so the call let go of the caller's INVITE
+    # transaction once the callee's ended; the 2xx, sent when the PRACK's offer
+    # got its answer (here Timer F's 408, 32 s later), then raised.
+    run = call()
+    from_b(run, 183, ANSWER, reliable=1)
+    (p183,) = provisionals(run)
+    from_b(run, 200, ANSWER)  # held
+    run.feed(from_a("ACK", 1, "ack1", run), CALLER, None)
+    assert prack_with(run, p183, A_NEW_OFFER) == []
+    until(run, run.now + 40)
+    final = [(r.status, r.cseq.method) for r in run.responses_to_a if r.status >= 200]
+    assert final[:2] == [(408, "PRACK"), (200, "INVITE")]
+    assert_nothing_left(run)

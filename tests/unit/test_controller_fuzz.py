@@ -514,6 +514,20 @@ PRACK_OFFER: Script = [
 ]
 
 
+#: The same with the callee's 2xx first: held until the PRACK's offer is answered.
+PRACK_OFFER_HELD: Script = [
+    invite_requiring_100rel,
+    reliable_183,
+    b_answers("INVITE", 200),
+    prack_offer,
+    b_answers("PRACK", 200),
+    b_answers("UPDATE", 200, sdp("b", "203.0.113.5", 42000, "a=recvonly\r\n")),
+    lambda run: (from_a("ACK", 1, "ack1", run), CALLER),
+    lambda run: (from_a("BYE", 3, "bye3", run), CALLER),
+    b_answers("BYE", 200),
+]
+
+
 def out_of_dialog(method: str, extra: list[tuple[str, str]], body: str = "") -> Message:
     headers = [
         ("Via", A_VIA.format(branch=f"ood{method}")),
@@ -799,6 +813,7 @@ SCRIPTS = {
     "transfer": TRANSFER,
     "re-invite cancelled": REINVITE_CANCELLED,
     "prack offer": PRACK_OFFER,
+    "prack offer, 2xx held": PRACK_OFFER_HELD,
 }
 
 
