@@ -528,6 +528,57 @@ PRACK_OFFER_HELD: Script = [
 ]
 
 
+def b_early_update(run: Run) -> tuple[Message, Flow] | None:
+    """The callee's UPDATE with an offer in the early dialog (RFC 3311 5.1)."""
+    message = from_b("UPDATE", 2, run)
+    if message is None:
+        return None
+    message.headers.append(("Content-Type", "application/sdp"))
+    message.body = sdp("b", "203.0.113.5", 42000, "a=sendonly\r\n")
+    return message, TRUNK
+
+
+def late_invite_requiring_100rel(run: Run) -> tuple[Message, Flow] | None:
+    message = from_a("INVITE", 1, "inv1", run)
+    message.headers.append(("Require", "100rel"))
+    return message, CALLER
+
+
+def invite_allowing_update(run: Run) -> tuple[Message, Flow] | None:
+    made = invite_requiring_100rel(run)
+    assert made is not None
+    made[0].headers.append(("Allow", "INVITE, ACK, BYE, CANCEL, PRACK, UPDATE"))
+    return made
+
+
+#: The callee offers in the early dialog, to a caller that PRACKed its answer.
+EARLY_FROM_B: Script = [
+    invite_allowing_update,
+    reliable_183,
+    prack,
+    b_answers("PRACK", 200),
+    b_early_update,
+    a_answers_sdp("UPDATE", 200),
+    b_answers("INVITE", 200),
+    lambda run: (from_a("ACK", 1, "ack1", run), CALLER),
+    lambda run: (from_a("BYE", 3, "bye3", run), CALLER),
+    b_answers("BYE", 200),
+]
+
+#: A late offer from a caller requiring 100rel: the callee's early SDP stays out of
+#: the reliable 183, the 2xx offers, the ACK answers.
+LATE_RELIABLE: Script = [
+    late_invite_requiring_100rel,
+    reliable_183,
+    prack,
+    b_answers("PRACK", 200),
+    b_answers("INVITE", 200, ANSWER),
+    lambda run: (from_a("ACK", 1, "ack1", run, OFFER), CALLER),
+    lambda run: (from_a("BYE", 3, "bye3", run), CALLER),
+    b_answers("BYE", 200),
+]
+
+
 def out_of_dialog(method: str, extra: list[tuple[str, str]], body: str = "") -> Message:
     headers = [
         ("Via", A_VIA.format(branch=f"ood{method}")),
@@ -814,6 +865,8 @@ SCRIPTS = {
     "re-invite cancelled": REINVITE_CANCELLED,
     "prack offer": PRACK_OFFER,
     "prack offer, 2xx held": PRACK_OFFER_HELD,
+    "early offer from b": EARLY_FROM_B,
+    "late offer, 100rel": LATE_RELIABLE,
 }
 
 
