@@ -489,6 +489,14 @@ EARLY: Script = [
 ]
 
 
+#: The end of a call set up with one PRACK: the caller ACKs the 2xx and hangs up.
+ACKED_THEN_BYE: Script = [
+    lambda run: (from_a("ACK", 1, "ack1", run), CALLER),
+    lambda run: (from_a("BYE", 3, "bye3", run), CALLER),
+    b_answers("BYE", 200),
+]
+
+
 def prack_offer(run: Run) -> tuple[Message, Flow] | None:
     """The caller's PRACK with a new offer (RFC 3262 5): relayed as an UPDATE."""
     made = prack(run)
@@ -508,9 +516,7 @@ PRACK_OFFER: Script = [
     b_answers("PRACK", 200),
     b_answers("UPDATE", 200, sdp("b", "203.0.113.5", 42000, "a=recvonly\r\n")),
     b_answers("INVITE", 200),
-    lambda run: (from_a("ACK", 1, "ack1", run), CALLER),
-    lambda run: (from_a("BYE", 3, "bye3", run), CALLER),
-    b_answers("BYE", 200),
+    *ACKED_THEN_BYE,
 ]
 
 
@@ -522,9 +528,7 @@ PRACK_OFFER_HELD: Script = [
     prack_offer,
     b_answers("PRACK", 200),
     b_answers("UPDATE", 200, sdp("b", "203.0.113.5", 42000, "a=recvonly\r\n")),
-    lambda run: (from_a("ACK", 1, "ack1", run), CALLER),
-    lambda run: (from_a("BYE", 3, "bye3", run), CALLER),
-    b_answers("BYE", 200),
+    *ACKED_THEN_BYE,
 ]
 
 
@@ -560,9 +564,7 @@ EARLY_FROM_B: Script = [
     b_early_update,
     a_answers_sdp("UPDATE", 200),
     b_answers("INVITE", 200),
-    lambda run: (from_a("ACK", 1, "ack1", run), CALLER),
-    lambda run: (from_a("BYE", 3, "bye3", run), CALLER),
-    b_answers("BYE", 200),
+    *ACKED_THEN_BYE,
 ]
 
 #: A late offer from a caller requiring 100rel: the callee's early SDP stays out of
