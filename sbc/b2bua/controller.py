@@ -3491,7 +3491,14 @@ class CallController:
                 queue.remove(plain)
             return Step()
         reliable.queue.clear()
-        if status < 300 and reliable.outstanding is not None and reliable.outstanding.body:
+        if status < 300 and (
+            (reliable.outstanding is not None and reliable.outstanding.body)
+            or self._prack_offer_pending(live)
+        ):
+            # Until the PRACK of the provisional that answered the caller's offer, or
+            # the answer to an offer the caller made in a PRACK (the callee's two
+            # answers may cross on the way): the caller is not to see its INVITE
+            # answered while an offer of its own is open.
             reliable.held = response
             return Step()
         # No more retransmissions; a PRACK for the outstanding one still gets its 200.
@@ -3524,7 +3531,7 @@ class CallController:
             reliable.queue.clear()
             held, reliable.held = reliable.held, None
             if held is not None:
-                return self._send_response(live.a_invite, held, now, live.call.a.realm)
+                return self._send_held(live, live.a_invite, held, now)
             if live.a_final:
                 return Step()
             logger.info("x call %s: no PRACK from the caller, ending it", live.call.call_ref)
@@ -3575,13 +3582,38 @@ class CallController:
 
     def _after_prack(self, live: _Live, reliable: _ReliableA, now: float) -> Step:
         """A PRACK answered: the 2xx it held goes, or the next queued provisional."""
-        realm = live.call.a.realm
+        if self._prack_offer_pending(live):
+            return Step()  # another PRACK's offer is still open
         held, reliable.held = reliable.held, None
         if held is not None and live.invite_tx is not None:
-            return self._send_response(live.invite_tx, held, now, realm)
+            return self._send_held(live, live.invite_tx, held, now)
         if reliable.queue and not live.a_final:
             return self._send_reliable(live, reliable, reliable.queue.pop(0), now)
         return Step()
+
+    def _prack_offer_pending(self, live: _Live) -> bool:
+        """A caller's PRACK with an offer is relayed (as an UPDATE) and unanswered."""
+        for tx in live.relayed or ():
+            role = self._by_client.get(tx)
+            relayed = None if role is None else role.relayed
+            if relayed is not None and relayed.request.method == "PRACK":
+                return True
+        return False
+
+    def _send_held(
+        self, live: _Live, server: ServerTransaction, held: Response, now: float
+    ) -> Step:
+        """A 2xx held for a PRACK goes: its retransmissions, and the caller's 64*T1 to
+        ACK it (RFC 3261 13.3.1.4), count from now, not from when it was made."""
+        key = (held.call_id, held.to.tag or "", held.cseq.seq)
+        unacked = self._unacked.get(key)
+        if unacked is not None and unacked.response is held:
+            t1 = self.transactions.config.t1
+            unacked.interval = t1
+            unacked.next_at = now + t1
+            unacked.give_up_at = now + 64 * t1
+            self._unacked_at(key, unacked.next_at)
+        return self._send_response(server, held, now, live.call.a.realm)
 
     def _ack_b(self, leg: CallLeg, dialog: Dialog, now: float, *, bye: bool, call_ref: str) -> Step:
         ack = dialog.create_ack(
@@ -3897,17 +3929,21 @@ class CallController:
             exc,
         )
         server = relayed.server
-        if relayed.cancelled or server.state not in (
+        step = Step()
+        if not relayed.cancelled and server.state in (
             TransactionState.TRYING,
             TransactionState.PROCEEDING,
         ):
-            return Step()
-        step = Step()
-        if relayed.before is not None:
-            step = self._roll_back(live, relayed.from_side, relayed.before, None, now)
-        out = make_response(relayed.request, 502)
-        realm = live.call.leg(relayed.from_side).realm
-        return step + self._send_response(server, out, now, realm)
+            if relayed.before is not None:
+                step = self._roll_back(live, relayed.from_side, relayed.before, None, now)
+            out = make_response(relayed.request, 502)
+            realm = live.call.leg(relayed.from_side).realm
+            step = step + self._send_response(server, out, now, realm)
+        if relayed.request.method == "PRACK" and live.a_reliable is not None:
+            # A PRACK's offer, relayed as an UPDATE: what it held goes, as after
+            # any other answer (``_relayed_response``).
+            step = step + self._after_prack(live, live.a_reliable, now)
+        return step
 
     def _relayed_response(
         self,

@@ -377,3 +377,73 @@ def test_an_ack_before_the_held_2xx_left_is_not_taken_for_its_ack() -> None:
     final = [(r.status, r.cseq.method) for r in run.responses_to_a if r.status >= 200]
     assert final[:2] == [(408, "PRACK"), (200, "INVITE")]
     assert_nothing_left(run)
+
+
+def test_a_2xx_crossing_the_answer_to_a_prack_s_offer_waits_for_it() -> None:
+    # The PRACK (with an offer) reached the callee before its 2xx did, but the
+    # callee's 2xx came back before its answer to the UPDATE: the caller is still
+    # not to see its INVITE answered while its offer is open.
+    run = call()
+    from_b(run, 183, ANSWER, reliable=1)
+    (p183,) = provisionals(run)
+    assert prack_with(run, p183, A_NEW_OFFER) == []
+    update = latest(run.to_b, "UPDATE")
+    assert isinstance(update, Request)
+    from_b(run, 200, ANSWER)
+    assert not [r for r in run.responses_to_a if r.status >= 200]
+    b_answer = sdp("b", "203.0.113.5", 42000, "a=recvonly\r\n")
+    answered = fed_from_b(run, answer(update, 200, "bobtag", B_CONTACT, b_answer))
+    assert [(r.status, r.cseq.method) for r in answered] == [(200, "PRACK"), (200, "INVITE")]
+
+
+def test_a_held_2xx_gives_the_caller_64_t1_to_ack_from_when_it_goes() -> None:
+    # The caller PRACKs late (30 s, the 183 retransmitted meanwhile) with an offer,
+    # answered at 31 s. The held 2xx then goes and is retransmitted until its ACK,
+    # whose 32 s count from then: counted from the 2xx's arrival, the call ended
+    # with no ACK a second after the 2xx left.
+    run = call()
+    from_b(run, 183, ANSWER, reliable=1)
+    (p183,) = provisionals(run)
+    from_b(run, 200, ANSWER)
+    start = run.now
+    until(run, start + 30)
+    assert prack_with(run, p183, A_NEW_OFFER) == []
+    until(run, start + 31)
+    update = latest(run.to_b, "UPDATE")
+    assert isinstance(update, Request)
+    b_answer = sdp("b", "203.0.113.5", 42000, "a=recvonly\r\n")
+    answered = fed_from_b(run, answer(update, 200, "bobtag", B_CONTACT, b_answer))
+    assert [(r.status, r.cseq.method) for r in answered] == [(200, "PRACK"), (200, "INVITE")]
+    until(run, start + 51)
+    ok = [r for r in run.responses_to_a if r.status == 200 and r.cseq.method == "INVITE"]
+    assert len(ok) > 3  # retransmitted: T1, 2*T1, 4*T1, then every T2
+    assert run.to_b.get("BYE") is None
+    run.feed(from_a("ACK", 1, "ack1", run), CALLER, None)
+    until(run, start + 100)
+    assert run.to_b.get("BYE") is None  # the call goes on
+    (call_,) = run.controller.calls()
+    assert call_.end_reason is None
+    run.feed(from_a("BYE", 3, "bye3", run), CALLER, None)
+    bye = latest(run.to_b, "BYE")
+    assert isinstance(bye, Request)
+    run.feed(answer(bye, 200, "bobtag", B_CONTACT), TRUNK, None)
+    assert_nothing_left(run)
+
+
+def test_a_held_2xx_goes_when_the_answer_to_a_prack_s_offer_is_unusable() -> None:
+    # The UPDATE's 200 names another dialog: the PRACK gets 502, and the 2xx it held
+    # still goes (it waited until the 2xx's own ACK time ran out).
+    run = call()
+    from_b(run, 183, ANSWER, reliable=1)
+    (p183,) = provisionals(run)
+    from_b(run, 200, ANSWER)
+    prack_with(run, p183, A_NEW_OFFER)
+    update = latest(run.to_b, "UPDATE")
+    assert isinstance(update, Request)
+    b_answer = sdp("b", "203.0.113.5", 42000, "a=recvonly\r\n")
+    wrong = answer(update, 200, "bobtag", B_CONTACT, b_answer)
+    wrong.headers = [
+        (n, "elsewhere@203.0.113.5" if n == "Call-ID" else v) for n, v in wrong.headers
+    ]
+    answered = fed_from_b(run, wrong)
+    assert [(r.status, r.cseq.method) for r in answered] == [(502, "PRACK"), (200, "INVITE")]

@@ -532,6 +532,18 @@ PRACK_OFFER_HELD: Script = [
 ]
 
 
+#: The callee's 2xx overtakes its answer to the PRACK's offer: held for that answer.
+PRACK_OFFER_CROSSED: Script = [
+    invite_requiring_100rel,
+    reliable_183,
+    prack_offer,
+    b_answers("PRACK", 200),
+    b_answers("INVITE", 200),
+    b_answers("UPDATE", 200, sdp("b", "203.0.113.5", 42000, "a=recvonly\r\n")),
+    *ACKED_THEN_BYE,
+]
+
+
 def b_early_update(run: Run) -> tuple[Message, Flow] | None:
     """The callee's UPDATE with an offer in the early dialog (RFC 3311 5.1)."""
     message = from_b("UPDATE", 2, run)
@@ -867,6 +879,7 @@ SCRIPTS = {
     "re-invite cancelled": REINVITE_CANCELLED,
     "prack offer": PRACK_OFFER,
     "prack offer, 2xx held": PRACK_OFFER_HELD,
+    "prack offer, 2xx crossed": PRACK_OFFER_CROSSED,
     "early offer from b": EARLY_FROM_B,
     "late offer, 100rel": LATE_RELIABLE,
 }
