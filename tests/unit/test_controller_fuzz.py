@@ -23,7 +23,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sbc.b2bua import controller as controller_module
-from sbc.b2bua.controller import AllocateMedia, CallController, CallTimers, RealmPolicy, Step
+from sbc.b2bua.call import Call
+from sbc.b2bua.controller import (
+    AllocateMedia,
+    CallController,
+    CallTimers,
+    DeleteMedia,
+    RealmPolicy,
+    Step,
+)
 from sbc.b2bua.local import LocalResponder
 from sbc.b2bua.realm import Hop, Realm, RealmTable
 from sbc.b2bua.routing import RouteAction, Router, RouteRule
@@ -239,8 +247,11 @@ class Run:
     #: Every response the SBC sent the caller.
     responses_to_a: list[Response] = field(default_factory=list)
     responses_to_b: list[Response] = field(default_factory=list)
+    #: Every call that ended, as it ended.
+    ended: list[Call] = field(default_factory=list)
 
     def absorb(self, step: Step) -> None:
+        self.ended.extend(step.ended)
         for outgoing in step.output.messages:
             message = outgoing.message
             if isinstance(message, Response):
@@ -255,6 +266,8 @@ class Run:
             elif message.to.tag and message.status > 100 and self.a_tag is None:
                 self.a_tag = message.to.tag
         for command in step.media:
+            if isinstance(command, DeleteMedia) and command.call is not None:
+                self.ended.append(command.call)
             if isinstance(command, AllocateMedia):
                 self.sessions += 1
                 session = session_for(command, self.sessions)
@@ -336,18 +349,21 @@ def from_b(method: str, cseq: int, run: Run) -> Message | None:
         return None
     invite = invites[0]
     sbc_tag = invite.from_.tag
+    headers = [
+        ("Via", f"SIP/2.0/UDP 203.0.113.5:5070;branch=z9hG4bKb{method}{cseq}"),
+        ("Max-Forwards", "70"),
+        ("From", "<sip:1000@203.0.113.5>;tag=bobtag"),
+        ("To", f"{invite.from_.uri};tag={sbc_tag}"),
+        ("Call-ID", invite.call_id),
+        ("CSeq", f"{cseq} {method}"),
+        ("Contact", "<sip:bob@203.0.113.5:5070>"),
+    ]
+    if method != "INFO":
+        return Message(f"{method} sip:b2b@203.0.113.1:5060 SIP/2.0", headers)
+    # (Without its Content-Type the body would get 400, RFC 3261 20.15.)
+    headers.append(("Content-Type", "application/dtmf-relay"))
     return Message(
-        f"{method} sip:b2b@203.0.113.1:5060 SIP/2.0",
-        [
-            ("Via", f"SIP/2.0/UDP 203.0.113.5:5070;branch=z9hG4bKb{method}{cseq}"),
-            ("Max-Forwards", "70"),
-            ("From", "<sip:1000@203.0.113.5>;tag=bobtag"),
-            ("To", f"{invite.from_.uri};tag={sbc_tag}"),
-            ("Call-ID", invite.call_id),
-            ("CSeq", f"{cseq} {method}"),
-            ("Contact", "<sip:bob@203.0.113.5:5070>"),
-        ],
-        "Signal=5\r\nDuration=160\r\n" if method == "INFO" else "",
+        f"{method} sip:b2b@203.0.113.1:5060 SIP/2.0", headers, "Signal=5\r\nDuration=160\r\n"
     )
 
 
