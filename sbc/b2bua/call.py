@@ -59,6 +59,9 @@ class EndReason(enum.Enum):
     ADMISSION = "admission"
     NO_ROUTE = "no-route"
     ACK_TIMEOUT = "ack-timeout"
+    #: A request relayed in the call got 408 or 481 (or no answer): the far side's
+    #: dialog is gone (RFC 3261 12.2.1.2, 14.1), and the requester's is ended with it.
+    DIALOG_GONE = "dialog-gone"
 
 
 class LegSide(enum.Enum):

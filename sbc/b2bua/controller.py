@@ -243,6 +243,8 @@ MAX_REDIRECTS: Final = 3
 
 #: Statuses after which a session refresh shows the dialog is gone (RFC 4028 10).
 DEAD_DIALOG_STATUSES: Final = frozenset({408, 481})
+#: Relayed requests whose 408/481 does not end the call (``_dialog_gone``).
+_NOT_SESSION: Final = frozenset({"NOTIFY", "SUBSCRIBE", "PRACK"})
 
 
 # -- collaborators ------------------------------------------------------------------------
@@ -4055,6 +4057,18 @@ class CallController:
                 out.headers.add("Expires", value)
             out.invalidate()
         step = step + self._send_response(relayed.server, out, now, live.call.leg(side).realm)
+        if self._dialog_gone(live, relayed, status):
+            # RFC 3261 12.2.1.2, 14.1: a 408 or 481 (or no answer) ended the far
+            # side's dialog; the requester, told so, is to end its own, and may not:
+            # the call would live on with nothing behind it until a timer noticed.
+            logger.info(
+                "x call %s: %s on %s got %d, its dialog is gone: hanging up",
+                live.call.call_ref,
+                relayed.request.method,
+                other.value,
+                status,
+            )
+            return step + self._hang_up(live, side, status, EndReason.DIALOG_GONE, other, now)
         if relayed.request.method == "PRACK" and live.a_reliable is not None:
             # A PRACK's offer, relayed as an UPDATE, is answered: what it held goes.
             step = step + self._after_prack(live, live.a_reliable, now)
@@ -4072,6 +4086,19 @@ class CallController:
         if live.is_subscription:
             step = step + self._subscription_progress(live, relayed.request, response, now)
         return step
+
+    def _dialog_gone(self, live: _Live, relayed: _Relayed, status: int) -> bool:
+        """Whether the answer to ``relayed`` ended the answered call's dialog on the
+        far side. Not for a NOTIFY or SUBSCRIBE: a transfer's 481 there ends that
+        subscription, not the call (RFC 6665 4.1.3; a subscription's own dialog ends
+        as its subscriptions do); nor for a PRACK's offer, of a call the caller is
+        not answered yet."""
+        if status not in DEAD_DIALOG_STATUSES or relayed.request.method in _NOT_SESSION:
+            return False
+        if live.is_subscription or live.call.state is not CallState.CONFIRMED:
+            return False
+        dialog = live.call.leg(relayed.from_side.other).dialog
+        return dialog is not None and dialog.state is DialogState.TERMINATED
 
     def _restore(self, live: _Live, offerer: LegSide, before: _Before) -> Step:
         """The session as it was before a relayed offer from ``offerer`` that failed."""

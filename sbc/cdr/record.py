@@ -101,6 +101,9 @@ class EndReason(enum.StrEnum):
     NO_ROUTE = "no_route"
     #: The 2xx to the caller was never ACKed (RFC 3261 13.3.1.4); the SBC hung up.
     ACK_TIMEOUT = "ack_timeout"
+    #: A request relayed in the answered call got 408 or 481, or no answer (RFC 3261
+    #: 12.2.1.2): that side's dialog was gone, and the SBC hung up the other side.
+    DIALOG_GONE = "dialog_gone"
 
 
 #: Reasons the SBC ended an unanswered attempt on its own account: failures, whatever
@@ -113,6 +116,7 @@ _SBC_FAILURE_REASONS: Final = frozenset(
         EndReason.MEDIA_TIMEOUT,
         EndReason.MAX_DURATION,
         EndReason.SESSION_TIMER,
+        EndReason.DIALOG_GONE,
     }
 )
 
