@@ -3364,7 +3364,12 @@ class CallController:
             [s.leg(media_side) for s in live.session.streams],
             live.offers.get(side),
             undecided=side in live.srtp_open,
+            unsent=side not in live.sdp_sent,
         )
+        if any(offer.local_crypto is not None for offer in offers):
+            # Keys of another suite than the ones made ready (a late offer): the
+            # SDP this side gets names them, and the relay takes them (UpdateMedia).
+            live.session = _with_local_keys(live.session, media_side, offers)
         live.srtp_opportunistic[side] = opportunistic_streams(sdp, offers)
         if live.srtp_open:
             # The late offer's first SDP decides its side, and the other side follows
@@ -4631,6 +4636,18 @@ def _refer_notify_headers(
         return headers
     event = f"refer;id={ids[given]}"
     return [(n, event if n.lower() == "event" else v) for n, v in headers]
+
+
+def _with_local_keys(session: MediaSession, side: Side, offers: Sequence[LegOffer]) -> MediaSession:
+    """``session`` with the relay's keys on ``side`` that ``offers`` chose anew."""
+    streams = list(session.streams)
+    for index, offer in enumerate(offers):
+        if offer.local_crypto is None or index >= len(streams):
+            continue
+        stream = streams[index]
+        leg = evolve(stream.leg(side), local_crypto=offer.local_crypto)
+        streams[index] = evolve(stream, a=leg) if side is Side.A else evolve(stream, b=leg)
+    return evolve(session, streams=tuple(streams))
 
 
 def _subscription_ended(request: Request, ids: dict[int, int]) -> None:

@@ -202,6 +202,7 @@ def established(
     current: Sequence[LegOffer] | None = None,
     *,
     undecided: bool = False,
+    unsent: bool = False,
 ) -> tuple[LegOffer, ...]:
     """``offers`` (read from ``sdp``, an offer or answer of one side after the first
     offer) for the relay's ``legs`` of that side, which keep their security: an SRTP
@@ -210,7 +211,10 @@ def established(
     ``current``: the side's offers so far, where a leg the relay made a key for may
     have given SRTP up (``srtp`` None). ``undecided``: the side's first SDP of a
     late-offer call whose policy leaves the choice open: RTP is taken too, and the
-    leg gives its key up. SdpError 488 when ``sdp`` does not fit (an RTP answer to
+    leg gives its key up. ``unsent``: no SDP sent to that side carried the relay's
+    keys yet (a late offer's first SDP): a stream without an a=crypto of the key's
+    suite takes the first one of another suite the relay has, with a new key of
+    that suite (``LegOffer.local_crypto``). SdpError 488 when ``sdp`` does not fit (an RTP answer to
     an SRTP offer, a re-offer moving a stream between RTP and SRTP). Streams the
     relay has no leg for are rejected in what the B2BUA sends on: anything goes."""
     out: list[LegOffer] = []
@@ -241,6 +245,12 @@ def established(
             continue
         # SAVP, or RTP/AVP with a=crypto (RFC 8643, an opportunistic offerer's re-offer).
         crypto = offered_crypto(media, local.suite) if _sdes_capable(media.proto) else None
+        if crypto is None and unsent and _sdes_capable(media.proto):
+            other = offered_crypto(media)
+            if other is not None:
+                new_key = SdesCrypto.generate(other.suite)
+                out.append(evolve(offer, srtp=other.suite, crypto=other, local_crypto=new_key))
+                continue
         if crypto is None and not media.is_rejected:
             raise SdpError(
                 f"stream {index}: {media.proto} without a=crypto {local.suite.value} on an"

@@ -565,6 +565,12 @@ class MediaRelay:
                 # A new key, not a new tag for the same key (a re-offer may number its
                 # lines anew): a new inbound context would restart its rollover counter.
                 rekey = _key_of(state.remote_crypto) != _key_of(leg.state.remote_crypto)
+                chosen = leg_offer.local_crypto
+                if chosen is not None and chosen != state.local_crypto and leg_offer.srtp:
+                    # A key of another suite for a late offer (LegOffer.local_crypto):
+                    # the old one reached no peer, so no packet was protected with it.
+                    state = evolve(state, local_crypto=chosen)
+                    leg.outbound = SrtpTransform(chosen, outbound=True)
                 if leg_offer.srtp is None and state.local_crypto is not None:
                     # SRTP given up: the B2BUA kept a key ready for a first offer it had
                     # not seen (a late offer), and that offer was RTP. The keys go.
@@ -752,7 +758,11 @@ class MediaRelay:
                 remote_hint=offer.remote,
                 rtcp_mux=offer.rtcp_mux,
                 direction=offer.direction,
-                local_crypto=None if offer.srtp is None else SdesCrypto.generate(offer.srtp),
+                local_crypto=(
+                    None
+                    if offer.srtp is None
+                    else offer.local_crypto or SdesCrypto.generate(offer.srtp)
+                ),
                 remote_crypto=offer.crypto,
                 rtp=offer.rtp,
                 encrypted=offer.encrypted,

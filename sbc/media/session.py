@@ -48,6 +48,11 @@ class LegOffer:
     srtp: SrtpSuite | None = None
     #: The peer's a=crypto (its key), once its SDP is known.
     crypto: SdesCrypto | None = None
+    #: The relay's own key for this leg as the B2BUA chose it, replacing the one
+    #: made at allocation (of suite ``srtp``): a late offer's first SDP named only
+    #: suites other than the one made ready, and no SDP sent to this leg's peer has
+    #: carried the old key. None: the relay's key stands.
+    local_crypto: SdesCrypto | None = None
     #: False for UDP media that is not RTP (proto ``udptl``, T.38 fax, RFC 3362; or
     #: ``UDP``): relayed as opaque datagrams on one port, latched on the source alone.
     rtp: bool = True

@@ -38,6 +38,7 @@ from tests.unit.test_b2bua_flows import (
     answer,
     controller,
     from_a,
+    from_b,
     invite_text,
     receive,
     requests,
@@ -399,12 +400,40 @@ def test_late_offer_of_srtp_to_a_caller_whose_realm_has_srtp_off() -> None:
     assert crypto_lines(ack.body) == [relay_line(1, b_key)]
 
 
-def test_late_offer_of_srtp_without_the_ready_key_s_suite_fails_cleanly() -> None:
-    # The keys made ready are AES_CM_128_HMAC_SHA1_80: an offer of other suites only
-    # cannot be answered (the relay's key is in no SDP yet, but its suite is fixed).
+def test_late_offer_of_srtp_without_the_ready_key_s_suite_takes_a_key_of_its_suite() -> None:
+    # The keys made ready are AES_CM_128_HMAC_SHA1_80; the callee offers _32 only.
+    # The relay's key for the callee's leg is in no SDP yet: it is replaced by one
+    # of the offered suite (it ended the call with 502 before).
+    c = srtp_controller(P.OPTIONAL, P.REQUIRED)
+    invite, session = late_call(c)
+    a_key = session.streams[0].a.local_crypto
+    assert a_key is not None
+    b_offer = savp("b", "203.0.113.5", 42000, evolve_tag(A_KEY_32, 3))
+    step, ok = late_answer(c, invite, b_offer)
+    (update,) = [m for m in step.media if isinstance(m, UpdateMedia)]
+    b = update.streams[0].b
+    chosen = b.local_crypto
+    assert chosen is not None and chosen.suite is SrtpSuite.AES_CM_128_HMAC_SHA1_32
+    assert b.srtp is SrtpSuite.AES_CM_128_HMAC_SHA1_32 and b.crypto is not None
+    assert b.crypto.key == A_KEY_32.key
+    # The caller is offered the key made ready for its own leg, as before.
+    assert crypto_lines(ok.body) == [relay_line(1, a_key)]
+    a_answer = savp("a", "198.51.100.9", 40000, evolve_tag(A_KEY_80, 1))
+    step = receive(c, from_a("ACK", a_tag_of_response(ok), 1, body=a_answer), CALLER, 0.2)
+    (ack,) = requests(step, "ACK")
+    assert crypto_lines(ack.body) == [relay_line(3, chosen)]
+    # A re-offer of the callee's in that suite fits its leg from then on.
+    reoffer = savp("b", "203.0.113.5", 42002, evolve_tag(A_KEY_32, 3))
+    step = receive(c, from_b(invite, "INVITE", 2, body=reoffer), TRUNK, 1.0)
+    assert [r.method for r in requests(step)] == ["INVITE"]
+
+
+def test_late_offer_of_srtp_with_no_suite_the_relay_has_fails_cleanly() -> None:
     c = srtp_controller(P.OPTIONAL, P.OPTIONAL)
     invite, _ = late_call(c)
-    b_offer = savp("b", "203.0.113.5", 42000, A_KEY_32)
+    b_offer = savp("b", "203.0.113.5", 42000, A_KEY_32).replace(
+        "AES_CM_128_HMAC_SHA1_32", "AES_256_CM_HMAC_SHA1_80"
+    )
     step = receive(c, answer(invite, 200, b_offer), TRUNK, 0.1)
     assert statuses(step) == [502]
     assert [r.method for r in requests(step)] == ["ACK", "BYE"]

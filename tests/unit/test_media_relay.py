@@ -202,6 +202,33 @@ def test_a_leg_kept_ready_for_srtp_gives_it_up_for_a_plain_offer() -> None:
         asyncio.run(relay.update(session.session_id, offer(b=ready)))
 
 
+@pytest.mark.parametrize("suite", [SrtpSuite.AES_CM_128_HMAC_SHA1_32, SrtpSuite.AEAD_AES_128_GCM])
+def test_a_leg_kept_ready_for_srtp_takes_the_key_of_another_suite_it_is_given(
+    suite: SrtpSuite,
+) -> None:
+    # A late offer of another suite only: the key made ready (AES_CM_128_HMAC_SHA1_80)
+    # reached no peer; the B2BUA chose one of the offer's suite, and what the relay
+    # sends that leg is protected with it.
+    relay = make_relay()
+    ready = LegOffer("inside", srtp=SrtpSuite.AES_CM_128_HMAC_SHA1_80)
+    session = asyncio.run(relay.allocate("call", offer(b=ready)))
+    peer_key, chosen = SdesCrypto.generate(suite), SdesCrypto.generate(suite)
+    taken = LegOffer("inside", remote=PEER_B, srtp=suite, crypto=peer_key, local_crypto=chosen)
+    updated = asyncio.run(relay.update(session.session_id, offer(b=taken)))
+    assert updated.streams[0].b.local_crypto == chosen
+    a, b = leg(relay, session, Side.A), leg(relay, session, Side.B)
+    relay._packet(a, False, RTP, PEER_A.sockaddr())
+    ((protected, _),) = sent(b)
+    assert SrtpTransform(chosen, outbound=False).unprotect(protected, rtcp=False) == RTP
+    from_peer = SrtpTransform(peer_key, outbound=True).protect(RTP, rtcp=False)
+    relay._packet(b, False, from_peer, PEER_B.sockaddr())
+    assert [data for data, _ in sent(a)] == [RTP]
+    # Given again (the B2BUA passes its offers whole), the same key changes nothing.
+    outbound = b.outbound
+    asyncio.run(relay.update(session.session_id, offer(b=taken)))
+    assert b.outbound is outbound
+
+
 def evolve_crypto(offer: LegOffer, crypto: SdesCrypto) -> LegOffer:
     return LegOffer(offer.realm, remote=offer.remote, srtp=offer.srtp, crypto=crypto)
 
