@@ -615,6 +615,28 @@ def test_offers_before_the_answer_cross_in_a_prack_and_an_early_update(lab: Flow
     lab.cdrs.append(answered("2007", "to-uas", "outside", "inside", lab.uas))
 
 
+def test_a_re_invite_answered_481_hangs_the_caller_up(lab: FlowLab) -> None:
+    # RFC 3261 12.2.1.2: the callee's 481 says its dialog is gone. The caller gets
+    # the 481 and then the SBC's BYE, so the call does not live on with nothing
+    # behind it; the callee, whose dialog is gone, gets no BYE.
+    caller, callee, caller_sipp, callee_sipp = call(
+        lab, "flow_uac_dialog_gone.xml", "flow_uas_dialog_gone.xml", service="2008"
+    )
+    assert caller.returncode == 0, explain(lab.sbc, caller, callee)
+    assert callee.returncode == 0, explain(lab.sbc, caller, callee)
+    assert first(caller, "<SIP/2.0 481")
+    bye = first(caller, "<BYE")
+    assert "CSeq:" in bye
+    assert not [m for m in callee.received if m.startswith("<BYE")]
+    assert_hidden(caller, callee, caller_sipp, callee_sipp)
+    lab.cdrs.append(
+        ExpectedCdr(
+            "2008", "to-uas", "answered", 200, "dialog_gone", "callee", "outside", "inside",
+            f"127.0.0.1:{lab.uas}",
+        )
+    )  # fmt: skip
+
+
 # -- 3. UPDATE, INFO both ways; REFER policy -----------------------------------------------
 
 

@@ -554,6 +554,7 @@ FLOWS = [
     Flow("early-prack", "flow_uac_early.xml", "flow_uas_100rel.xml"),
     Flow("prack-offer", "flow_uac_prack_offer.xml", "flow_uas_prack_offer.xml"),
     Flow("midcall", "flow_uac_midcall.xml", "flow_uas_midcall.xml"),
+    Flow("dialog-gone", "flow_uac_dialog_gone.xml", "flow_uas_dialog_gone.xml"),
     Flow("glare", "flow_uac_glare.xml", "flow_uas_glare.xml"),
     Flow("cancel-race", "uac_cancel.xml", "flow_uas_cancel_race.xml"),
     Flow("subscribe", "flow_uac_subscribe.xml", "flow_uas_subscribe.xml"),
