@@ -328,31 +328,42 @@ def test_a_prack_that_requires_100rel_is_answered() -> None:
     assert [r.status for r in fed(run, message)] == [200]
 
 
-def test_a_2xx_held_for_a_prack_with_an_offer_waits_for_that_offer_s_answer() -> None:
-    # The callee answered before the caller's PRACK; the PRACK brings a new offer.
-    # The caller must not see its INVITE answered while that offer is not: the 2xx
-    # follows the PRACK's 200.
-    run = call()
-    from_b(run, 183, ANSWER, reliable=1)
-    (p183,) = provisionals(run)
-    from_b(run, 200, ANSWER)  # held: the 183 carried SDP and is not PRACKed yet
-    assert prack_with(run, p183, A_NEW_OFFER) == []
-    update = latest(run.to_b, "UPDATE")
-    assert isinstance(update, Request)
-    b_answer = sdp("b", "203.0.113.5", 42000, "a=recvonly\r\n")
-    answered = fed_from_b(run, answer(update, 200, "bobtag", B_CONTACT, b_answer))
-    assert [(r.status, r.cseq.method) for r in answered] == [(200, "PRACK"), (200, "INVITE")]
+B_RECVONLY = sdp("b", "203.0.113.5", 42000, "a=recvonly\r\n")
 
 
-def test_a_2xx_held_for_a_prack_whose_offer_is_refused_still_goes() -> None:
+def held_2xx() -> tuple[Run, Response]:
+    """A call whose callee sent a reliable 183 with SDP and then its 2xx, which waits
+    for the caller's PRACK of that 183 (returned)."""
     run = call()
     from_b(run, 183, ANSWER, reliable=1)
     (p183,) = provisionals(run)
     from_b(run, 200, ANSWER)
-    prack_with(run, p183, A_NEW_OFFER)
+    return run, p183
+
+
+def answer_update(run: Run, status: int = 200) -> list[Response]:
+    """The callee answers the UPDATE that carried the caller's PRACK offer: what
+    the caller then got."""
     update = latest(run.to_b, "UPDATE")
     assert isinstance(update, Request)
-    answered = fed_from_b(run, answer(update, 488, "bobtag", B_CONTACT))
+    body = B_RECVONLY if status < 300 else ""
+    return fed_from_b(run, answer(update, status, "bobtag", B_CONTACT, body))
+
+
+def test_a_2xx_held_for_a_prack_with_an_offer_waits_for_that_offer_s_answer() -> None:
+    # The callee answered before the caller's PRACK; the PRACK brings a new offer.
+    # The caller must not see its INVITE answered while that offer is not: the 2xx
+    # follows the PRACK's 200.
+    run, p183 = held_2xx()  # the 183 carried SDP and is not PRACKed yet
+    assert prack_with(run, p183, A_NEW_OFFER) == []
+    answered = answer_update(run)
+    assert [(r.status, r.cseq.method) for r in answered] == [(200, "PRACK"), (200, "INVITE")]
+
+
+def test_a_2xx_held_for_a_prack_whose_offer_is_refused_still_goes() -> None:
+    run, p183 = held_2xx()
+    prack_with(run, p183, A_NEW_OFFER)
+    answered = answer_update(run, 488)
     assert [(r.status, r.cseq.method) for r in answered] == [(488, "PRACK"), (200, "INVITE")]
 
 
@@ -367,10 +378,7 @@ def test_an_ack_before_the_held_2xx_left_is_not_taken_for_its_ack() -> None:
     # taken for that 2xx's ACK, so the call let go of the caller's INVITE
     # transaction once the callee's ended; the 2xx, sent when the PRACK's offer
     # got its answer (here Timer F's 408, 32 s later), then raised.
-    run = call()
-    from_b(run, 183, ANSWER, reliable=1)
-    (p183,) = provisionals(run)
-    from_b(run, 200, ANSWER)  # held
+    run, p183 = held_2xx()
     run.feed(from_a("ACK", 1, "ack1", run), CALLER, None)
     assert prack_with(run, p183, A_NEW_OFFER) == []
     until(run, run.now + 40)
@@ -387,12 +395,9 @@ def test_a_2xx_crossing_the_answer_to_a_prack_s_offer_waits_for_it() -> None:
     from_b(run, 183, ANSWER, reliable=1)
     (p183,) = provisionals(run)
     assert prack_with(run, p183, A_NEW_OFFER) == []
-    update = latest(run.to_b, "UPDATE")
-    assert isinstance(update, Request)
     from_b(run, 200, ANSWER)
     assert not [r for r in run.responses_to_a if r.status >= 200]
-    b_answer = sdp("b", "203.0.113.5", 42000, "a=recvonly\r\n")
-    answered = fed_from_b(run, answer(update, 200, "bobtag", B_CONTACT, b_answer))
+    answered = answer_update(run)
     assert [(r.status, r.cseq.method) for r in answered] == [(200, "PRACK"), (200, "INVITE")]
 
 
@@ -401,18 +406,12 @@ def test_a_held_2xx_gives_the_caller_64_t1_to_ack_from_when_it_goes() -> None:
     # answered at 31 s. The held 2xx then goes and is retransmitted until its ACK,
     # whose 32 s count from then: counted from the 2xx's arrival, the call ended
     # with no ACK a second after the 2xx left.
-    run = call()
-    from_b(run, 183, ANSWER, reliable=1)
-    (p183,) = provisionals(run)
-    from_b(run, 200, ANSWER)
+    run, p183 = held_2xx()
     start = run.now
     until(run, start + 30)
     assert prack_with(run, p183, A_NEW_OFFER) == []
     until(run, start + 31)
-    update = latest(run.to_b, "UPDATE")
-    assert isinstance(update, Request)
-    b_answer = sdp("b", "203.0.113.5", 42000, "a=recvonly\r\n")
-    answered = fed_from_b(run, answer(update, 200, "bobtag", B_CONTACT, b_answer))
+    answered = answer_update(run)
     assert [(r.status, r.cseq.method) for r in answered] == [(200, "PRACK"), (200, "INVITE")]
     until(run, start + 51)
     ok = [r for r in run.responses_to_a if r.status == 200 and r.cseq.method == "INVITE"]
@@ -433,15 +432,11 @@ def test_a_held_2xx_gives_the_caller_64_t1_to_ack_from_when_it_goes() -> None:
 def test_a_held_2xx_goes_when_the_answer_to_a_prack_s_offer_is_unusable() -> None:
     # The UPDATE's 200 names another dialog: the PRACK gets 502, and the 2xx it held
     # still goes (it waited until the 2xx's own ACK time ran out).
-    run = call()
-    from_b(run, 183, ANSWER, reliable=1)
-    (p183,) = provisionals(run)
-    from_b(run, 200, ANSWER)
+    run, p183 = held_2xx()
     prack_with(run, p183, A_NEW_OFFER)
     update = latest(run.to_b, "UPDATE")
     assert isinstance(update, Request)
-    b_answer = sdp("b", "203.0.113.5", 42000, "a=recvonly\r\n")
-    wrong = answer(update, 200, "bobtag", B_CONTACT, b_answer)
+    wrong = answer(update, 200, "bobtag", B_CONTACT, B_RECVONLY)
     wrong.headers = [
         (n, "elsewhere@203.0.113.5" if n == "Call-ID" else v) for n, v in wrong.headers
     ]
