@@ -716,6 +716,15 @@ REINVITE_CANCELLED: Script = [
     a_answers("BYE", 200),
 ]
 
+#: The callee answers a re-INVITE 481 (its dialog is gone): the SBC hangs the caller up.
+REINVITE_481: Script = [
+    *CALL_UP,
+    lambda run: (from_a("INVITE", 2, "inv2", run, HOLD), CALLER),
+    b_answers("INVITE", 481),
+    lambda run: (from_a("ACK", 2, "inv2", run), CALLER),
+    a_answers("BYE", 200),
+]
+
 CANCELLED: Script = [
     lambda run: (from_a("INVITE", 1, "inv1", run, OFFER), CALLER),
     b_answers("INVITE", 183, ANSWER),
@@ -893,6 +902,7 @@ SCRIPTS = {
     "out of dialog": OUT_OF_DIALOG,
     "transfer": TRANSFER,
     "re-invite cancelled": REINVITE_CANCELLED,
+    "re-invite 481": REINVITE_481,
     "prack offer": PRACK_OFFER,
     "prack offer, 2xx held": PRACK_OFFER_HELD,
     "prack offer, 2xx crossed": PRACK_OFFER_CROSSED,
