@@ -97,6 +97,7 @@ def realm_policies(config: Config) -> dict[str, RealmPolicy]:
             request_uri_host=realm.request_uri_host,
             srtp=realm.srtp,
             registers_per_second=realm.registers_per_second,
+            codecs=frozenset(name.lower() for name in realm.codecs),
         )
         for realm in config.realms
     }

@@ -43,6 +43,7 @@ from typing import Final, Protocol, TypeVar
 
 from sbc.b2bua.admission import AdmissionControl, AdmissionTicket, RefusalReason, Refused
 from sbc.b2bua.call import Call, CallLeg, CallState, EndReason, LegSide
+from sbc.b2bua.codecs import CodecPolicyError, allowed_codecs, restrict_codecs
 from sbc.b2bua.event_bodies import names_identities, screen_event_body
 from sbc.b2bua.local import LocalResponder
 from sbc.b2bua.realm import Hop, Realm, RealmTable
@@ -470,6 +471,9 @@ class RealmPolicy:
     srtp: SrtpPolicy = SrtpPolicy.OPTIONAL
     #: REGISTERs a second the realm takes (`sbc.b2bua.register_rate`); None: any.
     registers_per_second: float | None = None
+    #: RTP encodings allowed in offers into and out of the realm (`sbc.b2bua.codecs`);
+    #: empty: any.
+    codecs: frozenset[str] = frozenset()
 
 
 # -- what the controller asks of the world ----------------------------------------------
@@ -1866,6 +1870,20 @@ class CallController:
         if sdp is not None and not sdp.media:
             response = make_response(request, 488, "No Media Offered", to_tag=new_tag())
             return self._send_response(tx, response, now)
+        if sdp is not None:
+            try:
+                restrict_codecs(sdp, self._offer_codecs(realm.name, target_realm.name))
+            except SdpError as exc:
+                logger.info("x %s from %s: offer refused: %s", request.raw_uri, realm.name, exc)
+                return self._reject_attempt(
+                    tx,
+                    request,
+                    realm.name,
+                    exc.status,
+                    EndReason.REJECTED,
+                    now,
+                    route=decision.rule,
+                )
         a_srtp, b_srtp = self._policy(realm.name).srtp, self._policy(target_realm.name).srtp
         passthrough = a_srtp is b_srtp is SrtpPolicy.PASSTHROUGH
         srtp_open: frozenset[LegSide] = frozenset()
@@ -2131,6 +2149,12 @@ class CallController:
         sdp = parse_sdp(live.a_request)
         body = b""
         if sdp is not None:
+            try:
+                sdp = restrict_codecs(sdp, self._offer_codecs(call.a.realm, target.realm))
+            except SdpError as exc:
+                # (Another realm than the first target's, with a stricter policy.)
+                logger.info("x call %s: %s not tried: %s", call.call_ref, target.uri, exc)
+                return Step()
             body, leg = self._rewrite(live, sdp, LegSide.B, leg)
         invite = self._b_invite(live, leg, target, body)
         tx, out = self._send_request(invite, hop, now)
@@ -2568,6 +2592,12 @@ class CallController:
         except SdpError as exc:
             logger.info("x call %s: bad SDP in %s: %s", live.call.call_ref, method, exc)
             return self._send_response(tx, make_response(request, exc.status), now)
+        if sdp is not None and method in ("INVITE", "UPDATE"):
+            try:
+                sdp = restrict_codecs(sdp, self._offer_codecs(live.call.leg(side).realm, leg.realm))
+            except SdpError as exc:
+                logger.info("x call %s: %s refused: %s", live.call.call_ref, method, exc)
+                return self._send_response(tx, make_response(request, exc.status), now)
         if early_ok and sdp is not None and side is LegSide.B and not _takes_early_offers(live):
             # RFC 3311 5.1: the caller may get an early offer only once its own offer
             # was answered reliably (a 183 with SDP it PRACKed), and only if it allows
@@ -3116,6 +3146,9 @@ class CallController:
                 # RFC 3262 5: the answer came in a reliable provisional, and the 2xx
                 # need not repeat it; the caller's 2xx must (RFC 3261 13.2.1).
                 b_sdp = fork.early_answer
+            if late and b_sdp is not None:
+                # The callee's offer: the realms' codec policies apply to it.
+                b_sdp = restrict_codecs(b_sdp, self._offer_codecs(fork.target.realm, call.a.realm))
             # An answer (or late offer) that does not fit the legs' SRTP is as bad.
             b_offers = None if b_sdp is None else self._leg_offers(live, LegSide.B, b_sdp)
         except SdpError as exc:
@@ -3124,7 +3157,8 @@ class CallController:
             step = self._ack_b(fork.leg, event.dialog, now, bye=False, call_ref=call.call_ref)
             step = step + self._cancel_forks(live, now, keep=fork)
             step = step + self._bye(live, LegSide.B, now)
-            return step + self._fail_a(live, 502, EndReason.REJECTED, now)
+            status = 488 if isinstance(exc, CodecPolicyError) else 502
+            return step + self._fail_a(live, status, EndReason.REJECTED, now)
         if late and b_sdp is not None and b_sdp.media:
             # Late offer: the ACK carries the answer, which the caller's ACK brings.
             self._acks[fork.tx] = None
@@ -3346,6 +3380,10 @@ class CallController:
             live.call = evolve(live.call, b_codecs=codecs_of(sdp))
         return self._update_media(live)
 
+    def _offer_codecs(self, *realms: str) -> frozenset[str] | None:
+        """The encodings an offer between ``realms`` may carry (`sbc.b2bua.codecs`)."""
+        return allowed_codecs(*(self._policy(realm).codecs for realm in realms))
+
     def _leg_offers(
         self, live: _Live, side: LegSide, sdp: SessionDescription
     ) -> tuple[LegOffer, ...] | None:
@@ -3449,12 +3487,17 @@ class CallController:
             # an offer whose answer comes in the caller's PRACK (RFC 3262 5), while
             # the callee, asked without 100rel, makes its offer in the 2xx and waits
             # for the answer in the ACK.)
-            try:
-                sdp = parse_sdp(response)
-            except SdpError:
-                sdp = None
+            sdp = answer
             if sdp is None:
-                sdp = answer
+                try:
+                    sdp = parse_sdp(response)
+                    if sdp is not None and not live.a_request.body:
+                        # A late-offer call: the callee's SDP is its offer (or early
+                        # media's), under the realms' codec policies.
+                        allowed = self._offer_codecs(live.call.b.realm, live.call.a.realm)
+                        sdp = restrict_codecs(sdp, allowed)
+                except SdpError:
+                    sdp = None
             if sdp is not None:
                 body, a_leg = self._rewrite(live, sdp, LegSide.A, live.call.a)
                 live.call = live.call.with_leg(LegSide.A, a_leg)

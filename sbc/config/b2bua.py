@@ -37,6 +37,8 @@ HEADER_NAME_PATTERN: Final = r"[A-Za-z0-9\-.!%*_+`'~]{1,64}"
 
 #: A realm, route or trunk name: what logs, metrics and the UI show.
 NAME_PATTERN: Final = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,31}"
+#: An RTP encoding name (RFC 4855 3: a media subtype name, e.g. telephone-event).
+_ENCODING_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&.+\-^_]{0,63}")
 
 #: A SIP method name (RFC 3261 25.1 token, upper case by convention).
 METHOD_PATTERN: Final = r"[A-Z][A-Z\-]{0,31}"
@@ -403,6 +405,15 @@ class RealmConfig(Section):
             " crosses end to end, else optional."
         ),
     )
+    codecs: tuple[str, ...] = field(
+        default=(),
+        metadata=spec(
+            "RTP encodings allowed in offers into and out of this realm (e.g. [PCMU,"
+            " PCMA, telephone-event]); the others are taken out of each offer, a stream"
+            " left with none is rejected, an offer left with no stream gets 488. Names"
+            " as in a=rtpmap, any case. Empty = any.",
+        ),
+    )
     large_requests_over_tcp: bool = field(
         default=False,
         metadata=spec(
@@ -436,6 +447,9 @@ class RealmConfig(Section):
             yield path, "registrar and register_relay exclude each other"
         if len(self.header_rules) > 64:
             yield key_path(path, "header_rules"), "at most 64 rules per realm"
+        for index, name in enumerate(self.codecs):
+            if not _ENCODING_NAME.fullmatch(name):
+                yield key_path(path, f"codecs[{index}]"), f"{name!r} is not an encoding name"
 
 
 @dataclass(frozen=True)
