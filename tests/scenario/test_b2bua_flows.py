@@ -324,6 +324,7 @@ def flow_config(r: dict[str, int], uas: int, gateways: tuple[int, int]) -> str:
             realm_yaml("outside", r["outside"]),
             realm_yaml("xfer", r["xfer"], "    refer: relay\n"),
             realm_yaml("limited", r["limited"], "    limits: {max_calls: 1}\n"),
+            realm_yaml("g711", r["g711"], "    codecs: [PCMU, PCMA, telephone-event]\n"),
             realm_yaml("inside", r["inside"]),
         )
     )
@@ -353,7 +354,8 @@ def udp_port() -> int:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlowLab]:
     workdir = tmp_path_factory.mktemp("flows")
-    realm = {name: udp_port() for name in ("phones", "outside", "xfer", "limited", "inside")}
+    names = ("phones", "outside", "xfer", "limited", "g711", "inside")
+    realm = {name: udp_port() for name in names}
     uas, gateways = udp_port(), (udp_port(), udp_port())
     for user, password in (ALICE, BOB, CAROL, DAVE):
         add_user(workdir / "state", user, password)
@@ -635,6 +637,24 @@ def test_a_re_invite_answered_481_hangs_the_caller_up(lab: FlowLab) -> None:
             f"127.0.0.1:{lab.uas}",
         )
     )  # fmt: skip
+
+
+def test_a_realm_s_codec_policy_restricts_the_offer_out_of_it(lab: FlowLab) -> None:
+    # The caller's realm allows G.711 and telephone-event: its offer of G.729, PCMU,
+    # telephone-event and video reaches the callee as PCMU and telephone-event,
+    # the video stream rejected (port 0).
+    caller, callee, caller_sipp, callee_sipp = call(
+        lab, "flow_uac_codecs.xml", "uas_basic.xml", realm="g711", service="2009"
+    )
+    assert caller.returncode == 0, explain(lab.sbc, caller, callee)
+    assert callee.returncode == 0, explain(lab.sbc, caller, callee)
+    invite = first(callee, "<INVITE")
+    audio = re.search(r"(?m)^m=audio (\d+) RTP/AVP ([0-9 ]+?)\s*$", invite)
+    assert audio is not None and audio.group(2) == "0 101", invite
+    assert re.search(r"(?m)^m=video 0 ", invite) and "G729" not in invite
+    assert "a=rtpmap:101 telephone-event/8000" in invite
+    assert_hidden(caller, callee, caller_sipp, callee_sipp)
+    lab.cdrs.append(answered("2009", "to-uas", "g711", "inside", lab.uas))
 
 
 # -- 3. UPDATE, INFO both ways; REFER policy -----------------------------------------------
