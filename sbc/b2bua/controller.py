@@ -1870,20 +1870,6 @@ class CallController:
         if sdp is not None and not sdp.media:
             response = make_response(request, 488, "No Media Offered", to_tag=new_tag())
             return self._send_response(tx, response, now)
-        if sdp is not None:
-            try:
-                restrict_codecs(sdp, self._offer_codecs(realm.name, target_realm.name))
-            except SdpError as exc:
-                logger.info("x %s from %s: offer refused: %s", request.raw_uri, realm.name, exc)
-                return self._reject_attempt(
-                    tx,
-                    request,
-                    realm.name,
-                    exc.status,
-                    EndReason.REJECTED,
-                    now,
-                    route=decision.rule,
-                )
         a_srtp, b_srtp = self._policy(realm.name).srtp, self._policy(target_realm.name).srtp
         passthrough = a_srtp is b_srtp is SrtpPolicy.PASSTHROUGH
         srtp_open: frozenset[LegSide] = frozenset()
@@ -1902,20 +1888,23 @@ class CallController:
         else:
             a_offers = leg_offers(sdp, realm, self.realms.media_addresses)
             b_offers = blank_offers(len(sdp.media), target_realm)
-            if not passthrough:
-                try:
+            try:
+                # The realms' codec policies: an offer they leave no stream of goes
+                # nowhere (each fork's INVITE is restricted as it is sent).
+                restrict_codecs(sdp, self._offer_codecs(realm.name, target_realm.name))
+                if not passthrough:
                     a_offers, b_offers = first_offers(sdp, a_offers, a_srtp, b_offers, b_srtp)
-                except SdpError as exc:
-                    logger.info("x %s from %s: offer refused: %s", request.raw_uri, realm.name, exc)
-                    return self._reject_attempt(
-                        tx,
-                        request,
-                        realm.name,
-                        exc.status,
-                        EndReason.REJECTED,
-                        now,
-                        route=decision.rule,
-                    )
+            except SdpError as exc:
+                logger.info("x %s from %s: offer refused: %s", request.raw_uri, realm.name, exc)
+                return self._reject_attempt(
+                    tx,
+                    request,
+                    realm.name,
+                    exc.status,
+                    EndReason.REJECTED,
+                    now,
+                    route=decision.rule,
+                )
         ticket = None
         if self.admission is not None:
             verdict = self.admission.admit(
