@@ -91,7 +91,7 @@ from sbc.sip.dialog import (
     ExtraForkAnswered,
 )
 from sbc.sip.errors import ParseError, reason_phrase
-from sbc.sip.headers import Address, Via, parse_delta, quote_string, split_list
+from sbc.sip.headers import Address, Via, is_token, parse_delta, quote_string, split_list
 from sbc.sip.message import (
     Headers,
     Message,
@@ -870,7 +870,6 @@ def _uri_text(uri: Uri) -> str:
 #: same list, and every call keeps one per leg (bounded; cleared when full).
 _ALLOW_SETS: dict[tuple[str, ...], frozenset[str]] = {}
 _MAX_ALLOW_SETS: Final = 256
-_ALLOW_TOKEN: Final = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
 
 
 #: The option tags an in-dialog request may require: session timers, which the
@@ -912,10 +911,7 @@ def _allowed(message: Message) -> frozenset[str]:
         # Leniently: Allow only tells which methods may be sent, so a malformed
         # entry is left out rather than failing the request that carried it.
         allowed = frozenset(
-            item.upper()
-            for text in fields
-            for item in split_list(text)
-            if _ALLOW_TOKEN.fullmatch(item)
+            item.upper() for text in fields for item in split_list(text) if is_token(item)
         )
         if len(_ALLOW_SETS) >= _MAX_ALLOW_SETS:
             _ALLOW_SETS.clear()
