@@ -2997,11 +2997,20 @@ class CallController:
             return self._subscribe_response(live, response, now)
         if role.role == "relay" and role.relayed is not None:
             try:
-                return self._relayed_response(live, tx, role.relayed, response, now)
+                step = self._relayed_response(live, tx, role.relayed, response, now)
             except (ParseError, DialogError, SdpError) as exc:
                 if response.status < 200:
                     raise
-                return self._relay_failed(live, role.relayed, exc, now)
+                step = self._relay_failed(live, role.relayed, exc, now)
+            if (
+                response.status >= 200
+                and role.relayed.request.method == "PRACK"
+                and live.a_reliable is not None
+            ):
+                # A PRACK's offer, relayed as an UPDATE, has its answer (whatever it
+                # is): the 2xx or the provisionals the PRACK held go.
+                step = step + self._after_prack(live, live.a_reliable, now)
+            return step
         if role.role == "refresh" and role.side is not None:
             return self._refresh_response(live, tx, role.side, response, now)
         if response.status >= 200:
@@ -3964,21 +3973,17 @@ class CallController:
             exc,
         )
         server = relayed.server
-        step = Step()
-        if not relayed.cancelled and server.state in (
+        if relayed.cancelled or server.state not in (
             TransactionState.TRYING,
             TransactionState.PROCEEDING,
         ):
-            if relayed.before is not None:
-                step = self._roll_back(live, relayed.from_side, relayed.before, None, now)
-            out = make_response(relayed.request, 502)
-            realm = live.call.leg(relayed.from_side).realm
-            step = step + self._send_response(server, out, now, realm)
-        if relayed.request.method == "PRACK" and live.a_reliable is not None:
-            # A PRACK's offer, relayed as an UPDATE: what it held goes, as after
-            # any other answer (``_relayed_response``).
-            step = step + self._after_prack(live, live.a_reliable, now)
-        return step
+            return Step()
+        step = Step()
+        if relayed.before is not None:
+            step = self._roll_back(live, relayed.from_side, relayed.before, None, now)
+        out = make_response(relayed.request, 502)
+        realm = live.call.leg(relayed.from_side).realm
+        return step + self._send_response(server, out, now, realm)
 
     def _relayed_response(
         self,
@@ -4054,10 +4059,7 @@ class CallController:
             if relayed.before is not None:
                 step = step + self._roll_back(live, side, relayed.before, None, now)
             out = make_response(relayed.request, 502)
-            step = step + self._send_response(relayed.server, out, now, live.call.leg(side).realm)
-            if relayed.request.method == "PRACK" and live.a_reliable is not None:
-                step = step + self._after_prack(live, live.a_reliable, now)
-            return step
+            return step + self._send_response(relayed.server, out, now, live.call.leg(side).realm)
         headers: list[tuple[str, str]] = []
         if relayed.request.method == "INVITE" and status < 300:
             headers.append(("Contact", contact_for(live.call.leg(side).local)))
@@ -4102,9 +4104,6 @@ class CallController:
                 status,
             )
             return step + self._hang_up(live, side, status, EndReason.DIALOG_GONE, other, now)
-        if relayed.request.method == "PRACK" and live.a_reliable is not None:
-            # A PRACK's offer, relayed as an UPDATE, is answered: what it held goes.
-            step = step + self._after_prack(live, live.a_reliable, now)
         if (
             relayed.request.method in ("INVITE", "UPDATE")
             and status < 300
