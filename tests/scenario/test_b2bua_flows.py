@@ -408,6 +408,16 @@ def call(
     return caller_run, callee_run, caller, callee
 
 
+def passed_call(
+    lab: FlowLab, uac: str, uas: str, *, realm: str = "outside", service: str = "1000"
+) -> tuple[SippRun, SippRun, Sipp, Sipp]:
+    """``call``, whose caller and callee scenarios both ran to their end."""
+    caller, callee, caller_sipp, callee_sipp = call(lab, uac, uas, realm=realm, service=service)
+    assert caller.returncode == 0, explain(lab.sbc, caller, callee)
+    assert callee.returncode == 0, explain(lab.sbc, caller, callee)
+    return caller, callee, caller_sipp, callee_sipp
+
+
 # -- 1. registration with digest, then a call to the registered phone ----------------------
 
 
@@ -548,11 +558,9 @@ def test_a_busy_desk_phone_passes_the_call_to_the_mobile_of_lower_q(lab: FlowLab
 
 
 def test_reliable_183_is_pracked_by_the_sbc(lab: FlowLab) -> None:
-    caller, callee, caller_sipp, callee_sipp = call(
+    caller, callee, caller_sipp, callee_sipp = passed_call(
         lab, "flow_uac_early.xml", "flow_uas_100rel.xml", service="2001"
     )
-    assert caller.returncode == 0, explain(lab.sbc, caller, callee)
-    assert callee.returncode == 0, explain(lab.sbc, caller, callee)
     invite = first(callee, "<INVITE")
     assert re.search(r"(?im)^Supported:.*\b100rel\b", invite)
     # The inside realm has no header rules (compare the core realm's below).
@@ -576,11 +584,9 @@ def test_reliable_183_is_pracked_by_the_sbc(lab: FlowLab) -> None:
 def test_a_caller_requiring_100rel_gets_a_reliable_183_and_its_prack_answered(
     lab: FlowLab,
 ) -> None:
-    caller, callee, caller_sipp, callee_sipp = call(
+    caller, callee, caller_sipp, callee_sipp = passed_call(
         lab, "flow_uac_100rel.xml", "flow_uas_100rel.xml", service="2006"
     )
-    assert caller.returncode == 0, explain(lab.sbc, caller, callee)
-    assert callee.returncode == 0, explain(lab.sbc, caller, callee)
     # Reliable on the caller's leg: Require: 100rel, an RSeq of the SBC's own.
     early = first(caller, "<SIP/2.0 183")
     assert header(early, "Require") == ["100rel"]
@@ -600,11 +606,9 @@ def test_offers_before_the_answer_cross_in_a_prack_and_an_early_update(lab: Flow
     # RFC 3262 5: the caller's new offer in its PRACK reaches the callee as an UPDATE
     # and its answer comes back in the PRACK's 200; RFC 3311 5.1: the callee's own
     # early offer reaches the caller, which PRACKed the 183 that answered it.
-    caller, callee, caller_sipp, callee_sipp = call(
+    caller, callee, caller_sipp, callee_sipp = passed_call(
         lab, "flow_uac_prack_offer.xml", "flow_uas_prack_offer.xml", service="2007"
     )
-    assert caller.returncode == 0, explain(lab.sbc, caller, callee)
-    assert callee.returncode == 0, explain(lab.sbc, caller, callee)
     (update,) = [m for m in callee.received if m.startswith("<UPDATE")]
     assert re.search(r"(?m)^a=sendonly\s*$", update) and not header(update, "RAck")
     (prack_ok,) = [m for m in caller.received if m.startswith("<SIP/2.0 200") and "2 PRACK" in m]
@@ -621,11 +625,9 @@ def test_a_re_invite_answered_481_hangs_the_caller_up(lab: FlowLab) -> None:
     # RFC 3261 12.2.1.2: the callee's 481 says its dialog is gone. The caller gets
     # the 481 and then the SBC's BYE, so the call does not live on with nothing
     # behind it; the callee, whose dialog is gone, gets no BYE.
-    caller, callee, caller_sipp, callee_sipp = call(
+    caller, callee, caller_sipp, callee_sipp = passed_call(
         lab, "flow_uac_dialog_gone.xml", "flow_uas_dialog_gone.xml", service="2008"
     )
-    assert caller.returncode == 0, explain(lab.sbc, caller, callee)
-    assert callee.returncode == 0, explain(lab.sbc, caller, callee)
     assert first(caller, "<SIP/2.0 481")
     bye = first(caller, "<BYE")
     assert "CSeq:" in bye
@@ -643,11 +645,9 @@ def test_a_realm_s_codec_policy_restricts_the_offer_out_of_it(lab: FlowLab) -> N
     # The caller's realm allows G.711 and telephone-event: its offer of G.729, PCMU,
     # telephone-event and video reaches the callee as PCMU and telephone-event,
     # the video stream rejected (port 0).
-    caller, callee, caller_sipp, callee_sipp = call(
+    caller, callee, caller_sipp, callee_sipp = passed_call(
         lab, "flow_uac_codecs.xml", "uas_basic.xml", realm="g711", service="2009"
     )
-    assert caller.returncode == 0, explain(lab.sbc, caller, callee)
-    assert callee.returncode == 0, explain(lab.sbc, caller, callee)
     invite = first(callee, "<INVITE")
     audio = re.search(r"(?m)^m=audio (\d+) RTP/AVP ([0-9 ]+?)\s*$", invite)
     assert audio is not None and audio.group(2) == "0 101", invite
@@ -661,11 +661,9 @@ def test_a_realm_s_codec_policy_restricts_the_offer_out_of_it(lab: FlowLab) -> N
 
 
 def test_update_and_info_both_ways_refer_rejected(lab: FlowLab) -> None:
-    caller, callee, caller_sipp, callee_sipp = call(
+    caller, callee, caller_sipp, callee_sipp = passed_call(
         lab, "flow_uac_midcall.xml", "flow_uas_midcall.xml", service="2002"
     )
-    assert caller.returncode == 0, explain(lab.sbc, caller, callee)
-    assert callee.returncode == 0, explain(lab.sbc, caller, callee)
     # Caller -> callee, bodies intact.
     info = first(callee, "<INFO")
     assert "Content-Type: application/dtmf-relay" in info and "Signal=5" in info
@@ -687,11 +685,9 @@ def test_update_and_info_both_ways_refer_rejected(lab: FlowLab) -> None:
 
 
 def test_refer_relayed_with_refer_to_at_the_sbc(lab: FlowLab) -> None:
-    caller, callee, caller_sipp, callee_sipp = call(
+    caller, callee, caller_sipp, callee_sipp = passed_call(
         lab, "flow_uac_refer.xml", "flow_uas_refer.xml", realm="xfer", service="2003"
     )
-    assert caller.returncode == 0, explain(lab.sbc, caller, callee)
-    assert callee.returncode == 0, explain(lab.sbc, caller, callee)
     refer = first(callee, "<REFER")
     refer_to = header(refer, "Refer-To")
     assert len(refer_to) == 1 and refer_to[0].startswith(
@@ -719,11 +715,9 @@ def test_refer_notifies_reach_a_transferor_that_hung_up(lab: FlowLab) -> None:
     # Blind transfer: the transferor hangs up right after the 202. The REFER's
     # subscription outlives the BYE (RFC 5057 5.5): both NOTIFYs reach it, in its
     # dialog, and the SBC answers the transferee's NOTIFYs 200, not 481.
-    caller, callee, caller_sipp, callee_sipp = call(
+    caller, callee, caller_sipp, callee_sipp = passed_call(
         lab, "flow_uac_refer_bye.xml", "flow_uas_refer_bye.xml", realm="xfer", service="2005"
     )
-    assert caller.returncode == 0, explain(lab.sbc, caller, callee)
-    assert callee.returncode == 0, explain(lab.sbc, caller, callee)
     notifies = [m for m in caller.received if m.startswith("<NOTIFY")]
     assert len(notifies) == 2, starts(caller)
     for notify, state in zip(notifies, ("active", "terminated"), strict=True):
