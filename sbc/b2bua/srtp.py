@@ -12,9 +12,11 @@ its whole life: the relay's keys are made when the session is allocated, and the
 SDP the B2BUA sends names them. A later offer or answer that would switch a leg
 between RTP and SRTP is refused with 488.
 
-Pure functions over `LegOffer` values (what `topology.leg_offers` read from an SDP)
-and the relay's `LegState`. A call between two ``passthrough`` realms does not come
-here: its a=crypto crosses end to end, as the relay's ``encrypted`` streams.
+Functions over `LegOffer` values (what `topology.leg_offers` read from an SDP) and
+the relay's `LegState`, pure but for one thing: `established` draws a new key when a
+late offer asks for another suite than the one made ready. A call between two
+``passthrough`` realms does not come here: its a=crypto crosses end to end, as the
+relay's ``encrypted`` streams.
 """
 
 from __future__ import annotations
@@ -214,8 +216,8 @@ def established(
     leg gives its key up. ``unsent``: no SDP sent to that side carried the relay's
     keys yet (a late offer's first SDP): a stream without an a=crypto of the key's
     suite takes the first one of another suite the relay has, with a new key of
-    that suite (``LegOffer.local_crypto``). SdpError 488 when ``sdp`` does not fit (an RTP answer to
-    an SRTP offer, a re-offer moving a stream between RTP and SRTP). Streams the
+    that suite (``LegOffer.local_crypto``). SdpError 488 when ``sdp`` does not fit
+    (an RTP answer to an SRTP offer, a re-offer moving a stream between RTP and SRTP). Streams the
     relay has no leg for are rejected in what the B2BUA sends on: anything goes."""
     out: list[LegOffer] = []
     for index, (media, offer) in enumerate(zip(sdp.media, offers, strict=False)):
