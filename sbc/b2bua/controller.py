@@ -4017,20 +4017,34 @@ class CallController:
         if status >= 300 and relayed.before is not None:
             step = self._restore(live, side, relayed.before)
         leg = live.call.leg(other)
-        bad_sdp = False
+        bad_sdp: SdpError | None = None
         answer: tuple[LegOffer, ...] | None = None
+        #: A 2xx to an INVITE without an offer carries the far side's offer.
+        offerless = (
+            relayed.request.method == "INVITE"
+            and status < 300
+            and parse_sdp(relayed.request) is None
+        )
+        sdp: SessionDescription | None = None
+        refused: SessionDescription | None = None
         try:
             sdp = parse_sdp(response)
+            if offerless and sdp is not None and sdp.media:
+                # The far side's offer: the realms' codec policies apply to it.
+                sdp = restrict_codecs(sdp, self._offer_codecs(leg.realm, live.call.leg(side).realm))
             if sdp is not None and status < 300 and live.session is not None:
                 answer = self._leg_offers(live, other, sdp)
         except SdpError as exc:
             logger.info("x call %s: bad SDP in a %d: %s", live.call.call_ref, status, exc)
-            sdp, bad_sdp = None, status < 300
+            if offerless and sdp is not None and sdp.media:
+                refused = sdp  # an offer that parsed, but that the SBC cannot take
+            sdp = None
+            if status < 300:
+                bad_sdp = exc
         if leg.dialog is not None:
             dialog = leg.dialog.receive_response(response)
             live.call = live.call.with_leg(other, leg.with_dialog(dialog))
             if relayed.request.method == "INVITE" and status < 300:
-                offerless = parse_sdp(relayed.request) is None
                 if (
                     offerless
                     and sdp is not None
@@ -4044,6 +4058,20 @@ class CallController:
                         other, dialog, response.cseq.seq, tx, relayed.server, sdp
                     )
                     live.reinvite_pending = live.reinvite_pending | {other}
+                elif refused is not None and live.session is not None:
+                    # RFC 3261 13.2.2.4: the ACK must answer the offer; every stream
+                    # rejected, and the far side is offered the old session again.
+                    relayed.before = relayed.before or _Before(
+                        live.offers.get(side),
+                        live.sdp_sent.get(other),
+                        live.call.leg(other).sdp_version,
+                        live.call.leg(other).sdp_digest,
+                    )
+                    rejected = evolve(refused, media=tuple(m.rejected() for m in refused.media))
+                    body, new_leg = self._rewrite(live, rejected, other, live.call.leg(other))
+                    live.call = live.call.with_leg(other, new_leg)
+                    live.sdp_sent[other] = body
+                    step = step + self._ack_leg(live, other, dialog, response.cseq.seq, tx, body)
                 else:
                     step = step + self._ack_leg(live, other, dialog, response.cseq.seq, tx)
         if relayed.cancelled:
@@ -4052,13 +4080,15 @@ class CallController:
             if status < 300 and relayed.before is not None:
                 step = step + self._roll_back(live, side, relayed.before, sdp, now)
             return step
-        if bad_sdp:
-            # ACKed above; the requester learns that the far side's answer was unusable,
-            # and keeps its session as it was (RFC 3261 14.1): so does the relay, and
-            # the far side is offered that session again.
+        if bad_sdp is not None:
+            # ACKed above; the requester learns that the far side's answer (or offer)
+            # was unusable, and keeps its session as it was (RFC 3261 14.1): so does
+            # the relay, and the far side is offered that session again. A far side's
+            # offer that does not fit (the codec policy, SRTP) is 488, else 502.
             if relayed.before is not None:
                 step = step + self._roll_back(live, side, relayed.before, None, now)
-            out = make_response(relayed.request, 502)
+            unfit = offerless and bad_sdp.status == 488
+            out = make_response(relayed.request, 488 if unfit else 502)
             return step + self._send_response(relayed.server, out, now, live.call.leg(side).realm)
         headers: list[tuple[str, str]] = []
         if relayed.request.method == "INVITE" and status < 300:

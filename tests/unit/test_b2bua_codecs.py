@@ -14,9 +14,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sbc.b2bua.call import CallState
 from sbc.b2bua.codecs import CodecPolicyError, allowed_codecs, restrict_codecs
 from sbc.b2bua.controller import CallController, RealmPolicy
 from sbc.config.loader import ConfigError, load_config_text
+from sbc.sip.message import Request
 from sbc.sip.sdp import SessionDescription
 from tests.unit.test_b2bua_flows import (
     CALLER,
@@ -169,6 +171,66 @@ def test_a_late_offer_in_the_2xx_is_restricted_or_refused() -> None:
     step = receive(c, answer(invite, 200, g729), TRUNK, 0.1)
     assert statuses(step) == [488]
     assert [r.method for r in requests(step)] == ["ACK", "BYE"]
+
+
+def offerless_reinvite(c: CallController) -> tuple[Request, str]:
+    """A call the callee answered with PCMA, then the caller's re-INVITE without an
+    offer: the B-leg re-INVITE, and the caller's tag."""
+    step, _, _ = call(c, OFFER)
+    (invite,) = requests(step, "INVITE")
+    b_answer = OFFER.replace("RTP/AVP 18 0 8 101", "RTP/AVP 8").replace("40000", "42000")
+    (ok,) = responses(receive(c, answer(invite, 200, b_answer), TRUNK, 0.1))
+    assert ok.to.tag is not None
+    receive(c, from_a("ACK", ok.to.tag, 1), CALLER, 0.2)
+    (reinvite,) = requests(receive(c, from_a("INVITE", ok.to.tag, 2), CALLER, 1.0), "INVITE")
+    assert reinvite.body == b""
+    return reinvite, ok.to.tag
+
+
+#: The callee's offer in its 2xx to an offerless re-INVITE.
+B_REOFFER = (
+    "v=0\r\no=b 1 2 IN IP4 203.0.113.5\r\ns=-\r\nc=IN IP4 203.0.113.5\r\nt=0 0\r\n"
+    "m=audio 42000 RTP/AVP 18 8\r\n"
+)
+
+
+def test_the_offer_in_a_2xx_to_an_offerless_re_invite_is_restricted() -> None:
+    c = policy_controller(outside=("pcma",))
+    reinvite, _ = offerless_reinvite(c)
+    step = receive(c, answer(reinvite, 200, B_REOFFER), TRUNK, 1.1)
+    assert requests(step) == []  # the ACK waits for the caller's answer
+    (ok,) = responses(step)
+    assert ok.status == 200 and " RTP/AVP 8\r\n" in ok.body.decode()
+
+
+def test_an_offer_in_a_2xx_with_nothing_allowed_is_answered_rejected_and_offered_back() -> None:
+    c = policy_controller(outside=("pcma",))
+    reinvite, _ = offerless_reinvite(c)
+    g729 = B_REOFFER.replace("RTP/AVP 18 8", "RTP/AVP 18")
+    step = receive(c, answer(reinvite, 200, g729), TRUNK, 1.1)
+    # RFC 3261 13.2.2.4: the ACK answers the offer, every stream rejected; the caller,
+    # whose session stays as it was, gets 488; the callee is offered that session back.
+    assert statuses(step) == [488]
+    ack, again = requests(step)
+    assert ack.method == "ACK" and ack.cseq.seq == reinvite.cseq.seq
+    answer_sdp = SessionDescription.parse(ack.body)
+    assert [(m.media, m.port) for m in answer_sdp.media] == [("audio", 0)]
+    assert again.method == "INVITE" and again.cseq.seq > reinvite.cseq.seq
+    offer_sdp = SessionDescription.parse(again.body)
+    assert offer_sdp.origin.sess_version > answer_sdp.origin.sess_version
+    audio = offer_sdp.media[0]
+    assert audio.media == "audio" and audio.port > 0
+    (call_now,) = c.calls()
+    assert call_now.state is CallState.CONFIRMED
+
+
+def test_an_unparseable_offer_in_a_2xx_to_an_offerless_re_invite_gets_502() -> None:
+    c = policy_controller()
+    reinvite, _ = offerless_reinvite(c)
+    step = receive(c, answer(reinvite, 200, "v=0\r\nnonsense\r\n"), TRUNK, 1.1)
+    assert statuses(step) == [502]
+    assert [r.method for r in requests(step)] == ["ACK"]
+    assert len(c) == 1
 
 
 def test_answers_are_not_restricted() -> None:
