@@ -4045,6 +4045,9 @@ class CallController:
             dialog = leg.dialog.receive_response(response)
             live.call = live.call.with_leg(other, leg.with_dialog(dialog))
             if relayed.request.method == "INVITE" and status < 300:
+                if offerless and relayed.cancelled and sdp is not None and sdp.media:
+                    # The requester has its 487: nobody will answer this offer now.
+                    refused, sdp = sdp, None
                 if (
                     offerless
                     and sdp is not None

@@ -166,3 +166,33 @@ def test_a_2xx_to_a_withdrawn_offer_that_changed_nothing_needs_no_re_invite() ->
     receive(c, cancel_for(text), CALLER, 1.1)
     step = receive(c, answer(reinvite, 200, ANSWER), TRUNK, 1.2)
     assert [r.method for r in requests(step)] == ["ACK"]
+
+
+def test_a_2xx_offer_to_a_withdrawn_offerless_re_invite_is_answered_and_offered_back() -> None:
+    # The caller's re-INVITE had no offer; the callee's 2xx, which crossed the CANCEL,
+    # carries one that nobody will answer now: the SBC's ACK rejects every stream
+    # (RFC 3261 13.2.2.4) and the callee is offered the old session again.
+    c = controller()
+    invite, _, a_tag = confirmed_call(c)
+    text = from_a("INVITE", a_tag, 2)
+    (reinvite,) = requests(receive(c, text, CALLER, 1.0), "INVITE")
+    assert reinvite.body == b""
+    receive(c, answer(reinvite, 180), TRUNK, 1.05)
+    assert 487 in statuses(receive(c, cancel_for(text), CALLER, 1.1))
+    offer = ANSWER.replace(" 1 1 IN", " 1 2 IN")
+    step = receive(c, answer(reinvite, 200, offer), TRUNK, 1.2)
+    ack, again = requests(step)
+    assert ack.method == "ACK" and ack.cseq.seq == reinvite.cseq.seq
+    rejected = SessionDescription.parse(ack.body)
+    assert [m.port for m in rejected.media] == [0]
+    assert again.method == "INVITE"
+    offered = SessionDescription.parse(again.body)
+    assert offered.origin.sess_version > rejected.origin.sess_version
+    assert [m.port for m in offered.media] == [
+        m.port for m in SessionDescription.parse(invite.body).media
+    ]
+    # Its answer is ACKed, and later refreshes are not held up by a pending ACK.
+    assert [r.method for r in requests(receive(c, answer(again, 200, ANSWER), TRUNK, 1.3))] == [
+        "ACK"
+    ]
+    assert c._calls[next(iter(c._calls))].held_ack is None
