@@ -725,6 +725,20 @@ REINVITE_481: Script = [
     a_answers("BYE", 200),
 ]
 
+#: The caller CANCELs a re-INVITE without an offer; the callee's 2xx, with an offer,
+#: crosses the CANCEL: the SBC answers it itself and offers the old session back.
+OFFERLESS_REINVITE_CROSSED: Script = [
+    *CALL_UP,
+    lambda run: (from_a("INVITE", 2, "inv2", run), CALLER),
+    b_answers("INVITE", 180),
+    lambda run: (from_a("CANCEL", 2, "inv2", run), CALLER),
+    b_answers("CANCEL", 200),
+    b_answers("INVITE", 200, sdp("b", "203.0.113.5", 42002)),
+    b_answers("INVITE", 200, ANSWER),
+    lambda run: (from_a("BYE", 3, "bye3", run), CALLER),
+    b_answers("BYE", 200),
+]
+
 CANCELLED: Script = [
     lambda run: (from_a("INVITE", 1, "inv1", run, OFFER), CALLER),
     b_answers("INVITE", 183, ANSWER),
@@ -903,6 +917,7 @@ SCRIPTS = {
     "transfer": TRANSFER,
     "re-invite cancelled": REINVITE_CANCELLED,
     "re-invite 481": REINVITE_481,
+    "offerless re-invite crossed": OFFERLESS_REINVITE_CROSSED,
     "prack offer": PRACK_OFFER,
     "prack offer, 2xx held": PRACK_OFFER_HELD,
     "prack offer, 2xx crossed": PRACK_OFFER_CROSSED,
