@@ -191,6 +191,7 @@ def media_config(config: Config) -> MediaConfig:
         kernel_path=media.kernel_path,
         media_timeout=media.timeout,
         hold_timeout=media.hold_timeout,
+        relatch_after_silence=media.relatch_after_silence,
     )
 
 

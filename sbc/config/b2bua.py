@@ -790,6 +790,16 @@ class MediaSection(Section):
         default=3600.0,
         metadata=spec("The same while the call is on hold.", min=1, max=86400),
     )
+    relatch_after_silence: float = field(
+        default=0.0,
+        metadata=spec(
+            "Seconds a side's latched media source must be silent before a new source"
+            " takes over (after 3 packets in a row): a phone whose NAT binding moved"
+            " mid-call. 0 = never (strict source, the RTP bleed defence).",
+            min=0,
+            max=3600,
+        ),
+    )
 
     def check(self, path: str) -> Iterator[Issue]:
         if self.port_max - (self.port_min + self.port_min % 2) < 1:

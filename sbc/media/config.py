@@ -55,6 +55,10 @@ class MediaConfig:
     strict_source: bool = True
     #: Re-latch when a new SSRC arrives from a new source (bleed-prone; off).
     relatch_on_new_ssrc: bool = False
+    #: Re-latch to a new source once the latched one has been silent this many
+    #: seconds (NAT rebinding mid-call); 0 = never. In the kernel path silence is
+    #: seen through the counters, read every ``poll_interval``.
+    relatch_after_silence: float = 0.0
     #: The SBC's state directory: recordings go to its ``recordings/`` folder. None:
     #: sessions cannot be recorded.
     state_dir: Path | None = None
@@ -77,8 +81,10 @@ class MediaConfig:
             ("media_timeout", self.media_timeout),
             ("hold_timeout", self.hold_timeout),
             ("poll_interval", self.poll_interval),
+            ("relatch_after_silence", self.relatch_after_silence),
         ):
-            if value < 0 or (name != "port_quarantine" and value == 0):
+            may_be_zero = name in ("port_quarantine", "relatch_after_silence")
+            if value < 0 or (not may_be_zero and value == 0):
                 raise MediaConfigError(f"{name}: expected a positive number, got {value}")
 
     @property

@@ -8,6 +8,13 @@ the RTP bleed attack, where a stranger sprays a relay's ports and is answered wi
 the call's media, and RTP injection into a call. Re-latching on a new SSRC from a new
 source is a policy knob, off by default, because it is exactly what bleed exploits.
 
+A phone whose NAT binding moves mid-call (a mobile changing networks, a router that
+reboots or times the binding out) sends from a new port, and strict source drops it
+for the rest of the call: one-way audio. ``relatch_after_silence`` (off by default)
+lets a new source take over once the latched one has been silent that long, after
+:data:`RELATCH_PACKETS` packets in a row from it, SSRC or not (it covers UDPTL too).
+Bleed needs the latched source silent for that long, not merely a new SSRC.
+
 Pure: a `Latch` is a frozen value; `Latch.on_packet` returns the next one.
 """
 
@@ -15,9 +22,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from sbc.media.values import Endpoint
+
+#: Packets in a row from one new source that take a silent latch over.
+RELATCH_PACKETS: Final = 3
 
 
 class LatchState(enum.Enum):
@@ -36,18 +46,24 @@ class LatchVerdict(enum.Enum):
     RELATCHED = "relatched"
     #: From another source, strict_source off: forward, keep the latch.
     ACCEPT_FOREIGN = "accept-foreign"
+    #: From a new source while the latched one is silent: not forwarded, but counted
+    #: towards a relatch (relatch_after_silence).
+    CANDIDATE = "candidate"
     #: From another source: drop and count.
     DROP = "drop"
 
     @property
     def forward(self) -> bool:
-        return self is not LatchVerdict.DROP
+        return self is not LatchVerdict.DROP and self is not LatchVerdict.CANDIDATE
 
 
 @dataclass(frozen=True)
 class LatchPolicy:
     strict_source: bool = True
     relatch_on_new_ssrc: bool = False
+    #: Seconds the latched source must have been silent before a new source may take
+    #: it over (after RELATCH_PACKETS packets in a row); 0: never.
+    relatch_after_silence: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -57,14 +73,23 @@ class Latch:
     state: LatchState = LatchState.UNLATCHED
     source: Endpoint | None = None
     ssrc: int | None = None
+    #: A new source heard while the latched one is silent, and its packets in a row.
+    #: Not replicated: a standby starts counting afresh.
+    candidate: Endpoint | None = None
+    candidate_packets: int = 0
 
     def on_packet(
-        self, source: Endpoint, ssrc: int | None, policy: LatchPolicy
+        self, source: Endpoint, ssrc: int | None, policy: LatchPolicy, silent_for: float = 0.0
     ) -> tuple[Latch, LatchVerdict]:
-        """The latch after a packet from ``source`` (``ssrc`` None if not RTP/RTCP)."""
+        """The latch after a packet from ``source`` (``ssrc`` None if not RTP/RTCP);
+        ``silent_for``: seconds since the latched source was last heard."""
         if self.state is LatchState.UNLATCHED:
             return Latch(LatchState.LATCHED, source, ssrc), LatchVerdict.LATCHED
         if source == self.source:
+            if self.candidate is not None:
+                # Heard again: whoever was counting towards a relatch starts over.
+                kept = self.ssrc if ssrc is None else ssrc
+                return Latch(self.state, self.source, kept), LatchVerdict.ACCEPT
             if ssrc is not None and ssrc != self.ssrc:
                 # Same source, new SSRC (RFC 3550 8.2 collision, a transfer behind a
                 # PBX): the source is what we trust, follow the SSRC.
@@ -72,6 +97,13 @@ class Latch:
             return self, LatchVerdict.ACCEPT
         if policy.relatch_on_new_ssrc and ssrc is not None and ssrc != self.ssrc:
             return Latch(LatchState.LATCHED, source, ssrc), LatchVerdict.RELATCHED
+        wait = policy.relatch_after_silence
+        if wait and silent_for >= wait:
+            count = self.candidate_packets + 1 if source == self.candidate else 1
+            if count >= RELATCH_PACKETS:
+                return Latch(LatchState.LATCHED, source, ssrc), LatchVerdict.RELATCHED
+            latch = Latch(self.state, self.source, self.ssrc, source, count)
+            return latch, LatchVerdict.CANDIDATE
         if not policy.strict_source:
             return self, LatchVerdict.ACCEPT_FOREIGN
         return self, LatchVerdict.DROP

@@ -149,6 +149,10 @@ class _Leg:
     dropped_source: int = 0
     dropped_other: int = 0
     dropped_auth: int = 0
+    #: When the latched RTP (RTCP) source was last heard: by its packets in user
+    #: space, by the kernel counter's growth (at a poll) in the kernel path.
+    rtp_heard: float = 0.0
+    rtcp_heard: float = 0.0
     #: SRTP: unprotects what the peer sends / protects what the relay sends it.
     inbound: SrtpTransform | None = None
     outbound: SrtpTransform | None = None
@@ -215,6 +219,8 @@ class _Stream:
     kernel: bool = False
     #: A kernel install is in flight.
     engaging: bool = False
+    #: When the kernel counters of the stream were last read (0: not yet).
+    counted_at: float = 0.0
 
     def forward_name(self, source: Side) -> str:
         return f"media_{self.session.session_id}_{self.index}_{source.value}"
@@ -331,7 +337,10 @@ class MediaRelay:
         kernel_factory: Callable[[], KernelMediaTable] = KernelMediaTable,
     ) -> None:
         self.config = config
-        self._policy = LatchPolicy(config.strict_source, config.relatch_on_new_ssrc)
+        self._policy = LatchPolicy(
+            config.strict_source, config.relatch_on_new_ssrc, config.relatch_after_silence
+        )
+        self._relatch_wait = config.relatch_after_silence
         self._ports = PortAllocator(
             config.port_min,
             config.port_max,
@@ -665,11 +674,12 @@ class MediaRelay:
         """
         if state.session_id in self._sessions:
             raise MediaError(f"media session {state.session_id} exists already")
+        now = self._now()
         session = _Session(
             session_id=state.session_id,
             call_id=state.call_id,
             created=state.created,
-            timer=InactivityTimer(self.config.media_timeout, self.config.hold_timeout, self._now()),
+            timer=InactivityTimer(self.config.media_timeout, self.config.hold_timeout, now),
             recording=state.recording,
         )
         try:
@@ -685,7 +695,9 @@ class MediaRelay:
                     leg_state = stream_state.leg(side)
                     pair = PortPair(leg_state.local.address, leg_state.local.port)
                     self._ports.reserve(pair)
-                    leg = _Leg(stream, side, leg_state, pair)
+                    # A restored latch counts as just heard: no new source takes it over
+                    # before its own has had the time to reach this node.
+                    leg = _Leg(stream, side, leg_state, pair, rtp_heard=now, rtcp_heard=now)
                     leg.load_counters(leg_state.counters)
                     leg.monitor.quality = leg_state.quality
                     leg.set_keys()
@@ -882,6 +894,8 @@ class MediaRelay:
             leg.dropped_other += 1  # nothing is expected on the RTCP port with rtcp-mux
             return
         source = Endpoint.from_sockaddr(addr)
+        now = self._now()
+        silent_for = self._silent_for(leg, rtcp_port, now) if self._relatch_wait else 0.0
         if state.srtp:
             # Authenticate before latching: a forged packet must not win the latch.
             if leg.inbound is None:
@@ -893,7 +907,8 @@ class MediaRelay:
                 # whatever its authentication says, it is dropped undecrypted (a flood
                 # costs no SRTP work). The verdict is the one given after unprotect:
                 # the SSRC is in the clear and unprotect leaves it (RFC 3711 3.1, 3.4).
-                _, verdict = latch.on_packet(source, packet_ssrc(data), self._policy)
+                policy = self._policy
+                _, verdict = latch.on_packet(source, packet_ssrc(data), policy, silent_for)
                 if verdict is LatchVerdict.DROP:
                     leg.dropped_source += 1
                     return
@@ -932,19 +947,23 @@ class MediaRelay:
             return
         on_rtcp_latch = rtcp_port
         latch = state.rtcp_latch if on_rtcp_latch else state.rtp_latch
-        new_latch, verdict = latch.on_packet(source, ssrc, self._policy)
-        if verdict is LatchVerdict.DROP:
-            leg.dropped_source += 1
-            return
+        new_latch, verdict = latch.on_packet(source, ssrc, self._policy, silent_for)
         if new_latch is not latch:
             leg.state = (
                 evolve(state, rtcp_latch=new_latch)
                 if on_rtcp_latch
                 else evolve(state, rtp_latch=new_latch)
             )
+        if verdict is LatchVerdict.DROP or verdict is LatchVerdict.CANDIDATE:
+            leg.dropped_source += 1
+            return
+        if verdict is not LatchVerdict.ACCEPT_FOREIGN:
+            if on_rtcp_latch:
+                leg.rtcp_heard = now
+            else:
+                leg.rtp_heard = now
         if verdict in (LatchVerdict.LATCHED, LatchVerdict.RELATCHED):
             self._latched(leg, on_rtcp_latch, source, verdict is LatchVerdict.RELATCHED)
-        now = self._now()
         session.timer.activity(now)
         if session.recorder is not None:
             # Ciphertext into the capture, never the WAV.
@@ -1001,16 +1020,21 @@ class MediaRelay:
         state = leg.state
         source = Endpoint.from_sockaddr(addr)
         latch = state.rtp_latch
-        # No SSRC: a latched source is never re-latched, whatever the policy.
-        new_latch, verdict = latch.on_packet(source, None, self._policy)
-        if verdict is LatchVerdict.DROP:
-            leg.dropped_source += 1
-            return
+        now = self._now()
+        # No SSRC: a latched source is re-latched only after its silence
+        # (relatch_after_silence), never for a new SSRC.
+        silent_for = self._silent_for(leg, False, now) if self._relatch_wait else 0.0
+        new_latch, verdict = latch.on_packet(source, None, self._policy, silent_for)
         if new_latch is not latch:
             leg.state = evolve(state, rtp_latch=new_latch)
-        if verdict is LatchVerdict.LATCHED:
-            self._latched(leg, False, source, False)
-        session.timer.activity(self._now())
+        if verdict is LatchVerdict.DROP or verdict is LatchVerdict.CANDIDATE:
+            leg.dropped_source += 1
+            return
+        if verdict is not LatchVerdict.ACCEPT_FOREIGN:
+            leg.rtp_heard = now
+        if verdict in (LatchVerdict.LATCHED, LatchVerdict.RELATCHED):
+            self._latched(leg, False, source, verdict is LatchVerdict.RELATCHED)
+        session.timer.activity(now)
         if session.recorder is not None:
             # Into the capture, never the WAV (as RTCP is): it is not audio.
             self._record(session, leg, False, source, data, True)
@@ -1022,6 +1046,18 @@ class MediaRelay:
         leg.packets += 1
         leg.bytes += len(data)
         transport.sendto(data, destination.sockaddr())
+
+    @staticmethod
+    def _silent_for(leg: _Leg, rtcp: bool, now: float) -> float:
+        """Seconds the latched source of ``leg``'s RTP (``rtcp``: RTCP) port has not
+        been heard. In the kernel path its RTP never reaches user space: silence is
+        what the counters showed, from their last growth to their last reading."""
+        if rtcp:
+            return now - leg.rtcp_heard
+        stream = leg.stream
+        if stream.kernel:
+            return stream.counted_at - leg.rtp_heard if stream.counted_at else 0.0
+        return now - leg.rtp_heard
 
     def _latched(self, leg: _Leg, rtcp: bool, source: Endpoint, relatched: bool) -> None:
         stream = leg.stream
@@ -1152,6 +1188,7 @@ class MediaRelay:
             for stream in session.streams:
                 if not stream.kernel:
                     continue
+                stream.counted_at = now
                 for side in Side:
                     counter = counters.get(stream.forward_name(side))
                     if counter is None:
@@ -1159,6 +1196,7 @@ class MediaRelay:
                     leg = stream.legs[side]
                     if counter.packets > leg.kernel_packets:
                         session.timer.activity(now)
+                        leg.rtp_heard = now
                     leg.kernel_packets, leg.kernel_bytes = counter.packets, counter.bytes
 
     async def _poll(self) -> None:

@@ -802,3 +802,58 @@ def test_a_relatch_in_the_kernel_path_keeps_the_counts(lab: Lab) -> None:
     a = r["stats"].streams[0].a.counters
     assert a.packets + a.kernel_packets == WARMUP + BULK + 103, a
     assert a.kernel_packets == 100, a
+
+
+@pytest.mark.parametrize("kernel", [False, True], ids=["userspace", "kernel"])
+def test_a_caller_whose_nat_binding_moved_is_heard_again_after_its_silence(
+    lab: Lab, kernel: bool
+) -> None:
+    """relatch_after_silence: the caller's NAT gives it a new port mid-call. While
+    the old one is heard, the new one is dropped (strict source holds); once the old
+    one has been silent long enough, three packets in a row from the new one move
+    the latch, and the callee's media follows it there."""
+
+    async def scenario() -> dict[str, Any]:
+        config = media_config(kernel_path=kernel, relatch_after_silence=0.5, poll_interval=0.05)
+        async with MediaRelay(config) as relay:
+            call = await setup_call(lab, relay, 4)
+            await warm_up(call, 4)
+            if kernel:
+                await event_of(relay, KernelPathEngaged)
+            moved = await Peer.open(lab, "caller", ADDR[4]["caller"], 34002)
+            await call.caller.send([rtp(WARMUP + i, 0xA) for i in range(10)], call.a_local)
+            await moved.send([rtp(100 + i, 0xA) for i in range(5)], call.a_local)
+            while_heard = await call.callee.wait_count(WARMUP + 11, timeout=0.5)
+            await asyncio.sleep(0.8)  # the old binding falls silent
+            await moved.send([rtp(200 + i, 0xA) for i in range(3)], call.a_local)
+            relatched = await event_of(relay, SourceLatched)
+            while not relatched.relatched:  # the warm-up's latches come first
+                relatched = await event_of(relay, SourceLatched)
+            if kernel:
+                await event_of(relay, KernelPathEngaged)
+            await moved.send([rtp(300 + i, 0xA) for i in range(20)], call.a_local)
+            got = await call.callee.wait_count(WARMUP + 10 + 21)
+            await call.callee.send([rtp(WARMUP + i, 0xB) for i in range(10)], call.b_local)
+            heard_back = await moved.wait_count(10)
+            await asyncio.sleep(0.1)
+            stats = await relay.stats(call.session_id)
+            moved.close()
+            call.caller.close()
+            call.callee.close()
+            return locals()
+
+    r = run(lab, scenario)
+    assert r["while_heard"] == WARMUP + 10  # the new port's packets were dropped
+    assert r["relatched"].relatched and r["relatched"].source == Endpoint.of(
+        ADDR[4]["caller"], 34002
+    )
+    # The third packet in a row moved the latch and went through; the two before not.
+    assert r["got"] == WARMUP + 10 + 21
+    seqs = [RtpHeader.parse(data).sequence for data, _ in r["call"].callee.received]
+    assert 200 not in seqs and 201 not in seqs and 202 in seqs
+    assert r["heard_back"] == 10
+    assert len(r["call"].caller.received) == WARMUP  # nothing more to the old binding
+    a = r["stats"].streams[0].a
+    assert a.rtp_latch.source == Endpoint.of(ADDR[4]["caller"], 34002)
+    assert a.counters.dropped_source == 5 + 2
+    assert r["stats"].streams[0].kernel is kernel

@@ -101,6 +101,15 @@ def test_numbers_out_of_range_and_not_finite() -> None:
     ]
 
 
+def test_relatch_after_silence_reaches_the_relay_and_is_bounded() -> None:
+    config = load("media: {relatch_after_silence: 2.5}\n")
+    assert app.media_config(config).relatch_after_silence == 2.5
+    assert app.media_config(load("{}")).relatch_after_silence == 0  # off by default
+    assert errors("media:\n  relatch_after_silence: -1\n") == [
+        "sbc.yaml:2: media.relatch_after_silence: expected a number 0..3600, got -1"
+    ]
+
+
 def test_ipv6_literals_load() -> None:
     config = load(
         "sip:\n  listen:\n    - {transport: udp, address: '::1', port: 5060}\n"
