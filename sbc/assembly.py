@@ -22,6 +22,7 @@ from sbc.b2bua.controller import (
     RegisterForward,
     RegisterOutcome,
 )
+from sbc.b2bua.identity import is_anonymous
 from sbc.b2bua.manipulation import Direction, HeaderManipulator
 from sbc.b2bua.realm import Hop, RealmTable
 from sbc.b2bua.trunks import Gateway, ProbePolicy, Trunk
@@ -98,6 +99,7 @@ def realm_policies(config: Config) -> dict[str, RealmPolicy]:
             srtp=realm.srtp,
             registers_per_second=realm.registers_per_second,
             codecs=frozenset(name.lower() for name in realm.codecs),
+            trust_identity=realm.trust_identity,
         )
         for realm in config.realms
     }
@@ -226,7 +228,7 @@ class EmbeddedRegistrar:
     the controller's monotonic ``now`` is replaced by ``wall()``. A request a
     registered user sends to be relayed (INVITE, MESSAGE ...) is challenged with
     407, and the authenticated user must be the From user (403 otherwise), so one
-    account cannot call as another.
+    account cannot call as another; or the From is anonymous (RFC 3323).
     """
 
     def __init__(self, registrar: Registrar, wall: Callable[[], float] = time.time) -> None:
@@ -266,7 +268,9 @@ class EmbeddedRegistrar:
             )
         except ParseError:
             from_user = None
-        if user is None or from_user != user:
+        if user is None or (from_user != user and not is_anonymous(request)):
+            # An anonymous From (RFC 3323) is the user's to send: the SBC asserts who
+            # it is where that may be said (sbc.b2bua.identity).
             response = make_response(request, 403, "Forbidden: not your identity", to_tag=new_tag())
             return AuthVerdict(response, user=user, auth_failed=False)
         return AuthVerdict(None, user=user)

@@ -45,6 +45,15 @@ from sbc.b2bua.admission import AdmissionControl, AdmissionTicket, RefusalReason
 from sbc.b2bua.call import Call, CallLeg, CallState, EndReason, LegSide
 from sbc.b2bua.codecs import CodecPolicyError, allowed_codecs, restrict_codecs
 from sbc.b2bua.event_bodies import names_identities, screen_event_body
+from sbc.b2bua.identity import (
+    ANONYMOUS_URI,
+    Identity,
+    asserted_by_peer,
+    authenticated,
+    identity_headers,
+    is_anonymous,
+    privacy_of,
+)
 from sbc.b2bua.local import LocalResponder
 from sbc.b2bua.realm import Hop, Realm, RealmTable
 from sbc.b2bua.register_rate import RegisterRate
@@ -474,6 +483,9 @@ class RealmPolicy:
     #: RTP encodings allowed in offers into and out of the realm (`sbc.b2bua.codecs`);
     #: empty: any.
     codecs: frozenset[str] = frozenset()
+    #: Inside the trust domain (RFC 3325, `sbc.b2bua.identity`): its asserted
+    #: identities are believed, and it is given the SBC's despite Privacy: id.
+    trust_identity: bool = False
 
 
 # -- what the controller asks of the world ----------------------------------------------
@@ -659,6 +671,8 @@ class _Live:
     held_ack: _HeldAck | None = None
     #: The Replaces of the B-leg INVITE (RFC 3891), as the far side knows the dialog.
     replaces: str | None = None
+    #: Who the caller is, as the SBC asserts it to the targets (`sbc.b2bua.identity`).
+    identity: Identity | None = None
     #: The call admitted over the concurrent-call limits to replace this one (RFC
     #: 3891): while it lives, another INVITE replacing this call is counted in full.
     replaced_by: str | None = None
@@ -1664,16 +1678,21 @@ class CallController:
 
     def _authenticate(
         self, tx: ServerTransaction, request: Request, flow: Flow, realm: Realm, now: float
-    ) -> Step | None:
-        """None when the request may go on; otherwise the step that answers it."""
-        if request.method not in self._policy(realm.name).authenticate:
-            return None
+    ) -> Step | Identity | None:
+        """The step that answers the request when it may not go on; else who it is from
+        as the SBC asserts it (`sbc.b2bua.identity`), or None."""
+        policy = self._policy(realm.name)
+        peer = asserted_by_peer(request) if policy.trust_identity else None
+        if request.method not in policy.authenticate:
+            return peer
         if self.registrar is None:
             response = make_response(request, 503, to_tag=new_tag())
             return self._send_response(tx, response, now, realm.name)
         verdict = self.registrar.authenticate(request, now, source=flow.remote_host)
         if verdict.response is None:
-            return None
+            if peer is not None or verdict.user is None:
+                return peer
+            return authenticated(request, verdict.user)
         step = self._send_response(tx, verdict.response, now, realm.name)
         if verdict.auth_failed:
             logger.info("x %s auth failed for %r from %s", request.method, verdict.user, flow)
@@ -1783,9 +1802,9 @@ class CallController:
             # RFC 3261 8.2.2.2: the same request by another path (a proxy forked it
             # to the SBC twice): one call, not two calls to the same callee.
             return self._send_response(tx, make_response(request, 482, to_tag=new_tag()), now)
-        refused = self._authenticate(tx, request, flow, realm, now)
-        if refused is not None:
-            return refused
+        identity = self._authenticate(tx, request, flow, realm, now)
+        if isinstance(identity, Step):
+            return identity
         too_brief = self._too_brief(request)
         if too_brief is not None:
             return self._send_response(tx, too_brief, now)
@@ -1967,6 +1986,7 @@ class CallController:
         if "100rel" in {t.lower() for t in request.tokens("Require")}:
             live.a_reliable = _ReliableA(rseq=secrets.randbelow(2**31 - 2**20) + 1)
         live.replaces = replaces
+        live.identity = identity
         if replaced_holder is not None:
             replaced_holder.replaced_by = call.call_ref
         live.failover = failover
@@ -2170,7 +2190,9 @@ class CallController:
         headers.add("Max-Forwards", _one_less(a_request))
         for value in target.route:
             headers.add("Route", value)
-        own, to, request_uri = self._addressing(leg.realm, leg.local, caller, target)
+        own, to, request_uri = self._addressing(
+            leg.realm, leg.local, caller, target, anonymous=is_anonymous(a_request)
+        )
         display = a_request.from_.display_name
         from_ = f"<{own}>;tag={leg.local_tag}"
         if display:
@@ -2194,27 +2216,65 @@ class CallController:
         realm = self.realms.get(leg.realm)
         if realm is not None:
             copy_kept_headers(a_request, invite, realm)
+        self._assert_identity(a_request, live.identity, invite, leg.realm, leg.local)
         invite.set_body(body, SDP_CONTENT_TYPE if body else None)
         self._outbound(invite, leg.realm)
         return invite
 
     def _addressing(
-        self, realm: str, local: ListenAddress, caller: str | None, target: Target
+        self,
+        realm: str,
+        local: ListenAddress,
+        caller: str | None,
+        target: Target,
+        *,
+        anonymous: bool = False,
     ) -> tuple[str, str, str]:
         """The From URI, To URI and Request-URI of a request the B2BUA starts into
         ``realm`` towards ``target``: the SBC's own address (``local``) with the
-        caller's user in From, the target in To and Request-URI; each host replaced
-        by the realm's mask where it has one. The request still goes to the target."""
+        caller's user in From (``anonymous``: the anonymous URI, RFC 3323), the
+        target in To and Request-URI; each host replaced by the realm's mask where it
+        has one. The request still goes to the target."""
         policy = self._policy(realm)
-        own = sip_uri_for(local, caller, params=False)
+        own = ANONYMOUS_URI if anonymous else self._own_uri(realm, local, caller)
         to, request_uri = self._to_uri(target), target.uri
-        if policy.from_host:
-            own = _with_host(own, policy.from_host)
         if policy.to_host:
             to = _with_host(to, policy.to_host)
         if policy.request_uri_host:
             request_uri = _with_host(request_uri, policy.request_uri_host)
         return own, to, request_uri
+
+    def _own_uri(self, realm: str, local: ListenAddress, user: str | None) -> str:
+        """``user`` at the SBC's own address in ``realm`` (or the realm's from_host)."""
+        own = sip_uri_for(local, user, params=False)
+        from_host = self._policy(realm).from_host
+        return _with_host(own, from_host) if from_host else own
+
+    def _assert_identity(
+        self,
+        request: Request,
+        identity: Identity | None,
+        out: Request,
+        realm: str,
+        local: ListenAddress,
+    ) -> None:
+        """P-Asserted-Identity (and Privacy) of ``out``, a new request into ``realm``
+        for ``request`` (`sbc.b2bua.identity`)."""
+        if identity is None:
+            return
+        fields = identity_headers(
+            identity,
+            privacy_of(request),
+            trusted=self._policy(realm).trust_identity,
+            sip_uri=lambda user: self._own_uri(realm, local, user),
+            privacy_header=request.headers.get("Privacy"),
+        )
+        for name, value in fields:
+            if name == "Privacy" and "Privacy" in out.headers:
+                continue  # kept already (keep_headers)
+            out.headers.add(name, value)
+        if fields:
+            out.invalidate()
 
     @staticmethod
     def _to_uri(target: Target) -> str:
@@ -2270,9 +2330,12 @@ class CallController:
 
     def _first_target(
         self, tx: ServerTransaction, request: Request, flow: Flow, realm: Realm, now: float
-    ) -> Step | tuple[TrunkRoute | RegisteredRoute, Target, Realm, Hop, str | None]:
+    ) -> (
+        Step | tuple[TrunkRoute | RegisteredRoute, Target, Realm, Hop, str | None, Identity | None]
+    ):
         """Checks, digest, route and the first target of a request that is routed
-        without forking (SUBSCRIBE, MESSAGE ...); a Step when it is answered here."""
+        without forking (SUBSCRIBE, MESSAGE ...), and who it is from; a Step when it
+        is answered here."""
         rejection = check_request(request, self.responder.policy)
         if rejection is not None:
             return self._send_response(tx, rejection.response_to(request, new_tag()), now)
@@ -2281,9 +2344,9 @@ class CallController:
             if request.method == "OPTIONS" and max_forwards == 0:
                 return self._local(tx, request, now)  # RFC 3261 11: asked of the SBC
             return self._send_response(tx, make_response(request, 483, to_tag=new_tag()), now)
-        refused = self._authenticate(tx, request, flow, realm, now)
-        if refused is not None:
-            return refused
+        identity = self._authenticate(tx, request, flow, realm, now)
+        if isinstance(identity, Step):
+            return identity
         decision = self.router.route(realm.name, request.uri, request, flow.remote_host)
         if decision is None or isinstance(decision, RejectRoute):
             status = 404 if decision is None else decision.status
@@ -2303,7 +2366,7 @@ class CallController:
             return self._send_response(tx, response, now)
         if hop is None or target_realm is None:
             return self._send_response(tx, make_response(request, 503, to_tag=new_tag()), now)
-        return decision, target, target_realm, hop, trunk
+        return decision, target, target_realm, hop, trunk, identity
 
     # -- subscriptions (RFC 6665) ------------------------------------------------------------
 
@@ -2315,7 +2378,7 @@ class CallController:
         routed = self._first_target(tx, request, flow, realm, now)
         if isinstance(routed, Step):
             return routed
-        decision, target, target_realm, hop, trunk = routed
+        decision, target, target_realm, hop, trunk, identity = routed
         a_local = self._realm_lookups.listener(realm, flow.transport, flow.remote_host)
         if a_local is None:
             return self._send_response(tx, make_response(request, 503, to_tag=new_tag()), now)
@@ -2349,7 +2412,9 @@ class CallController:
         headers.add("Max-Forwards", _one_less(request))
         for value in target.route:
             headers.add("Route", value)
-        own, to, request_uri = self._addressing(target_realm.name, hop.local, caller, target)
+        own, to, request_uri = self._addressing(
+            target_realm.name, hop.local, caller, target, anonymous=is_anonymous(request)
+        )
         headers.add("From", f"<{own}>;tag={call.b.local_tag}")
         headers.add("To", f"<{to}>")
         headers.add("Call-ID", call.b.call_id)
@@ -2361,6 +2426,7 @@ class CallController:
                 headers.add(name, value)
         out = Request("SUBSCRIBE", request_uri, headers)
         copy_kept_headers(request, out, target_realm)
+        self._assert_identity(request, identity, out, target_realm.name, hop.local)
         if request.body:
             out.set_body(request.body, request.headers.get("Content-Type"))
         self._outbound(out, target_realm.name)
@@ -2434,14 +2500,16 @@ class CallController:
         routed = self._first_target(tx, request, flow, realm, now)
         if isinstance(routed, Step):
             return routed
-        _, target, target_realm, hop, _ = routed
+        _, target, target_realm, hop, _, identity = routed
         caller, _ = uri_user_host(request.from_.uri)
         headers = Headers()
         headers.add("Via", via_for(hop.local, new_branch()))
         headers.add("Max-Forwards", _one_less(request))
         for value in target.route:
             headers.add("Route", value)
-        own, to, request_uri = self._addressing(target_realm.name, hop.local, caller, target)
+        own, to, request_uri = self._addressing(
+            target_realm.name, hop.local, caller, target, anonymous=is_anonymous(request)
+        )
         headers.add("From", f"<{own}>;tag={new_tag()}")
         headers.add("To", f"<{to}>")
         headers.add("Call-ID", random_hex(16))
@@ -2452,6 +2520,7 @@ class CallController:
                 headers.add(name, value)
         out = Request(request.method, request_uri, headers)
         copy_kept_headers(request, out, target_realm)
+        self._assert_identity(request, identity, out, target_realm.name, hop.local)
         if request.body:
             content_type = request.headers.get("Content-Type")
             # A PUBLISH's entity is the presentity its Request-URI names (RFC 3903 4).

@@ -414,6 +414,15 @@ class RealmConfig(Section):
             " as in a=rtpmap, any case. Empty = any.",
         ),
     )
+    trust_identity: bool = field(
+        default=False,
+        metadata=spec(
+            "Inside the trust domain (RFC 3325): P-Asserted-Identity from this realm is"
+            " believed, and requests into it carry the caller's asserted identity even"
+            " under Privacy: id. Untrusted realms' P-Asserted-Identity is dropped; their"
+            " requests assert the user the SBC authenticated, if any.",
+        ),
+    )
     large_requests_over_tcp: bool = field(
         default=False,
         metadata=spec(

@@ -217,3 +217,13 @@ def test_the_guessing_limit_comes_from_the_config_and_fits_the_firewall() -> Non
     firewall = "firewall: {enabled: true, detectors: {auth: {per_user: 100}}}\n"
     limiter = registrar(load(low + firewall), StaticCredentials({}), b"k" * 32).guesses
     assert limiter.per_user == 100
+
+
+def test_trust_identity_of_a_realm_reaches_the_controller() -> None:
+    from sbc.assembly import realm_policies
+
+    text = GOOD.replace("    keep_headers:", "    trust_identity: true\n    keep_headers:")
+    policies = realm_policies(load(text))
+    assert policies["inside"].trust_identity and not policies["outside"].trust_identity
+    report = problems(GOOD.replace("    keep_headers:", "    trust_identity: 3\n    keep_headers:"))
+    assert "sbc.yaml:12" in report and "trust_identity" in report
