@@ -350,6 +350,7 @@ realms:
       - {{transport: udp, address: {SBC_INSIDE}, port: {ports.sbc_inside}}}
       - {{transport: tcp, address: {SBC_INSIDE}, port: {ports.sbc_inside}}}
     media_address: {SBC_INSIDE}
+    trust_identity: true
 routes:
   - {{name: core-tcp, from_realm: outside, user_prefix: "2", action: trunk, realm: inside,
       host: {INSIDE_PEER}, port: {ports.inside_uas}, transport: tcp}}
@@ -639,6 +640,18 @@ def test_peers_hear_the_sbc_only_from_their_realm_address(flow_runs: FlowRuns, f
     for side in Side:
         sources = {str(p.src) for p in run.capture.delivered_to(side.peer)}
         assert sources == {side.sbc}, (side, sources, run.pcap)
+
+
+@pytest.mark.root
+def test_a_trusted_realm_s_identity_crosses_without_its_host(flow_runs: FlowRuns) -> None:
+    """The inside realm is trusted (trust_identity): the inside PBX's
+    P-Asserted-Identity reaches the outside as the user at the SBC's outside address;
+    its host, like every inside identifier, does not (the test above)."""
+    (flow,) = [f for f in FLOWS if f.name == "inside-call"]
+    run = flow_runs(flow)
+    asserted = f'P-Asserted-Identity: "Bob B" <sip:bob@{SBC_OUTSIDE}:'.encode()
+    delivered = [p.payload for p in run.capture.delivered_to(Side.OUTSIDE.peer)]
+    assert any(b"INVITE " in data and asserted in data for data in delivered), run.pcap
 
 
 # -- the negative control: a leak sent directly (not through the SBC) is caught -------------
