@@ -2252,22 +2252,22 @@ class CallController:
 
     def _assert_identity(
         self,
-        request: Request,
+        message: Message,
         identity: Identity | None,
-        out: Request,
+        out: Message,
         realm: str,
         local: ListenAddress,
     ) -> None:
-        """P-Asserted-Identity (and Privacy) of ``out``, a new request into ``realm``
-        for ``request`` (`sbc.b2bua.identity`)."""
+        """P-Asserted-Identity (and Privacy) of ``out``, a new request (or a response
+        to the caller) into ``realm`` for ``message`` (`sbc.b2bua.identity`)."""
         if identity is None:
             return
         fields = identity_headers(
             identity,
-            privacy_of(request),
+            privacy_of(message),
             trusted=self._policy(realm).trust_identity,
             sip_uri=lambda user: self._own_uri(realm, local, user),
-            privacy_header=request.headers.get("Privacy"),
+            privacy_header=message.headers.get("Privacy"),
         )
         for name, value in fields:
             if name == "Privacy" and "Privacy" in out.headers:
@@ -3541,6 +3541,11 @@ class CallController:
         realm = self.realms.get(live.call.a.realm)
         if realm is not None:
             copy_kept_headers(response, out, realm)
+        if 100 < status < 300 and self._policy(live.call.b.realm).trust_identity:
+            # RFC 3325 in responses (connected identity): a trusted callee's assertion
+            # reaches the caller as a trusted caller's reaches the callee.
+            identity = asserted_by_peer(response)
+            self._assert_identity(response, identity, out, live.call.a.realm, live.call.a.local)
         if (
             100 < status < 300
             and live.session is not None

@@ -18,6 +18,9 @@ What a new request (INVITE, SUBSCRIBE, MESSAGE ...) carries into the target real
   untrusted (RFC 3325 5, RFC 3323 4.2); into a trusted realm the Privacy header
   goes with the identity, so the next hop keeps it private in its turn.
 
+A trusted callee's assertion in its 18x or 2xx (the connected party) reaches the
+caller by the same rules.
+
 An authenticated user may withhold its identity from the callee with an anonymous
 From (RFC 3323 4.1.1.3: a URI at ``anonymous.invalid``): the call goes out with that
 From, and the identity is asserted only as the rules above allow.
@@ -33,7 +36,7 @@ from typing import Final
 
 from sbc.sip.errors import ParseError
 from sbc.sip.headers import Address, quote_string, split_list
-from sbc.sip.message import Request
+from sbc.sip.message import Message, Request
 from sbc.sip.uri import SipUri, TelUri
 
 #: The host of an anonymous URI (RFC 3261 8.1.1.3, RFC 3323 4.1.1.3).
@@ -53,10 +56,10 @@ class Identity:
     tel: str | None = None
 
 
-def privacy_of(request: Request) -> frozenset[str]:
-    """The privacy values the request asks for (RFC 3323 4.2), lower-case."""
+def privacy_of(message: Message) -> frozenset[str]:
+    """The privacy values a request (or response) asks for (RFC 3323 4.2), lower-case."""
     values: set[str] = set()
-    for field in request.headers.fields("Privacy"):
+    for field in message.headers.fields("Privacy"):
         for part in field.replace(",", ";").split(";"):
             token = part.strip().lower()
             if token:
@@ -73,14 +76,14 @@ def is_anonymous(request: Request) -> bool:
     return isinstance(uri, SipUri) and uri.host.lower() == ANONYMOUS_HOST
 
 
-def asserted_by_peer(request: Request) -> Identity | None:
-    """The identity a trusted peer asserts in P-Asserted-Identity: its first SIP or
-    SIPS URI's user and its first tel URI (RFC 3325 9.1); None when it asserts none
-    the SBC can carry."""
+def asserted_by_peer(message: Message) -> Identity | None:
+    """The identity a trusted peer asserts in P-Asserted-Identity (of a request, or of
+    a response: the connected party): its first SIP or SIPS URI's user and its first
+    tel URI (RFC 3325 9.1); None when it asserts none the SBC can carry."""
     display: str | None = None
     user: str | None = None
     tel: str | None = None
-    values = [v for f in request.headers.fields("P-Asserted-Identity") for v in split_list(f)]
+    values = [v for f in message.headers.fields("P-Asserted-Identity") for v in split_list(f)]
     for value in values:
         try:
             address = Address.parse(value, "P-Asserted-Identity")

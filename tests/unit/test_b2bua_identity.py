@@ -13,12 +13,15 @@ from sbc.assembly import EmbeddedRegistrar
 from sbc.b2bua.controller import AllocateMedia, CallController, RealmPolicy, Step
 from sbc.b2bua.identity import Identity, asserted_by_peer, identity_headers, privacy_of
 from sbc.sip.auth import DigestClient
-from sbc.sip.message import Request
+from sbc.sip.message import Message, Request
 from sbc.sip.parser import parse_message
 from tests.unit.test_b2bua_flows import (
+    ANSWER,
     CALLER,
     MESSAGE,
+    TRUNK,
     StubRegistrar,
+    answer,
     controller,
     invite_text,
     receive,
@@ -46,8 +49,8 @@ def b_invite(c: CallController, extra: str = "") -> Request:
     return invite
 
 
-def asserted(request: Request) -> list[str]:
-    return request.headers.fields("P-Asserted-Identity")
+def asserted(message: Message) -> list[str]:
+    return message.headers.fields("P-Asserted-Identity")
 
 
 AUTHENTICATING = RealmPolicy(authenticate=frozenset({"INVITE", "MESSAGE"}))
@@ -136,6 +139,24 @@ def test_an_authenticated_user_may_call_anonymously() -> None:
     )
     step = with_digest(c, other, 1.0)
     assert [r.status for r in responses(step) if r.status >= 200] == [403]
+
+
+def test_a_trusted_callee_s_connected_identity_reaches_the_caller() -> None:
+    callee_pai = 'P-Asserted-Identity: "Bob" <sip:bob@pbx.inside.example>\r\n'
+    c = controller(policies=policies(inside=TRUSTED))
+    invite = b_invite(c)
+    (ringing,) = responses(receive(c, answer(invite, 180, extra=callee_pai), TRUNK, 0.1))
+    assert asserted(ringing) == ['"Bob" <sip:bob@198.51.100.1:5060>']
+    (ok,) = responses(receive(c, answer(invite, 200, ANSWER, extra=callee_pai), TRUNK, 0.2))
+    assert asserted(ok) == ['"Bob" <sip:bob@198.51.100.1:5060>']
+    assert b"pbx.inside.example" not in bytes(ok)
+    # An untrusted callee's is dropped; one asking for privacy keeps it from the
+    # untrusted caller.
+    for inside, extra in ((None, callee_pai), (TRUSTED, callee_pai + "Privacy: id\r\n")):
+        c = controller(policies=policies(inside=inside))
+        invite = b_invite(c)
+        (ok,) = responses(receive(c, answer(invite, 200, ANSWER, extra=extra), TRUNK, 0.2))
+        assert asserted(ok) == [] and b"bob" not in bytes(ok)
 
 
 def test_the_peer_s_assertion_keeps_one_sip_and_one_tel_uri() -> None:
