@@ -135,14 +135,21 @@ def test_an_offer_no_codec_of_which_a_realm_allows_gets_488_and_goes_nowhere() -
     assert len(c) == 0
 
 
-def test_a_re_offer_is_restricted_and_one_left_with_nothing_gets_488() -> None:
-    c = policy_controller(outside=("pcma", "g729"))
+def answered_with_pcma(c: CallController) -> tuple[Request, str]:
+    """A call the callee answered with PCMA, ACKed: its B-leg INVITE and the tag the
+    caller knows the SBC by."""
     step, _, _ = call(c, OFFER)
     (invite,) = requests(step, "INVITE")
     b_answer = OFFER.replace("RTP/AVP 18 0 8 101", "RTP/AVP 8").replace("40000", "42000")
     (ok,) = responses(receive(c, answer(invite, 200, b_answer), TRUNK, 0.1))
     assert ok.to.tag is not None
     receive(c, from_a("ACK", ok.to.tag, 1), CALLER, 0.2)
+    return invite, ok.to.tag
+
+
+def test_a_re_offer_is_restricted_and_one_left_with_nothing_gets_488() -> None:
+    c = policy_controller(outside=("pcma", "g729"))
+    invite, _ = answered_with_pcma(c)
     reoffer = (
         "v=0\r\no=b 1 2 IN IP4 203.0.113.5\r\ns=-\r\nc=IN IP4 203.0.113.5\r\nt=0 0\r\n"
         "m=audio 42000 RTP/AVP 9\r\n"
@@ -176,15 +183,10 @@ def test_a_late_offer_in_the_2xx_is_restricted_or_refused() -> None:
 def offerless_reinvite(c: CallController) -> tuple[Request, str]:
     """A call the callee answered with PCMA, then the caller's re-INVITE without an
     offer: the B-leg re-INVITE, and the caller's tag."""
-    step, _, _ = call(c, OFFER)
-    (invite,) = requests(step, "INVITE")
-    b_answer = OFFER.replace("RTP/AVP 18 0 8 101", "RTP/AVP 8").replace("40000", "42000")
-    (ok,) = responses(receive(c, answer(invite, 200, b_answer), TRUNK, 0.1))
-    assert ok.to.tag is not None
-    receive(c, from_a("ACK", ok.to.tag, 1), CALLER, 0.2)
-    (reinvite,) = requests(receive(c, from_a("INVITE", ok.to.tag, 2), CALLER, 1.0), "INVITE")
+    _, a_tag = answered_with_pcma(c)
+    (reinvite,) = requests(receive(c, from_a("INVITE", a_tag, 2), CALLER, 1.0), "INVITE")
     assert reinvite.body == b""
-    return reinvite, ok.to.tag
+    return reinvite, a_tag
 
 
 #: The callee's offer in its 2xx to an offerless re-INVITE.
