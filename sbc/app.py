@@ -168,6 +168,7 @@ def router(config: Config) -> Router:
                     None if route.header_pattern is None else re.compile(route.header_pattern)
                 ),
                 follow_redirects=route.follow_redirects,
+                emergency=route.emergency,
             )
         )
     return Router(rules)

@@ -219,7 +219,13 @@ class AdmissionControl:
     # -- decisions ---------------------------------------------------------------------
 
     def admit(
-        self, realms: Iterable[str], trunk: str | None, now: float, *, replacing: bool = False
+        self,
+        realms: Iterable[str],
+        trunk: str | None,
+        now: float,
+        *,
+        replacing: bool = False,
+        emergency: bool = False,
     ) -> Decision:
         """Admit a new call touching ``realms`` (both legs') and ``trunk`` at ``now``.
 
@@ -233,7 +239,13 @@ class AdmissionControl:
         RFC 3891: an attended transfer), which ends once it is answered. It adds no
         concurrent call, so only the rate limits apply; it is counted as usual, and
         for the moment both are up a scope holds one call over its limit.
+
+        ``emergency``: a call of an emergency route is never refused (not even by
+        the node's ``busy``): it is counted and charged like any other, and may take
+        a scope over its limits.
         """
+        if emergency:
+            return self._charge(self._ticket(realms, trunk))
         if self.busy is not None and self.busy():
             self._state(_NODE).refused_busy += 1
             return Refused(AdmissionScope.NODE, NODE, RefusalReason.BUSY, self._retry_after)
@@ -264,7 +276,11 @@ class AdmissionControl:
                 refusal.retry_after,
             )
             return refusal
-        for key in keys:
+        return self._charge(ticket)
+
+    def _charge(self, ticket: AdmissionTicket) -> Admitted:
+        """Each scope of ``ticket`` holds one more call and spends one rate token."""
+        for key in ticket.scopes:
             state = self._state(key)
             if self._limits.get(key, _UNLIMITED).calls_per_second is not None:
                 # _WHOLE_TOKEN admits at 0.999...; never go below empty.

@@ -1677,13 +1677,22 @@ class CallController:
         return self._send_response(pending.server, answer, now, pending.realm)
 
     def _authenticate(
-        self, tx: ServerTransaction, request: Request, flow: Flow, realm: Realm, now: float
+        self,
+        tx: ServerTransaction,
+        request: Request,
+        flow: Flow,
+        realm: Realm,
+        now: float,
+        *,
+        challenge: bool = True,
     ) -> Step | Identity | None:
         """The step that answers the request when it may not go on; else who it is from
-        as the SBC asserts it (`sbc.b2bua.identity`), or None."""
+        as the SBC asserts it (`sbc.b2bua.identity`), or None. ``challenge`` false (an
+        emergency call): no digest is asked, and the request asserts nobody unless
+        its realm is trusted."""
         policy = self._policy(realm.name)
         peer = asserted_by_peer(request) if policy.trust_identity else None
-        if request.method not in policy.authenticate:
+        if request.method not in policy.authenticate or not challenge:
             return peer
         if self.registrar is None:
             response = make_response(request, 503, to_tag=new_tag())
@@ -1802,7 +1811,9 @@ class CallController:
             # RFC 3261 8.2.2.2: the same request by another path (a proxy forked it
             # to the SBC twice): one call, not two calls to the same callee.
             return self._send_response(tx, make_response(request, 482, to_tag=new_tag()), now)
-        identity = self._authenticate(tx, request, flow, realm, now)
+        decision = self.router.route(realm.name, request.uri, request, flow.remote_host)
+        emergency = _is_emergency(decision)
+        identity = self._authenticate(tx, request, flow, realm, now, challenge=not emergency)
         if isinstance(identity, Step):
             return identity
         too_brief = self._too_brief(request)
@@ -1817,7 +1828,6 @@ class CallController:
                 response = make_response(request, 481, to_tag=new_tag())
                 return self._send_response(tx, response, now)
             replaces, replaced = found
-        decision = self.router.route(realm.name, request.uri, request, flow.remote_host)
         if decision is None or isinstance(decision, RejectRoute):
             return self._refuse_route(tx, request, realm, decision, now)
         groups, trunk, status, failover = self._targets(decision, request, now)
@@ -1923,7 +1933,11 @@ class CallController:
         ticket = None
         if self.admission is not None:
             verdict = self.admission.admit(
-                (realm.name, target_realm.name), trunk, now, replacing=replaced_holder is not None
+                (realm.name, target_realm.name),
+                trunk,
+                now,
+                replacing=replaced_holder is not None,
+                emergency=emergency,
             )
             if isinstance(verdict, Refused):
                 if verdict.reason is RefusalReason.BUSY:
@@ -2344,10 +2358,11 @@ class CallController:
             if request.method == "OPTIONS" and max_forwards == 0:
                 return self._local(tx, request, now)  # RFC 3261 11: asked of the SBC
             return self._send_response(tx, make_response(request, 483, to_tag=new_tag()), now)
-        identity = self._authenticate(tx, request, flow, realm, now)
+        decision = self.router.route(realm.name, request.uri, request, flow.remote_host)
+        challenge = not _is_emergency(decision)
+        identity = self._authenticate(tx, request, flow, realm, now, challenge=challenge)
         if isinstance(identity, Step):
             return identity
-        decision = self.router.route(realm.name, request.uri, request, flow.remote_host)
         if decision is None or isinstance(decision, RejectRoute):
             status = 404 if decision is None else decision.status
             return self._send_response(tx, make_response(request, status, to_tag=new_tag()), now)
@@ -4873,6 +4888,12 @@ def _delta_of(value: str | None) -> int | None:
     """The delta-seconds that starts a header value (Session-Expires, Min-SE: RFC
     4028 params may follow), or None."""
     return None if value is None else parse_delta(value.split(";", 1)[0].strip())
+
+
+def _is_emergency(decision: RouteDecision | None) -> bool:
+    """Whether ``decision`` is an emergency route's (never refused by admission, no
+    digest asked)."""
+    return isinstance(decision, TrunkRoute | RegisteredRoute) and decision.emergency
 
 
 def _with_host(uri_text: str, host: str) -> str:

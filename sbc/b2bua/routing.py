@@ -78,6 +78,8 @@ class RouteRule:
     header_pattern: re.Pattern[str] | None = None
     #: 3xx of the callee: follow its contacts instead of relaying it.
     follow_redirects: bool = field(default=False)
+    #: Emergency calls: never refused by admission control, no digest asked.
+    emergency: bool = field(default=False)
     #: ``user_prefix`` without visual separators if it is a number, else None.
     _number_prefix: str | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -154,6 +156,7 @@ class TrunkRoute:
     destination: Destination | None
     trunk: str | None = None
     follow_redirects: bool = False
+    emergency: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +166,7 @@ class RegisteredRoute:
     rule: str
     realm: str | None = None
     follow_redirects: bool = False
+    emergency: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,9 +224,16 @@ class Router:
             if rule.action is RouteAction.REJECT:
                 return RejectRoute(rule.name, rule.status)
             if rule.action is RouteAction.REGISTERED:
-                return RegisteredRoute(rule.name, rule.realm, rule.follow_redirects)
+                return RegisteredRoute(
+                    rule.name, rule.realm, rule.follow_redirects, emergency=rule.emergency
+                )
             return TrunkRoute(
-                rule.name, rule.realm, rule.destination, rule.trunk, rule.follow_redirects
+                rule.name,
+                rule.realm,
+                rule.destination,
+                rule.trunk,
+                rule.follow_redirects,
+                emergency=rule.emergency,
             )
         return None
 

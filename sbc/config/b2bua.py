@@ -525,8 +525,17 @@ class RouteConfig(Section):
         default=False,
         metadata=spec("3xx from the callee: follow the contacts (true) or relay the 3xx."),
     )
+    emergency: bool = field(
+        default=False,
+        metadata=spec(
+            "Emergency calls (112, 911 ...): never refused by admission control (the"
+            " limits, an overloaded node), and no digest asked of the caller."
+        ),
+    )
 
     def check(self, path: str) -> Iterator[Issue]:
+        if self.emergency and self.action is RouteAction.REJECT:
+            yield key_path(path, "emergency"), "an emergency route cannot reject"
         if self.action is RouteAction.TRUNK:
             if self.trunk is None and (self.realm is None or self.host is None):
                 yield path, "a trunk route needs trunk, or realm and host"
