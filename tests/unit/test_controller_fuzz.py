@@ -96,6 +96,8 @@ BAD_BODIES = (
 #: Header values that are wrong in the ways peers get them wrong.
 BAD_VALUES = (
     "",
+    '"X" <sip:+15551234@carrier.example;user=phone>, <tel:+15551234>, <tel:>',
+    "id; header",
     " ",
     "<>",
     "<sip:>",
@@ -154,6 +156,9 @@ HEADERS = (
     "Allow",
     "Expires",
     "Content-Length",
+    # Both realms are trusted (controller()): what they assert is read.
+    "P-Asserted-Identity",
+    "Privacy",
 )
 
 
@@ -757,7 +762,10 @@ def controller() -> CallController:
     )
     timers = CallTimers(max_duration=MAX_DURATION, no_answer_timeout=120, session_expires=0)
     # Transfers are relayed both ways, so that REFER and its NOTIFYs are played too.
-    policies = {name: RealmPolicy(refer_relay=True) for name in ("outside", "inside")}
+    # Both trusted (RFC 3325): asserted identities are read both ways.
+    policies = {
+        name: RealmPolicy(refer_relay=True, trust_identity=True) for name in ("outside", "inside")
+    }
     return CallController(
         TransactionLayer(), realms, router, LocalResponder(), timers=timers, policies=policies
     )
