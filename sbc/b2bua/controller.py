@@ -46,6 +46,7 @@ from sbc.b2bua.call import Call, CallLeg, CallState, EndReason, LegSide
 from sbc.b2bua.codecs import CodecPolicyError, allowed_codecs, restrict_codecs
 from sbc.b2bua.event_bodies import names_identities, screen_event_body
 from sbc.b2bua.identity import (
+    ANONYMOUS_DISPLAY,
     ANONYMOUS_URI,
     Identity,
     asserted_by_peer,
@@ -53,6 +54,7 @@ from sbc.b2bua.identity import (
     identity_headers,
     is_anonymous,
     privacy_of,
+    withholds_user,
 )
 from sbc.b2bua.local import LocalResponder
 from sbc.b2bua.realm import Hop, Realm, RealmTable
@@ -2205,9 +2207,11 @@ class CallController:
         for value in target.route:
             headers.add("Route", value)
         own, to, request_uri = self._addressing(
-            leg.realm, leg.local, caller, target, anonymous=is_anonymous(a_request)
+            leg.realm, leg.local, caller, target, anonymous=withholds_user(a_request)
         )
         display = a_request.from_.display_name
+        if withholds_user(a_request) and not is_anonymous(a_request):
+            display = ANONYMOUS_DISPLAY  # the SBC withholds it (Privacy: user)
         from_ = f"<{own}>;tag={leg.local_tag}"
         if display:
             from_ = f"{quote_string(display)} {from_}"
@@ -2428,7 +2432,7 @@ class CallController:
         for value in target.route:
             headers.add("Route", value)
         own, to, request_uri = self._addressing(
-            target_realm.name, hop.local, caller, target, anonymous=is_anonymous(request)
+            target_realm.name, hop.local, caller, target, anonymous=withholds_user(request)
         )
         headers.add("From", f"<{own}>;tag={call.b.local_tag}")
         headers.add("To", f"<{to}>")
@@ -2523,7 +2527,7 @@ class CallController:
         for value in target.route:
             headers.add("Route", value)
         own, to, request_uri = self._addressing(
-            target_realm.name, hop.local, caller, target, anonymous=is_anonymous(request)
+            target_realm.name, hop.local, caller, target, anonymous=withholds_user(request)
         )
         headers.add("From", f"<{own}>;tag={new_tag()}")
         headers.add("To", f"<{to}>")

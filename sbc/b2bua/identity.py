@@ -23,7 +23,9 @@ caller by the same rules.
 
 An authenticated user may withhold its identity from the callee with an anonymous
 From (RFC 3323 4.1.1.3: a URI at ``anonymous.invalid``): the call goes out with that
-From, and the identity is asserted only as the rules above allow.
+From, and the identity is asserted only as the rules above allow. ``Privacy: user``
+asks the SBC, as a privacy service (RFC 3323 5.3), to do that for the user: the
+From it sends is the anonymous one.
 
 Pure functions over parsed headers; `sbc.b2bua.controller` calls them.
 """
@@ -44,6 +46,7 @@ ANONYMOUS_HOST: Final = "anonymous.invalid"
 
 #: The From of a request whose caller withholds its identity.
 ANONYMOUS_URI: Final = "sip:anonymous@anonymous.invalid"
+ANONYMOUS_DISPLAY: Final = "Anonymous"
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +68,12 @@ def privacy_of(message: Message) -> frozenset[str]:
             if token:
                 values.add(token)
     return frozenset(values)
+
+
+def withholds_user(request: Request) -> bool:
+    """Whether the From the SBC sends must be anonymous: the caller's is, or it asks
+    for user-level privacy (RFC 3323 4.2 ``user``)."""
+    return is_anonymous(request) or "user" in privacy_of(request)
 
 
 def is_anonymous(request: Request) -> bool:

@@ -141,6 +141,23 @@ def test_an_authenticated_user_may_call_anonymously() -> None:
     assert [r.status for r in responses(step) if r.status >= 200] == [403]
 
 
+def test_privacy_user_makes_the_sbc_send_an_anonymous_from() -> None:
+    # RFC 3323 5.3: the SBC, as privacy service, withholds the user-level identity;
+    # the trusted inside still learns who called (no "id" asked).
+    c = controller(registrar=StubRegistrar(), policies=policies(AUTHENTICATING, TRUSTED))
+    named = invite_text(extra=CREDENTIALS + "Privacy: user\r\n").replace(
+        "From: <sip:alice@198.51.100.9>", 'From: "Alice A" <sip:alice@198.51.100.9>'
+    )
+    step = receive(c, named, CALLER, 0.0)
+    (allocate,) = step.media
+    assert isinstance(allocate, AllocateMedia)
+    (invite,) = requests(c.media_allocated(allocate.call_ref, session(), 0.0), "INVITE")
+    assert str(invite.from_.uri) == "sip:anonymous@anonymous.invalid"
+    assert invite.from_.display_name == "Anonymous"
+    assert b"Alice A" not in bytes(invite).split(b"P-Asserted-Identity")[0]
+    assert asserted(invite) == ['"Alice A" <sip:alice@203.0.113.1:5060>']
+
+
 def test_a_trusted_callee_s_connected_identity_reaches_the_caller() -> None:
     callee_pai = 'P-Asserted-Identity: "Bob" <sip:bob@pbx.inside.example>\r\n'
     c = controller(policies=policies(inside=TRUSTED))
