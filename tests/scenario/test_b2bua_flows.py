@@ -333,6 +333,8 @@ registrar:
   nat_keepalive: 0
 realms:
 {realms}routes:
+  - {{name: sos, from_realm: phones, user_prefix: "112", action: trunk, realm: inside,
+      host: 127.0.0.1, port: {uas}, emergency: true}}
   - {{name: users, from_realm: phones, action: registered}}
   - {{name: pair, user_prefix: "71", action: trunk, trunk: pair}}
   - {{name: busy, user_prefix: "486", action: reject, status: 486}}
@@ -472,8 +474,11 @@ def test_register_with_digest_then_call_the_registered_phone(lab: FlowLab) -> No
     invite = invites[0]
     assert invite.startswith(f"<INVITE sip:bob@127.0.0.1:{lab.phone} SIP/2.0")
     assert f"Via: SIP/2.0/UDP 127.0.0.1:{registrar};" in invite
-    # The caller's credentials stay with the SBC.
+    # The caller's credentials stay with the SBC, which asserts who it found alice is
+    # (RFC 3325; the phones realm is untrusted, so only what it authenticated).
     assert "Authorization" not in received_text(callee)
+    asserted = f'"Alice A" <sip:alice@127.0.0.1:{registrar}>'
+    assert header(invite, "P-Asserted-Identity") == [asserted]
     assert_hidden(caller, callee, caller_sipp, phone)
     lab.cdrs.append(answered("bob", "users", "phones", "phones", lab.phone))
 
@@ -552,6 +557,20 @@ def test_a_busy_desk_phone_passes_the_call_to_the_mobile_of_lower_q(lab: FlowLab
     assert "trying the contacts of q=0.5" in lab.sbc.log()
     assert_hidden(caller, mobile_run, caller_sipp, answering)
     lab.cdrs.append(answered(user, "users", "phones", "phones", mobile))
+
+
+def test_an_emergency_call_from_the_phones_realm_needs_no_digest(lab: FlowLab) -> None:
+    """Route sos (emergency: true): a phone that never registered calls 112 in the
+    realm that asks every INVITE for a digest, and is put through at once."""
+    caller, callee, caller_sipp, callee_sipp = passed_call(
+        lab, "uac_basic.xml", "uas_basic.xml", realm="phones", service="112"
+    )
+    assert finals(caller) == [200, 200]  # no 407: the INVITE's answer, then the BYE's
+    invite = first(callee, "<INVITE")
+    assert invite.startswith("<INVITE sip:112@127.0.0.1")
+    assert not header(invite, "P-Asserted-Identity")  # nobody authenticated, untrusted
+    assert_hidden(caller, callee, caller_sipp, callee_sipp)
+    lab.cdrs.append(answered("112", "sos", "phones", "inside", lab.uas))
 
 
 # -- 2. PRACK / 100rel ---------------------------------------------------------------------
