@@ -139,7 +139,7 @@ from sbc.sip.transaction import (
     TransportError,
 )
 from sbc.sip.uas import UasPolicy, check_request
-from sbc.sip.uri import SipUri, Uri, escape_user, format_host, parse_uri
+from sbc.sip.uri import SipUri, Uri, escape_user, format_host, parse_uri, service_urn
 from sbc.transport.base import (
     Destination,
     Flow,
@@ -182,7 +182,7 @@ _MEDIA_SIDE: Final = {LegSide.A: Side.A, LegSide.B: Side.B}
 #: itself), Replaces (mapped to the far side, ``_replaced``) and 100rel (the
 #: caller's provisionals are then sent reliably, ``_ReliableA``; a caller that
 #: only supports 100rel gets them unreliably, as RFC 3262 allows).
-INVITE_POLICY: Final = UasPolicy(supported=("timer", "replaces", "100rel"))
+INVITE_POLICY: Final = UasPolicy(supported=("timer", "replaces", "100rel"), service_urns=True)
 
 #: Characters of a Replaces value that stay as they are in a URI header (RFC 3261
 #: 25.1 hvalue: hnv-unreserved and unreserved); the rest (";", "=", "@") escaped.
@@ -1791,6 +1791,9 @@ class CallController:
 
     @staticmethod
     def _static_uri(request: Request, destination: Destination) -> str:
+        urn = service_urn(request.uri)
+        if urn is not None:
+            return urn  # RFC 5031: the service URN stays the Request-URI
         user, _ = uri_user_host(request.uri)
         userinfo = f"{escape_user(user)}@" if user else ""
         params = (

@@ -40,7 +40,7 @@ from typing import Final
 from sbc.b2bua.manipulation import MAX_MATCHED_LENGTH
 from sbc.sip.errors import ParseError
 from sbc.sip.message import Request
-from sbc.sip.uri import SipUri, TelUri, Uri
+from sbc.sip.uri import SipUri, TelUri, Uri, service_urn
 from sbc.transport.base import Destination, Transport, normalize_host
 
 #: RFC 3966 5.1.1 visual-separator, plus the space of numbers as people write them.
@@ -107,6 +107,9 @@ class RouteRule:
         if self.source and (source is None or not any(source in net for net in self.source)):
             return False
         user, host = uri_user_host(uri)
+        if user is None:
+            # A service URN (RFC 5031): user_prefix "urn:service:sos" routes it.
+            user = service_urn(uri)
         if self.user_prefix and not self._user_has_prefix(user or ""):
             return False
         if self.domain is not None:

@@ -28,7 +28,7 @@ from sbc.b2bua.controller import Target, TrunkPlan
 from sbc.b2bua.routing import uri_user_host
 from sbc.b2bua.trunks import Gateway, HealthChange, TrunkState, TrunkTable, address_key
 from sbc.registrar.location import LocationService
-from sbc.sip.uri import Uri, escape_user, format_host
+from sbc.sip.uri import Uri, escape_user, format_host, service_urn
 from sbc.transport.base import Destination, Transport, normalize_host
 from sbc.transport.resolver import SrvRecord, order_srv_records
 
@@ -176,6 +176,9 @@ class Directory:
         if state is None:
             return None
         user, _ = uri_user_host(uri)
+        # A service URN (RFC 5031) stays the Request-URI: an emergency service
+        # routes on it; the request still goes to each gateway.
+        urn = service_urn(uri)
         targets: list[Target] = []
         tried: set[tuple[Transport, str, int]] = set()
         self._track(state, now)
@@ -197,7 +200,7 @@ class Directory:
                 if address in tried:
                     continue
                 tried.add(address)
-                request_uri = gateway_uri(gateway, user)
+                request_uri = urn or gateway_uri(gateway, user)
                 targets.append(Target(state.trunk.realm, destination, request_uri, gateway.key))
         # None: every address of every gateway (Trunk.max_attempts), the controller's
         # cap aside.

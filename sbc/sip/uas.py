@@ -14,7 +14,7 @@ from typing import Final
 from sbc.sip.errors import ParseError
 from sbc.sip.headers import MediaType
 from sbc.sip.message import KNOWN_METHODS, Request, Response, make_response
-from sbc.sip.uri import SipUri, TelUri
+from sbc.sip.uri import SipUri, TelUri, service_urn
 
 #: Content types an SBC understands in a request body (RFC 3261 8.2.3).
 DEFAULT_ACCEPT: Final = ("application/sdp", "multipart/mixed")
@@ -42,6 +42,8 @@ class UasPolicy:
     supported: Collection[str] = ("100rel", "timer", "path", "replaces", "outbound")
     accept: tuple[str, ...] = DEFAULT_ACCEPT
     schemes: Collection[str] = ("sip", "sips", "tel")
+    #: Request-URIs that are service URNs (RFC 5031: emergency calls) are taken.
+    service_urns: bool = False
 
     @property
     def allow_header(self) -> str:
@@ -58,7 +60,8 @@ def check_request(request: Request, policy: UasPolicy) -> Rejection | None:
         return Rejection(501, "Not Implemented", (("Allow", policy.allow_header),))
     # 8.2.2.1: To and Request-URI.
     uri = request.uri
-    if uri.scheme.lower() not in policy.schemes:
+    urn = policy.service_urns and service_urn(uri) is not None
+    if uri.scheme.lower() not in policy.schemes and not urn:
         return Rejection(416, "Unsupported URI Scheme")
     if method == "REGISTER":
         # RFC 3261 10.3 step 1/5: a registrar only binds SIP and SIPS AORs; RFC 4475
@@ -66,7 +69,7 @@ def check_request(request: Request, policy: UasPolicy) -> Rejection | None:
         to_uri = request.to.uri
         if not isinstance(to_uri, SipUri):
             return Rejection(400, "Bad Request: To is not a SIP or SIPS AOR")
-    elif not isinstance(uri, SipUri | TelUri):
+    elif not isinstance(uri, SipUri | TelUri) and not urn:
         return Rejection(416, "Unsupported URI Scheme")
     # 8.2.2.3: Require (Proxy-Require is for proxies; a UAS looks at Require only).
     if method not in ("ACK", "CANCEL"):

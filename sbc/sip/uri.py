@@ -241,6 +241,16 @@ class AbsoluteUri:
 Uri = SipUri | TelUri | AbsoluteUri
 
 
+def service_urn(uri: Uri) -> str | None:
+    """A service URN (RFC 5031: ``urn:service:sos``, ``urn:service:sos.police``
+    ...) in lower case, as emergency calls may carry in their Request-URI; else None."""
+    if isinstance(uri, AbsoluteUri) and uri.scheme.lower() == "urn":
+        text = f"urn:{uri.opaque}".lower()
+        if text.startswith("urn:service:") and len(text) > len("urn:service:"):
+            return text
+    return None
+
+
 # The common SIP URI in one regex (a hot path: every message carries several):
 # plain user, a host name or IPv4 address, port, parameters, no headers. Anything
 # else (IPv6, passwords, unusual characters, errors) takes the general parser,

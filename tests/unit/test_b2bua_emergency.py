@@ -11,7 +11,10 @@ import pytest
 from sbc.b2bua.admission import AdmissionControl, Admitted, Limits, Refused
 from sbc.b2bua.controller import AllocateMedia, CallController, RealmPolicy
 from sbc.b2bua.routing import RouteAction, RouteRule
+from sbc.b2bua.targets import Directory
+from sbc.b2bua.trunks import Gateway, Trunk, TrunkTable
 from sbc.config.loader import ConfigError, load_config_text
+from sbc.sip.message import Request
 from tests.unit.test_b2bua_flows import (
     CALLER,
     CORE,
@@ -19,7 +22,9 @@ from tests.unit.test_b2bua_flows import (
     controller,
     invite_text,
     receive,
+    requests,
     responses,
+    session,
 )
 
 RULES = [
@@ -43,6 +48,16 @@ def emergency_controller(admission: AdmissionControl) -> CallController:
         admission=admission,
         policies={"outside": RealmPolicy(authenticate=frozenset({"INVITE"}))},
     )
+
+
+def start_call_text(c: CallController, text: str) -> tuple[list[Request], str]:
+    """``text`` from the caller, its media allocated: the B-leg INVITEs and call ref."""
+    step = receive(c, text, CALLER, 0.0)
+    (allocate,) = step.media
+    assert isinstance(allocate, AllocateMedia)
+    return requests(
+        c.media_allocated(allocate.call_ref, session(), 0.0), "INVITE"
+    ), allocate.call_ref
 
 
 def call_to(c: CallController, user: str, n: int) -> list[int]:
@@ -104,3 +119,33 @@ routes:
 """
     with pytest.raises(ConfigError, match=r"routes\[0\]\.emergency: an emergency route"):
         load_config_text(text, "sbc.yaml", Path("/nonexistent-base"))
+
+
+# -- service URNs (RFC 5031) ---------------------------------------------------------------
+
+
+def urn_invite(uri: str, n: int = 1) -> str:
+    text = invite_text(uri=uri, call_id=f"urn-{n}@198.51.100.9", via_branch=f"z9hG4bKurn{n}")
+    return text.replace(f"To: <{uri}>", "To: <sip:sos@198.51.100.1>")
+
+
+def test_a_service_urn_is_routed_and_stays_the_request_uri() -> None:
+    rules = [RouteRule("sos", RouteAction.TRUNK, "outside", user_prefix="urn:service:sos",
+                       realm="inside", destination=CORE, emergency=True)]  # fmt: skip
+    c = controller(rules=rules)
+    (invite,), _ = start_call_text(c, urn_invite("urn:service:sos.police"))
+    assert invite.raw_uri == "urn:service:sos.police"
+    # Any other URN is still a scheme the SBC does not take (RFC 3261 8.2.2.1).
+    step = receive(c, urn_invite("urn:uuid:f81d4fae-7dec-11d0-a765-00a0c91e6bf6", 2), CALLER, 1.0)
+    assert [r.status for r in responses(step) if r.status >= 200] == [416]
+
+
+def test_a_service_urn_to_a_trunk_goes_to_its_gateways_as_it_is() -> None:
+    gateway = Gateway("psap", "203.0.113.31", 5060)
+    directory = Directory(TrunkTable([Trunk("esrp", "inside", (gateway,))]))
+    rules = [RouteRule("sos", RouteAction.TRUNK, "outside", user_prefix="urn:service:sos",
+                       trunk="esrp", emergency=True)]  # fmt: skip
+    c = controller(rules=rules, targets=directory)
+    step, _ = start_call_text(c, urn_invite("urn:service:sos"))
+    (invite,) = step
+    assert invite.raw_uri == "urn:service:sos"
