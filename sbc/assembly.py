@@ -100,6 +100,7 @@ def realm_policies(config: Config) -> dict[str, RealmPolicy]:
             registers_per_second=realm.registers_per_second,
             codecs=frozenset(name.lower() for name in realm.codecs),
             trust_identity=realm.trust_identity,
+            registered_only=realm.registered_only,
         )
         for realm in config.realms
     }

@@ -296,6 +296,8 @@ class TargetSource(Protocol):
 
     def user_known(self, uri: Uri) -> bool: ...
 
+    def registered_from(self, source: Destination, realm: str) -> list[str]: ...
+
     def trunk(self, name: str, uri: Uri, now: float) -> TrunkPlan | None: ...
 
     def call_result(
@@ -336,6 +338,9 @@ class NoTargets:
 
     def user_known(self, uri: Uri) -> bool:
         return False
+
+    def registered_from(self, source: Destination, realm: str) -> list[str]:
+        return []
 
     def trunk(self, name: str, uri: Uri, now: float) -> TrunkPlan | None:
         return None
@@ -488,6 +493,9 @@ class RealmPolicy:
     #: Inside the trust domain (RFC 3325, `sbc.b2bua.identity`): its asserted
     #: identities are believed, and it is given the SBC's despite Privacy: id.
     trust_identity: bool = False
+    #: Requests but REGISTER are taken only from where a phone of the realm
+    #: registered from (403 otherwise); they assert that phone's user.
+    registered_only: bool = False
 
 
 # -- what the controller asks of the world ----------------------------------------------
@@ -1694,6 +1702,17 @@ class CallController:
         its realm is trusted."""
         policy = self._policy(realm.name)
         peer = asserted_by_peer(request) if policy.trust_identity else None
+        if policy.registered_only and challenge:
+            source = Destination(flow.transport, flow.remote_host, flow.remote_port)
+            users = self.targets.registered_from(source, realm.name)
+            user = _registered_caller(request, users)
+            if user is None:
+                logger.info("x %s from %s: not a registered phone's", request.method, flow)
+                phrase = "Forbidden: not your identity" if users else "Forbidden: not registered"
+                response = make_response(request, 403, phrase, to_tag=new_tag())
+                return self._send_response(tx, response, now, realm.name)
+            if peer is None and request.method not in policy.authenticate:
+                return authenticated(request, user)
         if request.method not in policy.authenticate or not challenge:
             return peer
         if self.registrar is None:
@@ -4895,6 +4914,20 @@ def _delta_of(value: str | None) -> int | None:
     """The delta-seconds that starts a header value (Session-Expires, Min-SE: RFC
     4028 params may follow), or None."""
     return None if value is None else parse_delta(value.split(";", 1)[0].strip())
+
+
+def _registered_caller(request: Request, users: Sequence[str]) -> str | None:
+    """Who ``request`` is from among the ``users`` registered from where it came: its
+    From user, or (an anonymous From) the first of them; None when neither."""
+    if not users:
+        return None
+    if is_anonymous(request):
+        return users[0]
+    try:
+        from_user, _ = uri_user_host(request.from_.uri)
+    except ParseError:
+        return None
+    return from_user if from_user in users else None
 
 
 def _is_emergency(decision: RouteDecision | None) -> bool:

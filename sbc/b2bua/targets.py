@@ -165,6 +165,18 @@ class Directory:
             out.append(target if binding.q is None else replace(target, q=binding.q))
         return out
 
+    def registered_from(self, source: Destination, realm: str) -> list[str]:
+        """The users of the phones of ``realm`` whose REGISTER came from ``source``
+        (transport, address and port), sorted: one phone may register several."""
+        wall = self.wall()
+        users = set()
+        for location in [*([self.location] if self.location is not None else []), *self.relayed]:
+            for binding in location.registered_from(source, wall):
+                if binding.realm == realm:
+                    key = binding.aor
+                    users.add(key.rpartition("@")[0] if location.domains else key)
+        return sorted(users)
+
     def user_known(self, uri: Uri) -> bool:
         user, _ = uri_user_host(uri)
         if user is None or self.user_exists is None:

@@ -414,6 +414,14 @@ class RealmConfig(Section):
             " as in a=rtpmap, any case. Empty = any.",
         ),
     )
+    registered_only: bool = field(
+        default=False,
+        metadata=spec(
+            "Take calls, MESSAGE, SUBSCRIBE ... only from the address and port a phone"
+            " of this realm registered from (403 otherwise; emergency routes excepted):"
+            " no digest on each call, and the caller is asserted as that phone's user."
+        ),
+    )
     trust_identity: bool = field(
         default=False,
         metadata=spec(

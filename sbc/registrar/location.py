@@ -325,6 +325,12 @@ class LocationService:
     _by_connection: dict[int, set[tuple[str, str]]] = field(
         default_factory=dict, init=False, repr=False
     )
+    # received (where a REGISTER came from) -> (aor, contact) of the bindings
+    # registered from there, replicated ones too (`registered_from`); kept exact by
+    # every change of _bindings, as _by_connection is.
+    _by_received: dict[Destination, set[tuple[str, str]]] = field(
+        default_factory=dict, init=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         if self.max_contacts < 1 or self.max_aors < 1:
@@ -398,6 +404,16 @@ class LocationService:
             out.append(binding)
         return out
 
+    def registered_from(self, source: Destination, now: float) -> list[Binding]:
+        """The live bindings whose REGISTER came from ``source`` (transport, address
+        and port): the phones that are there, as far as registration says."""
+        found = []
+        for aor, contact in self._by_received.get(source, ()):
+            binding = self.get(aor, contact)
+            if binding is not None and binding.received == source and binding.alive(now):
+                found.append(binding)
+        return found
+
     def get(self, aor: str, contact: str) -> Binding | None:
         """The binding of AOR key ``aor`` whose contact text is exactly ``contact``."""
         for binding in self._bindings.get(aor, ()):
@@ -450,6 +466,7 @@ class LocationService:
                 self._unindex(binding)
         for binding in added:
             heapq.heappush(self._deadlines, (binding.expires_at, aor, binding.contact))
+            self._by_received.setdefault(binding.received, set()).add((aor, binding.contact))
             if binding.connection_id is not None:
                 self._by_connection.setdefault(binding.connection_id, set()).add(
                     (aor, binding.contact)
@@ -480,6 +497,7 @@ class LocationService:
                 if binding.contact == contact and binding.connection_id == connection_id:
                     del items[index]
                     gone.append(binding)
+                    self._unindex_received(binding)
                     break
             if not items:
                 del self._bindings[aor]
@@ -530,6 +548,9 @@ class LocationService:
             self._pop(binding.aor, binding.contact)
             self._bindings.setdefault(binding.aor, []).append(binding)
             heapq.heappush(self._deadlines, (binding.expires_at, binding.aor, binding.contact))
+            self._by_received.setdefault(binding.received, set()).add(
+                (binding.aor, binding.contact)
+            )
 
     def _pop(self, aor: str, contact: str) -> None:
         """Drop the binding of ``aor`` with contact text ``contact``, if there is one."""
@@ -545,8 +566,10 @@ class LocationService:
             del self._bindings[aor]
 
     def _unindex(self, binding: Binding) -> None:
-        """Forget ``binding`` in the connection index (a no-op if it was not indexed:
-        one replicated, or replaced meanwhile by a value over another connection)."""
+        """Forget ``binding`` in the indexes (a no-op for an index it is not in: the
+        connection index of one replicated, or replaced meanwhile by a value over
+        another connection)."""
+        self._unindex_received(binding)
         if binding.connection_id is None:
             return
         keys = self._by_connection.get(binding.connection_id)
@@ -555,6 +578,19 @@ class LocationService:
         keys.discard((binding.aor, binding.contact))
         if not keys:
             del self._by_connection[binding.connection_id]
+
+    def _unindex_received(self, binding: Binding) -> None:
+        keys = self._by_received.get(binding.received)
+        if keys is None:
+            return
+        # A refresh from the same address is a new value under the same key: only a
+        # key that no binding from there holds any more goes.
+        current = self.get(binding.aor, binding.contact)
+        if current is not None and current is not binding and current.received == binding.received:
+            return
+        keys.discard((binding.aor, binding.contact))
+        if not keys:
+            del self._by_received[binding.received]
 
     def _compact(self) -> None:
         # Refreshes leave stale deadlines behind; rebuild once they dominate the heap.

@@ -325,6 +325,7 @@ def flow_config(r: dict[str, int], uas: int, gateways: tuple[int, int]) -> str:
             realm_yaml("xfer", r["xfer"], "    refer: relay\n"),
             realm_yaml("limited", r["limited"], "    limits: {max_calls: 1}\n"),
             realm_yaml("g711", r["g711"], "    codecs: [PCMU, PCMA, telephone-event]\n"),
+            realm_yaml("regonly", r["regonly"], "    registrar: true\n    registered_only: true\n"),
             realm_yaml("inside", r["inside"]),
         )
     )
@@ -356,7 +357,7 @@ def udp_port() -> int:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlowLab]:
     workdir = tmp_path_factory.mktemp("flows")
-    names = ("phones", "outside", "xfer", "limited", "g711", "inside")
+    names = ("phones", "outside", "xfer", "limited", "g711", "regonly", "inside")
     realm = {name: udp_port() for name in names}
     uas, gateways = udp_port(), (udp_port(), udp_port())
     for user, password in (ALICE, BOB, CAROL, DAVE):
@@ -571,6 +572,41 @@ def test_an_emergency_call_from_the_phones_realm_needs_no_digest(lab: FlowLab) -
     assert not header(invite, "P-Asserted-Identity")  # nobody authenticated, untrusted
     assert_hidden(caller, callee, caller_sipp, callee_sipp)
     lab.cdrs.append(answered("112", "sos", "phones", "inside", lab.uas))
+
+
+def test_a_realm_for_registered_phones_takes_calls_from_where_they_registered(
+    lab: FlowLab,
+) -> None:
+    """registered_only: alice's first call, from a port nobody registered from, gets
+    403; she registers from her port (digest), and her call from there goes through
+    with no digest, asserted as alice."""
+    refused = start_sipp(
+        lab.workdir, "regonly-refused", "flow_uac_forbidden.xml",
+        remote=lab.realm["regonly"], service="2011",
+    ).finish()  # fmt: skip
+    assert refused.returncode == 0, explain(lab.sbc, refused)
+    assert "Forbidden: not registered" in first(refused, "<SIP/2.0 403")
+    phone = udp_port()
+    registered = start_sipp(
+        lab.workdir, "regonly-reg", "flow_register.xml", port=phone,
+        remote=lab.realm["regonly"], service=ALICE[0], extra=("-au", ALICE[0], "-ap", ALICE[1]),
+    ).finish()  # fmt: skip
+    assert registered.returncode == 0, explain(lab.sbc, registered)
+    callee = start_sipp(lab.workdir, "uas", "uas_basic.xml", port=lab.uas)
+    time.sleep(0.1)  # SIPp binds its port
+    caller_sipp = start_sipp(
+        lab.workdir, "regonly-call", "uac_basic.xml", port=phone,
+        remote=lab.realm["regonly"], service="2011",
+    )  # fmt: skip
+    caller, called = caller_sipp.finish(), callee.finish()
+    assert caller.returncode == 0, explain(lab.sbc, caller, called)
+    assert called.returncode == 0, explain(lab.sbc, caller, called)
+    assert finals(caller) == [200, 200]  # no 407
+    invite = first(called, "<INVITE")
+    (asserted,) = header(invite, "P-Asserted-Identity")
+    assert asserted.startswith('"Alice A" <sip:alice@127.0.0.1:'), asserted
+    assert_hidden(caller, called, caller_sipp, callee)
+    lab.cdrs.append(answered("2011", "to-uas", "regonly", "inside", lab.uas))
 
 
 # -- 2. PRACK / 100rel ---------------------------------------------------------------------

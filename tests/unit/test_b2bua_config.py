@@ -227,3 +227,11 @@ def test_trust_identity_of_a_realm_reaches_the_controller() -> None:
     assert policies["inside"].trust_identity and not policies["outside"].trust_identity
     report = problems(GOOD.replace("    keep_headers:", "    trust_identity: 3\n    keep_headers:"))
     assert "sbc.yaml:12" in report and "trust_identity" in report
+
+
+def test_registered_only_of_a_realm_reaches_the_controller() -> None:
+    from sbc.assembly import realm_policies
+
+    text = GOOD.replace("    keep_headers:", "    registered_only: true\n    keep_headers:")
+    policies = realm_policies(load(text))
+    assert policies["inside"].registered_only and not policies["outside"].registered_only

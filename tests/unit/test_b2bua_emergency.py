@@ -149,3 +149,9 @@ def test_a_service_urn_to_a_trunk_goes_to_its_gateways_as_it_is() -> None:
     step, _ = start_call_text(c, urn_invite("urn:service:sos"))
     (invite,) = step
     assert invite.raw_uri == "urn:service:sos"
+
+
+def test_an_emergency_call_goes_through_a_realm_for_registered_phones_only() -> None:
+    c = controller(rules=RULES, policies={"outside": RealmPolicy(registered_only=True)})
+    assert call_to(c, "1000", 1) == [403]  # nobody registered from there
+    assert call_to(c, "112", 2) == []

@@ -12,9 +12,12 @@ from __future__ import annotations
 from sbc.assembly import EmbeddedRegistrar
 from sbc.b2bua.controller import AllocateMedia, CallController, RealmPolicy, Step
 from sbc.b2bua.identity import Identity, asserted_by_peer, identity_headers, privacy_of
+from sbc.b2bua.targets import Directory
+from sbc.registrar.location import Binding, LocationService
 from sbc.sip.auth import DigestClient
 from sbc.sip.message import Message, Request
 from sbc.sip.parser import parse_message
+from sbc.transport.base import Destination, ListenAddress, Transport
 from tests.unit.test_b2bua_flows import (
     ANSWER,
     CALLER,
@@ -202,3 +205,46 @@ def test_no_identity_and_privacy_none_change_nothing() -> None:
         privacy_header="none",
     )
     assert fields == [("P-Asserted-Identity", '"A \\"B\\"" <sip:u@sbc>')]
+
+
+# -- registered_only: calls from where a phone registered, asserted as its user -----------
+
+
+def registered_directory(source: Destination) -> Directory:
+    location = LocationService()
+    listen = ListenAddress(Transport.UDP, "198.51.100.1", 5060)
+    phone = Binding(
+        "alice", "sip:alice@10.0.0.7:5060", 2e9, "reg@phone", 1, source, listen, "outside", 0.0
+    )
+    location.replace("alice", [phone], 0.0)
+    return Directory(location=location)
+
+
+def test_registered_only_takes_calls_from_a_registered_phone_s_address_only() -> None:
+    here = Destination(Transport.UDP, CALLER.remote_host, CALLER.remote_port)
+    c = controller(
+        targets=registered_directory(here),
+        policies=policies(outside=RealmPolicy(registered_only=True)),
+    )
+    # From where alice registered: no digest asked, and asserted as alice.
+    assert asserted(b_invite(c)) == ["<sip:alice@203.0.113.1:5060>"]
+    # The same phone from another port (another NAT mapping, or someone else): 403.
+    elsewhere = registered_directory(Destination(Transport.UDP, CALLER.remote_host, 5098))
+    c = controller(targets=elsewhere, policies=policies(outside=RealmPolicy(registered_only=True)))
+    step = receive(c, invite_text(), CALLER, 0.0)
+    assert [r.status for r in responses(step) if r.status >= 200] == [403]
+    assert not step.media
+    # From the registered address, but as someone else: refused too (no spoofed From);
+    # an anonymous From is the phone's to send.
+    c = controller(
+        targets=registered_directory(here),
+        policies=policies(outside=RealmPolicy(registered_only=True)),
+    )
+    spoofed = invite_text(via_branch="z9hG4bKspoof").replace("sip:alice@", "sip:boss@", 1)
+    (refusal,) = [r for r in responses(receive(c, spoofed, CALLER, 0.0)) if r.status >= 200]
+    assert (refusal.status, refusal.reason) == (403, "Forbidden: not your identity")
+    anonymous = invite_text(call_id="anon@x", via_branch="z9hG4bKanon").replace(
+        "From: <sip:alice@198.51.100.9>", "From: <sip:anonymous@anonymous.invalid>"
+    )
+    step = receive(c, anonymous, CALLER, 1.0)
+    assert [type(m) for m in step.media] == [AllocateMedia]

@@ -291,3 +291,42 @@ def test_refreshes_leave_a_bounded_heap_and_expiry_still_works() -> None:
     assert len(location.expire(T0 + 138)) == 0
     assert sorted(b.aor for b in location.expire(T0 + 139)) == sorted(users)
     assert len(location) == 0
+
+
+# --------------------------------------------------------------------------- by source
+
+
+def test_bindings_are_found_by_where_their_register_came_from() -> None:
+    service = LocationService()
+    moved = Destination(Transport.UDP, "198.51.100.20", 40002)
+    service.replace("alice", [binding()], T0)
+    assert [b.aor for b in service.registered_from(PHONE, T0)] == ["alice"]
+    assert service.registered_from(moved, T0) == []
+    # A refresh from the same address keeps it; one from a new NAT port moves it.
+    service.replace("alice", [binding(cseq=2)], T0 + 10)
+    assert [b.cseq for b in service.registered_from(PHONE, T0 + 10)] == [2]
+    service.replace("alice", [binding(cseq=3, received=moved)], T0 + 20)
+    assert service.registered_from(PHONE, T0 + 20) == []
+    assert [b.cseq for b in service.registered_from(moved, T0 + 20)] == [3]
+    # Expired, unregistered, or its connection closed: no longer there.
+    assert service.registered_from(moved, T0 + 3600 + 20) == []
+    service.expire(T0 + 3600 + 20)
+    assert service._by_received == {}
+    tcp = Destination(Transport.TCP, "198.51.100.30", 51000)
+    service.replace("bob", [binding("bob", received=tcp, connection_id=7)], T0)
+    assert [b.aor for b in service.registered_from(tcp, T0)] == ["bob"]
+    service.remove_connection(7)
+    assert service.registered_from(tcp, T0) == [] and service._by_received == {}
+    service.replace("carol", [binding("carol")], T0)
+    service.replace("carol", [], T0)
+    assert service._by_received == {}
+
+
+def test_replicated_and_restored_bindings_are_found_by_source_too() -> None:
+    service = LocationService()
+    service.apply([binding()], ())
+    assert [b.aor for b in service.registered_from(PHONE, T0)] == ["alice"]
+    restored = LocationService.from_dict(service.to_dict())
+    assert [b.aor for b in restored.registered_from(PHONE, T0)] == ["alice"]
+    service.apply((), [binding()])
+    assert service.registered_from(PHONE, T0) == [] and service._by_received == {}
