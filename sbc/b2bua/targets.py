@@ -167,14 +167,16 @@ class Directory:
 
     def registered_from(self, source: Destination, realm: str) -> list[str]:
         """The users of the phones of ``realm`` whose REGISTER came from ``source``
-        (transport, address and port), sorted: one phone may register several."""
-        wall = self.wall()
-        users = set()
-        for location in [*([self.location] if self.location is not None else []), *self.relayed]:
-            for binding in location.registered_from(source, wall):
-                if binding.realm == realm:
-                    key = binding.aor
-                    users.add(key.rpartition("@")[0] if location.domains else key)
+        (transport, address and port), sorted: one phone may register several. The
+        embedded registrar's only: a relay's bindings are its tokens, not users."""
+        location = self.location
+        if location is None:
+            return []
+        users = {
+            binding.aor.rpartition("@")[0] if location.domains else binding.aor
+            for binding in location.registered_from(source, self.wall())
+            if binding.realm == realm
+        }
         return sorted(users)
 
     def user_known(self, uri: Uri) -> bool:

@@ -420,6 +420,7 @@ class RealmConfig(Section):
             "Take calls, MESSAGE, SUBSCRIBE ... only from the address and port a phone"
             " of this realm registered from (403 otherwise; emergency routes excepted):"
             " no digest on each call, and the caller is asserted as that phone's user."
+            " Needs registrar: true."
         ),
     )
     trust_identity: bool = field(
@@ -462,6 +463,12 @@ class RealmConfig(Section):
                 )
         if self.registrar and self.register_relay is not None:
             yield path, "registrar and register_relay exclude each other"
+        if self.registered_only and not self.registrar:
+            # A relay's bindings are its own tokens, not the users the From names.
+            yield (
+                key_path(path, "registered_only"),
+                "needs the embedded registrar (registrar: true)",
+            )
         if len(self.header_rules) > 64:
             yield key_path(path, "header_rules"), "at most 64 rules per realm"
         for index, name in enumerate(self.codecs):

@@ -232,6 +232,13 @@ def test_trust_identity_of_a_realm_reaches_the_controller() -> None:
 def test_registered_only_of_a_realm_reaches_the_controller() -> None:
     from sbc.assembly import realm_policies
 
-    text = GOOD.replace("    keep_headers:", "    registered_only: true\n    keep_headers:")
+    text = GOOD.replace(
+        "    keep_headers:", "    registrar: true\n    registered_only: true\n    keep_headers:"
+    )
     policies = realm_policies(load(text))
     assert policies["inside"].registered_only and not policies["outside"].registered_only
+    # Only with the embedded registrar: a relay's bindings name tokens, not users.
+    report = problems(
+        GOOD.replace("    keep_headers:", "    registered_only: true\n    keep_headers:")
+    )
+    assert "registered_only: needs the embedded registrar" in report
