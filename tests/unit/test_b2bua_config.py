@@ -242,3 +242,8 @@ def test_registered_only_of_a_realm_reaches_the_controller() -> None:
         GOOD.replace("    keep_headers:", "    registered_only: true\n    keep_headers:")
     )
     assert "registered_only: needs the embedded registrar" in report
+
+
+def test_an_emergency_route_cannot_reject() -> None:
+    report = problems(GOOD.replace("status: 486}", "status: 486, emergency: true}"))
+    assert "emergency: an emergency route cannot reject" in report

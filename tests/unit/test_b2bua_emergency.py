@@ -4,16 +4,11 @@ asked for a digest, while every other call still is."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
-
 from sbc.b2bua.admission import AdmissionControl, Admitted, Limits, Refused
 from sbc.b2bua.controller import AllocateMedia, CallController, RealmPolicy
 from sbc.b2bua.routing import RouteAction, RouteRule
 from sbc.b2bua.targets import Directory
 from sbc.b2bua.trunks import Gateway, Trunk, TrunkTable
-from sbc.config.loader import ConfigError, load_config_text
 from sbc.sip.message import Request
 from tests.unit.test_b2bua_flows import (
     CALLER,
@@ -106,19 +101,6 @@ def test_admission_counts_an_emergency_call_over_the_limits() -> None:
     control.release(sos.ticket)
     control.release(first.ticket)
     assert isinstance(control.admit(["public"], None, 10.0), Admitted)
-
-
-def test_an_emergency_route_cannot_reject() -> None:
-    text = """
-realms:
-  - name: outside
-    listen: [{transport: udp, address: 127.0.0.1, port: 5060}]
-    media_address: 127.0.0.1
-routes:
-  - {name: sos, user_prefix: "112", action: reject, status: 403, emergency: true}
-"""
-    with pytest.raises(ConfigError, match=r"routes\[0\]\.emergency: an emergency route"):
-        load_config_text(text, "sbc.yaml", Path("/nonexistent-base"))
 
 
 # -- service URNs (RFC 5031) ---------------------------------------------------------------
