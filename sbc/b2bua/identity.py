@@ -12,8 +12,8 @@ What a new request (INVITE, SUBSCRIBE, MESSAGE ...) carries into the target real
 
 - the asserted identity as P-Asserted-Identity: a SIP identity as the user at the
   SBC's own address there (or the realm's ``from_host``), like the From, so no host
-  of the other realm crosses; a tel URI as it is (it names no host). At most one
-  of each (RFC 3325 9.1);
+  of the other realm crosses; a tel URI's number, without its parameters (a
+  phone-context names a domain). At most one of each (RFC 3325 9.1);
 - nothing when the user asked for ``Privacy: id`` and the target realm is
   untrusted (RFC 3325 5, RFC 3323 4.2); into a trusted realm the Privacy header
   goes with the identity, so the next hop keeps it private in its turn.
@@ -102,7 +102,8 @@ def asserted_by_peer(message: Message) -> Identity | None:
         if isinstance(uri, SipUri) and user is None and uri.user:
             user = uri.user_unescaped
         elif isinstance(uri, TelUri) and tel is None:
-            tel = str(uri)
+            # The number alone: a phone-context names a domain of the other realm.
+            tel = f"tel:{uri.number}"
         else:
             continue
         display = display or address.display_name or None

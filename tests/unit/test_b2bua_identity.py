@@ -248,3 +248,11 @@ def test_registered_only_takes_calls_from_a_registered_phone_s_address_only() ->
     )
     step = receive(c, anonymous, CALLER, 1.0)
     assert [type(m) for m in step.media] == [AllocateMedia]
+
+
+def test_a_tel_identity_crosses_as_its_number_only() -> None:
+    c = controller(policies=policies(outside=TRUSTED))
+    pai = "P-Asserted-Identity: <tel:5551234;phone-context=pbx.inside.example>\r\n"
+    invite = b_invite(c, extra=pai)
+    assert asserted(invite) == ["<tel:5551234>"]
+    assert b"pbx.inside.example" not in bytes(invite)
