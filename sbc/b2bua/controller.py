@@ -1698,12 +1698,19 @@ class CallController:
     ) -> Step | Identity | None:
         """The step that answers the request when it may not go on; else who it is from
         as the SBC asserts it (`sbc.b2bua.identity`), or None. ``challenge`` false (an
-        emergency call): no digest is asked, and the request asserts nobody unless
-        its realm is trusted."""
+        emergency call): nothing is asked of the caller; it asserts what its trusted
+        realm says, or the user of the phone registered from where it came."""
         policy = self._policy(realm.name)
         peer = asserted_by_peer(request) if policy.trust_identity else None
-        if policy.registered_only and challenge:
-            source = Destination(flow.transport, flow.remote_host, flow.remote_port)
+        source = Destination(flow.transport, flow.remote_host, flow.remote_port)
+        if not challenge:
+            if peer is not None or not policy.registrar:
+                return peer
+            # An emergency call from a registered phone: the emergency service gets
+            # its user to call back, as registration knows it (no digest asked).
+            user = _registered_caller(request, self.targets.registered_from(source, realm.name))
+            return None if user is None else authenticated(request, user)
+        if policy.registered_only:
             users = self.targets.registered_from(source, realm.name)
             user = _registered_caller(request, users)
             if user is None:
@@ -1713,7 +1720,7 @@ class CallController:
                 return self._send_response(tx, response, now, realm.name)
             if peer is None and request.method not in policy.authenticate:
                 return authenticated(request, user)
-        if request.method not in policy.authenticate or not challenge:
+        if request.method not in policy.authenticate:
             return peer
         if self.registrar is None:
             response = make_response(request, 503, to_tag=new_tag())

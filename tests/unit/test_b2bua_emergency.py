@@ -10,6 +10,7 @@ from sbc.b2bua.routing import RouteAction, RouteRule
 from sbc.b2bua.targets import Directory
 from sbc.b2bua.trunks import Gateway, Trunk, TrunkTable
 from sbc.sip.message import Request
+from sbc.transport.base import Destination, Transport
 from tests.unit.test_b2bua_flows import (
     CALLER,
     CORE,
@@ -21,6 +22,7 @@ from tests.unit.test_b2bua_flows import (
     responses,
     session,
 )
+from tests.unit.test_b2bua_identity import asserted, registered_directory
 
 RULES = [
     RouteRule(
@@ -137,3 +139,18 @@ def test_an_emergency_call_goes_through_a_realm_for_registered_phones_only() -> 
     c = controller(rules=RULES, policies={"outside": RealmPolicy(registered_only=True)})
     assert call_to(c, "1000", 1) == [403]  # nobody registered from there
     assert call_to(c, "112", 2) == []
+
+
+def test_an_emergency_call_from_a_registered_phone_asserts_its_user() -> None:
+    # No digest is asked, but the emergency service still gets a number to call
+    # back: the user of the phone registered from where the call came.
+    here = Destination(Transport.UDP, CALLER.remote_host, CALLER.remote_port)
+    policy = RealmPolicy(registrar=True, authenticate=frozenset({"INVITE"}))
+    c = controller(
+        rules=RULES,
+        targets=registered_directory(here),
+        registrar=StubRegistrar(),
+        policies={"outside": policy},
+    )
+    (invite,), _ = start_call_text(c, invite_text(uri="sip:112@198.51.100.1"))
+    assert asserted(invite) == ["<sip:alice@203.0.113.1:5060>"]
