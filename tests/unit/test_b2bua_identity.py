@@ -256,3 +256,11 @@ def test_a_tel_identity_crosses_as_its_number_only() -> None:
     invite = b_invite(c, extra=pai)
     assert asserted(invite) == ["<tel:5551234>"]
     assert b"pbx.inside.example" not in bytes(invite)
+
+
+def test_the_asserted_identity_takes_the_realm_s_from_host() -> None:
+    masked = RealmPolicy(from_host="sbc.example.net")
+    c = controller(policies=policies(outside=TRUSTED, inside=masked))
+    invite = b_invite(c, extra=CARRIER_PAI)
+    assert asserted(invite)[0] == '"Carol" <sip:+15551234@sbc.example.net>'
+    assert str(invite.from_.uri).startswith("sip:alice@sbc.example.net")

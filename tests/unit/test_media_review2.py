@@ -136,6 +136,25 @@ def test_relatching_on_a_new_ssrc_still_needs_an_authenticated_packet() -> None:
     assert (a.packets, counting.calls) == (2, 3)
 
 
+def test_a_relatch_after_silence_still_needs_authenticated_packets() -> None:
+    relay, a, _, peer, counting = srtp_call(LatchPolicy(relatch_after_silence=2.0))
+    relay._relatch_wait = 2.0
+    clock = [100.0]
+    relay._now = lambda: clock[0]  # type: ignore[method-assign]
+    relay._packet(a, False, peer.protect(rtp(1, 0xA), rtcp=False), PEER_A.sockaddr())
+    clock[0] = 103.0  # the latched source is silent for 3 s
+    moved = Endpoint.of("198.51.100.11", 34002)
+    # Forgeries from a new place are authenticated, fail, and count for nothing.
+    for seq in (2, 3, 4):
+        relay._packet(a, False, forged(rtp(seq, 0xA)), moved.sockaddr())
+    assert (a.dropped_auth, a.state.rtp_latch.source) == (3, PEER_A)
+    # The peer's own packets from there (its NAT moved): the third in a row relatches.
+    for seq in (5, 6, 7):
+        relay._packet(a, False, peer.protect(rtp(seq, 0xA), rtcp=False), moved.sockaddr())
+    assert a.state.rtp_latch.source == moved
+    assert (a.packets, a.dropped_source, counting.calls) == (2, 2, 7)
+
+
 def test_without_strict_source_a_strangers_srtp_is_still_authenticated() -> None:
     relay, a, _, peer, counting = srtp_call(LatchPolicy(strict_source=False))
     relay._packet(a, False, peer.protect(rtp(1, 0xA), rtcp=False), PEER_A.sockaddr())
