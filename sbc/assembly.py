@@ -64,16 +64,19 @@ def _limits(section: AdmissionLimits) -> Limits | None:
     return Limits(section.max_calls, section.calls_per_second, section.burst)
 
 
-def admission_limits(config: Config) -> tuple[dict[str, Limits], dict[str, Limits]]:
-    """Limits by realm and by trunk (those without any are unlimited)."""
+def admission_limits(
+    config: Config,
+) -> tuple[dict[str, Limits], dict[str, Limits], dict[str, Limits]]:
+    """Limits by realm, by trunk and by route (those without any are unlimited)."""
     realms = {r.name: limits for r in config.realms if (limits := _limits(r.limits))}
     trunks = {t.name: limits for t in config.trunks if (limits := _limits(t.limits))}
-    return realms, trunks
+    routes = {r.name: limits for r in config.routes if (limits := _limits(r.limits))}
+    return realms, trunks, routes
 
 
 def admission(config: Config) -> AdmissionControl:
-    realms, trunks = admission_limits(config)
-    return AdmissionControl(realms, trunks, retry_after=config.calls.retry_after)
+    realms, trunks, routes = admission_limits(config)
+    return AdmissionControl(realms, trunks, retry_after=config.calls.retry_after, routes=routes)
 
 
 def reconfigure_admission(
@@ -81,8 +84,8 @@ def reconfigure_admission(
 ) -> None:
     """New limits; ``now`` (monotonic): the buckets are filled at the old rates up
     to the reload, so the time before it is credited as it was earned."""
-    realms, trunks = admission_limits(config)
-    control.reconfigure(realms, trunks, config.calls.retry_after, now=now)
+    realms, trunks, routes = admission_limits(config)
+    control.reconfigure(realms, trunks, config.calls.retry_after, routes=routes, now=now)
 
 
 def realm_policies(config: Config) -> dict[str, RealmPolicy]:

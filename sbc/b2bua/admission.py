@@ -1,11 +1,13 @@
-"""Call admission control: concurrent-call and calls-per-second limits per realm and trunk.
+"""Call admission control: concurrent-call and calls-per-second limits per realm, trunk
+and route.
 
 Pure: no I/O, no clock. The B2BUA asks :meth:`AdmissionControl.admit` before it
 creates a call, passing the current time (seconds, monotonic) as ``now``; when the
 call ends it hands the ticket back to :meth:`AdmissionControl.release`.
 
 A call counts against every scope it touches: each realm of its two legs (once,
-even when both legs share a realm) and the trunk it was routed to. Admission is
+even when both legs share a realm), the trunk it was routed to and the route that
+sent it there. Admission is
 all-or-nothing: if any scope refuses, no scope is charged, so a call refused by its
 realm does not spend its trunk's rate token.
 
@@ -20,6 +22,10 @@ refused the same way, scope ``node``. Offered more calls than it can carry, the
 SBC then sets up the calls it takes in a fraction of a second; without the check
 each call waited behind all the others, for seconds, and many callers gave up
 (docs/performance.md, "Overload").
+
+An emergency route's calls (112, 911) are never refused by the realms, the trunk or
+the node: only by the limits of their own route, which bound a flood of false
+emergency calls (TDoS) without letting ordinary traffic crowd genuine ones out.
 
 Scope names come from configuration (realm and trunk names), never from the wire,
 so the per-scope tables are bounded by the configuration the node has had.
@@ -69,6 +75,7 @@ class AdmissionScope(enum.StrEnum):
 
     REALM = "realm"
     TRUNK = "trunk"
+    ROUTE = "route"
     #: The SBC as a whole (its one name is ``NODE``).
     NODE = "node"
 
@@ -138,6 +145,7 @@ class AdmissionTicket:
     serial: int
     realms: tuple[str, ...]
     trunk: str | None
+    route: str | None = None
 
     @property
     def scopes(self) -> tuple[tuple[AdmissionScope, str], ...]:
@@ -145,6 +153,8 @@ class AdmissionTicket:
         held = tuple((AdmissionScope.REALM, realm) for realm in self.realms)
         if self.trunk is not None:
             held += ((AdmissionScope.TRUNK, self.trunk),)
+        if self.route is not None:
+            held += ((AdmissionScope.ROUTE, self.route),)
         return held
 
 
@@ -194,9 +204,10 @@ class _ScopeState:
 
 
 class AdmissionControl:
-    """Per-realm and per-trunk admission of new calls, driven by the caller's ``now``.
+    """Per-realm, per-trunk and per-route admission of new calls, driven by the
+    caller's ``now``.
 
-    A scope without ``Limits`` (an unknown realm or trunk) is unlimited, but its
+    A scope without ``Limits`` (an unknown realm, trunk or route) is unlimited, but its
     calls are still counted, so limits configured later see the calls in flight.
     """
 
@@ -206,6 +217,7 @@ class AdmissionControl:
         trunks: Mapping[str, Limits],
         *,
         retry_after: int = DEFAULT_RETRY_AFTER,
+        routes: Mapping[str, Limits] | None = None,
     ) -> None:
         self._limits: dict[tuple[AdmissionScope, str], Limits] = {}
         self._retry_after = DEFAULT_RETRY_AFTER
@@ -214,7 +226,7 @@ class AdmissionControl:
         #: Asked before any scope: True while the node can take no call in time
         #: (the SBC sets it to its media set-up backlog check).
         self.busy: Callable[[], bool] | None = None
-        self._configure(realms, trunks, retry_after)
+        self._configure(realms, trunks, retry_after, routes or {})
 
     # -- decisions ---------------------------------------------------------------------
 
@@ -224,13 +236,15 @@ class AdmissionControl:
         trunk: str | None,
         now: float,
         *,
+        route: str | None = None,
         replacing: bool = False,
         emergency: bool = False,
     ) -> Decision:
-        """Admit a new call touching ``realms`` (both legs') and ``trunk`` at ``now``.
+        """Admit a new call touching ``realms`` (both legs'), ``trunk`` and ``route``
+        at ``now``.
 
         The node's ``busy`` check comes first, then the scopes in order (realms as
-        given, then the trunk), concurrency before rate; the first refusal is
+        given, the trunk, the route), concurrency before rate; the first refusal is
         returned, with the longest Retry-After of every scope that refuses, and
         nothing is charged. When every scope agrees, each holds one more call and
         spends one rate token.
@@ -240,17 +254,18 @@ class AdmissionControl:
         concurrent call, so only the rate limits apply; it is counted as usual, and
         for the moment both are up a scope holds one call over its limit.
 
-        ``emergency``: a call of an emergency route is never refused (not even by
-        the node's ``busy``): it is counted and charged like any other, and may take
-        a scope over its limits.
+        ``emergency``: a call of an emergency route is refused by that route's own
+        limits only (not by the realms, the trunk or the node's ``busy``): it is
+        counted and charged like any other, and may take those over their limits.
         """
-        if emergency:
-            return self._charge(self._ticket(realms, trunk))
-        if self.busy is not None and self.busy():
+        if not emergency and self.busy is not None and self.busy():
             self._state(_NODE).refused_busy += 1
             return Refused(AdmissionScope.NODE, NODE, RefusalReason.BUSY, self._retry_after)
-        ticket = self._ticket(realms, trunk)
+        ticket = self._ticket(realms, trunk, route)
         keys = ticket.scopes
+        if emergency:
+            # Its route's own limits, the last scope of the ticket (if any).
+            keys = keys[-1:] if route is not None else ()
         for index, key in enumerate(keys):
             refusal = self._check(key, now, concurrent=not replacing)
             if refusal is None:
@@ -328,6 +343,7 @@ class AdmissionControl:
         trunks: Mapping[str, Limits],
         retry_after: int = DEFAULT_RETRY_AFTER,
         *,
+        routes: Mapping[str, Limits] | None = None,
         now: float | None = None,
     ) -> None:
         """New limits for new calls; calls in progress stay counted and releasable.
@@ -341,19 +357,26 @@ class AdmissionControl:
         if now is not None:
             for key, state in self._states.items():
                 self._refill(state, self._limits.get(key, _UNLIMITED), now)
-        self._configure(realms, trunks, retry_after)
+        routes = routes or {}
+        self._configure(realms, trunks, retry_after, routes)
         logger.info(
-            "- admission limits: %d realms, %d trunks, retry after %d s",
+            "- admission limits: %d realms, %d trunks, %d routes, retry after %d s",
             len(realms),
             len(trunks),
+            len(routes),
             self._retry_after,
         )
 
     def _configure(
-        self, realms: Mapping[str, Limits], trunks: Mapping[str, Limits], retry_after: int
+        self,
+        realms: Mapping[str, Limits],
+        trunks: Mapping[str, Limits],
+        retry_after: int,
+        routes: Mapping[str, Limits],
     ) -> None:
         limits = {(AdmissionScope.REALM, name): value for name, value in realms.items()}
         limits.update({(AdmissionScope.TRUNK, name): value for name, value in trunks.items()})
+        limits.update({(AdmissionScope.ROUTE, name): value for name, value in routes.items()})
         for key, value in limits.items():
             if not isinstance(value, Limits):
                 raise TypeError(f"{key[0].value} {key[1]}: limits must be Limits, not {value!r}")
@@ -370,7 +393,7 @@ class AdmissionControl:
     # -- observation -------------------------------------------------------------------
 
     def active(self, scope: AdmissionScope | str, name: str) -> int:
-        """Calls ``scope`` ``name`` holds now (``scope`` is "realm" or "trunk")."""
+        """Calls ``scope`` ``name`` holds now (``scope``: "realm", "trunk", "route")."""
         state = self._states.get((AdmissionScope(scope), name))
         return 0 if state is None else state.active
 
@@ -395,11 +418,13 @@ class AdmissionControl:
 
     # -- internals ---------------------------------------------------------------------
 
-    def _ticket(self, realms: Iterable[str], trunk: str | None) -> AdmissionTicket:
+    def _ticket(
+        self, realms: Iterable[str], trunk: str | None, route: str | None = None
+    ) -> AdmissionTicket:
         if isinstance(realms, str):
             # A bare string would be read as one realm per character.
             raise TypeError("realms must be an iterable of realm names, not a string")
-        return AdmissionTicket(next(_serials), tuple(dict.fromkeys(realms)), trunk)
+        return AdmissionTicket(next(_serials), tuple(dict.fromkeys(realms)), trunk, route)
 
     def _state(self, key: tuple[AdmissionScope, str]) -> _ScopeState:
         state = self._states.get(key)

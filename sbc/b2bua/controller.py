@@ -1967,6 +1967,7 @@ class CallController:
                 (realm.name, target_realm.name),
                 trunk,
                 now,
+                route=decision.rule,
                 replacing=replaced_holder is not None,
                 emergency=emergency,
             )
@@ -4938,8 +4939,8 @@ def _registered_caller(request: Request, users: Sequence[str]) -> str | None:
 
 
 def _is_emergency(decision: RouteDecision | None) -> bool:
-    """Whether ``decision`` is an emergency route's (never refused by admission, no
-    digest asked)."""
+    """Whether ``decision`` is an emergency route's (refused by its route's limits
+    only, no digest asked)."""
     return isinstance(decision, TrunkRoute | RegisteredRoute) and decision.emergency
 
 

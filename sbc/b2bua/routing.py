@@ -78,7 +78,7 @@ class RouteRule:
     header_pattern: re.Pattern[str] | None = None
     #: 3xx of the callee: follow its contacts instead of relaying it.
     follow_redirects: bool = field(default=False)
-    #: Emergency calls: never refused by admission control, no digest asked.
+    #: Emergency calls: refused by no admission limit but the route's own, no digest.
     emergency: bool = field(default=False)
     #: ``user_prefix`` without visual separators if it is a number, else None.
     _number_prefix: str | None = field(default=None, init=False, repr=False, compare=False)

@@ -543,14 +543,26 @@ class RouteConfig(Section):
     emergency: bool = field(
         default=False,
         metadata=spec(
-            "Emergency calls (112, 911 ...): never refused by admission control (the"
-            " limits, an overloaded node), and no digest asked of the caller."
+            "Emergency calls (112, 911 ...): refused by no admission limit but the"
+            " route's own (not the realms', the trunk's or an overloaded node's), and"
+            " no digest asked of the caller."
+        ),
+    )
+    limits: AdmissionLimits = field(
+        default_factory=AdmissionLimits,
+        metadata=spec(
+            "Admission limits of the calls this route sends, besides the realms' and"
+            " the trunk's; an emergency route's only ones (bound a flood of false"
+            " emergency calls)."
         ),
     )
 
     def check(self, path: str) -> Iterator[Issue]:
         if self.emergency and self.action is RouteAction.REJECT:
             yield key_path(path, "emergency"), "an emergency route cannot reject"
+        limited = self.limits.max_calls is not None or self.limits.calls_per_second is not None
+        if limited and self.action is RouteAction.REJECT:
+            yield key_path(path, "limits"), "a reject route sends no call to limit"
         if self.action is RouteAction.TRUNK:
             if self.trunk is None and (self.realm is None or self.host is None):
                 yield path, "a trunk route needs trunk, or realm and host"

@@ -335,7 +335,8 @@ registrar:
 realms:
 {realms}routes:
   - {{name: sos, from_realm: phones, user_prefix: "112", action: trunk, realm: inside,
-      host: 127.0.0.1, port: {uas}, emergency: true}}
+      host: 127.0.0.1, port: {uas}, emergency: true,
+      limits: {{calls_per_second: 0.01, burst: 1}}}}
   - {{name: users, from_realm: phones, action: registered}}
   - {{name: pair, user_prefix: "71", action: trunk, trunk: pair}}
   - {{name: busy, user_prefix: "486", action: reject, status: 486}}
@@ -562,7 +563,8 @@ def test_a_busy_desk_phone_passes_the_call_to_the_mobile_of_lower_q(lab: FlowLab
 
 def test_an_emergency_call_from_the_phones_realm_needs_no_digest(lab: FlowLab) -> None:
     """Route sos (emergency: true): a phone that never registered calls 112 in the
-    realm that asks every INVITE for a digest, and is put through at once."""
+    realm that asks every INVITE for a digest, and is put through at once. The
+    route's own limit (one call a hundred seconds) refuses the next one: 503."""
     caller, callee, caller_sipp, callee_sipp = passed_call(
         lab, "uac_basic.xml", "uas_basic.xml", realm="phones", service="112"
     )
@@ -572,6 +574,14 @@ def test_an_emergency_call_from_the_phones_realm_needs_no_digest(lab: FlowLab) -
     assert not header(invite, "P-Asserted-Identity")  # nobody authenticated, untrusted
     assert_hidden(caller, callee, caller_sipp, callee_sipp)
     lab.cdrs.append(answered("112", "sos", "phones", "inside", lab.uas))
+    flood = start_sipp(
+        lab.workdir, "sos-refused", "flow_uac_503.xml", remote=lab.realm["phones"], service="1120"
+    ).finish()
+    assert flood.returncode == 0, explain(lab.sbc, flood)
+    retry = header(first(flood, "<SIP/2.0 503"), "Retry-After")
+    assert len(retry) == 1 and 90 <= int(retry[0]) <= 100, retry
+    assert "not admitted (route sos: rate)" in lab.sbc.log()
+    lab.cdrs.append(ExpectedCdr("1120", "sos", "failed", 503, "admission", None, "phones", "", ""))
 
 
 def test_a_realm_for_registered_phones_takes_calls_from_where_they_registered(

@@ -377,6 +377,7 @@ def test_counters() -> None:
             "public": {**counts, "admitted": 1, "refused_concurrent": 1, "active": 0},
         },
         "trunk": {"carrier": {**counts, "admitted": 1, "refused_rate": 1, "active": 0}},
+        "route": {},
         "node": {},
     }
 

@@ -247,3 +247,8 @@ def test_registered_only_of_a_realm_reaches_the_controller() -> None:
 def test_an_emergency_route_cannot_reject() -> None:
     report = problems(GOOD.replace("status: 486}", "status: 486, emergency: true}"))
     assert "emergency: an emergency route cannot reject" in report
+
+
+def test_a_reject_route_takes_no_limits() -> None:
+    report = problems(GOOD.replace("status: 486}", "status: 486, limits: {max_calls: 5}}"))
+    assert "limits: a reject route sends no call to limit" in report

@@ -1,6 +1,6 @@
-"""Emergency routes (``routes[].emergency``): calls to 112, 911 ... are never refused
-by admission control (the realm and trunk limits, an overloaded node) and are not
-asked for a digest, while every other call still is."""
+"""Emergency routes (``routes[].emergency``): calls to 112, 911 ... are refused by no
+admission limit but their route's own (not the realm and trunk limits, nor an
+overloaded node) and are not asked for a digest, while every other call still is."""
 
 from __future__ import annotations
 
@@ -103,6 +103,56 @@ def test_admission_counts_an_emergency_call_over_the_limits() -> None:
     control.release(sos.ticket)
     control.release(first.ticket)
     assert isinstance(control.admit(["public"], None, 10.0), Admitted)
+
+
+def test_an_emergency_route_s_own_limits_bound_a_flood_of_emergency_calls() -> None:
+    # The route's limits are the one bound on its calls (a TDoS of false emergency
+    # calls): the realm's limits and a busy node still refuse none of them.
+    admission = AdmissionControl(
+        {"outside": Limits(max_calls=1)}, {}, routes={"sos": Limits(max_calls=2)}
+    )
+    admission.busy = lambda: True
+    c = emergency_controller(admission)
+    assert call_to(c, "112", 1) == []
+    assert call_to(c, "112", 2) == []
+    assert call_to(c, "112", 3) == [503]
+    counts = admission.counters()
+    assert counts["route"]["sos"] == {
+        "admitted": 2,
+        "refused_concurrent": 1,
+        "refused_rate": 0,
+        "refused_busy": 0,
+        "active": 2,
+    }
+    assert counts["realm"]["outside"]["active"] == 2
+    assert counts["node"] == {}  # the busy check was not asked
+
+
+def test_an_emergency_route_s_rate_limit_answers_with_its_retry_after() -> None:
+    control = AdmissionControl({}, {}, routes={"sos": Limits(calls_per_second=0.5, burst=1)})
+    first = control.admit(["public"], "esrp", 0.0, route="sos", emergency=True)
+    assert isinstance(first, Admitted)
+    assert first.ticket.scopes[-1] == ("route", "sos")
+    refused = control.admit(["public"], "esrp", 0.0, route="sos", emergency=True)
+    assert isinstance(refused, Refused)
+    assert (refused.scope, refused.name, refused.reason.value) == ("route", "sos", "rate")
+    assert refused.headers == (("Retry-After", "2"),)
+    assert isinstance(control.admit(["public"], "esrp", 2.0, route="sos", emergency=True), Admitted)
+
+
+def test_an_ordinary_route_s_limits_apply_beside_the_realm_s() -> None:
+    control = AdmissionControl(
+        {"public": Limits(max_calls=5)}, {}, routes={"premium": Limits(max_calls=1)}
+    )
+    held = control.admit(["public"], None, 0.0, route="premium")
+    assert isinstance(held, Admitted)
+    refused = control.admit(["public"], None, 0.0, route="premium")
+    assert isinstance(refused, Refused) and (refused.scope, refused.name) == ("route", "premium")
+    # Another route's calls still have the realm's room; the refusal charged nothing.
+    assert isinstance(control.admit(["public"], None, 0.0, route="local"), Admitted)
+    assert control.active("realm", "public") == 2
+    control.release(held.ticket)
+    assert isinstance(control.admit(["public"], None, 1.0, route="premium"), Admitted)
 
 
 # -- service URNs (RFC 5031) ---------------------------------------------------------------

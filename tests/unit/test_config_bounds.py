@@ -84,7 +84,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "firewall.detectors.malformed.max_messages": (1, MILLION),
     **{
         f"{scope}[0].limits.{key}": bound
-        for scope in ("realms", "trunks")
+        for scope in ("realms", "trunks", "routes")
         for key, bound in (
             ("max_calls", (1, MILLION)),
             ("calls_per_second", (0.01, 100_000)),
@@ -114,6 +114,15 @@ _ADMISSION_BASE: dict[str, Any] = {
             "limits": {"calls_per_second": 10},
         }
     ],
+    "routes": [
+        {
+            "name": "r",
+            "action": "trunk",
+            "trunk": "t",
+            "emergency": True,
+            "limits": {"calls_per_second": 10},
+        }
+    ],
 }
 
 
@@ -140,6 +149,7 @@ LEAVES: dict[str, Any] = dict(
         *_numeric_leaves(FirewallConfig, "firewall"),
         *_numeric_leaves(AdmissionLimits, "realms[0].limits"),
         *_numeric_leaves(AdmissionLimits, "trunks[0].limits"),
+        *_numeric_leaves(AdmissionLimits, "routes[0].limits"),
     ]
 )
 
@@ -275,7 +285,7 @@ def test_absurd_values_are_refused_at_load_time(path: str, value: float) -> None
 # --- accepted means it runs ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scope", ["realms", "trunks"])
+@pytest.mark.parametrize("scope", ["realms", "trunks", "routes"])
 def test_burst_without_calls_per_second_is_refused_not_a_crash_at_start(scope: str) -> None:
     data = copy.deepcopy(_ADMISSION_BASE)
     data[scope][0]["limits"] = {"max_calls": 5, "burst": 3}
@@ -290,13 +300,18 @@ def _admission_at_the_bounds() -> Config:
     data = copy.deepcopy(_ADMISSION_BASE)
     data["realms"][0]["limits"] = limits
     data["trunks"][0]["limits"] = limits
+    data["routes"][0]["limits"] = limits
     return load(yaml.safe_dump(data))
 
 
-def test_admission_limits_at_the_bounds_run() -> None:
+@pytest.mark.parametrize("emergency", [False, True])
+def test_admission_limits_at_the_bounds_run(emergency: bool) -> None:
     control = admission(_admission_at_the_bounds())
-    decisions = [control.admit(["a"], "t", now=100.0) for _ in range(1000)]
+    decisions = [
+        control.admit(["a"], "t", now=100.0, route="r", emergency=emergency) for _ in range(1000)
+    ]
     assert all(isinstance(d, Admitted) for d in decisions)
+    assert control.active("route", "r") == 1000
 
 
 def _firewall_at_the_bounds(tmp_path: Path) -> Config:
