@@ -3590,10 +3590,15 @@ class CallController:
         realm = self.realms.get(live.call.a.realm)
         if realm is not None:
             copy_kept_headers(response, out, realm)
-        if 100 < status < 300 and self._policy(live.call.b.realm).trust_identity:
+        if 100 < status < 300:
             # RFC 3325 in responses (connected identity): a trusted callee's assertion
-            # reaches the caller as a trusted caller's reaches the callee.
-            identity = asserted_by_peer(response)
+            # reaches the caller as a trusted caller's reaches the callee; a phone the
+            # call reached through its registration is the user it registered as.
+            identity = None
+            if self._policy(live.call.b.realm).trust_identity:
+                identity = asserted_by_peer(response)
+            if identity is None and isinstance(live.route, RegisteredRoute):
+                identity = _registered_callee(live.a_request)
             self._assert_identity(response, identity, out, live.call.a.realm, live.call.a.local)
         if (
             100 < status < 300
@@ -4936,6 +4941,16 @@ def _registered_caller(request: Request, users: Sequence[str]) -> str | None:
     except ParseError:
         return None
     return from_user if from_user in users else None
+
+
+def _registered_callee(request: Request) -> Identity | None:
+    """The identity of a phone reached through its registration: the user of the
+    Request-URI it was registered under (its REGISTER proved it, RFC 3261 10.2)."""
+    try:
+        user, _ = uri_user_host(request.uri)
+    except ParseError:
+        return None
+    return None if not user else Identity(None, user)
 
 
 def _is_emergency(decision: RouteDecision | None) -> bool:

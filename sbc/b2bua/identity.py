@@ -19,7 +19,10 @@ What a new request (INVITE, SUBSCRIBE, MESSAGE ...) carries into the target real
   goes with the identity, so the next hop keeps it private in its turn.
 
 A trusted callee's assertion in its 18x or 2xx (the connected party) reaches the
-caller by the same rules.
+caller by the same rules. A phone the call reached through its registration (a
+``registered`` route) is asserted as the user it registered under: its REGISTER
+proved that, while its own P-Asserted-Identity, in an untrusted realm, proves
+nothing.
 
 An authenticated user may withhold its identity from the callee with an anonymous
 From (RFC 3323 4.1.1.3: a URI at ``anonymous.invalid``): the call goes out with that

@@ -12,12 +12,13 @@ from __future__ import annotations
 from sbc.assembly import EmbeddedRegistrar
 from sbc.b2bua.controller import AllocateMedia, CallController, RealmPolicy, Step
 from sbc.b2bua.identity import Identity, asserted_by_peer, identity_headers, privacy_of
+from sbc.b2bua.routing import RouteAction, RouteRule
 from sbc.b2bua.targets import Directory
 from sbc.registrar.location import Binding, LocationService
 from sbc.sip.auth import DigestClient
 from sbc.sip.message import Message, Request
 from sbc.sip.parser import parse_message
-from sbc.transport.base import Destination, ListenAddress, Transport
+from sbc.transport.base import Destination, Flow, ListenAddress, Transport
 from tests.unit.test_b2bua_flows import (
     ANSWER,
     CALLER,
@@ -264,3 +265,23 @@ def test_the_asserted_identity_takes_the_realm_s_from_host() -> None:
     invite = b_invite(c, extra=CARRIER_PAI)
     assert asserted(invite)[0] == '"Carol" <sip:+15551234@sbc.example.net>'
     assert str(invite.from_.uri).startswith("sip:alice@sbc.example.net")
+
+
+def test_a_registered_callee_is_asserted_to_the_caller_as_its_user() -> None:
+    # The phone's own P-Asserted-Identity is not believed (its realm is untrusted);
+    # what its registration proved is: the user the call reached it under.
+    phone = Destination(Transport.UDP, "198.51.100.7", 5060)
+    phone_flow = Flow(Transport.UDP, "198.51.100.1", 5060, "198.51.100.7", 5060)
+    users = [RouteRule("users", RouteAction.REGISTERED, "outside")]
+    c = controller(targets=registered_directory(phone), rules=users)
+    text = invite_text(uri="sip:alice@198.51.100.1", call_id="to-alice@x")
+    step = receive(c, text, CALLER, 0.0)
+    (allocate,) = step.media
+    assert isinstance(allocate, AllocateMedia)
+    (invite,) = requests(c.media_allocated(allocate.call_ref, session(), 0.0), "INVITE")
+    forged = 'P-Asserted-Identity: "Boss" <sip:boss@10.0.0.7>\r\n'
+    (ringing,) = responses(receive(c, answer(invite, 180, extra=forged), phone_flow, 0.1))
+    assert asserted(ringing) == ["<sip:alice@198.51.100.1:5060>"]
+    private = "Privacy: id\r\n"
+    (ok,) = responses(receive(c, answer(invite, 200, ANSWER, extra=private), phone_flow, 0.2))
+    assert asserted(ok) == [] and b"boss" not in bytes(ok)
