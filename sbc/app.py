@@ -51,6 +51,7 @@ from sbc.b2bua.realm import Hop, Realm, RealmTable
 from sbc.b2bua.routing import RouteAction, Router, RouteRule
 from sbc.b2bua.targets import Directory
 from sbc.b2bua.topology import sip_uri_for, via_for
+from sbc.b2bua.trunk_auth import TrunkAuth
 from sbc.b2bua.trunks import TrunkTable
 from sbc.cdr.from_call import cdr_record
 from sbc.cdr.record import CdrError
@@ -311,6 +312,7 @@ class SbcNode:
             manipulation=assembly.RealmManipulation(assembly.header_rules(config)),
             policies=assembly.realm_policies(config),
             timers=assembly.call_timers(config),
+            trunk_auth=TrunkAuth(assembly.trunk_credentials(config)),
         )
         self._register_relays: dict[str, assembly.RegisterRelayPort] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -706,6 +708,7 @@ class SbcNode:
         self.calls.register_relays = dict(relays)
         self.directory.relayed = [port.relay.location for port in relays.values()]
         self.trunks.reconfigure(assembly.trunks(config))
+        self.calls.trunk_auth.reconfigure(assembly.trunk_credentials(config))
         assembly.reconfigure_admission(self.admission, config, now=time.monotonic())
         self._peers = assembly.configured_peers(config)
         self._peer_networks = assembly.configured_peer_networks(config)

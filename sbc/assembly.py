@@ -25,6 +25,7 @@ from sbc.b2bua.controller import (
 from sbc.b2bua.identity import is_anonymous
 from sbc.b2bua.manipulation import Direction, HeaderManipulator
 from sbc.b2bua.realm import Hop, RealmTable
+from sbc.b2bua.trunk_auth import TrunkCredentials
 from sbc.b2bua.trunks import Gateway, ProbePolicy, Trunk
 from sbc.config.b2bua import (
     AdmissionLimits,
@@ -190,6 +191,15 @@ def trunks(config: Config) -> list[Trunk]:
             )
         )
     return out
+
+
+def trunk_credentials(config: Config) -> dict[str, TrunkCredentials]:
+    """The accounts the SBC has at its trunks' carriers, by trunk."""
+    return {
+        trunk.name: TrunkCredentials(trunk.auth.username, trunk.auth.password, trunk.auth.realm)
+        for trunk in config.trunks
+        if trunk.auth is not None
+    }
 
 
 def header_rules(config: Config) -> dict[str, HeaderManipulator]:

@@ -87,6 +87,7 @@ from sbc.b2bua.topology import (
     stream_offers,
     via_for,
 )
+from sbc.b2bua.trunk_auth import TrunkAuth
 from sbc.b2bua.trunks import Gateway, probe_request
 from sbc.burst import BurstLog
 from sbc.evolve import evolve
@@ -635,6 +636,8 @@ class _Fork:
     #: A provisional other than 100 came: the far end works on the call (it rings),
     #: so Timer C firing says nothing of the gateway's health.
     progressed: bool = False
+    #: Times its INVITE was sent again for the trunk's digest challenge.
+    auth_tries: int = 0
 
 
 @dataclass(eq=False, slots=True)
@@ -845,6 +848,9 @@ class _ByRole:
     side: LegSide | None = None
     #: A probe: the trunk, gateway key and address it tests.
     probe: tuple[str, str, Destination] | None = None
+    #: A BYE to a trunk with credentials: the trunk, the hop it went by and how many
+    #: times it was sent again for a challenge.
+    challenged: tuple[str, Hop, int] | None = None
 
 
 class _Timer:
@@ -1015,6 +1021,7 @@ class CallController:
         manipulation: ManipulationPort | None = None,
         policies: dict[str, RealmPolicy] | None = None,
         timers: CallTimers | None = None,
+        trunk_auth: TrunkAuth | None = None,
     ) -> None:
         self.transactions = transactions
         self.realms = realms
@@ -1027,6 +1034,8 @@ class CallController:
         self.manipulation = manipulation
         self.policies: dict[str, RealmPolicy] = dict(policies or {})
         self.timers = timers or CallTimers()
+        #: The trunks' credentials: the SBC answers their digest challenges.
+        self.trunk_auth = trunk_auth or TrunkAuth()
         #: Registration relays by the realm whose phones they serve.
         self.register_relays: dict[str, RegisterRelayPort] = {}
         #: REGISTERs per second by realm, where a realm limits them.
@@ -3070,6 +3079,8 @@ class CallController:
         role = self._by_client.get(tx)
         if role is None:
             return self._ack_again(tx, response) or Step()
+        if role.challenged is not None and response.status in (401, 407):
+            return self._bye_again(tx, role, role.challenged, response, now)
         if role.probe is not None:
             if response.status >= 200:
                 self._by_client.pop(tx, None)
@@ -3135,6 +3146,27 @@ class CallController:
             self._by_client.pop(tx, None)
         return Step()
 
+    def _bye_again(
+        self,
+        tx: ClientTransaction,
+        role: _ByRole,
+        challenged: tuple[str, Hop, int],
+        response: Response,
+        now: float,
+    ) -> Step:
+        """A trunk's challenge to the SBC's BYE answered with the trunk's credentials
+        (the call may be over on the SBC's side already)."""
+        trunk, hop, tries = challenged
+        bye = self.trunk_auth.again(trunk, tx.request, response, tries)
+        self._by_client.pop(tx, None)
+        if bye is None:
+            logger.warning("x call %s: BYE refused by trunk %s (%d)", role.call_ref, trunk,
+                           response.status)  # fmt: skip
+            return Step()
+        client, out = self._send_request(bye, hop, now)
+        self._by_client[client] = evolve(role, challenged=(trunk, hop, tries + 1))
+        return Step(out)
+
     def _ack_again(self, tx: ClientTransaction, response: Response) -> Step | None:
         """The ACK for a 2xx to an INVITE whose first 2xx was ACKed already, or whose
         call ended before (RFC 3261 13.2.2.4: every 2xx is ACKed); None: not ours."""
@@ -3169,7 +3201,40 @@ class CallController:
             return self._provisional(live, fork, response, event, now)
         if status < 300:
             return self._answered(live, fork, response, event, now)
+        if status in (401, 407):
+            again = self._invite_again(live, fork, response, now)
+            if again is not None:
+                return again
         return self._fork_failed(live, fork, response, now)
+
+    def _invite_again(
+        self, live: _Live, fork: _Fork, response: Response, now: float
+    ) -> Step | None:
+        """A trunk's challenge to a B-leg INVITE answered with the trunk's credentials
+        (`sbc.b2bua.trunk_auth`): the INVITE again as a new transaction of the same
+        fork; None when it cannot be answered (or the call no longer wants it)."""
+        if live.winner is not None or live.a_final or fork.cancel_pending or fork.cancel_sent:
+            return None
+        if live.call.state is CallState.CANCELLING:
+            return None
+        invite = self.trunk_auth.again(live.call.trunk, fork.request, response, fork.auth_tries)
+        realm = self.realms.get(fork.target.realm)
+        hop = None if realm is None else self._realm_lookups.hop(realm, fork.target.destination)
+        if invite is None or hop is None:
+            return None
+        tx, out = self._send_request(invite, hop, now)
+        assert isinstance(tx, ClientInviteTransaction)
+        del live.forks[fork.tx]
+        self._by_client.pop(fork.tx, None)
+        again = evolve(
+            fork, request=invite, tx=tx, dialogs=DialogSet.for_request(invite),
+            auth_tries=fork.auth_tries + 1,
+        )  # fmt: skip
+        live.forks[tx] = again
+        self._by_client[tx] = _ByRole(live.call.call_ref, "invite")
+        logger.info("- call %s: %d of trunk %s answered with its credentials",
+                    live.call.call_ref, response.status, live.call.trunk)  # fmt: skip
+        return Step(out)
 
     def _provisional(
         self, live: _Live, fork: _Fork, response: Response, event: object, now: float
@@ -3405,6 +3470,15 @@ class CallController:
             a_response = make_response(live.a_request, 500, to_tag=live.call.a.local_tag)
             step = self._answer_a(live, a_response, now)
             return step + self._end(live, 500, reason, LegSide.B, now)
+        if best.status in (401, 407):
+            # A challenge the SBC could not answer (no credentials for that target,
+            # or refused ones): the caller cannot either (its realm is not the
+            # callee's, and the challenge does not cross), so the call is refused.
+            logger.warning("x call %s: %d of the callee's side not answered (trunks[].auth)",
+                           live.call.call_ref, best.status)  # fmt: skip
+            a_response = make_response(live.a_request, 403, to_tag=live.call.a.local_tag)
+            step = self._answer_a(live, a_response, now)
+            return step + self._end(live, 403, reason, LegSide.B, now)
         step = self._answer_a(live, self._to_a(live, best), now)
         return step + self._end(live, best.status, reason, LegSide.B, now)
 
@@ -4076,12 +4150,13 @@ class CallController:
         *,
         realm: str,
         side: LegSide | None = None,
+        challenged: tuple[str, Hop, int] | None = None,
     ) -> Step:
         self._fix_via(request)
         request.headers.add("User-Agent", self.user_agent)
         self._outbound(request, realm)
         client, out = self._send_request(request, hop, now)
-        self._by_client[client] = _ByRole(call_ref, role, side=side)
+        self._by_client[client] = _ByRole(call_ref, role, side=side, challenged=challenged)
         if role == "refresh" and isinstance(client, ClientInviteTransaction):
             live = self._calls.get(call_ref)
             if live is not None:
@@ -4611,7 +4686,14 @@ class CallController:
             logger.info("x call %s: no BYE on %s: %s", live.call.call_ref, side.value, exc)
             return Step()
         live.call = live.call.with_leg(side, leg.with_dialog(dialog))
-        return self._send_on(live.call.call_ref, bye, self._hop(leg), "bye", now, realm=leg.realm)
+        hop = self._hop(leg)
+        trunk = live.call.trunk if side is LegSide.B else None
+        # A trunk may challenge the BYE too: unanswered, the carrier would keep
+        # the call up (and bill it) until its own timers end it.
+        challenged = (trunk, hop, 0) if trunk is not None and trunk in self.trunk_auth else None
+        return self._send_on(
+            live.call.call_ref, bye, hop, "bye", now, realm=leg.realm, challenged=challenged
+        )
 
     def _hang_up(
         self,

@@ -629,6 +629,27 @@ class GatewayConfig(Section):
 
 
 @dataclass(frozen=True)
+class TrunkAuthConfig(Section):
+    """The account the SBC has at the trunk's carrier: it answers the carrier's digest
+    challenges (401/407) to its INVITEs and BYEs with it."""
+
+    username: str = field(
+        metadata=spec("User name of the account.", pattern=r"[!#-\[\]-~]{1,128}"),
+    )
+    password: str = field(
+        repr=False,
+        metadata=spec("Its password (never logged).", pattern=r"[ -~]{1,256}", secret=True),
+    )
+    realm: str | None = field(
+        default=None,
+        metadata=spec(
+            "Answer only challenges of this digest realm; null = any the trunk sends.",
+            pattern=r"[ !#-\[\]-~]{1,128}",
+        ),
+    )
+
+
+@dataclass(frozen=True)
 class TrunkConfig(Section):
     """A named group of gateways in one realm."""
 
@@ -647,6 +668,10 @@ class TrunkConfig(Section):
     try_when_all_down: bool = field(
         default=False,
         metadata=spec("All gateways down: try them anyway (true) or answer 503 at once."),
+    )
+    auth: TrunkAuthConfig | None = field(
+        default=None,
+        metadata=spec("Digest credentials for the carrier's challenges; null = none."),
     )
 
 

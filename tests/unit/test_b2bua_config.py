@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from sbc.app import realm_table, router
+from sbc.assembly import trunk_credentials
 from sbc.b2bua.routing import RejectRoute, TrunkRoute
+from sbc.b2bua.trunk_auth import TrunkCredentials
 from sbc.config.loader import ConfigError, load_config_text
 from sbc.config.schema import Config
 from sbc.sip.uri import parse_uri
@@ -252,3 +254,22 @@ def test_an_emergency_route_cannot_reject() -> None:
 def test_a_reject_route_takes_no_limits() -> None:
     report = problems(GOOD.replace("status: 486}", "status: 486, limits: {max_calls: 5}}"))
     assert "limits: a reject route sends no call to limit" in report
+
+
+TRUNK_AUTH = GOOD + (
+    "trunks:\n  - name: t\n    realm: inside\n    gateways: [{host: 203.0.113.9}]\n"
+    "    auth: {username: acct-1, password: 'p@ss word!', realm: carrier.example}\n"
+)
+
+
+def test_trunk_credentials_reach_the_controller_s_trunk_auth() -> None:
+    credentials = trunk_credentials(load(TRUNK_AUTH))
+    assert credentials == {"t": TrunkCredentials("acct-1", "p@ss word!", "carrier.example")}
+    assert "p@ss" not in repr(load(TRUNK_AUTH).trunks[0])
+
+
+def test_a_bad_trunk_password_is_refused_without_showing_it() -> None:
+    report = problems(TRUNK_AUTH.replace("'p@ss word!'", '"tab\\there"'))
+    assert "trunks[0].auth.password" in report
+    assert "tab" not in report.replace("trunks[0].auth.password", "")
+    assert "username" in problems(TRUNK_AUTH.replace("username: acct-1, ", ""))
