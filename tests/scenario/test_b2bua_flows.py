@@ -339,6 +339,7 @@ realms:
       limits: {{calls_per_second: 0.01, burst: 1}}}}
   - {{name: users, from_realm: phones, action: registered}}
   - {{name: pair, user_prefix: "71", action: trunk, trunk: pair}}
+  - {{name: carrier, user_prefix: "73", action: trunk, trunk: carrier}}
   - {{name: busy, user_prefix: "486", action: reject, status: 486}}
   - {{name: to-uas, action: trunk, realm: inside, host: 127.0.0.1, port: {uas}}}
 trunks:
@@ -348,6 +349,11 @@ trunks:
       - {{host: 127.0.0.1, port: {g1}, priority: 1}}
       - {{host: 127.0.0.1, port: {g2}, priority: 2}}
     probe: {{enabled: false}}
+  - name: carrier
+    realm: inside
+    gateways: [{{host: 127.0.0.1, port: {g1}}}]
+    probe: {{enabled: false}}
+    auth: {{username: acct-7, password: "carrier pass 7", realm: carrier.example}}
 """
 
 
@@ -876,6 +882,33 @@ def test_trunk_fails_over_to_the_second_gateway_on_503(lab: FlowLab) -> None:
     # The trunk and the gateway that answered, as configured.
     row = answered("7101", "pair", "outside", "inside", g2)
     lab.cdrs.append(replace(row, trunk="pair", gateway=f"udp:127.0.0.1:{g2}"))
+
+
+def test_a_carrier_s_challenges_are_answered_with_the_trunk_s_account(lab: FlowLab) -> None:
+    """trunks[].auth: the carrier (SIPp checking the digests itself, verifyauth)
+    challenges the INVITE and the BYE with 401; the SBC answers both with the
+    account, and the caller sees none of it."""
+    g1, _ = lab.gateways
+    carrier = start_sipp(lab.workdir, "carrier", "flow_uas_auth.xml", port=g1)
+    time.sleep(0.1)
+    caller_sipp = start_sipp(
+        lab.workdir, "uac-carrier", "flow_uac_call.xml", remote=lab.realm["outside"],
+        service="7301", extra=("-d", "200"),
+    )  # fmt: skip
+    caller, callee = caller_sipp.finish(), carrier.finish()
+    assert caller.returncode == 0, explain(lab.sbc, caller, callee)
+    assert callee.returncode == 0, explain(lab.sbc, caller, callee)
+    invites = [m for m in callee.received if m.startswith("<INVITE")]
+    assert len(invites) == 2 and not header(invites[0], "Authorization")
+    assert 'username="acct-7"' in header(invites[1], "Authorization")[0]
+    assert header(invites[0], "Call-ID") == header(invites[1], "Call-ID")
+    byes = [m for m in callee.received if m.startswith("<BYE")]
+    assert len(byes) == 2 and header(byes[1], "Authorization")
+    assert not [s for s in starts(caller) if s.startswith(("<SIP/2.0 401", "<SIP/2.0 403"))]
+    assert "carrier pass 7" not in lab.sbc.log()
+    assert_hidden(caller, callee, caller_sipp, carrier)
+    row = answered("7301", "carrier", "outside", "inside", g1)
+    lab.cdrs.append(replace(row, trunk="carrier", gateway=f"udp:127.0.0.1:{g1}"))
 
 
 @dataclass
