@@ -52,6 +52,7 @@ from sbc.b2bua.routing import RouteAction, Router, RouteRule
 from sbc.b2bua.targets import Directory
 from sbc.b2bua.topology import sip_uri_for, via_for
 from sbc.b2bua.trunk_auth import TrunkAuth
+from sbc.b2bua.trunk_register import TrunkRegistrations
 from sbc.b2bua.trunks import TrunkTable
 from sbc.cdr.from_call import cdr_record
 from sbc.cdr.record import CdrError
@@ -313,6 +314,7 @@ class SbcNode:
             policies=assembly.realm_policies(config),
             timers=assembly.call_timers(config),
             trunk_auth=TrunkAuth(assembly.trunk_credentials(config)),
+            trunk_registrations=TrunkRegistrations(assembly.trunk_registrations(config)),
         )
         self._register_relays: dict[str, assembly.RegisterRelayPort] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -403,8 +405,9 @@ class SbcNode:
         self._stop_task = asyncio.get_running_loop().create_task(self.stop(), name="sbc-stop")
 
     async def _end_calls(self) -> None:
-        if len(self.calls):
-            # Every call ends with a BYE (or 503 and CANCEL while ringing) and a CDR.
+        if len(self.calls) or self.calls.trunk_registrations.shutdown():
+            # Every call ends with a BYE (or 503 and CANCEL while ringing) and a CDR;
+            # the SBC's bindings at its trunks' carriers are removed.
             now = time.monotonic()
             self._execute(self.calls.shutdown(now), now)
             await asyncio.sleep(0.2)
@@ -709,6 +712,7 @@ class SbcNode:
         self.directory.relayed = [port.relay.location for port in relays.values()]
         self.trunks.reconfigure(assembly.trunks(config))
         self.calls.trunk_auth.reconfigure(assembly.trunk_credentials(config))
+        self.calls.trunk_registrations.reconfigure(assembly.trunk_registrations(config))
         assembly.reconfigure_admission(self.admission, config, now=time.monotonic())
         self._peers = assembly.configured_peers(config)
         self._peer_networks = assembly.configured_peer_networks(config)
@@ -795,6 +799,7 @@ class SbcNode:
             # Refusals are counted where operators can see them (until /metrics).
             "admission": {} if self.calls.admission is None else self.calls.admission.counters(),
             "registers_refused": self.calls.register_rate.refused(),
+            "trunk_registrations": self.calls.trunk_registrations.status(time.monotonic()),
         }
 
     # -- firewall -----------------------------------------------------------------------

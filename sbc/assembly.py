@@ -26,6 +26,7 @@ from sbc.b2bua.identity import is_anonymous
 from sbc.b2bua.manipulation import Direction, HeaderManipulator
 from sbc.b2bua.realm import Hop, RealmTable
 from sbc.b2bua.trunk_auth import TrunkCredentials
+from sbc.b2bua.trunk_register import TrunkRegistration
 from sbc.b2bua.trunks import Gateway, ProbePolicy, Trunk
 from sbc.config.b2bua import (
     AdmissionLimits,
@@ -46,7 +47,7 @@ from sbc.sip.auth import (
 )
 from sbc.sip.errors import ParseError
 from sbc.sip.message import Message, Request, Response, make_response, new_tag
-from sbc.sip.uri import SipUri
+from sbc.sip.uri import SipUri, format_host
 from sbc.transport.base import (
     Destination,
     Flow,
@@ -200,6 +201,24 @@ def trunk_credentials(config: Config) -> dict[str, TrunkCredentials]:
         for trunk in config.trunks
         if trunk.auth is not None
     }
+
+
+def trunk_registrations(config: Config) -> list[TrunkRegistration]:
+    """The registrations the SBC keeps at its trunks' carriers."""
+    out = []
+    for trunk in config.trunks:
+        register = trunk.register
+        if register is None:
+            continue
+        username = register.username or (trunk.auth.username if trunk.auth else None)
+        if username is None:
+            continue  # refused at load
+        first = min(trunk.gateways, key=lambda gateway: gateway.priority)
+        domain = register.domain or format_host(first.host)
+        if first.port is not None and register.domain is None:
+            domain = f"{domain}:{first.port}"
+        out.append(TrunkRegistration(trunk.name, username, domain, register.expires))
+    return out
 
 
 def header_rules(config: Config) -> dict[str, HeaderManipulator]:

@@ -88,6 +88,7 @@ from sbc.b2bua.topology import (
     via_for,
 )
 from sbc.b2bua.trunk_auth import TrunkAuth
+from sbc.b2bua.trunk_register import TrunkRegistrations
 from sbc.b2bua.trunks import Gateway, probe_request
 from sbc.burst import BurstLog
 from sbc.evolve import evolve
@@ -1022,6 +1023,7 @@ class CallController:
         policies: dict[str, RealmPolicy] | None = None,
         timers: CallTimers | None = None,
         trunk_auth: TrunkAuth | None = None,
+        trunk_registrations: TrunkRegistrations | None = None,
     ) -> None:
         self.transactions = transactions
         self.realms = realms
@@ -1036,6 +1038,8 @@ class CallController:
         self.timers = timers or CallTimers()
         #: The trunks' credentials: the SBC answers their digest challenges.
         self.trunk_auth = trunk_auth or TrunkAuth()
+        #: The SBC's own registrations at its trunks' carriers.
+        self.trunk_registrations = trunk_registrations or TrunkRegistrations()
         #: Registration relays by the realm whose phones they serve.
         self.register_relays: dict[str, RegisterRelayPort] = {}
         #: REGISTERs per second by realm, where a realm limits them.
@@ -1141,6 +1145,9 @@ class CallController:
         probe = self.targets.next_probe()
         if probe is not None and (deadline is None or probe < deadline):
             deadline = probe
+        register = self.trunk_registrations.next_due()
+        if register is not None and (deadline is None or register < deadline):
+            deadline = register
         return deadline
 
     def _stale(self, entry: tuple[float, int, str, str]) -> bool:
@@ -1168,7 +1175,7 @@ class CallController:
 
     def handle_timers(self, now: float) -> Step:
         """2xx retransmissions (13.3.1.4), ringing and duration limits, session refreshes."""
-        step = self._retransmit_2xx(now) + self._probe(now)
+        step = self._retransmit_2xx(now) + self._probe(now) + self._register_trunks(now)
         while self._deadlines and self._deadlines[0][0] <= now:
             when, _, call_ref, kind = heapq.heappop(self._deadlines)
             live = self._calls.get(call_ref)
@@ -1368,6 +1375,45 @@ class CallController:
             step = step + Step(out)
         return step
 
+    def _register_trunks(
+        self, now: float, *, trunks: list[str] | None = None, expires: int | None = None
+    ) -> Step:
+        """A REGISTER to each trunk's carrier that is due (`sbc.b2bua.trunk_register`);
+        ``trunks`` and ``expires`` 0: remove those bindings."""
+        registrations = self.trunk_registrations
+        step = Step()
+        for trunk in registrations.due(now) if trunks is None else trunks:
+            hop = self._registrar_hop(trunk, now)
+            if hop is None:
+                logger.warning("x trunk %s: no gateway to register with", trunk)
+                registrations.result(trunk, None, now)
+                continue
+            request = registrations.request(
+                trunk, hop.local, user_agent=self.user_agent, expires=expires
+            )
+            try:
+                client, out = self._send_request(request, hop, now)
+            except TransactionError as exc:
+                logger.warning("x trunk %s: REGISTER not sent: %s", trunk, exc)
+                registrations.result(trunk, None, now)
+                continue
+            self._by_client[client] = _ByRole("", "trunk-register", challenged=(trunk, hop, 0))
+            step = step + Step(out)
+        return step
+
+    def _registrar_hop(self, trunk: str, now: float) -> Hop | None:
+        """The hop to a trunk's first usable gateway, from the trunk's realm."""
+        try:
+            plan = self.targets.trunk(trunk, parse_uri("sip:registrar.invalid"), now)
+        except ParseError:
+            return None
+        realm = None if plan is None else self.realms.get(plan.realm)
+        if plan is None or realm is None or not plan.targets:
+            return None
+        destination = plan.targets[0].destination
+        local = realm.listener(destination.transport, destination.host)
+        return None if local is None else Hop(realm.name, local, destination)
+
     def _trunk_realm(self, trunk: str) -> Realm | None:
         name = self.targets.trunk_realm(trunk)
         return None if name is None else self.realms.get(name)
@@ -1428,7 +1474,9 @@ class CallController:
                 )
             step = step + self._cancel_forks(live, now)
             step = step + self._end(live, 503, EndReason.SHUTDOWN, None, now)
-        return step
+        # The carriers' bindings of the SBC go too: calls to it fail at once there.
+        leaving = self.trunk_registrations.shutdown()
+        return step + self._register_trunks(now, trunks=leaving, expires=0)
 
     # -- input ---------------------------------------------------------------------------
 
@@ -3080,7 +3128,12 @@ class CallController:
         if role is None:
             return self._ack_again(tx, response) or Step()
         if role.challenged is not None and response.status in (401, 407):
-            return self._bye_again(tx, role, role.challenged, response, now)
+            return self._challenged_again(tx, role, role.challenged, response, now)
+        if role.role == "trunk-register":
+            if response.status >= 200 and role.challenged is not None:
+                self._by_client.pop(tx, None)
+                self.trunk_registrations.result(role.challenged[0], response, now)
+            return Step()
         if role.probe is not None:
             if response.status >= 200:
                 self._by_client.pop(tx, None)
@@ -3146,7 +3199,7 @@ class CallController:
             self._by_client.pop(tx, None)
         return Step()
 
-    def _bye_again(
+    def _challenged_again(
         self,
         tx: ClientTransaction,
         role: _ByRole,
@@ -3154,16 +3207,28 @@ class CallController:
         response: Response,
         now: float,
     ) -> Step:
-        """A trunk's challenge to the SBC's BYE answered with the trunk's credentials
-        (the call may be over on the SBC's side already)."""
+        """A trunk's challenge to the SBC's BYE (the call may be over on the SBC's
+        side already) or REGISTER answered with the trunk's credentials."""
         trunk, hop, tries = challenged
-        bye = self.trunk_auth.again(trunk, tx.request, response, tries)
+        again = self.trunk_auth.again(trunk, tx.request, response, tries)
         self._by_client.pop(tx, None)
-        if bye is None:
-            logger.warning("x call %s: BYE refused by trunk %s (%d)", role.call_ref, trunk,
-                           response.status)  # fmt: skip
+        registering = role.role == "trunk-register"
+        if again is None:
+            if registering:
+                self.trunk_registrations.result(trunk, response, now)
+            else:
+                logger.warning("x call %s: BYE refused by trunk %s (%d)", role.call_ref,
+                               trunk, response.status)  # fmt: skip
             return Step()
-        client, out = self._send_request(bye, hop, now)
+        if registering:
+            self.trunk_registrations.sent_again(trunk, again)
+        try:
+            client, out = self._send_request(again, hop, now)
+        except TransactionError as exc:
+            logger.warning("x trunk %s: %s not sent again: %s", trunk, again.method, exc)
+            if registering:
+                self.trunk_registrations.result(trunk, None, now)
+            return Step()
         self._by_client[client] = evolve(role, challenged=(trunk, hop, tries + 1))
         return Step(out)
 

@@ -650,6 +650,28 @@ class TrunkAuthConfig(Section):
 
 
 @dataclass(frozen=True)
+class TrunkRegisterConfig(Section):
+    """The SBC registers the trunk's account at the carrier (calls come to it then)."""
+
+    username: str | None = field(
+        default=None,
+        metadata=spec(
+            "User of the registered address; null = auth.username.", pattern=r"[!#-\[\]-~]{1,128}"
+        ),
+    )
+    domain: str | None = field(
+        default=None,
+        metadata=spec(
+            "The registrar's domain (Request-URI, From, To); null = the first gateway's host.",
+            pattern=HOST_PATTERN,
+        ),
+    )
+    expires: int = field(
+        default=600, metadata=spec("Seconds of binding asked for.", min=60, max=86400)
+    )
+
+
+@dataclass(frozen=True)
 class TrunkConfig(Section):
     """A named group of gateways in one realm."""
 
@@ -673,6 +695,14 @@ class TrunkConfig(Section):
         default=None,
         metadata=spec("Digest credentials for the carrier's challenges; null = none."),
     )
+    register: TrunkRegisterConfig | None = field(
+        default=None,
+        metadata=spec("Register the account at the carrier; null = no registration."),
+    )
+
+    def check(self, path: str) -> Iterator[Issue]:
+        if self.register is not None and self.register.username is None and self.auth is None:
+            yield key_path(path, "register"), "needs a username (register.username or auth)"
 
 
 @dataclass(frozen=True)

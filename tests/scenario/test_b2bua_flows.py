@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -909,6 +910,56 @@ def test_a_carrier_s_challenges_are_answered_with_the_trunk_s_account(lab: FlowL
     assert_hidden(caller, callee, caller_sipp, carrier)
     row = answered("7301", "carrier", "outside", "inside", g1)
     lab.cdrs.append(replace(row, trunk="carrier", gateway=f"udp:127.0.0.1:{g1}"))
+
+
+def test_the_sbc_registers_its_trunk_account_refreshes_and_removes_it(tmp_path: Path) -> None:
+    """trunks[].register: the carrier's registrar (SIPp, checking the digest itself)
+    challenges the SBC's REGISTER and grants 3 s; the SBC refreshes in time, a call
+    from the carrier to the registered Contact goes through, and the SBC removes its
+    binding (Expires 0) as it stops."""
+    outside, inside, registrar, uas = udp_port(), udp_port(), udp_port(), udp_port()
+    carrier = start_sipp(tmp_path, "registrar", "flow_registrar_trunk.xml", port=registrar,
+                         extra=("-timeout", "30s"))  # fmt: skip
+    time.sleep(0.1)  # SIPp binds its port
+    sbc = start_sbc(tmp_path, f"""\
+realms:
+{realm_yaml("outside", outside)}{realm_yaml("inside", inside)}routes:
+  - {{name: from-carrier, from_realm: inside, action: trunk, realm: outside,
+      host: 127.0.0.1, port: {uas}}}
+trunks:
+  - name: carrier
+    realm: inside
+    gateways: [{{host: 127.0.0.1, port: {registrar}}}]
+    probe: {{enabled: false}}
+    auth: {{username: acct-9, password: "trunk pass 9"}}
+    register: {{domain: carrier.example}}
+""")  # fmt: skip
+    try:
+
+        def refreshed() -> bool:
+            _, health = sbc.health()
+            registrations: Any = health.get("trunk_registrations", {})
+            state = registrations.get("carrier", {})
+            return state.get("state") == "registered" and state.get("expires_in", 0) > 60
+
+        assert wait_until(refreshed, 10.0), sbc.log()[-3000:]
+        callee = start_sipp(tmp_path, "pbx", "uas_basic.xml", port=uas)
+        time.sleep(0.1)
+        caller = start_sipp(tmp_path, "carrier-call", "uac_basic.xml", remote=inside,
+                            service="acct-9").finish()  # fmt: skip
+        pbx = callee.finish()
+        assert caller.returncode == 0 and pbx.returncode == 0, explain(sbc, caller, pbx)
+    finally:
+        sbc.stop()
+    run = carrier.finish()
+    assert run.returncode == 0, explain(sbc, run)
+    registers = [m for m in run.received if m.startswith("<REGISTER")]
+    assert len(registers) == 4  # challenged, answered, refreshed, removed
+    assert all(m.startswith("<REGISTER sip:carrier.example SIP/2.0") for m in registers)
+    assert header(registers[0], "Contact") == [f"<sip:acct-9@127.0.0.1:{inside}>"]
+    assert len({header(m, "Call-ID")[0] for m in registers}) == 1
+    assert header(registers[-1], "Expires") == ["0"]
+    assert "trunk pass 9" not in sbc.log()
 
 
 @dataclass

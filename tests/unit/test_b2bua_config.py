@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from sbc.app import realm_table, router
-from sbc.assembly import trunk_credentials
+from sbc.assembly import trunk_credentials, trunk_registrations
 from sbc.b2bua.routing import RejectRoute, TrunkRoute
 from sbc.b2bua.trunk_auth import TrunkCredentials
+from sbc.b2bua.trunk_register import TrunkRegistration
 from sbc.config.loader import ConfigError, load_config_text
 from sbc.config.schema import Config
 from sbc.sip.uri import parse_uri
@@ -273,3 +274,17 @@ def test_a_bad_trunk_password_is_refused_without_showing_it() -> None:
     assert "trunks[0].auth.password" in report
     assert "tab" not in report.replace("trunks[0].auth.password", "")
     assert "username" in problems(TRUNK_AUTH.replace("username: acct-1, ", ""))
+
+
+def test_a_trunk_registration_takes_the_account_and_the_first_gateway_s_domain() -> None:
+    text = TRUNK_AUTH.replace("gateways: [{host: 203.0.113.9}]", (
+        "gateways: [{host: gw2.carrier.example, priority: 2},"
+        " {host: gw1.carrier.example, port: 5080, priority: 1}]"
+    )) + "    register: {expires: 300}\n"  # fmt: skip
+    assert trunk_registrations(load(text)) == [
+        TrunkRegistration("t", "acct-1", "gw1.carrier.example:5080", 300)
+    ]
+    named = text.replace("register: {expires: 300}", "register: {domain: carrier.example}")
+    assert trunk_registrations(load(named))[0].domain == "carrier.example"
+    lone = "\n".join(line for line in text.splitlines() if "auth:" not in line) + "\n"
+    assert "register: needs a username" in problems(lone)
