@@ -3127,8 +3127,13 @@ class CallController:
         role = self._by_client.get(tx)
         if role is None:
             return self._ack_again(tx, response) or Step()
-        if role.challenged is not None and response.status in (401, 407):
-            return self._challenged_again(tx, role, role.challenged, response, now)
+        challenged = role.challenged
+        if (
+            challenged is not None
+            and role.role in ("bye", "trunk-register")
+            and response.status in (401, 407)
+        ):
+            return self._challenged_again(tx, role, challenged, response, now)
         if role.role == "trunk-register":
             if response.status >= 200 and role.challenged is not None:
                 self._by_client.pop(tx, None)
@@ -3164,6 +3169,10 @@ class CallController:
                 self._cancel_on_1xx.discard(tx)
                 return self._send_cancel(role.call_ref, tx, now)
             return self._ack_again(tx, response) or Step()
+        if response.status in (401, 407) and role.role in ("relay", "refresh"):
+            again = self._in_dialog_again(live, tx, role, response, now)
+            if again is not None:
+                return again
         if role.role == "invite" and isinstance(tx, ClientInviteTransaction):
             fork = live.forks.get(tx)
             if fork is None:
@@ -3198,6 +3207,48 @@ class CallController:
         if response.status >= 200:
             self._by_client.pop(tx, None)
         return Step()
+
+    def _in_dialog_again(
+        self, live: _Live, tx: ClientTransaction, role: _ByRole, response: Response, now: float
+    ) -> Step | None:
+        """A trunk's challenge to an in-dialog request on the B leg (a relayed
+        re-INVITE, UPDATE, INFO ... or the SBC's session refresh) answered with the
+        trunk's credentials: the request again, with the dialog's next CSeq; None
+        when it cannot be (the answer then goes on as any failure)."""
+        side = role.relayed.from_side.other if role.relayed is not None else role.side
+        trunk = live.call.trunk
+        leg = None if side is None else live.call.leg(side)
+        if side is not LegSide.B or trunk is None or leg is None or leg.dialog is None:
+            return None
+        if role.relayed is not None and role.relayed.cancelled:
+            return None
+        tries = 0 if role.challenged is None else role.challenged[2]
+        again = self.trunk_auth.again(trunk, tx.request, response, tries)
+        if again is None:
+            return None
+        try:
+            dialog, fresh = leg.dialog.create_request(
+                again.method,
+                transport=leg.local.transport.value,
+                host=format_host(leg.local.host),
+                port=leg.local.port,
+            )
+        except DialogError:
+            return None
+        # The dialog's next CSeq (another request may have gone on it meanwhile).
+        again.headers.set("CSeq", f"{fresh.cseq.seq} {again.method}")
+        live.call = live.call.with_leg(side, leg.with_dialog(dialog))
+        hop = self._hop(leg)
+        client, out = self._send_request(again, hop, now)
+        self._by_client.pop(tx, None)
+        self._by_client[client] = evolve(role, challenged=(trunk, hop, tries + 1))
+        if live.relayed is not None:
+            live.relayed = [client if t is tx else t for t in live.relayed]
+        if isinstance(client, ClientInviteTransaction) and role.role == "refresh":
+            live.own_invites = [client if t is tx else t for t in live.own_invites or ()]
+        logger.info("- call %s: %d to %s answered with trunk %s's credentials",
+                    live.call.call_ref, response.status, again.method, trunk)  # fmt: skip
+        return Step(out)
 
     def _challenged_again(
         self,

@@ -6,7 +6,9 @@ proxy: RFC 3261 22.2, 22.3) and takes only requests with the account's credentia
 The caller cannot answer for the SBC: the challenge names the carrier's realm, the
 caller has no account there, and the B2BUA never lets it across (it would name the
 carrier's hosts). So the SBC answers it itself, with the credentials configured for
-the trunk (``trunks[].auth``), and sends the request again:
+the trunk (``trunks[].auth``), and sends the request again (the INVITE of a call,
+an in-dialog request on the trunk's leg with that dialog's next CSeq, a BYE after
+the call ended on the SBC's side, a REGISTER of `sbc.b2bua.trunk_register`):
 
 * same Call-ID, tags and Request-URI, a new branch and the CSeq one higher (RFC 3261
   8.1.3.5, 22.2), the credentials in Authorization (401) or Proxy-Authorization

@@ -631,7 +631,7 @@ class GatewayConfig(Section):
 @dataclass(frozen=True)
 class TrunkAuthConfig(Section):
     """The account the SBC has at the trunk's carrier: it answers the carrier's digest
-    challenges (401/407) to its INVITEs and BYEs with it."""
+    challenges (401/407) to what it sends the trunk with it."""
 
     username: str = field(
         metadata=spec("User name of the account.", pattern=r"[!#-\[\]-~]{1,128}"),

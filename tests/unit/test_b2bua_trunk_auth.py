@@ -22,6 +22,7 @@ from tests.unit.test_b2bua_flows import (
     CALLER,
     GW,
     PSTN,
+    SESSION_TIMERS,
     answer,
     controller,
     from_a,
@@ -29,6 +30,7 @@ from tests.unit.test_b2bua_flows import (
     invite_text,
     receive,
     requests,
+    sdp,
     session,
     statuses,
     trunk_plan,
@@ -180,3 +182,42 @@ def test_the_password_is_in_no_log_line_and_no_repr(caplog: pytest.LogCaptureFix
     receive(c, answer(again, 407, extra=challenge()), HERE, 0.2)
     assert caplog.records
     assert PASSWORD not in caplog.text
+
+
+def test_a_relayed_re_invite_and_info_challenged_go_again_with_the_dialog_s_next_cseq() -> None:
+    c = trunk_controller(TrunkCredentials("sbc-account", PASSWORD))
+    _, a_tag = answered_call(c)
+    hold = sdp("alice", "198.51.100.9", 4000, version=2).replace("sendrecv", "sendonly")
+    step = receive(c, from_a("INVITE", a_tag, 2, body=hold), CALLER, 1.0)
+    (reinvite,) = requests(step, "INVITE")
+    step = receive(c, answer(reinvite, 407, extra=challenge()), HERE, 1.1)
+    assert statuses(step) == []  # the caller's re-INVITE still waits
+    (again,) = requests(step, "INVITE")
+    assert again.cseq.seq == reinvite.cseq.seq + 1 and again.body == reinvite.body
+    assert again.via.branch != reinvite.via.branch and verified(again)
+    step = receive(c, answer(again, 200, ANSWER), HERE, 1.2)
+    assert statuses(step) == [200]
+    (ack,) = requests(step, "ACK")
+    assert ack.cseq.seq == again.cseq.seq
+    # An INFO after it takes the dialog's next CSeq, and so does its second sending.
+    step = receive(c, from_a("INFO", a_tag, 3, body="x", content_type="text/plain"), CALLER, 2.0)
+    (info,) = requests(step, "INFO")
+    assert info.cseq.seq == again.cseq.seq + 1
+    (info_again,) = requests(receive(c, answer(info, 401, extra=challenge(401)), HERE, 2.1), "INFO")
+    assert info_again.cseq.seq == info.cseq.seq + 1
+    assert verified(info_again, "Authorization")
+    assert statuses(receive(c, answer(info_again, 200), HERE, 2.2)) == [200]
+
+
+def test_the_sbc_s_session_refresh_challenged_by_the_trunk_goes_again() -> None:
+    c = controller(SESSION_TIMERS, rules=PSTN, targets=trunk_plan())
+    c.trunk_auth = TrunkAuth({"pstn": TrunkCredentials("sbc-account", PASSWORD)})
+    invite, _ = answered_call(c)
+    step = c.handle_timers(55.2)  # half the 90 s interval after the answer
+    (refresh,) = [r for r in requests(step) if r.call_id == invite.call_id]
+    step = receive(c, answer(refresh, 407, extra=challenge()), HERE, 55.3)
+    (again,) = requests(step, refresh.method)
+    assert again.cseq.seq == refresh.cseq.seq + 1 and verified(again)
+    step = receive(c, answer(again, 200, ANSWER if again.body else ""), HERE, 55.4)
+    (call,) = c.calls()
+    assert call.state.name == "CONFIRMED"
