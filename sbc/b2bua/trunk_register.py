@@ -162,8 +162,8 @@ class TrunkRegistrations:
         """The final answer to the trunk's REGISTER (None: none came, or it could not
         be sent); schedules the next one."""
         state = self._states.get(trunk)
-        if state is None:
-            return
+        if state is None or (response is not None and response.call_id != state.call_id):
+            return  # a registration the configuration replaced meanwhile
         status = None if response is None else response.status
         state.last_status = status
         if state.removing:

@@ -150,3 +150,19 @@ def test_an_unanswered_register_is_tried_again_later() -> None:
     (again,) = requests(c.handle_timers(due), "REGISTER")
     assert again.call_id == register.call_id
     assert c.trunk_registrations.status(due)["pstn"]["state"] == RegistrationState.REGISTERING
+
+
+def test_a_changed_account_registers_anew_and_the_old_answer_is_ignored() -> None:
+    registrations = TrunkRegistrations([ACCOUNT])
+    old = registrations.request("pstn", LOCAL, user_agent="sbc")
+    registrations.reconfigure([ACCOUNT])  # unchanged: the REGISTER out stays the one
+    assert registrations.due(1.0) == []
+    changed = TrunkRegistration("pstn", "acct-2", "carrier.example")
+    registrations.reconfigure([changed])
+    assert registrations.due(1.0) == ["pstn"]
+    registrations.result("pstn", ok(old, "Expires: 600\r\n"), 1.0)
+    assert registrations.status(1.0)["pstn"]["state"] == "unregistered"
+    new = registrations.request("pstn", LOCAL, user_agent="sbc")
+    assert new.call_id != old.call_id and "acct-2" in str(new.headers.get("From"))
+    registrations.reconfigure([])
+    assert "pstn" not in registrations and registrations.next_due() is None
