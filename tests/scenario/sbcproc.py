@@ -28,20 +28,28 @@ from sbc.sip.errors import ParseError
 from sbc.sip.message import Headers, Response
 from sbc.sip.parser import parse_message
 
+#: Ports ``free_port`` handed out in this process: the kernel may give a port just
+#: closed to the next bind at once, so two realms of one config could get the same
+#: port (seen: "udp 127.0.0.1:48539 is already used by another listener").
+_HANDED_OUT: set[int] = set()
+
 
 def free_port(kind: int = socket.SOCK_STREAM, also_udp: bool = False) -> int:
-    """A port free for TCP (and UDP when asked) on 127.0.0.1 right now."""
-    for _ in range(50):
+    """A port free for TCP (and UDP when asked) on 127.0.0.1 right now, and not
+    handed out before by this process."""
+    for _ in range(200):
         with socket.socket(socket.AF_INET, kind) as s:
             s.bind(("127.0.0.1", 0))
             port = int(s.getsockname()[1])
-        if not also_udp:
-            return port
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            try:
-                u.bind(("127.0.0.1", port))
-            except OSError:
-                continue
+        if port in _HANDED_OUT:
+            continue
+        if also_udp:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                try:
+                    u.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+        _HANDED_OUT.add(port)
         return port
     raise RuntimeError("no free port")
 
