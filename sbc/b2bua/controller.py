@@ -1175,7 +1175,9 @@ class CallController:
 
     def handle_timers(self, now: float) -> Step:
         """2xx retransmissions (13.3.1.4), ringing and duration limits, session refreshes."""
-        step = self._retransmit_2xx(now) + self._probe(now) + self._register_trunks(now)
+        step = self._retransmit_2xx(now) + self._probe(now)
+        if len(self.trunk_registrations):
+            step = step + self._register_trunks(now)
         while self._deadlines and self._deadlines[0][0] <= now:
             when, _, call_ref, kind = heapq.heappop(self._deadlines)
             live = self._calls.get(call_ref)
@@ -3789,7 +3791,8 @@ class CallController:
                 identity = asserted_by_peer(response)
             if identity is None and isinstance(live.route, RegisteredRoute):
                 identity = _registered_callee(live.a_request)
-            self._assert_identity(response, identity, out, live.call.a.realm, live.call.a.local)
+            if identity is not None:
+                self._assert_identity(response, identity, out, live.call.a.realm, live.call.a.local)
         if (
             100 < status < 300
             and live.session is not None

@@ -113,12 +113,19 @@ class TrunkRegistrations:
     def __contains__(self, trunk: object) -> bool:
         return trunk in self._states
 
+    def __len__(self) -> int:
+        return len(self._states)
+
     def next_due(self) -> float | None:
+        if not self._states:
+            return None  # asked after every message: most SBCs register nothing
         dues = [s.due for s in self._states.values() if s.due is not None]
         return min(dues) if dues else None
 
     def due(self, now: float) -> list[str]:
         """The trunks whose REGISTER should go now."""
+        if not self._states:
+            return []
         return [name for name, s in self._states.items() if s.due is not None and s.due <= now]
 
     def request(
