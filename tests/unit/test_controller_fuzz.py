@@ -35,8 +35,12 @@ from sbc.b2bua.controller import (
 from sbc.b2bua.local import LocalResponder
 from sbc.b2bua.realm import Hop, Realm, RealmTable
 from sbc.b2bua.routing import RouteAction, Router, RouteRule
+from sbc.b2bua.targets import Directory
+from sbc.b2bua.trunk_auth import TrunkAuth, TrunkCredentials
+from sbc.b2bua.trunks import Gateway, ProbePolicy, Trunk, TrunkTable
 from sbc.media.session import LegState, MediaSession, MediaStream
 from sbc.media.values import Endpoint
+from sbc.sip.auth import DigestServer, DigestServerConfig
 from sbc.sip.dialog import DialogError
 from sbc.sip.errors import ParseError
 from sbc.sip.message import Request, Response
@@ -753,13 +757,52 @@ CANCELLED: Script = [
 ]
 
 
+#: The trunk's account: the callee's side may challenge what the SBC sends it.
+CARRIER = DigestServer(DigestServerConfig("carrier.example", b"fuzz-key" * 4))
+
+
+def challenged_by_b(method: str, status: int) -> Callable[[Run], tuple[Message, Flow] | None]:
+    """The callee's side challenges the last ``method`` the SBC sent it."""
+
+    def make(run: Run) -> tuple[Message, Flow] | None:
+        request = latest(run.to_b, method)
+        if request is None:
+            return None
+        message = answer(request, status, "bobtag", B_CONTACT)
+        name = "Proxy-Authenticate" if status == 407 else "WWW-Authenticate"
+        message.headers.extend((name, value) for value in CARRIER.challenge_values(0.0))
+        return message, TRUNK
+
+    return make
+
+
+#: The trunk challenges the INVITE, a re-INVITE and the BYE (``trunks[].auth``).
+CHALLENGED: Script = [
+    lambda run: (from_a("INVITE", 1, "inv1", run, OFFER), CALLER),
+    challenged_by_b("INVITE", 407),
+    b_answers("INVITE", 200, ANSWER),
+    lambda run: (from_a("ACK", 1, "ack1", run), CALLER),
+    lambda run: (from_a("INVITE", 2, "inv2", run, HOLD), CALLER),
+    challenged_by_b("INVITE", 401),
+    b_answers("INVITE", 200, sdp("b", "203.0.113.5", 42000, "a=recvonly\r\n")),
+    lambda run: (from_a("ACK", 2, "ack2", run), CALLER),
+    lambda run: (from_a("BYE", 3, "bye3", run), CALLER),
+    challenged_by_b("BYE", 407),
+    b_answers("BYE", 200),
+]
+
+
 def controller() -> CallController:
     realms = RealmTable(
         [Realm.build("outside", [OUT], "198.51.100.1"), Realm.build("inside", [IN], "203.0.113.1")]
     )
-    router = Router(
-        [RouteRule("core", RouteAction.TRUNK, "outside", realm="inside", destination=CORE)]
-    )
+    # Through a trunk with an account: what the callee's side sends may be a
+    # challenge (CHALLENGED, or any status a spoil turns into 401 or 407).
+    router = Router([RouteRule("core", RouteAction.TRUNK, "outside", trunk="core")])
+    gateway = Gateway("core-gw", CORE.host, CORE.port)
+    trunk = Trunk("core", "inside", (gateway,), probe=ProbePolicy(enabled=False))
+    targets = Directory(TrunkTable([trunk]))
+    auth = TrunkAuth({"core": TrunkCredentials("sbc-account", "fuzz-password")})
     timers = CallTimers(max_duration=MAX_DURATION, no_answer_timeout=120, session_expires=0)
     # Transfers are relayed both ways, so that REFER and its NOTIFYs are played too.
     # Both trusted (RFC 3325): asserted identities are read both ways.
@@ -767,7 +810,14 @@ def controller() -> CallController:
         name: RealmPolicy(refer_relay=True, trust_identity=True) for name in ("outside", "inside")
     }
     return CallController(
-        TransactionLayer(), realms, router, LocalResponder(), timers=timers, policies=policies
+        TransactionLayer(),
+        realms,
+        router,
+        LocalResponder(),
+        timers=timers,
+        policies=policies,
+        targets=targets,
+        trunk_auth=auth,
     )
 
 
@@ -931,6 +981,7 @@ SCRIPTS = {
     "prack offer, 2xx crossed": PRACK_OFFER_CROSSED,
     "early offer from b": EARLY_FROM_B,
     "late offer, 100rel": LATE_RELIABLE,
+    "trunk challenges": CHALLENGED,
 }
 
 
@@ -943,4 +994,15 @@ def test_a_spoilt_message_raises_nothing_and_leaks_nothing(
     which: str, spoilt: dict[int, Spoil]
 ) -> None:
     run = play(SCRIPTS[which], spoilt)
+    assert_nothing_left(run)
+
+
+def test_the_trunk_s_challenges_are_answered_in_the_unspoilt_script() -> None:
+    run = play(CHALLENGED, {})
+    invites, byes = run.to_b["INVITE"], run.to_b["BYE"]
+    assert len(invites) == 4 and len(byes) == 2
+    answered = [invites[1], invites[3], byes[1]]
+    assert all(r.headers.fields("Proxy-Authorization") or r.headers.fields("Authorization")
+               for r in answered)  # fmt: skip
+    assert not invites[0].headers.fields("Proxy-Authorization")
     assert_nothing_left(run)
