@@ -849,8 +849,9 @@ class _ByRole:
     side: LegSide | None = None
     #: A probe: the trunk, gateway key and address it tests.
     probe: tuple[str, str, Destination] | None = None
-    #: A BYE to a trunk with credentials: the trunk, the hop it went by and how many
-    #: times it was sent again for a challenge.
+    #: A request to a trunk with credentials (a BYE, a REGISTER, one sent again for
+    #: a challenge): the trunk, the hop it went by and how many times it was sent
+    #: again for a challenge.
     challenged: tuple[str, Hop, int] | None = None
 
 
@@ -3239,9 +3240,14 @@ class CallController:
             return None
         # The dialog's next CSeq (another request may have gone on it meanwhile).
         again.headers.set("CSeq", f"{fresh.cseq.seq} {again.method}")
-        live.call = live.call.with_leg(side, leg.with_dialog(dialog))
         hop = self._hop(leg)
-        client, out = self._send_request(again, hop, now)
+        try:
+            client, out = self._send_request(again, hop, now)
+        except TransactionError as exc:
+            logger.warning("x call %s: %s not sent again: %s", live.call.call_ref, again.method,
+                           exc)  # fmt: skip
+            return None
+        live.call = live.call.with_leg(side, leg.with_dialog(dialog))
         self._by_client.pop(tx, None)
         self._by_client[client] = evolve(role, challenged=(trunk, hop, tries + 1))
         if live.relayed is not None:
@@ -3340,7 +3346,11 @@ class CallController:
         hop = None if realm is None else self._realm_lookups.hop(realm, fork.target.destination)
         if invite is None or hop is None:
             return None
-        tx, out = self._send_request(invite, hop, now)
+        try:
+            tx, out = self._send_request(invite, hop, now)
+        except TransactionError as exc:
+            logger.warning("x call %s: INVITE not sent again: %s", live.call.call_ref, exc)
+            return None
         assert isinstance(tx, ClientInviteTransaction)
         del live.forks[fork.tx]
         self._by_client.pop(fork.tx, None)

@@ -221,3 +221,12 @@ def test_the_sbc_s_session_refresh_challenged_by_the_trunk_goes_again() -> None:
     step = receive(c, answer(again, 200, ANSWER if again.body else ""), HERE, 55.4)
     (call,) = c.calls()
     assert call.state.name == "CONFIRMED"
+
+
+def test_no_room_for_the_invite_again_fails_the_call_without_raising() -> None:
+    c = trunk_controller(TrunkCredentials("sbc-account", PASSWORD))
+    invite = first_invite(c)
+    c.transactions.max_transactions = len(c.transactions)  # no room for another
+    step = receive(c, answer(invite, 407, extra=challenge()), HERE, 0.1)
+    assert requests(step, "INVITE") == []
+    assert statuses(step) == [403]
