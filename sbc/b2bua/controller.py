@@ -57,6 +57,7 @@ from sbc.b2bua.identity import (
     withholds_user,
 )
 from sbc.b2bua.local import LocalResponder
+from sbc.b2bua.location import conveyed
 from sbc.b2bua.realm import Hop, Realm, RealmTable
 from sbc.b2bua.register_rate import RegisterRate
 from sbc.b2bua.routing import (
@@ -2326,6 +2327,15 @@ class CallController:
             copy_kept_headers(a_request, invite, realm)
         self._assert_identity(a_request, live.identity, invite, leg.realm, leg.local)
         invite.set_body(body, SDP_CONTENT_TYPE if body else None)
+        if live.route.emergency:
+            # RFC 6442: where the caller is goes with an emergency call (only).
+            location = conveyed(a_request, format_host(leg.local.host))
+            if location is not None:
+                invite.set_body(*location.body(body, SDP_CONTENT_TYPE))
+                invite.headers.remove("Geolocation")  # a keep-list's copy names cids
+                invite.headers.remove("Geolocation-Routing")
+                for name, value in location.headers():
+                    invite.headers.add(name, value)
         self._outbound(invite, leg.realm)
         return invite
 

@@ -338,6 +338,8 @@ realms:
   - {{name: sos, from_realm: phones, user_prefix: "112", action: trunk, realm: inside,
       host: 127.0.0.1, port: {uas}, emergency: true,
       limits: {{calls_per_second: 0.01, burst: 1}}}}
+  - {{name: sos-out, from_realm: outside, user_prefix: "911", action: trunk, realm: inside,
+      host: 127.0.0.1, port: {uas}, emergency: true}}
   - {{name: users, from_realm: phones, action: registered}}
   - {{name: pair, user_prefix: "71", action: trunk, trunk: pair}}
   - {{name: carrier, user_prefix: "73", action: trunk, trunk: carrier}}
@@ -589,6 +591,25 @@ def test_an_emergency_call_from_the_phones_realm_needs_no_digest(lab: FlowLab) -
     assert len(retry) == 1 and 90 <= int(retry[0]) <= 100, retry
     assert "not admitted (route sos: rate)" in lab.sbc.log()
     lab.cdrs.append(ExpectedCdr("1120", "sos", "failed", 503, "admission", None, "phones", "", ""))
+
+
+def test_an_emergency_call_conveys_the_caller_s_location(lab: FlowLab) -> None:
+    """RFC 6442: the caller's PIDF-LO (civic address) and Geolocation cross with an
+    emergency call, under a Content-ID of the SBC's; the SDP part is the relay's."""
+    caller, callee, caller_sipp, callee_sipp = passed_call(
+        lab, "flow_uac_location.xml", "uas_basic.xml", service="911"
+    )
+    invite = first(callee, "<INVITE")
+    assert header(invite, "Content-Type")[0].startswith("multipart/mixed;boundary=")
+    (geolocation,) = header(invite, "Geolocation")
+    assert geolocation.startswith("<cid:") and geolocation.endswith("@127.0.0.1>")
+    assert f"Content-ID: <{geolocation[5:-1]}>" in invite
+    assert "<ca:RD>Rue de la Loi</ca:RD>" in invite
+    assert header(invite, "Geolocation-Routing") == ["yes"]
+    assert "loc-1@" not in invite  # the caller's own Content-ID stays with it
+    assert "c=IN IP4 127.0.0.1" in invite and "m=audio " in invite
+    assert_hidden(caller, callee, caller_sipp, callee_sipp)
+    lab.cdrs.append(answered("911", "sos-out", "outside", "inside", lab.uas))
 
 
 def test_a_realm_for_registered_phones_takes_calls_from_where_they_registered(

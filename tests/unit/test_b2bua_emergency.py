@@ -14,6 +14,7 @@ from sbc.transport.base import Destination, Transport
 from tests.unit.test_b2bua_flows import (
     CALLER,
     CORE,
+    SDP,
     StubRegistrar,
     controller,
     invite_text,
@@ -204,3 +205,58 @@ def test_an_emergency_call_from_a_registered_phone_asserts_its_user() -> None:
     )
     (invite,), _ = start_call_text(c, invite_text(uri="sip:112@198.51.100.1"))
     assert asserted(invite) == ["<sip:alice@203.0.113.1:5060>"]
+
+
+# -- location conveyance (RFC 6442) ---------------------------------------------------------
+
+PIDF = (
+    '<?xml version="1.0" encoding="UTF-8"?>\r\n'
+    '<presence xmlns="urn:ietf:params:xml:ns:pidf" entity="pres:alice@198.51.100.9">'
+    '<tuple id="t1"><status><geopriv><location-info>'
+    "<civicAddress><A1>BE</A1><A3>Brussels</A3><RD>Rue de la Loi</RD><HNO>16</HNO>"
+    "</civicAddress></location-info></geopriv></status></tuple></presence>"
+)
+
+
+def located_invite(uri: str, n: int = 1, *, by_reference: bool = False) -> str:
+    """An INVITE from the caller with its SDP and its location (by value, or also a
+    reference to a location server)."""
+    body = (
+        "--loc\r\nContent-Type: application/sdp\r\n\r\n" + SDP + "\r\n"
+        "--loc\r\nContent-Type: application/pidf+xml\r\n"
+        "Content-ID: <loc-1@pbx.inside.example>\r\n\r\n" + PIDF + "\r\n--loc--\r\n"
+    )
+    geolocation = "<cid:loc-1@pbx.inside.example>"
+    if by_reference:
+        geolocation += ", <https://lis.example.net/loc/77>"
+    text = invite_text(
+        uri=uri, call_id=f"loc-{n}@198.51.100.9", via_branch=f"z9hG4bKloc{n}", body=body,
+        extra=f"Geolocation: {geolocation}\r\nGeolocation-Routing: yes\r\n",
+    )  # fmt: skip
+    return text.replace("Content-Type: application/sdp\r\nContent-Length",
+                        "Content-Type: multipart/mixed;boundary=loc\r\nContent-Length")  # fmt: skip
+
+
+def test_an_emergency_call_conveys_the_caller_s_location_under_the_sbc_s_ids() -> None:
+    c = controller(rules=RULES)
+    (invite,), _ = start_call_text(c, located_invite("sip:112@198.51.100.1", by_reference=True))
+    content_type = invite.content_type
+    assert content_type is not None and content_type.essence == "multipart/mixed"
+    cid, reference = invite.headers.fields("Geolocation")
+    assert reference == "<https://lis.example.net/loc/77>"
+    assert cid.startswith("<cid:") and cid.endswith("@203.0.113.1>")
+    new_id = cid[5:-1]
+    assert f"Content-ID: <{new_id}>".encode() in invite.body
+    assert PIDF.encode() in invite.body
+    assert invite.headers.get("Geolocation-Routing") == "yes"
+    # The SDP part is the relay's; the caller's realm's names are gone.
+    assert b"c=IN IP4 203.0.113.1" in invite.body
+    assert b"pbx.inside.example" not in bytes(invite)
+
+
+def test_an_ordinary_call_carries_no_location() -> None:
+    c = controller(rules=RULES)
+    (invite,), _ = start_call_text(c, located_invite("sip:1000@198.51.100.1"))
+    assert invite.content_type is not None
+    assert invite.content_type.essence == "application/sdp"
+    assert not invite.headers.fields("Geolocation") and b"civicAddress" not in invite.body
