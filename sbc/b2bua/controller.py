@@ -1390,7 +1390,7 @@ class CallController:
             hop = self._registrar_hop(trunk, now)
             if hop is None:
                 logger.warning("x trunk %s: no gateway to register with", trunk)
-                registrations.result(trunk, None, now)
+                registrations.no_gateway(trunk, now)
                 continue
             request = registrations.request(
                 trunk, hop.local, user_agent=self.user_agent, expires=expires

@@ -47,6 +47,9 @@ RETRY_BASE: Final = 30.0
 RETRY_MAX: Final = 1800.0
 #: Refreshes go this early before a long binding runs out (half-way for short ones).
 REFRESH_MARGIN: Final = 60.0
+#: Seconds between tries while the trunk has no gateway to send to (its name not
+#: resolved yet, every gateway down): no failure of the carrier's, so no back-off.
+NO_GATEWAY_RETRY: Final = 5.0
 #: The longest binding the SBC believes a registrar granted (a day).
 MAX_GRANTED: Final = 86400
 
@@ -164,6 +167,13 @@ class TrunkRegistrations:
         state = self._states.get(trunk)
         if state is not None and request.call_id == state.call_id:
             state.cseq = max(state.cseq, request.cseq.seq)
+
+    def no_gateway(self, trunk: str, now: float) -> None:
+        """No gateway of the trunk could be asked (its name not resolved yet, all
+        down): tried again soon, as no failure of the carrier's."""
+        state = self._states.get(trunk)
+        if state is not None and state.due is not None:
+            state.due = now + NO_GATEWAY_RETRY
 
     def result(self, trunk: str, response: Response | None, now: float) -> None:
         """The final answer to the trunk's REGISTER (None: none came, or it could not

@@ -11,6 +11,7 @@ import random
 from sbc.b2bua.controller import CallController
 from sbc.b2bua.trunk_auth import TrunkAuth, TrunkCredentials
 from sbc.b2bua.trunk_register import (
+    NO_GATEWAY_RETRY,
     RETRY_BASE,
     RETRY_MAX,
     RegistrationState,
@@ -166,3 +167,13 @@ def test_a_changed_account_registers_anew_and_the_old_answer_is_ignored() -> Non
     assert new.call_id != old.call_id and "acct-2" in str(new.headers.get("From"))
     registrations.reconfigure([])
     assert "pstn" not in registrations and registrations.next_due() is None
+
+
+def test_no_gateway_to_register_with_is_tried_again_soon_without_back_off() -> None:
+    c = controller(rules=PSTN)  # no trunk plan: its gateways are not known yet
+    c.trunk_registrations = TrunkRegistrations([ACCOUNT])
+    for now in (0.0, 5.0, 10.0):
+        assert requests(c.handle_timers(now)) == []
+        assert c.trunk_registrations.next_due() == now + NO_GATEWAY_RETRY
+    status = c.trunk_registrations.status(10.0)["pstn"]
+    assert (status["state"], status["failures"]) == ("unregistered", 0)
