@@ -40,8 +40,8 @@ from sbc.sip.message import Message
 
 #: The media types of a location object by value (RFC 4119, 5491).
 LOCATION_TYPES: Final = frozenset({"application/pidf+xml"})
-#: At most this many location parts cross (RFC 6442 allows one location per
-#: Geolocation value; a body of dozens is an attack, not a caller).
+#: At most this many location parts cross, and this many Geolocation values (RFC
+#: 6442 allows one location per value; dozens are an attack, not a caller).
 MAX_PARTS: Final = 4
 
 _PART_HEADER = re.compile(rb"^([A-Za-z0-9!#$%&'*+.^_`|~-]+)[ \t]*:[ \t]*(.*?)[ \t]*\r?$", re.M)
@@ -99,6 +99,8 @@ def conveyed(message: Message, host: str) -> Conveyed | None:
     parts: list[LocationPart] = []
     geolocation: list[str] = []
     for value in values:
+        if len(geolocation) >= MAX_PARTS:
+            break
         try:
             address = Address.parse(value, "Geolocation")
         except ParseError:
@@ -109,7 +111,7 @@ def conveyed(message: Message, host: str) -> Conveyed | None:
                 geolocation.append(f"<{uri}>")
             continue
         part = by_cid.get(_unescape_cid(uri[4:]))
-        if part is None or len(parts) >= MAX_PARTS:
+        if part is None:
             continue  # a reference to nothing the SBC carries
         new_id = f"{secrets.token_hex(8)}@{host}"
         parts.append(LocationPart(part.content_type, new_id, part.content))

@@ -69,6 +69,9 @@ def test_at_most_max_parts_cross_and_a_late_offer_carries_the_location_alone() -
     values = ", ".join(f"<cid:p{n}@inside>" for n in range(count))
     location = conveyed(request(values, parts), "sbc")
     assert location is not None and len(location.parts) == MAX_PARTS
+    references = ", ".join(f"<https://lis.example/{n}>" for n in range(count))
+    by_reference = conveyed(request(references, []), "sbc")
+    assert by_reference is not None and len(by_reference.geolocation) == MAX_PARTS
     body, content_type = location.body(b"", "application/sdp")
     assert content_type.startswith("multipart/mixed;boundary=")
     assert b"application/sdp" not in body
