@@ -27,7 +27,7 @@ An emergency route's calls (112, 911) are never refused by the realms, the trunk
 the node: only by the limits of their own route, which bound a flood of false
 emergency calls (TDoS) without letting ordinary traffic crowd genuine ones out.
 
-Scope names come from configuration (realm and trunk names), never from the wire,
+Scope names come from configuration (realm, trunk and route names), never from the wire,
 so the per-scope tables are bounded by the configuration the node has had.
 """
 

@@ -143,7 +143,9 @@ class TrunkRegistrations:
         state.removing = expires == 0
         if not state.removing:
             state.state = RegistrationState.REGISTERING
-        transport = "" if local.transport is Transport.UDP else f";transport={local.transport}"
+        transport = (
+            "" if local.transport is Transport.UDP else f";transport={local.transport.value}"
+        )
         scheme = "sips" if local.transport is Transport.TLS else "sip"
         user = escape_user(config.username)
         contact = f"{scheme}:{user}@{format_host(local.host)}:{local.port}{transport}"
@@ -186,16 +188,15 @@ class TrunkRegistrations:
         if state.removing:
             state.state, state.expires_at = RegistrationState.UNREGISTERED, None
             return
+        granted = 0
         if response is not None and 200 <= response.status < 300:
             granted = _granted(response, state.contact, state.asking)
-            if granted == 0:
-                state.state = RegistrationState.UNREGISTERED
-                state.expires_at = None
-                return
+        if granted > 0:
             state.state = RegistrationState.REGISTERED
             state.failures = 0
             state.expires_at = now + granted
-            state.due = now + granted - min(REFRESH_MARGIN, granted / 2)
+            # (At least a second apart, whatever a registrar grants.)
+            state.due = now + max(1.0, granted - min(REFRESH_MARGIN, granted / 2))
             logger.info("- trunk %s registered for %d s", trunk, granted)
             return
         if response is not None and response.status == 423:

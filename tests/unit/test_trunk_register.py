@@ -177,3 +177,17 @@ def test_no_gateway_to_register_with_is_tried_again_soon_without_back_off() -> N
         assert c.trunk_registrations.next_due() == now + NO_GATEWAY_RETRY
     status = c.trunk_registrations.status(10.0)["pstn"]
     assert (status["state"], status["failures"]) == ("unregistered", 0)
+
+
+def test_a_2xx_that_binds_nothing_is_a_failure_tried_again_later() -> None:
+    registrations = TrunkRegistrations([ACCOUNT], rng=random.Random(3))
+    first = registrations.request("pstn", LOCAL, user_agent="sbc")
+    registrations.result("pstn", ok(first, "Expires: 0\r\n"), 0.0)
+    status = registrations.status(0.0)["pstn"]
+    assert (status["state"], status["failures"]) == ("failed", 1)
+    due = registrations.next_due()
+    assert due is not None and RETRY_BASE / 2 <= due <= RETRY_BASE
+    # Over TCP the Contact says so.
+    tcp = ListenAddress(Transport.TCP, "203.0.113.1", 5060)
+    again = registrations.request("pstn", tcp, user_agent="sbc")
+    assert again.headers.get("Contact") == "<sip:acct-1@203.0.113.1:5060;transport=tcp>"
