@@ -288,3 +288,17 @@ def test_a_trunk_registration_takes_the_account_and_the_first_gateway_s_domain()
     assert trunk_registrations(load(named))[0].domain == "carrier.example"
     lone = "\n".join(line for line in text.splitlines() if "auth:" not in line) + "\n"
     assert "register: needs a username" in problems(lone)
+
+
+def test_the_readme_s_trunk_example_loads_and_builds_its_account() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### Connecting a SIP trunk provider", 1)[1]
+    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    config = load(example)
+    assert trunk_credentials(config) == {
+        "carrier": TrunkCredentials("acct-1", "secret", "carrier.example")
+    }
+    assert trunk_registrations(config) == [
+        TrunkRegistration("carrier", "acct-1", "carrier.example", 600)
+    ]
+    assert [route.name for route in config.routes] == ["sos", "out", "in"]
