@@ -3229,9 +3229,9 @@ class CallController:
         trunk's credentials: the request again, with the dialog's next CSeq; None
         when it cannot be (the answer then goes on as any failure)."""
         side = role.relayed.from_side.other if role.relayed is not None else role.side
-        trunk = live.call.trunk
+        trunk = self._leg_trunk(live, side)
         leg = None if side is None else live.call.leg(side)
-        if side is not LegSide.B or trunk is None or leg is None or leg.dialog is None:
+        if side is None or trunk is None or leg is None or leg.dialog is None:
             return None
         if role.relayed is not None and role.relayed.cancelled:
             return None
@@ -3267,6 +3267,18 @@ class CallController:
         logger.info("- call %s: %d to %s answered with trunk %s's credentials",
                     live.call.call_ref, response.status, again.method, trunk)  # fmt: skip
         return Step(out)
+
+    def _leg_trunk(self, live: _Live, side: LegSide | None) -> str | None:
+        """The trunk with an account on the far side of the ``side`` leg: the call's
+        trunk for the B leg; for the A leg (a carrier's call coming in, tied to no
+        trunk), the one trunk with an account whose realm the call came from."""
+        if side is LegSide.B:
+            return live.call.trunk
+        if side is not LegSide.A or not len(self.trunk_auth.trunks()):
+            return None
+        realm = live.call.a.realm
+        found = [t for t in self.trunk_auth.trunks() if self.targets.trunk_realm(t) == realm]
+        return found[0] if len(found) == 1 else None
 
     def _challenged_again(
         self,
@@ -4826,7 +4838,7 @@ class CallController:
             return Step()
         live.call = live.call.with_leg(side, leg.with_dialog(dialog))
         hop = self._hop(leg)
-        trunk = live.call.trunk if side is LegSide.B else None
+        trunk = self._leg_trunk(live, side)
         # A trunk may challenge the BYE too: unanswered, the carrier would keep
         # the call up (and bill it) until its own timers end it.
         challenged = (trunk, hop, 0) if trunk is not None and trunk in self.trunk_auth else None

@@ -8,7 +8,10 @@ caller has no account there, and the B2BUA never lets it across (it would name t
 carrier's hosts). So the SBC answers it itself, with the credentials configured for
 the trunk (``trunks[].auth``), and sends the request again (the INVITE of a call,
 an in-dialog request on the trunk's leg with that dialog's next CSeq, a BYE after
-the call ended on the SBC's side, a REGISTER of `sbc.b2bua.trunk_register`):
+the call ended on the SBC's side, a REGISTER of `sbc.b2bua.trunk_register`). A
+call the carrier makes is tied to no trunk: on its leg, the account of the one
+trunk with an account in the realm the call came from answers (none when two
+could):
 
 * same Call-ID, tags and Request-URI, a new branch and the CSeq one higher (RFC 3261
   8.1.3.5, 22.2), the credentials in Authorization (401) or Proxy-Authorization
@@ -86,6 +89,10 @@ class TrunkAuth:
 
     def __contains__(self, trunk: object) -> bool:
         return trunk in self._credentials
+
+    def trunks(self) -> tuple[str, ...]:
+        """The trunks the SBC has an account at."""
+        return tuple(self._credentials)
 
     def again(
         self, trunk: str | None, request: Request, response: Response, tries: int

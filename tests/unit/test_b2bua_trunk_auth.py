@@ -13,19 +13,24 @@ import logging
 
 import pytest
 
-from sbc.b2bua.controller import AllocateMedia, CallController, Step
+from sbc.b2bua.controller import AllocateMedia, CallController, Step, TrunkPlan
 from sbc.b2bua.trunk_auth import MAX_TRIES, TrunkAuth, TrunkCredentials
 from sbc.sip.auth import DigestServer, DigestServerConfig, UserSecret
 from sbc.sip.message import Request
 from tests.unit.test_b2bua_flows import (
+    A_CALL_ID,
     ANSWER,
     CALLER,
     GW,
     PSTN,
     SESSION_TIMERS,
+    TRUNK,
+    StubTargets,
     answer,
+    confirmed_call,
     controller,
     from_a,
+    from_b,
     gw_flow,
     invite_text,
     receive,
@@ -230,3 +235,25 @@ def test_no_room_for_the_invite_again_fails_the_call_without_raising() -> None:
     step = receive(c, answer(invite, 407, extra=challenge()), HERE, 0.1)
     assert requests(step, "INVITE") == []
     assert statuses(step) == [403]
+
+
+def test_a_carrier_s_own_call_answers_its_challenges_on_the_caller_s_leg() -> None:
+    # The carrier calls in (from the realm of the trunk with the account); the SBC's
+    # BYE to it, when the callee hangs up, is challenged: answered with the account.
+    # Two trunks with accounts in the caller's realm: which one is unknown, none.
+    c = controller(targets=StubTargets(plan=TrunkPlan("outside", ())))
+    c.trunk_auth = TrunkAuth({"pstn": TrunkCredentials("sbc-account", PASSWORD)})
+    invite, _, _ = confirmed_call(c)
+    step = receive(c, from_b(invite, "BYE", 2), TRUNK, 1.0)
+    (bye,) = requests(step, "BYE")
+    assert bye.call_id == A_CALL_ID
+    step = receive(c, answer(bye, 407, extra=challenge()), CALLER, 1.1)
+    (again,) = requests(step, "BYE")
+    assert again.cseq.seq == bye.cseq.seq + 1 and verified(again)
+
+    c = controller(targets=StubTargets(plan=TrunkPlan("outside", ())))
+    c.trunk_auth = TrunkAuth({"pstn": TrunkCredentials("sbc-account", PASSWORD),
+                              "other": TrunkCredentials("x", "y")})  # fmt: skip
+    invite, _, _ = confirmed_call(c)
+    (bye,) = requests(receive(c, from_b(invite, "BYE", 2), TRUNK, 1.0), "BYE")
+    assert requests(receive(c, answer(bye, 407, extra=challenge()), CALLER, 1.1)) == []
