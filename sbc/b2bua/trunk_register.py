@@ -35,7 +35,7 @@ from typing import Final
 
 from sbc.b2bua.topology import via_for
 from sbc.sip.errors import ParseError
-from sbc.sip.headers import Address, split_list
+from sbc.sip.headers import Address, parse_delta, split_list
 from sbc.sip.message import Headers, Request, Response, new_branch, new_tag, random_hex
 from sbc.sip.uri import SipUri, escape_user, format_host, parse_uri
 from sbc.transport.base import ListenAddress, Transport
@@ -236,11 +236,11 @@ class TrunkRegistrations:
 
 
 def _delta(value: str | None) -> int | None:
-    """A delta-seconds header value (Expires, Min-Expires, Retry-After's number)."""
+    """A delta-seconds header value (Expires, Min-Expires, Retry-After's number:
+    parameters or a comment may follow), `parse_delta`'s reading of it."""
     if value is None:
         return None
-    text = value.split(";", 1)[0].split("(", 1)[0].strip()
-    return int(text) if text.isdigit() and len(text) <= 10 else None
+    return parse_delta(value.split(";", 1)[0].split("(", 1)[0].strip())
 
 
 def _granted(response: Response, contact: str | None, asked: int) -> int:

@@ -191,3 +191,11 @@ def test_a_2xx_that_binds_nothing_is_a_failure_tried_again_later() -> None:
     tcp = ListenAddress(Transport.TCP, "203.0.113.1", 5060)
     again = registrations.request("pstn", tcp, user_agent="sbc")
     assert again.headers.get("Contact") == "<sip:acct-1@203.0.113.1:5060;transport=tcp>"
+
+
+def test_a_registrar_s_odd_digits_are_no_expiry_and_raise_nothing() -> None:
+    # "²" is a digit to str.isdigit but not to int(): the expiry was int("²").
+    registrations = TrunkRegistrations([ACCOUNT])
+    first = registrations.request("pstn", LOCAL, user_agent="sbc")
+    registrations.result("pstn", ok(first, "Expires: \u00b2\r\n"), 0.0)
+    assert registrations.status(0.0)["pstn"]["expires_in"] == 600  # what was asked
