@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from sbc.b2bua.topology import multipart_parts
 from sbc.sip.errors import ParseError
 from sbc.sip.headers import Address, MediaType, split_list
 from sbc.sip.message import Message
@@ -133,16 +134,8 @@ def _location_parts(message: Message) -> Sequence[LocationPart]:
     boundary = media_type.param("boundary")
     if not boundary:
         return ()
-    delimiter = b"--" + boundary.encode("utf-8", "surrogateescape")
     out = []
-    for part in message.body.split(delimiter)[1:]:
-        if part.startswith(b"--"):
-            break
-        head, blank, content = part.partition(b"\r\n\r\n")
-        if not blank:
-            head, blank, content = part.partition(b"\n\n")
-        if not blank:
-            continue
+    for head, content in multipart_parts(message.body, boundary):
         fields = {m.group(1).lower(): m.group(2) for m in _PART_HEADER.finditer(head)}
         raw_type = fields.get(b"content-type", b"").decode("ascii", "replace")
         try:
@@ -153,7 +146,6 @@ def _location_parts(message: Message) -> Sequence[LocationPart]:
             continue
         raw_id = fields.get(b"content-id", b"").decode("ascii", "replace").strip()
         content_id = raw_id[1:-1] if raw_id.startswith("<") and raw_id.endswith(">") else None
-        content = content.removesuffix(b"\n").removesuffix(b"\r")
         out.append(LocationPart(essence, content_id or None, content))
     return out
 

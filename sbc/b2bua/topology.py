@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from ipaddress import IPv4Address, IPv6Address
 from typing import Final
 
@@ -386,22 +386,30 @@ def parse_sdp(message: Message) -> SessionDescription | None:
 _DIRECTIONS: Final = {d: Direction(d.value) for d in SdpDirection}
 
 
-def _sdp_part(body: bytes, boundary: str | None) -> bytes:
-    """The content of the first application/sdp part of a multipart body (RFC 2046
-    5.1.1: parts after each ``--boundary`` line, their headers, an empty line, then
-    the content up to the CRLF before the next delimiter); SdpError if none."""
-    if not boundary:
-        raise SdpError("multipart body without boundary (RFC 2046 5.1.1)", 400)
+def multipart_parts(body: bytes, boundary: str) -> Iterator[tuple[bytes, bytes]]:
+    """The (headers, content) of each part of a multipart body (RFC 2046 5.1.1:
+    parts after each ``--boundary`` line, their headers, an empty line, then the
+    content up to the line break before the next delimiter, which is the
+    delimiter's); a part without the empty line is skipped."""
     delimiter = b"--" + boundary.encode("utf-8", "surrogateescape")
     for part in body.split(delimiter)[1:]:
         if part.startswith(b"--"):
-            break  # the close delimiter
+            return  # the close delimiter
         head, blank, content = part.partition(b"\r\n\r\n")
         if not blank:
             head, blank, content = part.partition(b"\n\n")
-        if blank and _SDP_PART.search(head):
-            # The line break before the next delimiter is the delimiter's.
-            return content.removesuffix(b"\n").removesuffix(b"\r")
+        if blank:
+            yield head, content.removesuffix(b"\n").removesuffix(b"\r")
+
+
+def _sdp_part(body: bytes, boundary: str | None) -> bytes:
+    """The content of the first application/sdp part of a multipart body; SdpError
+    if none."""
+    if not boundary:
+        raise SdpError("multipart body without boundary (RFC 2046 5.1.1)", 400)
+    for head, content in multipart_parts(body, boundary):
+        if _SDP_PART.search(head):
+            return content
     raise SdpError("multipart body with a malformed SDP part", 400)
 
 
