@@ -52,6 +52,8 @@ class EndReason(enum.Enum):
     REJECTED = "rejected"
     NO_ANSWER_TIMEOUT = "no-answer-timeout"
     MEDIA_TIMEOUT = "media-timeout"
+    #: The media session was lost with the media worker that held it.
+    MEDIA_LOST = "media-lost"
     MAX_DURATION = "max-duration"
     SESSION_TIMER = "session-timer"
     SHUTDOWN = "shutdown"

@@ -1465,19 +1465,35 @@ class CallController:
             return self._hang_up_both(live, EndReason.TRANSPORT_ERROR, now)
         return Step()
 
+    def media_lost(self, session_id: str, now: float) -> Step:
+        """The call's media session is gone (its media worker died): whatever its
+        state, the call ends, as at a shutdown. Its offer or answer named ports
+        nothing relays any more."""
+        call_ref = self._by_session.get(session_id)
+        live = None if call_ref is None else self._calls.get(call_ref)
+        if live is None:
+            return Step()
+        logger.info("x call %s: media lost", live.call.call_ref)
+        return self._abort(live, EndReason.MEDIA_LOST, now)
+
+    def _abort(self, live: _Live, reason: EndReason, now: float) -> Step:
+        """End a call in any state on the SBC's account: BYE both legs once
+        answered, else 503 to the caller and CANCEL to the callees."""
+        if live.call.state is CallState.CONFIRMED:
+            return self._hang_up_both(live, reason, now, status=503)
+        step = Step()
+        if not live.a_final:
+            step = step + self._answer_a(
+                live, make_response(live.a_request, 503, to_tag=live.call.a.local_tag), now
+            )
+        step = step + self._cancel_forks(live, now)
+        return step + self._end(live, 503, reason, None, now)
+
     def shutdown(self, now: float) -> Step:
         """The SBC stops: every call ends (BYE both legs, or 503 and CANCEL while it rings)."""
         step = Step()
         for live in list(self._calls.values()):
-            if live.call.state is CallState.CONFIRMED:
-                step = step + self._hang_up_both(live, EndReason.SHUTDOWN, now, status=503)
-                continue
-            if not live.a_final:
-                step = step + self._answer_a(
-                    live, make_response(live.a_request, 503, to_tag=live.call.a.local_tag), now
-                )
-            step = step + self._cancel_forks(live, now)
-            step = step + self._end(live, 503, EndReason.SHUTDOWN, None, now)
+            step = step + self._abort(live, EndReason.SHUTDOWN, now)
         # The carriers' bindings of the SBC go too: calls to it fail at once there.
         leaving = self.trunk_registrations.shutdown()
         return step + self._register_trunks(now, trunks=leaving, expires=0)

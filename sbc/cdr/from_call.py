@@ -26,6 +26,7 @@ _NO_FINAL_RESPONSE = frozenset(
     {
         EndReason.CANCEL,
         EndReason.SHUTDOWN,
+        EndReason.MEDIA_LOST,
         EndReason.NO_ANSWER_TIMEOUT,
         EndReason.TRANSPORT_ERROR,
     }

@@ -86,6 +86,8 @@ class EndReason(enum.StrEnum):
     NO_ANSWER_TIMEOUT = "no_answer_timeout"
     #: No RTP/RTCP from a side for too long; the SBC hung up.
     MEDIA_TIMEOUT = "media_timeout"
+    #: The media worker holding the call's ports died; the SBC ended the call.
+    MEDIA_LOST = "media_lost"
     #: The call reached the configured maximum duration; the SBC hung up.
     MAX_DURATION = "max_duration"
     #: A session refresh did not happen in time (RFC 4028 10).
@@ -114,6 +116,7 @@ _SBC_FAILURE_REASONS: Final = frozenset(
         EndReason.SHUTDOWN,
         EndReason.ACK_TIMEOUT,
         EndReason.MEDIA_TIMEOUT,
+        EndReason.MEDIA_LOST,
         EndReason.MAX_DURATION,
         EndReason.SESSION_TIMER,
         EndReason.DIALOG_GONE,

@@ -37,6 +37,16 @@ class MediaTimeout:
 
 
 @dataclass(frozen=True)
+class MediaLost:
+    """The session is gone with the process that relayed it (a media worker died):
+    its ports relay nothing any more."""
+
+    session_id: str
+    call_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class SourceLatched:
     """A side's real media source was learnt (or re-learnt, ``relatched``)."""
 
@@ -70,7 +80,7 @@ class RecordingFinished:
     truncated: bool
 
 
-MediaEvent = MediaTimeout | SourceLatched | KernelPathEngaged | RecordingFinished
+MediaEvent = MediaTimeout | MediaLost | SourceLatched | KernelPathEngaged | RecordingFinished
 
 
 class MediaControl(Protocol):

@@ -1062,6 +1062,33 @@ def test_media_timeout_hangs_up_a_confirmed_call() -> None:
     assert len(c) == 0
 
 
+def test_a_lost_media_session_ends_its_call_whatever_its_state() -> None:
+    """A media worker died: the answered call is hung up both ways, the ringing one
+    gets 503 and its callee a CANCEL; other calls go on."""
+    c = controller()
+    invite, _, _ = confirmed_call(c)
+    (ringing,), _ = start_call(
+        c, 1.0, call_id="ringing", via_branch="z9hG4bKring", session_id="sess2"
+    )
+    (ring,) = responses(receive(c, answer(ringing, 180, tag="ring"), TRUNK, 1.1))
+    assert c.media_lost("other-session", 2.0) == Step()
+    step = c.media_lost("sess2", 2.0)
+    (refusal,) = responses(step)
+    assert refusal.status == 503 and refusal.call_id == "ringing"
+    assert refusal.to.tag == ring.to.tag
+    (cancel,) = requests(step, "CANCEL")
+    assert cancel.call_id == ringing.call_id and requests(step, "BYE") == []
+    (call,) = ended_calls(step)
+    assert call.end_reason is EndReason.MEDIA_LOST and call.end_status == 503
+    assert len(c) == 1
+    step = c.media_lost("sess", 3.0)
+    assert sorted(b.call_id for b in requests(step, "BYE")) == sorted([A_CALL_ID, invite.call_id])
+    (call,) = ended_calls(step)
+    assert call.end_reason is EndReason.MEDIA_LOST
+    assert step.media == (DeleteMedia(call.call_ref, "sess"),)
+    assert len(c) == 0
+
+
 def test_shutdown_ends_a_confirmed_and_a_ringing_call() -> None:
     c = controller()
     invite, _, _ = confirmed_call(c)
