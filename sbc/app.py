@@ -70,9 +70,10 @@ from sbc.firewall.nft import NftError
 from sbc.firewall.rounds import FirewallRounds
 from sbc.firewall.sip_events import malformed_event, request_event
 from sbc.media.config import MediaConfig, RealmMediaAddress
-from sbc.media.control import MediaError, MediaTimeout
+from sbc.media.control import MediaError, MediaLost, MediaTimeout
 from sbc.media.relay import DescriptorsExhausted, MediaRelay
 from sbc.media.session import MediaSession
+from sbc.media.workers import MediaWorkers, WorkersUnavailable
 from sbc.registrar.credentials import CredentialStoreError, SqliteCredentials
 from sbc.registrar.location import Binding
 from sbc.registrar.registrar import KEEPALIVE_CALL_ID_PREFIX, registered_for
@@ -318,7 +319,7 @@ class SbcNode:
         )
         self._register_relays: dict[str, assembly.RegisterRelayPort] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self.media: MediaRelay | None = None
+        self.media: MediaRelay | MediaWorkers | None = None
         self._media_queue: asyncio.Queue[MediaCommand] = asyncio.Queue()
         self.admission.busy = self._media_backlogged
         self._media_worker: asyncio.Task[None] | None = None
@@ -746,10 +747,20 @@ class SbcNode:
         )
 
     async def _start_media(self, config: Config) -> None:
-        """The in-process media relay, when realms exist (calls need it)."""
+        """The media relay, when realms exist (calls need it): in this process, or in
+        ``media.workers`` worker processes."""
         if self.media is not None or not config.realms:
             return
-        relay = MediaRelay(media_config(config))
+        relay: MediaRelay | MediaWorkers
+        if config.media.workers:
+            relay = MediaWorkers(
+                media_config(config),
+                config.media.workers,
+                log_level=config.log.level.value,
+                log_format=config.log.format.value,
+            )
+        else:
+            relay = MediaRelay(media_config(config))
         await relay.start()
         self.media = relay
         loop = asyncio.get_running_loop()
@@ -783,6 +794,7 @@ class SbcNode:
             "transactions": len(self.transactions),
             "calls": len(self.calls),
             "media_sessions": 0 if self.media is None else len(self.media.sessions()),
+            "media_workers": (self.media.status() if isinstance(self.media, MediaWorkers) else []),
             "media_backlog": self._media_queue.qsize(),
             "firewall": {"enabled": self.firewall is not None, "bans": self._firewall_bans},
             # Polled, not watched: a flush shows at the next check (`_restore_table`),
@@ -874,7 +886,7 @@ class SbcNode:
             except Exception:  # the watch must survive one bad check
                 logger.exception("x nftables table check failed")
 
-    def _table_users(self) -> tuple[Firewall | None, MediaRelay | None]:
+    def _table_users(self) -> tuple[Firewall | None, MediaRelay | MediaWorkers | None]:
         """The firewall and the media relay when they keep objects in table inet sbc
         (the relay only with its kernel path on)."""
         media = self.media
@@ -1160,8 +1172,9 @@ class SbcNode:
             if isinstance(command, AllocateMedia):
                 try:
                     session = await relay.allocate(command.call_id, command.streams)
-                except DescriptorsExhausted as exc:
-                    # The relay logs these once per burst; the call gets 503.
+                except (DescriptorsExhausted, WorkersUnavailable) as exc:
+                    # The relay logs these once per burst (a worker's loss once);
+                    # the call gets 503.
                     logger.debug("x call %s: no media: %s", command.call_ref, exc)
                     session = None
                 except MediaError as exc:
@@ -1191,20 +1204,24 @@ class SbcNode:
             logger.warning("x call %s: media %s: %s", command.call_ref, type(command).__name__, exc)
 
     async def _run_media_events(self) -> None:
-        """Media timeouts from the relay end their calls."""
+        """Media timeouts and lost sessions (a media worker died) end their calls."""
         while True:
             relay = self.media
             if relay is None:
                 await asyncio.sleep(1.0)
                 continue
             event = await relay.next_event()
-            if isinstance(event, MediaTimeout):
+            if isinstance(event, MediaTimeout | MediaLost):
                 now = time.monotonic()
                 try:
-                    self._execute(self.calls.media_timeout(event.session_id, now), now)
+                    if isinstance(event, MediaLost):
+                        step = self.calls.media_lost(event.session_id, now)
+                    else:
+                        step = self.calls.media_timeout(event.session_id, now)
+                    self._execute(step, now)
                 except Exception:
                     # As in _run_media: one bad event must not end media timeouts.
-                    logger.exception("x media timeout of session %s failed", event.session_id)
+                    logger.exception("x media event of session %s failed", event.session_id)
 
     def _arm_timer(self) -> None:
         deadline = self.transactions.next_deadline()
@@ -1301,7 +1318,8 @@ class SbcNode:
         if not restart:
             self._reload_certificates()
         self._reconfigure_calls(new)
-        if media_config(new) != media_config(old) and self.media is not None:
+        media_changed = new.media.workers != old.media.workers
+        if (media_changed or media_config(new) != media_config(old)) and self.media is not None:
             logger.warning("x media settings changed: they apply after a restart")
         if new.registrar != old.registrar or new.realms != old.realms:
             self._start_registrar(new)

@@ -900,10 +900,30 @@ class MediaSection(Section):
             max=3600,
         ),
     )
+    workers: int = field(
+        default=0,
+        metadata=spec(
+            "Relay media in this many worker processes, each with its own slice of the"
+            " port range and its own open-files limit (more cores, more calls); 0 ="
+            " in the SIP process. Needs kernel_path: false (the kernel fast path runs"
+            " in-process only).",
+            min=0,
+            max=64,
+        ),
+    )
 
     def check(self, path: str) -> Iterator[Issue]:
-        if self.port_max - (self.port_min + self.port_min % 2) < 1:
+        pairs = (self.port_max - (self.port_min + self.port_min % 2) + 1) // 2
+        if pairs < 1:
             yield path, "port_min..port_max holds no RTP/RTCP pair"
+        elif self.workers > pairs:
+            yield key_path(path, "workers"), f"{self.workers} workers for {pairs} RTP/RTCP pairs"
+        if self.workers and self.kernel_path:
+            yield (
+                key_path(path, "workers"),
+                "the kernel fast path runs in the SIP process only:"
+                " set kernel_path: false to relay media in worker processes",
+            )
 
 
 class CdrFormat(enum.StrEnum):
