@@ -46,6 +46,9 @@ logger = logging.getLogger(__name__)
 START_TIMEOUT = 30.0
 #: Seconds a request may take before its worker is deemed hung and killed.
 REQUEST_TIMEOUT = 10.0
+#: How often the watchdog looks for requests past their deadline (one timer for all
+#: requests: a timer per request costs every call).
+WATCHDOG_INTERVAL = 0.5
 #: Seconds a worker has to delete its sessions and exit on close (thousands of
 #: sessions take a few seconds).
 CLOSE_TIMEOUT = 30.0
@@ -82,6 +85,20 @@ def worker_configs(config: MediaConfig, workers: int) -> list[MediaConfig]:
     ]
 
 
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """What the pool keeps of a session: whose call it is, and its ports (the B2BUA
+    keeps the session itself; a second copy here would cost every call)."""
+
+    call_id: str
+    ports: frozenset[int]
+
+    @classmethod
+    def of(cls, session: MediaSession) -> _Held:
+        legs = (stream.leg(side) for stream in session.streams for side in Side)
+        return cls(session.call_id, frozenset(relay_ports(legs)))
+
+
 @dataclass(eq=False)
 class _Worker:
     index: int
@@ -92,10 +109,11 @@ class _Worker:
     pid: int | None = None
     ready: bool = False
     #: Each session the worker holds, as last reported.
-    sessions: dict[str, MediaSession] = field(default_factory=dict)
+    sessions: dict[str, _Held] = field(default_factory=dict)
     #: Allocations sent and not answered yet (they count towards its load).
     allocating: int = 0
-    pending: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
+    #: Requests sent and not answered: their future, and when they are overdue.
+    pending: dict[int, tuple[asyncio.Future[Any], float]] = field(default_factory=dict)
     starts: int = 0
     lost_calls: int = 0
 
@@ -126,6 +144,7 @@ class MediaWorkers:
         self._ids = itertools.count(1)
         self._closing = False
         self._restarts: set[asyncio.Task[None]] = set()
+        self._watchdog: asyncio.Task[None] | None = None
         self.kernel_unavailable: str | None = f"media relayed by {workers} worker processes"
 
     # -- lifecycle -------------------------------------------------------------------
@@ -137,12 +156,17 @@ class MediaWorkers:
         except BaseException:
             await self.close()
             raise
+        self._watchdog = asyncio.get_running_loop().create_task(
+            self._watch(), name="sbc-media-workers-watchdog"
+        )
 
     async def close(self) -> None:
         """Delete every session (each worker its own) and stop the workers."""
         self._closing = True
         for task in list(self._restarts):
             task.cancel()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         await asyncio.gather(*(self._stop(w) for w in self._workers), return_exceptions=True)
 
     async def __aenter__(self) -> MediaWorkers:
@@ -213,7 +237,7 @@ class MediaWorkers:
         worker = self._holder(session_id)
         session = await self._call(worker, "update", session_id, tuple(streams))
         if session_id in worker.sessions:
-            worker.sessions[session_id] = session
+            worker.sessions[session_id] = _Held.of(session)
         return session
 
     async def delete(self, session_id: str) -> MediaSession:
@@ -242,9 +266,9 @@ class MediaWorkers:
     def held_ports(self) -> dict[str, set[int]]:
         """As `MediaRelay.held_ports`, from the sessions as last reported."""
         return {
-            session_id: relay_ports(stream.leg(side) for stream in session.streams for side in Side)
+            session_id: set(held.ports)
             for w in self._workers
-            for session_id, session in w.sessions.items()
+            for session_id, held in w.sessions.items()
         }
 
     # -- internals -------------------------------------------------------------------
@@ -261,7 +285,7 @@ class MediaWorkers:
             # died after answering: its session is not one the B2BUA can use.
             self._spawn_task(self._drop(worker, session.session_id))
             raise MediaError(f"media session {session.session_id} could not be placed")
-        worker.sessions[session.session_id] = session
+        worker.sessions[session.session_id] = _Held.of(session)
         self._where[session.session_id] = worker
         return session
 
@@ -274,30 +298,45 @@ class MediaWorkers:
         worker: _Worker,
         method: str,
         *args: Any,
-        timeout: float | None = None,
         **kwargs: Any,
     ) -> Any:
         writer = worker.writer
         if not worker.ready or writer is None:
             raise WorkersUnavailable(f"media worker {worker.index} is not running")
         request_id = next(self._ids)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        worker.pending[request_id] = future
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        worker.pending[request_id] = (future, loop.time() + REQUEST_TIMEOUT)
         try:
             writer.write(frame((request_id, method, args, kwargs)))
-            return await asyncio.wait_for(asyncio.shield(future), timeout or REQUEST_TIMEOUT)
-        except TimeoutError:
-            logger.error(
-                "x media worker %d (pid %s) did not answer %s in %.0f s: killing it",
-                worker.index,
-                worker.pid,
-                method,
-                timeout or REQUEST_TIMEOUT,
-            )
-            self._kill(worker)
-            raise MediaError(f"media worker {worker.index} did not answer") from None
+            return await future
         finally:
             worker.pending.pop(request_id, None)
+
+    async def _watch(self) -> None:
+        """Kill a worker whose oldest request is overdue: it is hung (or stopped), and
+        every call waiting on it would wait with it. Its death ends its calls and
+        starts it again (`_lost`)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(WATCHDOG_INTERVAL)
+            now = loop.time()
+            for worker in self._workers:
+                overdue = [f for f, deadline in worker.pending.values() if deadline < now]
+                if not overdue or not worker.ready:
+                    continue
+                logger.error(
+                    "x media worker %d (pid %s) did not answer %d requests in time: killing it",
+                    worker.index,
+                    worker.pid,
+                    len(overdue),
+                )
+                for future in overdue:
+                    if not future.done():
+                        future.set_exception(
+                            MediaError(f"media worker {worker.index} did not answer")
+                        )
+                self._kill(worker)
 
     async def _spawn(self, worker: _Worker) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -356,7 +395,7 @@ class MediaWorkers:
                 if request_id == EVENT:
                     self._emit(value)
                     continue
-                future = worker.pending.get(request_id)
+                future, _ = worker.pending.get(request_id, (None, 0.0))
                 if future is None or future.done():
                     continue
                 if ok:
@@ -382,14 +421,14 @@ class MediaWorkers:
             self._kill(worker)  # half-dead (a bad frame): make sure
         process = worker.process
         code = None if process is None else await process.wait()
-        for future in worker.pending.values():
+        for future, _ in worker.pending.values():
             if not future.done():
                 future.set_exception(MediaError(f"media worker {worker.index} exited"))
-        lost = list(worker.sessions.values())
+        lost = list(worker.sessions.items())
         worker.sessions.clear()
-        for session in lost:
-            if self._where.get(session.session_id) is worker:
-                del self._where[session.session_id]
+        for session_id, _ in lost:
+            if self._where.get(session_id) is worker:
+                del self._where[session_id]
         if self._closing:
             return
         worker.lost_calls += len(lost)
@@ -403,8 +442,8 @@ class MediaWorkers:
             code,
             len(lost),
         )
-        for session in lost:
-            self._emit(MediaLost(session.session_id, session.call_id, gone))
+        for session_id, held in lost:
+            self._emit(MediaLost(session_id, held.call_id, gone))
         self._spawn_task(self._restart(worker))
 
     async def _restart(self, worker: _Worker) -> None:
@@ -427,8 +466,9 @@ class MediaWorkers:
         if process is None:
             return
         if worker.ready and worker.writer is not None:
-            with contextlib.suppress(MediaError, OSError):
-                await self._call(worker, "close", timeout=CLOSE_TIMEOUT)
+            # Its sessions are deleted first; past the timeout it is killed below.
+            with contextlib.suppress(MediaError, OSError, TimeoutError):
+                await asyncio.wait_for(self._call(worker, "close"), CLOSE_TIMEOUT)
         worker.ready = False
         try:
             await asyncio.wait_for(process.wait(), CLOSE_TIMEOUT)

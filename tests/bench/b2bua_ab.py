@@ -10,7 +10,9 @@ every other round (the machine drifts); ``python -m sbc`` runs with the tree as 
 working directory, so each runs its own code on this venv. It prints each step's
 calls, failures and CPU per call, then the medians and their ratio (new / old).
 ``--profile DIR`` runs each SBC under cProfile into DIR (the CPU figures then
-include the profiler's).
+include the profiler's). ``--new-workers N`` runs the new tree with ``media.workers:
+N`` (pinned to the same CPU, the workers' CPU counted): with ``--old .`` it compares
+the in-process relay with the workers on one tree.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ from tests.bench import b2bua_bench as bench
 class TreeSbc(bench.Sbc):
     """The bench's SBC, run from another tree's sources (``python -m sbc``)."""
 
-    def __init__(self, run: bench.Bench, tree: Path, profile: Path | None) -> None:
-        super().__init__(run, media_section=True)
+    def __init__(
+        self, run: bench.Bench, tree: Path, profile: Path | None, workers: int = 0
+    ) -> None:
+        super().__init__(run, media_section=True, media_workers=workers)
         self.tree = tree
         self.profile = profile
 
@@ -47,13 +51,15 @@ class TreeSbc(bench.Sbc):
         return target
 
 
-def one_step(tree: Path, rate: int, seconds: float, profile: Path | None) -> bench.Step:
+def one_step(
+    tree: Path, rate: int, seconds: float, profile: Path | None, workers: int = 0
+) -> bench.Step:
     plan = bench.Plan(seconds, 100, 3200, 1, 3200, 1000, 200, 3.0, 100)
     workdir = bench.BUILD / time.strftime(f"ab-%Y%m%d-%H%M%S-{tree.name}")
     workdir.mkdir(parents=True)
     run = bench.Bench(plan, bench.Pinning.choose(1, 0), workdir)
     try:
-        return run.step(TreeSbc(run, tree, profile), bench.Kind.CALLS, rate)
+        return run.step(TreeSbc(run, tree, profile, workers), bench.Kind.CALLS, rate)
     finally:
         run.processes.stop_all()
 
@@ -71,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--profile", type=Path, help="cProfile each SBC into this folder")
+    parser.add_argument("--new-workers", type=int, default=0, help="media.workers of the new tree")
     args = parser.parse_args(argv)
     trees = {"old": args.old.resolve(), "new": bench.ROOT}
     if not (trees["old"] / "sbc" / "__main__.py").is_file():
@@ -81,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     for round_ in range(args.rounds):
         order = ("old", "new") if round_ % 2 == 0 else ("new", "old")
         for name in order:
-            step = one_step(trees[name], args.rate, args.seconds, args.profile)
+            workers = args.new_workers if name == "new" else 0
+            step = one_step(trees[name], args.rate, args.seconds, args.profile, workers)
             cpu[name].append(step.sut_cpu_ms_per_call)
             print(
                 f"{name} round {round_ + 1}: {step.successful} ok, {step.failed} failed,"

@@ -465,6 +465,20 @@ def open_files_limit() -> int:
     return max(hard, SBC_NOFILE)
 
 
+def tree(pid: int) -> list[int]:
+    """``pid`` and every process below it (the SBC and its media workers)."""
+    return [pid, *descendants(pid)]
+
+
+def tree_rss_kib(pid: int) -> int:
+    """VmRSS of ``pid`` and its descendants, summed (those that exit meanwhile: 0)."""
+    total = 0
+    for each in tree(pid):
+        with contextlib.suppress(OSError, RuntimeError):
+            total += rss_kib(each)
+    return total
+
+
 def open_files(pid: int) -> int:
     """Descriptors a process holds now."""
     try:
@@ -688,9 +702,13 @@ class SippAlone(System):
 class Sbc(System):
     name = "sbc"
 
-    def __init__(self, bench: Bench, media_section: bool, registrar: bool = False) -> None:
+    def __init__(
+        self, bench: Bench, media_section: bool, registrar: bool = False, media_workers: int = 0
+    ) -> None:
         super().__init__(bench)
         self.media_section = media_section
+        #: ``media.workers``: the relay in that many child processes (0: in-process).
+        self.media_workers = media_workers
         #: The outside realm takes REGISTER (config: realm `registrar: true`, and the
         #: bench's users table when it has one).
         self.registrar = registrar
@@ -703,7 +721,9 @@ class Sbc(System):
         # held call after 30 s (sippy and Kamailio relay no media and time none out).
         media = (
             f"media: {{port_min: {MEDIA_PORT_MIN}, port_max: {MEDIA_PORT_MAX},"
-            f" kernel_path: false, timeout: {MEDIA_TIMEOUT}}}\n"
+            f" kernel_path: false, timeout: {MEDIA_TIMEOUT}"
+            + (f", workers: {self.media_workers}" if self.media_workers else "")
+            + "}\n"
             if self.media_section
             else ""
         )
@@ -898,8 +918,10 @@ class HoldResult:
     note: str
     #: RSS slope over calls late in the ramp (see marginal_kib_per_call).
     marginal_kib_per_call: float | None = None
-    #: Descriptors the SBC held at the plateau.
+    #: Descriptors the SBC held at the plateau (its media workers' included).
     open_files: int = 0
+    #: Media worker processes (``media.workers``); their RSS is in the figures.
+    media_workers: int = 0
 
     @property
     def kib_per_call(self) -> float | None:
@@ -1081,7 +1103,7 @@ class Bench:
             assert sbc.process is not None
             pid = sbc.process.pid
             callee = self.callee(f"{name}-uas", callee_port, None)
-            rss_before = rss_kib(pid)
+            rss_before = tree_rss_kib(pid)
             started = time.monotonic()
             budget = 2 * hold_s + ramp + 120
             caller = self.sipp(
@@ -1097,7 +1119,7 @@ class Bench:
                 time.sleep(1.0)
                 health = sbc.health()
                 current = int(health.get("calls", 0))
-                rss = rss_kib(pid)
+                rss = tree_rss_kib(pid)
                 peak = max(peak, rss)
                 timeline.append((time.monotonic() - started, current, rss))
                 if current > best:
@@ -1116,8 +1138,8 @@ class Bench:
             health = sbc.health()
             reached = int(health.get("calls", best))
             transactions = health.get("transactions")
-            rss_plateau = rss_kib(pid)
-            descriptors = open_files(pid)
+            rss_plateau = tree_rss_kib(pid)
+            descriptors = sum(open_files(each) for each in tree(pid))
             peak = max(peak, rss_plateau)
             if reached < calls and not note:
                 note = f"reached {reached} of {calls}"
@@ -1132,6 +1154,7 @@ class Bench:
                 int(transactions) if transactions is not None else None,
                 calls - stats.successful, stats.successful, ramp_seconds, note,
                 marginal_kib_per_call(timeline, after=TRANSACTION_LINGER + 2), descriptors,
+                sbc.media_workers,
             )  # fmt: skip
         finally:
             if caller is not None and running(caller):
@@ -1274,6 +1297,11 @@ def hold_section(hold: HoldResult | str, rate: int) -> list[str]:
     if per_call is not None:
         # The target is in kB (1000 bytes); RSS comes in KiB.
         verdict = " (target <= 20 kB: " + ("met)" if per_call * 1.024 <= 20 else "NOT met)")
+    if hold.media_workers:
+        lines.append(
+            f"  media relayed by {hold.media_workers} worker processes (media.workers);"
+            " RSS and open files are summed over the SBC and its workers"
+        )
     lines += [
         f"  target {hold.target}, reached {hold.reached} (ramp {hold.ramp_seconds:.0f} s at"
         f" {rate}/s); RSS {hold.rss_before_kib / 1024:.1f} MiB before,"
@@ -1338,6 +1366,17 @@ def report(
     return "\n".join(lines)
 
 
+def media_workers_for(asked: str, calls: int, per_process: int) -> int:
+    """``--media-workers``: the number asked, or for ``auto`` none when one process
+    holds ``calls`` (``per_process`` a process), else enough processes and one more
+    (the workers' shares of the calls are even only to within a call or two)."""
+    if asked != "auto":
+        return int(asked)
+    if calls <= per_process:
+        return 0
+    return -(-calls // per_process) + 1
+
+
 # -- main --------------------------------------------------------------------------------
 
 
@@ -1355,6 +1394,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--parts", default="calls,register,hold", help="comma-separated subset of the parts"
+    )
+    parser.add_argument(
+        "--media-workers",
+        default="auto",
+        help="media.workers for the concurrent calls: a number, or auto (as many as the"
+        " open-files limit per process needs, 0 when one process holds them all)",
     )
     parser.add_argument("--kamailio-children", type=int, default=1)
     parser.add_argument("--sut-cpu", type=int, default=1)
@@ -1454,7 +1499,19 @@ def main(argv: list[str] | None = None) -> int:
                     f"the media range holds {capacity} calls: more than that cannot be reached"
                 )
             limit = open_files_limit()
-            fit = (limit - FD_RESERVE) // SOCKETS_PER_CALL
+            per_process = (limit - FD_RESERVE) // SOCKETS_PER_CALL
+            workers = media_workers_for(args.media_workers, plan.hold_calls, per_process)
+            if workers and not media_section:
+                parser.error("--media-workers needs the config's media section")
+            fit = per_process * max(1, workers)
+            if workers:
+                notes.append(
+                    f"concurrent calls: the open-files limit here is {limit} a process (hard"
+                    f" limit; raising it needs CAP_SYS_RESOURCE) and the relay holds"
+                    f" {SOCKETS_PER_CALL} UDP sockets a call, about {per_process} calls a"
+                    f" process: the SBC relays media in {workers} worker processes"
+                    " (media.workers)"
+                )
             if plan.hold_calls > fit and not args.hold_uncapped:
                 notes.append(
                     f"concurrent calls: asked for {plan.hold_calls}, ran {fit}: the open-files"
@@ -1462,6 +1519,7 @@ def main(argv: list[str] | None = None) -> int:
                     f" the SBC's media relay holds {SOCKETS_PER_CALL} UDP sockets per call, so"
                     f" {plan.hold_calls} calls need about"
                     f" {plan.hold_calls * SOCKETS_PER_CALL + FD_RESERVE} descriptors"
+                    f" ({max(1, workers)} relay processes)"
                 )
                 plan = dataclasses.replace(plan, hold_calls=fit)
                 bench.plan = plan
@@ -1475,7 +1533,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"concurrent calls ramp at {slow}/s: {HOLD_RAMP_SECONDS} s, for the RSS slope"
                 )
             print(f"- {plan.hold_calls} concurrent calls through the SBC", flush=True)
-            hold = bench.hold(Sbc(bench, media_section), plan.hold_calls, plan.hold_rate)
+            hold = bench.hold(
+                Sbc(bench, media_section, media_workers=workers), plan.hold_calls, plan.hold_rate
+            )
     except KeyboardInterrupt:
         print("x interrupted: stopping every process started", file=sys.stderr)
         bench.processes.stop_all()
@@ -1691,6 +1751,16 @@ def test_sbc_config_has_two_realms_and_a_trunk_route(tmp_path: Path) -> None:
     assert f"media: {{port_min: {MEDIA_PORT_MIN}, port_max: {MEDIA_PORT_MAX}," in text
     assert "host: 127.0.0.1, port: 7000, transport: udp" in text
     assert "media:" not in Sbc(bench, media_section=False).config(1, 2, 3, 4, "t")
+    assert "workers" not in text
+    workers = Sbc(bench, media_section=True, media_workers=6).config(7000, 7001, 7002, 7003, "t")
+    assert ", workers: 6}" in workers
+
+
+def test_media_workers_auto_takes_enough_processes_for_the_calls() -> None:
+    assert media_workers_for("auto", 4000, 4925) == 0
+    assert media_workers_for("auto", 20000, 4925) == 6
+    assert media_workers_for("auto", 9850, 4925) == 3
+    assert media_workers_for("3", 20000, 4925) == 3
 
 
 if __name__ == "__main__":

@@ -49,17 +49,18 @@ __all__ = [
 
 
 @pytest.mark.parametrize(
-    ("media_section", "registrar"), [(True, False), (False, False), (True, True)]
+    ("media_section", "registrar", "workers"),
+    [(True, False, 0), (False, False, 0), (True, True, 0), (True, False, 6)],
 )
 def test_the_sbc_config_the_bench_writes_passes_check_config(
-    tmp_path: Path, media_section: bool, registrar: bool
+    tmp_path: Path, media_section: bool, registrar: bool, workers: int
 ) -> None:
     bench = Bench(Plan.quick(), Pinning(None, None), tmp_path)
     if registrar:
         database = tmp_path / "users.sqlite"
         database.touch()
         bench.users = Users(database, tmp_path / "users.csv", "sbc", "00ff" * 8, 1)
-    sbc = Sbc(bench, media_section=media_section, registrar=registrar)
+    sbc = Sbc(bench, media_section=media_section, registrar=registrar, media_workers=workers)
     for round_ in range(5):  # the ports are drawn at random each time
         path, target = sbc.write_config(5060, f"check-{round_}")
         result = check_config(path)

@@ -15,11 +15,12 @@ import os
 import signal
 import socket
 import textwrap
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
 from ipaddress import IPv4Address
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
@@ -27,14 +28,27 @@ from sbc.config.loader import ConfigError, load_config_text
 from sbc.media import workers as workers_module
 from sbc.media.config import MediaConfig, RealmMediaAddress
 from sbc.media.control import MediaError, MediaLost
+from sbc.media.relay import new_event_loop
 from sbc.media.rtp import RtpHeader
 from sbc.media.session import LegOffer, MediaSession, Side, StreamOffer
 from sbc.media.values import Endpoint
 from sbc.media.workers import MediaWorkers, WorkersUnavailable, port_slices, worker_configs
 
 LOOPBACK = IPv4Address("127.0.0.1")
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """``main`` on the loop the SBC runs on (uvloop when installed)."""
+    loop = new_event_loop()
+    try:
+        return loop.run_until_complete(main)
+    finally:
+        loop.close()
+
+
 #: Ports of the relay in these tests (two workers: 46000-46099, 46100-46199).
 PORT_MIN, PORT_MAX = 46000, 46199
+T = TypeVar("T")
 
 
 def config(**changes: object) -> MediaConfig:
@@ -67,7 +81,6 @@ class Peer:
     def __init__(self) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
-        self.sock.setblocking(False)
 
     @property
     def endpoint(self) -> Endpoint:
@@ -78,8 +91,9 @@ class Peer:
         self.sock.sendto(packet, ("127.0.0.1", port))
 
     async def receive(self, timeout: float = 3.0) -> tuple[bytes, int]:
-        loop = asyncio.get_running_loop()
-        data, addr = await asyncio.wait_for(loop.sock_recvfrom(self.sock, 2048), timeout)
+        # In a thread: uvloop has no sock_recvfrom.
+        self.sock.settimeout(timeout)
+        data, addr = await asyncio.to_thread(self.sock.recvfrom, 2048)
         return data, addr[1]
 
     def close(self) -> None:
@@ -201,7 +215,7 @@ def test_sessions_spread_over_the_workers_and_their_media_is_relayed() -> None:
                 assert media.sessions() == (second.session_id,)
                 assert [w["sessions"] for w in media.status()] in ([0, 1], [1, 0])
 
-    asyncio.run(main())
+    run(main())
 
 
 def test_a_workers_refusal_reaches_the_caller_with_its_type() -> None:
@@ -220,7 +234,7 @@ def test_a_workers_refusal_reaches_the_caller_with_its_type() -> None:
                 session = await media.allocate("call", call_offer(a, b))
                 await relayed_both_ways(session, a, b)
 
-    asyncio.run(main())
+    run(main())
 
 
 def test_a_dead_worker_ends_only_its_calls_and_is_started_again() -> None:
@@ -253,7 +267,7 @@ def test_a_dead_worker_ends_only_its_calls_and_is_started_again() -> None:
                 assert [w["sessions"] for w in media.status()] == [1, 1]
                 await relayed_both_ways(fresh, a3, b3)
 
-    asyncio.run(main())
+    run(main())
 
 
 def test_a_hung_worker_is_killed_and_started_again(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -280,7 +294,7 @@ def test_a_hung_worker_is_killed_and_started_again(monkeypatch: pytest.MonkeyPat
                 session = await media.allocate("call", call_offer(a, b))
                 await relayed_both_ways(session, a, b)
 
-    asyncio.run(main())
+    run(main())
 
 
 def test_close_stops_every_worker_and_frees_every_port() -> None:
@@ -294,7 +308,7 @@ def test_close_stops_every_worker_and_frees_every_port() -> None:
             port for s in sessions for side in Side for port in (s.streams[0].leg(side).local.port,)
         ]
 
-    ports = asyncio.run(main())
+    ports = run(main())
     for port in ports:
         for p in (port, port + 1):
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
@@ -308,7 +322,7 @@ def test_a_worker_that_cannot_start_fails_the_start_and_leaves_nothing() -> None
             await media.start()
         assert not any(w["ready"] for w in media.status())
 
-    asyncio.run(main())
+    run(main())
 
 
 # -- configuration ---------------------------------------------------------------------
