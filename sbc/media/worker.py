@@ -24,17 +24,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
+import io
 import logging
 import os
 import pickle
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
 
 from sbc.media.config import MediaConfig
 from sbc.media.control import MediaError
+from sbc.media.latching import Latch
+from sbc.media.rtcp import RtcpQuality
+from sbc.media.session import LegCounters
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +70,86 @@ class FrameError(ValueError):
     """A frame that is too long or does not unpickle."""
 
 
+# Values every session carries many of, sent by name. Unpickled, each would be a new
+# object per session in the SIP process (a fresh unlatched Latch, zero counters and
+# addresses for every leg: ~2 KiB a call, and the time to build them); by name, the
+# receiving side hands out one shared object for each. All are immutable.
+_DEFAULTS: dict[str, object] = {
+    "latch": Latch(),
+    "counters": LegCounters(),
+    "quality": RtcpQuality(),
+}
+_DEFAULT_TYPES = {type(value): name for name, value in _DEFAULTS.items()}
+#: Addresses received, by their packed bytes (bounded: relay addresses and peers).
+_ADDRESSES: dict[bytes, IPv4Address | IPv6Address] = {}
+_MAX_ADDRESSES = 65536
+#: Enum members by (class, name), filled as they are first seen.
+_MEMBERS: dict[tuple[str, str, str], enum.Enum] = {}
+
+
+#: Types that are never shared: most of what a frame holds (a quick no).
+_PLAIN = frozenset({int, str, float, bool, type(None), tuple, bytes, dict, list})
+
+
+def _shared_id(obj: object) -> object:
+    kind = type(obj)
+    if kind in _PLAIN:
+        return None
+    if kind is IPv4Address or kind is IPv6Address:
+        return ("ip", obj.packed)  # type: ignore[attr-defined]
+    name = _DEFAULT_TYPES.get(kind)
+    if name is not None:
+        return name if obj == _DEFAULTS[name] else None
+    if isinstance(obj, enum.Enum) and kind.__module__.startswith("sbc."):
+        return ("enum", kind.__module__, kind.__qualname__, obj.name)
+    return None
+
+
+def _shared(pid: object) -> object:
+    if isinstance(pid, str) and pid in _DEFAULTS:
+        return _DEFAULTS[pid]
+    if isinstance(pid, tuple) and len(pid) == 2 and pid[0] == "ip":
+        packed = pid[1]
+        address = _ADDRESSES.get(packed)
+        if address is None:
+            if len(_ADDRESSES) >= _MAX_ADDRESSES:
+                _ADDRESSES.clear()
+            address = _ADDRESSES[packed] = ip_address(packed)
+        return address
+    if isinstance(pid, tuple) and len(pid) == 4 and pid[0] == "enum":
+        key = (pid[1], pid[2], pid[3])
+        member = _MEMBERS.get(key)
+        if member is None:
+            member = _MEMBERS[key] = _enum_member(*key)
+        return member
+    raise pickle.UnpicklingError(f"unknown shared value {pid!r}")
+
+
+def _enum_member(module: str, qualname: str, name: str) -> enum.Enum:
+    """An enum member of the media's own modules (nothing else is looked up)."""
+    if not module.startswith("sbc."):
+        raise pickle.UnpicklingError(f"enum of {module} not expected")
+    kind: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        kind = getattr(kind, part, None)
+    if not (isinstance(kind, type) and issubclass(kind, enum.Enum)):
+        raise pickle.UnpicklingError(f"{module}.{qualname} is not an enum")
+    return kind[name]
+
+
+class _Pickler(pickle.Pickler):
+    persistent_id: Callable[[object], object] = staticmethod(_shared_id)
+
+
+class _Unpickler(pickle.Unpickler):
+    persistent_load: Callable[[object], object] = staticmethod(_shared)
+
+
 def frame(value: object) -> bytes:
     """``value`` as one frame."""
-    body = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    out = io.BytesIO()
+    _Pickler(out, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+    body = out.getvalue()
     if len(body) > MAX_FRAME:
         raise FrameError(f"frame of {len(body)} bytes (limit {MAX_FRAME})")
     return len(body).to_bytes(4, "big") + body
@@ -78,7 +162,7 @@ async def read_frame(reader: asyncio.StreamReader) -> Any:
         raise FrameError(f"frame of {size} bytes (limit {MAX_FRAME})")
     body = await reader.readexactly(size)
     try:
-        return pickle.loads(body)
+        return _Unpickler(io.BytesIO(body)).load()
     except Exception as exc:  # any unpickling failure is one bad frame
         raise FrameError(f"frame does not unpickle: {exc}") from exc
 

@@ -11,7 +11,9 @@ work, with the place.
 from __future__ import annotations
 
 import asyncio
+import io
 import os
+import pickle
 import signal
 import socket
 import textwrap
@@ -28,10 +30,20 @@ from sbc.config.loader import ConfigError, load_config_text
 from sbc.media import workers as workers_module
 from sbc.media.config import MediaConfig, RealmMediaAddress
 from sbc.media.control import MediaError, MediaLost
+from sbc.media.latching import Latch
 from sbc.media.relay import new_event_loop
 from sbc.media.rtp import RtpHeader
-from sbc.media.session import LegOffer, MediaSession, Side, StreamOffer
-from sbc.media.values import Endpoint
+from sbc.media.session import (
+    LegCounters,
+    LegOffer,
+    LegState,
+    MediaSession,
+    MediaStream,
+    Side,
+    StreamOffer,
+)
+from sbc.media.values import Direction, Endpoint
+from sbc.media.worker import MAX_FRAME, FrameError, frame, read_frame
 from sbc.media.workers import MediaWorkers, WorkersUnavailable, port_slices, worker_configs
 
 LOOPBACK = IPv4Address("127.0.0.1")
@@ -171,6 +183,68 @@ def test_each_worker_relays_in_user_space_on_its_own_slice() -> None:
     assert not any(c.kernel_path for c in configs)
     assert [c.port_seed for c in configs] == [7, 8]
     assert all(c.realms == config().realms for c in configs)
+
+
+# -- frames ----------------------------------------------------------------------------
+
+
+def decode(data: bytes) -> object:
+    """A frame's value, read as the other end reads it."""
+
+    async def read() -> object:
+        reader = asyncio.StreamReader()
+        reader.feed_data(data)
+        reader.feed_eof()
+        return await read_frame(reader)
+
+    return run(read())
+
+
+def sample_session(port: int) -> MediaSession:
+    hint = Endpoint(LOOPBACK, 30000)
+    a = LegState("outside", Endpoint(LOOPBACK, port), remote_hint=hint)
+    b = LegState("inside", Endpoint(IPv4Address("127.0.0.3"), port), remote_hint=hint)
+    return MediaSession("0123456789ab", "call", (MediaStream(0, a, b),), created=1.0)
+
+
+def test_a_frame_carries_a_session_unchanged_and_shares_its_common_values() -> None:
+    first, second = sample_session(40000), sample_session(40002)
+    one, two = decode(frame(first)), decode(frame(second))
+    assert one == first and two == second
+    assert isinstance(one, MediaSession) and isinstance(two, MediaSession)
+    a, b = one.streams[0].a, two.streams[0].b
+    assert a.remote_hint is not None and b.remote_hint is not None
+    # One object each in the receiving process, however many sessions carry them.
+    assert a.rtp_latch is b.rtcp_latch and a.rtp_latch == Latch()
+    assert a.counters is b.counters and a.quality is b.quality
+    assert a.remote_hint.address is b.remote_hint.address
+    assert a.direction is Direction.SENDRECV
+    # Counters that moved are sent as they are.
+    moved = replace(first.streams[0].a, counters=LegCounters(packets=3))
+    assert decode(frame(moved)) == moved
+
+
+def forged(pid: object) -> bytes:
+    """A frame whose value holds the persistent id ``pid``."""
+
+    class Forger(pickle.Pickler):
+        def persistent_id(self, obj: object) -> object:
+            return pid if obj == "here" else None
+
+    out = io.BytesIO()
+    Forger(out, protocol=pickle.HIGHEST_PROTOCOL).dump(["here"])
+    body = out.getvalue()
+    return len(body).to_bytes(4, "big") + body
+
+
+def test_a_frame_names_only_the_sbcs_own_values_and_refuses_others() -> None:
+    assert decode(frame(socket.AF_INET)) is socket.AF_INET  # not the SBC's: as usual
+    assert decode(forged("latch")) == [Latch()]
+    for pid in (("enum", "os", "path", "sep"), ("enum", "sbc.media", "nothing", "x"), "nope"):
+        with pytest.raises(FrameError, match="does not unpickle"):
+            decode(forged(pid))
+    with pytest.raises(FrameError, match="frame of"):
+        decode((MAX_FRAME + 1).to_bytes(4, "big"))
 
 
 # -- real workers ----------------------------------------------------------------------
