@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import re
 import secrets
@@ -32,11 +31,11 @@ from dataclasses import replace
 from functools import partial
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 from aiohttp import web
 
-from sbc import assembly
+from sbc import assembly, gc_tuning
 from sbc.b2bua.call import Call
 from sbc.b2bua.controller import (
     AllocateMedia,
@@ -330,6 +329,8 @@ class SbcNode:
         #: The firewall's bans and pinholes, applied off the loop (see _pinholes).
         self._nft_rounds = FirewallRounds()
         self.monitor = LoopMonitor()
+        #: Full garbage collections and how long the longest stood the loop still.
+        self.gc_watch = gc_tuning.GcWatch()
         self.transport: TransportLayer | None = None
         self._server_ssl: ServerTls | None = None
         self._tls_paths: CertificatePaths | None = None
@@ -791,6 +792,7 @@ class SbcNode:
             "sip_bound": bound,
             "loop_responsive": responsive,
             "loop_lag_ms": round(self.monitor.lag * 1000, 1),
+            "gc": self.gc_watch.status(),
             "transactions": len(self.transactions),
             "calls": len(self.calls),
             "media_sessions": 0 if self.media is None else len(self.media.sessions()),
@@ -1395,23 +1397,6 @@ class SbcNode:
         return True
 
 
-#: Allocations between two young-generation collections (CPython's default: 700).
-GC_YOUNG_THRESHOLD: Final = 20_000
-
-
-def _tune_gc() -> None:
-    """Fewer cyclic-GC passes once started: what start-up built (modules, config,
-    listeners) is frozen out of every later collection, and the young generation is
-    collected every 20,000 allocations instead of 700. A call allocates thousands
-    of short-lived objects, nearly all freed by reference counting; the cycle
-    detector walking them every few hundred allocations cost ~5 % of a call's CPU.
-    Cycles are still collected, in fewer, larger passes."""
-    gc.collect()
-    gc.freeze()
-    _, middle, old = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
-
-
 async def serve(config: Config, config_path: Path | None) -> int:
     node = SbcNode(config, config_path)
     try:
@@ -1426,8 +1411,12 @@ async def serve(config: Config, config_path: Path | None) -> int:
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(node.reload()))
     # After the handlers: "sbc started" is logged already, and a SIGTERM during the
     # collection must stop the SBC cleanly, not kill it.
-    _tune_gc()
-    await node.stopped.wait()
+    gc_tuning.tune()
+    node.gc_watch.install()
+    try:
+        await node.stopped.wait()
+    finally:
+        node.gc_watch.uninstall()
     return 0
 
 

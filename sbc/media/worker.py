@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
 
+from sbc import gc_tuning
 from sbc.media.config import MediaConfig
 from sbc.media.control import MediaError
 from sbc.media.latching import Latch
@@ -236,6 +237,8 @@ async def serve(fd: int) -> int:
     await relay.start()
     server = _Server(relay, writer)
     server.send(("ready", os.getpid()))
+    gc_tuning.tune()
+    gc_tuning.GcWatch().install()
     logger.info(
         "- media worker %d (pid %d) relaying ports %d..%d",
         hello.index,
