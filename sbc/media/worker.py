@@ -213,8 +213,8 @@ class _Server:
             reply = (request_id, True, result)
         try:
             self.send(reply)
-        except FrameError as exc:
-            self.send((request_id, False, MediaError(str(exc))))
+        except Exception as exc:  # too big, or a result that does not pickle
+            self.send((request_id, False, MediaError(f"reply not sent: {exc}")))
         with contextlib.suppress(ConnectionError):
             await self.writer.drain()
 
@@ -247,29 +247,22 @@ async def serve(fd: int) -> int:
         hello.config.port_max,
     )
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    # SIGTERM ends the input as the parent's end of file would.
+    loop.add_signal_handler(signal.SIGTERM, reader.feed_eof)
     events = loop.create_task(server.forward_events())
-    stopped = loop.create_task(stop.wait())
     closing: int | None = None
     try:
         while True:
-            message = loop.create_task(read_frame(reader))
-            await asyncio.wait({message, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            if not message.done():
-                message.cancel()
-                break
             try:
-                request_id, method, args, kwargs = message.result()
+                request_id, method, args, kwargs = await read_frame(reader)
             except (asyncio.IncompleteReadError, ConnectionError):
-                break  # the parent is gone
+                break  # the parent is gone, or SIGTERM
             if method == "close":
                 closing = request_id
                 break
             server.start(request_id, method, args, kwargs)
     finally:
         events.cancel()
-        stopped.cancel()
         if server.tasks:
             await asyncio.gather(*server.tasks, return_exceptions=True)
         await relay.close()

@@ -52,6 +52,8 @@ WATCHDOG_INTERVAL = 0.5
 #: Seconds a worker has to delete its sessions and exit on close (thousands of
 #: sessions take a few seconds).
 CLOSE_TIMEOUT = 30.0
+#: Seconds a worker whose socket closed has to exit before it is killed.
+EXIT_WAIT = 2.0
 #: Seconds between a worker's death and its restart.
 RESTART_DELAY = 1.0
 
@@ -417,10 +419,16 @@ class MediaWorkers:
         if worker.writer is not None:
             worker.writer.close()
             worker.writer = None
-        if not self._closing:
-            self._kill(worker)  # half-dead (a bad frame): make sure
         process = worker.process
-        code = None if process is None else await process.wait()
+        code = None
+        if process is not None:
+            # A worker that closed its end exits by itself (SIGTERM, a crash); one
+            # that did not (it sent a bad frame) is not trusted further.
+            try:
+                code = await asyncio.wait_for(process.wait(), EXIT_WAIT)
+            except TimeoutError:
+                self._kill(worker)
+                code = await process.wait()
         for future, _ in worker.pending.values():
             if not future.done():
                 future.set_exception(MediaError(f"media worker {worker.index} exited"))

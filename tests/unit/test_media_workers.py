@@ -344,6 +344,24 @@ def test_a_dead_worker_ends_only_its_calls_and_is_started_again() -> None:
     run(main())
 
 
+def test_a_worker_sent_sigterm_closes_its_relay_exits_and_is_started_again() -> None:
+    async def main() -> None:
+        async with pool(workers=1) as media:
+            with peers() as (a, b):
+                session = await media.allocate("call", call_offer(a, b))
+                pid = int(str(media.status()[0]["pid"]))
+                os.kill(pid, signal.SIGTERM)
+                event = await media.next_event(5.0)
+                assert isinstance(event, MediaLost) and event.session_id == session.session_id
+                assert "exit code 0" in event.reason  # a clean exit, not a crash
+                await eventually(lambda: media.status()[0]["ready"])
+                # Its ports were given back: the worker after it binds them again.
+                again = await media.allocate("call", call_offer(a, b))
+                await relayed_both_ways(again, a, b)
+
+    run(main())
+
+
 def test_a_hung_worker_is_killed_and_started_again(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(workers_module, "REQUEST_TIMEOUT", 0.5)
 
