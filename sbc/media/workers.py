@@ -202,9 +202,6 @@ class MediaWorkers:
             for w in self._workers
         ]
 
-    def worker_pids(self) -> list[int]:
-        return [w.pid for w in self._workers if w.pid is not None and w.ready]
-
     # -- MediaControl ----------------------------------------------------------------
 
     async def allocate(

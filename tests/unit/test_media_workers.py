@@ -292,6 +292,32 @@ def test_sessions_spread_over_the_workers_and_their_media_is_relayed() -> None:
     run(main())
 
 
+def test_a_replicated_session_is_restored_on_the_worker_of_its_ports() -> None:
+    """HA takeover: the state a peer node replicated comes back on the same ports,
+    in the worker whose slice holds them, and relays at once."""
+
+    async def main() -> None:
+        async with pool() as media:
+            with peers() as (a, b), peers() as (a2, b2):
+                await media.allocate("other", call_offer(a2, b2))  # worker 0 is busier
+                session = await media.allocate("call", call_offer(a, b))
+                await relayed_both_ways(session, a, b)
+                state = await media.stats(session.session_id)
+                await media.delete(session.session_id)  # the old node's copy is gone
+                restored = await media.restore(state)
+                assert restored.streams[0].a.local == session.streams[0].a.local
+                port = session.streams[0].a.local.port
+                ranges = [tuple(map(int, str(w["ports"]).split("-"))) for w in media.status()]
+                holder = next(i for i, (low, high) in enumerate(ranges) if low <= port <= high)
+                assert holder == 1  # "other" went to worker 0, the least loaded then
+                assert [w["sessions"] for w in media.status()] == [1, 1]
+                await relayed_both_ways(restored, a, b, seq=2)
+                with pytest.raises(MediaError, match="exists already"):
+                    await media.restore(state)
+
+    run(main())
+
+
 def test_a_workers_refusal_reaches_the_caller_with_its_type() -> None:
     async def main() -> None:
         async with pool() as media:
