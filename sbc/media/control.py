@@ -6,6 +6,8 @@ calls; `sbc.media.relay.MediaRelay` is the in-process implementation.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +15,11 @@ from typing import Protocol
 
 from sbc.media.session import MediaSession, Side, StreamOffer
 from sbc.media.values import Endpoint
+
+logger = logging.getLogger(__name__)
+
+#: Events kept for a slow consumer before the oldest are dropped.
+MAX_PENDING_EVENTS = 10_000
 
 
 class MediaError(RuntimeError):
@@ -119,3 +126,25 @@ class MediaControl(Protocol):
     def events(self) -> AsyncIterator[MediaEvent]:
         """Events of all sessions, in order (one consumer)."""
         ...
+
+
+class EventQueue:
+    """The events of a `MediaControl`, kept for its consumer; past
+    `MAX_PENDING_EVENTS` the oldest is dropped (and said)."""
+
+    def __init__(self) -> None:
+        self._events: asyncio.Queue[MediaEvent] = asyncio.Queue()
+
+    async def events(self) -> AsyncIterator[MediaEvent]:
+        while True:
+            yield await self._events.get()
+
+    async def next_event(self, timeout: float | None = None) -> MediaEvent:
+        """The next event (convenience for tests and simple consumers)."""
+        return await asyncio.wait_for(self._events.get(), timeout)
+
+    def _emit(self, event: MediaEvent) -> None:
+        if self._events.qsize() >= MAX_PENDING_EVENTS:
+            self._events.get_nowait()
+            logger.warning("x media event queue full: oldest event dropped")
+        self._events.put_nowait(event)

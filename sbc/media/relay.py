@@ -22,7 +22,7 @@ import random
 import resource
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -32,9 +32,9 @@ from sbc.evolve import evolve
 from sbc.media.batcher import KernelBatcher
 from sbc.media.config import MediaConfig
 from sbc.media.control import (
+    EventQueue,
     KernelPathEngaged,
     MediaError,
-    MediaEvent,
     MediaTimeout,
     RecordingFinished,
     SourceLatched,
@@ -70,8 +70,6 @@ logger = logging.getLogger(__name__)
 
 #: Attempts at binding a pair before giving up (ports busy on the host).
 BIND_ATTEMPTS = 16
-#: Events kept for a slow consumer before the oldest are dropped.
-MAX_PENDING_EVENTS = 10_000
 #: UDP sockets of one stream: RTP and RTCP on each side.
 SOCKETS_PER_STREAM = 4
 #: File descriptors the relay leaves to the rest of the process (SIP over TCP/TLS,
@@ -327,7 +325,7 @@ def _refusal(leg: _Leg, offer: LegOffer) -> str | None:
     return None
 
 
-class MediaRelay:
+class MediaRelay(EventQueue):
     """`MediaControl` in this process. ``await start()`` before use, ``close()`` after."""
 
     def __init__(
@@ -356,7 +354,7 @@ class MediaRelay:
         self._sockets = 0
         self.descriptor_budget: int | None = descriptor_budget()
         self._descriptor_log = BurstLog(DESCRIPTOR_LOG_INTERVAL)
-        self._events: asyncio.Queue[MediaEvent] = asyncio.Queue()
+        super().__init__()
         self._poller: asyncio.Task[None] | None = None
         #: Kernel installs and moves started by the packet path: the loop keeps only
         #: weak references to tasks, and one collected mid-flight would strand a stream.
@@ -645,14 +643,6 @@ class MediaRelay:
             await self._refresh_kernel_counters(only=session)
         return session.snapshot()
 
-    async def events(self) -> AsyncIterator[MediaEvent]:
-        while True:
-            yield await self._events.get()
-
-    async def next_event(self, timeout: float | None = None) -> MediaEvent:
-        """The next event (convenience for tests and simple consumers)."""
-        return await asyncio.wait_for(self._events.get(), timeout)
-
     def sessions(self) -> tuple[str, ...]:
         return tuple(self._sessions)
 
@@ -729,12 +719,6 @@ class MediaRelay:
             return self._sessions[session_id]
         except KeyError:
             raise UnknownSession(session_id) from None
-
-    def _emit(self, event: MediaEvent) -> None:
-        if self._events.qsize() >= MAX_PENDING_EVENTS:
-            self._events.get_nowait()
-            logger.warning("x media event queue full: oldest event dropped")
-        self._events.put_nowait(event)
 
     async def _add_stream(self, session: _Session, offer: StreamOffer) -> None:
         """A stream with both legs bound, or none: a failure (ports exhausted on side

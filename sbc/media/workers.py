@@ -28,15 +28,14 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import sbc
 from sbc.media.config import MediaConfig
-from sbc.media.control import MediaError, MediaEvent, MediaLost, UnknownSession
-from sbc.media.relay import MAX_PENDING_EVENTS
+from sbc.media.control import EventQueue, MediaError, MediaLost, UnknownSession
 from sbc.media.session import MediaSession, Side, StreamOffer, relay_ports
 from sbc.media.worker import EVENT, FrameError, WorkerHello, frame, read_frame
 
@@ -124,7 +123,7 @@ class _Worker:
         return len(self.sessions) + self.allocating
 
 
-class MediaWorkers:
+class MediaWorkers(EventQueue):
     """`MediaControl` over ``workers`` media worker processes. ``await start()``
     before use, ``close()`` after."""
 
@@ -142,7 +141,7 @@ class MediaWorkers:
         self._log = (log_level, log_format)
         self._python = python
         self._where: dict[str, _Worker] = {}
-        self._events: asyncio.Queue[MediaEvent] = asyncio.Queue()
+        super().__init__()
         self._ids = itertools.count(1)
         self._closing = False
         self._restarts: set[asyncio.Task[None]] = set()
@@ -251,13 +250,6 @@ class MediaWorkers:
 
     async def stats(self, session_id: str) -> MediaSession:
         return await self._call(self._holder(session_id), "stats", session_id)
-
-    async def events(self) -> AsyncIterator[MediaEvent]:
-        while True:
-            yield await self._events.get()
-
-    async def next_event(self, timeout: float | None = None) -> MediaEvent:
-        return await asyncio.wait_for(self._events.get(), timeout)
 
     def sessions(self) -> tuple[str, ...]:
         return tuple(self._where)
@@ -496,11 +488,6 @@ class MediaWorkers:
         if process is not None and process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
-
-    def _emit(self, event: MediaEvent) -> None:
-        if self._events.qsize() >= MAX_PENDING_EVENTS:
-            self._events.get_nowait()
-        self._events.put_nowait(event)
 
     def _spawn_task(self, work: Any) -> None:
         task = asyncio.get_running_loop().create_task(work)

@@ -38,6 +38,7 @@ from tests.scenario.test_baresip import (
     B_TONE,
     assert_heard,
     read_cdrs,
+    relay_config,
     require_baresip,
 )
 
@@ -46,25 +47,10 @@ WORKERS = 2
 
 
 def config_text(workdir: Path, plain: int, lan: int, mgmt: int, b_port: int) -> str:
-    return f"""\
-state_dir: {workdir / "state"}
-log:
-  level: info
-sip:
-  listen:
-    - {{transport: udp, address: 127.0.0.1, port: {plain}}}
-management:
-  listen: {{address: 127.0.0.1, port: {mgmt}}}
-media:
-  workers: {WORKERS}
-  kernel_path: false
-realms:
-  - name: lan
-    listen: [{{transport: udp, address: 127.0.0.1, port: {lan}}}]
-    media_address: 127.0.0.1
-routes:
-  - {{name: to-b, action: trunk, realm: lan, host: {B_ADDRESS}, port: {b_port}, transport: udp}}
-"""
+    """test_baresip's relay lab (realm "lan", every call to phone B), its relay in
+    worker processes."""
+    media = f"media:\n  workers: {WORKERS}\n  kernel_path: false\n"
+    return relay_config(workdir, plain, lan, mgmt, b_port) + media
 
 
 def workers_of(health: dict[str, object]) -> list[dict[str, object]]:
