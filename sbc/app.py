@@ -1401,7 +1401,7 @@ async def serve(config: Config, config_path: Path | None) -> int:
     node = SbcNode(config, config_path)
     try:
         await node.start()
-    except (OSError, FirewallUnavailableError) as exc:
+    except (OSError, FirewallUnavailableError, MediaError) as exc:
         logger.error("x cannot start: %s", exc)
         await node.stop()
         return 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import os
 import pickle
 import signal
@@ -472,3 +473,35 @@ def test_workers_need_the_kernel_path_off_and_a_pair_each() -> None:
     assert "media.workers: 5 workers for 4 RTP/RTCP pairs" in str(info.value)
     loaded = load(CONFIG + "  workers: 4\n  kernel_path: false\n")
     assert loaded.media.workers == 4  # type: ignore[attr-defined]
+
+
+def test_an_sbc_whose_workers_cannot_start_says_so_and_exits_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from sbc.app import serve
+    from sbc.config.loader import load_config
+
+    async def cannot(self: MediaWorkers, worker: object) -> None:
+        raise MediaError("media worker 0 did not start (exit 1)")
+
+    monkeypatch.setattr(MediaWorkers, "_spawn", cannot)
+    path = tmp_path / "sbc.yaml"
+    path.write_text(
+        textwrap.dedent(f"""\
+        state_dir: {tmp_path / "state"}
+        sip:
+          listen: [{{transport: udp, address: 127.0.0.1, port: 0}}]
+        management:
+          listen: {{address: 127.0.0.1, port: 0}}
+        firewall: {{enabled: false}}
+        media: {{workers: 2, kernel_path: false, port_min: 46200, port_max: 46299}}
+        realms:
+          - name: lan
+            listen: [{{transport: udp, address: 127.0.0.1, port: 0}}]
+            media_address: 127.0.0.1
+        """)
+    )
+    with caplog.at_level(logging.ERROR, logger="sbc.app"):
+        assert run(serve(load_config(path), path)) == 1
+    assert "x cannot start: media worker 0 did not start (exit 1)" in caplog.text
+    assert "Traceback" not in caplog.text
