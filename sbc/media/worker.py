@@ -219,6 +219,20 @@ class _Server:
             await self.writer.drain()
 
 
+def _tag_log_lines(index: int) -> None:
+    """Every line this worker logs names it: its logger name gets ``[worker N]``
+    (the workers and the SIP process write to the same stream)."""
+    tag = f"[worker {index}]"
+
+    def tagged(record: logging.LogRecord) -> bool:
+        if not record.name.endswith(tag):
+            record.name = f"{record.name}{tag}"
+        return True
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(tagged)
+
+
 async def serve(fd: int) -> int:
     """Run one worker on the socket ``fd`` until told to close or orphaned."""
     from sbc.cli import setup_logging
@@ -230,6 +244,7 @@ async def serve(fd: int) -> int:
     if not isinstance(hello, WorkerHello):
         raise FrameError(f"expected a WorkerHello, got {type(hello).__name__}")
     setup_logging(hello.log_level, hello.log_format)
+    _tag_log_lines(hello.index)
     relay = MediaRelay(hello.config)
     relay.descriptor_budget = descriptor_budget(WORKER_RESERVE)
     # Off by design here (the configuration says so): not worth a warning per worker.

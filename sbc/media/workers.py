@@ -15,7 +15,8 @@ which is what spreads over cores).
 A worker that dies (killed, a crash) or stops answering takes its calls' media with
 it. Each of its sessions gets a `MediaLost` event, and the B2BUA ends the call (BYE
 both ways, or 503 and CANCEL while it rings; its CDR says ``media_lost``). The
-worker is started again a second later on the same ports. The other workers' calls
+worker is started again on the same ports once they have rested for the port
+quarantine (10 s by default). The other workers' calls
 go on.
 """
 
@@ -53,7 +54,8 @@ WATCHDOG_INTERVAL = 0.5
 CLOSE_TIMEOUT = 30.0
 #: Seconds a worker whose socket closed has to exit before it is killed.
 EXIT_WAIT = 2.0
-#: Seconds between a worker's death and its restart.
+#: Seconds between a worker's death and its restart, at least (and at least the
+#: port quarantine).
 RESTART_DELAY = 1.0
 
 
@@ -444,7 +446,9 @@ class MediaWorkers(EventQueue):
         self._spawn_task(self._restart(worker))
 
     async def _restart(self, worker: _Worker) -> None:
-        delay = RESTART_DELAY
+        # Its ports rest first, as a deleted session's do: late packets of the lost
+        # calls must not reach the next calls on them.
+        delay = max(RESTART_DELAY, worker.config.port_quarantine)
         while not self._closing:
             await asyncio.sleep(delay)
             if self._closing:

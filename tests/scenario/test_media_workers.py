@@ -132,7 +132,8 @@ def calls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Calls]:
         b.wait_closed(10)
         a.wait_closed(10)
         result.after_kill = sbc.health()[1]
-        wait_until(lambda: all(w["ready"] for w in workers_of(sbc.health()[1])), 10)
+        # Back once its ports have rested (media port quarantine, 10 s).
+        wait_until(lambda: all(w["ready"] for w in workers_of(sbc.health()[1])), 30)
         result.restarted = sbc.health()[1]
 
         # 3. A call after the restart.

@@ -319,6 +319,17 @@ def test_a_replicated_session_is_restored_on_the_worker_of_its_ports() -> None:
     run(main())
 
 
+def test_each_workers_log_lines_name_it(capfd: pytest.CaptureFixture[str]) -> None:
+    async def main() -> None:
+        async with pool():
+            pass
+
+    run(main())
+    err = capfd.readouterr().err
+    for index in (0, 1):
+        assert f"sbc.media.worker[worker {index}] - media worker {index} (pid" in err, err
+
+
 def test_a_workers_refusal_reaches_the_caller_with_its_type() -> None:
     async def main() -> None:
         async with pool() as media:
@@ -385,6 +396,22 @@ def test_a_worker_sent_sigterm_closes_its_relay_exits_and_is_started_again() -> 
                 # Its ports were given back: the worker after it binds them again.
                 again = await media.allocate("call", call_offer(a, b))
                 await relayed_both_ways(again, a, b)
+
+    run(main())
+
+
+def test_a_dead_workers_ports_rest_for_the_quarantine_before_it_comes_back() -> None:
+    async def main() -> None:
+        async with pool(workers=1, port_quarantine=1.5) as media:
+            with peers() as (a, b):
+                await media.allocate("call", call_offer(a, b))
+                os.kill(int(str(media.status()[0]["pid"])), signal.SIGKILL)
+                await media.next_event(5.0)
+                lost_at = asyncio.get_running_loop().time()
+                await asyncio.sleep(1.0)
+                assert not media.status()[0]["ready"]
+                await eventually(lambda: media.status()[0]["ready"])
+                assert asyncio.get_running_loop().time() - lost_at >= 1.5
 
     run(main())
 
